@@ -1,0 +1,246 @@
+"""The one typed configuration of an sdflow run.
+
+YAML profiles in `profiles/` map onto `RunConfig` 1:1; `sdflow.profiles` loads them and applies
+`--set key=value` overrides. Every section forbids unknown keys, so a typo fails before any work.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Precision = Literal["no", "fp16", "bf16"]
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, values are re-validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SourceConfig(Section):
+    """Where the raw samples come from."""
+
+    kind: Literal["urls", "hf", "folder"] = Field(
+        "folder", description="urls: a URL list file; hf: a datasets name or local dir; folder: images"
+    )
+    path: str = Field(..., min_length=1, description="URL-list file, dataset name/dir, or folder")
+    url_column: str | None = Field(None, description="URL column; default accepts `url` or `URL`")
+    caption_column: str | None = Field(
+        None, description="caption column; default accepts `caption`, `TEXT` or `text`"
+    )
+    image_column: str = Field("image", description="image column of an `hf` dataset")
+    id_column: str | None = Field(None, description="column with stable sample ids, if any")
+    split: str = Field("train", description="split of an `hf` dataset")
+    limit: int | None = Field(None, ge=1, description="use only the first N source rows")
+
+
+class DownloadConfig(Section):
+    """Fetching, decoding and resizing the source images into shards."""
+
+    resolution: int = Field(64, ge=8, le=4096, description="target side length in pixels")
+    resize_mode: Literal["center_crop", "keep_ratio", "none"] = "center_crop"
+    allow_private_network: bool = Field(
+        False, description="allow URLs that resolve to private, loopback or link-local addresses"
+    )
+    timeout_s: float = Field(10.0, gt=0, le=600, description="per-request timeout")
+    retries: int = Field(2, ge=0, le=10, description="retries on 5xx, 429 and timeouts")
+    backoff_s: float = Field(0.5, ge=0, le=60, description="first retry delay, doubled each retry")
+    max_bytes: int = Field(20_000_000, ge=1024, description="largest accepted response body")
+    concurrency: int = Field(64, ge=1, le=4096, description="simultaneous HTTP connections")
+    decode_workers: int = Field(0, ge=0, le=256, description="0 = one per CPU core")
+    shard_size: int = Field(1000, ge=1, le=1_000_000, description="samples per output shard")
+    image_format: Literal["jpeg", "png", "webp"] = "png"
+    quality: int = Field(95, ge=1, le=100, description="JPEG/WebP quality")
+    user_agent: str = "sdflow/0.1 (+https://github.com/sdflow/sdflow)"
+
+
+class FilterConfig(Section):
+    """Which downloaded samples are good enough to train on."""
+
+    min_size: int = Field(0, ge=0, description="minimum shorter side of the ORIGINAL image, px")
+    max_aspect_ratio: float = Field(3.0, ge=1.0, description="max long side / short side")
+    dedup: bool = Field(True, description="drop exact duplicates by image content hash")
+    min_caption_words: int = Field(1, ge=0, description="captions with fewer words are rejected")
+    min_caption_chars: int = Field(1, ge=0)
+    max_caption_chars: int = Field(1000, ge=1)
+
+    @model_validator(mode="after")
+    def _caption_bounds(self) -> FilterConfig:
+        if self.min_caption_chars > self.max_caption_chars:
+            raise ValueError(
+                f"min_caption_chars ({self.min_caption_chars}) must not exceed "
+                f"max_caption_chars ({self.max_caption_chars})"
+            )
+        return self
+
+
+class CaptionConfig(Section):
+    """How each kept sample gets its training caption."""
+
+    backend: Literal["keep"] = Field("keep", description="keep: use the source caption")
+    on_missing: Literal["fail", "template"] = Field(
+        "fail", description="a sample without caption: reject it, or caption it with `template`"
+    )
+    template: str = Field("a photo", min_length=1, description="caption for `on_missing: template`")
+    prefix: str = ""
+    suffix: str = ""
+
+
+class ModelConfig(Section):
+    """Which model components are trained or fine-tuned."""
+
+    init: Literal["scratch", "pretrained"] = "scratch"
+    pretrained: str | None = Field(None, description="diffusers pipeline directory or hub name")
+    revision: str | None = None
+    variant: str | None = Field(None, description="weights variant of a hub model, e.g. fp16")
+    vae: str | None = Field(None, description="a VAE directory or hub name replacing the pipeline's")
+    unet: dict[str, Any] = Field(
+        default_factory=dict, description="UNet2DConditionModel config (scratch only)"
+    )
+    vae_config: dict[str, Any] = Field(
+        default_factory=dict, description="AutoencoderKL config (scratch only)"
+    )
+    text_encoder: dict[str, Any] = Field(
+        default_factory=dict, description="CLIPTextConfig (scratch only)"
+    )
+    tokenizer_vocab_size: int = Field(1000, ge=64, description="BPE vocabulary (scratch only)")
+    max_token_length: int = Field(77, ge=4, le=512, description="tokenizer model_max_length")
+    seed: int = Field(0, description="seed of the random initialisation")
+
+    @model_validator(mode="after")
+    def _init_needs_source(self) -> ModelConfig:
+        if self.init == "pretrained" and not self.pretrained:
+            raise ValueError("model.init is 'pretrained' but model.pretrained is not set")
+        return self
+
+
+class AutoencoderConfig(Section):
+    """Training the VAE from scratch (only when there is no pretrained VAE)."""
+
+    steps: int = Field(500, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0, le=1)
+    kl_weight: float = Field(1e-6, ge=0)
+    checkpoint_every: int = Field(100, ge=1)
+    held_out: int = Field(64, ge=1, description="images kept out of training to measure error")
+    seed: int = 0
+
+
+class LatentsConfig(Section):
+    """Encoding images and captions once, into safetensors shards."""
+
+    batch_size: int = Field(64, ge=1)
+    flip: bool = Field(True, description="also cache the horizontally flipped latents")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    mixed_precision: Precision = "no"
+    shard_size: int = Field(1000, ge=1)
+
+
+class TrainConfig(Section):
+    """UNet training: from scratch, full fine-tune, or LoRA."""
+
+    mode: Literal["full", "lora"] = "full"
+    lr: float = Field(1e-4, gt=0, le=1)
+    batch_size: int = Field(16, ge=1)
+    max_steps: int = Field(1000, ge=1)
+    checkpoint_every: int = Field(250, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    gradient_accumulation: int = Field(1, ge=1)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    mixed_precision: Precision = "no"
+    gradient_checkpointing: bool = False
+    ema: bool = False
+    ema_decay: float = Field(0.9999, gt=0, lt=1)
+    snr_gamma: float | None = Field(None, gt=0, description="min-SNR weighting gamma, e.g. 5.0")
+    noise_offset: float = Field(0.0, ge=0, le=1)
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    caption_dropout: float = Field(0.0, ge=0, le=1)
+    use_flipped: bool = Field(True, description="sample flipped latents when cached")
+    cache_latents: bool = Field(True, description="false: encode with VAE/text encoder every step")
+    lora_rank: int = Field(4, ge=1)
+    lora_alpha: float | None = Field(None, gt=0, description="default: equal to lora_rank")
+    lora_targets: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    adam_weight_decay: float = Field(1e-2, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    seed: int = 0
+    log_every: int = Field(10, ge=1)
+    processes: int = Field(1, ge=1, description="accelerate processes")
+
+    @model_validator(mode="after")
+    def _checkpoint_fits(self) -> TrainConfig:
+        if self.warmup_steps > self.max_steps:
+            raise ValueError(
+                f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps})"
+            )
+        return self
+
+
+class EvalConfig(Section):
+    """Sampling and metrics after training."""
+
+    held_out_fraction: float = Field(
+        0.05, ge=0, lt=1, description="share of samples (by id) kept out of training, for FID"
+    )
+    prompts: list[str] = Field(default_factory=list, description="empty: held-out captions")
+    num_prompts: int = Field(16, ge=1, description="held-out captions to use when prompts is empty")
+    images_per_prompt: int = Field(1, ge=1)
+    seed: int = 0
+    num_inference_steps: int = Field(25, ge=1)
+    guidance_scale: float = Field(5.0, ge=0)
+    scheduler: Literal["ddim", "ddpm", "euler", "dpm"] = "ddim"
+    fid_features: Literal["inception", "random-cnn"] = "inception"
+    fid_samples: int = Field(256, ge=2, description="generated and real images compared by FID")
+    clip_model: str | None = Field(None, description="CLIP model name or directory for CLIPScore")
+    batch_size: int = Field(32, ge=1)
+    baseline: bool = Field(True, description="also evaluate the starting model")
+
+
+class RunnerConfig(Section):
+    """How Prefect runs the stages."""
+
+    task_runner: Literal["threads", "dask"] = "threads"
+    max_workers: int = Field(4, ge=1, le=256)
+    dask_address: str | None = None
+    result_storage: str | None = Field(None, description="Prefect result storage; default workdir")
+
+
+STAGES: tuple[str, ...] = (
+    "download",
+    "filter",
+    "caption",
+    "autoencoder",
+    "latents",
+    "train",
+    "evaluate",
+)
+
+
+class RunConfig(Section):
+    """A whole run: one section per pipeline stage plus how to run it."""
+
+    description: str = Field("", description="one line shown by `sdflow profiles`")
+    source: SourceConfig
+    download: DownloadConfig = Field(default_factory=DownloadConfig)
+    filter: FilterConfig = Field(default_factory=FilterConfig)
+    caption: CaptionConfig = Field(default_factory=CaptionConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    autoencoder: AutoencoderConfig = Field(default_factory=AutoencoderConfig)
+    latents: LatentsConfig = Field(default_factory=LatentsConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    runner: RunnerConfig = Field(default_factory=RunnerConfig)
+
+    @model_validator(mode="after")
+    def _combinations(self) -> RunConfig:
+        if self.runner.task_runner == "dask" and not self.runner.dask_address:
+            raise ValueError("runner.task_runner is 'dask' but runner.dask_address is not set")
+        if self.train.mode == "lora" and self.model.init == "scratch":
+            raise ValueError("train.mode 'lora' needs model.init 'pretrained': LoRA adapts a model")
+        return self
+
+    def needs_autoencoder(self) -> bool:
+        """The VAE is trained only when neither a pretrained pipeline nor a VAE is given."""
+        return self.model.init == "scratch" and self.model.vae is None
