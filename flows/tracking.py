@@ -1,0 +1,129 @@
+"""Run bookkeeping for the pipeline flow: which stages run, their states, and `summary.json`.
+
+Kept out of `pipeline.py` so the flow body stays a plain list of stages.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from prefect import Task, get_run_logger
+from prefect.runtime import flow_run
+
+from sdflow.config import RunConfig
+from sdflow.errors import UserError
+from sdflow.stageio import Manifest, discard_stage, load_manifest, output_dir, stage_dir, write_json
+
+
+class StageFailed(Exception):
+    """Raised at the end of a run in which a stage failed, after summary.json is written."""
+
+
+class RunTracker:
+    """Runs stages in order, honouring --only / --refresh, and records what each one did."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        profile: str,
+        workdir: str,
+        only: list[str] | None = None,
+        refresh: list[str] | None = None,
+    ):
+        self.config = config
+        self.workdir = str(Path(workdir).resolve())
+        self.only = set(only or [])
+        self.refresh = set(refresh or [])
+        self.summary: dict[str, Any] = {"profile": profile, "stages": {}}
+        self.failure: BaseException | None = None
+        self.run_dir = Path(self.workdir) / "runs" / run_id()
+        self.summary["run_id"] = self.run_dir.name
+        self.summary["started_at"] = datetime.now(timezone.utc).isoformat()
+
+    def stage(self, task: Task, **upstream: Manifest | None) -> Manifest | None:
+        """Run (or look up) one stage; returns its manifest, or None when it is unavailable."""
+        name = task.name
+        if self.failure is not None or self._missing(upstream):
+            return self._record(name, "skipped", None, 0.0, cached=False)
+        key_fn = task.cache_policy.key_fn
+        if self.only and name not in self.only:
+            return self._look_up(name, key_fn(self.config, upstream))
+        if name in self.refresh:
+            discard_stage(self.workdir, name, key_fn(self.config, upstream))
+            task = task.with_options(refresh_cache=True)
+        started = time.monotonic()
+        state = task(self.config, upstream, self.workdir, return_state=True)
+        seconds = time.monotonic() - started
+        if not state.is_completed():
+            self.failure = _exception_of(state)
+            get_run_logger().error("Stage %s failed: %s", name, self.failure)
+            return self._record(name, "failed", None, seconds, cached=False, error=str(self.failure))
+        manifest = state.result()
+        cached = state.name == "Cached" or bool(manifest.get("reused"))
+        return self._record(name, "completed", manifest, seconds, cached=cached)
+
+    def _missing(self, upstream: dict[str, Manifest | None]) -> bool:
+        """An upstream stage that was part of this run but has no output (failed or not cached).
+
+        An upstream that was never part of the run (no autoencoder with a pretrained VAE) is fine.
+        """
+        return any(m is None and n in self.summary["stages"] for n, m in upstream.items())
+
+    def _look_up(self, name: str, key: str) -> Manifest | None:
+        """A stage left out by --only: use its cached output if there is one."""
+        started = time.monotonic()
+        manifest = load_manifest(stage_dir(self.workdir, name, key))
+        return self._record(name, "skipped", manifest, time.monotonic() - started, cached=bool(manifest))
+
+    def _record(self, name, status, manifest, seconds, cached, error=None) -> Manifest | None:
+        entry: dict[str, Any] = {"status": status, "cached": cached, "seconds": round(seconds, 3)}
+        if manifest is not None:
+            entry["output"] = str(output_dir(self.workdir, manifest))
+            entry["counts"] = manifest.get("counts", {})
+            self._note_products(name, manifest)
+        if error:
+            entry["error"] = error
+        self.summary["stages"][name] = entry
+        return manifest
+
+    def _note_products(self, name: str, manifest: Manifest) -> None:
+        base = output_dir(self.workdir, manifest)
+        files = manifest.get("files", {})
+        if name == "train":
+            product = files.get("pipeline") or files.get("lora")
+            self.summary["model_dir"] = str(base / product) if product else None
+        if name == "evaluate":
+            self.summary["metrics"] = manifest.get("info", {})
+            if "grid" in files:
+                self.summary["grid"] = str(base / files["grid"])
+
+    def finish(self) -> str:
+        """Write summary.json; raise if a stage failed (so the flow run is Failed and retryable)."""
+        self.summary["finished_at"] = datetime.now(timezone.utc).isoformat()
+        self.summary["status"] = "failed" if self.failure else "completed"
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(self.run_dir / "summary.json", self.summary)
+        if isinstance(self.failure, UserError):
+            raise self.failure
+        if self.failure is not None:
+            raise StageFailed(f"{self.failure} (summary: {self.run_dir / 'summary.json'})")
+        return str(self.run_dir)
+
+
+def run_id() -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    flow_run_id = flow_run.get_id()
+    return f"{stamp}-{(flow_run_id or uuid.uuid4().hex)[:8]}"
+
+
+def _exception_of(state: Any) -> BaseException:
+    try:
+        state.result()
+    except BaseException as exc:  # the stage's own exception, re-raised by Prefect
+        return exc
+    return RuntimeError(f"stage ended in state {state.name}:\n{traceback.format_exc()}")

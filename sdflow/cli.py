@@ -1,0 +1,172 @@
+"""`sdflow`: run, check and list profiles, and build the demo.
+
+    sdflow run PROFILE [--workdir DIR] [--set K=V]... [--only STAGE,...] [--refresh STAGE,...]
+    sdflow check PROFILE [--set K=V]...
+    sdflow profiles
+    sdflow demo [--workdir DIR]
+
+A user error (bad config, missing path, unwritable workdir) ends with one paragraph and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from sdflow.config import STAGES, RunConfig
+from sdflow.errors import UserError
+
+LIBRARY_LOGGERS = "sdflow,diffusers,accelerate,transformers"
+DEFAULT_WORKDIR = "./sdflow-work"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except UserError as exc:
+        print(f"sdflow: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sdflow: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdflow", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run the pipeline flow on a profile")
+    _add_profile_args(run)
+    run.add_argument("--workdir", default=DEFAULT_WORKDIR, help="where stage outputs and runs go")
+    run.add_argument("--only", type=_stage_list, default=None, help="run only these stages")
+    run.add_argument("--refresh", type=_stage_list, default=None, help="rebuild these stages")
+    run.set_defaults(handler=_run)
+
+    check = commands.add_parser("check", help="validate a profile and the environment")
+    _add_profile_args(check)
+    check.set_defaults(handler=_check)
+
+    profiles = commands.add_parser("profiles", help="list the profiles with their descriptions")
+    profiles.set_defaults(handler=_profiles)
+
+    demo = commands.add_parser("demo", help="build the demo dataset and run tiny-cpu on it")
+    demo.add_argument("--workdir", default=DEFAULT_WORKDIR)
+    demo.add_argument("--profile", default="tiny-cpu", help="profile to run on the demo data")
+    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+def _add_profile_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("profile", help="a name in profiles/ or a path to a YAML file")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="K=V",
+        help="override a config value, e.g. --set train.lr=1e-5 (repeatable)",
+    )
+
+
+def _stage_list(text: str) -> list[str]:
+    stages = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown stage(s) {', '.join(unknown)}; stages are {', '.join(STAGES)}"
+        )
+    return stages
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = _validated(args.profile, args.overrides)
+    workdir = _ready_workdir(args.workdir)
+    _check_source(config)
+    run_dir = _run_flow(args.profile, args.overrides, workdir, args.only, args.refresh, config)
+    print(run_dir)
+    return 0
+
+
+def _run_flow(profile, overrides, workdir, only, refresh, config: RunConfig) -> str:
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", LIBRARY_LOGGERS)
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    from flows.pipeline import pipeline  # Prefect is imported only when a flow runs
+
+    flow = pipeline
+    if config.runner.result_storage:
+        flow = pipeline.with_options(result_storage=Path(config.runner.result_storage))
+    return flow(
+        profile=str(profile), overrides=list(overrides), workdir=str(workdir),
+        only=only, refresh=refresh,
+    )
+
+
+def _check(args: argparse.Namespace) -> int:
+    config = _validated(args.profile, args.overrides)
+    _check_source(config)
+    from sdflow.environment import describe_environment
+
+    print(config.model_dump_json(indent=2))
+    for line in describe_environment(config):
+        print(line)
+    return 0
+
+
+def _profiles(args: argparse.Namespace) -> int:
+    from sdflow.profiles import profile_description, profile_names
+
+    names = profile_names()
+    width = max(len(n) for n in names)
+    for name in names:
+        print(f"{name:<{width}}  {profile_description(name)}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from sdflow.sources.demo import make_demo_dataset
+
+    workdir = _ready_workdir(args.workdir)
+    data = make_demo_dataset(workdir / "demo-data")
+    overrides = [f"source.path={data}", *args.overrides]
+    config = _validated(args.profile, overrides)
+    run_dir = _run_flow(args.profile, overrides, workdir, None, None, config)
+    print(run_dir)
+    return 0
+
+
+def _validated(profile: str, overrides: list[str]) -> RunConfig:
+    from sdflow.profiles import load_profile
+
+    return load_profile(profile, overrides)
+
+
+def _ready_workdir(path: str) -> Path:
+    workdir = Path(path).resolve()
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / ".sdflow-write-probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(
+            f"The workdir {workdir} cannot be written ({exc.strerror}). "
+            "Choose another one with --workdir DIR."
+        ) from None
+    return workdir
+
+
+def _check_source(config: RunConfig) -> None:
+    """Fail before any work when a local source is missing (hub names are checked when loaded)."""
+    source = config.source
+    path = Path(source.path)
+    if source.kind in ("folder", "urls") and not path.exists():
+        hint = " Build the demo dataset with `sdflow demo`." if "demo-data" in source.path else ""
+        raise UserError(
+            f"source.path {source.path!r} does not exist (source.kind is {source.kind!r}).{hint}"
+        )
+    if source.kind == "urls" and not path.is_file():
+        raise UserError(f"source.path {source.path!r} must be a URL-list file (csv, jsonl, parquet).")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

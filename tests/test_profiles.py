@@ -1,0 +1,71 @@
+"""Profiles load onto the one config; every bad value is reported with its key, value and what is allowed."""
+
+from __future__ import annotations
+
+import pytest
+
+from sdflow.config import RunConfig
+from sdflow.profiles import ConfigError, load_profile, profile_names
+
+
+@pytest.mark.parametrize("name", profile_names())
+def test_every_profile_loads(name):
+    config = load_profile(name)
+    assert isinstance(config, RunConfig)
+    assert config.description, f"profile {name} needs a one-line description"
+
+
+def test_the_required_profiles_exist():
+    assert {"tiny-cpu", "tiny-test"} <= set(profile_names())
+
+
+def test_overrides_are_typed_by_the_schema():
+    config = load_profile("tiny-test", ["train.lr=1e-5", "download.allow_private_network=false"])
+    assert config.train.lr == pytest.approx(1e-5)
+    assert config.download.allow_private_network is False
+
+
+def test_all_problems_are_listed_at_once():
+    with pytest.raises(ConfigError) as excinfo:
+        load_profile(
+            "tiny-test",
+            ["train.lr=-1", "trian.steps=3", "download.resize_mode=stretch", "train.batch_size=abc"],
+        )
+    message = str(excinfo.value)
+    assert "4 problem(s)" in message
+    assert "train.lr = -1" in message and "greater than 0" in message
+    assert "trian: unknown key" in message and "allowed keys here: description, source" in message
+    assert "download.resize_mode = 'stretch'" in message and "'center_crop'" in message
+    assert "train.batch_size = 'abc'" in message
+
+
+def test_unknown_nested_key_names_the_allowed_ones():
+    with pytest.raises(ConfigError, match=r"train.learning_rate: unknown key .*allowed keys here: .*lr"):
+        load_profile("tiny-test", ["train.learning_rate=0.1"])
+
+
+def test_impossible_combinations_fail():
+    with pytest.raises(ConfigError, match="LoRA adapts a model"):
+        load_profile("tiny-test", ["train.mode=lora"])
+    with pytest.raises(ConfigError, match="model.pretrained is not set"):
+        load_profile("tiny-test", ["model.init=pretrained"])
+
+
+def test_unknown_profile_lists_known_ones():
+    with pytest.raises(ConfigError, match="Known profiles: .*tiny-cpu"):
+        load_profile("no-such-profile")
+
+
+def test_profile_from_a_path(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("description: mine\nsource: {kind: folder, path: /data}\nfilter: {min_size: 7}\n")
+    config = load_profile(str(path))
+    assert config.filter.min_size == 7
+    assert config.source.path == "/data"
+
+
+def test_malformed_yaml_is_a_config_error(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("source: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_profile(str(path))
