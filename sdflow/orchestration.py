@@ -51,17 +51,18 @@ def retry_unless_user_error(task: Task, task_run: Any, state: Any) -> bool:
 def stage_task(stage: str, key_fn: KeyFn, retries: int = 2, **options: Any) -> Callable[[StageFn], Task]:
     """Turn a plain stage function `fn(config, upstream, workdir) -> Manifest` into a Prefect task."""
 
+    settings: dict[str, Any] = {
+        "name": stage,
+        "cache_policy": StageCache(stage=stage, key_fn=key_fn),
+        "persist_result": True,
+        "retries": retries,
+        "retry_delay_seconds": exponential_backoff(backoff_factor=2),
+        "retry_jitter_factor": 0.5,
+        "retry_condition_fn": retry_unless_user_error,
+        **options,
+    }
+
     def wrap(fn: StageFn) -> Task:
-        return task(
-            fn,
-            name=stage,
-            cache_policy=StageCache(stage=stage, key_fn=key_fn),
-            persist_result=True,
-            retries=retries,
-            retry_delay_seconds=exponential_backoff(backoff_factor=2),
-            retry_jitter_factor=0.5,
-            retry_condition_fn=retry_unless_user_error,
-            **options,
-        )
+        return task(fn, **settings)
 
     return wrap
