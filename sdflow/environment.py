@@ -32,9 +32,9 @@ def profile_warnings(config: RunConfig) -> list[str]:
             if value == "fp16":
                 warnings.append(f"{key} is 'fp16' but no CUDA GPU is visible; use 'no' or 'bf16'")
     pretrained = config.model.pretrained
-    if config.model.init == "pretrained" and pretrained and _looks_local(pretrained):
-        if not Path(pretrained).is_dir():
-            warnings.append(f"model.pretrained {pretrained!r} is not a directory")
+    local = config.model.init == "pretrained" and pretrained and _looks_local(pretrained)
+    if local and not Path(pretrained).is_dir():
+        warnings.append(f"model.pretrained {pretrained!r} is not a directory")
     return warnings
 
 

@@ -1,0 +1,55 @@
+"""The `sdflow` command: user errors end in one paragraph and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from sdflow.cli import main
+
+
+def _sdflow(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "sdflow.cli", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_profiles_lists_each_with_a_description(capsys):
+    assert main(["profiles"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny-cpu" in out and "tiny-test" in out
+    assert "From scratch on the demo shapes dataset" in out
+
+
+def test_bad_config_is_one_paragraph_and_exit_2():
+    result = _sdflow("check", "tiny-test", "--set", "train.lr=-3", "--set", "train.nope=1")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "train.lr = -3" in result.stderr and "train.nope: unknown key" in result.stderr
+
+
+def test_missing_source_path_is_a_user_error(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    code = main(["run", "tiny-test", "--workdir", str(tmp_path), "--set", f"source.path={missing}"])
+    assert code == 2
+    assert f"source.path '{missing}' does not exist" in capsys.readouterr().err
+
+
+def test_workdir_that_is_a_file_is_a_user_error(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["run", "tiny-test", "--workdir", str(blocker / "sub")]) == 2
+    assert "cannot be written" in capsys.readouterr().err
+
+
+def test_unknown_stage_in_only_is_rejected():
+    result = _sdflow("run", "tiny-test", "--only", "download,trian")
+    assert result.returncode == 2
+    assert "unknown stage(s) trian" in result.stderr
+
+
+def test_check_prints_resolved_config_and_environment(demo_folder, capsys):
+    assert main(["check", "tiny-test", "--set", f"source.path={demo_folder}"]) == 0
+    out = capsys.readouterr().out
+    assert '"resolution": 32' in out
+    assert "torch " in out and "device:" in out
