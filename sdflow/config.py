@@ -23,7 +23,8 @@ class SourceConfig(Section):
     """Where the raw samples come from."""
 
     kind: Literal["urls", "hf", "folder"] = Field(
-        "folder", description="urls: a URL list file; hf: a datasets name or local dir; folder: images"
+        "folder",
+        description="urls: a URL list file; hf: a datasets name or local dir; folder: images",
     )
     path: str = Field(..., min_length=1, description="URL-list file, dataset name/dir, or folder")
     url_column: str | None = Field(None, description="URL column; default accepts `url` or `URL`")
@@ -33,6 +34,9 @@ class SourceConfig(Section):
     image_column: str = Field("image", description="image column of an `hf` dataset")
     id_column: str | None = Field(None, description="column with stable sample ids, if any")
     split: str = Field("train", description="split of an `hf` dataset")
+    revision: str | None = Field(
+        None, description="hub revision (branch, tag or commit) of an `hf` dataset; pin it"
+    )
     limit: int | None = Field(None, ge=1, description="use only the first N source rows")
 
 
@@ -44,7 +48,9 @@ class DownloadConfig(Section):
     allow_private_network: bool = Field(
         False, description="allow URLs that resolve to private, loopback or link-local addresses"
     )
-    timeout_s: float = Field(10.0, gt=0, le=600, description="per-request timeout")
+    timeout_s: float = Field(
+        10.0, gt=0, le=600, description="connect / read timeout; a whole attempt gets 3x this"
+    )
     retries: int = Field(2, ge=0, le=10, description="retries on 5xx, 429 and timeouts")
     backoff_s: float = Field(0.5, ge=0, le=60, description="first retry delay, doubled each retry")
     max_bytes: int = Field(20_000_000, ge=1024, description="largest accepted response body")
@@ -62,9 +68,11 @@ class FilterConfig(Section):
     min_size: int = Field(0, ge=0, description="minimum shorter side of the ORIGINAL image, px")
     max_aspect_ratio: float = Field(3.0, ge=1.0, description="max long side / short side")
     dedup: bool = Field(True, description="drop exact duplicates by image content hash")
-    min_caption_words: int = Field(1, ge=0, description="captions with fewer words are rejected")
-    min_caption_chars: int = Field(1, ge=0)
-    max_caption_chars: int = Field(1000, ge=1)
+    min_caption_words: int = Field(
+        1, ge=0, description="captions with fewer words are rejected (0 and 0 chars: optional)"
+    )
+    min_caption_chars: int = Field(1, ge=0, description="shorter captions are rejected")
+    max_caption_chars: int = Field(1000, ge=1, description="longer captions are rejected")
 
     @model_validator(mode="after")
     def _caption_bounds(self) -> FilterConfig:
@@ -81,11 +89,14 @@ class CaptionConfig(Section):
 
     backend: Literal["keep"] = Field("keep", description="keep: use the source caption")
     on_missing: Literal["fail", "template"] = Field(
-        "fail", description="a sample without caption: reject it, or caption it with `template`"
+        "fail",
+        description="a caption missing or breaking the filter's caption rules: reject the sample "
+        "(the filter stage already does), or caption it with `template`",
     )
     template: str = Field("a photo", min_length=1, description="caption for `on_missing: template`")
-    prefix: str = ""
-    suffix: str = ""
+    prefix: str = Field("", description="prepended verbatim, separator included, e.g. 'sks, '")
+    suffix: str = Field("", description="appended verbatim, separator included, e.g. ', 4k'")
+    batch_size: int = Field(64, ge=1, le=4096, description="images per captioner call")
 
 
 class ModelConfig(Section):
@@ -95,7 +106,9 @@ class ModelConfig(Section):
     pretrained: str | None = Field(None, description="diffusers pipeline directory or hub name")
     revision: str | None = None
     variant: str | None = Field(None, description="weights variant of a hub model, e.g. fp16")
-    vae: str | None = Field(None, description="a VAE directory or hub name replacing the pipeline's")
+    vae: str | None = Field(
+        None, description="a VAE directory or hub name replacing the pipeline's"
+    )
     unet: dict[str, Any] = Field(
         default_factory=dict, description="UNet2DConditionModel config (scratch only)"
     )
@@ -119,12 +132,18 @@ class ModelConfig(Section):
 class AutoencoderConfig(Section):
     """Training the VAE from scratch (only when there is no pretrained VAE)."""
 
-    steps: int = Field(500, ge=1)
+    steps: int = Field(500, ge=1, description="optimizer steps")
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0, le=1)
-    kl_weight: float = Field(1e-6, ge=0)
+    kl_weight: float = Field(1e-6, ge=0, description="weight of the KL term (SD used 1e-6)")
+    l1_weight: float = Field(0.0, ge=0, description="weight of an extra L1 reconstruction term")
     checkpoint_every: int = Field(100, ge=1)
-    held_out: int = Field(64, ge=1, description="images kept out of training to measure error")
+    held_out: int = Field(
+        64, ge=1, description="at most this many held-out images (eval split) measure the error"
+    )
+    scale_samples: int = Field(
+        256, ge=1, description="training images whose latents set the VAE's scaling_factor"
+    )
     seed: int = 0
 
 
@@ -168,6 +187,9 @@ class TrainConfig(Section):
     seed: int = 0
     log_every: int = Field(10, ge=1)
     processes: int = Field(1, ge=1, description="accelerate processes")
+    data_workers: int = Field(
+        0, ge=0, le=64, description="DataLoader worker processes; 0 loads in the training process"
+    )
 
     @model_validator(mode="after")
     def _checkpoint_fits(self) -> TrainConfig:

@@ -1,0 +1,226 @@
+"""Filter stage: keep the downloaded samples that are good enough to train on.
+
+Run it with `sdflow run tiny-cpu --only filter`. Each sample passes, in order: a full decode of the
+stored bytes, the minimum original size, the maximum original aspect ratio and the caption rules
+(skipped when the caption stage will supply captions itself); the survivors are then deduplicated
+by the content hash of their original bytes, first occurrence in shard order wins. Every rejected
+sample is recorded with its reason. Output shards have the download schema and hold the kept rows,
+copied without re-encoding, one output shard per input shard; finished shards survive a crash.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+from tqdm import tqdm
+
+from sdflow.captions import RULE_FIELDS, caption_problem, captions_supplied, describe_caption
+from sdflow.config import FilterConfig, RunConfig
+from sdflow.errors import UserError
+from sdflow.fingerprint import code_version
+from sdflow.orchestration import stage_task
+from sdflow.stageio import (
+    FAILURES,
+    Manifest,
+    StageBuild,
+    build_stage,
+    failures_table,
+    shard_name,
+    shard_paths,
+    stage_key,
+)
+
+Row = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Rejection:
+    reason: str
+    detail: str = ""
+
+
+Check = Callable[[Row], Rejection | None]
+"""One per-sample test; the first rejection wins. Near-duplicate, CLIP-score or aesthetic filters
+join `sample_checks` as further callables (objects with state work too)."""
+
+
+def filter_settings(config: RunConfig) -> dict[str, Any]:
+    """The settings that decide the output; the caption rules only when the filter applies them."""
+    settings = config.filter.model_dump()
+    settings["caption_rules"] = not captions_supplied(config.caption)
+    if not settings["caption_rules"]:
+        for name in RULE_FIELDS:
+            settings.pop(name)
+    return settings
+
+
+def filter_key(config: RunConfig, upstream: dict[str, Manifest | None]) -> str:
+    return stage_key(
+        "filter", filter_settings(config), [upstream["download"]], code_version(__name__)
+    )
+
+
+def filter_samples(
+    config: RunConfig, upstream: dict[str, Manifest | None], workdir: str
+) -> Manifest:
+    """Build (or reuse) the filter stage output for the download stage's shards."""
+    key = filter_key(config, upstream)
+    return build_stage(workdir, "filter", key, lambda build: _build(build, config, upstream))
+
+
+filter_task = stage_task("filter", filter_key)(filter_samples)
+
+
+def sample_checks(cfg: FilterConfig, caption_rules: bool) -> list[Check]:
+    """The per-sample checks in order, cheapest first."""
+    checks: list[Check] = [
+        check_decodes,
+        partial(check_min_size, min_size=cfg.min_size),
+        partial(check_aspect_ratio, max_ratio=cfg.max_aspect_ratio),
+    ]
+    if caption_rules:
+        checks.append(partial(check_caption, cfg=cfg))
+    return checks
+
+
+def check_decodes(row: Row) -> Rejection | None:
+    """The stored bytes must decode completely (a truncated file fails in `load`, not `open`)."""
+    data = row.get("image")
+    if not data:
+        return Rejection("decode_error", "no image bytes")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... for bad bytes
+        return Rejection("decode_error", f"{type(exc).__name__}: {exc}"[:300])
+    return None
+
+
+def original_size(row: Row) -> tuple[int, int]:
+    """Size before the download resize; the stored size when the source did not record it."""
+    return (row.get("orig_width") or row["width"], row.get("orig_height") or row["height"])
+
+
+def check_min_size(row: Row, min_size: int) -> Rejection | None:
+    width, height = original_size(row)
+    if min(width, height) < min_size:
+        return Rejection("too_small", f"{width}x{height} original, shorter side < {min_size}")
+    return None
+
+
+def check_aspect_ratio(row: Row, max_ratio: float) -> Rejection | None:
+    width, height = original_size(row)
+    ratio = max(width, height) / max(min(width, height), 1)
+    if ratio > max_ratio:
+        return Rejection(
+            "aspect_ratio", f"{width}x{height} original, ratio {ratio:.2f} > {max_ratio}"
+        )
+    return None
+
+
+def check_caption(row: Row, cfg: FilterConfig) -> Rejection | None:
+    reason = caption_problem(row.get("caption"), cfg)
+    return Rejection(reason, describe_caption(row.get("caption"))) if reason else None
+
+
+class Deduplicator:
+    """Exact duplicates by original content hash; only kept samples count as seen."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.seen: dict[str, str] = {}  # content_hash -> id of the kept sample
+
+    def check(self, row: Row) -> Rejection | None:
+        twin = self.seen.get(row.get("content_hash") or "") if self.enabled else None
+        return Rejection("duplicate", twin) if twin is not None else None
+
+    def add(self, content_hash: str | None, sample_id: str) -> None:
+        if self.enabled and content_hash:
+            self.seen.setdefault(content_hash, sample_id)
+
+
+def filter_shard(
+    table: pa.Table, checks: list[Check], dedup: Deduplicator
+) -> tuple[pa.Table, list[dict[str, str]]]:
+    """Kept rows (copied, not re-encoded) and one failure record per rejected row."""
+    kept: list[int] = []
+    failures: list[dict[str, str]] = []
+    for index, row in enumerate(table.to_pylist()):
+        rejection = next((r for check in checks if (r := check(row)) is not None), None)
+        rejection = rejection or dedup.check(row)  # last, so the kept twin is always a kept sample
+        if rejection is None:
+            kept.append(index)
+            dedup.add(row.get("content_hash"), row["id"])
+        else:
+            failures.append(_failure(row, rejection))
+    return table.take(pa.array(kept, type=pa.int64())), failures
+
+
+def _failure(row: Row, rejection: Rejection) -> dict[str, str]:
+    return {
+        "id": row["id"],
+        "source": row.get("source"),
+        "reason": rejection.reason,
+        "detail": rejection.detail,
+    }
+
+
+def _build(build: StageBuild, config: RunConfig, upstream: dict[str, Manifest | None]) -> Manifest:
+    caption_rules = not captions_supplied(config.caption)
+    checks = sample_checks(config.filter, caption_rules)
+    dedup = Deduplicator(config.filter.dedup)
+    counts = {"input": 0, "kept": 0}
+    reasons: Counter[str] = Counter()
+    names = []
+    paths = shard_paths(build.workdir, upstream["download"])
+    for index, path in enumerate(tqdm(paths, desc="filter", unit="shard")):
+        name = shard_name(index)
+        if build.has(name):  # finished before a crash: keep it, but remember its hashes
+            kept, failed = _read_finished(build, name, dedup)
+        else:
+            table = pq.read_table(path)
+            kept_table, failures = filter_shard(table, checks, dedup)
+            build.write_shard(index, kept_table, failures_table(failures))
+            kept, failed = kept_table.num_rows, [f["reason"] for f in failures]
+        counts["input"] += kept + len(failed)
+        counts["kept"] += kept
+        reasons.update(failed)
+        names.append(name)
+    _require_survivors(counts, reasons, config.filter)
+    return build.finish(
+        counts={**counts, "failed": sum(reasons.values()), "failed_by_reason": dict(reasons)},
+        shards=names,
+        files={"failures": FAILURES},
+        info={"caption_rules": caption_rules, "dedup": config.filter.dedup},
+    )
+
+
+def _read_finished(build: StageBuild, name: str, dedup: Deduplicator) -> tuple[int, list[str]]:
+    """Counts of a shard finished before a crash, and its kept hashes fed back into `dedup`."""
+    kept = pq.read_table(build.path / name, columns=["id", "content_hash"])
+    for sample_id, content_hash in zip(
+        kept.column("id").to_pylist(), kept.column("content_hash").to_pylist(), strict=True
+    ):
+        dedup.add(content_hash, sample_id)
+    failed = pq.read_table(build.path / FAILURES / name, columns=["reason"])
+    return kept.num_rows, failed.column("reason").to_pylist()
+
+
+def _require_survivors(counts: dict[str, int], reasons: Counter[str], cfg: FilterConfig) -> None:
+    if counts["kept"] > 0:
+        return
+    why = ", ".join(f"{reason}: {n}" for reason, n in reasons.most_common()) or "no input samples"
+    raise UserError(
+        f"The filter stage kept none of the {counts['input']} downloaded samples ({why}). "
+        f"Loosen the filter settings (now min_size={cfg.min_size}, "
+        f"max_aspect_ratio={cfg.max_aspect_ratio}, min_caption_words={cfg.min_caption_words}), "
+        "set caption.on_missing: template for samples without captions, or check the source."
+    )

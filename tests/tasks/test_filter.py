@@ -1,0 +1,288 @@
+"""Filter stage on a hand-made download output: every sample's fate, resume, keys, caption rules."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+import tasks.filter as filter_stage
+from sdflow.captions import caption_problem, captions_supplied
+from sdflow.config import CaptionConfig, FilterConfig, RunConfig
+from sdflow.errors import UserError
+from sdflow.sources import SAMPLE_SCHEMA
+from sdflow.stageio import Manifest, build_stage, read_failures, read_shards, shard_paths
+from tasks.filter import check_decodes, filter_key, filter_samples
+
+SCHEMA = SAMPLE_SCHEMA  # the download / filter / caption shard schema
+GOOD = "a red circle on a white background"
+
+
+def png(color: tuple[int, int, int], size: int = 32) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def sample(sid: str, color: tuple, caption: str | None = GOOD, orig=(64, 64), data=None) -> dict:
+    """One download row; `content_hash` is of the (pretend) original bytes: equal colour, equal hash."""
+    return {
+        "id": sid,
+        "image": png(color) if data is None else data,
+        "width": 32,
+        "height": 32,
+        "orig_width": orig[0],
+        "orig_height": orig[1],
+        "content_hash": hashlib.sha256(repr(color).encode()).hexdigest(),
+        "caption": caption,
+        "source": f"/data/{sid}.png",
+    }
+
+
+RED, GREEN, BLUE, YELLOW, GREY, PINK = (
+    (255, 0, 0),
+    (0, 255, 0),
+    (0, 0, 255),
+    (255, 255, 0),
+    (90, 90, 90),
+    (255, 0, 255),
+)
+SHARDS = [
+    [
+        sample("s00", RED),
+        sample("s01", RED, "another caption for it"),  # same content as s00
+        sample("s02", GREY, data=png(GREY)[:60]),  # truncated file
+        sample("s03", BLUE, orig=(8, 12)),  # stored at 32 px, but tiny originally
+        sample("s04", YELLOW, orig=(300, 60)),  # centre-cropped, but 5:1 originally
+        sample("s05", GREEN, None),
+    ],
+    [
+        sample("s06", RED),  # duplicate across shards
+        sample("s07", (1, 2, 3), " \t\n "),
+        sample("s08", (4, 5, 6), "cat"),
+        sample("s09", (7, 8, 9), "word " * 20),
+        sample("s10", GREEN, "same picture as s05, which had no caption"),
+        sample("s11", PINK, "  a pink   square\non grey "),
+    ],
+    [],  # an empty input shard still gets its (empty) output shard
+]
+FATES = {
+    "s00": "kept",
+    "s01": "duplicate",
+    "s02": "decode_error",
+    "s03": "too_small",
+    "s04": "aspect_ratio",
+    "s05": "missing_caption",
+    "s06": "duplicate",
+    "s07": "missing_caption",
+    "s08": "caption_too_short",
+    "s09": "caption_too_long",
+    "s10": "kept",
+    "s11": "kept",
+}
+
+
+def make_config(**caption) -> RunConfig:
+    rules = {"min_caption_words": 2, "min_caption_chars": 5, "max_caption_chars": 60}
+    return RunConfig(
+        source={"kind": "folder", "path": "unused"},
+        filter={"min_size": 16, **rules},
+        caption=caption,
+    )
+
+
+def write_stage(
+    workdir: Path, stage: str, shards: list[list[dict]], key: str = "fixture"
+) -> Manifest:
+    """A finished stage output written through the real stage contract."""
+
+    def work(build):
+        names = [
+            build.write_shard(i, pa.Table.from_pylist(rows, schema=SCHEMA))
+            for i, rows in enumerate(shards)
+        ]
+        n = sum(len(rows) for rows in shards)
+        counts = {"input": n, "kept": n, "failed": 0, "failed_by_reason": {}}
+        return build.finish(counts=counts, shards=names, files={"failures": "failures"})
+
+    return build_stage(workdir, stage, key, work)
+
+
+def fates(workdir: Path, manifest: Manifest) -> dict[str, str]:
+    kept = {
+        sid: "kept" for t in read_shards(workdir, manifest) for sid in t.column("id").to_pylist()
+    }
+    failed = read_failures(workdir, manifest).to_pylist()
+    assert not kept.keys() & {f["id"] for f in failed}
+    return {**kept, **{f["id"]: f["reason"] for f in failed}}
+
+
+@pytest.fixture
+def download(tmp_path: Path) -> Manifest:
+    return write_stage(tmp_path, "download", SHARDS)
+
+
+def test_every_sample_has_its_fate(tmp_path: Path, download: Manifest) -> None:
+    manifest = filter_samples(make_config(), {"download": download}, str(tmp_path))
+    assert fates(tmp_path, manifest) == FATES
+    failures = {f["id"]: f for f in read_failures(tmp_path, manifest).to_pylist()}
+    assert failures["s01"]["detail"] == "s00" and failures["s06"]["detail"] == "s00"
+    assert failures["s02"]["source"] == "/data/s02.png"
+    assert "300x60" in failures["s04"]["detail"]
+    counts = manifest["counts"]
+    assert counts["input"] == 12 and counts["kept"] == 3 and counts["failed"] == 9
+    assert counts["kept"] + counts["failed"] == counts["input"]
+    assert counts["failed_by_reason"] == {
+        "duplicate": 2,
+        "decode_error": 1,
+        "too_small": 1,
+        "aspect_ratio": 1,
+        "missing_caption": 2,
+        "caption_too_short": 1,
+        "caption_too_long": 1,
+    }
+    assert manifest["files"] == {"failures": "failures"}
+
+
+def test_kept_rows_are_copied_unchanged(tmp_path: Path, download: Manifest) -> None:
+    manifest = filter_samples(make_config(), {"download": download}, str(tmp_path))
+    inputs = {r["id"]: r for rows in SHARDS for r in rows}
+    outputs = list(read_shards(tmp_path, manifest))
+    assert len(outputs) == len(shard_paths(tmp_path, download)) == 3
+    assert [t.num_rows for t in outputs] == [1, 2, 0]
+    for table in outputs:
+        assert table.schema.equals(SCHEMA)
+        for row in table.to_pylist():
+            assert row == inputs[row["id"]]  # bytes and caption as they came, no re-encoding
+
+
+def test_template_captions_turn_caption_rules_off(tmp_path: Path, download: Manifest) -> None:
+    config = make_config(on_missing="template")
+    manifest = filter_samples(config, {"download": download}, str(tmp_path))
+    expected = {**FATES, "s05": "kept", "s07": "kept", "s08": "kept", "s09": "kept"}
+    expected["s10"] = "duplicate"  # its twin s05 is kept now
+    assert fates(tmp_path, manifest) == expected
+    assert manifest["info"]["caption_rules"] is False
+
+
+def test_dedup_can_be_switched_off(tmp_path: Path, download: Manifest) -> None:
+    config = make_config()
+    config.filter.dedup = False
+    manifest = filter_samples(config, {"download": download}, str(tmp_path))
+    assert fates(tmp_path, manifest) == {**FATES, "s01": "kept", "s06": "kept"}
+
+
+def test_resume_keeps_finished_shards_and_their_hashes(
+    tmp_path: Path, download: Manifest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = make_config()
+    real, calls = filter_stage.filter_shard, []
+
+    def crash_on_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(filter_stage, "filter_shard", crash_on_second)
+    with pytest.raises(RuntimeError, match="killed"):
+        filter_samples(config, {"download": download}, str(tmp_path))
+    key = filter_key(config, {"download": download})
+    partial = tmp_path / "stages" / "filter" / f".{key}.partial"
+    assert sorted(p.name for p in partial.glob("*.parquet")) == ["shard-00000.parquet"]
+    before = (partial / "shard-00000.parquet").stat()
+
+    manifest = filter_samples(config, {"download": download}, str(tmp_path))
+    after = (tmp_path / manifest["path"] / "shard-00000.parquet").stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert len(calls) == 4  # shard 0 once; shard 1 crashed, then done; shard 2 (empty)
+    assert fates(tmp_path, manifest) == FATES  # s06 still a duplicate of s00 from the kept shard
+    assert manifest["counts"]["input"] == 12 and manifest["counts"]["failed"] == 9
+    assert not partial.exists()
+
+
+def test_finished_output_is_reused(tmp_path: Path, download: Manifest) -> None:
+    first = filter_samples(make_config(), {"download": download}, str(tmp_path))
+    second = filter_samples(make_config(), {"download": download}, str(tmp_path))
+    assert first["reused"] is False and second["reused"] is True
+    assert second["fingerprint"] == first["fingerprint"]
+
+
+def test_key_follows_settings_that_matter(tmp_path: Path, download: Manifest) -> None:
+    up = {"download": download}
+    base = make_config()
+    key = filter_key(base, up)
+    assert filter_key(make_config(), up) == key
+    for section, field, value in [
+        ("filter", "min_size", 20),
+        ("filter", "max_aspect_ratio", 2.0),
+        ("filter", "dedup", False),
+        ("filter", "min_caption_words", 3),
+        ("caption", "on_missing", "template"),
+    ]:
+        changed = make_config()
+        setattr(getattr(changed, section), field, value)
+        assert filter_key(changed, up) != key, field
+    other = write_stage(tmp_path, "download", SHARDS[:1], key="other")
+    assert filter_key(base, {"download": other}) != key
+    # with template captions the filter ignores the caption rules, so they leave its key alone
+    templated = make_config(on_missing="template")
+    looser = make_config(on_missing="template")
+    looser.filter.min_caption_words = 5
+    assert filter_key(templated, up) == filter_key(looser, up)
+    assert filter_key(make_config(prefix="sks, "), up) == key  # caption text is not its business
+
+
+def test_nothing_left_is_a_user_error(tmp_path: Path, download: Manifest) -> None:
+    config = make_config()
+    config.filter.min_size = 5000
+    with pytest.raises(UserError, match="kept none of the 12 .*too_small: 11, decode_error: 1"):
+        filter_samples(config, {"download": download}, str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        (None, "missing_caption"),
+        ("", "missing_caption"),
+        ("  \n\t ", "missing_caption"),
+        ("cat", "caption_too_short"),  # 1 word < 2
+        ("a b", "caption_too_short"),  # 3 chars < 5
+        ("  a    cat  ", None),  # whitespace collapses: 2 words, 5 chars
+        ("x" * 30 + " " + "y" * 29, None),  # exactly 60 chars
+        ("x" * 30 + " " + "y" * 30, "caption_too_long"),
+    ],
+)
+def test_caption_problem(text: str | None, reason: str | None) -> None:
+    cfg = FilterConfig(min_caption_words=2, min_caption_chars=5, max_caption_chars=60)
+    assert caption_problem(text, cfg) == reason
+
+
+def test_captions_are_optional_without_minimums() -> None:
+    cfg = FilterConfig(min_caption_words=0, min_caption_chars=0)
+    assert caption_problem(None, cfg) is None and caption_problem("x", cfg) is None
+
+
+def test_captions_supplied_only_by_template_or_generative_backends() -> None:
+    assert not captions_supplied(CaptionConfig())
+    assert captions_supplied(CaptionConfig(on_missing="template"))
+
+
+def noise_png() -> bytes:
+    buf = io.BytesIO()
+    Image.effect_noise((64, 64), 50).convert("RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"not an image at all", png(RED)[:40], noise_png()[:3000], noise_png()[:-100]],
+)
+def test_broken_bytes_fail_the_decode_check(data: bytes) -> None:
+    rejection = check_decodes({"image": data})
+    assert rejection is not None and rejection.reason == "decode_error"
+    assert check_decodes({"image": png(RED)}) is None
