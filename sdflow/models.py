@@ -1,0 +1,480 @@
+"""Stable Diffusion components: built from config (scratch), loaded (pretrained), saved, hashed.
+
+Every stage that touches a model goes through here, so a component is built, loaded and
+fingerprinted the same way everywhere. Scratch components are seeded by `model.seed` inside
+`torch.random.fork_rng`, so building one never disturbs the caller's random state.
+"""
+
+from __future__ import annotations
+
+import heapq
+import inspect
+import io
+import json
+import os
+import re
+import shutil
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import lru_cache
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.models.modeling_utils import ModelMixin
+from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+from PIL import Image
+from tokenizers import Regex, normalizers, pre_tokenizers
+from torch import Tensor
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, PreTrainedModel
+
+from sdflow.config import ModelConfig, RunConfig
+from sdflow.errors import UserError
+from sdflow.fingerprint import hash_weights
+from sdflow.stageio import Manifest, output_dir
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+WORD_END = "</w>"
+# CLIP's pre-tokenizer: special tokens, contractions, letter runs, single digits, punctuation runs.
+CLIP_SPLIT = (
+    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
+)
+WEIGHTS = (ModelMixin, PreTrainedModel)  # classes with weight files (variants, dtypes)
+HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+# ---------------------------------------------------------------------------------------- scratch
+
+
+def _seeded(seed: int, build: Any) -> Any:
+    """Call `build()` with torch seeded to `seed`, leaving the global RNG as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def _check_keys(cls: type, config: dict[str, Any], key: str) -> None:
+    """Unknown keys in a component config are typos: say so instead of silently dropping them."""
+    allowed = set(inspect.signature(cls.__init__).parameters) - {"self", "args", "kwargs"}
+    unknown = sorted(set(config) - allowed)
+    if unknown:
+        raise UserError(
+            f"{key} has keys that {cls.__name__} does not know: {', '.join(unknown)}. "
+            f"Allowed keys: {', '.join(sorted(allowed))}."
+        )
+
+
+def text_hidden_size(model: ModelConfig) -> int:
+    """Hidden size of the scratch text encoder (CLIPTextConfig's default when not set)."""
+    return int(model.text_encoder.get("hidden_size", CLIPTextConfig().hidden_size))
+
+
+def build_unet(model: ModelConfig) -> UNet2DConditionModel:
+    """A randomly initialised UNet from `model.unet`, seeded by `model.seed`."""
+    _check_keys(UNet2DConditionModel, model.unet, "model.unet")
+    cross = model.unet.get("cross_attention_dim", 1280)
+    hidden = text_hidden_size(model)
+    if cross != hidden:
+        raise UserError(
+            f"model.unet.cross_attention_dim ({cross}) must equal the text encoder's hidden size "
+            f"model.text_encoder.hidden_size ({hidden}): the UNet attends to its embeddings."
+        )
+    latent = model.vae_config.get("latent_channels")
+    if model.vae is None and latent is not None and model.unet.get("in_channels", 4) != latent:
+        raise UserError(
+            f"model.unet.in_channels ({model.unet.get('in_channels', 4)}) must equal "
+            f"model.vae_config.latent_channels ({latent}): the UNet denoises VAE latents."
+        )
+    return _seeded(model.seed, lambda: UNet2DConditionModel(**model.unet))
+
+
+def build_vae(model: ModelConfig) -> AutoencoderKL:
+    """A randomly initialised VAE from `model.vae_config`, seeded by `model.seed`."""
+    _check_keys(AutoencoderKL, model.vae_config, "model.vae_config")
+    return _seeded(model.seed, lambda: AutoencoderKL(**model.vae_config))
+
+
+def build_text_encoder(model: ModelConfig, vocab_size: int) -> CLIPTextModel:
+    """A randomly initialised CLIP text encoder sized for the trained tokenizer, seeded."""
+    settings = dict(model.text_encoder)
+    for fixed in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"):
+        if fixed in settings:
+            raise UserError(f"model.text_encoder.{fixed} is set by sdflow from the tokenizer.")
+    unknown = sorted(set(settings) - set(CLIPTextConfig().to_dict()))
+    if unknown:  # CLIPTextConfig would keep a misspelt key as a stray attribute
+        raise UserError(f"model.text_encoder has keys CLIPTextConfig does not know: {unknown}.")
+    positions = max(settings.pop("max_position_embeddings", 0), model.max_token_length)
+    # ids 0 and 1 are the tokenizer's start/end tokens (train_tokenizer puts them first).
+    config = CLIPTextConfig(
+        **settings,
+        vocab_size=vocab_size,
+        max_position_embeddings=positions,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    return _seeded(model.seed, lambda: CLIPTextModel(config).eval())
+
+
+# -------------------------------------------------------------------------------------- tokenizer
+
+
+def _word_splitter() -> tuple[normalizers.Normalizer, pre_tokenizers.PreTokenizer]:
+    """The exact normaliser and pre-tokeniser CLIPTokenizer applies, so trained merges match it."""
+    normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    split = pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True)
+    pre = pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    return normalizer, pre
+
+
+def count_words(captions: Iterable[str]) -> Counter[tuple[str, ...]]:
+    """Byte-level words of all captions as symbol tuples, the last one carrying `</w>`."""
+    normalizer, pre = _word_splitter()
+    counts: Counter[str] = Counter()
+    for caption in captions:
+        text = normalizer.normalize_str(caption or "")
+        counts.update(word for word, _ in pre.pre_tokenize_str(text))
+    return Counter({(*w[:-1], w[-1] + WORD_END): n for w, n in counts.items() if w})
+
+
+def learn_merges(words: Counter[tuple[str, ...]], merges: int) -> list[tuple[str, str]]:
+    """Byte-pair merges, most frequent pair first, ties broken by the pair's text.
+
+    Written out (not `tokenizers.trainers.BpeTrainer`) because that trainer breaks ties by hash-map
+    order, so the same captions gave different vocabularies in different processes.
+    """
+    items = [list(w) for w in words]
+    freq = [words[w] for w in words]
+    counts: Counter[tuple[str, str]] = Counter()
+    where: dict[tuple[str, str], set[int]] = defaultdict(set)
+    for i, symbols in enumerate(items):
+        for pair in pairwise(symbols):
+            counts[pair] += freq[i]
+            where[pair].add(i)
+    heap = [(-n, pair) for pair, n in counts.items()]
+    heapq.heapify(heap)
+    learned: list[tuple[str, str]] = []
+    while heap and len(learned) < merges:
+        n, pair = heapq.heappop(heap)
+        if counts.get(pair, 0) != -n or n == 0:
+            continue  # a stale heap entry: the pair's count changed after it was pushed
+        learned.append(pair)
+        touched: set[tuple[str, str]] = set()
+        for i in sorted(where.pop(pair)):
+            _merge_word(items, freq, i, pair, counts, where, touched)
+        counts.pop(pair, None)
+        for other in sorted(touched):
+            if counts.get(other, 0) > 0:
+                heapq.heappush(heap, (-counts[other], other))
+    return learned
+
+
+def _merge_word(items, freq, i, pair, counts, where, touched) -> None:
+    """Apply one merge to word `i`, updating the pair counts and the pair -> words index."""
+    old = items[i]
+    for p in pairwise(old):
+        counts[p] -= freq[i]
+        touched.add(p)
+    new, j = [], 0
+    while j < len(old):
+        if j + 1 < len(old) and (old[j], old[j + 1]) == pair:
+            new.append(old[j] + old[j + 1])
+            j += 2
+        else:
+            new.append(old[j])
+            j += 1
+    items[i] = new
+    for p in pairwise(new):
+        counts[p] += freq[i]
+        where[p].add(i)
+        touched.add(p)
+
+
+def _alphabet(words: Iterable[tuple[str, ...]], vocab_size: int) -> list[str]:
+    """Starting symbols: those seen, plus all 256 byte symbols (and word-end forms) if room."""
+    seen = {symbol for word in words for symbol in word}
+    full = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size >= 4 * len(full):  # leave most of the vocabulary for merges
+        seen |= set(full) | {s + WORD_END for s in full}
+    return sorted(seen)
+
+
+def train_tokenizer(captions: Iterable[str], model: ModelConfig, out_dir: Path) -> CLIPTokenizer:
+    """Train a CLIP-style BPE tokenizer on the captions and save it (loads with CLIPTokenizer)."""
+    words = count_words(captions)
+    if not words:
+        raise UserError("Cannot train a tokenizer: the training captions contain no words.")
+    alphabet = _alphabet(words, model.tokenizer_vocab_size)
+    merges = learn_merges(words, max(0, model.tokenizer_vocab_size - 2 - len(alphabet)))
+    tokens = [BOS, EOS, *alphabet, *(a + b for a, b in merges)]
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(tokens))}
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model.max_token_length)
+    save_tokenizer(tokenizer, vocab, merges, Path(out_dir))
+    return CLIPTokenizer.from_pretrained(out_dir)
+
+
+def save_tokenizer(tokenizer: CLIPTokenizer, vocab: dict, merges: list, out_dir: Path) -> None:
+    """tokenizer.json + tokenizer_config.json, and the vocab.json + merges.txt CLIP loaders read."""
+    with atomic_dir(out_dir) as tmp:
+        tokenizer.save_pretrained(tmp)
+        (tmp / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=1))
+        lines = ["#version: 0.2", *(f"{a} {b}" for a, b in merges)]
+        (tmp / "merges.txt").write_text("\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+
+def is_hub_name(source: str) -> bool:
+    """`org/name` that is not a local path: loaded from the Hugging Face hub (or its cache)."""
+    local = source.startswith(("/", ".", "~")) or Path(source).exists()
+    return not local and bool(HUB_NAME.match(source))
+
+
+def absolute_source(source: str) -> str:
+    """A hub name as it is; a local path made absolute, so it means the same from any cwd."""
+    return source if is_hub_name(source) else str(Path(source).expanduser().resolve())
+
+
+def _same(source: str, configured: str | None) -> bool:
+    return configured is not None and absolute_source(source) == absolute_source(configured)
+
+
+def _config_key(source: str, model: ModelConfig) -> str:
+    if _same(source, model.vae):
+        return "model.vae"
+    if _same(source, model.pretrained):
+        return "model.pretrained"
+    return "an upstream stage output"
+
+
+def load_component(
+    source: str,
+    subfolder: str | None,
+    cls: Any,
+    model: ModelConfig,
+    dtype: torch.dtype | None = None,
+) -> Any:
+    """`cls.from_pretrained` from a local dir or a hub name; errors name the config key."""
+    kwargs: dict[str, Any] = {}
+    if subfolder:
+        kwargs["subfolder"] = subfolder
+    pretrained = _same(source, model.pretrained)
+    if pretrained and is_hub_name(source) and model.revision:
+        kwargs["revision"] = model.revision
+    if pretrained and model.variant and issubclass(cls, WEIGHTS):
+        kwargs["variant"] = model.variant
+    if dtype is not None:
+        kwargs["torch_dtype" if issubclass(cls, ModelMixin) else "dtype"] = dtype
+    if is_hub_name(source):
+        try:
+            return cls.from_pretrained(source, **kwargs)
+        except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
+            raise UserError(
+                f"{_config_key(source, model)} is {source!r}: not a local directory, and the hub "
+                f"has no such model or revision ({type(exc).__name__})."
+            ) from None
+    path = Path(source).expanduser()
+    where = path / subfolder if subfolder else path
+    if not where.is_dir():
+        raise UserError(
+            f"{_config_key(source, model)} points to {where}, which is not a directory. "
+            f"Give a diffusers model directory (with {subfolder or 'a config'} inside) "
+            "or a hub name."
+        )
+    try:
+        return cls.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"Could not load {cls.__name__} from {where} ({_config_key(source, model)}): {exc}"
+        ) from None
+
+
+@dataclass
+class ComponentSources:
+    """Where each component of one run comes from: an absolute directory or a hub name."""
+
+    vae: str
+    vae_subfolder: str | None
+    text_encoder: str | None  # None only before the latents stage has built the scratch encoder
+    text_encoder_subfolder: str | None
+    tokenizer: str | None
+    tokenizer_subfolder: str | None
+    unet: str | None  # None: build from model.unet (scratch)
+    unet_subfolder: str | None
+    scheduler: str | None  # None: the standard SD noise schedule
+
+
+def _vae_source(config: RunConfig, upstream: dict[str, Manifest | None], workdir: str):
+    model = config.model
+    trained = upstream.get("autoencoder")
+    if trained:
+        return str(output_dir(workdir, trained) / trained["files"]["vae"]), None
+    if model.vae:
+        # a whole pipeline given as model.vae: use its vae/ folder
+        vae = absolute_source(model.vae)
+        nested = not is_hub_name(vae) and (Path(vae) / "vae" / "config.json").is_file()
+        return vae, "vae" if nested else None
+    if model.pretrained:
+        return absolute_source(model.pretrained), "vae"
+    raise UserError(
+        "No VAE: model.init is 'scratch' with neither model.vae nor a finished autoencoder stage. "
+        "Set model.vae, or run the autoencoder stage first."
+    )
+
+
+def component_sources(
+    config: RunConfig, upstream: dict[str, Manifest | None], workdir: str
+) -> ComponentSources:
+    """Resolve every component's source from the config and the upstream manifests."""
+    model = config.model
+    vae, vae_sub = _vae_source(config, upstream, workdir)
+    if model.init == "pretrained":
+        base = absolute_source(model.pretrained)
+        return ComponentSources(
+            vae, vae_sub, base, "text_encoder", base, "tokenizer", base, "unet", base
+        )
+    latents = upstream.get("latents")
+    text = tok = None
+    if latents:
+        base = output_dir(workdir, latents)
+        text = str(base / latents["files"]["text_encoder"])
+        tok = str(base / latents["files"]["tokenizer"])
+    return ComponentSources(vae, vae_sub, text, None, tok, None, None, None, None)
+
+
+def noise_scheduler(config: RunConfig, sources: ComponentSources) -> DDPMScheduler:
+    """The training noise schedule: the pretrained model's own, or SD's scaled-linear default."""
+    prediction = config.train.prediction_type
+    if sources.scheduler:
+        loaded = load_component(sources.scheduler, "scheduler", DDPMScheduler, config.model)
+        return DDPMScheduler.from_config(loaded.config, prediction_type=prediction)
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type=prediction,
+        clip_sample=False,  # SD v1 scheduler settings: latents are not clipped to [-1, 1]
+        steps_offset=1,
+    )
+
+
+# ------------------------------------------------------------------------------------ encode, save
+
+
+def encode_images(vae: AutoencoderKL, pixels: Tensor) -> tuple[Tensor, Tensor]:
+    """Latent distribution (mean, std) of images in [-1, 1], before `scaling_factor`."""
+    param = next(vae.parameters())
+    dist = vae.encode(pixels.to(device=param.device, dtype=param.dtype)).latent_dist
+    return dist.mean, dist.std
+
+
+def encode_prompts(
+    tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompts: list[str]
+) -> Tensor:
+    """Text embeddings [B, L, D] exactly as StableDiffusionPipeline computes them for a prompt."""
+    ids = tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    device = next(text_encoder.parameters()).device
+    return text_encoder(ids.to(device))[0]
+
+
+def image_to_tensor(data: bytes, resolution: int) -> Tensor:
+    """Encoded image bytes -> [3, H, W] in [-1, 1], resized and centre-cropped to `resolution`."""
+    with Image.open(io.BytesIO(data)) as image:
+        image = image.convert("RGB")
+        if image.size != (resolution, resolution):
+            scale = resolution / min(image.size)
+            size = (
+                max(resolution, round(image.width * scale)),
+                max(resolution, round(image.height * scale)),
+            )
+            image = image.resize(size, Image.Resampling.BICUBIC)
+            left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+            image = image.crop((left, top, left + resolution, top + resolution))
+        array = np.asarray(image, dtype=np.float32)
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous() / 127.5 - 1.0
+
+
+@contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Write a directory beside `target`, then rename it into place: never half a model on disk."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_component(component: Any, out_dir: Path) -> None:
+    """save_pretrained into `out_dir` atomically, as safetensors."""
+    with atomic_dir(out_dir) as tmp:
+        if isinstance(component, (ModelMixin, PreTrainedModel)):
+            component.save_pretrained(tmp, safe_serialization=True)
+        else:
+            component.save_pretrained(tmp)
+
+
+def save_pipeline(out_dir: Path, unet, vae, text_encoder, tokenizer, scheduler) -> None:
+    """A complete diffusers pipeline dir, loadable by `StableDiffusionPipeline.from_pretrained`."""
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    with atomic_dir(out_dir) as tmp:
+        pipeline.save_pretrained(tmp, safe_serialization=True)
+
+
+# ------------------------------------------------------------------------------------ fingerprints
+
+
+def weights_hash(source: str, subfolder: str | None, revision: str | None = None) -> str:
+    """Content hash of a local model directory; `hub:<name>@<revision>` for a hub name."""
+    if is_hub_name(source):
+        return f"hub:{source}@{revision or 'main'}" + (f"/{subfolder}" if subfolder else "")
+    path = Path(source).expanduser() / (subfolder or "")
+    if not path.is_dir():
+        raise UserError(f"Model directory {path} does not exist.")
+    return _hash_weights_cached(str(path.resolve()), _stat_signature(path))
+
+
+def _stat_signature(path: Path) -> tuple:
+    """Cheap (name, size, mtime) listing: re-hashing gigabytes happens only when a file changed."""
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    return tuple((p.relative_to(path).as_posix(), *_size_mtime(p)) for p in files)
+
+
+def _size_mtime(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+@lru_cache(maxsize=64)
+def _hash_weights_cached(path: str, signature: tuple) -> str:
+    return hash_weights(path)

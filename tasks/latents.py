@@ -1,0 +1,365 @@
+"""Latents stage: encode every training image (VAE) and caption (text encoder) once, into shards.
+
+Run it with `sdflow run tiny-cpu --only latents`. Held-out samples (`eval.held_out_fraction`) are
+skipped. Each caption shard becomes one or more `latents-XXXXX.safetensors` (at most
+`latents.shard_size` rows) holding the latent distribution (`mean`, `std`, and with `latents.flip`
+the flipped image's `mean_flip`, `std_flip`) and the caption embedding `text`, with the row ids in
+the metadata. `empty_prompt.safetensors` holds the empty caption's embedding for caption dropout.
+For scratch models the tokenizer is trained here on the training captions and the (frozen, seeded)
+text encoder is built here; both are saved beside the shards for the train and evaluate stages.
+
+The stage key holds the weights hashes of the VAE and text encoder, the resolution, the held-out
+fraction and this section: swapping an encoder or the resolution re-encodes, never reuses.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import torch
+from diffusers import AutoencoderKL
+from PIL import Image
+from safetensors import safe_open
+from torch import Tensor
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from sdflow.config import RunConfig
+from sdflow.errors import UserError
+from sdflow.fingerprint import code_version
+from sdflow.latent_data import EMPTY_PROMPT, latent_shard_name, save_tensors, write_latent_shard
+from sdflow.models import (
+    absolute_source,
+    build_text_encoder,
+    component_sources,
+    encode_images,
+    encode_prompts,
+    image_to_tensor,
+    load_component,
+    save_component,
+    train_tokenizer,
+    weights_hash,
+)
+from sdflow.orchestration import stage_task
+from sdflow.splits import is_held_out
+from sdflow.stageio import (
+    FAILURES,
+    Manifest,
+    StageBuild,
+    build_stage,
+    failures_table,
+    read_shards,
+    shard_name,
+    shard_paths,
+    stage_key,
+    write_json,
+)
+
+log = logging.getLogger(__name__)
+STATS = "stats"  # per-shard counts, so a resumed build reports the same numbers
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _encoder_identity(config: RunConfig, upstream: dict[str, Manifest | None]) -> dict[str, Any]:
+    """What decides the encoders' outputs: weights hashes, or the scratch config they are built from."""
+    model = config.model
+    sources = component_sources(config, upstream, workdir=".")
+    identity: dict[str, Any] = {"init": model.init, "variant": model.variant}
+    if not upstream.get("autoencoder"):  # a trained VAE is covered by the upstream fingerprint
+        from_pipeline = model.pretrained and sources.vae == absolute_source(model.pretrained)
+        revision = model.revision if from_pipeline else None
+        identity["vae"] = weights_hash(sources.vae, sources.vae_subfolder, revision)
+    if model.init == "pretrained":
+        identity["text_encoder"] = weights_hash(model.pretrained, "text_encoder", model.revision)
+        identity["tokenizer"] = weights_hash(model.pretrained, "tokenizer", model.revision)
+    else:
+        identity["scratch_text"] = model.model_dump(
+            include={"text_encoder", "tokenizer_vocab_size", "max_token_length", "seed"}
+        )
+    return identity
+
+
+def latents_key(config: RunConfig, upstream: dict[str, Manifest | None]) -> str:
+    settings = {
+        "latents": config.latents.model_dump(),
+        "resolution": config.download.resolution,
+        "held_out_fraction": config.eval.held_out_fraction,
+        "encoders": _encoder_identity(config, upstream),
+    }
+    inputs = [upstream.get("caption"), upstream.get("autoencoder")]
+    return stage_key("latents", settings, inputs, code_version(__name__))
+
+
+def cache_latents(
+    config: RunConfig, upstream: dict[str, Manifest | None], workdir: str
+) -> Manifest:
+    key = latents_key(config, upstream)
+    return build_stage(workdir, "latents", key, lambda b: _build(b, config, upstream, workdir))
+
+
+cache_latents_task = stage_task("latents", latents_key)(cache_latents)
+
+
+# ------------------------------------------------------------------------------------------ build
+
+
+@dataclass
+class Encoders:
+    """The frozen models that turn a sample into its cached row."""
+
+    vae: AutoencoderKL
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    device: torch.device
+
+
+def _build(
+    build: StageBuild, config: RunConfig, upstream: dict[str, Manifest | None], workdir: str
+) -> Manifest:
+    caption = upstream.get("caption")
+    if not caption:
+        raise UserError("The latents stage needs the caption stage's output; run it first.")
+    encoders = _load_encoders(build, config, upstream, workdir)
+    files = {"empty_prompt": _save_empty_prompt(build, config, encoders), "failures": FAILURES}
+    if config.model.init == "scratch":
+        files |= {"tokenizer": "tokenizer", "text_encoder": "text_encoder"}
+    held_out = inputs = 0
+    shards: list[str] = []
+    for path in shard_paths(workdir, caption):
+        ids = pq.read_table(path, columns=["id"]).column("id").to_pylist()
+        keep = [r for r, i in enumerate(ids) if not is_held_out(i, config.eval.held_out_fraction)]
+        inputs, held_out = inputs + len(ids), held_out + len(ids) - len(keep)
+        size = config.latents.shard_size
+        table = None  # read only when a shard of this caption shard is still missing
+        for rows in (keep[a : a + size] for a in range(0, len(keep), size)):
+            index = len(shards)  # numbered in input order, so a rerun finds the same names
+            if not build.has(latent_shard_name(index)):
+                if table is None:
+                    table = pq.read_table(path, columns=["id", "image", "caption", "source"])
+                _encode_shard(build, config, encoders, table.take(rows).to_pylist(), index)
+            shards.append(latent_shard_name(index))
+    return _finish(build, config, encoders, shards, {"input": inputs, "held_out": held_out}, files)
+
+
+def _load_encoders(
+    build: StageBuild, config: RunConfig, upstream: dict[str, Manifest | None], workdir: str
+) -> Encoders:
+    model = config.model
+    sources = component_sources(config, upstream, workdir)
+    vae = load_component(sources.vae, sources.vae_subfolder, AutoencoderKL, model)
+    if model.init == "scratch":
+        tokenizer, text_encoder = _scratch_text(build, config, upstream["caption"], workdir)
+    else:
+        tokenizer = load_component(
+            sources.tokenizer, sources.tokenizer_subfolder, CLIPTokenizer, model
+        )
+        text_encoder = load_component(
+            sources.text_encoder, sources.text_encoder_subfolder, CLIPTextModel, model
+        )
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for module in (vae, text_encoder):
+        module.requires_grad_(False).eval().to(device)
+    return Encoders(vae, tokenizer, text_encoder, device)
+
+
+def _scratch_text(
+    build: StageBuild, config: RunConfig, caption: Manifest, workdir: str
+) -> tuple[CLIPTokenizer, CLIPTextModel]:
+    """Train the tokenizer on the training captions; build the seeded, frozen text encoder."""
+    if not build.has("tokenizer"):
+        captions = _training_captions(workdir, caption, config.eval.held_out_fraction)
+        train_tokenizer(captions, config.model, build.path / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(build.path / "tokenizer")
+    if not build.has("text_encoder"):
+        save_component(
+            build_text_encoder(config.model, len(tokenizer)), build.path / "text_encoder"
+        )
+    # read back what train/evaluate will load, so the cache is encoded by exactly those weights
+    return tokenizer, CLIPTextModel.from_pretrained(build.path / "text_encoder")
+
+
+def _training_captions(workdir: str, caption: Manifest, fraction: float) -> Iterator[str]:
+    for table in read_shards(workdir, caption, columns=["id", "caption"]):
+        for sample_id, text in zip(
+            table["id"].to_pylist(), table["caption"].to_pylist(), strict=True
+        ):
+            if not is_held_out(sample_id, fraction):
+                yield text or ""
+
+
+def _save_empty_prompt(build: StageBuild, config: RunConfig, encoders: Encoders) -> str:
+    if not build.has(EMPTY_PROMPT):
+        with torch.no_grad():
+            text = encode_prompts(encoders.tokenizer, encoders.text_encoder, [""])[0]
+        save_tensors(build.path / EMPTY_PROMPT, {"text": _stored(text, config)}, {})
+    return EMPTY_PROMPT
+
+
+# ----------------------------------------------------------------------------------------- encode
+
+
+def _encode_shard(
+    build: StageBuild, config: RunConfig, encoders: Encoders, samples: list[dict], index: int
+) -> None:
+    """Encode one shard's samples; failures and stats first, the shard last (its existence = done)."""
+    started = time.monotonic()
+    ids: list[str] = []
+    parts: dict[str, list[Tensor]] = {}
+    failures: list[dict[str, str]] = []
+    size = config.latents.batch_size
+    for batch in (samples[a : a + size] for a in range(0, len(samples), size)):
+        batch_ids, tensors, failed = _encode_batch(config, encoders, batch)
+        ids += batch_ids
+        failures += failed
+        for key, value in tensors.items():
+            parts.setdefault(key, []).append(_stored(value, config))
+    name = latent_shard_name(index)
+    build.write_table(f"{FAILURES}/{shard_name(index)}", failures_table(failures))
+    stats = {
+        "encoded": len(ids),
+        "failed_by_reason": dict(Counter(f["reason"] for f in failures)),
+        "seconds": time.monotonic() - started,
+    }
+    (build.path / STATS).mkdir(exist_ok=True)
+    write_json(build.path / STATS / f"{name}.json", stats)
+    tensors = {k: torch.cat(v) for k, v in parts.items()} if ids else {"text": torch.empty(0)}
+    write_latent_shard(build.path / name, tensors, ids)
+    log.info("latents %s: %d encoded, %d failed", name, len(ids), len(failures))
+
+
+def _encode_batch(
+    config: RunConfig, encoders: Encoders, batch: list[dict]
+) -> tuple[list[str], dict[str, Tensor], list[dict[str, str]]]:
+    """Decode, encode and check one batch: (ids kept, their tensors, failure rows)."""
+    ids, pixels, captions, failures = [], [], [], []
+    for sample in batch:
+        try:
+            pixels.append(image_to_tensor(sample["image"], config.download.resolution))
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            failures.append(_failure(sample, "undecodable_image", exc))
+            continue
+        ids.append(sample["id"])
+        captions.append(sample["caption"] or "")
+    if not ids:
+        return [], {}, failures
+    with torch.no_grad():
+        tensors = _encode_pixels(config, encoders, torch.stack(pixels))
+        tensors["text"] = encode_prompts(
+            encoders.tokenizer, encoders.text_encoder, captions
+        ).float()
+    finite = torch.stack([t.flatten(1).isfinite().all(1) for t in tensors.values()]).all(0)
+    if not finite.all():
+        bad = set((~finite).nonzero().flatten().tolist())
+        rows = {s["id"]: s for s in batch}
+        failures += [
+            _failure(rows[ids[i]], "non_finite_latent", "NaN or inf in the encoding") for i in bad
+        ]
+        ids = [i for n, i in enumerate(ids) if n not in bad]
+        tensors = {k: v[finite] for k, v in tensors.items()}
+    return ids, tensors, failures
+
+
+def _encode_pixels(config: RunConfig, encoders: Encoders, pixels: Tensor) -> dict[str, Tensor]:
+    """Latent mean/std (and of the flipped image) under the configured autocast.
+
+    A half-precision VAE can overflow to NaN (a known SDXL fp16 VAE problem): such a batch is
+    encoded again in float32 before any row is given up.
+    """
+    precision = AUTOCAST.get(config.latents.mixed_precision)
+    out = _encode_views(config, encoders, pixels, precision)
+    if precision is not None and not all(t.isfinite().all() for t in out.values()):
+        out = _encode_views(config, encoders, pixels, None)
+    return out
+
+
+def _encode_views(
+    config: RunConfig, encoders: Encoders, pixels: Tensor, precision: torch.dtype | None
+) -> dict[str, Tensor]:
+    device = encoders.device
+    autocast = torch.autocast(device.type, dtype=precision) if precision else nullcontext()
+    with autocast:
+        mean, std = encode_images(encoders.vae, pixels.to(device))
+        out = {"mean": mean.float(), "std": std.float()}
+        if config.latents.flip:
+            mean, std = encode_images(encoders.vae, torch.flip(pixels, dims=[-1]).to(device))
+            out |= {"mean_flip": mean.float(), "std_flip": std.float()}
+    return out
+
+
+def _stored(tensor: Tensor, config: RunConfig) -> Tensor:
+    return tensor.detach().to("cpu", DTYPES[config.latents.dtype])
+
+
+def _failure(sample: dict, reason: str, detail: object) -> dict[str, str]:
+    return {
+        "id": sample["id"],
+        "source": sample.get("source") or "",
+        "reason": reason,
+        "detail": str(detail)[:300],
+    }
+
+
+# ----------------------------------------------------------------------------------------- finish
+
+
+def _finish(
+    build: StageBuild,
+    config: RunConfig,
+    encoders: Encoders,
+    shards: list[str],
+    counts: dict[str, int],
+    files: dict[str, str],
+) -> Manifest:
+    stats = [_read_json(build.path / STATS / f"{name}.json") for name in shards]
+    encoded = sum(s["encoded"] for s in stats)
+    reasons: Counter[str] = Counter()
+    for s in stats:
+        reasons.update(s["failed_by_reason"])
+    if encoded == 0:
+        raise UserError(
+            f"No training images to encode: of {counts['input']} captioned samples, "
+            f"{counts['held_out']} are held out (eval.held_out_fraction) and the rest failed "
+            f"({dict(reasons) or 'none'})."
+        )
+    seconds = sum(s["seconds"] for s in stats)
+    counts |= {
+        "encoded": encoded,
+        "failed": sum(reasons.values()),
+        "failed_by_reason": dict(reasons),
+        "images_per_second": round(encoded / seconds, 2) if seconds > 0 else None,
+    }
+    info = _shape_info(build, config, encoders, shards, stats)
+    return build.finish(counts=counts, shards=shards, files=files, info=info)
+
+
+def _shape_info(build, config, encoders, shards, stats) -> dict[str, Any]:
+    first = next(name for name, s in zip(shards, stats, strict=True) if s["encoded"])
+    with safe_open(str(build.path / first), framework="pt") as fh:
+        _, channels, size, _ = fh.get_slice("mean").get_shape()
+        _, seq_len, dim = fh.get_slice("text").get_shape()
+    vae_config = encoders.vae.config
+    return {
+        "latent_channels": channels,
+        "latent_size": size,
+        "text_seq_len": seq_len,
+        "text_dim": dim,
+        "flip": config.latents.flip,
+        "scaling_factor": vae_config.scaling_factor,
+        "shift_factor": getattr(vae_config, "shift_factor", None),
+        "dtype": config.latents.dtype,
+        "resolution": config.download.resolution,
+        "rows_per_shard": [s["encoded"] for s in stats],
+    }
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())

@@ -1,0 +1,347 @@
+"""The latents stage on a tiny caption-stage output: shapes, ids, held-out split, keys, resume."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from sdflow import models
+from sdflow.latent_data import CachedLatents, ShardShuffleSampler, load_empty_prompt
+from sdflow.profiles import load_profile
+from sdflow.splits import is_held_out
+from sdflow.stageio import build_stage, output_dir, read_failures, stage_dir
+from tasks.latents import cache_latents, latents_key
+
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 200, 60),
+    "blue": (40, 60, 220),
+    "yellow": (240, 220, 20),
+}
+BACKGROUNDS = {"white": (250, 250, 250), "black": (10, 10, 10), "grey": (128, 128, 128)}
+BROKEN = "s007"  # its image bytes are not an image
+
+
+def png(colour, background, offset: int) -> bytes:
+    image = Image.new("RGB", (32, 32), background)
+    image.paste(colour, (offset, 4, offset + 14, 18))  # off-centre, so flipping changes it
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def samples(count: int = 24) -> list[dict]:
+    rows = []
+    for i in range(count):
+        colour, background = list(COLOURS)[i % 4], list(BACKGROUNDS)[i % 3]
+        data = png(COLOURS[colour], BACKGROUNDS[background], 2 + i % 10)
+        rows.append(
+            {
+                "id": f"s{i:03d}",
+                "image": b"not a png" if f"s{i:03d}" == BROKEN else data,
+                "width": 32,
+                "height": 32,
+                "orig_width": 32,
+                "orig_height": 32,
+                "content_hash": f"{i:064x}",
+                "caption": f"a {colour} square on a {background} background",
+                "source": f"demo/{i}.png",
+                "source_caption": f"a {colour} square on a {background} background",
+            }
+        )
+    return rows
+
+
+def caption_stage(workdir: Path, rows: list[dict], per_shard: int = 12) -> dict:
+    """A finished caption-stage output made with stageio, as the real stage leaves it."""
+
+    def work(build):
+        names = []
+        for i in range(0, len(rows), per_shard):
+            names.append(
+                build.write_shard(i // per_shard, pa.Table.from_pylist(rows[i : i + per_shard]))
+            )
+        return build.finish(
+            counts={"input": len(rows), "kept": len(rows), "failed": 0},
+            shards=names,
+            files={"failures": "failures"},
+        )
+
+    return build_stage(workdir, "caption", f"fixture{len(rows)}", work)
+
+
+def autoencoder_stage(workdir: Path, model, seed: int) -> dict:
+    """A finished autoencoder-stage output holding a seeded tiny VAE."""
+
+    def work(build):
+        vae = models.build_vae(model.model_copy(update={"seed": seed}))
+        models.save_component(vae, build.path / "vae")
+        return build.finish(counts={}, files={"vae": "vae"})
+
+    return build_stage(workdir, "autoencoder", f"vae-seed{seed}", work)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    torch.set_num_threads(1)
+    workdir = tmp_path_factory.mktemp("work")
+    config = load_profile("tiny-test")
+    config.eval.held_out_fraction = 0.25
+    config.latents.shard_size = 5
+    config.latents.batch_size = 4
+    upstream = {
+        "caption": caption_stage(workdir, samples()),
+        "autoencoder": autoencoder_stage(workdir, config.model, seed=0),
+    }
+    manifest = cache_latents(config, upstream, str(workdir))
+    return workdir, config, upstream, manifest
+
+
+def training_ids(fraction: float) -> list[str]:
+    return [r["id"] for r in samples() if not is_held_out(r["id"], fraction)]
+
+
+def encoders(workdir: Path, config, upstream, manifest):
+    sources = models.component_sources(config, {**upstream, "latents": manifest}, str(workdir))
+    vae = AutoencoderKL.from_pretrained(sources.vae)
+    return (
+        vae,
+        CLIPTokenizer.from_pretrained(sources.tokenizer),
+        CLIPTextModel.from_pretrained(sources.text_encoder),
+    )
+
+
+def test_encodes_every_training_sample_once(setup):
+    workdir, config, _, manifest = setup
+    train = training_ids(0.25)
+    assert 0 < len(train) < 24 and BROKEN in train  # the fixture exercises both paths
+    counts = manifest["counts"]
+    assert counts["input"] == 24
+    assert counts["held_out"] == 24 - len(train)
+    assert counts["failed_by_reason"] == {"undecodable_image": 1}
+    assert counts["encoded"] == len(train) - 1
+    assert counts["encoded"] + counts["failed"] + counts["held_out"] == counts["input"]
+    assert read_failures(workdir, manifest).column("id").to_pylist() == [BROKEN]
+    data = CachedLatents(workdir, manifest)
+    ids = [data[i]["id"] for i in range(len(data))]
+    assert ids == [i for i in train if i != BROKEN]  # input order, no held-out id, none twice
+    for path in manifest["shards"]:
+        tensors = load_file(output_dir(workdir, manifest) / path)
+        n = len(tensors["mean"])
+        assert 0 < n <= config.latents.shard_size
+        assert set(tensors) == {"mean", "std", "mean_flip", "std_flip", "text"}
+        assert tensors["mean"].shape == tensors["std_flip"].shape == (n, 4, 8, 8)
+        assert tensors["text"].shape == (n, 16, 32)
+        assert tensors["mean"].dtype == torch.float32
+    info = manifest["info"]
+    assert (info["latent_channels"], info["latent_size"]) == (4, 8)
+    assert (info["text_seq_len"], info["text_dim"], info["flip"]) == (16, 32, True)
+    assert info["scaling_factor"] == pytest.approx(0.18215)
+    assert counts["images_per_second"] > 0
+
+
+def test_rows_pair_latents_with_their_own_captions(setup):
+    """Shuffled by a DataLoader and by the shard sampler, every row is still its own sample."""
+    workdir, config, upstream, manifest = setup
+    vae, tokenizer, text_encoder = encoders(workdir, config, upstream, manifest)
+    by_id = {r["id"]: r for r in samples()}
+    data = CachedLatents(workdir, manifest)
+    loader = torch.utils.data.DataLoader(data, batch_size=3, shuffle=True, collate_fn=list)
+    seen = []
+    with torch.no_grad():
+        for batch in loader:
+            pixels = torch.stack(
+                [models.image_to_tensor(by_id[r["id"]]["image"], 32) for r in batch]
+            )
+            mean, std = models.encode_images(vae, pixels)
+            flip_mean, _ = models.encode_images(vae, torch.flip(pixels, dims=[-1]))
+            captions = [by_id[r["id"]]["caption"] for r in batch]
+            text = models.encode_prompts(tokenizer, text_encoder, captions)
+            for k, row in enumerate(batch):
+                torch.testing.assert_close(row["mean"], mean[k], atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(row["std"], std[k], atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(row["mean_flip"], flip_mean[k], atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(row["text"], text[k], atol=1e-5, rtol=1e-4)
+                seen.append(row["id"])
+    assert sorted(seen) == sorted(data[i]["id"] for i in range(len(data)))
+    sampler = ShardShuffleSampler(data.shard_ranges(), seed=1)
+    assert sorted(sampler) == list(range(len(data)))
+    first = list(sampler)
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+    # flipped latents differ from the plain ones: the images are not symmetric
+    assert not torch.allclose(data[0]["mean"], data[0]["mean_flip"])
+
+
+def test_scratch_text_encoder_and_empty_prompt(setup):
+    workdir, config, upstream, manifest = setup
+    base = output_dir(workdir, manifest)
+    assert manifest["files"]["tokenizer"] == "tokenizer"
+    assert manifest["files"]["text_encoder"] == "text_encoder"
+    assert list((base / "text_encoder").glob("*.safetensors"))
+    _, tokenizer, text_encoder = encoders(workdir, config, upstream, manifest)
+    assert tokenizer.model_max_length == 16
+    assert text_encoder.config.vocab_size == len(tokenizer)
+    empty = load_empty_prompt(workdir, manifest)
+    assert empty.shape == (16, 32)
+    with torch.no_grad():
+        expected = models.encode_prompts(tokenizer, text_encoder, [""])[0]
+    torch.testing.assert_close(empty, expected)
+    # the seeded random encoder still tells different captions apart
+    data = CachedLatents(workdir, manifest)
+    assert not torch.allclose(data[0]["text"], data[1]["text"])
+
+
+def test_same_inputs_reuse_and_changed_encoders_or_resolution_re_encode(setup):
+    workdir, config, upstream, manifest = setup
+    again = cache_latents(config, upstream, str(workdir))
+    assert again["reused"] and again["key"] == manifest["key"]
+    other_vae = {**upstream, "autoencoder": autoencoder_stage(workdir, config.model, seed=1)}
+    swapped = cache_latents(config, other_vae, str(workdir))
+    assert not swapped["reused"] and swapped["key"] != manifest["key"]
+    first, second = CachedLatents(workdir, manifest), CachedLatents(workdir, swapped)
+    assert first[0]["id"] == second[0]["id"]
+    assert not torch.allclose(first[0]["mean"], second[0]["mean"])
+    bigger = config.model_copy(deep=True)
+    bigger.download.resolution = 64
+    assert latents_key(bigger, upstream) != manifest["key"]
+    seeded = config.model_copy(deep=True)
+    seeded.model.seed = 3  # a different scratch text encoder
+    assert latents_key(seeded, upstream) != manifest["key"]
+    fewer = config.model_copy(deep=True)
+    fewer.eval.held_out_fraction = 0.5
+    assert latents_key(fewer, upstream) != manifest["key"]
+
+
+def test_vae_directory_weights_decide_the_key(setup, tmp_path):
+    workdir, config, upstream, _ = setup
+    for seed in (0, 1):
+        vae = models.build_vae(config.model.model_copy(update={"seed": seed}))
+        models.save_component(vae, tmp_path / f"vae{seed}")
+    keys = []
+    for seed in (0, 1):
+        own = config.model_copy(deep=True)
+        own.model.vae = str(tmp_path / f"vae{seed}")
+        keys.append(latents_key(own, {"caption": upstream["caption"], "autoencoder": None}))
+    assert keys[0] != keys[1]
+
+
+def test_pretrained_encoders_come_from_the_pipeline(setup, tmp_path):
+    workdir, config, upstream, _ = setup
+    tokenizer = models.train_tokenizer(
+        [r["caption"] for r in samples()], config.model, tmp_path / "t"
+    )
+    sources = models.component_sources(config, upstream, str(workdir))
+    models.save_pipeline(
+        tmp_path / "sd",
+        unet=models.build_unet(config.model),
+        vae=models.build_vae(config.model),
+        text_encoder=models.build_text_encoder(config.model, len(tokenizer)),
+        tokenizer=tokenizer,
+        scheduler=models.noise_scheduler(config, sources),
+    )
+    pretrained = config.model_copy(deep=True)
+    pretrained.model = pretrained.model.model_copy(
+        update={"init": "pretrained", "pretrained": str(tmp_path / "sd")}
+    )
+    caption_only = {"caption": upstream["caption"], "autoencoder": None}
+    manifest = cache_latents(pretrained, caption_only, str(workdir))
+    assert "tokenizer" not in manifest["files"] and "text_encoder" not in manifest["files"]
+    assert manifest["counts"]["encoded"] == len(training_ids(0.25)) - 1
+    # new text-encoder weights in the same directory: a new key, nothing stale reused
+    text = CLIPTextModel.from_pretrained(tmp_path / "sd" / "text_encoder")
+    with torch.no_grad():
+        text.final_layer_norm.bias.add_(1.0)
+    models.save_component(text, tmp_path / "sd" / "text_encoder")
+    assert latents_key(pretrained, caption_only) != manifest["key"]
+
+
+RESUME_SCRIPT = """
+import json, sys, time
+import tasks.latents as stage
+from sdflow.config import RunConfig
+encode = stage._encode_shard
+def slow(*args):  # one shard, then a pause long enough to be killed in
+    encode(*args)
+    time.sleep(60)
+stage._encode_shard = slow
+config = RunConfig.model_validate_json(open(sys.argv[1]).read())
+stage.cache_latents(config, json.load(open(sys.argv[2])), sys.argv[3])
+"""
+
+
+def test_resume_after_kill_keeps_finished_shards(setup, tmp_path):
+    workdir, config, upstream, _ = setup
+    config = config.model_copy(deep=True)
+    config.latents.shard_size = 4  # a key of its own: this build starts from nothing
+    key = latents_key(config, upstream)
+    partial = stage_dir(workdir, "latents", key).with_name(f".{key}.partial")
+    (tmp_path / "config.json").write_text(config.model_dump_json())
+    (tmp_path / "upstream.json").write_text(json.dumps(upstream))
+    args = [sys.executable, "-c", RESUME_SCRIPT, str(tmp_path / "config.json")]
+    args += [str(tmp_path / "upstream.json"), str(workdir)]
+    process = subprocess.Popen(args, cwd=Path(__file__).resolve().parents[2])
+    first = partial / "latents-00000.safetensors"
+    deadline = time.monotonic() + 120
+    while not first.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert first.exists(), "the subprocess never finished its first shard"
+    assert not (partial / "latents-00001.safetensors").exists()
+    stamp = first.stat().st_mtime_ns, first.stat().st_ino
+    manifest = cache_latents(config, upstream, str(workdir))
+    kept = output_dir(workdir, manifest) / "latents-00000.safetensors"
+    assert (kept.stat().st_mtime_ns, kept.stat().st_ino) == stamp  # not encoded again
+    assert manifest["counts"]["encoded"] == len(training_ids(0.25)) - 1
+    assert len(CachedLatents(workdir, manifest)) == manifest["counts"]["encoded"]
+
+
+def test_half_precision_without_flip(setup):
+    workdir, config, upstream, _ = setup
+    half = config.model_copy(deep=True)
+    half.latents.flip, half.latents.dtype, half.latents.mixed_precision = False, "float16", "bf16"
+    manifest = cache_latents(half, upstream, str(workdir))
+    assert manifest["info"]["flip"] is False and manifest["info"]["dtype"] == "float16"
+    row = CachedLatents(workdir, manifest)[0]
+    assert row["mean_flip"] is None and row["std_flip"] is None
+    assert row["mean"].dtype == row["text"].dtype == torch.float16
+    assert torch.isfinite(row["mean"]).all() and (row["std"] > 0).all()
+
+
+def test_non_finite_encodings_become_failures(setup, monkeypatch):
+    """A row whose encoding is NaN (e.g. an fp16 VAE overflow) is reported, never cached."""
+    workdir, config, upstream, _ = setup
+    poisoned = samples()[0]
+    assert not is_held_out(poisoned["id"], 0.25)
+    target = models.image_to_tensor(poisoned["image"], 32)
+
+    def encode_with_nan(vae, pixels):
+        mean, std = models.encode_images(vae, pixels)
+        hit = (pixels == target).flatten(1).all(1)
+        return torch.where(hit[:, None, None, None], torch.nan, mean), std
+
+    monkeypatch.setattr("tasks.latents.encode_images", encode_with_nan)
+    other = config.model_copy(deep=True)
+    other.latents.batch_size = 3  # a key of its own
+    manifest = cache_latents(other, upstream, str(workdir))
+    failures = read_failures(workdir, manifest)
+    reasons = dict(zip(failures["id"].to_pylist(), failures["reason"].to_pylist(), strict=True))
+    assert reasons == {poisoned["id"]: "non_finite_latent", BROKEN: "undecodable_image"}
+    data = CachedLatents(workdir, manifest)
+    assert poisoned["id"] not in {data[i]["id"] for i in range(len(data))}
+    assert manifest["counts"]["encoded"] == len(training_ids(0.25)) - 2
