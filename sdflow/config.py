@@ -6,11 +6,14 @@ YAML profiles in `profiles/` map onto `RunConfig` 1:1; `sdflow.profiles` loads t
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-Precision = Literal["no", "fp16", "bf16"]
+# YAML reads a bare `no` as False; accept it as the "no" it means.
+Precision = Annotated[
+    Literal["no", "fp16", "bf16"], BeforeValidator(lambda v: "no" if v is False else v)
+]
 
 
 class Section(BaseModel):

@@ -1,0 +1,400 @@
+"""The UNet training loop: from scratch, full fine-tune or LoRA, with exact resume.
+
+`train_unet(config, upstream, workdir, out_dir)` is a plain function with no Prefect inside: the train
+stage calls it in-process, and `accelerate launch -m sdflow.training spec.json` runs the same loop
+(spec.json: {"config", "upstream", "workdir", "out_dir"}). It reads the latents stage's cached latents
+and text embeddings (`train.cache_latents: false` encodes images and captions at every step instead,
+for comparison), and checkpoints into `out_dir/checkpoints` every `train.checkpoint_every` steps.
+
+Exact resume: one torch.Generator (seeded by `train.seed`) draws everything random in the order
+written in `diffusion_loss`, and the data order is a function of (seed, epoch) and the step alone
+(`StepBatches`). A checkpoint holds that generator's state with the weights, optimizer, lr schedule
+and EMA, so a run killed at any point and resumed reaches the same weights as one never interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import ProjectConfiguration
+from diffusers import UNet2DConditionModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel, cast_training_params, compute_snr
+from peft import LoraConfig
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from sdflow.checkpoints import load_checkpoint, load_latest, save_checkpoint
+from sdflow.config import RunConfig, TrainConfig
+from sdflow.errors import UserError
+from sdflow.models import (
+    ComponentSources,
+    build_unet,
+    component_sources,
+    load_component,
+)
+from sdflow.models import noise_scheduler as make_noise_scheduler
+from sdflow.schedules import StepBatches, collate, make_batches
+from sdflow.stageio import Manifest
+
+CHECKPOINTS = "checkpoints"
+LOGS = "logs"
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+log = logging.getLogger("sdflow.train")
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint (JSON), so the loss curve survives resume."""
+
+    step: int = 0
+    samples_seen: int = 0
+    seconds: float = 0.0  # training time summed over all attempts (no start-up, no checkpointing)
+    history: list[list[float]] = field(default_factory=list)  # [step, loss, lr] per step
+
+
+@dataclass
+class TrainSummary:
+    steps: int
+    samples_seen: int
+    trainable_params: int
+    final_loss: float
+    samples_per_second: float
+    resumed_from: int
+    history: list[list[float]]
+
+
+@dataclass
+class Trainer:
+    """The live objects of one training run; `state()` / `restore()` are its checkpoint."""
+
+    accelerator: Accelerator
+    train: TrainConfig
+    unet: torch.nn.Module
+    params: list[torch.nn.Parameter]  # the trained ones: all, or only LoRA's
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    ema: EMAModel | None
+    generator: torch.Generator  # the one source of randomness of the loop
+    progress: Progress
+
+
+def train_unet(
+    config: RunConfig, upstream: dict[str, Manifest | None], workdir: str, out_dir: str | Path
+) -> TrainSummary:
+    """Train to `train.max_steps`, resuming from the newest checkpoint in `out_dir/checkpoints`."""
+    out_dir = Path(out_dir)
+    accelerator = make_accelerator(config.train, out_dir)
+    sources = component_sources(config, upstream, workdir)
+    trainer = make_trainer(accelerator, config, sources)
+    found = load_latest(out_dir / CHECKPOINTS)
+    if found:
+        restore(trainer, found[1])
+        log.info("Resuming training from the checkpoint of step %d", trainer.progress.step)
+    resumed_from = trainer.progress.step
+    trainer.unet, trainer.optimizer = accelerator.prepare(trainer.unet, trainer.optimizer)
+    if trainer.ema:
+        trainer.ema.to(accelerator.device)
+    dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
+    source = make_batches(config, upstream, workdir, sources, accelerator.device, dtype)
+    fit(trainer, source, make_noise_scheduler(config, sources), out_dir / CHECKPOINTS)
+    accelerator.end_training()
+    return summarize(trainer, resumed_from)
+
+
+def make_trainer(accelerator: Accelerator, config: RunConfig, sources) -> Trainer:
+    train = config.train
+    unet = build_trainable_unet(config, sources, WEIGHT_DTYPES[accelerator.mixed_precision])
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.adam_weight_decay)
+    lr_scheduler = get_scheduler(
+        train.lr_scheduler,
+        optimizer,
+        num_warmup_steps=train.warmup_steps,
+        num_training_steps=train.max_steps,
+    )
+    ema = EMAModel(params, decay=train.ema_decay) if train.ema else None
+    generator = torch.Generator().manual_seed(train.seed + accelerator.process_index)
+    return Trainer(
+        accelerator, train, unet, params, optimizer, lr_scheduler, ema, generator, Progress()
+    )
+
+
+def fit(trainer: Trainer, source, scheduler, checkpoints: Path) -> None:
+    """The loop: one optimizer step per iteration, a checkpoint every `checkpoint_every` steps."""
+    train, progress, accelerator = trainer.train, trainer.progress, trainer.accelerator
+    per_step = train.batch_size * train.gradient_accumulation * accelerator.num_processes
+    sampler = StepBatches(
+        source.order(train.seed),
+        train.batch_size,
+        start=progress.step * train.gradient_accumulation,
+        stop=train.max_steps * train.gradient_accumulation,
+        world=accelerator.num_processes,
+        rank=accelerator.process_index,
+    )
+    loader = DataLoader(
+        source.dataset, batch_sampler=sampler, collate_fn=collate, num_workers=train.data_workers
+    )
+    batches = iter(loader)
+    trainer.unet.train()
+    while progress.step < train.max_steps:
+        started = time.monotonic()
+        lr = trainer.lr_scheduler.get_last_lr()[0]
+        loss = run_step(trainer, source, scheduler, batches)
+        progress.step += 1
+        progress.samples_seen += per_step
+        progress.seconds += time.monotonic() - started
+        progress.history.append([progress.step, loss, lr])
+        if progress.step % train.log_every == 0 or progress.step == train.max_steps:
+            accelerator.log({"loss": loss, "lr": lr}, step=progress.step)
+            log.info("step %d/%d loss %.5f lr %.3g", progress.step, train.max_steps, loss, lr)
+        if progress.step % train.checkpoint_every == 0 or progress.step == train.max_steps:
+            save(trainer, checkpoints)
+
+
+def run_step(trainer: Trainer, source, scheduler, batches) -> float:
+    """One optimizer step over `gradient_accumulation` micro-batches; returns the mean loss."""
+    accelerator, train = trainer.accelerator, trainer.train
+    total = torch.zeros(())
+    for _ in range(train.gradient_accumulation):
+        batch = next(batches)
+        with accelerator.accumulate(trainer.unet):
+            loss = diffusion_loss(
+                trainer.unet, scheduler, source, batch, trainer.generator, train, accelerator.device
+            )
+            accelerator.backward(loss)  # divides by gradient_accumulation
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(trainer.params, train.max_grad_norm)
+            trainer.optimizer.step()  # a no-op until the last micro-batch
+            trainer.optimizer.zero_grad(set_to_none=True)
+        total += loss.detach().float().cpu()
+    trainer.lr_scheduler.step()
+    if trainer.ema:
+        trainer.ema.step(trainer.params)
+    mean = accelerator.reduce(total.to(accelerator.device) / train.gradient_accumulation, "mean")
+    return float(mean)
+
+
+def diffusion_loss(unet, scheduler, source, batch, generator, train: TrainConfig, device) -> Tensor:
+    """The diffusion training step written out; every random draw comes from `generator`, in order."""
+    size = len(batch["id"])
+    flip = (torch.rand(size, generator=generator) < 0.5) & train.use_flipped
+    drop = torch.rand(size, generator=generator) < train.caption_dropout
+    mean, std = source.latent_dist(batch, flip)
+    # A fresh sample from the VAE's latent distribution each step, as if the image were re-encoded.
+    sample = torch.randn(mean.shape, generator=generator)
+    latents = (mean.float() + std.float() * sample) * source.scaling_factor
+    noise = torch.randn(latents.shape, generator=generator)
+    if train.noise_offset:
+        # Offset noise lets the model change an image's mean brightness:
+        # https://www.crosslabs.org/blog/diffusion-with-offset-noise
+        offset = torch.randn((size, latents.shape[1], 1, 1), generator=generator)
+        noise = noise + train.noise_offset * offset
+    steps = scheduler.config.num_train_timesteps
+    timesteps = torch.randint(0, steps, (size,), generator=generator)
+    text = torch.where(drop[:, None, None], source.empty_prompt, source.text(batch).cpu())
+    latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    if scheduler.config.prediction_type == "epsilon":
+        target = noise
+    else:  # v_prediction (Salimans & Ho 2022, https://arxiv.org/abs/2202.00512)
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    pred = unet(noisy, timesteps, text.to(device)).sample
+    return weighted_mse(pred.float(), target.float(), scheduler, timesteps, train.snr_gamma)
+
+
+def weighted_mse(pred, target, scheduler, timesteps, snr_gamma: float | None) -> Tensor:
+    """MSE, optionally with min-SNR-gamma weights (Hang et al. 2023, arXiv 2303.09556)."""
+    if snr_gamma is None:
+        return F.mse_loss(pred, target)
+    snr = compute_snr(scheduler, timesteps)
+    clipped = torch.clamp(snr, max=snr_gamma)
+    # The paper's weight min(snr, gamma) is for predicting x0; predicting eps divides by snr, and
+    # predicting v (whose loss is (snr + 1) times the x0 loss) divides by snr + 1.
+    if scheduler.config.prediction_type == "v_prediction":
+        weights = clipped / (snr + 1)
+    else:
+        weights = clipped / snr
+    per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
+    return (per_sample * weights).mean()
+
+
+# ------------------------------------------------------------------------------------------ setup
+
+
+def make_accelerator(train: TrainConfig, out_dir: Path) -> Accelerator:
+    project = ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / LOGS))
+    options = dict(
+        mixed_precision=train.mixed_precision,
+        gradient_accumulation_steps=train.gradient_accumulation,
+        log_with="tensorboard",
+        project_config=project,
+    )
+    try:
+        accelerator = Accelerator(**options)
+    except ValueError:
+        # An earlier in-process run fixed another mixed precision; only a single process resets it.
+        if AcceleratorState().num_processes > 1:
+            raise
+        AcceleratorState._reset_state()
+        accelerator = Accelerator(**options)
+    accelerator.init_trackers("train", config=tracker_config(train))
+    return accelerator
+
+
+def tracker_config(train: TrainConfig) -> dict[str, Any]:
+    """Scalar hyper-parameters for TensorBoard's hparams view."""
+    values = train.model_dump()
+    return {k: v for k, v in values.items() if isinstance(v, int | float | str | bool)}
+
+
+def build_trainable_unet(
+    config: RunConfig, sources: ComponentSources, weight_dtype: torch.dtype = torch.float32
+) -> UNet2DConditionModel:
+    """The UNet with exactly the trained parameters requiring grad (all, or only LoRA's)."""
+    train = config.train
+    if sources.unet is None:
+        unet = build_unet(config.model)
+    else:
+        unet = load_component(
+            sources.unet, sources.unet_subfolder, UNet2DConditionModel, config.model
+        )
+    if train.mode == "lora":
+        unet.requires_grad_(False)
+        unet.to(dtype=weight_dtype)  # frozen weights in the compute dtype; LoRA weights stay fp32
+        add_lora(unet, train)
+        cast_training_params(unet, dtype=torch.float32)
+    if train.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    return unet
+
+
+def add_lora(unet: UNet2DConditionModel, train: TrainConfig) -> None:
+    lora = LoraConfig(
+        r=train.lora_rank,
+        lora_alpha=train.lora_alpha or train.lora_rank,
+        init_lora_weights="gaussian",
+        target_modules=list(train.lora_targets),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(train.seed)  # LoRA's random init must not depend on the global RNG
+        try:
+            unet.add_adapter(lora)
+        except ValueError as exc:
+            raise UserError(
+                f"train.lora_targets {train.lora_targets} matched no UNet layer ({exc}). Use "
+                "attention projection names such as to_q, to_k, to_v, to_out.0."
+            ) from None
+
+
+# ------------------------------------------------------------------------------- state, summary
+
+
+def state(trainer: Trainer, generators: Tensor) -> dict[str, Any]:
+    """Everything a resumed run needs; only the trained parameters (all, or LoRA's) are saved.
+
+    `generators` stacks every process's generator state (row = process index).
+    """
+    unet = trainer.accelerator.unwrap_model(trainer.unet)
+    values = {
+        "model": {n: p for n, p in unet.named_parameters() if p.requires_grad},
+        "optimizer": trainer.optimizer.state_dict(),
+        "lr_scheduler": trainer.lr_scheduler.state_dict(),
+        "rng": {"generators": generators, "torch": torch.get_rng_state()},
+        "progress": asdict(trainer.progress),
+    }
+    if trainer.ema:
+        values["ema"] = trainer.ema.state_dict()
+    if trainer.accelerator.scaler is not None:  # fp16 loss scale and its growth counter
+        values["grad_scaler"] = trainer.accelerator.scaler.state_dict()
+    return values
+
+
+def restore(trainer: Trainer, values: dict[str, Any]) -> None:
+    """Load a checkpoint into the freshly built trainer (before `accelerator.prepare`)."""
+    load_trained_weights(trainer.unet, values["model"])
+    trainer.optimizer.load_state_dict(values["optimizer"])  # after the scheduler set initial_lr
+    trainer.lr_scheduler.load_state_dict(values["lr_scheduler"])
+    if trainer.ema:
+        trainer.ema.load_state_dict(values["ema"])
+    if trainer.accelerator.scaler is not None and "grad_scaler" in values:
+        trainer.accelerator.scaler.load_state_dict(values["grad_scaler"])
+    trainer.generator.set_state(values["rng"]["generators"][trainer.accelerator.process_index])
+    torch.set_rng_state(values["rng"]["torch"])
+    trainer.progress = Progress(**values["progress"])
+
+
+def load_trained_weights(unet: torch.nn.Module, weights: dict[str, Tensor]) -> None:
+    trained = {n for n, p in unet.named_parameters() if p.requires_grad}
+    result = unet.load_state_dict(weights, strict=False)
+    missing = trained & set(result.missing_keys)
+    if missing or result.unexpected_keys:
+        raise UserError(
+            f"The checkpoint does not fit this UNet: {len(missing)} trained weights missing, "
+            f"{len(result.unexpected_keys)} unexpected (e.g. {sorted(missing)[:1]}"
+            f"{result.unexpected_keys[:1]}). Was the checkpoint made with another config?"
+        )
+
+
+def save(trainer: Trainer, checkpoints: Path) -> None:
+    """The main process writes; the other processes only contribute their generator states."""
+    accelerator = trainer.accelerator
+    own = trainer.generator.get_state()[None].to(accelerator.device)
+    generators = accelerator.gather(own).cpu()
+    if accelerator.is_main_process:
+        step = trainer.progress.step
+        values = state(trainer, generators)
+        save_checkpoint(checkpoints, step, values, keep=trainer.train.keep_checkpoints)
+        log.info("Saved checkpoint of step %d", step)
+    accelerator.wait_for_everyone()
+
+
+def trained_unet(config: RunConfig, sources: ComponentSources, checkpoint: Path):
+    """The final UNet (fp32, CPU) from a checkpoint directory, with EMA weights when `train.ema`."""
+    unet = build_trainable_unet(config, sources)
+    _, values = load_checkpoint(checkpoint)
+    load_trained_weights(unet, values["model"])
+    if config.train.ema:
+        params = [p for p in unet.parameters() if p.requires_grad]
+        ema = EMAModel(params, decay=config.train.ema_decay)
+        ema.load_state_dict(values["ema"])
+        ema.copy_to(params)
+    return unet.eval()
+
+
+def summarize(trainer: Trainer, resumed_from: int) -> TrainSummary:
+    """Final loss = mean over the last `log_every` steps (one step's loss is too noisy)."""
+    progress = trainer.progress
+    window = [loss for _, loss, _ in progress.history[-trainer.train.log_every :]]
+    return TrainSummary(
+        steps=progress.step,
+        samples_seen=progress.samples_seen,
+        trainable_params=sum(p.numel() for p in trainer.params),
+        final_loss=sum(window) / max(1, len(window)),
+        samples_per_second=progress.samples_seen / progress.seconds if progress.seconds else 0.0,
+        resumed_from=resumed_from,
+        history=progress.history,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point for `accelerate launch -m sdflow.training spec.json`."""
+    args = sys.argv[1:] if argv is None else argv
+    spec = json.loads(Path(args[0]).read_text())
+    config = RunConfig.model_validate(spec["config"])
+    train_unet(config, spec["upstream"], spec["workdir"], spec["out_dir"])
+
+
+if __name__ == "__main__":
+    main()

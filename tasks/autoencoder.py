@@ -1,0 +1,208 @@
+"""Autoencoder stage: train the VAE from scratch on the training images (when no VAE is given).
+
+Run it with `sdflow run scratch-small --only autoencoder`; it runs only when `config.needs_autoencoder()`
+(model.init scratch and no model.vae). The loss is the reconstruction MSE (+ `l1_weight` * L1) plus
+`kl_weight` * KL of the latent distribution, on a fresh latent sample each step. Checkpoints go into
+the stage's partial directory every `autoencoder.checkpoint_every` steps, so a retry resumes there
+and reaches the same weights. Output `vae/` (diffusers AutoencoderKL, safetensors) with
+`scaling_factor` = 1 / std of the latent means of training images, so latents have unit variance
+(SD's 0.18215 was found the same way); info `held_out_mse` is the reconstruction error on held-out
+images (`eval.held_out_fraction`), which are never trained on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from itertools import islice
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from sdflow.checkpoints import load_latest, prune_checkpoints, save_checkpoint
+from sdflow.config import AutoencoderConfig, RunConfig
+from sdflow.errors import UserError
+from sdflow.fingerprint import code_version
+from sdflow.latent_data import CaptionedImages
+from sdflow.models import build_vae, image_to_tensor, save_component
+from sdflow.orchestration import stage_task
+from sdflow.schedules import EpochOrder, StepBatches, collate
+from sdflow.splits import is_held_out
+from sdflow.stageio import Manifest, StageBuild, build_stage, read_shards, stage_key
+
+CHECKPOINTS = "checkpoints"
+log = logging.getLogger("sdflow.autoencoder")
+
+
+def autoencoder_key(config: RunConfig, upstream: dict[str, Manifest | None]) -> str:
+    settings = {
+        "autoencoder": config.autoencoder.model_dump(),
+        "vae": config.model.model_dump(include={"vae_config", "seed"}),
+        "resolution": config.download.resolution,
+        "held_out_fraction": config.eval.held_out_fraction,
+    }
+    return stage_key("autoencoder", settings, [upstream.get("caption")], code_version(__name__))
+
+
+def train_autoencoder(
+    config: RunConfig, upstream: dict[str, Manifest | None], workdir: str
+) -> Manifest:
+    key = autoencoder_key(config, upstream)
+    return build_stage(workdir, "autoencoder", key, lambda b: _build(b, config, upstream, workdir))
+
+
+train_autoencoder_task = stage_task("autoencoder", autoencoder_key)(train_autoencoder)
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)
+
+
+def _build(
+    build: StageBuild, config: RunConfig, upstream: dict[str, Manifest | None], workdir: str
+) -> Manifest:
+    caption = upstream.get("caption")
+    if not caption:
+        raise UserError("The autoencoder stage needs the caption stage's output; run it first.")
+    images = CaptionedImages(
+        workdir, caption, config.download.resolution, config.eval.held_out_fraction
+    )
+    if len(images) == 0:
+        raise UserError(
+            "No training images for the autoencoder: every captioned sample is held out "
+            f"(eval.held_out_fraction = {config.eval.held_out_fraction})."
+        )
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    vae = build_vae(config.model).to(device)
+    root = build.path / CHECKPOINTS
+    progress = fit_vae(vae, images, config.autoencoder, root, config.train.keep_checkpoints)
+    vae.eval()
+    held_out = held_out_batches(workdir, caption, config)
+    held_out_mse, held_out_count = reconstruction_mse(vae, held_out)
+    scaling = latent_scaling(vae, images, config.autoencoder)
+    vae.register_to_config(scaling_factor=scaling)
+    save_component(vae.to("cpu"), build.path / "vae")
+    prune_checkpoints(build.path / CHECKPOINTS, keep=1)
+    return build.finish(
+        counts={
+            "steps": progress.step,
+            "train_images": len(images),
+            "held_out_images": held_out_count,
+        },
+        files={"vae": "vae", "checkpoints": CHECKPOINTS},
+        info={
+            "held_out_mse": held_out_mse,
+            "scaling_factor": scaling,
+            "seconds_training": round(progress.seconds, 3),
+            "final_loss": progress.losses[-1] if progress.losses else None,
+        },
+    )
+
+
+def fit_vae(
+    vae: AutoencoderKL, images: CaptionedImages, ae: AutoencoderConfig, root: Path, keep: int
+) -> Progress:
+    """Train to `ae.steps`, resuming from the newest checkpoint under `root`."""
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=ae.lr)
+    generator = torch.Generator().manual_seed(ae.seed)
+    progress = Progress()
+    found = load_latest(root)
+    if found:
+        _, state = found
+        vae.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["rng"]["generator"])
+        progress = Progress(**state["progress"])
+        log.info("Resuming autoencoder training from the checkpoint of step %d", progress.step)
+    order = EpochOrder(images.shard_ranges(), ae.seed)
+    sampler = StepBatches(order, ae.batch_size, start=progress.step, stop=ae.steps)
+    device = next(vae.parameters()).device
+    vae.train()
+    for batch in DataLoader(images, batch_sampler=sampler, collate_fn=collate):
+        started = time.monotonic()
+        loss = vae_loss(vae, batch["pixels"].to(device), generator, ae)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        progress.step += 1
+        progress.losses.append(float(loss.detach()))
+        progress.seconds += time.monotonic() - started
+        if progress.step % ae.checkpoint_every == 0 or progress.step == ae.steps:
+            state = {
+                "model": vae.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "rng": {"generator": generator.get_state()},
+                "progress": asdict(progress),
+            }
+            save_checkpoint(root, progress.step, state, keep=keep)
+            log.info("autoencoder step %d/%d loss %.5f", progress.step, ae.steps, loss.item())
+    return progress
+
+
+def vae_loss(vae: AutoencoderKL, pixels: Tensor, generator: torch.Generator, ae) -> Tensor:
+    """Reconstruction of a latent sample (reparameterised) + kl_weight * KL to N(0, I)."""
+    posterior = vae.encode(pixels).latent_dist
+    noise = torch.randn(posterior.mean.shape, generator=generator).to(pixels.device)
+    latents = posterior.mean + posterior.std * noise
+    recon = vae.decode(latents).sample
+    loss = F.mse_loss(recon, pixels)
+    if ae.l1_weight:
+        loss = loss + ae.l1_weight * F.l1_loss(recon, pixels)
+    return loss + ae.kl_weight * posterior.kl().mean()
+
+
+def held_out_batches(workdir: str, caption: Manifest, config: RunConfig) -> Iterator[Tensor]:
+    """Up to `autoencoder.held_out` held-out images in [-1, 1], in batches."""
+    fraction, limit = config.eval.held_out_fraction, config.autoencoder.held_out
+
+    def images() -> Iterator[Tensor]:
+        for table in read_shards(workdir, caption, columns=["id", "image"]):
+            for sample_id, data in zip(
+                table["id"].to_pylist(), table["image"].to_pylist(), strict=True
+            ):
+                if is_held_out(sample_id, fraction):
+                    yield image_to_tensor(data, config.download.resolution)
+
+    stream = islice(images(), limit)
+    while batch := list(islice(stream, config.autoencoder.batch_size)):
+        yield torch.stack(batch)
+
+
+@torch.no_grad()
+def reconstruction_mse(vae: AutoencoderKL, batches: Iterator[Tensor]) -> tuple[float | None, int]:
+    """Mean squared error of decode(mean latent) against the image, over all pixels; None if none."""
+    device = next(vae.parameters()).device
+    total, count = 0.0, 0
+    for pixels in batches:
+        pixels = pixels.to(device)
+        recon = vae(pixels, sample_posterior=False).sample
+        total += F.mse_loss(recon, pixels, reduction="sum").item()
+        count += len(pixels)
+    if count == 0:
+        log.warning(
+            "No held-out images (eval.held_out_fraction is 0): held_out_mse is not measured"
+        )
+        return None, 0
+    return total / (count * pixels[0].numel()), count
+
+
+@torch.no_grad()
+def latent_scaling(vae: AutoencoderKL, images: CaptionedImages, ae: AutoencoderConfig) -> float:
+    """1 / std of the latent means of the first `scale_samples` training images."""
+    device = next(vae.parameters()).device
+    count = min(len(images), ae.scale_samples)
+    means = []
+    for start in range(0, count, ae.batch_size):
+        rows = [images[i]["pixels"] for i in range(start, min(count, start + ae.batch_size))]
+        means.append(vae.encode(torch.stack(rows).to(device)).latent_dist.mean.float().cpu())
+    std = torch.cat(means).std().item()
+    return 1.0 / std if std > 0 else 1.0

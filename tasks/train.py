@@ -1,0 +1,172 @@
+"""Train stage: the UNet trained on the cached latents, from scratch, fully fine-tuned, or with LoRA.
+
+Run it with `sdflow run tiny-cpu --only train`. The loop (`sdflow.training.train_unet`) checkpoints
+into the stage's partial directory, so a retried or rerun task resumes from the newest complete
+checkpoint and reaches the same weights as an uninterrupted run. Output: `pipeline/` (a diffusers
+StableDiffusionPipeline, EMA weights when `train.ema`) or, for LoRA, `lora/` (load it with
+`pipe.load_lora_weights`); `loss.png`, TensorBoard `logs/`, and the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+from diffusers import AutoencoderKL, StableDiffusionPipeline
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft.utils import get_peft_model_state_dict
+from PIL import Image, ImageDraw
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from sdflow.checkpoints import prune_checkpoints, step_name
+from sdflow.config import RunConfig
+from sdflow.fingerprint import code_version
+from sdflow.models import (
+    ComponentSources,
+    atomic_dir,
+    component_sources,
+    load_component,
+    noise_scheduler,
+    save_pipeline,
+    weights_hash,
+)
+from sdflow.orchestration import stage_task
+from sdflow.stageio import Manifest, StageBuild, build_stage, stage_key, write_atomic
+from sdflow.training import CHECKPOINTS, LOGS, TrainSummary, train_unet, trained_unet
+
+LOSS_CURVE = "loss.png"
+# Settings that change neither the weights nor the outputs: editing them never retrains.
+NOT_IN_KEY = {"data_workers", "keep_checkpoints", "checkpoint_every"}
+
+
+def train_key(config: RunConfig, upstream: dict[str, Manifest | None]) -> str:
+    model = config.model
+    settings: dict[str, Any] = {
+        "train": config.train.model_dump(exclude=NOT_IN_KEY),
+        "model": model.model_dump(),
+    }
+    if model.init == "pretrained":  # the UNet and scheduler weights come from here
+        settings["unet"] = weights_hash(model.pretrained, "unet", model.revision)
+        settings["scheduler"] = weights_hash(model.pretrained, "scheduler", model.revision)
+    inputs = [upstream.get("latents"), upstream.get("autoencoder")]
+    if not config.train.cache_latents:  # images and captions are read from the caption stage
+        settings["encode"] = [config.download.resolution, config.eval.held_out_fraction]
+        inputs.append(upstream.get("caption"))
+    return stage_key("train", settings, inputs, code_version(__name__))
+
+
+def train(config: RunConfig, upstream: dict[str, Manifest | None], workdir: str) -> Manifest:
+    key = train_key(config, upstream)
+    return build_stage(workdir, "train", key, lambda b: _build(b, config, upstream, workdir))
+
+
+train_task = stage_task("train", train_key)(train)
+
+
+def _build(
+    build: StageBuild, config: RunConfig, upstream: dict[str, Manifest | None], workdir: str
+) -> Manifest:
+    summary = train_unet(config, upstream, workdir, build.path)
+    checkpoints = build.path / CHECKPOINTS
+    prune_checkpoints(checkpoints, keep=1)  # the last one stays, for inspection or training on
+    sources = component_sources(config, upstream, workdir)
+    unet = trained_unet(config, sources, checkpoints / step_name(summary.steps))
+    if config.train.mode == "lora":
+        output = {"lora": _save_lora(unet, build.path / "lora")}
+    else:
+        output = {"pipeline": _save_full(unet, config, sources, build.path / "pipeline")}
+    write_atomic(build.path / LOSS_CURVE, draw_loss_curve(summary.history))
+    return build.finish(
+        counts={
+            "steps": summary.steps,
+            "samples_seen": summary.samples_seen,
+            "trainable_params": summary.trainable_params,
+        },
+        files={**output, "loss_curve": LOSS_CURVE, "logs": LOGS, "checkpoints": CHECKPOINTS},
+        info=_info(config, sources, summary),
+    )
+
+
+def _save_full(unet, config: RunConfig, sources: ComponentSources, out_dir: Path) -> str:
+    """The trained UNet with the run's VAE, text encoder, tokenizer and noise schedule."""
+    model = config.model
+    vae = load_component(sources.vae, sources.vae_subfolder, AutoencoderKL, model)
+    text_encoder = load_component(
+        sources.text_encoder, sources.text_encoder_subfolder, CLIPTextModel, model
+    )
+    tokenizer = load_component(sources.tokenizer, sources.tokenizer_subfolder, CLIPTokenizer, model)
+    scheduler = noise_scheduler(config, sources)
+    save_pipeline(out_dir, unet, vae, text_encoder, tokenizer, scheduler)
+    return out_dir.name
+
+
+def _save_lora(unet, out_dir: Path) -> str:
+    """`pytorch_lora_weights.safetensors` in the diffusers format that `load_lora_weights` reads."""
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    with atomic_dir(out_dir) as tmp:
+        StableDiffusionPipeline.save_lora_weights(
+            tmp, unet_lora_layers=layers, safe_serialization=True
+        )
+    return out_dir.name
+
+
+def _info(config: RunConfig, sources: ComponentSources, summary: TrainSummary) -> dict[str, Any]:
+    mode = "scratch" if sources.unet is None else config.train.mode
+    return {
+        "final_loss": summary.final_loss,
+        "mode": mode,
+        "prediction_type": config.train.prediction_type,
+        "samples_per_second": round(summary.samples_per_second, 3),
+        "base_model": config.model.pretrained,
+        "resumed_from_step": summary.resumed_from,
+    }
+
+
+# ------------------------------------------------------------------------------------ loss curve
+
+
+def draw_loss_curve(history: list[list[float]], size: tuple[int, int] = (640, 360)) -> bytes:
+    """PNG of the loss per step (grey) and its moving average (blue), with labelled axes."""
+    width, height = size
+    left, right, top, bottom = 64, 16, 28, 40
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((left, 8), "training loss", fill="black")
+    box = (left, top, width - right, height - bottom)
+    draw.rectangle(box, outline="black")
+    steps = [h[0] for h in history]
+    losses = [h[1] for h in history]
+    if losses:
+        low, high = min(losses), max(losses)
+        span = (high - low) or 1.0
+        first, last = steps[0], steps[-1]
+
+        def point(step: float, loss: float) -> tuple[float, float]:
+            x = box[0] + (box[2] - box[0]) * ((step - first) / ((last - first) or 1))
+            y = box[3] - (box[3] - box[1]) * ((loss - low) / span)
+            return x, y
+
+        draw.line([point(s, v) for s, v in zip(steps, losses, strict=True)], fill="#b0b0b0")
+        smooth = _moving_average(losses, max(1, len(losses) // 20))
+        draw.line(
+            [point(s, v) for s, v in zip(steps, smooth, strict=True)], fill="#1f5fbf", width=2
+        )
+        draw.text((4, box[1]), f"{high:.4g}", fill="black")
+        draw.text((4, box[3] - 10), f"{low:.4g}", fill="black")
+        draw.text((box[0], box[3] + 6), str(int(first)), fill="black")
+        draw.text((box[2] - 40, box[3] + 6), str(int(last)), fill="black")
+    draw.text(((box[0] + box[2]) // 2 - 12, height - 16), "step", fill="black")
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def _moving_average(values: list[float], window: int) -> list[float]:
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out

@@ -1,0 +1,143 @@
+"""Autoencoder stage: a scratch VAE trained on tiny caption shards, its scaling, held-out error, resume."""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file
+
+import tasks.autoencoder as autoencoder
+from sdflow.checkpoints import list_checkpoints
+from sdflow.models import image_to_tensor
+from sdflow.profiles import load_profile
+from sdflow.splits import is_held_out
+from sdflow.stageio import StageBuild, build_stage
+from tasks.autoencoder import train_autoencoder
+
+OVERRIDES = [
+    "autoencoder.steps=4",
+    "autoencoder.batch_size=4",
+    "autoencoder.checkpoint_every=2",
+    "autoencoder.held_out=50",
+    "eval.held_out_fraction=0.25",
+]
+COLORS = ["red", "green", "blue", "yellow", "white", "purple"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def shape_png(i: int) -> bytes:
+    image = Image.new("RGB", (32, 32), "black")
+    x = 4 + (i * 5) % 14
+    ImageDraw.Draw(image).ellipse((x, x, x + 12, x + 12), fill=COLORS[i % len(COLORS)])
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def make_captions(workdir: Path, count: int = 24, per_shard: int = 10) -> dict:
+    """A caption-stage output: shards of 32 px PNG shapes with captions."""
+
+    def work(build: StageBuild) -> dict:
+        names = []
+        for start in range(0, count, per_shard):
+            rows = range(start, min(count, start + per_shard))
+            table = pa.table(
+                {
+                    "id": [f"img-{i}" for i in rows],
+                    "image": [shape_png(i) for i in rows],
+                    "caption": [f"a {COLORS[i % len(COLORS)]} circle" for i in rows],
+                    "source": [f"fixture/{i}" for i in rows],
+                }
+            )
+            names.append(build.write_shard(len(names), table))
+        return build.finish(counts={"kept": count}, shards=names, files={"failures": "failures"})
+
+    return build_stage(workdir, "caption", "fixture", work)
+
+
+def test_autoencoder_writes_a_scaled_vae_and_held_out_error(tmp_path):
+    config = load_profile("tiny-test", OVERRIDES)
+    caption = make_captions(tmp_path)
+    manifest = train_autoencoder(config, {"caption": caption}, str(tmp_path))
+    out = tmp_path / manifest["path"]
+    ids = [f"img-{i}" for i in range(24)]
+    held = [i for i in ids if is_held_out(i, 0.25)]
+    assert 0 < len(held) < 24
+    assert manifest["counts"] == {
+        "steps": 4,
+        "train_images": 24 - len(held),
+        "held_out_images": len(held),
+    }
+    info = manifest["info"]
+    assert math.isfinite(info["held_out_mse"]) and info["held_out_mse"] > 0
+    assert list_checkpoints(out / "checkpoints") == [4]
+    vae = AutoencoderKL.from_pretrained(out / manifest["files"]["vae"])
+    assert vae.config.scaling_factor == pytest.approx(info["scaling_factor"])
+    # scaled latent means of the training images have unit standard deviation
+    pixels = torch.stack(
+        [image_to_tensor(shape_png(int(i.split("-")[1])), 32) for i in ids if i not in held]
+    )
+    with torch.no_grad():
+        means = vae.encode(pixels).latent_dist.mean
+    assert (means * vae.config.scaling_factor).std().item() == pytest.approx(1.0, rel=1e-3)
+    # the held-out error is that of this VAE on exactly the held-out images
+    held_pixels = torch.stack([image_to_tensor(shape_png(int(i.split("-")[1])), 32) for i in held])
+    with torch.no_grad():
+        recon = vae(held_pixels, sample_posterior=False).sample
+    expected = torch.nn.functional.mse_loss(recon, held_pixels).item()
+    assert info["held_out_mse"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_autoencoder_resumes_after_a_crash_to_the_same_weights(tmp_path, monkeypatch, caplog):
+    config = load_profile("tiny-test", OVERRIDES)
+    straight = train_autoencoder(
+        config, {"caption": make_captions(tmp_path / "a")}, str(tmp_path / "a")
+    )
+
+    workdir = tmp_path / "b"
+    caption = make_captions(workdir)
+    real = autoencoder.save_checkpoint
+
+    def save_then_crash(root, step, state, keep):
+        real(root, step, state, keep)
+        if step == 2:
+            raise OSError("disk went away")
+
+    monkeypatch.setattr(autoencoder, "save_checkpoint", save_then_crash)
+    with pytest.raises(OSError):
+        train_autoencoder(config, {"caption": caption}, str(workdir))
+    monkeypatch.setattr(autoencoder, "save_checkpoint", real)
+    with caplog.at_level(logging.INFO, logger="sdflow.autoencoder"):
+        resumed = train_autoencoder(config, {"caption": caption}, str(workdir))
+    assert "from the checkpoint of step 2" in caplog.text
+
+    weights = "vae/diffusion_pytorch_model.safetensors"
+    a = load_file(tmp_path / "a" / straight["path"] / weights)
+    b = load_file(workdir / resumed["path"] / weights)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert straight["info"]["held_out_mse"] == resumed["info"]["held_out_mse"]
+    assert straight["info"]["scaling_factor"] == resumed["info"]["scaling_factor"]
+
+
+def test_autoencoder_without_training_images_is_a_user_error(tmp_path):
+    from sdflow.errors import UserError
+
+    config = load_profile("tiny-test", [*OVERRIDES[:-1], "eval.held_out_fraction=0.999"])
+    caption = make_captions(tmp_path, count=3)
+    with pytest.raises(UserError, match="held out"):
+        train_autoencoder(config, {"caption": caption}, str(tmp_path))

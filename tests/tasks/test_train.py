@@ -1,0 +1,398 @@
+"""Train stage: scratch / full fine-tune / LoRA on a tiny latents fixture, crash and exact resume."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from diffusers import DDPMScheduler, StableDiffusionPipeline
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file
+
+from sdflow.checkpoints import list_checkpoints, load_checkpoint, load_latest
+from sdflow.errors import UserError
+from sdflow.latent_data import EMPTY_PROMPT, latent_shard_name, save_tensors, write_latent_shard
+from sdflow.models import (
+    build_text_encoder,
+    build_unet,
+    build_vae,
+    save_component,
+    save_pipeline,
+    train_tokenizer,
+)
+from sdflow.profiles import load_profile
+from sdflow.schedules import EpochOrder, StepBatches
+from sdflow.stageio import StageBuild, build_stage
+from tasks.train import train, train_key
+
+ROOT = Path(__file__).resolve().parents[2]
+CAPTIONS = ["a red circle", "a blue square", "a green triangle", "two red squares"]
+TINY = [
+    "train.max_steps=4",
+    "train.checkpoint_every=2",
+    "train.batch_size=4",
+    "train.log_every=1",
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Bitwise comparisons need the same CPU kernels in every run; one thread also keeps CPU low."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def components(tmp_path_factory) -> dict:
+    """Tiny tokenizer, text encoder and VAE saved to disk, and a from-scratch pipeline dir."""
+    root = tmp_path_factory.mktemp("components")
+    model = load_profile("tiny-test").model
+    tokenizer = train_tokenizer(CAPTIONS * 4, model, root / "tokenizer")
+    text_encoder = build_text_encoder(model, len(tokenizer))
+    save_component(text_encoder, root / "text_encoder")
+    vae = build_vae(model)
+    vae.register_to_config(scaling_factor=0.5)
+    save_component(vae, root / "vae")
+    scheduler = DDPMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        steps_offset=1,
+    )
+    save_pipeline(root / "base", build_unet(model), vae, text_encoder, tokenizer, scheduler)
+    return {"root": root, "tokenizer": tokenizer, "text_encoder": text_encoder}
+
+
+def make_latents(workdir: Path, components: dict, rows: tuple[int, ...] = (7, 5)) -> dict:
+    """A latents-stage output: random latent distributions, real caption embeddings, ids."""
+    generator = torch.Generator().manual_seed(0)
+    tokenizer, text_encoder = components["tokenizer"], components["text_encoder"]
+
+    def embed(prompts: list[str]) -> torch.Tensor:
+        ids = tokenizer(prompts, padding="max_length", max_length=16, truncation=True)
+        with torch.no_grad():
+            return text_encoder(torch.tensor(ids.input_ids))[0]
+
+    def work(build: StageBuild) -> dict:
+        names = []
+        for i, n in enumerate(rows):
+            shape = (n, 4, 8, 8)
+            tensors = {
+                "mean": torch.randn(shape, generator=generator),
+                "std": torch.rand(shape, generator=generator) * 0.1,
+                "mean_flip": torch.randn(shape, generator=generator),
+                "std_flip": torch.rand(shape, generator=generator) * 0.1,
+                "text": embed([CAPTIONS[(i + j) % 4] for j in range(n)]),
+            }
+            names.append(latent_shard_name(i))
+            write_latent_shard(build.path / names[-1], tensors, [f"s{i}-{j}" for j in range(n)])
+        save_tensors(build.path / EMPTY_PROMPT, {"text": embed([""])[0]}, {})
+        for part in ("tokenizer", "text_encoder"):
+            (build.path / part).symlink_to(components["root"] / part)
+        return build.finish(
+            counts={"encoded": sum(rows)},
+            shards=names,
+            files={
+                "empty_prompt": EMPTY_PROMPT,
+                "tokenizer": "tokenizer",
+                "text_encoder": "text_encoder",
+            },
+            info={"scaling_factor": 0.5, "rows_per_shard": list(rows)},
+        )
+
+    return build_stage(workdir, "latents", "fixture", work)
+
+
+def make_captions(workdir: Path, count: int = 12) -> dict:
+    """A caption-stage output (for `train.cache_latents: false`): 32 px PNG shapes, captions."""
+
+    def png(i: int) -> bytes:
+        image = Image.new("RGB", (32, 32), "black")
+        ImageDraw.Draw(image).rectangle((i, 4, i + 12, 20), fill=("red", "blue")[i % 2])
+        out = io.BytesIO()
+        image.save(out, format="PNG")
+        return out.getvalue()
+
+    def work(build: StageBuild) -> dict:
+        table = pa.table(
+            {
+                "id": [f"img-{i}" for i in range(count)],
+                "image": [png(i) for i in range(count)],
+                "caption": [CAPTIONS[i % 4] for i in range(count)],
+            }
+        )
+        return build.finish(counts={"kept": count}, shards=[build.write_shard(0, table)])
+
+    return build_stage(workdir, "caption", "fixture", work)
+
+
+def scratch_config(components: dict, *overrides: str):
+    vae = components["root"] / "vae"
+    return load_profile("tiny-test", [f"model.vae={vae}", *TINY, *overrides])
+
+
+def pretrained_config(components: dict, *overrides: str):
+    base = components["root"] / "base"
+    options = ["model.init=pretrained", f"model.pretrained={base}", *TINY, *overrides]
+    return load_profile("tiny-test", options)
+
+
+def run_train(config, workdir: Path, components: dict, upstream_extra: dict | None = None):
+    upstream = {"latents": make_latents(workdir, components), "autoencoder": None, "caption": None}
+    upstream.update(upstream_extra or {})
+    return train(config, upstream, str(workdir)), upstream
+
+
+def stage_path(workdir: Path, manifest: dict) -> Path:
+    return workdir / manifest["path"]
+
+
+def generate(pipe: StableDiffusionPipeline) -> np.ndarray:
+    out = pipe(
+        "a red circle",
+        height=32,
+        width=32,
+        num_inference_steps=2,
+        guidance_scale=2.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    )
+    return out.images[0]
+
+
+# ---------------------------------------------------------------------------------- data order
+
+
+def test_data_order_depends_on_step_only_and_covers_each_epoch():
+    order = EpochOrder([range(0, 7), range(7, 12)], seed=3)
+    batches = list(StepBatches(order, 4, start=0, stop=9))
+    resumed = list(StepBatches(EpochOrder([range(0, 7), range(7, 12)], seed=3), 4, start=5, stop=9))
+    assert resumed == batches[5:]
+    flat = [i for b in batches for i in b]
+    assert sorted(flat[:12]) == list(range(12)) and sorted(flat[12:24]) == list(range(12))
+    assert flat[:12] != flat[12:24]  # a fresh permutation each epoch
+    other = [i for b in StepBatches(EpochOrder([range(0, 7), range(7, 12)], 4), 4, 0, 3) for i in b]
+    assert other != flat[:12]
+    # two processes read disjoint halves of each global batch
+    ranks = [list(StepBatches(order, 2, 0, 2, world=2, rank=r)) for r in (0, 1)]
+    assert ranks[0][0] + ranks[1][0] == batches[0]
+
+
+# ------------------------------------------------------------------------------------- outputs
+
+
+def test_scratch_training_writes_a_pipeline_that_generates(tmp_path, components):
+    config = scratch_config(
+        components,
+        "train.ema=true",
+        "train.ema_decay=0.9",
+        "train.snr_gamma=5.0",
+        "train.noise_offset=0.1",
+        "train.caption_dropout=0.5",
+        "train.gradient_accumulation=2",
+        "train.lr_scheduler=cosine",
+        "train.warmup_steps=1",
+    )
+    manifest, _ = run_train(config, tmp_path, components)
+    out = stage_path(tmp_path, manifest)
+    assert manifest["counts"] == {
+        "steps": 4,
+        "samples_seen": 4 * 4 * 2,
+        "trainable_params": manifest["counts"]["trainable_params"],
+    }
+    assert manifest["info"]["mode"] == "scratch"
+    assert np.isfinite(manifest["info"]["final_loss"])
+    assert list_checkpoints(out / "checkpoints") == [4]  # only the last one is kept
+    with Image.open(out / manifest["files"]["loss_curve"]) as curve:
+        assert curve.format == "PNG" and curve.size == (640, 360)
+        assert len(set(curve.convert("RGB").get_flattened_data())) > 2  # axes, curve, labels
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+    # The pipeline holds the EMA weights, not the raw trained ones.
+    _, state = load_checkpoint(out / "checkpoints" / "step-000004")
+    saved = load_file(out / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+    name = "conv_in.weight"
+    index = list(state["model"]).index(name)
+    assert torch.equal(saved[name], state["ema"]["shadow_params"][index])
+    assert not torch.equal(saved[name], state["model"][name])
+    pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline", safety_checker=None)
+    image = generate(pipe)
+    assert image.shape == (32, 32, 3) and np.isfinite(image).all()
+
+
+def test_full_finetune_from_pretrained_changes_the_unet(tmp_path, components):
+    config = pretrained_config(
+        components, "train.prediction_type=v_prediction", "train.snr_gamma=5.0"
+    )
+    manifest, _ = run_train(config, tmp_path, components)
+    out = stage_path(tmp_path, manifest)
+    assert manifest["info"]["mode"] == "full"
+    assert manifest["info"]["base_model"] == str(components["root"] / "base")
+    pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline", safety_checker=None)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    base = load_file(components["root"] / "base" / "unet" / "diffusion_pytorch_model.safetensors")
+    tuned = load_file(out / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert base.keys() == tuned.keys()
+    assert not torch.equal(base["conv_in.weight"], tuned["conv_in.weight"])
+
+
+def test_lora_weights_load_on_the_base_and_change_its_output(tmp_path, components):
+    config = pretrained_config(components, "train.mode=lora", "train.lr=0.01", "train.lora_rank=2")
+    manifest, _ = run_train(config, tmp_path, components)
+    out = stage_path(tmp_path, manifest)
+    assert manifest["info"]["mode"] == "lora"
+    assert "pipeline" not in manifest["files"]
+    lora = load_file(out / "lora" / "pytorch_lora_weights.safetensors")
+    assert lora and all("lora" in k for k in lora)
+    assert sum(v.numel() for v in lora.values()) == manifest["counts"]["trainable_params"]
+    total = sum(v.numel() for v in build_unet(config.model).parameters())
+    assert manifest["counts"]["trainable_params"] < total / 10
+    pipe = StableDiffusionPipeline.from_pretrained(components["root"] / "base", safety_checker=None)
+    before = generate(pipe)
+    pipe.load_lora_weights(out / "lora")
+    after = generate(pipe)
+    assert np.abs(before - after).max() > 1e-4
+
+
+def test_training_without_the_cache_encodes_images_on_the_fly(tmp_path, components):
+    config = pretrained_config(components, "train.cache_latents=false", "train.max_steps=2")
+    manifest, _ = run_train(config, tmp_path, components, {"caption": make_captions(tmp_path)})
+    assert manifest["counts"]["samples_seen"] == 8
+    assert np.isfinite(manifest["info"]["final_loss"])
+    assert (stage_path(tmp_path, manifest) / "pipeline" / "model_index.json").is_file()
+
+
+def test_key_ignores_bookkeeping_settings_but_not_training_ones(tmp_path, components):
+    upstream = {"latents": make_latents(tmp_path, components), "autoencoder": None, "caption": None}
+    key = train_key(scratch_config(components), upstream)
+    same = scratch_config(components, "train.keep_checkpoints=5", "train.data_workers=2")
+    assert train_key(same, upstream) == key
+    assert train_key(scratch_config(components, "train.lr=0.002"), upstream) != key
+    assert train_key(scratch_config(components, "model.seed=1"), upstream) != key
+
+
+def test_lora_targets_that_match_nothing_are_a_user_error(tmp_path, components):
+    config = pretrained_config(components, "train.mode=lora", "train.lora_targets=[nope]")
+    with pytest.raises(UserError, match="lora_targets"):
+        run_train(config, tmp_path, components)
+
+
+# --------------------------------------------------------------------------------- crash, resume
+
+KILL_SCRIPT = """
+import json, os, signal, sys, torch
+torch.set_num_threads(1)
+sys.path.insert(0, {root!r})
+import sdflow.training as training
+from sdflow.config import RunConfig
+from sdflow.errors import UserError
+from tasks.train import train, train_key
+real = training.save_checkpoint
+
+def save_then_die(root, step, state, keep):
+    if step == 6:  # die half-way through writing step 6: one file in its temporary dir
+        tmp = root / ".tmp-step-000006"
+        tmp.mkdir(parents=True)
+        (tmp / "model.safetensors").write_bytes(b"half")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(root, step, state, keep)
+
+training.save_checkpoint = save_then_die
+spec = json.load(open({spec!r}))
+train(RunConfig.model_validate(spec["config"]), spec["upstream"], spec["workdir"])
+"""
+
+
+def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, components, caplog):
+    config = scratch_config(
+        components,
+        "train.max_steps=8",
+        "train.ema=true",
+        "train.caption_dropout=0.3",
+        "train.noise_offset=0.05",
+        "train.lr_scheduler=linear",
+        "train.warmup_steps=5",
+        "train.gradient_accumulation=2",
+    )
+    reference, _ = run_train(config, tmp_path / "straight", components)
+
+    workdir = tmp_path / "killed"
+    upstream = {"latents": make_latents(workdir, components), "autoencoder": None, "caption": None}
+    spec = tmp_path / "spec.json"
+    spec.write_text(
+        json.dumps(
+            {
+                "config": config.model_dump(mode="json"),
+                "upstream": upstream,
+                "workdir": str(workdir),
+            }
+        )
+    )
+    script = KILL_SCRIPT.format(root=str(ROOT), spec=str(spec))
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    partial = next((workdir / "stages" / "train").glob(".*.partial"))
+    assert (partial / "checkpoints" / ".tmp-step-000006").exists()
+    step, state = load_latest(partial / "checkpoints")
+    assert step == 4
+    # the learning rate is mid-warmup in the checkpoint, not back at the start
+    assert state["lr_scheduler"]["_last_lr"][0] == pytest.approx(1e-3 * 4 / 5)
+
+    with caplog.at_level(logging.INFO, logger="sdflow.train"):
+        resumed = train(config, upstream, str(workdir))
+    assert "Resuming training from the checkpoint of step 4" in caplog.text
+    assert resumed["info"]["resumed_from_step"] == 4
+    assert reference["info"]["resumed_from_step"] == 0
+
+    straight_out, resumed_out = (
+        stage_path(tmp_path / "straight", reference),
+        stage_path(workdir, resumed),
+    )
+    weights = "pipeline/unet/diffusion_pytorch_model.safetensors"
+    a, b = load_file(straight_out / weights), load_file(resumed_out / weights)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise, EMA included
+    _, final_a = load_checkpoint(straight_out / "checkpoints" / "step-000008")
+    _, final_b = load_checkpoint(resumed_out / "checkpoints" / "step-000008")
+    assert final_a["progress"]["history"] == final_b["progress"]["history"]  # losses and lrs
+    assert all(torch.equal(final_a["model"][k], final_b["model"][k]) for k in final_a["model"])
+    assert reference["counts"] == resumed["counts"]
+
+
+def test_lora_run_interrupted_by_an_error_resumes_to_the_same_adapter(
+    tmp_path, components, monkeypatch
+):
+    import sdflow.training as training
+
+    config = pretrained_config(components, "train.mode=lora", "train.ema=true")
+    reference, _ = run_train(config, tmp_path / "straight", components)
+    real = training.save_checkpoint
+
+    def crash_at_4(root, step, state, keep):
+        if step == 4:
+            raise OSError("node lost")
+        return real(root, step, state, keep)
+
+    monkeypatch.setattr(training, "save_checkpoint", crash_at_4)
+    with pytest.raises(OSError):
+        run_train(config, tmp_path / "crashed", components)
+    monkeypatch.setattr(training, "save_checkpoint", real)
+    resumed, _ = run_train(config, tmp_path / "crashed", components)
+    assert resumed["info"]["resumed_from_step"] == 2
+    name = "lora/pytorch_lora_weights.safetensors"
+    a = load_file(stage_path(tmp_path / "straight", reference) / name)
+    b = load_file(stage_path(tmp_path / "crashed", resumed) / name)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
