@@ -211,15 +211,23 @@ class EvalConfig(Section):
     )
     prompts: list[str] = Field(default_factory=list, description="empty: held-out captions")
     num_prompts: int = Field(16, ge=1, description="held-out captions to use when prompts is empty")
-    images_per_prompt: int = Field(1, ge=1)
-    seed: int = 0
+    images_per_prompt: int = Field(1, ge=1, description="grid columns per model and prompt")
+    seed: int = Field(0, description="image j of prompt i is sampled with seed + i*1000 + j")
     num_inference_steps: int = Field(25, ge=1)
-    guidance_scale: float = Field(5.0, ge=0)
-    scheduler: Literal["ddim", "ddpm", "euler", "dpm"] = "ddim"
-    fid_features: Literal["inception", "random-cnn"] = "inception"
+    guidance_scale: float = Field(5.0, ge=0, description="classifier-free guidance; <= 1: none")
+    scheduler: Literal["ddim", "ddpm", "euler", "dpm"] = Field(
+        "ddim", description="sampler: DDIM, DDPM, Euler, or DPM-Solver++ (multistep)"
+    )
+    fid_features: Literal["inception", "random-cnn"] = Field(
+        "inception",
+        description="inception: standard FID (torch-fidelity weights in the torch hub cache); "
+        "random-cnn: offline, comparable only between sdflow runs",
+    )
     fid_samples: int = Field(256, ge=2, description="generated and real images compared by FID")
-    clip_model: str | None = Field(None, description="CLIP model name or directory for CLIPScore")
-    batch_size: int = Field(32, ge=1)
+    clip_model: str | None = Field(
+        None, description="CLIP model directory or hub name for CLIPScore; unset: no CLIP score"
+    )
+    batch_size: int = Field(32, ge=1, description="images generated per pipeline call")
     baseline: bool = Field(True, description="also evaluate the starting model")
 
 

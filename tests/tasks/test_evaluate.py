@@ -1,0 +1,377 @@
+"""The evaluate stage on a tiny scratch pipeline (32 px, 8x8 latents) and a tiny caption stage."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from diffusers import DDPMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
+from PIL import Image, ImageDraw
+
+from sdflow.config import EvalConfig, RunConfig
+from sdflow.errors import UserError
+from sdflow.models import build_text_encoder, build_unet, build_vae, save_pipeline, train_tokenizer
+from sdflow.profiles import load_profile
+from sdflow.splits import is_held_out
+from sdflow.stageio import Manifest, StageBuild, failures_table, output_dir
+from tasks import evaluate as ev
+
+COLORS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (30, 70, 220)}
+SHAPES = ("circle", "square")
+HELD_OUT = 0.5
+
+
+def make_config(**changes) -> RunConfig:
+    config = load_profile("tiny-test")
+    settings = dict(held_out_fraction=HELD_OUT, num_prompts=3, images_per_prompt=2, seed=5)
+    settings.update(num_inference_steps=2, fid_samples=6, batch_size=4, fid_features="random-cnn")
+    settings.update(changes)
+    return config.model_copy(update={"eval": EvalConfig(**settings)})
+
+
+def shape_png(color: str, shape: str, size: int = 32) -> bytes:
+    image = Image.new("RGB", (size, size), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    (draw.ellipse if shape == "circle" else draw.rectangle)((6, 6, 26, 26), fill=COLORS[color])
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def caption_rows(count: int) -> list[dict]:
+    rows = []
+    for i in range(count):
+        color, shape = list(COLORS)[i % 3], SHAPES[(i // 3) % 2]
+        data = shape_png(color, shape)
+        rows.append(
+            dict(id=f"s{i:03d}", image=data, width=32, height=32, orig_width=32, orig_height=32,
+                 content_hash=hashlib.sha256(data).hexdigest(), caption=f"a {color} {shape}",
+                 source=f"row {i}", source_caption=f"a {color} {shape}")
+        )  # fmt: skip
+    return rows
+
+
+def write_caption_stage(workdir: Path, shards: list[list[dict]]) -> Manifest:
+    build = StageBuild(workdir, "caption", "fixture")
+    build.path.mkdir(parents=True)
+    names = [
+        build.write_shard(i, pa.Table.from_pylist(rows), failures_table([]))
+        for i, rows in enumerate(shards)
+    ]
+    total = sum(len(rows) for rows in shards)
+    return build.finish(
+        counts={"input": total, "kept": total, "failed": 0},
+        shards=names,
+        files={"failures": "failures"},
+    )
+
+
+def write_train_stage(workdir: Path, config: RunConfig, captions: list[str]) -> Manifest:
+    """A scratch 'trained' pipeline: the tiny-test components, UNet seeded differently from the
+    baseline's, so trained and baseline samples differ as they would after training."""
+    build = StageBuild(workdir, "train", "fixture")
+    build.path.mkdir(parents=True)
+    model = config.model
+    tokenizer = train_tokenizer(captions, model, workdir / "tokenizer")
+    unet = build_unet(model.model_copy(update={"seed": model.seed + 1}))
+    scheduler = DDPMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False
+    )
+    save_pipeline(
+        build.path / "pipeline",
+        unet,
+        build_vae(model),
+        build_text_encoder(model, len(tokenizer)),
+        tokenizer,
+        scheduler,
+    )
+    return build.finish(counts={}, files={"pipeline": "pipeline"}, info={"mode": "full"})
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; more only contend with the other test workers."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory) -> tuple[Path, dict[str, Manifest]]:
+    """One workdir for the module: two caption shards (about half held out) and a train stage."""
+    workdir = tmp_path_factory.mktemp("work").resolve()
+    rows = caption_rows(30)
+    caption = write_caption_stage(workdir, [rows[:16], rows[16:]])
+    train = write_train_stage(workdir, make_config(), [r["caption"] for r in rows])
+    return workdir, {"train": train, "caption": caption}
+
+
+def held_out_rows() -> list[dict]:
+    return [r for r in caption_rows(30) if is_held_out(r["id"], HELD_OUT)]
+
+
+def test_evaluate_writes_samples_grid_and_metrics(upstream) -> None:
+    workdir, manifests = upstream
+    config = make_config()
+    manifest = ev.evaluate(config, manifests, str(workdir))
+    out = output_dir(workdir, manifest)
+    assert manifest["files"] == {
+        "grid": "grid.png",
+        "metrics": "metrics.json",
+        "samples": "samples",
+    }
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert manifest["info"] == metrics  # the flow copies the info into summary.json
+
+    held = held_out_rows()
+    assert len(held) >= 6, "fixture: enough held-out rows for 6 real images"
+    distinct = list(dict.fromkeys(r["caption"] for r in held))
+    assert metrics["prompts"] == distinct[:3]  # distinct held-out captions, in shard order
+    assert metrics["num_generated"] == 6 and metrics["num_real"] == 6
+    for name in ("trained", "baseline"):
+        scores = metrics[name]
+        assert math.isfinite(scores["fid"]) and scores["fid"] >= 0
+        assert (
+            scores["clip_score"] is None
+            and scores["clip_score_reason"] == "eval.clip_model not set"
+        )
+        assert name in scores["name"]
+    assert metrics["trained"]["fid"] != metrics["baseline"]["fid"]
+    assert metrics["training_helped"] == (metrics["trained"]["fid"] < metrics["baseline"]["fid"])
+    assert (
+        metrics["fid_feature_extractor"] == "random-cnn (offline; not comparable to published FID)"
+    )
+    assert metrics["comparable_to_published"] is False
+    assert "never compare with published FIDs" in metrics["fid_note"]
+    expected = dict(
+        guidance_scale=5.0, num_inference_steps=2, scheduler="ddim", resolution=32, seed=5
+    )
+    assert {k: metrics[k] for k in expected} == expected
+
+    for name in ("trained", "baseline"):
+        files = sorted(p.name for p in (out / "samples" / name).iterdir())
+        assert files == [f"p{i:03d}-{j}.png" for i in range(3) for j in range(2)]
+    trained = np.asarray(Image.open(out / "samples/trained/p000-0.png"))
+    baseline = np.asarray(Image.open(out / "samples/baseline/p000-0.png"))
+    assert trained.shape == (32, 32, 3) and not np.array_equal(trained, baseline)
+
+    grid = Image.open(out / "grid.png")
+    # 2 models x 2 images per prompt, 32 px upscaled x3 to 96 px; 3 prompt rows of 96 px + text
+    assert 4 * 96 < grid.width < 4 * 96 + 80
+    assert grid.height > 3 * 96 + 3 * 3 * 11
+    cell = np.asarray(grid.convert("RGB"))
+    assert len(np.unique(cell.reshape(-1, 3), axis=0)) > 50  # images, not a blank canvas
+
+
+def test_samples_use_the_documented_seeds(upstream) -> None:
+    """Image j of prompt i is exactly what the pipeline gives with seed eval.seed + i*1000 + j."""
+    workdir, manifests = upstream
+    config = make_config()
+    out = output_dir(workdir, ev.evaluate(config, manifests, str(workdir)))
+    prompts = json.loads((out / "metrics.json").read_text())["prompts"]
+    pipe = ev.load_trained(config, manifests["train"], str(workdir))
+    i, j = 2, 1
+    image = pipe(
+        prompt=[prompts[i]],
+        generator=[torch.Generator().manual_seed(5 + i * 1000 + j)],
+        num_inference_steps=2,
+        guidance_scale=5.0,
+        height=32,
+        width=32,
+        output_type="np",
+    ).images
+    saved = np.asarray(Image.open(out / f"samples/trained/p{i:03d}-{j}.png"))
+    assert np.abs(ev.to_uint8(image)[0].permute(1, 2, 0).numpy().astype(int) - saved).max() <= 1
+
+
+def test_baseline_is_the_untrained_seeded_unet(upstream) -> None:
+    workdir, manifests = upstream
+    config = make_config()
+    baseline = ev.load_baseline(config, manifests["train"], str(workdir))
+    fresh = build_unet(config.model)
+    for (name, got), want in zip(
+        baseline.unet.state_dict().items(), fresh.state_dict().values(), strict=True
+    ):
+        assert torch.equal(got, want), name
+    assert isinstance(baseline.scheduler, ev.DDIMScheduler)
+
+
+def test_explicit_prompts_no_baseline_and_few_real_images(upstream) -> None:
+    workdir, manifests = upstream
+    config = make_config(
+        prompts=["a green square"], images_per_prompt=1, baseline=False, scheduler="euler"
+    )
+    config.eval.fid_samples = 40  # more than the held-out rows: reals run out, prompts cycle
+    out = output_dir(workdir, ev.evaluate(config, manifests, str(workdir)))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["prompts"] == ["a green square"]
+    assert metrics["num_generated"] == 40 and metrics["num_real"] == len(held_out_rows()) < 40
+    assert metrics["baseline"] is None and metrics["training_helped"] is None
+    assert "eval.baseline" in metrics["training_helped_reason"]
+    assert not (out / "samples" / "baseline").exists()
+    assert Image.open(out / "grid.png").width < 2 * 96
+
+
+def test_fid_prompts_cycle_the_held_out_captions_with_distinct_seeds() -> None:
+    jobs = ev.fid_sample_jobs(["a", "b", "c"], 7, seed=5)
+    assert [p for p, _, _ in jobs] == ["a", "b", "c", "a", "b", "c", "a"]
+    assert [s for _, s, _ in jobs] == [5, 1005, 2005, 6, 1006, 2006, 7]
+
+
+def test_every_scheduler_samples(upstream) -> None:
+    workdir, manifests = upstream
+    for name, cls in ev.SCHEDULERS.items():
+        config = make_config(scheduler=name)
+        pipe = ev.load_trained(config, manifests["train"], str(workdir))
+        assert isinstance(pipe.scheduler, cls)
+        [(batch, images)] = list(ev.generate(pipe, [("a red circle", 0, None)], config))
+        assert images.shape == (1, 3, 32, 32) and images.dtype == torch.uint8
+    assert ev.SCHEDULERS["euler"] is EulerDiscreteScheduler
+
+
+def test_clip_score_with_a_local_model(upstream, tmp_path) -> None:
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    workdir, manifests = upstream
+    tokenizer = CLIPTokenizer.from_pretrained(workdir / "tokenizer")
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                vocab_size=len(tokenizer), max_position_embeddings=16, bos_token_id=0,
+                eos_token_id=1, pad_token_id=1)  # fmt: skip
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                  image_size=32, patch_size=8)  # fmt: skip
+    torch.manual_seed(0)
+    CLIPModel(
+        CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
+    ).save_pretrained(tmp_path / "clip")
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(tmp_path / "clip")
+
+    config = make_config(clip_model=str(tmp_path / "clip"), baseline=False)
+    metrics = ev.evaluate(config, manifests, str(workdir))["info"]
+    score = metrics["trained"]["clip_score"]
+    assert isinstance(score, float) and math.isfinite(score) and 0.0 <= score <= 100.0
+    assert metrics["trained"]["clip_score_reason"] is None
+    assert metrics["trained"]["clip_score_num_images"] == 3 * 2 + 6
+
+
+def test_missing_clip_directory_is_a_user_error(upstream, tmp_path) -> None:
+    workdir, manifests = upstream
+    config = make_config(clip_model=str(tmp_path / "missing-clip"))
+    with pytest.raises(UserError, match="eval.clip_model"):
+        ev.evaluate(config, manifests, str(workdir))
+
+
+def test_inception_without_weights_fails_before_sampling(upstream, tmp_path, monkeypatch) -> None:
+    from sdflow import metrics
+
+    workdir, manifests = upstream
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(metrics, "INCEPTION_URL", "http://127.0.0.1:9/weights.pth")
+    monkeypatch.setattr(ev, "load_trained", lambda *a: pytest.fail("sampled before the check"))
+    with pytest.raises(UserError, match="eval.fid_features"):
+        ev.evaluate(make_config(fid_features="inception"), manifests, str(workdir))
+
+
+def test_no_held_out_samples_is_a_user_error(upstream) -> None:
+    workdir, manifests = upstream
+    with pytest.raises(UserError, match="eval.held_out_fraction"):
+        ev.evaluate(make_config(held_out_fraction=0.0), manifests, str(workdir))
+
+
+def test_rerun_after_a_crash_keeps_the_finished_model(upstream, monkeypatch) -> None:
+    workdir, manifests = upstream
+    config = make_config(num_prompts=2, images_per_prompt=1)
+    real_score = ev.score_model
+    calls: list[str] = []
+
+    def crash_once_on_baseline(pipe, sample_dir, *args):
+        calls.append(sample_dir.name)
+        if calls == ["trained", "baseline"]:
+            raise RuntimeError("killed")
+        return real_score(pipe, sample_dir, *args)
+
+    monkeypatch.setattr(ev, "score_model", crash_once_on_baseline)
+    with pytest.raises(RuntimeError, match="killed"):
+        ev.evaluate(config, manifests, str(workdir))
+    manifest = ev.evaluate(config, manifests, str(workdir))
+    assert calls == ["trained", "baseline", "baseline"]  # trained was not sampled again
+    assert manifest["reused"] is False and manifest["info"]["training_helped"] in (True, False)
+    assert ev.evaluate(config, manifests, str(workdir))["reused"] is True
+
+
+def test_key_follows_inputs(upstream) -> None:
+    _, manifests = upstream
+    config = make_config()
+    key = ev.evaluate_key(config, manifests)
+    assert key == ev.evaluate_key(make_config(), manifests)
+    assert key != ev.evaluate_key(make_config(guidance_scale=3.0), manifests)
+    resized = config.model_copy(
+        update={"download": config.download.model_copy(update={"resolution": 64})}
+    )
+    assert key != ev.evaluate_key(resized, manifests)
+    retrained = {**manifests, "train": {**manifests["train"], "fingerprint": "other"}}
+    assert key != ev.evaluate_key(config, retrained)
+    recaptioned = {**manifests, "caption": {**manifests["caption"], "fingerprint": "other"}}
+    assert key != ev.evaluate_key(config, recaptioned)
+
+
+def test_lora_is_loaded_on_the_base_model(upstream, tmp_path) -> None:
+    """LoRA: trained = base + adapter, baseline = the base model (model.pretrained)."""
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    workdir, manifests = upstream
+    base = output_dir(workdir, manifests["train"]) / "pipeline"
+    pipe = StableDiffusionPipeline.from_pretrained(base)
+    pipe.unet.add_adapter(
+        LoraConfig(
+            r=4,
+            lora_alpha=4,
+            target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+            init_lora_weights=False,
+        )
+    )
+    build = StageBuild(workdir, "train", "lora-fixture")
+    build.path.mkdir(parents=True)
+    StableDiffusionPipeline.save_lora_weights(
+        build.path / "lora", unet_lora_layers=get_peft_model_state_dict(pipe.unet)
+    )
+    train = build.finish(counts={}, files={"lora": "lora"}, info={"base_model": str(base)})
+
+    config = make_config(num_prompts=1, images_per_prompt=1)
+    data = config.model_dump()
+    data["model"].update(init="pretrained", pretrained=str(base))
+    data["train"].update(mode="lora")
+    config = RunConfig.model_validate(data)
+    metrics = ev.evaluate(config, {**manifests, "train": train}, str(workdir))["info"]
+    assert "LoRA" in metrics["trained"]["name"] and str(base) in metrics["baseline"]["name"]
+    assert metrics["trained"]["fid"] != metrics["baseline"]["fid"]  # the adapter changed the UNet
+
+
+def test_grid_upscales_with_nearest_and_labels_every_row() -> None:
+    from sdflow.grids import Block, render_grid
+
+    red, blue = Image.new("RGB", (16, 16), (255, 0, 0)), Image.new("RGB", (16, 16), (0, 0, 255))
+    red.putpixel((0, 0), (0, 255, 0))  # one odd pixel: nearest upscaling keeps it a hard block
+    blocks = [Block("baseline", [[red], [red]]), Block("trained", [[blue], [blue]])]
+    prompts = ["a red square", "a much longer prompt " * 6]
+    grid = render_grid(prompts, blocks, ["settings", "trained: x", "baseline: y"]).convert("RGB")
+    pixels = np.asarray(grid)
+    colours = {tuple(c) for c in pixels.reshape(-1, 3)}
+    assert (255, 0, 0) in colours and (0, 0, 255) in colours
+    # the odd pixel became a 6x6 block (16 px x 6 = 96 px cells), without blended edges
+    green = np.argwhere((pixels == (0, 255, 0)).all(-1))
+    assert len(green) == 2 * 36
+    assert grid.width < 2 * 96 + 60 and grid.height > 2 * 96
+    # dark text pixels under each row of images: the prompts are drawn
+    ys = sorted({int(y) for y, _ in green})
+    for top in (ys[0], ys[-1]):
+        below = pixels[top + 96 : top + 96 + 20]
+        assert (below.sum(-1) < 200).any()
