@@ -1,7 +1,7 @@
 """The sdflow pipeline: one Prefect flow whose body is the list of stages.
 
-    sdflow run tiny-cpu                      # everything, cached stages come back at once
-    sdflow run tiny-cpu --only filter        # one stage, upstream outputs from cache
+Run it with `sdflow run tiny-cpu` (cached stages come back at once) or
+`sdflow run tiny-cpu --only filter` (one stage, upstream outputs from cache).
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ def pipeline(
     images = run.stage(download_task)
     kept = run.stage(filter_task, download=images)
     captioned = run.stage(caption_task, filter=kept)
-    vae = run.stage(train_autoencoder_task, caption=captioned) if config.needs_autoencoder() else None
+    vae = (
+        run.stage(train_autoencoder_task, caption=captioned) if config.needs_autoencoder() else None
+    )
     latents = run.stage(cache_latents_task, caption=captioned, autoencoder=vae)
     model = run.stage(train_task, caption=captioned, autoencoder=vae, latents=latents)
     run.stage(evaluate_task, train=model, caption=captioned)

@@ -62,7 +62,9 @@ class RunTracker:
         if not state.is_completed():
             self.failure = _exception_of(state)
             get_run_logger().error("Stage %s failed: %s", name, self.failure)
-            return self._record(name, "failed", None, seconds, cached=False, error=str(self.failure))
+            return self._record(
+                name, "failed", None, seconds, cached=False, error=str(self.failure)
+            )
         manifest = state.result()
         cached = state.name == "Cached" or bool(manifest.get("reused"))
         return self._record(name, "completed", manifest, seconds, cached=cached)
@@ -78,7 +80,9 @@ class RunTracker:
         """A stage left out by --only: use its cached output if there is one."""
         started = time.monotonic()
         manifest = load_manifest(stage_dir(self.workdir, name, key))
-        return self._record(name, "skipped", manifest, time.monotonic() - started, cached=bool(manifest))
+        return self._record(
+            name, "skipped", manifest, time.monotonic() - started, cached=bool(manifest)
+        )
 
     def _record(self, name, status, manifest, seconds, cached, error=None) -> Manifest | None:
         entry: dict[str, Any] = {"status": status, "cached": cached, "seconds": round(seconds, 3)}

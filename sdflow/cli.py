@@ -63,7 +63,11 @@ def _parser() -> argparse.ArgumentParser:
 def _add_profile_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("profile", help="a name in profiles/ or a path to a YAML file")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="K=V",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="K=V",
         help="override a config value, e.g. --set train.lr=1e-5 (repeatable)",
     )
 
@@ -96,8 +100,11 @@ def _run_flow(profile, overrides, workdir, only, refresh, config: RunConfig) -> 
     if config.runner.result_storage:
         flow = pipeline.with_options(result_storage=Path(config.runner.result_storage))
     return flow(
-        profile=str(profile), overrides=list(overrides), workdir=str(workdir),
-        only=only, refresh=refresh,
+        profile=str(profile),
+        overrides=list(overrides),
+        workdir=str(workdir),
+        only=only,
+        refresh=refresh,
     )
 
 
@@ -165,7 +172,9 @@ def _check_source(config: RunConfig) -> None:
             f"source.path {source.path!r} does not exist (source.kind is {source.kind!r}).{hint}"
         )
     if source.kind == "urls" and not path.is_file():
-        raise UserError(f"source.path {source.path!r} must be a URL-list file (csv, jsonl, parquet).")
+        raise UserError(
+            f"source.path {source.path!r} must be a URL-list file (csv, jsonl, parquet)."
+        )
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import inspect
 import json
 import sys
 from collections.abc import Iterable
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -64,12 +64,16 @@ def code_version(module: ModuleType | str) -> str:
     return _code_version(module.__name__)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _code_version(name: str) -> str:
     module = sys.modules[name]
     sources = {name: inspect.getsource(module)}
     for value in vars(module).values():
-        dep = value if isinstance(value, ModuleType) else sys.modules.get(getattr(value, "__module__", "") or "")
+        dep = (
+            value
+            if isinstance(value, ModuleType)
+            else sys.modules.get(getattr(value, "__module__", "") or "")
+        )
         if dep is not None and dep.__name__.startswith("sdflow") and dep.__name__ not in sources:
             sources[dep.__name__] = inspect.getsource(dep)
     return hash_json(sources)[:16]

@@ -30,7 +30,9 @@ class StageCache(CachePolicy):
     stage: str = ""
     key_fn: KeyFn | None = field(default=None, repr=False)
 
-    def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters, **kwargs) -> str | None:
+    def compute_key(
+        self, task_ctx, inputs: dict[str, Any], flow_parameters, **kwargs
+    ) -> str | None:
         key = self.key_fn(inputs["config"], inputs["upstream"])
         if load_manifest(stage_dir(inputs["workdir"], self.stage, key)) is None:
             return None  # nothing on disk: run the stage (it resumes from its partial directory)
@@ -48,7 +50,9 @@ def retry_unless_user_error(task: Task, task_run: Any, state: Any) -> bool:
     return True
 
 
-def stage_task(stage: str, key_fn: KeyFn, retries: int = 2, **options: Any) -> Callable[[StageFn], Task]:
+def stage_task(
+    stage: str, key_fn: KeyFn, retries: int = 2, **options: Any
+) -> Callable[[StageFn], Task]:
     """Turn a plain stage function `fn(config, upstream, workdir) -> Manifest` into a Prefect task."""
 
     settings: dict[str, Any] = {

@@ -46,7 +46,9 @@ def load_profile(name_or_path: str, overrides: list[str] = ()) -> RunConfig:
     except yaml.YAMLError as exc:
         raise ConfigError(f"Profile {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"Profile {path} must be a mapping of sections, not {type(data).__name__}.")
+        raise ConfigError(
+            f"Profile {path} must be a mapping of sections, not {type(data).__name__}."
+        )
     problems: list[str] = []
     for item in overrides:
         try:

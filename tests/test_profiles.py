@@ -29,7 +29,12 @@ def test_all_problems_are_listed_at_once():
     with pytest.raises(ConfigError) as excinfo:
         load_profile(
             "tiny-test",
-            ["train.lr=-1", "trian.steps=3", "download.resize_mode=stretch", "train.batch_size=abc"],
+            [
+                "train.lr=-1",
+                "trian.steps=3",
+                "download.resize_mode=stretch",
+                "train.batch_size=abc",
+            ],
         )
     message = str(excinfo.value)
     assert "4 problem(s)" in message
@@ -40,7 +45,9 @@ def test_all_problems_are_listed_at_once():
 
 
 def test_unknown_nested_key_names_the_allowed_ones():
-    with pytest.raises(ConfigError, match=r"train.learning_rate: unknown key .*allowed keys here: .*lr"):
+    with pytest.raises(
+        ConfigError, match=r"train.learning_rate: unknown key .*allowed keys here: .*lr"
+    ):
         load_profile("tiny-test", ["train.learning_rate=0.1"])
 
 
@@ -58,7 +65,9 @@ def test_unknown_profile_lists_known_ones():
 
 def test_profile_from_a_path(tmp_path):
     path = tmp_path / "mine.yaml"
-    path.write_text("description: mine\nsource: {kind: folder, path: /data}\nfilter: {min_size: 7}\n")
+    path.write_text(
+        "description: mine\nsource: {kind: folder, path: /data}\nfilter: {min_size: 7}\n"
+    )
     config = load_profile(str(path))
     assert config.filter.min_size == 7
     assert config.source.path == "/data"
