@@ -86,8 +86,8 @@ def write_atomic(path: str | Path, data: bytes | str) -> None:
     os.replace(tmp, path)
 
 
-def write_json(path: str | Path, value: Any) -> None:
-    write_atomic(path, json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
+def write_json(path: str | Path, value: Any, sort_keys: bool = True) -> None:
+    write_atomic(path, json.dumps(value, indent=2, sort_keys=sort_keys, default=str) + "\n")
 
 
 def write_table(path: str | Path, table: pa.Table) -> None:
