@@ -111,7 +111,9 @@ class RunTracker:
         self.summary["finished_at"] = datetime.now(timezone.utc).isoformat()
         self.summary["status"] = "failed" if self.failure else "completed"
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(self.run_dir / "summary.json", self.summary, sort_keys=False)  # stages in DAG order
+        write_json(
+            self.run_dir / "summary.json", self.summary, sort_keys=False
+        )  # stages in DAG order
         if isinstance(self.failure, UserError):
             raise self.failure
         if self.failure is not None:

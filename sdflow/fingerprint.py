@@ -13,6 +13,9 @@ from types import ModuleType
 from typing import Any
 
 CHUNK = 1 << 20
+# The config schema is data, not behaviour: the values a stage reads are already in its key, so a
+# description edited in config.py must not invalidate every cache.
+NOT_CODE = {"sdflow.config", "sdflow.errors"}
 
 
 def hash_bytes(data: bytes) -> str:
@@ -74,6 +77,8 @@ def _code_version(name: str) -> str:
             if isinstance(value, ModuleType)
             else sys.modules.get(getattr(value, "__module__", "") or "")
         )
+        if dep is not None and dep.__name__ in NOT_CODE:
+            continue
         if dep is not None and dep.__name__.startswith("sdflow") and dep.__name__ not in sources:
             sources[dep.__name__] = inspect.getsource(dep)
     return hash_json(sources)[:16]

@@ -95,6 +95,8 @@ def write_table(path: str | Path, table: pa.Table) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     pq.write_table(table, tmp, compression="zstd")
+    with open(tmp, "rb") as fh:  # durable before it becomes visible, also across a power loss
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 
@@ -108,6 +110,11 @@ class StageBuild:
         self.final = stage_dir(workdir, stage, key)
         self.path = self.final.with_name(f".{key}.partial")
         self.started = time.monotonic()
+
+    def clear_debris(self) -> None:
+        """Temp files of writes a crash interrupted: never part of the output or its fingerprint."""
+        for temp in self.path.rglob(".*.tmp"):
+            temp.unlink(missing_ok=True)
 
     def has(self, name: str) -> bool:
         """Whether a file (e.g. a finished shard) already exists in the partial directory."""
@@ -187,6 +194,7 @@ def build_stage(
             shutil.rmtree(final)
         build = StageBuild(workdir, stage, key)
         build.path.mkdir(parents=True, exist_ok=True)
+        build.clear_debris()
         manifest = work(build)
     return {**manifest, "reused": False}
 

@@ -1,0 +1,167 @@
+"""Which URLs the downloader may fetch, checked where it matters: at connect time.
+
+A URL list is untrusted input. Without a guard, a list (or a redirect in it) can point the downloader
+at cloud metadata endpoints, admin interfaces on localhost or the private network (SSRF). Two checks:
+
+- `parse_url`: only absolute http(s) URLs with a host.
+- `GuardedBackend`: an httpcore network backend that resolves the host itself, refuses if ANY of its
+  addresses is private, loopback, link-local, multicast, reserved or unspecified, and then connects to
+  the exact address it checked (no second DNS lookup an attacker could answer differently). Every
+  connection goes through it, including those for redirect hops, so each hop is re-checked.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Callable, Iterable
+
+import anyio
+import httpcore
+import httpx
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+AddressPolicy = Callable[[IPAddress], bool]
+
+ALLOWED_SCHEMES = ("http", "https")
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052: embeds an IPv4 address in the low bits
+
+
+class Refused(Exception):
+    """A URL the downloader will not fetch; `reason` is its failure code."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def parse_url(url: object) -> httpx.URL:
+    """An absolute http(s) URL with a host, or `Refused` (`bad_url` / `unsupported_scheme`)."""
+    if not isinstance(url, str) or not url.strip():
+        raise Refused("bad_url", f"not a URL: {url!r}")
+    try:
+        parsed = httpx.URL(url.strip())
+    except (httpx.InvalidURL, ValueError, TypeError) as exc:
+        raise Refused("bad_url", f"{url!r}: {exc}") from None
+    if not parsed.scheme:
+        raise Refused("bad_url", f"{url!r} has no scheme")
+    if parsed.scheme not in ALLOWED_SCHEMES:
+        raise Refused("unsupported_scheme", f"{parsed.scheme!r} in {url!r}; only http and https")
+    try:
+        host = parsed.host  # decodes IDNA, which fails for malformed "xn--" labels
+    except UnicodeError as exc:
+        raise Refused("bad_url", f"{url!r}: {exc}") from None
+    if not host:
+        raise Refused("bad_url", f"{url!r} has no host")
+    return parsed
+
+
+def embedded_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address stands for (mapped, 6to4, NAT64), if any."""
+    if ip.version == 4:
+        return None
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip in _NAT64:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
+def is_public_address(ip: IPAddress | str) -> bool:
+    """True only for globally routable unicast addresses (IPv4-in-IPv6 forms judged by the IPv4)."""
+    ip = ipaddress.ip_address(ip)
+    inner = embedded_ipv4(ip)
+    if inner is not None:
+        return is_public_address(inner)  # the packets go to the IPv4 address
+    if ip.version == 6 and ip.teredo is not None:
+        return False  # a tunnel whose far end we cannot judge
+    flags = (
+        ip.is_private,
+        ip.is_loopback,
+        ip.is_link_local,
+        ip.is_multicast,
+        ip.is_reserved,
+        ip.is_unspecified,
+    )
+    return ip.is_global and not any(flags)
+
+
+async def resolve(host: str, port: int, timeout: float | None = None) -> list[str]:
+    """Every address `host` resolves to (literals included), in resolver order, without repeats."""
+    try:
+        with anyio.fail_after(timeout):
+            infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise Refused("dns_error", f"{host}: {exc}") from None
+    except TimeoutError:
+        raise Refused("dns_error", f"{host}: no answer within {timeout}s") from None
+    except UnicodeError as exc:  # not a valid IDNA host name
+        raise Refused("bad_url", f"{host}: {exc}") from None
+    addresses: list[str] = []
+    for _family, _type, _proto, _name, sockaddr in infos:
+        if sockaddr[0] not in addresses:
+            addresses.append(str(sockaddr[0]))
+    return addresses
+
+
+def check_addresses(host: str, addresses: Iterable[str], policy: AddressPolicy) -> None:
+    """Refuse the host when any of its addresses fails the policy (round-robin DNS could pick it)."""
+    for address in addresses:
+        if not policy(ipaddress.ip_address(address)):
+            raise Refused("refused_address", f"{host} resolves to {address}")
+
+
+class GuardedBackend(httpcore.AsyncNetworkBackend):
+    """Resolve, check every address, then connect to a checked address only."""
+
+    def __init__(self, policy: AddressPolicy = is_public_address, inner=None):
+        self.policy = policy
+        self.inner = inner or httpcore.AnyIOBackend()
+
+    async def connect_tcp(
+        self, host, port, timeout=None, local_address=None, socket_options=None
+    ) -> httpcore.AsyncNetworkStream:
+        addresses = await resolve(host, port, timeout)
+        check_addresses(host, addresses, self.policy)
+        error: Exception = httpcore.ConnectError(f"{host} has no addresses")
+        for address in addresses:
+            try:
+                return await self.inner.connect_tcp(
+                    address, port, timeout, local_address, socket_options
+                )
+            except httpcore.ConnectError as exc:
+                error = exc
+        raise error
+
+    async def connect_unix_socket(self, path, timeout=None, socket_options=None):
+        raise Refused("refused_address", f"unix socket {path}")
+
+    async def sleep(self, seconds: float) -> None:
+        await self.inner.sleep(seconds)
+
+
+def guarded_transport(
+    limits: httpx.Limits, policy: AddressPolicy | None = is_public_address
+) -> httpx.AsyncHTTPTransport:
+    """An httpx transport whose every connection is checked by `policy` (None: no check).
+
+    Use it with `httpx.AsyncClient(trust_env=False)`: through an environment proxy the guard would
+    only see the proxy's address.
+    """
+    transport = httpx.AsyncHTTPTransport(limits=limits)
+    if policy is None:
+        return transport
+    pool = transport._pool  # httpx exposes no network_backend option; httpcore's pool does
+    if not isinstance(pool, httpcore.AsyncConnectionPool):
+        raise RuntimeError(f"unexpected httpx pool {type(pool).__name__}; cannot guard addresses")
+    transport._pool = httpcore.AsyncConnectionPool(
+        ssl_context=pool._ssl_context,
+        max_connections=limits.max_connections,
+        max_keepalive_connections=limits.max_keepalive_connections,
+        keepalive_expiry=limits.keepalive_expiry,
+        network_backend=GuardedBackend(policy),
+    )
+    return transport

@@ -1,0 +1,145 @@
+"""Where raw samples come from: a URL list (`urls`), a datasets dataset (`hf`) or a folder (`folder`).
+
+Each source module offers `open_rows(source) -> Rows` (a stream of `SourceRow`s in a stable order,
+so row i is always the same sample) and `fingerprint(source) -> str` (a hash of the source content,
+so an edited file under an old name is never mistaken for the old one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from types import ModuleType
+
+import pyarrow as pa
+
+from sdflow.config import SourceConfig
+from sdflow.errors import UserError
+
+URL_COLUMNS = ("url", "URL")
+CAPTION_COLUMNS = ("caption", "TEXT", "text")
+
+SAMPLE_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("image", pa.binary()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("orig_width", pa.int32()),
+        ("orig_height", pa.int32()),
+        ("content_hash", pa.string()),
+        ("caption", pa.string()),
+        ("source", pa.string()),
+    ]
+)
+"""The data shard schema shared by the download, filter and caption outputs."""
+
+
+@dataclass(frozen=True, slots=True)
+class SourceRow:
+    """One source sample before download: exactly one of url / data / path says where its bytes are."""
+
+    index: int
+    id: str | None
+    caption: str | None
+    source: str
+    url: str | None = None
+    data: bytes | None = None
+    path: str | None = None
+
+
+@dataclass
+class Rows:
+    """A stream of source rows, with the total when it is known cheaply (for the progress bar)."""
+
+    rows: Iterator[SourceRow]
+    total: int | None = None
+
+
+def row_id(index: int) -> str:
+    """The default stable id: the zero-padded source row index."""
+    return f"{index:08d}"
+
+
+def clean_caption(value: object) -> str | None:
+    """A caption as text, or None when absent or blank (the caption stage decides what to do)."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def pick_column(
+    found: Sequence[str], explicit: str | None, defaults: Sequence[str], what: str, where: str
+) -> str | None:
+    """The column to use: `explicit` (which must exist) or the first default present, else None."""
+    if explicit is not None:
+        if explicit not in found:
+            raise UserError(
+                f"{where} has no column {explicit!r} (set as {what}); "
+                f"its columns are: {', '.join(found) or '(none)'}."
+            )
+        return explicit
+    return next((name for name in defaults if name in found), None)
+
+
+def module(kind: str) -> ModuleType:
+    return importlib.import_module(f"sdflow.sources.{kind}")
+
+
+def open_rows(source: SourceConfig) -> Rows:
+    """The source's rows in their stable order, cut to `source.limit`."""
+    rows = module(source.kind).open_rows(source)
+    if source.limit is None:
+        return rows
+    total = min(rows.total, source.limit) if rows.total is not None else source.limit
+    return Rows(islice(rows.rows, source.limit), total)
+
+
+def fingerprint(source: SourceConfig) -> str:
+    """Content hash of everything the source reads (files, or a hub name + revision)."""
+    return module(source.kind).fingerprint(source)
+
+
+def batched(rows: Iterable[SourceRow], size: int) -> Iterator[list[SourceRow]]:
+    iterator = iter(rows)
+    while chunk := list(islice(iterator, size)):
+        yield chunk
+
+
+# Content hashes of files already read by this process, keyed by what changes when a file does.
+_DIGESTS: dict[tuple, str] = {}
+_RACY_S = 2.0  # a file changed this recently may change again within the same timestamp tick
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file, remembered within this process while its inode, size and times stay put.
+
+    The stage key is computed twice per run (Prefect's cache policy, then the stage itself); this
+    avoids reading a large folder twice. Like git's racy-timestamp rule, a file modified in the
+    last two seconds is never remembered.
+    """
+    stat = os.stat(path)
+    key = (os.fspath(path), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    cached = _DIGESTS.get(key)
+    if cached is not None:
+        return cached
+    with open(path, "rb") as fh:
+        digest = hashlib.file_digest(fh, "sha256").hexdigest()
+    if time.time() - max(stat.st_mtime, stat.st_ctime) > _RACY_S:
+        _DIGESTS[key] = digest
+    return digest
+
+
+def hash_files(root: Path, relpaths: Iterable[str]) -> str:
+    """One hash over relative paths and contents of the given files below `root`."""
+    digest = hashlib.sha256()
+    for rel in relpaths:
+        digest.update(rel.encode() + b"\0" + file_digest(root / rel).encode() + b"\n")
+    return digest.hexdigest()

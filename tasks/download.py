@@ -1,0 +1,275 @@
+"""Download stage: source rows -> shards of resized, re-encoded images with their captions.
+
+    sdflow run tiny-cpu --only download
+
+Rows come from the configured source (`urls`, `hf` or `folder`, see `sdflow.sources`) in a stable
+order; shard i holds rows [i * shard_size, (i + 1) * shard_size), so the output is deterministic and
+a rerun after a crash redoes only unfinished shards. URLs are fetched concurrently on one asyncio
+event loop (httpx); decoding, resizing and encoding run in a thread pool beside it (Pillow releases
+the GIL). Every row ends up kept in a shard or in the failures table with its reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from sdflow import imaging, netguard, sources, stageio
+from sdflow.config import RunConfig
+from sdflow.errors import UserError
+from sdflow.fingerprint import code_version
+from sdflow.imaging import ImageSpec, Rejected, process_image
+from sdflow.orchestration import stage_task
+from sdflow.sources import SAMPLE_SCHEMA, SourceRow, folder, hf, row_id, urls
+from sdflow.stageio import FAILURES, Manifest, StageBuild, build_stage, failures_table, shard_name
+
+STAGE = "download"
+# Knobs that change speed, not output: changing them must not invalidate a finished download.
+SPEED_ONLY = {"concurrency", "decode_workers"}
+HINTS = {
+    "refused_address": "URLs resolving to private, loopback or link-local addresses are refused; "
+    "set download.allow_private_network: true only for a list you trust",
+    "timeout": "raise download.timeout_s or download.retries",
+    "too_large": "raise download.max_bytes",
+    "dns_error": "check that this machine can resolve and reach the hosts",
+    "connection_error": "check that this machine can reach the hosts",
+}
+_SOURCE_MODULES = (folder, hf, urls, imaging, netguard)  # their code is part of code_version
+
+
+def download_key(config: RunConfig, upstream: dict[str, Manifest | None]) -> str:
+    settings = {
+        "source": config.source.model_dump(),
+        "download": config.download.model_dump(exclude=SPEED_ONLY),
+        "content": sources.fingerprint(config.source),
+    }
+    return stageio.stage_key(STAGE, settings, [], code_version(__name__))
+
+
+def download(config: RunConfig, upstream: dict[str, Manifest | None], workdir: str) -> Manifest:
+    """Build (or reuse) the download stage output for `config.source`."""
+    key = download_key(config, upstream)
+    return build_stage(workdir, STAGE, key, lambda build: _build(build, config))
+
+
+download_task = stage_task(STAGE, download_key)(download)
+
+
+def _build(build: StageBuild, config: RunConfig) -> Manifest:
+    rows = sources.open_rows(config.source)
+    workers = config.download.decode_workers or available_cpus()
+    started = time.monotonic()
+    with (
+        ThreadPoolExecutor(workers, thread_name_prefix="sdflow-decode") as pool,
+        tqdm(total=rows.total, unit="img", desc=STAGE, mininterval=1.0, disable=None) as bar,
+    ):
+        run = ShardRun(build, config, pool, workers, bar.update)
+        names = run_async(lambda: run.all(rows.rows))
+    if not names:
+        raise UserError(f"Source {config.source.path} ({config.source.kind}) has no rows.")
+    seconds = time.monotonic() - started
+    counts = count_outputs(build.path, names)
+    counts["images_per_second"] = round(run.kept / seconds, 2) if run.kept else 0.0
+    if counts["kept"] == 0:
+        raise UserError(describe_total_failure(config, counts))
+    info = {
+        "source_kind": config.source.kind,
+        "source_path": config.source.path,
+        "resolution": config.download.resolution,
+        "resize_mode": config.download.resize_mode,
+        "image_format": config.download.image_format,
+        "decode_workers": workers,
+        "seconds_this_run": round(seconds, 3),
+    }
+    return build.finish(counts=counts, shards=names, files={"failures": FAILURES}, info=info)
+
+
+class ShardRun:
+    """Downloads and processes shards, a few at a time, rows within them concurrently."""
+
+    def __init__(
+        self,
+        build: StageBuild,
+        config: RunConfig,
+        pool: ThreadPoolExecutor,
+        workers: int,
+        progress: Callable[[int], Any],
+    ):
+        self.build, self.pool, self.workers, self.progress = build, pool, workers, progress
+        self.settings, self.source = config.download, config.source
+        self.spec = ImageSpec(
+            self.settings.resolution,
+            self.settings.resize_mode,
+            self.settings.image_format,
+            self.settings.quality,
+        )
+        self.fetcher: urls.Fetcher | None = None
+        self.kept = 0  # samples kept by this run (not by an earlier, interrupted one)
+
+    async def all(self, rows: Iterator[SourceRow]) -> list[str]:
+        """Process every unfinished shard; return all shard names in order."""
+        network = self.source.kind == "urls"
+        limit = self.settings.concurrency if network else self.workers * 4
+        self.slots = asyncio.Semaphore(limit)
+        # enough shards in flight to keep every slot busy across shard boundaries
+        window = asyncio.Semaphore(max(2, math.ceil(limit / self.settings.shard_size) + 1))
+        async with AsyncExitStack() as stack:
+            if network:
+                self.fetcher = await stack.enter_async_context(urls.Fetcher(self.settings))
+            return await self._shards(rows, window)
+
+    async def _shards(self, rows: Iterator[SourceRow], window: asyncio.Semaphore) -> list[str]:
+        names: list[str] = []
+        pending: set[asyncio.Task] = set()
+        seen: set[str] = set()
+        try:
+            for index, chunk in enumerate(sources.batched(rows, self.settings.shard_size)):
+                duplicates = self._duplicates(chunk, seen)
+                names.append(shard_name(index))
+                if self.build.has(names[-1]):  # finished before a crash: keep it
+                    self.progress(len(chunk))
+                    continue
+                await window.acquire()
+                _raise_failed(pending)
+                task = asyncio.create_task(self._shard(index, chunk, duplicates))
+                task.add_done_callback(lambda _task: window.release())
+                pending.add(task)
+            await asyncio.gather(*pending)
+        finally:
+            for task in pending:
+                task.cancel()
+        return names
+
+    def _duplicates(self, chunk: list[SourceRow], seen: set[str]) -> set[int]:
+        """Rows whose id an earlier row already has (only possible with source.id_column)."""
+        if self.source.id_column is None:
+            return set()
+        duplicates = set()
+        for row in chunk:
+            if row.id in seen:
+                duplicates.add(row.index)
+            elif row.id:
+                seen.add(row.id)
+        return duplicates
+
+    async def _shard(self, index: int, rows: list[SourceRow], duplicates: set[int]) -> None:
+        results = await asyncio.gather(*(self._row(r, r.index in duplicates) for r in rows))
+        kept = [value for ok, value in results if ok]
+        failed = [value for ok, value in results if not ok]
+        table = pa.Table.from_pylist(kept, schema=SAMPLE_SCHEMA)
+        await asyncio.to_thread(self.build.write_shard, index, table, failures_table(failed))
+        self.kept += len(kept)
+
+    async def _row(self, row: SourceRow, duplicate: bool) -> tuple[bool, dict]:
+        try:
+            if not row.id:
+                raise Rejected("missing_id", f"no {self.source.id_column!r} value")
+            if duplicate:
+                raise Rejected("duplicate_id", f"{row.id!r} appeared in an earlier row")
+            async with self.slots:
+                encoded = await self._encoded(row)
+        except Rejected as exc:
+            failure = {"reason": exc.reason, "detail": exc.detail[:500]}
+            result = (False, {"id": row.id or row_id(row.index), "source": row.source, **failure})
+        else:
+            result = (True, sample(row, encoded))
+        self.progress(1)
+        return result
+
+    async def _encoded(self, row: SourceRow) -> imaging.Encoded:
+        loop = asyncio.get_running_loop()
+        if self.fetcher is not None:
+            data = await self.fetcher.fetch(row.url)
+            return await loop.run_in_executor(self.pool, process_image, data, self.spec)
+        return await loop.run_in_executor(self.pool, load_and_process, row, self.spec)
+
+
+def _raise_failed(tasks: set[asyncio.Task]) -> None:
+    """Stop early when a shard crashed (a bug or a full disk), instead of after the whole source."""
+    for task in [t for t in tasks if t.done()]:
+        tasks.discard(task)
+        task.result()
+
+
+def sample(row: SourceRow, encoded: imaging.Encoded) -> dict:
+    return {
+        "id": row.id,
+        "image": encoded.data,
+        "width": encoded.width,
+        "height": encoded.height,
+        "orig_width": encoded.orig_width,
+        "orig_height": encoded.orig_height,
+        "content_hash": encoded.content_hash,
+        "caption": row.caption,
+        "source": row.source,
+    }
+
+
+def load_and_process(row: SourceRow, spec: ImageSpec) -> imaging.Encoded:
+    """A local row (folder file, dataset bytes or path) read and processed in a worker thread."""
+    data = row.data
+    if data is None:
+        if not row.path:
+            raise Rejected("missing_file", "the row has no image")
+        try:
+            data = Path(row.path).read_bytes()
+        except FileNotFoundError:
+            raise Rejected("missing_file", row.path) from None
+        except OSError as exc:
+            raise Rejected("read_error", f"{row.path}: {exc}") from None
+    return process_image(data, spec)
+
+
+def count_outputs(path: Path, names: list[str]) -> dict[str, Any]:
+    """Counts over all shards, including those an interrupted earlier run finished."""
+    kept = sum(pq.ParquetFile(path / name).metadata.num_rows for name in names)
+    reasons: Counter[str] = Counter()
+    for name in names:
+        reasons.update(pq.read_table(path / FAILURES / name, columns=["reason"])[0].to_pylist())
+    failed = sum(reasons.values())
+    return {
+        "input": kept + failed,
+        "kept": kept,
+        "failed": failed,
+        "failed_by_reason": dict(sorted(reasons.items())),
+    }
+
+
+def describe_total_failure(config: RunConfig, counts: dict[str, Any]) -> str:
+    reasons = sorted(counts["failed_by_reason"].items(), key=lambda item: -item[1])
+    listed = ", ".join(f"{reason} x{n}" for reason, n in reasons[:5])
+    hints = "; ".join(HINTS[r] for r, _ in reasons[:3] if r in HINTS)
+    return (
+        f"Every one of the {counts['input']} rows of {config.source.path} failed to download "
+        f"({listed}).{' ' + hints + '.' if hints else ''} The failures with their reasons are in "
+        f"the stage's partial directory under {FAILURES}/."
+    )
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def run_async(make: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+    """Run a coroutine to completion, also when this thread already runs an event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(make())
+    with ThreadPoolExecutor(1) as runner:
+        return runner.submit(asyncio.run, make()).result()

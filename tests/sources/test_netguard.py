@@ -1,0 +1,114 @@
+"""Which URLs and addresses the downloader refuses (sdflow.netguard)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import httpcore
+import pytest
+
+from sdflow.netguard import GuardedBackend, Refused, is_public_address, parse_url
+
+REFUSED = [
+    "127.0.0.1",
+    "10.1.2.3",
+    "172.16.0.1",
+    "192.168.1.1",
+    "169.254.169.254",  # cloud metadata endpoint
+    "100.64.0.1",  # carrier-grade NAT
+    "0.0.0.0",
+    "224.0.0.1",
+    "240.0.0.1",
+    "255.255.255.255",
+    "::1",
+    "::",
+    "fe80::1",
+    "fc00::1",
+    "ff02::1",
+    "::ffff:127.0.0.1",  # IPv4-mapped loopback
+    "::ffff:10.0.0.1",
+    "2002:7f00:1::",  # 6to4 wrapping 127.0.0.1
+    "64:ff9b::a9fe:a9fe",  # NAT64 wrapping 169.254.169.254
+    "2001:db8::1",  # documentation
+]
+ALLOWED = ["8.8.8.8", "1.1.1.1", "93.184.216.34", "2606:4700:4700::1111", "::ffff:8.8.8.8"]
+
+
+@pytest.mark.parametrize("address", REFUSED)
+def test_non_public_addresses_are_refused(address):
+    assert not is_public_address(address)
+
+
+@pytest.mark.parametrize("address", ALLOWED)
+def test_public_addresses_are_allowed(address):
+    assert is_public_address(address)
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("ftp://example.com/a.png", "unsupported_scheme"),
+        ("file:///etc/passwd", "unsupported_scheme"),
+        ("gopher://example.com/", "unsupported_scheme"),
+        ("not a url", "bad_url"),
+        ("", "bad_url"),
+        (None, "bad_url"),
+        ("http://", "bad_url"),
+        ("http://[::1/a.png", "bad_url"),
+        ("http://xn--zz/a.png", "bad_url"),  # not valid IDNA
+        ("http://\u2603.invalid/", "bad_url"),
+    ],
+)
+def test_bad_urls_are_refused_with_a_reason(url, reason):
+    with pytest.raises(Refused) as caught:
+        parse_url(url)
+    assert caught.value.reason == reason
+
+
+def test_http_and_https_urls_parse():
+    assert parse_url(" https://example.com/a.png?x=1 ").host == "example.com"
+    assert parse_url("HTTP://Example.com/a.png").scheme == "http"
+
+
+def test_guarded_backend_refuses_before_connecting():
+    """`localhost` is resolved and refused; the listening socket never sees a connection."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    backend = GuardedBackend()
+
+    async def connect(host: str):
+        return await backend.connect_tcp(host, port, timeout=2)
+
+    try:
+        for host in ("localhost", "127.0.0.1", "::1"):
+            with pytest.raises(Refused) as caught:
+                asyncio.run(connect(host))
+            assert caught.value.reason == "refused_address"
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nothing ever connected
+    finally:
+        listener.close()
+
+
+def test_guarded_backend_connects_to_the_checked_address():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    backend = GuardedBackend(policy=lambda ip: str(ip) == "127.0.0.1")
+
+    async def connect() -> httpcore.AsyncNetworkStream:
+        stream = await backend.connect_tcp("127.0.0.1", port, timeout=2)
+        await stream.aclose()
+        return stream
+
+    try:
+        asyncio.run(connect())
+        peer, _ = listener.accept()
+        peer.close()
+    finally:
+        listener.close()

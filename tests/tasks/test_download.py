@@ -1,0 +1,418 @@
+"""The download stage against a real HTTP server on 127.0.0.1, and on folders and local datasets."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from sdflow.config import DownloadConfig, RunConfig
+from sdflow.errors import UserError
+from sdflow.sources.urls import Fetcher
+from sdflow.stageio import load_manifest, read_failures, read_shards, stage_dir
+from tasks.download import download, download_key
+
+
+def image_bytes(fmt: str, seed: int = 0, size: tuple[int, int] = (48, 40)) -> bytes:
+    y, x = np.mgrid[0 : size[1], 0 : size[0]]
+    pixels = np.stack([(x * 5 + seed * 40) % 256, (y * 6) % 256, np.full_like(x, seed * 50)], -1)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def bomb_png() -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+PNG, JPEG = image_bytes("PNG", 1), image_bytes("JPEG", 2)
+MAX_BYTES = 4096
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Routes of the test server; every request is logged before it is answered."""
+
+    def log_message(self, *args) -> None:  # keep test output quiet
+        pass
+
+    def do_GET(self) -> None:
+        server: ImageServer = self.server  # type: ignore[assignment]
+        with server.lock:
+            server.log.append(self.path)
+            server.hits[self.path] = server.hits.get(self.path, 0) + 1
+            hits = server.hits[self.path]
+        route = self.path.split("?")[0]
+        if route.startswith("/slow/"):
+            time.sleep(server.delay)
+            route = "/" + route.removeprefix("/slow/")
+        self.answer(route, hits, server)
+
+    def answer(self, route: str, hits: int, server: ImageServer) -> None:
+        if route == "/good.png":
+            self.send(200, PNG, "image/png")
+        elif route == "/good.jpg":
+            self.send(200, JPEG, "image/jpeg")
+        elif route == "/flaky.png":  # 500 the first time, then the image
+            self.send(500, b"oops") if hits == 1 else self.send(200, PNG, "image/png")
+        elif route == "/busy":
+            self.send(429, b"slow down")
+        elif route == "/hang":
+            time.sleep(3)
+            self.send(200, PNG, "image/png")
+        elif route == "/page.html":
+            self.send(200, b"<html><body>an HTML page</body></html>", "text/html")
+        elif route == "/truncated.jpg":
+            self.send(200, JPEG[: len(JPEG) // 2], "image/jpeg")
+        elif route == "/empty":
+            self.send(200, b"", "image/png")
+        elif route == "/big":
+            self.send(200, b"\0" * (MAX_BYTES * 3), "image/png")
+        elif route == "/big-chunked":  # no Content-Length: only the byte count can stop it
+            self.send_response(200)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(b"\0" * (MAX_BYTES * 3))
+            self.close_connection = True
+        elif route == "/bomb.png":
+            self.send(200, bomb_png(), "image/png")
+        elif route == "/redirect":
+            self.redirect("/good.jpg")
+        elif route == "/loop":
+            self.redirect("/loop")
+        elif route == "/redirect-out":
+            self.redirect(f"http://127.0.0.2:{server.server_address[1]}/good.png")
+        else:
+            self.send(404, b"not found")
+
+    def send(self, status: int, body: bytes, kind: str = "text/plain") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def redirect(self, location: str) -> None:
+        self.send_response(302)
+        self.send_header("Location", location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+class ImageServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.lock = threading.Lock()
+        self.log: list[str] = []
+        self.hits: dict[str, int] = {}
+        self.delay = 0.0
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}{path}"
+
+
+@pytest.fixture
+def http_server():
+    server = ImageServer()
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def url_list(tmp_path: Path, urls: list[str], name: str = "list.csv") -> str:
+    path = tmp_path / name
+    lines = ["url,caption"] + [f"{u},caption {i}" for i, u in enumerate(urls)]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def config_for(source: dict, **download) -> RunConfig:
+    settings = {
+        "resolution": 32,
+        "shard_size": 4,
+        "timeout_s": 0.5,
+        "retries": 1,
+        "backoff_s": 0.05,
+        "max_bytes": MAX_BYTES,
+        "concurrency": 8,
+        "decode_workers": 2,
+        "allow_private_network": True,
+        **download,
+    }
+    return RunConfig.model_validate({"source": source, "download": settings})
+
+
+def fates(workdir: Path, manifest: dict) -> dict[str, str]:
+    """id -> "kept" or the failure reason, for every row."""
+    result = {}
+    for table in read_shards(workdir, manifest, columns=["id"]):
+        result.update(dict.fromkeys(table["id"].to_pylist(), "kept"))
+    for row in read_failures(workdir, manifest).to_pylist():
+        assert row["id"] not in result, f"{row['id']} is both kept and failed"
+        result[row["id"]] = row["reason"]
+    return result
+
+
+EXPECTED = {
+    "/good.png": "kept",
+    "/good.jpg": "kept",
+    "/missing": "http_404",
+    "/flaky.png": "kept",
+    "/busy": "http_429",
+    "/hang": "timeout",
+    "/page.html": "not_an_image",
+    "/truncated.jpg": "decode_error",
+    "/empty": "empty_body",
+    "/big": "too_large",
+    "/big-chunked": "too_large",
+    "/redirect": "kept",
+    "/loop": "too_many_redirects",
+    "/bomb.png": "decompression_bomb",
+}
+
+
+def test_every_row_is_kept_or_fails_with_its_reason(tmp_path, http_server):
+    urls = [http_server.url(p) for p in EXPECTED]
+    urls += ["ftp://127.0.0.1/x.png", "not-a-url", f"http://127.0.0.1:{closed_port()}/x.png"]
+    expected = [*EXPECTED.values(), "unsupported_scheme", "bad_url", "connection_error"]
+    config = config_for({"kind": "urls", "path": url_list(tmp_path, urls)})
+    manifest = download(config, {}, str(tmp_path / "work"))
+
+    got = fates(tmp_path / "work", manifest)
+    assert got == {f"{i:08d}": fate for i, fate in enumerate(expected)}
+    counts = manifest["counts"]
+    assert counts["input"] == len(urls) == counts["kept"] + counts["failed"]
+    assert counts["kept"] == 4 and counts["failed_by_reason"]["too_large"] == 2
+    assert counts["images_per_second"] > 0
+    assert http_server.hits["/flaky.png"] == 2  # retried after the 500, then kept
+    assert http_server.hits["/busy"] == 2 and http_server.hits["/hang"] == 2
+    assert http_server.hits["/loop"] == 6  # first request + 5 redirects, then given up
+
+    rows = {r["id"]: r for t in read_shards(tmp_path / "work", manifest) for r in t.to_pylist()}
+    good = rows["00000000"]
+    assert good["content_hash"] == hashlib.sha256(PNG).hexdigest()
+    assert (good["width"], good["height"], good["orig_width"], good["orig_height"]) == (
+        32,
+        32,
+        48,
+        40,
+    )
+    assert Image.open(io.BytesIO(good["image"])).format == "PNG"
+    assert good["caption"] == "caption 0" and good["source"] == urls[0]
+    assert rows["00000011"]["content_hash"] == hashlib.sha256(JPEG).hexdigest()  # redirected
+
+
+def test_private_addresses_are_refused_without_any_request(tmp_path, http_server):
+    port = http_server.server_address[1]
+    urls = [http_server.url(p) for p in EXPECTED]
+    urls += [f"http://localhost:{port}/good.png", f"http://[::1]:{port}/good.png"]
+    config = config_for(
+        {"kind": "urls", "path": url_list(tmp_path, urls)}, allow_private_network=False
+    )
+    with pytest.raises(UserError, match="refused_address.*allow_private_network"):
+        download(config, {}, str(tmp_path / "work"))
+    assert http_server.log == []
+    partial = stage_dir(tmp_path / "work", "download", download_key(config, {}))
+    partial = partial.with_name(f".{partial.name}.partial")
+    reasons = [
+        r
+        for p in sorted((partial / "failures").glob("*.parquet"))
+        for r in pq.read_table(p)["reason"].to_pylist()
+    ]
+    assert reasons == ["refused_address"] * len(urls)
+
+
+def test_redirect_hops_are_checked_again(http_server):
+    """A redirect from an allowed address to a refused one is not followed."""
+    settings = DownloadConfig(allow_private_network=False, timeout_s=2, retries=0)
+
+    async def fetch(path: str) -> bytes:
+        async with Fetcher(settings, policy=lambda ip: str(ip) == "127.0.0.1") as fetcher:
+            return await fetcher.fetch(http_server.url(path))
+
+    assert asyncio.run(fetch("/redirect")) == JPEG  # a hop to the same, allowed address
+    with pytest.raises(Exception) as caught:
+        asyncio.run(fetch("/redirect-out"))
+    assert getattr(caught.value, "reason", None) == "refused_address"
+    assert http_server.log == ["/redirect", "/good.jpg", "/redirect-out"]
+
+
+@pytest.mark.parametrize(
+    ("mode", "size"), [("center_crop", (32, 32)), ("keep_ratio", (32, 27)), ("none", (48, 40))]
+)
+def test_resize_modes_from_a_parquet_list(tmp_path, http_server, mode, size):
+    import pyarrow as pa
+
+    path = tmp_path / "list.parquet"
+    table = pa.table({"URL": [http_server.url("/good.png")], "TEXT": ["a caption"]})
+    pq.write_table(table, path)
+    config = config_for({"kind": "urls", "path": str(path)}, resize_mode=mode, image_format="jpeg")
+    manifest = download(config, {}, str(tmp_path / "work"))
+    row = next(read_shards(tmp_path / "work", manifest)).to_pylist()[0]
+    assert (row["width"], row["height"]) == size
+    assert Image.open(io.BytesIO(row["image"])).size == size
+    assert row["caption"] == "a caption"
+
+
+def make_folder(root: Path, count: int = 5) -> Path:
+    root.mkdir(parents=True)
+    for i in range(count):
+        (root / f"img{i}.png").write_bytes(image_bytes("PNG", seed=i))
+    (root / "img0.txt").write_text("sidecar caption")
+    (root / "metadata.jsonl").write_text(
+        json.dumps({"file_name": "img1.png", "text": "meta"}) + "\n"
+    )
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    return root
+
+
+def test_folder_source_and_a_stale_image_under_the_same_name(tmp_path):
+    folder = make_folder(tmp_path / "images")
+    config = config_for({"kind": "folder", "path": str(folder)})
+    first = download(config, {}, str(tmp_path / "work"))
+    assert fates(tmp_path / "work", first) == {
+        **{f"img{i}.png": "kept" for i in range(5)},
+        "broken.jpg": "decode_error",
+    }
+    rows = {r["id"]: r for t in read_shards(tmp_path / "work", first) for r in t.to_pylist()}
+    assert rows["img0.png"]["caption"] == "sidecar caption"
+    assert rows["img1.png"]["caption"] == "meta"
+    assert rows["img2.png"]["caption"] is None  # not a download failure
+    assert download(config, {}, str(tmp_path / "work"))["reused"] is True
+
+    image = folder / "img3.png"
+    stat = image.stat()
+    image.write_bytes(image_bytes("PNG", seed=42))  # same name, same size class, same mtime
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert download_key(config, {}) != first["key"]
+    second = download(config, {}, str(tmp_path / "work"))
+    assert second["reused"] is False
+    rows = {r["id"]: r for t in read_shards(tmp_path / "work", second) for r in t.to_pylist()}
+    assert rows["img3.png"]["content_hash"] == hashlib.sha256(image.read_bytes()).hexdigest()
+
+
+def test_duplicate_and_missing_ids_fail_one_row_each(tmp_path):
+    folder = make_folder(tmp_path / "images", count=3)
+    (folder / "metadata.jsonl").write_text(
+        "".join(
+            json.dumps({"file_name": f"img{i}.png", "uid": uid}) + "\n"
+            for i, uid in enumerate(["u", "u"])
+        )
+    )
+    config = config_for({"kind": "folder", "path": str(folder), "id_column": "uid"})
+    manifest = download(config, {}, str(tmp_path / "work"))
+    assert manifest["counts"]["failed_by_reason"] == {"duplicate_id": 1, "missing_id": 2}
+    assert manifest["counts"]["kept"] == 1
+
+
+def test_hf_source_from_a_local_imagefolder(tmp_path):
+    root = tmp_path / "hfdata"
+    root.mkdir()
+    names = [f"x{i}.png" for i in range(6)]
+    for i, name in enumerate(names):
+        (root / name).write_bytes(image_bytes("PNG", seed=i, size=(40 + i, 48)))
+    (root / "metadata.jsonl").write_text(
+        "".join(json.dumps({"file_name": n, "text": f"text {n}"}) + "\n" for n in names)
+    )
+    config = config_for({"kind": "hf", "path": str(root)})
+    manifest = download(config, {}, str(tmp_path / "work"))
+    assert manifest["counts"]["kept"] == 6 and len(manifest["shards"]) == 2
+    rows = [r for t in read_shards(tmp_path / "work", manifest) for r in t.to_pylist()]
+    assert [r["id"] for r in rows] == [f"{i:08d}" for i in range(6)]
+    for row in rows:
+        name = row["caption"].removeprefix("text ")
+        assert row["content_hash"] == hashlib.sha256((root / name).read_bytes()).hexdigest()
+        assert (row["orig_width"], row["width"]) == (40 + int(name[1]), 32)
+
+
+KILL_SCRIPT = """
+import json, sys
+from sdflow.config import RunConfig
+from tasks.download import download
+download(RunConfig.model_validate(json.loads(sys.argv[1])), {}, sys.argv[2])
+"""
+
+
+def test_kill_9_resumes_and_gives_byte_identical_shards(tmp_path, http_server):
+    http_server.delay = 0.25
+    urls = [http_server.url(f"/slow/good.png?row={i}") for i in range(10)]
+    urls[4] = http_server.url("/slow/missing?row=4")
+    config = config_for(
+        {"kind": "urls", "path": url_list(tmp_path, urls)}, shard_size=3, concurrency=2
+    )
+    killed = tmp_path / "killed"
+    key = download_key(config, {})
+    final = stage_dir(killed, "download", key)
+    partial = final.with_name(f".{key}.partial")
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILL_SCRIPT, config.model_dump_json(), str(killed)],
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (partial / "shard-00000.parquet").exists():
+            assert child.poll() is None and time.monotonic() < deadline, "child never wrote a shard"
+            time.sleep(0.02)
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.wait(timeout=30)
+
+    assert not final.exists()  # nothing looks complete
+    done = sorted(p.name for p in partial.glob("shard-*.parquet"))
+    assert done and len(done) < 4
+    for path in partial.rglob("*"):
+        if path.is_file() and not path.name.startswith("."):  # only temp files may be partial
+            pq.read_table(path)
+
+    finished_rows = {
+        f"row={i}" for name in done for i in range(int(name[6:11]) * 3, int(name[6:11]) * 3 + 3)
+    }
+    http_server.log.clear()
+    resumed = download(config, {}, str(killed))
+    assert not any(path.split("?")[1] in finished_rows for path in http_server.log)
+
+    clean = download(config, {}, str(tmp_path / "clean"))
+    assert resumed["shards"] == clean["shards"] == [f"shard-{i:05d}.parquet" for i in range(4)]
+    assert resumed["fingerprint"] == clean["fingerprint"]
+    for name in clean["shards"]:
+        for sub in ("", "failures/"):
+            a = (stage_dir(killed, "download", key) / sub / name).read_bytes()
+            b = (stage_dir(tmp_path / "clean", "download", key) / sub / name).read_bytes()
+            assert a == b, f"{sub}{name} differs"
+    assert resumed["counts"] == {
+        **clean["counts"],
+        "images_per_second": resumed["counts"]["images_per_second"],
+    }
+    assert load_manifest(final)["counts"]["failed_by_reason"] == {"http_404": 1}
