@@ -11,6 +11,7 @@ A user error (bad config, missing path, unwritable workdir) ends with one paragr
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -93,7 +94,10 @@ def _run(args: argparse.Namespace) -> int:
 
 def _run_flow(profile, overrides, workdir, only, refresh, config: RunConfig) -> str:
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", LIBRARY_LOGGERS)
+    # The ephemeral server's telemetry heartbeat races its own SQLite writes ("database is locked").
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    logging.getLogger("sdflow").setLevel(logging.INFO)  # stage progress reaches the run's log
     from flows.pipeline import pipeline  # Prefect is imported only when a flow runs
 
     flow = pipeline
