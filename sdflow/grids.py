@@ -1,11 +1,14 @@
-"""A labelled sample grid: a row per prompt, a block of columns per model, prompts under images.
+"""A labelled sample grid: a column per prompt, a band of rows per model, prompts on top.
 
     <run settings; the models' full names>
-    baseline                       trained
-    [img] [img]                    [img] [img]
-    a red circle on ...            a red circle on ...
+    a red circle on ...   a blue square on ...   ...
+    baseline
+    [img]                 [img]                  ...
+    trained
+    [img]                 [img]                  ...
 
-Models side by side make before-vs-after a glance along each row. Images are upscaled with
+Before and after sit in the same column, one above the other, so each prompt's change is a glance
+down its column, and a dozen prompts still fit a screen's width. Images are upscaled with
 nearest-neighbour to at least `min_cell` pixels, so 32 px samples stay visible and unblurred.
 """
 
@@ -22,9 +25,10 @@ from sdflow.stageio import write_atomic
 
 MARGIN = 8  # around the whole grid
 GAP = 4  # between cells
-BLOCK_GAP = 16  # between the models' column blocks
+BLOCK_GAP = 12  # between the models' bands
 FONT_SIZE = 11
-CAPTION_LINES = 3  # at most, under each image
+CAPTION_LINES = 4  # at most, above each column
+MIN_WIDTH = 360  # room for the title when there are few prompts
 BACKGROUND = (255, 255, 255)
 INK = (20, 20, 20)
 
@@ -42,37 +46,37 @@ class Layout:
     """Pixel geometry of a grid, computed once and used for both sizing and drawing."""
 
     cell: int
-    columns: int  # per block
+    prompts: int  # columns
+    per_prompt: int  # rows in each model's band
     blocks: int
-    rows: int
     line: int  # text line height
     title_lines: int
     caption_lines: int
 
     @property
-    def header(self) -> int:
-        return self.label_y + self.line + GAP
-
-    @property
-    def label_y(self) -> int:
+    def captions_y(self) -> int:
         return MARGIN + self.title_lines * self.line + GAP
 
     @property
-    def row_height(self) -> int:
-        return self.cell + self.caption_lines * self.line + 2 * GAP
+    def bands_y(self) -> int:
+        return self.captions_y + self.caption_lines * self.line + GAP
 
     @property
-    def block_width(self) -> int:
-        return self.columns * self.cell + (self.columns - 1) * GAP
+    def band_height(self) -> int:
+        return self.line + self.per_prompt * (self.cell + GAP)
 
     @property
     def size(self) -> tuple[int, int]:
-        width = 2 * MARGIN + self.blocks * self.block_width + (self.blocks - 1) * BLOCK_GAP
-        return width, self.header + self.rows * self.row_height + MARGIN
+        width = 2 * MARGIN + self.prompts * self.cell + (self.prompts - 1) * GAP
+        height = self.bands_y + self.blocks * (self.band_height + BLOCK_GAP) + MARGIN
+        return max(width, MIN_WIDTH), height
 
-    def origin(self, block: int, row: int, column: int) -> tuple[int, int]:
-        x = MARGIN + block * (self.block_width + BLOCK_GAP) + column * (self.cell + GAP)
-        return x, self.header + row * self.row_height
+    def band_y(self, block: int) -> int:
+        return self.bands_y + block * (self.band_height + BLOCK_GAP)
+
+    def origin(self, block: int, prompt: int, image: int) -> tuple[int, int]:
+        x = MARGIN + prompt * (self.cell + GAP)
+        return x, self.band_y(block) + self.line + image * (self.cell + GAP)
 
 
 def render_grid(
@@ -84,10 +88,12 @@ def render_grid(
     """
     if not prompts or not blocks:
         raise ValueError("a grid needs at least one prompt and one block")
-    columns = len(blocks[0].images[0])
+    per_prompt = len(blocks[0].images[0])
     for block in blocks:
-        if len(block.images) != len(prompts) or any(len(r) != columns for r in block.images):
-            raise ValueError(f"block {block.label!r} does not have {len(prompts)}x{columns} images")
+        if len(block.images) != len(prompts) or any(len(r) != per_prompt for r in block.images):
+            raise ValueError(
+                f"block {block.label!r} does not have {len(prompts)}x{per_prompt} images"
+            )
     font = ImageFont.load_default(size=FONT_SIZE)
     side = max(blocks[0].images[0][0].size)
     cell = side * max(1, math.ceil(min_cell / side))  # whole-number scale: crisp nearest upscaling
@@ -95,34 +101,33 @@ def render_grid(
     line = _line_height(probe, font)
     captions = [wrap_text(probe, p, font, cell, max_lines=CAPTION_LINES) for p in prompts]
     caption_lines = max(len(c) for c in captions)
-    width = Layout(cell, columns, len(blocks), len(prompts), line, 0, caption_lines).size[0]
+    shape = (cell, len(prompts), per_prompt, len(blocks), line)
+    width = Layout(*shape, 0, caption_lines).size[0]
     title_lines = [
         part for text in title for part in wrap_text(probe, text, font, width - 2 * MARGIN, 3)
     ]
-    layout = Layout(cell, columns, len(blocks), len(prompts), line, len(title_lines), caption_lines)
+    layout = Layout(*shape, len(title_lines), caption_lines)
     canvas = Image.new("RGB", layout.size, BACKGROUND)
     draw = ImageDraw.Draw(canvas)
     for k, text in enumerate(title_lines):
         draw.text((MARGIN, MARGIN + k * line), text, fill=INK, font=font)
+    for i, lines in enumerate(captions):
+        x, _ = layout.origin(0, i, 0)
+        for k, text in enumerate(lines):
+            draw.text((x, layout.captions_y + k * line), text, fill=INK, font=font)
     for b, block in enumerate(blocks):
-        _draw_block(canvas, draw, font, layout, b, block, captions)
+        _draw_block(canvas, draw, font, layout, b, block)
     return canvas
 
 
-def _draw_block(canvas, draw, font, layout: Layout, b: int, block: Block, captions) -> None:
-    x, _ = layout.origin(b, 0, 0)
-    label = wrap_text(draw, block.label, font, layout.block_width, max_lines=1)[0]
-    draw.text((x, layout.label_y), label, fill=INK, font=font)
-    for i, row in enumerate(block.images):
-        for j, image in enumerate(row):
-            cx, cy = layout.origin(b, i, j)
+def _draw_block(canvas, draw, font, layout: Layout, b: int, block: Block) -> None:
+    draw.text((MARGIN, layout.band_y(b)), block.label, fill=INK, font=font)
+    for i, images in enumerate(block.images):
+        for j, image in enumerate(images):
             cell_image = image.convert("RGB").resize(
                 (layout.cell, layout.cell), Image.Resampling.NEAREST
             )
-            canvas.paste(cell_image, (cx, cy))
-            for k, text in enumerate(captions[i]):
-                y = cy + layout.cell + GAP + k * layout.line
-                draw.text((cx, y), text, fill=INK, font=font)
+            canvas.paste(cell_image, layout.origin(b, i, j))
 
 
 def _line_height(draw: ImageDraw.ImageDraw, font) -> int:

@@ -164,9 +164,9 @@ def test_evaluate_writes_samples_grid_and_metrics(upstream) -> None:
     assert trained.shape == (32, 32, 3) and not np.array_equal(trained, baseline)
 
     grid = Image.open(out / "grid.png")
-    # 2 models x 2 images per prompt, 32 px upscaled x3 to 96 px; 3 prompt rows of 96 px + text
-    assert 4 * 96 < grid.width < 4 * 96 + 80
-    assert grid.height > 3 * 96 + 3 * 3 * 11
+    # 3 prompt columns; 2 models x 2 images per prompt as rows; 32 px upscaled x3 to 96 px
+    assert 3 * 96 < grid.width < 3 * 96 + 80
+    assert grid.height > 4 * 96 + 3 * 11
     cell = np.asarray(grid.convert("RGB"))
     assert len(np.unique(cell.reshape(-1, 3), axis=0)) > 50  # images, not a blank canvas
 
@@ -217,7 +217,8 @@ def test_explicit_prompts_no_baseline_and_few_real_images(upstream) -> None:
     assert metrics["baseline"] is None and metrics["training_helped"] is None
     assert "eval.baseline" in metrics["training_helped_reason"]
     assert not (out / "samples" / "baseline").exists()
-    assert Image.open(out / "grid.png").width < 2 * 96
+    single = Image.open(out / "grid.png")  # one prompt column, one trained band
+    assert single.height < 2 * 96 + 120
 
 
 def test_fid_prompts_cycle_the_held_out_captions_with_distinct_seeds() -> None:
@@ -355,7 +356,7 @@ def test_lora_is_loaded_on_the_base_model(upstream, tmp_path) -> None:
     assert metrics["trained"]["fid"] != metrics["baseline"]["fid"]  # the adapter changed the UNet
 
 
-def test_grid_upscales_with_nearest_and_labels_every_row() -> None:
+def test_grid_upscales_with_nearest_and_labels_every_column() -> None:
     from sdflow.grids import Block, render_grid
 
     red, blue = Image.new("RGB", (16, 16), (255, 0, 0)), Image.new("RGB", (16, 16), (0, 0, 255))
@@ -369,9 +370,15 @@ def test_grid_upscales_with_nearest_and_labels_every_row() -> None:
     # the odd pixel became a 6x6 block (16 px x 6 = 96 px cells), without blended edges
     green = np.argwhere((pixels == (0, 255, 0)).all(-1))
     assert len(green) == 2 * 36
-    assert grid.width < 2 * 96 + 60 and grid.height > 2 * 96
-    # dark text pixels under each row of images: the prompts are drawn
-    ys = sorted({int(y) for y, _ in green})
-    for top in (ys[0], ys[-1]):
-        below = pixels[top + 96 : top + 96 + 20]
-        assert (below.sum(-1) < 200).any()
+    assert grid.height > 2 * 96 and grid.width < 2 * 96 + 200
+    # baseline above trained in each prompt's column
+    reds, blues = (
+        np.argwhere((pixels == (255, 0, 0)).all(-1)),
+        np.argwhere((pixels == (0, 0, 255)).all(-1)),
+    )
+    assert reds[:, 0].max() < blues[:, 0].min()
+    # dark text pixels above the first band, over each column: the prompts are drawn
+    top = int(reds[:, 0].min())
+    for x in (int(green[0][1]), int(green[-1][1])):
+        above = pixels[top - 40 : top, x : x + 90]
+        assert (above.sum(-1) < 200).any()
