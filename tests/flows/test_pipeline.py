@@ -68,6 +68,21 @@ def test_whole_dag_then_all_cached(prefect_server, source, tmp_path):
     second = _run(workdir, source)
     assert all(cached for _, cached in _statuses(second).values()), second["stages"]
 
+    # LoRA fine-tune of the model this run just trained: the pretrained path, offline
+    base = first["model_dir"]
+    lora = _run(
+        workdir, source,
+        "--set", "model.init=pretrained", "--set", f"model.pretrained={base}",
+        "--set", "train.mode=lora", "--set", "train.lr=0.01",
+    )  # fmt: skip
+    assert "autoencoder" not in lora["stages"]  # the pretrained VAE is used
+    assert _statuses(lora)["download"] == ("completed", True)
+    assert _statuses(lora)["latents"] == ("completed", False)  # other encoders: re-encoded
+    assert Path(lora["model_dir"], "pytorch_lora_weights.safetensors").is_file()
+    pipe = StableDiffusionPipeline.from_pretrained(base)
+    pipe.load_lora_weights(lora["model_dir"])
+    assert lora["metrics"]["baseline"]["fid"] >= 0
+
 
 def test_data_stages_rerun_exactly_what_changed(prefect_server, source, tmp_path):
     workdir = tmp_path / "work"
