@@ -208,6 +208,22 @@ def discard_stage(workdir: str | Path, stage: str, key: str) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
+@contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Write a directory beside `target`, then rename it into place: never half a model on disk."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def shard_paths(workdir: str | Path, manifest: Manifest) -> list[Path]:
     base = output_dir(workdir, manifest)
     return [base / name for name in manifest["shards"]]
