@@ -1,0 +1,190 @@
+"""Training-step throughput and peak GPU memory of a profile, on the real UNet architecture.
+
+    python bench/gpu_step.py --profile sd15-lora-12gb [--steps 20] [--batch-size N]
+
+Builds the UNet of the profile's base model FROM CONFIG with random weights (no download: the SD 1.5
+and SD 2.1 architectures are written out below), applies the profile's training mode (LoRA or full),
+mixed precision, gradient checkpointing and EMA, and runs sdflow's own training step
+(`sdflow.training.diffusion_loss`) on latent-shaped random inputs at the profile's resolution. Prints
+images/s and the peak GPU memory, also as one JSON line. On a machine without a GPU it runs on the
+CPU (`--resolution 64 --steps 2 --set train.mixed_precision=no` smoke-tests the code path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from types import SimpleNamespace
+
+import torch
+from diffusers import DDPMScheduler
+from diffusers.training_utils import EMAModel
+
+from sdflow.profiles import load_profile
+from sdflow.training import (
+    WEIGHT_DTYPES,
+    build_trainable_unet,
+    diffusion_loss,
+    make_accelerator,
+)
+
+SD15_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=[320, 640, 1280, 1280],
+    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+)
+SD21_UNET = dict(
+    SD15_UNET,
+    sample_size=96,
+    cross_attention_dim=1024,
+    attention_head_dim=[5, 10, 20, 20],
+    use_linear_projection=True,
+)
+TEXT_LENGTH = 77
+
+
+def unet_config(config) -> dict:
+    """The profile's UNet architecture: its own for scratch, SD 1.5 / 2.1 for those bases."""
+    if config.model.init == "scratch":
+        return dict(config.model.unet)
+    name = (config.model.pretrained or "").lower()
+    return SD21_UNET if "2-1" in name or "2.1" in name or "sd21" in name else SD15_UNET
+
+
+class RandomLatents:
+    """Latent-shaped inputs with the interface of sdflow's cached-latent batch source."""
+
+    scaling_factor = 0.18215
+
+    def __init__(self, channels: int, size: int, text_dim: int):
+        self.shape = (channels, size, size)
+        self.empty_prompt = torch.zeros(TEXT_LENGTH, text_dim)
+        self.text_dim = text_dim
+
+    def batch(self, size: int) -> dict:
+        return {
+            "id": [str(i) for i in range(size)],
+            "mean": torch.randn(size, *self.shape),
+            "std": torch.full((size, *self.shape), 0.05),
+            "text": torch.randn(size, TEXT_LENGTH, self.text_dim),
+        }
+
+    def latent_dist(self, batch: dict, flip: torch.Tensor):
+        return batch["mean"], batch["std"]
+
+    def text(self, batch: dict) -> torch.Tensor:
+        return batch["text"]
+
+
+def main() -> None:
+    args = _arguments()
+    config = load_profile(args.profile, args.overrides)
+    train = config.train
+    batch_size = args.batch_size or train.batch_size
+    resolution = args.resolution or config.download.resolution
+    accelerator = make_accelerator(train, _scratch_dir())
+    architecture = unet_config(config)
+    # sdflow's own UNet set-up (LoRA adapters, frozen weights in the compute dtype, checkpointing),
+    # with the architecture built from config instead of loaded: random weights, no download.
+    config.model.unet = architecture
+    config.model.text_encoder = {"hidden_size": architecture["cross_attention_dim"]}
+    dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
+    unet = build_trainable_unet(config, SimpleNamespace(unet=None), dtype)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=train.lr)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    ema = EMAModel(params, decay=train.ema_decay) if train.ema else None
+    if ema:
+        ema.to(accelerator.device)
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", prediction_type=train.prediction_type)
+    source = RandomLatents(
+        architecture["in_channels"], resolution // 8, architecture["cross_attention_dim"]
+    )
+    generator = torch.Generator().manual_seed(0)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+    def step() -> float:
+        loss = diffusion_loss(
+            unet, scheduler, source, source.batch(batch_size), generator, train, accelerator.device
+        )
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema:
+            ema.step(params)
+        return float(loss)
+
+    for _ in range(args.warmup):
+        step()
+    _sync()
+    started = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step()
+    _sync()
+    seconds = time.perf_counter() - started
+    _report(args, config, batch_size, resolution, params, seconds, loss)
+
+
+def _report(args, config, batch_size, resolution, params, seconds, loss) -> None:
+    result = {
+        "profile": args.profile,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "mode": config.train.mode,
+        "mixed_precision": config.train.mixed_precision,
+        "gradient_checkpointing": config.train.gradient_checkpointing,
+        "ema": config.train.ema,
+        "resolution": resolution,
+        "batch_size": batch_size,
+        "trainable_params": sum(p.numel() for p in params),
+        "steps": args.steps,
+        "images_per_second": round(batch_size * args.steps / seconds, 2),
+        "peak_gpu_memory_gib": (
+            round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            if torch.cuda.is_available()
+            else None
+        ),
+        "final_loss": round(loss, 4),
+    }
+    print(
+        f"{args.profile}: {result['images_per_second']} images/s at {resolution} px, batch {batch_size}, "
+        f"peak GPU memory {result['peak_gpu_memory_gib']} GiB on {result['device']}"
+    )
+    print(json.dumps(result))
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _scratch_dir():
+    import tempfile
+    from pathlib import Path
+
+    return Path(tempfile.mkdtemp(prefix="sdflow-gpu-step-"))
+
+
+def _arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--profile", default="sd15-lora-12gb")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the profile's")
+    parser.add_argument("--resolution", type=int, default=None, help="default: the profile's")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="K=V",
+        help="override the profile, e.g. --set train.mixed_precision=no on a CPU",
+    )  # fmt: skip
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    main()
