@@ -1,9 +1,15 @@
-"""Caption stage: training captions from source captions, template or rejection, resume, keys."""
+"""Caption stage: source captions, policies, a tiny BLIP through the stage, template or
+rejection, token limit, resume (also after kill -9), keys that follow the captioner's model."""
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
+import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -11,10 +17,12 @@ import pytest
 from PIL import Image
 
 import tasks.caption as caption_stage
-from sdflow.config import CaptionConfig, RunConfig
+from sdflow.captioners.random_init import save_random_blip, tiny_blip_config
+from sdflow.config import CaptionConfig, ModelConfig, RunConfig
 from sdflow.errors import UserError
 from sdflow.sources import SAMPLE_SCHEMA
 from sdflow.stageio import Manifest, build_stage, read_failures, read_shards
+from sdflow.tokenizer import train_tokenizer
 from tasks.caption import CAPTIONERS, caption_key, caption_samples, make_captioner
 from tasks.filter import filter_samples
 
@@ -58,11 +66,12 @@ CLEAN = {"c0": "a red circle", "c3": "a blue square", "c5": "a green triangle on
 SOURCE = {r["id"]: r["caption"] for rows in SHARDS for r in rows}
 
 
-def make_config(**caption) -> RunConfig:
+def make_config(model_section: dict | None = None, **caption) -> RunConfig:
     return RunConfig(
         source={"kind": "folder", "path": "unused"},
         filter={"min_caption_words": 2, "min_caption_chars": 5, "max_caption_chars": 60},
         caption=caption,
+        model=model_section or {},
     )
 
 
@@ -141,13 +150,36 @@ def test_filter_and_caption_agree_on_the_rules(tmp_path: Path) -> None:
         assert filtered["counts"]["kept"] == kept
 
 
+def test_boilerplate_is_stripped_before_the_rules(tmp_path: Path) -> None:
+    rows = [
+        sample("b0", "arafed man sitting on a bench, stock photo"),
+        sample("b1", "IMG_1234.JPG DSC0042.png"),  # file names for a caption: nothing left
+        sample("b2", "there is a cat on a mat"),
+    ]
+    upstream = {"filter": write_stage(tmp_path, "filter", [rows])}
+    config = make_config(on_missing="template", template="a photo")
+    captions = {
+        sid: (r["caption"], r["source_caption"])
+        for sid, r in output_rows(
+            tmp_path, caption_samples(config, upstream, str(tmp_path))
+        ).items()
+    }
+    assert captions == {
+        "b0": ("man sitting on a bench", rows[0]["caption"]),
+        "b1": ("a photo", "IMG_1234.JPG DSC0042.png"),
+        "b2": ("a cat on a mat", rows[2]["caption"]),
+    }
+    kept_as_is = caption_samples(make_config(boilerplate=[]), upstream, str(tmp_path))
+    assert output_rows(tmp_path, kept_as_is)["b1"]["caption"] == "IMG_1234.JPG DSC0042.png"
+
+
 class RecordingCaptioner:
     """A stand-in for a generative backend: sees decoded images, captions some, gives up on one."""
 
     needs_images = True
     calls: list[tuple[list, list]] = []
 
-    def __init__(self, cfg: CaptionConfig):
+    def __init__(self, cfg: CaptionConfig, cache_dir: Path):
         self.cfg = cfg
 
     def caption(self, images, existing):
@@ -158,28 +190,185 @@ class RecordingCaptioner:
         ]
 
 
-def test_captioner_gets_images_in_batches(
+RED, BLUE, YELLOW = "rgb (255, 0, 0)", "rgb (0, 0, 255)", "rgb (255, 255, 0)"
+POLICIES = {  # policy -> (images per captioner call, training captions); green gets no caption
+    "missing": (
+        [2, 1],
+        {"c0": "a red circle", "c1": "green", "c2": BLUE, "c3": "a blue square", "c4": YELLOW}
+        | {"c5": "a green triangle on black"},
+    ),
+    "all": (
+        [2, 1, 2, 1],
+        {"c0": RED, "c1": "green", "c2": BLUE, "c3": BLUE, "c4": YELLOW}
+        | {"c5": "a green triangle on black"},  # nothing generated: the usable source stays
+    ),
+    "append": (
+        [2, 1, 2, 1],
+        {"c0": f"a red circle; {RED}", "c1": "green", "c2": BLUE, "c3": f"a blue square; {BLUE}"}
+        | {"c4": YELLOW, "c5": "a green triangle on black"},
+    ),
+}
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_policy_decides_which_rows_are_captioned_and_how(
+    tmp_path: Path, filtered: Manifest, monkeypatch: pytest.MonkeyPatch, policy: str
+) -> None:
+    monkeypatch.setitem(CAPTIONERS, "blip", RecordingCaptioner)
+    monkeypatch.setattr(RecordingCaptioner, "calls", [])
+    config = make_config(
+        backend="blip", policy=policy, batch_size=2, on_missing="template", template="green"
+    )
+    config.caption.separator = "; "
+    manifest = caption_samples(config, {"filter": filtered}, str(tmp_path))
+    sizes, expected = POLICIES[policy]
+    calls = RecordingCaptioner.calls
+    assert [len(images) for images, _ in calls] == sizes
+    assert all(i.mode == "RGB" and i.size == (32, 32) for images, _ in calls for i in images)
+    if policy == "missing":  # only rows without a usable caption, so no source caption to pass
+        assert [e for _, existing in calls for e in existing] == [None, None, None]
+    else:
+        assert [e for _, existing in calls for e in existing] == [
+            CLEAN.get(f"c{i}") for i in range(6)
+        ]
+    rows = output_rows(tmp_path, manifest)
+    assert {sid: r["caption"] for sid, r in rows.items()} == expected
+    assert all(r["source_caption"] == SOURCE[sid] for sid, r in rows.items())
+    assert manifest["counts"]["templated"] == 1 and manifest["info"]["policy"] == policy
+    assert manifest["counts"]["generated"] == sum(len(i) for i, _ in calls) - sizes.count(1)
+
+
+def test_no_generated_caption_is_a_failure_with_its_reason(
     tmp_path: Path, filtered: Manifest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(CAPTIONERS, "keep", RecordingCaptioner)
-    monkeypatch.setattr(RecordingCaptioner, "calls", [])
-    config = make_config(batch_size=2, on_missing="template", template="green thing")
+    monkeypatch.setitem(CAPTIONERS, "blip", RecordingCaptioner)
+    manifest = caption_samples(make_config(backend="blip"), {"filter": filtered}, str(tmp_path))
+    assert failure_reasons(tmp_path, manifest) == {"c1": "no_caption_generated"}  # green
+    assert manifest["counts"]["kept"] == 5
+
+
+# --- a real (tiny, random) BLIP through the stage --------------------------------------------
+
+WORDS = ["a", "photograph", "of", "zebra", "quartz", "violet", "ember", "lagoon", "maple"]
+
+
+def blip_words(caption: str) -> list[str]:
+    """The caption's words, all of which must come from the tiny BLIP's vocabulary."""
+    words = caption.split(" ")
+    assert set(words) <= set(WORDS), caption
+    return words
+
+
+def save_blip(path: Path, seed: int = 0) -> Path:
+    return save_random_blip(path, tiny_blip_config(len(WORDS) + 6), WORDS, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def tiny_blip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_blip(tmp_path_factory.mktemp("blip") / "model")
+
+
+def test_blip_captions_the_rows_without_a_usable_caption(
+    tmp_path: Path, filtered: Manifest, tiny_blip: Path
+) -> None:
+    config = make_config(backend="blip", model=str(tiny_blip), batch_size=2, max_new_tokens=4)
     manifest = caption_samples(config, {"filter": filtered}, str(tmp_path))
-    calls = RecordingCaptioner.calls
-    assert [len(images) for images, _ in calls] == [2, 1, 2, 1]
-    assert all(i.mode == "RGB" and i.size == (32, 32) for images, _ in calls for i in images)
-    assert [e for _, existing in calls for e in existing] == [
-        "a red circle",
-        None,
-        None,
-        "a blue square",
-        None,
-        "a green triangle on black",
-    ]
-    captions = {sid: r["caption"] for sid, r in output_rows(tmp_path, manifest).items()}
-    assert captions["c0"] == "rgb (255, 0, 0)" and captions["c3"] == "rgb (0, 0, 255)"
-    assert captions["c1"] == captions["c5"] == "green thing"
-    assert manifest["counts"]["templated"] == 2
+    rows = output_rows(tmp_path, manifest)
+    assert {sid: rows[sid]["caption"] for sid in CLEAN} == CLEAN
+    for sid in ("c1", "c2", "c4"):
+        assert len(blip_words(rows[sid]["caption"])) == 4
+        assert rows[sid]["source_caption"] == SOURCE[sid]
+    counts = manifest["counts"]
+    assert counts["generated"] == 3 and counts["kept"] == 6 and counts["failed"] == 0
+    assert manifest["info"]["model"] == str(tiny_blip)
+
+    prompted = make_config(
+        backend="blip", policy="all", model=str(tiny_blip), prompt="a photograph of", num_beams=2
+    )
+    rows = output_rows(tmp_path, caption_samples(prompted, {"filter": filtered}, str(tmp_path)))
+    assert all(r["caption"].startswith("a photograph of ") for r in rows.values())
+    assert all(blip_words(r["caption"]) for r in rows.values())
+
+
+def test_blip_append_keeps_the_source_caption_first(
+    tmp_path: Path, filtered: Manifest, tiny_blip: Path
+) -> None:
+    config = make_config(backend="blip", policy="append", model=str(tiny_blip), max_new_tokens=3)
+    rows = output_rows(tmp_path, caption_samples(config, {"filter": filtered}, str(tmp_path)))
+    for sid, row in rows.items():
+        source, _, generated = row["caption"].rpartition(", ")
+        assert source == CLEAN.get(sid, "") and len(blip_words(generated)) == 3
+
+
+def test_another_caption_model_recaptions_and_nothing_upstream_reruns(
+    tmp_path: Path, tiny_blip: Path
+) -> None:
+    download = write_stage(tmp_path, "download", SHARDS)
+    first_config = make_config(backend="blip", policy="all", model=str(tiny_blip))
+    filtered = filter_samples(first_config, {"download": download}, str(tmp_path))
+    first = caption_samples(first_config, {"filter": filtered}, str(tmp_path))
+
+    other = save_blip(tmp_path / "other-blip", seed=1)
+    config = make_config(backend="blip", policy="all", model=str(other))
+    refiltered = filter_samples(config, {"download": download}, str(tmp_path))
+    assert refiltered["reused"] is True and refiltered["path"] == filtered["path"]
+    second = caption_samples(config, {"filter": refiltered}, str(tmp_path))
+    assert second["reused"] is False and second["path"] != first["path"]
+    before, after = output_rows(tmp_path, first), output_rows(tmp_path, second)
+    assert any(before[sid]["caption"] != after[sid]["caption"] for sid in before)
+
+    # the same directory with new weights is another model too: its content hash is in the key
+    key = caption_key(config, {"filter": filtered})
+    shutil.rmtree(other)
+    save_blip(other, seed=2)
+    assert caption_key(config, {"filter": filtered}) != key
+
+
+KILLED_CHILD = """
+import json, os, signal, sys
+import tasks.caption as stage
+from sdflow.captioners.blip import BlipCaptioner
+from sdflow.config import RunConfig
+
+real, calls = BlipCaptioner.caption, []
+
+def caption_then_die(self, images, existing):
+    calls.append(len(images))
+    if len(calls) == 5:  # shard 1's second image: shard 0 is done, shard 1 half captioned
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(self, images, existing)
+
+BlipCaptioner.caption = caption_then_die
+config = RunConfig.model_validate_json(sys.argv[1])
+stage.caption_samples(config, {"filter": json.loads(sys.argv[2])}, sys.argv[3])
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_mid_stage_keeps_finished_shards(
+    tmp_path: Path, filtered: Manifest, tiny_blip: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = make_config(backend="blip", policy="all", model=str(tiny_blip), batch_size=1)
+    args = [config.model_dump_json(), json.dumps(filtered), str(tmp_path)]
+    child = subprocess.run(
+        [sys.executable, "-c", KILLED_CHILD, *args], cwd=Path(__file__).parents[2], check=False
+    )
+    assert child.returncode == -signal.SIGKILL
+    key = caption_key(config, {"filter": filtered})
+    partial = tmp_path / "stages" / "caption" / f".{key}.partial"
+    assert sorted(p.name for p in partial.glob("*.parquet")) == ["shard-00000.parquet"]
+    before = (partial / "shard-00000.parquet").stat()
+
+    real, shards = caption_stage.caption_shard, []
+    monkeypatch.setattr(
+        caption_stage, "caption_shard", lambda table, *a: shards.append(1) or real(table, *a)
+    )
+    manifest = caption_samples(config, {"filter": filtered}, str(tmp_path))
+    after = (tmp_path / manifest["path"] / "shard-00000.parquet").stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert len(shards) == 1  # only shard 1 was captioned again
+    assert manifest["counts"]["generated"] == 6 and manifest["counts"]["kept"] == 6
+    assert all(blip_words(r["caption"]) for r in output_rows(tmp_path, manifest).values())
 
 
 def test_resume_keeps_finished_shards(
@@ -218,11 +407,67 @@ def test_finished_output_is_reused(tmp_path: Path, filtered: Manifest) -> None:
     assert first["reused"] is False and second["reused"] is True
 
 
+# --- token limit ------------------------------------------------------------------------------
+
+
+def test_max_tokens_counts_clip_pieces_when_the_tokenizer_is_not_trained_yet(
+    tmp_path: Path, filtered: Manifest
+) -> None:
+    config = make_config(prefix="sks, ", max_tokens=4, on_missing="template", template="a shape")
+    rows = output_rows(tmp_path, caption_samples(config, {"filter": filtered}, str(tmp_path)))
+    # pieces: "sks" "," "a" "red" | "circle": the cut is at a word, prefix and suffix kept
+    assert rows["c0"]["caption"] == "sks, a red"
+    assert rows["c5"]["caption"] == "sks, a green" and rows["c1"]["caption"] == "sks, a shape"
+    with pytest.raises(UserError, match="prefix and caption.suffix alone take 4 tokens"):
+        caption_samples(
+            make_config(prefix="a b c d ", max_tokens=4), {"filter": filtered}, str(tmp_path)
+        )
+
+
+def test_max_tokens_uses_the_pretrained_tokenizer(tmp_path: Path, filtered: Manifest) -> None:
+    pipeline = tmp_path / "pipeline"
+    tokenizer = train_tokenizer(
+        ["a red circle", "a blue square", "a green triangle on black"],
+        ModelConfig(tokenizer_vocab_size=64),
+        pipeline / "tokenizer",
+    )
+    pretrained = {"init": "pretrained", "pretrained": str(pipeline)}
+    config = make_config(pretrained, max_tokens=6, on_missing="template")
+    rows = output_rows(tmp_path, caption_samples(config, {"filter": filtered}, str(tmp_path)))
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False).input_ids)
+
+    for sid, full in CLEAN.items():  # the longest cut at a word that fits
+        caption = rows[sid]["caption"]
+        assert full.startswith(caption) and count(caption) <= 6
+        longer = full.split(" ")[: len(caption.split(" ")) + 1]
+        assert caption == full or count(" ".join(longer)) > 6
+    assert rows["c5"]["caption"] != "a green triangle on"  # 4 pieces, but more BPE tokens
+    key = caption_key(config, {"filter": filtered})
+    train_tokenizer(["other captions entirely"], ModelConfig(), pipeline / "tokenizer")
+    assert caption_key(config, {"filter": filtered}) != key
+
+
+# --- keys and errors --------------------------------------------------------------------------
+
+
 def test_key_follows_caption_section_and_caption_rules(tmp_path: Path, filtered: Manifest) -> None:
     up = {"filter": filtered}
     key = caption_key(make_config(), up)
-    for change in ({"prefix": "x "}, {"suffix": " x"}, {"on_missing": "template"}):
+    changes = (
+        {"prefix": "x "},
+        {"suffix": " x"},
+        {"on_missing": "template"},
+        {"backend": "blip"},
+        {"max_tokens": 70},
+        {"boilerplate": []},
+    )
+    for change in changes:
         assert caption_key(make_config(**change), up) != key, change
+    blip = caption_key(make_config(backend="blip"), up)
+    assert caption_key(make_config(backend="blip", revision="abc123"), up) != blip
+    assert caption_key(make_config(backend="blip", policy="all"), up) != blip
     stricter = make_config()
     stricter.filter.min_caption_words = 3
     assert caption_key(stricter, up) != key
@@ -233,12 +478,23 @@ def test_key_follows_caption_section_and_caption_rules(tmp_path: Path, filtered:
     assert caption_key(make_config(), {"filter": other}) != key
 
 
+def test_a_missing_model_directory_is_a_user_error(tmp_path: Path, filtered: Manifest) -> None:
+    config = make_config(backend="blip", model=str(tmp_path / "no-such-model"))
+    with pytest.raises(UserError, match="no-such-model does not exist"):
+        caption_samples(config, {"filter": filtered}, str(tmp_path))
+
+
+def test_policies_need_a_generative_backend() -> None:
+    with pytest.raises(ValueError, match="policy 'all' needs a generative backend"):
+        make_config(policy="all")
+
+
 def test_nothing_left_is_a_user_error(tmp_path: Path) -> None:
     upstream = {"filter": write_stage(tmp_path, "filter", [[sample("n0", None)]])}
     with pytest.raises(UserError, match="kept none of the 1 .*missing_caption: 1"):
         caption_samples(make_config(), upstream, str(tmp_path))
 
 
-def test_unknown_backend_is_a_user_error() -> None:
-    with pytest.raises(UserError, match="known backends are keep"):
-        make_captioner(CaptionConfig.model_construct(backend="blip"))
+def test_unknown_backend_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="known backends are blip, clip-interrogator, keep"):
+        make_captioner(CaptionConfig.model_construct(backend="nope"), tmp_path)

@@ -1,0 +1,57 @@
+"""Generative caption backends of the caption stage (`caption.backend`), and what they share.
+
+`blip.py`: BLIP / BLIP-2 through transformers, batched. `interrogator.py`: clip-interrogator on top
+of it (optional `caption` extra, imported only when that backend is built). `random_init.py`:
+randomly initialised models saved like pretrained ones, for offline tests and `bench/caption.py`.
+"""
+
+from __future__ import annotations
+
+from importlib.util import find_spec
+
+import torch
+
+from sdflow.config import EXTRA_MODULES, CaptionConfig
+from sdflow.errors import UserError
+from sdflow.models import weights_hash
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+INSTALL_EXTRA = "pip install -e '.[caption]'"
+
+
+def select_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def select_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`caption.dtype`; auto: float16 on a GPU (half the memory, tensor cores), float32 on CPU."""
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def require_backend(cfg: CaptionConfig) -> None:
+    """Fail before any work when the backend's optional dependencies are not installed."""
+    missing = [m for m in EXTRA_MODULES.get(cfg.backend, ()) if find_spec(m) is None]
+    if missing:
+        raise UserError(
+            f"caption.backend {cfg.backend!r} needs the optional caption extra, and "
+            f"{', '.join(missing)} is not installed. Install it with: {INSTALL_EXTRA}"
+        )
+
+
+def captioner_identity(cfg: CaptionConfig) -> dict[str, str]:
+    """The models and data a backend captions with: a hub name@revision or a content hash.
+
+    Part of the caption stage key, so another model (or new weights in the same directory)
+    re-captions, while the model name alone never reruns anything upstream.
+    """
+    if cfg.backend == "keep":
+        return {}
+    identity = {"model": weights_hash(cfg.model, None, cfg.revision)}
+    if cfg.backend == "clip-interrogator":
+        from sdflow.captioners.interrogator import clip_identity, terms_identity
+
+        identity["clip_model"] = clip_identity(cfg.interrogator.clip_model)
+        identity["terms"] = terms_identity(cfg.interrogator.data_path)
+    return identity
