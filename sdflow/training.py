@@ -1,10 +1,16 @@
 """The UNet training loop: from scratch, full fine-tune or LoRA, with exact resume.
 
-`train_unet(config, upstream, workdir, out_dir)` is a plain function with no Prefect inside: the train
-stage calls it in-process, and `accelerate launch -m sdflow.training spec.json` runs the same loop
-(spec.json: {"config", "upstream", "workdir", "out_dir"}). It reads the latents stage's cached latents
-and text embeddings (`train.cache_latents: false` encodes images and captions at every step instead,
-for comparison), and checkpoints into `out_dir/checkpoints` every `train.checkpoint_every` steps.
+`train_unet(config, upstream, workdir, out_dir)` is a plain function with no Prefect inside. The train
+stage calls `run_training`, which runs it in-process for `train.processes: 1`, and otherwise under
+`accelerate launch -m sdflow.training spec.json` (one process per GPU, or gloo processes on a CPU),
+supervised by `sdflow.launch`: the workers' output streams into the `sdflow.train` log, and a failure
+or cancellation ends them all. `train.batch_size` is per process; process r reads the r-th slice of
+each global batch, and DDP averages the gradients, so N processes x B/N see the same samples per step
+as one process x B. Only rank 0 writes checkpoints and the summary.
+
+It reads the latents stage's cached latents and text embeddings (`train.cache_latents: false` encodes
+images and captions at every step instead, for comparison), and checkpoints into `out_dir/checkpoints`
+every `train.checkpoint_every` steps.
 
 Exact resume: one torch.Generator (seeded by `train.seed`) draws everything random in the order
 written in `diffusion_loss`, and the data order is a function of (seed, epoch) and the step alone
@@ -16,7 +22,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,9 +43,11 @@ from peft import LoraConfig
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from sdflow.artifacts import report_progress
 from sdflow.checkpoints import load_checkpoint, load_latest, save_checkpoint
 from sdflow.config import RunConfig, TrainConfig
 from sdflow.errors import UserError
+from sdflow.launch import LaunchFailed, accelerate_command, exit_with_supervisor, supervise
 from sdflow.models import (
     ComponentSources,
     build_unet,
@@ -45,11 +56,12 @@ from sdflow.models import (
 )
 from sdflow.models import noise_scheduler as make_noise_scheduler
 from sdflow.schedules import StepBatches, collate, make_batches
-from sdflow.stageio import Manifest
+from sdflow.stageio import Manifest, write_json
 
 CHECKPOINTS = "checkpoints"
 LOGS = "logs"
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+STEP_LINE = re.compile(r"step (\d+)/(\d+) loss")
 
 log = logging.getLogger("sdflow.train")
 
@@ -156,6 +168,7 @@ def fit(trainer: Trainer, source, scheduler, checkpoints: Path) -> None:
         progress.samples_seen += per_step
         progress.seconds += time.monotonic() - started
         progress.history.append([progress.step, loss, lr])
+        report_progress("train", progress.step, train.max_steps, "steps")  # no-op in a worker
         if progress.step % train.log_every == 0 or progress.step == train.max_steps:
             accelerator.log({"loss": loss, "lr": lr}, step=progress.step)
             log.info("step %d/%d loss %.5f lr %.3g", progress.step, train.max_steps, loss, lr)
@@ -330,7 +343,8 @@ def restore(trainer: Trainer, values: dict[str, Any]) -> None:
         trainer.ema.load_state_dict(values["ema"])
     if trainer.accelerator.scaler is not None and "grad_scaler" in values:
         trainer.accelerator.scaler.load_state_dict(values["grad_scaler"])
-    trainer.generator.set_state(values["rng"]["generators"][trainer.accelerator.process_index])
+    own = values["rng"]["generators"][trainer.accelerator.process_index]
+    trainer.generator.set_state(own.clone())  # a row view (storage offset > 0) crashes set_state
     torch.set_rng_state(values["rng"]["torch"])
     trainer.progress = Progress(**values["progress"])
 
@@ -388,12 +402,89 @@ def summarize(trainer: Trainer, resumed_from: int) -> TrainSummary:
     )
 
 
+# ------------------------------------------------------------------------------- several processes
+
+
+def resolve_processes(train: TrainConfig) -> int:
+    """`train.processes` as a number: "auto" is one process per visible GPU (one without a GPU)."""
+    if train.processes == "auto":
+        return max(1, torch.cuda.device_count())
+    return train.processes
+
+
+def run_training(
+    config: RunConfig, upstream: dict[str, Manifest | None], workdir: str, out_dir: str | Path
+) -> TrainSummary:
+    """`train_unet` in this process, or in `train.processes` processes under `accelerate launch`."""
+    processes = resolve_processes(config.train)
+    if processes == 1:
+        return train_unet(config, upstream, workdir, out_dir)
+    with tempfile.TemporaryDirectory(prefix="sdflow-train-") as tmp:
+        spec = {
+            "config": config.model_dump(mode="json"),
+            "upstream": upstream,
+            "workdir": str(workdir),
+            "out_dir": str(out_dir),
+            "summary": str(Path(tmp) / "summary.json"),
+            "error": str(Path(tmp) / "error.json"),
+        }
+        write_json(Path(tmp) / "spec.json", spec)
+        cmd, env = launch_command(config.train, processes, Path(tmp) / "spec.json")
+        try:
+            supervise(cmd, log, env={**os.environ, **env}, on_line=report_steps)
+        except LaunchFailed:
+            error = Path(spec["error"])
+            if error.is_file():  # a worker met a user mistake: say so, and do not retry
+                raise UserError(json.loads(error.read_text())["user_error"]) from None
+            raise
+        return TrainSummary(**json.loads(Path(spec["summary"]).read_text()))
+
+
+def report_steps(line: str) -> None:
+    """Progress in the UI from the workers' `step N/M` log lines (they cannot reach the API)."""
+    if match := STEP_LINE.match(line):
+        report_progress("train", int(match[1]), int(match[2]), "steps")
+
+
+def launch_command(train: TrainConfig, processes: int, spec: Path) -> tuple[list[str], dict]:
+    """`accelerate launch` of this module: one process per GPU, or gloo processes on a CPU host."""
+    gpus = torch.cuda.device_count()
+    if gpus and processes > gpus:
+        raise UserError(
+            f"train.processes is {processes} but this host has {gpus} GPU(s): use at most "
+            f"{gpus}, or `auto` for one process per GPU."
+        )
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return accelerate_command(
+        processes,
+        "sdflow.training",  # this module, also when it runs as __main__
+        [str(spec)],
+        gpu=gpus > 0,
+        mixed_precision=train.mixed_precision,
+        cpu_threads=max(1, (cpus or 1) // processes),
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point for `accelerate launch -m sdflow.training spec.json`."""
+    """A worker of `accelerate launch -m sdflow.training spec.json` (see `run_training`)."""
     args = sys.argv[1:] if argv is None else argv
     spec = json.loads(Path(args[0]).read_text())
+    exit_with_supervisor()
+    rank = int(os.environ.get("RANK", "0"))
+    # The supervisor logs what rank 0 says; other ranks only speak up about problems.
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(message)s" if rank == 0 else f"[rank {rank}] %(levelname)s %(message)s",
+    )
     config = RunConfig.model_validate(spec["config"])
-    train_unet(config, spec["upstream"], spec["workdir"], spec["out_dir"])
+    try:
+        summary = train_unet(config, spec["upstream"], spec["workdir"], spec["out_dir"])
+    except UserError as exc:
+        if spec.get("error"):
+            write_json(spec["error"], {"user_error": str(exc)})
+        raise
+    if rank == 0 and spec.get("summary"):
+        write_json(spec["summary"], asdict(summary))
 
 
 if __name__ == "__main__":

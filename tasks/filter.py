@@ -6,6 +6,10 @@ stored bytes, the minimum original size, the maximum original aspect ratio and t
 by the content hash of their original bytes, first occurrence in shard order wins. Every rejected
 sample is recorded with its reason. Output shards have the download schema and hold the kept rows,
 copied without re-encoding, one output shard per input shard; finished shards survive a crash.
+
+The per-sample checks (decoding is the expensive part) run per shard on the task runner
+(`check_one_shard`, see `sdflow.shardmap`); deduplication then takes their verdicts in shard order
+here, and writes each shard.
 """
 
 from __future__ import annotations
@@ -13,8 +17,10 @@ from __future__ import annotations
 import io
 from collections import Counter
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -26,7 +32,8 @@ from sdflow.captions import RULE_FIELDS, caption_problem, captions_supplied, des
 from sdflow.config import FilterConfig, RunConfig
 from sdflow.errors import UserError
 from sdflow.fingerprint import code_version
-from sdflow.orchestration import stage_task
+from sdflow.orchestration import mapped_shards, stage_task
+from sdflow.shardmap import ShardJob, ShardMapper, in_order
 from sdflow.stageio import (
     FAILURES,
     Manifest,
@@ -49,7 +56,7 @@ class Rejection:
 
 Check = Callable[[Row], Rejection | None]
 """One per-sample test; the first rejection wins. Near-duplicate, CLIP-score or aesthetic filters
-join `sample_checks` as further callables (objects with state work too)."""
+join `sample_checks` as further callables (objects with state work too, built per shard job)."""
 
 
 def filter_settings(config: RunConfig) -> dict[str, Any]:
@@ -69,14 +76,22 @@ def filter_key(config: RunConfig, upstream: dict[str, Manifest | None]) -> str:
 
 
 def filter_samples(
-    config: RunConfig, upstream: dict[str, Manifest | None], workdir: str
+    config: RunConfig,
+    upstream: dict[str, Manifest | None],
+    workdir: str,
+    mapper: ShardMapper = in_order,
 ) -> Manifest:
-    """Build (or reuse) the filter stage output for the download stage's shards."""
+    """Build (or reuse) the filter stage output for the download stage's shards.
+
+    `mapper` runs the per-shard checks (`check_one_shard`); by default one after another, here.
+    """
     key = filter_key(config, upstream)
-    return build_stage(workdir, "filter", key, lambda build: _build(build, config, upstream))
+    return build_stage(
+        workdir, "filter", key, lambda build: _build(build, config, upstream, mapper)
+    )
 
 
-filter_task = stage_task("filter", filter_key)(filter_samples)
+filter_task = stage_task("filter", filter_key)(mapped_shards(filter_samples))
 
 
 def sample_checks(cfg: FilterConfig, caption_rules: bool) -> list[Check]:
@@ -147,15 +162,28 @@ class Deduplicator:
             self.seen.setdefault(content_hash, sample_id)
 
 
+def check_one_shard(job: ShardJob) -> list[Rejection | None]:
+    """The per-sample checks of one input shard: a verdict per row, None where the row passes."""
+    checks = sample_checks(job.config.filter, not captions_supplied(job.config.caption))
+    return check_rows(pq.read_table(job.source), checks)
+
+
+def check_rows(table: pa.Table, checks: list[Check]) -> list[Rejection | None]:
+    return [
+        next((r for check in checks if (r := check(row)) is not None), None)
+        for row in table.to_pylist()
+    ]
+
+
 def filter_shard(
-    table: pa.Table, checks: list[Check], dedup: Deduplicator
+    table: pa.Table, verdicts: list[Rejection | None], dedup: Deduplicator
 ) -> tuple[pa.Table, list[dict[str, str]]]:
     """Kept rows (copied, not re-encoded) and one failure record per rejected row."""
     kept: list[int] = []
     failures: list[dict[str, str]] = []
-    for index, row in enumerate(table.to_pylist()):
-        rejection = next((r for check in checks if (r := check(row)) is not None), None)
-        rejection = rejection or dedup.check(row)  # last, so the kept twin is always a kept sample
+    fields = [name for name in ("id", "content_hash", "source") if name in table.column_names]
+    for index, row in enumerate(table.select(fields).to_pylist()):
+        rejection = verdicts[index] or dedup.check(row)  # last: the kept twin is a kept sample
         if rejection is None:
             kept.append(index)
             dedup.add(row.get("content_hash"), row["id"])
@@ -173,34 +201,55 @@ def _failure(row: Row, rejection: Rejection) -> dict[str, str]:
     }
 
 
-def _build(build: StageBuild, config: RunConfig, upstream: dict[str, Manifest | None]) -> Manifest:
-    caption_rules = not captions_supplied(config.caption)
-    checks = sample_checks(config.filter, caption_rules)
+def _build(
+    build: StageBuild,
+    config: RunConfig,
+    upstream: dict[str, Manifest | None],
+    mapper: ShardMapper,
+) -> Manifest:
     dedup = Deduplicator(config.filter.dedup)
     counts = {"input": 0, "kept": 0}
     reasons: Counter[str] = Counter()
     names = []
     paths = shard_paths(build.workdir, upstream["download"])
-    for index, path in enumerate(tqdm(paths, desc="filter", unit="shard")):
-        name = shard_name(index)
-        if build.has(name):  # finished before a crash: keep it, but remember its hashes
-            kept, failed = _read_finished(build, name, dedup)
-        else:
-            table = pq.read_table(path)
-            kept_table, failures = filter_shard(table, checks, dedup)
-            build.write_shard(index, kept_table, failures_table(failures))
-            kept, failed = kept_table.num_rows, [f["reason"] for f in failures]
-        counts["input"] += kept + len(failed)
-        counts["kept"] += kept
-        reasons.update(failed)
-        names.append(name)
+    done = {i for i in range(len(paths)) if build.has(shard_name(i))}  # kept from before a crash
+    jobs = [ShardJob(build, config, i, str(p)) for i, p in enumerate(paths) if i not in done]
+    with (
+        tqdm(total=len(paths), desc="filter", unit="shard") as progress,
+        closing(mapper(check_one_shard, jobs)) as verdicts,
+    ):
+        for index, path in enumerate(paths):
+            name = shard_name(index)
+            if index in done:  # keep it, but remember its hashes
+                kept, failed = _read_finished(build, name, dedup)
+            else:
+                kept, failed = _write_filtered(build, index, path, next(verdicts), dedup)
+            counts["input"] += kept + len(failed)
+            counts["kept"] += kept
+            reasons.update(failed)
+            names.append(name)
+            progress.update(1)
     _require_survivors(counts, reasons, config.filter)
     return build.finish(
         counts={**counts, "failed": sum(reasons.values()), "failed_by_reason": dict(reasons)},
         shards=names,
         files={"failures": FAILURES},
-        info={"caption_rules": caption_rules, "dedup": config.filter.dedup},
+        info={"caption_rules": not captions_supplied(config.caption), "dedup": config.filter.dedup},
     )
+
+
+def _write_filtered(
+    build: StageBuild,
+    index: int,
+    path: Path,
+    verdicts: list[Rejection | None],
+    dedup: Deduplicator,
+) -> tuple[int, list[str]]:
+    """Deduplicate shard `index` given its rows' verdicts, write it: (kept, failure reasons)."""
+    table = pq.read_table(path)
+    kept_table, failures = filter_shard(table, verdicts, dedup)
+    build.write_shard(index, kept_table, failures_table(failures))
+    return kept_table.num_rows, [f["reason"] for f in failures]
 
 
 def _read_finished(build: StageBuild, name: str, dedup: Deduplicator) -> tuple[int, list[str]]:

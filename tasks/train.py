@@ -1,6 +1,7 @@
 """Train stage: the UNet trained on the cached latents, from scratch, fully fine-tuned, or with LoRA.
 
-Run it with `sdflow run tiny-cpu --only train`. The loop (`sdflow.training.train_unet`) checkpoints
+Run it with `sdflow run tiny-cpu --only train`. The loop (`sdflow.training.train_unet`, in this
+process or, for `train.processes` > 1, in supervised `accelerate launch` workers) checkpoints
 into the stage's partial directory, so a retried or rerun task resumes from the newest complete
 checkpoint and reaches the same weights as an uninterrupted run. Output: `pipeline/` (a diffusers
 StableDiffusionPipeline, EMA weights when `train.ema`) or, for LoRA, `lora/` (load it with
@@ -33,7 +34,14 @@ from sdflow.models import (
 )
 from sdflow.orchestration import stage_task
 from sdflow.stageio import Manifest, StageBuild, build_stage, stage_key, write_atomic
-from sdflow.training import CHECKPOINTS, LOGS, TrainSummary, train_unet, trained_unet
+from sdflow.training import (
+    CHECKPOINTS,
+    LOGS,
+    TrainSummary,
+    resolve_processes,
+    run_training,
+    trained_unet,
+)
 
 LOSS_CURVE = "loss.png"
 # Settings that change neither the weights nor the outputs: editing them never retrains.
@@ -43,7 +51,11 @@ NOT_IN_KEY = {"data_workers", "keep_checkpoints", "checkpoint_every"}
 def train_key(config: RunConfig, upstream: dict[str, Manifest | None]) -> str:
     model = config.model
     settings: dict[str, Any] = {
-        "train": config.train.model_dump(exclude=NOT_IN_KEY),
+        # "auto" counts this host's GPUs: the world size, not the word, decides the weights
+        "train": {
+            **config.train.model_dump(exclude=NOT_IN_KEY),
+            "processes": resolve_processes(config.train),
+        },
         "model": model.model_dump(),
     }
     if model.init == "pretrained":  # the UNet and scheduler weights come from here
@@ -67,7 +79,7 @@ train_task = stage_task("train", train_key)(train)
 def _build(
     build: StageBuild, config: RunConfig, upstream: dict[str, Manifest | None], workdir: str
 ) -> Manifest:
-    summary = train_unet(config, upstream, workdir, build.path)
+    summary = run_training(config, upstream, workdir, build.path)
     checkpoints = build.path / CHECKPOINTS
     prune_checkpoints(checkpoints, keep=1)  # the last one stays, for inspection or training on
     sources = component_sources(config, upstream, workdir)
@@ -120,6 +132,7 @@ def _info(config: RunConfig, sources: ComponentSources, summary: TrainSummary) -
         "samples_per_second": round(summary.samples_per_second, 3),
         "base_model": config.model.pretrained,
         "resumed_from_step": summary.resumed_from,
+        "processes": resolve_processes(config.train),
     }
 
 

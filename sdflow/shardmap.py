@@ -1,0 +1,70 @@
+"""How a data stage maps its per-shard work: in order in this process, or on a task runner.
+
+A data stage cuts its work into shard jobs. A `ShardJob` holds only picklable values (the stage's
+partial directory, the config, the shard index, the path of the shard's input), and a job function
+`fn(job)` (a module-level function, importable by name) reads its input from disk, writes its shard
+straight into the partial directory (a disk every worker shares) and returns a small, picklable
+result. So a job runs the same in this thread, in a thread pool, or in a Dask worker process.
+
+A `ShardMapper` is `mapper(fn, jobs) -> results`, one per job, in job order. `in_order` (what a
+plain stage call uses) runs the jobs one after another and lazily: job i + 1 starts only when the
+caller asks for its result, so a crash leaves every earlier shard finished. The Prefect mapper in
+`sdflow.orchestration` runs them as Prefect tasks on the runner `config.runner` selects.
+Stages never depend on the order in which jobs finish, only on the order results are handed back,
+so their outputs are byte-identical whichever mapper runs them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from sdflow.config import RunConfig
+from sdflow.stageio import StageBuild
+
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard's work: everything a worker anywhere needs, and nothing that cannot be pickled."""
+
+    build: StageBuild  # the partial directory the shard is written into
+    config: RunConfig
+    index: int
+    source: str  # the shard's input: an upstream shard file, or rows staged for it
+
+
+class ShardMapper(Protocol):
+    def __call__(self, fn: Callable[[ShardJob], R], jobs: Iterable[ShardJob]) -> Iterator[R]: ...
+
+
+def in_order(fn: Callable[[ShardJob], R], jobs: Iterable[ShardJob]) -> Iterator[R]:
+    """Run each job when its result is asked for, in this thread."""
+    for job in jobs:
+        yield fn(job)
+
+
+def windowed(
+    submit: Callable[[ShardJob], Any], jobs: Iterable[ShardJob], window: int
+) -> Iterator[Any]:
+    """Results in job order, with at most `window` jobs submitted and not yet handed back.
+
+    `submit(job)` returns a future with `.result()` and `.wait()` (Prefect's). Jobs are taken from
+    `jobs` lazily, so a stage that stages inputs for its jobs never gets far ahead of the workers.
+    When the caller stops early (an exception, `close()`), the jobs in flight are waited for, so no
+    worker still writes into the partial directory after the stage has given up on it.
+    """
+    pending: list[Any] = []
+    source = iter(jobs)
+    try:
+        for job in source:
+            pending.append(submit(job))
+            if len(pending) >= window:
+                yield pending.pop(0).result()
+        while pending:
+            yield pending.pop(0).result()
+    finally:
+        for future in pending:
+            future.wait()

@@ -1,0 +1,109 @@
+"""Data stages mapped over shards: a local Dask cluster, the thread pool and a plain call agree.
+
+Each shard job reads its inputs from disk and writes its shard into the partial directory, so the
+stage outputs must be byte-identical (same fingerprints) whichever runner ran the jobs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.sorting import FlowRunSort
+
+from sdflow.cli import main
+from sdflow.profiles import load_profile
+from tasks.caption import caption_samples
+from tasks.download import download
+from tasks.filter import filter_samples
+
+DATA = ["download", "filter", "caption"]
+SMALL = ["download.shard_size=32", "runner.max_workers=2"]  # 240 images: 8 shards per stage
+
+
+def run_flow(workdir: Path, source: Path, *overrides: str) -> dict:
+    """`sdflow run tiny-test --only download,filter,caption`; returns summary.json."""
+    args = ["run", "tiny-test", "--workdir", str(workdir), "--only", ",".join(DATA)]
+    for value in [f"source.path={source}", *SMALL, *overrides]:
+        args += ["--set", value]
+    assert main(args) == 0
+    (summary,) = (workdir / "runs").glob("*/summary.json")
+    return json.loads(summary.read_text())
+
+
+def fingerprints(summary: dict) -> dict[str, str]:
+    out = {}
+    for stage in DATA:
+        manifest = json.loads(
+            (Path(summary["stages"][stage]["output"]) / "MANIFEST.json").read_text()
+        )
+        out[stage] = manifest["fingerprint"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def dask_cluster():
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(
+        n_workers=2,
+        processes=True,
+        threads_per_worker=1,
+        host="127.0.0.1",
+        dashboard_address=":0",  # a free loopback port
+    ) as cluster:
+        yield cluster
+
+
+@pytest.mark.slow
+def test_dask_threads_and_a_plain_call_write_identical_stage_outputs(
+    prefect_server, demo_folder, dask_cluster, tmp_path
+):
+    config = load_profile("tiny-test", [f"source.path={demo_folder}", *SMALL])
+    plain = tmp_path / "plain"
+    downloaded = download(config, {}, str(plain))
+    filtered = filter_samples(config, {"download": downloaded}, str(plain))
+    captioned = caption_samples(config, {"filter": filtered}, str(plain))
+    expected = {
+        "download": downloaded["fingerprint"],
+        "filter": filtered["fingerprint"],
+        "caption": captioned["fingerprint"],
+    }
+    assert len(downloaded["shards"]) == 8
+
+    threads = run_flow(tmp_path / "threads", demo_folder)
+    assert fingerprints(threads) == expected
+
+    address = dask_cluster.scheduler_address
+    on_dask = run_flow(
+        tmp_path / "dask", demo_folder, "runner.task_runner=dask", f"runner.dask_address={address}"
+    )
+    assert fingerprints(on_dask) == expected
+    for stage in DATA:  # the same counts, at another speed
+        ours, theirs = (run["stages"][stage]["counts"] for run in (on_dask, threads))
+        assert {**ours, "images_per_second": 0} == {**theirs, "images_per_second": 0}
+    # the shard jobs went to the cluster (its worker processes), and show in Prefect as tasks
+    jobs = {"download_shard", "check_one_shard", "caption_one_shard"}
+    assert jobs <= set(dask_cluster.scheduler.task_prefixes)
+    for names in shard_runs_of_last_flow_runs(2):
+        for stage in DATA:
+            assert sorted(n for n in names if n.startswith(f"{stage}-shard-")) == [
+                f"{stage}-shard-{i}" for i in range(8)
+            ]
+
+
+def shard_runs_of_last_flow_runs(count: int) -> list[list[str]]:
+    """Task run names of the `count` latest flow runs (this session runs flows one at a time)."""
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=count)
+        return [
+            [
+                task_run.name
+                for task_run in client.read_task_runs(
+                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id]))
+                )
+            ]
+            for run in runs
+        ]
