@@ -1,0 +1,191 @@
+"""A real Prefect server with sdflow deployed and a process worker, for the server and UI tests.
+
+`sdflow server` (that is, `prefect server start`) on a free loopback port with its own PREFECT_HOME
+and SQLite database in a temp dir, `sdflow deploy`, and `prefect worker start` on the process pool.
+The tests talk to the server through its REST API with httpx, as the UI does.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from sdflow.config import STAGES
+
+FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+@dataclass
+class ServedPrefect:
+    url: str  # the UI; the API is url + "/api"
+    env: dict[str, str]  # for `prefect` / `sdflow` commands against this server
+    workdir: Path  # the deployments' workdir (stage outputs)
+    logs: Path
+
+    def api(self, method: str, path: str, **kwargs: Any) -> Any:
+        """One REST call; a 503 (SQLite busy, say) is retried as Prefect's own client does."""
+        for attempt in range(6):
+            response = httpx.request(method, f"{self.url}/api{path}", timeout=30, **kwargs)
+            if response.status_code not in (429, 503):
+                break
+            time.sleep(0.5 * 2**attempt)
+        response.raise_for_status()
+        return response.json() if response.content else None
+
+    def run_deployment(self, name: str, parameters: dict[str, Any]) -> str:
+        deployment = self.api("GET", f"/deployments/name/{name}")
+        run = self.api(
+            "POST",
+            f"/deployments/{deployment['id']}/create_flow_run",
+            json={"parameters": parameters},
+        )
+        return run["id"]
+
+    def wait(self, flow_run_id: str, timeout: float = 480) -> dict[str, Any]:
+        """The flow run once it is final (the worker may take a moment to pick it up)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            run = self.api("GET", f"/flow_runs/{flow_run_id}")
+            if run["state_type"] in FINAL:
+                return run
+            time.sleep(1)
+        raise AssertionError(f"flow run {flow_run_id} not final after {timeout}s:\n{self.tail()}")
+
+    def task_runs(self, flow_run_id: str) -> list[dict[str, Any]]:
+        body = {
+            "task_runs": {"flow_run_id": {"any_": [flow_run_id]}},
+            "sort": "EXPECTED_START_TIME_ASC",
+        }
+        return self.api("POST", "/task_runs/filter", json=body)
+
+    def artifacts(self, flow_run_id: str) -> list[dict[str, Any]]:
+        body = {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}}
+        return self.api("POST", "/artifacts/filter", json=body)
+
+    def run_logs(self, flow_run_id: str) -> list[dict[str, Any]]:
+        body = {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200}
+        return self.api("POST", "/logs/filter", json=body)
+
+    def stage_states(self, flow_run_id: str, attempt: int | None = None) -> dict[str, str]:
+        """{stage: state name} of a flow run's stage task runs (named `<stage>-<suffix>`; per-shard
+        tasks are left out), or of one attempt of it (a retried flow run keeps every attempt's)."""
+        runs = [
+            r for r in self.task_runs(flow_run_id) if attempt in (None, r["flow_run_run_count"])
+        ]
+        named = {run["name"].rsplit("-", 1)[0]: run["state_name"] for run in runs}
+        return {stage: state for stage, state in named.items() if stage in STAGES}
+
+    def tiny_test(self, source: Path, *overrides: str) -> dict[str, Any]:
+        """Deployment parameters: tiny-test on `source`, in this server's workdir."""
+        return {
+            "profile": "tiny-test",
+            "overrides": [f"source.path={source}", *overrides],
+            "workdir": str(self.workdir),
+        }
+
+    def tail(self) -> str:
+        return "\n".join(
+            f"--- {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-40:])
+            for p in sorted(self.logs.glob("*.log"))
+        )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """A background process in its own session, so teardown stops it and all its children."""
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def wait_healthy(served: ServedPrefect, server: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise AssertionError(
+                f"prefect server exited with {server.returncode}:\n{served.tail()}"
+            )
+        try:
+            if httpx.get(f"{served.url}/api/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"prefect server not healthy after {timeout}s:\n{served.tail()}")
+
+
+@pytest.fixture(scope="session")
+def served_prefect(tmp_path_factory) -> ServedPrefect:
+    root = tmp_path_factory.mktemp("served")
+    port = free_port()
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(root / "prefect-home"),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_WORKER_QUERY_SECONDS": "1",  # pick runs up at once
+        "OMP_NUM_THREADS": "1",  # tiny models: one thread is as fast, and shares 2 busy cores well
+        "DO_NOT_TRACK": "1",
+    }
+    logs = root / "logs"
+    logs.mkdir()
+    served = ServedPrefect(f"http://127.0.0.1:{port}", env, root / "work", logs)
+    sdflow = [sys.executable, "-m", "sdflow.cli"]
+    server = start(
+        [*sdflow, "server", "--workdir", str(root / "server"), "--port", str(port)],
+        env,
+        logs / "server.log",
+    )
+    worker = None
+    try:
+        wait_healthy(served, server)
+        deploy = [*sdflow, "deploy", "--workdir", str(served.workdir), "--gpus", "1"]
+        done = subprocess.run(
+            [*deploy, "--pause-schedules"], env=env, capture_output=True, text=True, timeout=300
+        )
+        (logs / "deploy.log").write_text(done.stdout + done.stderr)
+        assert done.returncode == 0, done.stdout + done.stderr
+        prefect = [sys.executable, "-m", "prefect"]
+        worker_command = [*prefect, "worker", "start", "--pool", "sdflow", "--limit", "1"]
+        worker = start(worker_command, env, logs / "worker.log")
+        yield served
+    finally:
+        for process in (worker, server):
+            if process is not None:
+                stop(process)
+
+
+@pytest.fixture(scope="session")
+def completed_run(served_prefect, demo_folder) -> str:
+    """A deployment run of tiny-test on the demo folder, Completed; returns its flow-run id."""
+    flow_run_id = served_prefect.run_deployment(
+        "sdflow-pipeline/manual", served_prefect.tiny_test(demo_folder)
+    )
+    run = served_prefect.wait(flow_run_id)
+    assert run["state_type"] == "COMPLETED", served_prefect.tail()
+    return flow_run_id
