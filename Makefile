@@ -7,18 +7,20 @@ STAMP := $(VENV)/.installed
 WORKDIR ?= ./sdflow-work
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test lint format bench clean ui
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[dev,dask]"
+	$(BIN)/pip install --quiet -e ".[dev,dask,caption]"
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/sdflow demo --workdir $(WORKDIR)
+
+ui: $(STAMP)
+	$(BIN)/sdflow server --workdir $(WORKDIR)
 
 test: $(STAMP)
 	DO_NOT_TRACK=1 $(BIN)/pytest $(PYTEST_ARGS)

@@ -2,6 +2,12 @@
 
 Run it with `sdflow run tiny-cpu` (cached stages come back at once) or
 `sdflow run tiny-cpu --only filter` (one stage, upstream outputs from cache).
+
+The stages run one after another in the flow's thread. Inside a data stage (download, filter,
+caption) each shard is a task on the runner the profile's `runner` section selects: a thread pool of
+`runner.max_workers`, or the Dask cluster at `runner.dask_address` (`sdflow.orchestration`). The
+runner comes from the profile loaded in the body, so `sdflow run`, a deployment and a retried run
+all use it; the flow's own task runner is not involved.
 """
 
 from __future__ import annotations

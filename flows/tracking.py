@@ -1,10 +1,12 @@
-"""Run bookkeeping for the pipeline flow: which stages run, their states, and `summary.json`.
+"""Run bookkeeping for the pipeline flow: which stages run, their states, `summary.json`, and what
+the run shows in the Prefect UI (summary, failures, metrics, grid and loss-curve artifacts).
 
 Kept out of `pipeline.py` so the flow body stays a plain list of stages.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 import traceback
 import uuid
@@ -15,8 +17,10 @@ from typing import Any
 from prefect import Task, get_run_logger
 from prefect.runtime import flow_run
 
+from sdflow import artifacts
 from sdflow.config import RunConfig
 from sdflow.errors import UserError
+from sdflow.orchestration import result_storage
 from sdflow.stageio import Manifest, discard_stage, load_manifest, output_dir, stage_dir, write_json
 
 
@@ -44,6 +48,11 @@ class RunTracker:
         self.run_dir = Path(self.workdir) / "runs" / run_id()
         self.summary["run_id"] = self.run_dir.name
         self.summary["started_at"] = datetime.now(timezone.utc).isoformat()
+        # Cache records beside the stage outputs (or in object storage): a retry on another worker
+        # must find them. Set per task, since the flow's own storage is fixed before the profile loads.
+        self.storage = result_storage(config.runner.result_storage, self.workdir)
+        for name in ("sdflow", "tasks"):  # stage progress reaches the run's log (worker runs too)
+            logging.getLogger(name).setLevel(logging.INFO)
 
     def stage(self, task: Task, **upstream: Manifest | None) -> Manifest | None:
         """Run (or look up) one stage; returns its manifest, or None when it is unavailable."""
@@ -53,15 +62,16 @@ class RunTracker:
         key_fn = task.cache_policy.key_fn
         if self.only and name not in self.only:
             return self._look_up(name, key_fn(self.config, upstream))
-        if name in self.refresh:
+        refresh = name in self.refresh
+        if refresh:
             discard_stage(self.workdir, name, key_fn(self.config, upstream))
-            task = task.with_options(refresh_cache=True)
+        task = task.with_options(result_storage=self.storage, refresh_cache=refresh or None)
         started = time.monotonic()
         state = task(self.config, upstream, self.workdir, return_state=True)
         seconds = time.monotonic() - started
         if not state.is_completed():
             self.failure = _exception_of(state)
-            get_run_logger().error("Stage %s failed: %s", name, self.failure)
+            get_run_logger().error(_failure_paragraph(name, self.failure))
             return self._record(
                 name, "failed", None, seconds, cached=False, error=str(self.failure)
             )
@@ -93,7 +103,27 @@ class RunTracker:
         if error:
             entry["error"] = error
         self.summary["stages"][name] = entry
+        if manifest is not None:
+            self._show(name, manifest)
         return manifest
+
+    def _show(self, name: str, manifest: Manifest) -> None:
+        """The stage's artifacts in the UI, from its manifest (fresh or cached alike)."""
+        profile = self.summary["profile"]
+        base = output_dir(self.workdir, manifest)
+        files = manifest.get("files", {})
+        if name == "filter":
+            stages = self.summary["stages"]
+            counts = {s: stages[s]["counts"] for s in ("download", "filter") if s in stages}
+            _best_effort(artifacts.publish_failures, profile, counts)
+        if name == "train" and "loss_curve" in files:
+            path = base / files["loss_curve"]
+            _best_effort(artifacts.publish_image, profile, "loss-curve", path, "Training loss")
+        if name == "evaluate":
+            _best_effort(artifacts.publish_metrics, profile, manifest.get("info", {}))
+            if "grid" in files:
+                path, what = base / files["grid"], "Sample grid: trained (and baseline) per prompt"
+                _best_effort(artifacts.publish_image, profile, "sample-grid", path, what)
 
     def _note_products(self, name: str, manifest: Manifest) -> None:
         base = output_dir(self.workdir, manifest)
@@ -114,6 +144,7 @@ class RunTracker:
         write_json(
             self.run_dir / "summary.json", self.summary, sort_keys=False
         )  # stages in DAG order
+        _best_effort(artifacts.publish_summary, self.summary)
         if isinstance(self.failure, UserError):
             raise self.failure
         if self.failure is not None:
@@ -125,6 +156,24 @@ def run_id() -> str:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     flow_run_id = flow_run.get_id()
     return f"{stamp}-{(flow_run_id or uuid.uuid4().hex)[:8]}"
+
+
+def _failure_paragraph(stage: str, error: BaseException) -> str:
+    """What the run log says about a failed stage: one paragraph, and whether it was retried."""
+    if isinstance(error, UserError):
+        return f"Stage {stage} stopped on a problem to fix, so it was not retried. {error}"
+    return (
+        f"Stage {stage} failed ({type(error).__name__}: {error}). Fix the cause and retry this flow "
+        "run: the stages before it come back from the cache."
+    )
+
+
+def _best_effort(publish: Any, *args: Any) -> None:
+    """Artifacts are a view of the run: failing to show one never fails the run."""
+    try:
+        publish(*args)
+    except Exception as exc:
+        get_run_logger().warning("Could not create the %s artifact: %s", publish.__name__, exc)
 
 
 def _exception_of(state: Any) -> BaseException:

@@ -4,6 +4,8 @@
     sdflow check PROFILE [--set K=V]...
     sdflow profiles
     sdflow demo [--workdir DIR]
+    sdflow deploy [--pool NAME] [--pool-type process|kubernetes] [--workdir DIR] [--gpus N]
+    sdflow server [--workdir DIR] [--port PORT]
 
 A user error (bad config, missing path, unwritable workdir) ends with one paragraph and exit code 2.
 """
@@ -19,7 +21,7 @@ from pathlib import Path
 from sdflow.config import STAGES, RunConfig
 from sdflow.errors import UserError
 
-LIBRARY_LOGGERS = "sdflow,diffusers,accelerate,transformers"
+LIBRARY_LOGGERS = "sdflow,tasks,diffusers,accelerate,transformers"
 DEFAULT_WORKDIR = "./sdflow-work"
 
 
@@ -58,6 +60,22 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--profile", default="tiny-cpu", help="profile to run on the demo data")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
     demo.set_defaults(handler=_demo)
+
+    deploy = commands.add_parser("deploy", help="register the deployments with a Prefect server")
+    deploy.add_argument("--pool", default="sdflow", help="work pool name (created if missing)")
+    deploy.add_argument("--pool-type", choices=["process", "kubernetes"], default="process")
+    deploy.add_argument("--workdir", default=None, help="workdir of the flow runs on the worker")
+    deploy.add_argument("--code-dir", default=None, help="the sdflow checkout on the worker")
+    deploy.add_argument("--gpus", type=int, default=None, help="gpu slots (default: this host's)")
+    deploy.add_argument(
+        "--pause-schedules", action="store_true", help="register the schedules inactive"
+    )
+    deploy.set_defaults(handler=_deploy)
+
+    server = commands.add_parser("server", help="start a Prefect server and UI on 127.0.0.1")
+    server.add_argument("--workdir", default=DEFAULT_WORKDIR, help="its SQLite database goes here")
+    server.add_argument("--port", type=int, default=4200)
+    server.set_defaults(handler=_server)
     return parser
 
 
@@ -97,13 +115,13 @@ def _run_flow(profile, overrides, workdir, only, refresh, config: RunConfig) -> 
     # The ephemeral server's telemetry heartbeat races its own SQLite writes ("database is locked").
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    logging.getLogger("sdflow").setLevel(logging.INFO)  # stage progress reaches the run's log
+    for name in ("sdflow", "tasks"):
+        logging.getLogger(name).setLevel(logging.INFO)  # stage progress reaches the run's log
     from flows.pipeline import pipeline  # Prefect is imported only when a flow runs
 
-    flow = pipeline
-    if config.runner.result_storage:
-        flow = pipeline.with_options(result_storage=Path(config.runner.result_storage))
-    return flow(
+    # Result storage comes from the profile inside the flow (flows/tracking.py), so deployments and
+    # `prefect flow-run retry` use the same cache records as this command.
+    return pipeline(
         profile=str(profile),
         overrides=list(overrides),
         workdir=str(workdir),
@@ -143,6 +161,24 @@ def _demo(args: argparse.Namespace) -> int:
     run_dir = _run_flow(args.profile, overrides, workdir, None, None, config)
     print(run_dir)
     return 0
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    from sdflow.deploy import deploy, plan_deploy
+
+    plan = plan_deploy(
+        args.pool, args.pool_type, args.workdir, args.code_dir, args.gpus, args.pause_schedules
+    )
+    for name in deploy(plan):
+        print(f"deployment {name}")
+    print(f"start a worker: prefect worker start --pool {plan.pool}")
+    return 0
+
+
+def _server(args: argparse.Namespace) -> int:
+    from sdflow.server import serve
+
+    return serve(_ready_workdir(args.workdir), args.port)
 
 
 def _validated(profile: str, overrides: list[str]) -> RunConfig:

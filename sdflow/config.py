@@ -6,6 +6,8 @@ YAML profiles in `profiles/` map onto `RunConfig` 1:1; `sdflow.profiles` loads t
 
 from __future__ import annotations
 
+import re
+from importlib.util import find_spec
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
@@ -87,19 +89,120 @@ class FilterConfig(Section):
         return self
 
 
-class CaptionConfig(Section):
-    """How each kept sample gets its training caption."""
+class InterrogatorConfig(Section):
+    """clip-interrogator settings (`caption.backend: clip-interrogator`, needs the caption extra)."""
 
-    backend: Literal["keep"] = Field("keep", description="keep: use the source caption")
+    mode: Literal["fast", "classic", "best", "negative"] = Field(
+        "fast",
+        description="fast: caption + top-ranked terms; classic: caption + medium, artist, "
+        "movement, flavors; best: a CLIP-guided chain of terms (slow); negative: the least "
+        "similar terms, for a negative prompt (no caption model)",
+    )
+    clip_model: str = Field(
+        "ViT-L-14/openai",
+        min_length=1,
+        description="open_clip 'architecture/pretrained-tag' (downloaded by open_clip), or a local "
+        "open_clip directory (open_clip_config.json + weights), used offline",
+    )
+    data_path: str | None = Field(
+        None,
+        description="directory of term lists (artists.txt, flavors.txt, mediums.txt, "
+        "movements.txt, negative.txt); unset: the lists bundled with clip-interrogator",
+    )
+
+
+# Phrases that carry no content: BLIP's "arafed"-style artefacts, empty openers, stock-photo and
+# camera-file-name alt text. Regexes, matched case-insensitively and removed.
+BOILERPLATE = [
+    r"\b(?:arafed|araffe|arafe|araf|arafly|arrafed|arrafe)\b",
+    r"^(?:there (?:is|are)|this is)\s+",
+    r"\b(?:stock (?:photo|image|picture)s?|royalty[- ]free)\b",
+    r"\b[\w-]+\.(?:jpe?g|png|gif|webp|bmp|tiff?)\b",
+    r"\b(?:img|dsc|dscn|dcim|pxl)[_-]?\d+\b",
+]
+EXTRA_MODULES = {"clip-interrogator": ("clip_interrogator", "open_clip")}
+
+
+class CaptionConfig(Section):
+    """How each kept sample gets its training caption.
+
+    Per row: the source caption is cleaned (`boilerplate`) and is usable when it passes the
+    filter's caption rules. `policy` decides which rows the backend captions and how its caption
+    combines with the source one; a row that still has no caption is handled by `on_missing`.
+    The source caption is always kept in the `source_caption` column.
+    """
+
+    backend: Literal["keep", "blip", "clip-interrogator"] = Field(
+        "keep",
+        description="keep: the source caption; blip: BLIP / BLIP-2 through transformers, "
+        "batched; clip-interrogator: BLIP caption + CLIP-ranked terms (caption extra)",
+    )
+    policy: Literal["missing", "all", "append"] = Field(
+        "missing",
+        description="missing: caption only rows without a usable caption; all: replace every "
+        "caption (a row the backend leaves empty keeps its usable source caption); append: "
+        "source caption + `separator` + generated",
+    )
     on_missing: Literal["fail", "template"] = Field(
         "fail",
-        description="a caption missing or breaking the filter's caption rules: reject the sample "
-        "(the filter stage already does), or caption it with `template`",
+        description="a row still without a usable caption after the policy and the backend: "
+        "reject it (recorded in failures), or caption it with `template`",
     )
     template: str = Field("a photo", min_length=1, description="caption for `on_missing: template`")
     prefix: str = Field("", description="prepended verbatim, separator included, e.g. 'sks, '")
     suffix: str = Field("", description="appended verbatim, separator included, e.g. ', 4k'")
+    separator: str = Field(", ", description="between source and generated caption (append)")
+    boilerplate: list[str] = Field(
+        default_factory=lambda: list(BOILERPLATE),
+        description="regexes removed (case-insensitive) from source and generated captions "
+        "before the rules are checked; [] keeps captions as they are",
+    )
+    max_tokens: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="cut captions (prefix and suffix included) at a word boundary to this many "
+        "tokens, start/end tokens not counted (75 fits SD's 77); counted with the pretrained "
+        "model's tokenizer, or, for scratch runs (tokenizer not trained yet), as CLIP "
+        "pre-tokenizer pieces: words, digits, punctuation runs",
+    )
     batch_size: int = Field(64, ge=1, le=4096, description="images per captioner call")
+    model: str = Field(
+        "Salesforce/blip-image-captioning-base",
+        min_length=1,
+        description="BLIP or BLIP-2 caption model (both generative backends): hub name or "
+        "local directory with its processor",
+    )
+    revision: str | None = Field(None, description="hub revision of `model`; pin it")
+    prompt: str = Field(
+        "", description="conditional prefix the caption model continues, e.g. 'a photograph of'"
+    )
+    max_new_tokens: int = Field(40, ge=1, le=512, description="longest generated caption")
+    num_beams: int = Field(1, ge=1, le=16, description="1: greedy decoding; more: beam search")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="caption model weights; auto: float16 on a GPU, float32 on CPU"
+    )
+    interrogator: InterrogatorConfig = Field(default_factory=InterrogatorConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CaptionConfig:
+        if self.backend == "keep" and self.policy != "missing":
+            raise ValueError(
+                f"caption.policy {self.policy!r} needs a generative backend (blip or "
+                "clip-interrogator); the keep backend only uses source captions"
+            )
+        for pattern in self.boilerplate:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"boilerplate pattern {pattern!r} is not a regex: {exc}") from None
+        missing = [m for m in EXTRA_MODULES.get(self.backend, ()) if find_spec(m) is None]
+        if missing:
+            raise ValueError(
+                f"caption.backend {self.backend!r} needs the optional caption extra "
+                f"({', '.join(missing)} not installed): pip install -e '.[caption]'"
+            )
+        return self
 
 
 class ModelConfig(Section):
@@ -165,7 +268,12 @@ class TrainConfig(Section):
 
     mode: Literal["full", "lora"] = "full"
     lr: float = Field(1e-4, gt=0, le=1)
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(
+        16,
+        ge=1,
+        description="samples per process and micro-batch; the global batch is batch_size x "
+        "processes x gradient_accumulation",
+    )
     max_steps: int = Field(1000, ge=1)
     checkpoint_every: int = Field(250, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
@@ -189,7 +297,11 @@ class TrainConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0)
     seed: int = 0
     log_every: int = Field(10, ge=1)
-    processes: int = Field(1, ge=1, description="accelerate processes")
+    processes: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        1,
+        description="1: train in the stage's process; more: `accelerate launch` that many "
+        "(one per GPU, or gloo on CPU); auto: one per visible GPU",
+    )
     data_workers: int = Field(
         0, ge=0, le=64, description="DataLoader worker processes; 0 loads in the training process"
     )
@@ -234,9 +346,17 @@ class EvalConfig(Section):
 class RunnerConfig(Section):
     """How Prefect runs the stages."""
 
-    task_runner: Literal["threads", "dask"] = "threads"
-    max_workers: int = Field(4, ge=1, le=256)
-    dask_address: str | None = None
+    task_runner: Literal["threads", "dask"] = Field(
+        "threads",
+        description="where the data stages' shard tasks run: threads of the stage's process, or "
+        "the Dask cluster at dask_address (pip install -e '.[dask]')",
+    )
+    max_workers: int = Field(
+        4, ge=1, le=256, description="threads (threads runner); shards in flight at a time (both)"
+    )
+    dask_address: str | None = Field(
+        None, description="Dask scheduler address, e.g. tcp://10.0.0.5:8786 (task_runner: dask)"
+    )
     result_storage: str | None = Field(None, description="Prefect result storage; default workdir")
 
 

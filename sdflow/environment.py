@@ -8,7 +8,10 @@ from pathlib import Path
 
 from sdflow.config import RunConfig
 
-PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "peft", "prefect", "torchmetrics")
+PACKAGES = (
+    "torch", "diffusers", "transformers", "accelerate", "peft", "prefect", "torchmetrics",
+    "clip-interrogator", "open-clip-torch", "prefect-dask",
+)  # fmt: skip
 
 
 def describe_environment(config: RunConfig) -> list[str]:

@@ -15,7 +15,7 @@ from typing import Any
 CHUNK = 1 << 20
 # The config schema is data, not behaviour: the values a stage reads are already in its key, so a
 # description edited in config.py must not invalidate every cache.
-NOT_CODE = {"sdflow.config", "sdflow.errors"}
+NOT_CODE = {"sdflow.config", "sdflow.errors", "sdflow.artifacts"}
 
 
 def hash_bytes(data: bytes) -> str:

@@ -1,21 +1,28 @@
 """Caption stage: give every kept sample the caption it is trained on.
 
-Run it with `sdflow run tiny-cpu --only caption`. A captioner chosen by `caption.backend`
-proposes a caption per sample: `keep` uses the source caption (whitespace normalised); generative
-backends (BLIP, clip-interrogator) join the `CAPTIONERS` registry later. A caption that is missing
-or breaks the filter's caption rules is either filled with `caption.template` or rejected, per
-`caption.on_missing`; then `caption.prefix` / `caption.suffix` are applied. Output shards are the
-filter's shards with `caption` set to the training caption and `source_caption` holding the caption
-as it came.
+Run it with `sdflow run tiny-cpu --only caption`. Per row the source caption is cleaned
+(`caption.boilerplate`) and is usable when it passes the filter's caption rules. `caption.policy`
+picks the rows the backend (`caption.backend`, registered in `CAPTIONERS`) captions: `missing`
+(rows without a usable caption), `all` (every row; the generated caption replaces the source one)
+or `append` (source caption + generated one). Backends: `keep` (the source caption), `blip`
+(BLIP / BLIP-2 through transformers, batched) and `clip-interrogator` (optional `caption` extra).
+A row that still has no caption is filled with `caption.template` or rejected, per
+`caption.on_missing`; then `caption.prefix` / `caption.suffix` are applied and the caption is cut
+to `caption.max_tokens`. Output shards are the filter's shards with `caption` set to the training
+caption and `source_caption` holding the caption as it came. Finished shards survive a crash; the
+key holds the captioner's model identity, so another model re-captions (and nothing upstream).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from contextlib import closing
+from pathlib import Path
 from typing import Any, Protocol
 
 import pyarrow as pa
@@ -23,18 +30,28 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
+from sdflow.captioners import captioner_identity, require_backend
+from sdflow.captioners.blip import BlipCaptioner
+from sdflow.captioners.interrogator import InterrogatorCaptioner
 from sdflow.captions import (
     MISSING,
+    NOT_GENERATED,
+    SOURCE_BACKENDS,
+    caption_finisher,
     caption_problem,
     caption_rules,
+    clean_caption,
+    combine_captions,
     describe_caption,
-    normalize_caption,
-    training_caption,
+    needs_caption,
+    tokenizer_identity,
+    usable_caption,
 )
 from sdflow.config import CaptionConfig, RunConfig
 from sdflow.errors import UserError
 from sdflow.fingerprint import code_version
-from sdflow.orchestration import stage_task
+from sdflow.orchestration import mapped_shards, stage_task
+from sdflow.shardmap import ShardJob, ShardMapper, in_order
 from sdflow.stageio import (
     FAILURES,
     Manifest,
@@ -65,7 +82,7 @@ class KeepCaptioner:
 
     needs_images = False
 
-    def __init__(self, cfg: CaptionConfig):
+    def __init__(self, cfg: CaptionConfig, cache_dir: Path | None = None):
         self.cfg = cfg
 
     def caption(
@@ -74,48 +91,96 @@ class KeepCaptioner:
         return list(existing)
 
 
-CAPTIONERS: dict[str, Callable[[CaptionConfig], Captioner]] = {"keep": KeepCaptioner}
+# A factory gets the caption section and a directory for reusable files (term embeddings).
+CAPTIONERS: dict[str, Callable[[CaptionConfig, Path], Captioner]] = {
+    "keep": KeepCaptioner,
+    "blip": BlipCaptioner,
+    "clip-interrogator": InterrogatorCaptioner,
+}
 
 
-def make_captioner(cfg: CaptionConfig) -> Captioner:
+def make_captioner(cfg: CaptionConfig, cache_dir: Path) -> Captioner:
     if cfg.backend not in CAPTIONERS:
         known = ", ".join(sorted(CAPTIONERS))
         raise UserError(f"Unknown caption.backend {cfg.backend!r}; the known backends are {known}.")
-    return CAPTIONERS[cfg.backend](cfg)
+    return CAPTIONERS[cfg.backend](cfg, cache_dir)
+
+
+class LazyCaptioner:
+    """The backend, built on first use: a resumed build, or shards whose captions are all usable
+    (policy `missing`), load no model."""
+
+    def __init__(self, cfg: CaptionConfig, cache_dir: Path):
+        self.cfg, self.cache_dir = cfg, cache_dir
+        self.built: Captioner | None = None
+        self.lock = threading.RLock()  # shard jobs on threads share one model, a batch at a time
+
+    def get(self) -> Captioner:
+        with self.lock:
+            if self.built is None:
+                self.built = make_captioner(self.cfg, self.cache_dir)
+            return self.built
+
+    @property
+    def needs_images(self) -> bool:
+        return self.get().needs_images
+
+    def caption(
+        self, images: list[Image.Image] | None, existing: list[str | None]
+    ) -> list[str | None]:
+        with self.lock:
+            return self.get().caption(images, existing)
 
 
 def caption_key(config: RunConfig, upstream: dict[str, Manifest | None]) -> str:
-    settings = {"caption": config.caption.model_dump(), "rules": caption_rules(config.filter)}
+    settings = {
+        "caption": config.caption.model_dump(),
+        "rules": caption_rules(config.filter),
+        "models": captioner_identity(config.caption),  # hub name@revision or weights hash
+        "tokenizer": tokenizer_identity(config),  # what caption.max_tokens counts with
+    }
     return stage_key("caption", settings, [upstream["filter"]], code_version(__name__))
 
 
 def caption_samples(
-    config: RunConfig, upstream: dict[str, Manifest | None], workdir: str
+    config: RunConfig,
+    upstream: dict[str, Manifest | None],
+    workdir: str,
+    mapper: ShardMapper = in_order,
 ) -> Manifest:
-    """Build (or reuse) the caption stage output for the filter stage's shards."""
+    """Build (or reuse) the caption stage output for the filter stage's shards.
+
+    `mapper` runs the per-shard jobs (`caption_one_shard`); by default one after another, here.
+    """
+    require_backend(config.caption)  # a missing optional extra fails before any work
     key = caption_key(config, upstream)
-    return build_stage(workdir, "caption", key, lambda build: _build(build, config, upstream))
+    return build_stage(
+        workdir, "caption", key, lambda build: _build(build, config, upstream, mapper)
+    )
 
 
-caption_task = stage_task("caption", caption_key)(caption_samples)
+caption_task = stage_task("caption", caption_key)(mapped_shards(caption_samples))
 
 
 def propose_captions(
     table: pa.Table, captioner: Captioner, config: RunConfig, progress: tqdm
-) -> list[str | None]:
-    """The captioner's proposal per row, called in batches of `caption.batch_size`."""
-    existing = [
-        None if caption_problem(text, config.filter) else normalize_caption(text)
-        for text in table.column("caption").to_pylist()
-    ]
-    proposed: list[str | None] = []
-    step = config.caption.batch_size
-    for start in range(0, table.num_rows, step):
-        batch = table.slice(start, step)
-        images = decode_images(batch) if captioner.needs_images else None
-        proposed.extend(captioner.caption(images, existing[start : start + step]))
-        progress.update(batch.num_rows)
-    return proposed
+) -> tuple[list[str | None], list[str | None]]:
+    """Usable source captions, and the backend's cleaned captions for the rows `caption.policy`
+    asks it about (None elsewhere), asked in batches of `caption.batch_size`."""
+    cfg = config.caption
+    sources = table.column("caption").to_pylist()
+    existing = [usable_caption(text, config.filter, cfg) for text in sources]
+    asked = [row for row, text in enumerate(existing) if needs_caption(text, cfg)]
+    proposed: list[str | None] = [None] * table.num_rows
+    progress.update(table.num_rows - len(asked))
+    for start in range(0, len(asked), cfg.batch_size):
+        rows = asked[start : start + cfg.batch_size]
+        images = decode_images(table.take(rows)) if captioner.needs_images else None
+        texts = captioner.caption(images, [existing[row] for row in rows])
+        for row, text in zip(rows, texts, strict=True):
+            proposed[row] = clean_caption(text, cfg) or None
+        progress.update(len(rows))
+    return existing, proposed
 
 
 def decode_images(table: pa.Table) -> list[Image.Image]:
@@ -125,62 +190,128 @@ def decode_images(table: pa.Table) -> list[Image.Image]:
 
 
 def caption_shard(
-    table: pa.Table, captioner: Captioner, config: RunConfig, progress: tqdm
-) -> tuple[pa.Table, list[dict[str, Any]], int]:
-    """Kept rows with training captions, failure records, and how many got the template."""
+    table: pa.Table,
+    captioner: Captioner,
+    config: RunConfig,
+    progress: tqdm,
+    finish: Callable[[str], str],
+) -> tuple[pa.Table, list[dict[str, Any]], Counter[str]]:
+    """Kept rows with training captions (`finish`: prefix, suffix, token limit), failure records,
+    and how many captions the backend generated and the template filled."""
+    cfg = config.caption
     sources = table.column("caption").to_pylist()
-    keep, captions, failures, templated = [], [], [], 0
-    for row, text in enumerate(propose_captions(table, captioner, config, progress)):
-        if text is None and config.caption.on_missing == "template":
-            text, templated = config.caption.template, templated + 1
+    keep, captions, failures, tally = [], [], [], Counter(generated=0, templated=0)
+    existing, proposed = propose_captions(table, captioner, config, progress)
+    for row, (source, generated) in enumerate(zip(existing, proposed, strict=True)):
+        text = combine_captions(source, generated, cfg)
+        tally["generated"] += generated is not None
+        if text is None and cfg.on_missing == "template":
+            text = cfg.template
+            tally["templated"] += 1
         keep.append(text is not None)
         if text is None:
             failures.append(_failure(table, row, sources[row], config))
         else:
-            captions.append(training_caption(normalize_caption(text), config.caption))
+            captions.append(finish(text))
     kept = table.filter(pa.array(keep, type=pa.bool_()))
     position = kept.schema.get_field_index("caption")
     kept = kept.set_column(position, "caption", pa.array(captions, type=pa.string()))
     source = pa.array([s for s, k in zip(sources, keep, strict=True) if k], type=pa.string())
-    return kept.add_column(position + 1, "source_caption", source), failures, templated
+    return kept.add_column(position + 1, "source_caption", source), failures, tally
 
 
 def _failure(table: pa.Table, row: int, source: str | None, config: RunConfig) -> dict[str, Any]:
+    if config.caption.backend in SOURCE_BACKENDS:
+        reason = caption_problem(clean_caption(source, config.caption), config.filter) or MISSING
+    else:
+        reason = NOT_GENERATED  # asked, because the source caption was unusable, and got nothing
     return {
         "id": table.column("id")[row].as_py(),
         "source": table.column("source")[row].as_py() if "source" in table.column_names else None,
-        "reason": caption_problem(source, config.filter) or MISSING,
+        "reason": reason,
         "detail": describe_caption(source),
     }
 
 
-def _build(build: StageBuild, config: RunConfig, upstream: dict[str, Manifest | None]) -> Manifest:
+def _build(
+    build: StageBuild,
+    config: RunConfig,
+    upstream: dict[str, Manifest | None],
+    mapper: ShardMapper,
+) -> Manifest:
     manifest = upstream["filter"]
-    captioner = make_captioner(config.caption)
+    caption_finisher(config)  # prefix and suffix over caption.max_tokens: fail before any work
+    paths = shard_paths(build.workdir, manifest)
+    done = {i for i in range(len(paths)) if build.has(shard_name(i))}  # kept from before a crash
+    jobs = [ShardJob(build, config, i, str(p)) for i, p in enumerate(paths) if i not in done]
     totals: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
     names, seconds, captioned = [], 0.0, 0
-    with tqdm(total=manifest["counts"].get("kept"), desc="caption", unit="img") as progress:
-        for index, path in enumerate(shard_paths(build.workdir, manifest)):
-            name = shard_name(index)
-            if build.has(name):  # finished before a crash: kept as it is
-                stats = _read_stats(build, index)
+    try:
+        with (
+            tqdm(total=manifest["counts"].get("kept"), desc="caption", unit="img") as progress,
+            closing(mapper(caption_one_shard, jobs)) as results,
+        ):
+            for index in range(len(paths)):
+                if index in done:
+                    stats = _read_stats(build, index)
+                else:
+                    stats, took = next(results)
+                    seconds, captioned = seconds + took, captioned + stats["input"]
                 progress.update(stats["input"])
-            else:
-                started = time.monotonic()
-                table = pq.read_table(path)
-                stats = _caption_one(build, index, table, captioner, config, progress)
-                seconds += time.monotonic() - started
-                captioned += stats["input"]
-            totals.update({k: stats[k] for k in ("input", "kept", "templated")})
-            reasons.update(stats["failed_by_reason"])
-            names.append(name)
+                totals.update({k: stats[k] for k in ("input", "kept", "generated", "templated")})
+                reasons.update(stats["failed_by_reason"])
+                names.append(shard_name(index))
+    finally:
+        release_captioners()
     _require_survivors(totals, reasons)
     counts = {**totals, "failed": sum(reasons.values()), "failed_by_reason": dict(reasons)}
     # None when every shard was finished before a crash: nothing was timed in this run
     counts["images_per_second"] = round(captioned / seconds, 1) if seconds > 0 else None
-    info = {"backend": config.caption.backend, "on_missing": config.caption.on_missing}
+    cfg = config.caption
+    info = {"backend": cfg.backend, "policy": cfg.policy, "on_missing": cfg.on_missing}
+    if cfg.backend not in SOURCE_BACKENDS:
+        info["model"] = cfg.model
     return build.finish(counts=counts, shards=names, files={"failures": FAILURES}, info=info)
+
+
+def caption_one_shard(job: ShardJob) -> tuple[dict[str, Any], float]:
+    """Caption shard `job.index` (input `job.source`) into the partial directory: (stats, seconds).
+
+    Runs wherever the mapper puts it (a thread, a Dask worker); the stage reports progress per shard.
+    """
+    started = time.monotonic()
+    captioner, finish = shared_captioner(job.config, Path(job.build.workdir) / "cache")
+    with tqdm(disable=True) as quiet:
+        table = pq.read_table(job.source)
+        stats = _caption_one(job.build, job.index, table, captioner, finish, job.config, quiet)
+    return stats, time.monotonic() - started
+
+
+_SHARED: dict[str, tuple[LazyCaptioner, Callable[[str], str]]] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_captioner(
+    config: RunConfig, cache_dir: Path
+) -> tuple[LazyCaptioner, Callable[[str], str]]:
+    """This process's captioner and caption finisher for `config`, built once for all its shards.
+
+    One at a time: another config replaces it. The stage releases it when done; a Dask worker keeps
+    its own until its next caption config.
+    """
+    key = config.model_dump_json(include={"caption", "model"}) + str(cache_dir)
+    with _SHARED_LOCK:
+        if key not in _SHARED:
+            _SHARED.clear()
+            _SHARED[key] = (LazyCaptioner(config.caption, cache_dir), caption_finisher(config))
+        return _SHARED[key]
+
+
+def release_captioners() -> None:
+    """Drop this process's captioner (and the model it holds)."""
+    with _SHARED_LOCK:
+        _SHARED.clear()
 
 
 def _caption_one(
@@ -188,15 +319,16 @@ def _caption_one(
     index: int,
     table: pa.Table,
     captioner: Captioner,
+    finish: Callable[[str], str],
     config: RunConfig,
     progress: tqdm,
 ) -> dict[str, Any]:
     """Caption one shard; its stats are written before the shard, whose presence means finished."""
-    kept, failures, templated = caption_shard(table, captioner, config, progress)
+    kept, failures, tally = caption_shard(table, captioner, config, progress, finish)
     stats = {
         "input": table.num_rows,
         "kept": kept.num_rows,
-        "templated": templated,
+        **tally,
         "failed_by_reason": dict(Counter(f["reason"] for f in failures)),
     }
     (build.path / STATS).mkdir(exist_ok=True)

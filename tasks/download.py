@@ -4,40 +4,57 @@
 
 Rows come from the configured source (`urls`, `hf` or `folder`, see `sdflow.sources`) in a stable
 order; shard i holds rows [i * shard_size, (i + 1) * shard_size), so the output is deterministic and
-a rerun after a crash redoes only unfinished shards. URLs are fetched concurrently on one asyncio
-event loop (httpx); decoding, resizing and encoding run in a thread pool beside it (Pillow releases
-the GIL). Every row ends up kept in a shard or in the failures table with its reason.
+a rerun after a crash redoes only unfinished shards. The stage reads the source once, in order, and
+stages each unfinished shard's rows in the partial directory (`inputs/`, removed when done); a shard
+job (`download_shard`, mapped by the task runner, see `sdflow.shardmap`) reads them back, fetches its
+URLs concurrently on an asyncio event loop (httpx, `download.concurrency` connections per shard in
+flight), decodes, resizes and encodes in a thread pool beside it (Pillow releases the GIL), and
+writes its shard. Every row ends up kept in a shard or in the failures table with its reason.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 import os
+import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, closing
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from sdflow import imaging, netguard, sources, stageio
+from sdflow.artifacts import progress_bar
 from sdflow.config import RunConfig
 from sdflow.errors import UserError
 from sdflow.fingerprint import code_version
 from sdflow.imaging import ImageSpec, Rejected, process_image
-from sdflow.orchestration import stage_task
+from sdflow.orchestration import mapped_shards, stage_task
+from sdflow.shardmap import ShardJob, ShardMapper, in_order
 from sdflow.sources import SAMPLE_SCHEMA, SourceRow, folder, hf, row_id, urls
 from sdflow.stageio import FAILURES, Manifest, StageBuild, build_stage, failures_table, shard_name
 
 STAGE = "download"
 # Knobs that change speed, not output: changing them must not invalidate a finished download.
 SPEED_ONLY = {"concurrency", "decode_workers"}
+INPUTS = "inputs"  # each unfinished shard's source rows, staged for its job
+INPUT_SCHEMA = pa.schema(
+    [
+        ("index", pa.int64()),
+        ("id", pa.string()),
+        ("caption", pa.string()),
+        ("source", pa.string()),
+        ("url", pa.string()),
+        ("data", pa.binary()),
+        ("path", pa.string()),
+        ("duplicate", pa.bool_()),
+    ]
+)
 HINTS = {
     "refused_address": "URLs resolving to private, loopback or link-local addresses are refused; "
     "set download.allow_private_network: true only for a list you trust",
@@ -58,30 +75,42 @@ def download_key(config: RunConfig, upstream: dict[str, Manifest | None]) -> str
     return stageio.stage_key(STAGE, settings, [], code_version(__name__))
 
 
-def download(config: RunConfig, upstream: dict[str, Manifest | None], workdir: str) -> Manifest:
-    """Build (or reuse) the download stage output for `config.source`."""
+def download(
+    config: RunConfig,
+    upstream: dict[str, Manifest | None],
+    workdir: str,
+    mapper: ShardMapper = in_order,
+) -> Manifest:
+    """Build (or reuse) the download stage output for `config.source`.
+
+    `mapper` runs the per-shard jobs (`download_shard`); by default one after another, here.
+    """
     key = download_key(config, upstream)
-    return build_stage(workdir, STAGE, key, lambda build: _build(build, config))
+    return build_stage(workdir, STAGE, key, lambda build: _build(build, config, mapper))
 
 
-download_task = stage_task(STAGE, download_key)(download)
+download_task = stage_task(STAGE, download_key)(mapped_shards(download))
 
 
-def _build(build: StageBuild, config: RunConfig) -> Manifest:
+def _build(build: StageBuild, config: RunConfig, mapper: ShardMapper) -> Manifest:
     rows = sources.open_rows(config.source)
-    workers = config.download.decode_workers or available_cpus()
     started = time.monotonic()
-    with (
-        ThreadPoolExecutor(workers, thread_name_prefix="sdflow-decode") as pool,
-        tqdm(total=rows.total, unit="img", desc=STAGE, mininterval=1.0, disable=None) as bar,
-    ):
-        run = ShardRun(build, config, pool, workers, bar.update)
-        names = run_async(lambda: run.all(rows.rows))
+    names: list[str] = []  # every shard, finished or not, in order: filled as jobs are staged
+    kept = 0  # samples kept by this run (not by an earlier, interrupted one)
+    with progress_bar(
+        STAGE, total=rows.total, unit="img", desc=STAGE, mininterval=1.0, disable=None
+    ) as bar:
+        jobs = stage_inputs(build, config, rows.rows, names, bar.update)
+        with closing(mapper(download_shard, jobs)) as results:
+            for result in results:
+                kept += result["kept"]
+                bar.update(result["rows"])
     if not names:
         raise UserError(f"Source {config.source.path} ({config.source.kind}) has no rows.")
+    shutil.rmtree(build.path / INPUTS, ignore_errors=True)
     seconds = time.monotonic() - started
     counts = count_outputs(build.path, names)
-    counts["images_per_second"] = round(run.kept / seconds, 2) if run.kept else 0.0
+    counts["images_per_second"] = round(kept / seconds, 2) if kept else 0.0
     if counts["kept"] == 0:
         raise UserError(describe_total_failure(config, counts))
     info = {
@@ -90,14 +119,70 @@ def _build(build: StageBuild, config: RunConfig) -> Manifest:
         "resolution": config.download.resolution,
         "resize_mode": config.download.resize_mode,
         "image_format": config.download.image_format,
-        "decode_workers": workers,
+        "decode_workers": config.download.decode_workers or available_cpus(),
         "seconds_this_run": round(seconds, 3),
     }
     return build.finish(counts=counts, shards=names, files={"failures": FAILURES}, info=info)
 
 
+def stage_inputs(
+    build: StageBuild,
+    config: RunConfig,
+    rows: Iterator[SourceRow],
+    names: list[str],
+    progress: Callable[[int], Any],
+) -> Iterator[ShardJob]:
+    """A job per unfinished shard, its rows staged in `inputs/` first; appends every shard's name.
+
+    Lazy: the mapper takes the next job when a worker is free, so staging keeps pace with the
+    workers and holds one shard's rows at a time.
+    """
+    seen: set[str] = set()
+    for index, chunk in enumerate(sources.batched(rows, config.download.shard_size)):
+        duplicates = duplicate_ids(chunk, seen, config.source.id_column)
+        names.append(shard_name(index))
+        if build.has(names[-1]):  # finished before a crash: keep it
+            progress(len(chunk))
+            continue
+        table = pa.Table.from_pylist(
+            [{**_row_fields(row), "duplicate": row.index in duplicates} for row in chunk],
+            schema=INPUT_SCHEMA,
+        )
+        path = build.write_table(f"{INPUTS}/{shard_name(index)}", table)
+        yield ShardJob(build, config, index, str(path))
+
+
+def duplicate_ids(chunk: list[SourceRow], seen: set[str], id_column: str | None) -> set[int]:
+    """Rows whose id an earlier row already has (only possible with source.id_column)."""
+    if id_column is None:
+        return set()
+    duplicates = set()
+    for row in chunk:
+        if row.id in seen:
+            duplicates.add(row.index)
+        elif row.id:
+            seen.add(row.id)
+    return duplicates
+
+
+def _row_fields(row: SourceRow) -> dict[str, Any]:
+    return {name: getattr(row, name) for name in SourceRow.__slots__}
+
+
+def download_shard(job: ShardJob) -> dict[str, int]:
+    """Download and process the staged rows of shard `job.index` into the partial directory."""
+    staged = pq.read_table(job.source).to_pylist()
+    duplicates = {row["index"] for row in staged if row.pop("duplicate")}
+    rows = [SourceRow(**row) for row in staged]
+    workers = job.config.download.decode_workers or available_cpus()
+    with ThreadPoolExecutor(workers, thread_name_prefix="sdflow-decode") as pool:
+        run = ShardRun(job.build, job.config, pool, workers)
+        kept = run_async(lambda: run.one(job.index, rows, duplicates))
+    return {"rows": len(rows), "kept": kept}
+
+
 class ShardRun:
-    """Downloads and processes shards, a few at a time, rows within them concurrently."""
+    """Downloads and processes one shard, its rows concurrently."""
 
     def __init__(
         self,
@@ -105,9 +190,8 @@ class ShardRun:
         config: RunConfig,
         pool: ThreadPoolExecutor,
         workers: int,
-        progress: Callable[[int], Any],
     ):
-        self.build, self.pool, self.workers, self.progress = build, pool, workers, progress
+        self.build, self.pool, self.workers = build, pool, workers
         self.settings, self.source = config.download, config.source
         self.spec = ImageSpec(
             self.settings.resolution,
@@ -116,61 +200,23 @@ class ShardRun:
             self.settings.quality,
         )
         self.fetcher: urls.Fetcher | None = None
-        self.kept = 0  # samples kept by this run (not by an earlier, interrupted one)
 
-    async def all(self, rows: Iterator[SourceRow]) -> list[str]:
-        """Process every unfinished shard; return all shard names in order."""
+    async def one(self, index: int, rows: list[SourceRow], duplicates: set[int]) -> int:
+        """Process shard `index`; returns how many of its rows were kept."""
         network = self.source.kind == "urls"
-        limit = self.settings.concurrency if network else self.workers * 4
-        self.slots = asyncio.Semaphore(limit)
-        # enough shards in flight to keep every slot busy across shard boundaries
-        window = asyncio.Semaphore(max(2, math.ceil(limit / self.settings.shard_size) + 1))
+        self.slots = asyncio.Semaphore(self.settings.concurrency if network else self.workers * 4)
         async with AsyncExitStack() as stack:
             if network:
                 self.fetcher = await stack.enter_async_context(urls.Fetcher(self.settings))
-            return await self._shards(rows, window)
+            return await self._shard(index, rows, duplicates)
 
-    async def _shards(self, rows: Iterator[SourceRow], window: asyncio.Semaphore) -> list[str]:
-        names: list[str] = []
-        pending: set[asyncio.Task] = set()
-        seen: set[str] = set()
-        try:
-            for index, chunk in enumerate(sources.batched(rows, self.settings.shard_size)):
-                duplicates = self._duplicates(chunk, seen)
-                names.append(shard_name(index))
-                if self.build.has(names[-1]):  # finished before a crash: keep it
-                    self.progress(len(chunk))
-                    continue
-                await window.acquire()
-                _raise_failed(pending)
-                task = asyncio.create_task(self._shard(index, chunk, duplicates))
-                task.add_done_callback(lambda _task: window.release())
-                pending.add(task)
-            await asyncio.gather(*pending)
-        finally:
-            for task in pending:
-                task.cancel()
-        return names
-
-    def _duplicates(self, chunk: list[SourceRow], seen: set[str]) -> set[int]:
-        """Rows whose id an earlier row already has (only possible with source.id_column)."""
-        if self.source.id_column is None:
-            return set()
-        duplicates = set()
-        for row in chunk:
-            if row.id in seen:
-                duplicates.add(row.index)
-            elif row.id:
-                seen.add(row.id)
-        return duplicates
-
-    async def _shard(self, index: int, rows: list[SourceRow], duplicates: set[int]) -> None:
+    async def _shard(self, index: int, rows: list[SourceRow], duplicates: set[int]) -> int:
         results = await asyncio.gather(*(self._row(r, r.index in duplicates) for r in rows))
         kept = [value for ok, value in results if ok]
         failed = [value for ok, value in results if not ok]
         table = pa.Table.from_pylist(kept, schema=SAMPLE_SCHEMA)
         await asyncio.to_thread(self.build.write_shard, index, table, failures_table(failed))
-        self.kept += len(kept)
+        return len(kept)
 
     async def _row(self, row: SourceRow, duplicate: bool) -> tuple[bool, dict]:
         try:
@@ -185,7 +231,6 @@ class ShardRun:
             result = (False, {"id": row.id or row_id(row.index), "source": row.source, **failure})
         else:
             result = (True, sample(row, encoded))
-        self.progress(1)
         return result
 
     async def _encoded(self, row: SourceRow) -> imaging.Encoded:
@@ -194,13 +239,6 @@ class ShardRun:
             data = await self.fetcher.fetch(row.url)
             return await loop.run_in_executor(self.pool, process_image, data, self.spec)
         return await loop.run_in_executor(self.pool, load_and_process, row, self.spec)
-
-
-def _raise_failed(tasks: set[asyncio.Task]) -> None:
-    """Stop early when a shard crashed (a bug or a full disk), instead of after the whole source."""
-    for task in [t for t in tasks if t.done()]:
-        tasks.discard(task)
-        task.result()
 
 
 def sample(row: SourceRow, encoded: imaging.Encoded) -> dict:

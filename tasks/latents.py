@@ -32,6 +32,7 @@ from safetensors import safe_open
 from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from sdflow.artifacts import report_progress
 from sdflow.config import RunConfig
 from sdflow.errors import UserError
 from sdflow.fingerprint import code_version
@@ -147,6 +148,7 @@ def _build(
                     table = pq.read_table(path, columns=["id", "image", "caption", "source"])
                 _encode_shard(build, config, encoders, table.take(rows).to_pylist(), index)
             shards.append(latent_shard_name(index))
+        report_progress("latents", inputs, caption["counts"].get("kept"), "images")
     return _finish(build, config, encoders, shards, {"input": inputs, "held_out": held_out}, files)
 
 
