@@ -121,13 +121,16 @@ def _run_flow(profile, overrides, workdir, only, refresh, config: RunConfig) -> 
 
     # Result storage comes from the profile inside the flow (flows/tracking.py), so deployments and
     # `prefect flow-run retry` use the same cache records as this command.
-    return pipeline(
+    run_dir = pipeline(
         profile=str(profile),
         overrides=list(overrides),
         workdir=str(workdir),
         only=only,
         refresh=refresh,
     )
+    # The ephemeral API server logs its shutdown at exit; keep the run directory the last line.
+    logging.getLogger("prefect").setLevel(logging.WARNING)
+    return run_dir
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -35,3 +35,15 @@ def demo_folder(tmp_path_factory) -> Path:
     from sdflow.sources.demo import make_demo_dataset
 
     return make_demo_dataset(tmp_path_factory.mktemp("demo") / "demo-data", count=240, seed=0)
+
+
+@pytest.fixture()
+def one_torch_thread():
+    """Tiny models run fastest on one thread, and bitwise comparisons need the same CPU kernels in
+    every run; more threads only contend with the other processes of a test."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -17,14 +17,7 @@ from sdflow.config import ModelConfig
 from sdflow.errors import UserError
 from sdflow.models import train_tokenizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; more only contend with the other test workers."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 CAPTIONS = ["a red circle", "a blue square", "a green triangle", "a yellow circle"]

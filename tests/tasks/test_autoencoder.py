@@ -32,12 +32,7 @@ OVERRIDES = [
 COLORS = ["red", "green", "blue", "yellow", "white", "purple"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def shape_png(i: int) -> bytes:

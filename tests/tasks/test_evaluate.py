@@ -95,13 +95,7 @@ def write_train_stage(workdir: Path, config: RunConfig, captions: list[str]) -> 
     return build.finish(counts={}, files={"pipeline": "pipeline"}, info={"mode": "full"})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; more only contend with the other test workers."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from test_train import (  # noqa: F401
     components,
     make_latents,
@@ -37,12 +36,7 @@ class Cancelled(Exception):
     """What Prefect's SIGTERM handler raises in the flow's thread when a run is cancelled."""
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def workers_of_this_process() -> list[int]:
