@@ -12,16 +12,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
 from PIL import Image
+from stage_fixtures import write_stage
 
 import tasks.caption as caption_stage
 from sdflow.captioners.random_init import save_random_blip, tiny_blip_config
 from sdflow.config import CaptionConfig, ModelConfig, RunConfig
 from sdflow.errors import UserError
 from sdflow.sources import SAMPLE_SCHEMA
-from sdflow.stageio import Manifest, build_stage, read_failures, read_shards
+from sdflow.stageio import Manifest, read_failures, read_shards
 from sdflow.tokenizer import train_tokenizer
 from tasks.caption import CAPTIONERS, caption_key, caption_samples, make_captioner
 from tasks.filter import filter_samples
@@ -73,23 +73,6 @@ def make_config(model_section: dict | None = None, **caption) -> RunConfig:
         caption=caption,
         model=model_section or {},
     )
-
-
-def write_stage(
-    workdir: Path, stage: str, shards: list[list[dict]], key: str = "fixture"
-) -> Manifest:
-    """A finished stage output written through the real stage contract."""
-
-    def work(build):
-        names = [
-            build.write_shard(i, pa.Table.from_pylist(rows, schema=SCHEMA))
-            for i, rows in enumerate(shards)
-        ]
-        n = sum(len(rows) for rows in shards)
-        counts = {"input": n, "kept": n, "failed": 0, "failed_by_reason": {}}
-        return build.finish(counts=counts, shards=names, files={"failures": "failures"})
-
-    return build_stage(workdir, stage, key, work)
 
 
 def output_rows(workdir: Path, manifest: Manifest) -> dict[str, dict]:

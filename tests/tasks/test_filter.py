@@ -6,16 +6,16 @@ import hashlib
 import io
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
 from PIL import Image
+from stage_fixtures import write_stage
 
 import tasks.filter as filter_stage
 from sdflow.captions import caption_problem, captions_supplied
 from sdflow.config import CaptionConfig, FilterConfig, RunConfig
 from sdflow.errors import UserError
 from sdflow.sources import SAMPLE_SCHEMA
-from sdflow.stageio import Manifest, build_stage, read_failures, read_shards, shard_paths
+from sdflow.stageio import Manifest, read_failures, read_shards, shard_paths
 from tasks.filter import check_decodes, filter_key, filter_samples
 
 SCHEMA = SAMPLE_SCHEMA  # the download / filter / caption shard schema
@@ -93,23 +93,6 @@ def make_config(**caption) -> RunConfig:
         filter={"min_size": 16, **rules},
         caption=caption,
     )
-
-
-def write_stage(
-    workdir: Path, stage: str, shards: list[list[dict]], key: str = "fixture"
-) -> Manifest:
-    """A finished stage output written through the real stage contract."""
-
-    def work(build):
-        names = [
-            build.write_shard(i, pa.Table.from_pylist(rows, schema=SCHEMA))
-            for i, rows in enumerate(shards)
-        ]
-        n = sum(len(rows) for rows in shards)
-        counts = {"input": n, "kept": n, "failed": 0, "failed_by_reason": {}}
-        return build.finish(counts=counts, shards=names, files={"failures": "failures"})
-
-    return build_stage(workdir, stage, key, work)
 
 
 def fates(workdir: Path, manifest: Manifest) -> dict[str, str]:

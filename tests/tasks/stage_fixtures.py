@@ -1,0 +1,27 @@
+"""Finished stage outputs for stage tests, written through the real stage contract."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+
+from sdflow.sources import SAMPLE_SCHEMA
+from sdflow.stageio import Manifest, build_stage
+
+
+def write_stage(
+    workdir: Path, stage: str, shards: list[list[dict]], key: str = "fixture"
+) -> Manifest:
+    """A finished data-stage output (download / filter / caption shard schema), nothing failed."""
+
+    def work(build):
+        names = [
+            build.write_shard(i, pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA))
+            for i, rows in enumerate(shards)
+        ]
+        n = sum(len(rows) for rows in shards)
+        counts = {"input": n, "kept": n, "failed": 0, "failed_by_reason": {}}
+        return build.finish(counts=counts, shards=names, files={"failures": "failures"})
+
+    return build_stage(workdir, stage, key, work)
