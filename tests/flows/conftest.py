@@ -72,9 +72,28 @@ class ServedPrefect:
         body = {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}}
         return self.api("POST", "/artifacts/filter", json=body)
 
-    def run_logs(self, flow_run_id: str) -> list[dict[str, Any]]:
-        body = {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200}
+    def run_logs(self, flow_run_id: str, newest_first: bool = False) -> list[dict[str, Any]]:
+        """200 of the run's log records (the API's page), oldest or newest first."""
+        body = {
+            "logs": {"flow_run_id": {"any_": [flow_run_id]}},
+            "sort": "TIMESTAMP_DESC" if newest_first else "TIMESTAMP_ASC",
+            "limit": 200,
+        }
         return self.api("POST", "/logs/filter", json=body)
+
+    def messages_starting(self, flow_run_id: str, prefix: str, timeout: float = 30) -> list[str]:
+        """Log messages of a run that start with `prefix`, waiting for them to arrive: a worker ships
+        its logs in batches, so they may land after the run's final state."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [
+                log["message"]
+                for log in self.run_logs(flow_run_id, newest_first=True)
+                if log["message"].startswith(prefix)
+            ]
+            if found or time.monotonic() > deadline:
+                return found
+            time.sleep(0.5)
 
     def stage_states(self, flow_run_id: str, attempt: int | None = None) -> dict[str, str]:
         """{stage: state name} of a flow run's stage task runs (named `<stage>-<suffix>`; per-shard

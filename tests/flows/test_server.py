@@ -123,6 +123,6 @@ def test_user_error_fails_once_with_one_paragraph(served_prefect, completed_run,
         r for r in served_prefect.task_runs(flow_run_id) if r["name"].rsplit("-", 1)[0] == "filter"
     ]
     assert filter_run["run_count"] == 1  # not retried
-    messages = [log["message"] for log in served_prefect.run_logs(flow_run_id)]
-    (paragraph,) = [m for m in messages if m.startswith("Stage filter stopped on a problem to fix")]
+    prefix = "Stage filter stopped on a problem to fix"
+    (paragraph,) = served_prefect.messages_starting(flow_run_id, prefix)
     assert "not retried" in paragraph and "\n" not in paragraph.strip()
