@@ -33,14 +33,17 @@ def hash_json(value: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def hash_tree(root: str | Path, skip: Iterable[str] = ()) -> str:
-    """Hash of every file's relative path and content below `root`, in sorted order."""
+def hash_tree(root: str | Path, skip: Iterable[str] = (), skip_dirs: Iterable[str] = ()) -> str:
+    """Hash of every file's relative path and content below `root`, in sorted order.
+
+    `skip` leaves out files by relative path or name; `skip_dirs`, whole top-level folders.
+    """
     root = Path(root)
-    skipped = set(skip)
+    skipped, skipped_dirs = set(skip), set(skip_dirs)
     digest = hashlib.sha256()
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = path.relative_to(root).as_posix()
-        if rel in skipped or path.name in skipped:
+        if rel in skipped or path.name in skipped or rel.split("/", 1)[0] in skipped_dirs:
             continue
         digest.update(rel.encode() + b"\0" + hash_file(path).encode() + b"\n")
     return digest.hexdigest()

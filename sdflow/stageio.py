@@ -3,7 +3,15 @@
 A stage writes `WORKDIR/stages/<stage>/<key>/`, where `key` fingerprints the upstream outputs, the
 stage's config and its code version. Work happens in the sibling `.<key>.partial/`, which survives a
 crash so finished shards are kept; `MANIFEST.json` is written last and the directory is renamed into
-place only when complete, so a visible stage directory is always a finished one.
+place only when complete, so a visible stage directory is always a finished one. Every rename that
+publishes a file or a directory is followed by an fsync of its parent, so it survives a power loss.
+
+The manifest's `fingerprint` is what downstream keys are made of, so it covers only the content later
+stages consume: every file of the stage directory except `MANIFEST.json` and the run-history folders
+in `HISTORY` (checkpoints, which record training seconds; TensorBoard logs, which record wall-clock
+times). Timings, attempt counts, hosts and paths go into the manifest's `info`, never into a file
+outside `HISTORY`; `counts` hold whole numbers only. So an interrupted-then-resumed stage and an
+uninterrupted one have the same fingerprint, and nothing downstream is rebuilt after a crash.
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ from sdflow.fingerprint import hash_json, hash_tree
 SCHEMA_VERSION = 1
 MANIFEST = "MANIFEST.json"
 FAILURES = "failures"
+# Top-level folders of a stage directory that record how it was built, not what it holds.
+HISTORY = ("checkpoints", "logs")
 FAILURE_SCHEMA = pa.schema(
     [("id", pa.string()), ("source", pa.string()), ("reason", pa.string()), ("detail", pa.string())]
 )
@@ -57,14 +67,29 @@ def stage_dir(workdir: str | Path, stage: str, key: str) -> Path:
     return Path(workdir) / "stages" / stage / key
 
 
+class ManifestUnreadable(OSError):
+    """A manifest that exists but cannot be read now: an I/O error, not a missing output."""
+
+
 def load_manifest(directory: str | Path) -> Manifest | None:
-    """The manifest of a complete stage directory, or None when absent or unreadable."""
+    """The manifest of a complete stage directory, or None when there is no valid one.
+
+    None means absent, corrupt or of another schema version. An I/O error while reading an existing
+    manifest raises ManifestUnreadable instead (transient: the stage is retried), so a complete
+    output is never taken for missing and rebuilt, or removed, because one read failed.
+    """
     path = Path(directory) / MANIFEST
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError):
+        text = path.read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
         return None
-    if manifest.get("schema_version") != SCHEMA_VERSION:
+    except OSError as exc:
+        raise ManifestUnreadable(exc.errno, f"cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        manifest = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(manifest, dict) or manifest.get("schema_version") != SCHEMA_VERSION:
         return None
     return manifest
 
@@ -83,7 +108,21 @@ def write_atomic(path: str | Path, data: bytes | str) -> None:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    publish(tmp, path)
+
+
+def publish(tmp: Path, target: Path) -> None:
+    """Rename a finished file or directory into place and make the rename itself durable."""
+    os.replace(tmp, target)
+    fsync_dir(target.parent)
+
+
+def fsync_dir(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_json(path: str | Path, value: Any, sort_keys: bool = True) -> None:
@@ -97,7 +136,7 @@ def write_table(path: str | Path, table: pa.Table) -> None:
     pq.write_table(table, tmp, compression="zstd")
     with open(tmp, "rb") as fh:  # durable before it becomes visible, also across a power loss
         os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    publish(tmp, path)
 
 
 class StageBuild:
@@ -112,9 +151,13 @@ class StageBuild:
         self.started = time.monotonic()
 
     def clear_debris(self) -> None:
-        """Temp files of writes a crash interrupted: never part of the output or its fingerprint."""
-        for temp in self.path.rglob(".*.tmp"):
-            temp.unlink(missing_ok=True)
+        """Temp files and directories of writes a crash interrupted (`write_atomic`, `atomic_dir`):
+        never part of the output or its fingerprint."""
+        for temp in sorted(self.path.rglob(".*.tmp"), key=lambda p: len(p.parts)):
+            if temp.is_dir() and not temp.is_symlink():
+                shutil.rmtree(temp, ignore_errors=True)
+            else:
+                temp.unlink(missing_ok=True)
 
     def has(self, name: str) -> bool:
         """Whether a file (e.g. a finished shard) already exists in the partial directory."""
@@ -146,17 +189,37 @@ class StageBuild:
             "stage": self.stage,
             "key": self.key,
             "schema_version": SCHEMA_VERSION,
-            "fingerprint": hash_tree(self.path, skip=(MANIFEST,)),
+            "fingerprint": content_fingerprint(self.path),
             "path": self.final.relative_to(self.workdir).as_posix(),
             "seconds": round(time.monotonic() - self.started, 3),
-            "counts": dict(counts),
+            "counts": _whole_numbers(counts),
             "shards": list(shards),
             "files": dict(files or {}),
             "info": dict(info or {}),
         }
         write_json(self.path / MANIFEST, manifest)
-        os.replace(self.path, self.final)
+        publish(self.path, self.final)
         return manifest
+
+
+def content_fingerprint(directory: str | Path) -> str:
+    """The fingerprint of a stage directory: its content, never its history (see the module doc)."""
+    return hash_tree(directory, skip=(MANIFEST,), skip_dirs=HISTORY)
+
+
+def _whole_numbers(counts: Mapping[str, Any]) -> dict[str, Any]:
+    """Counts are counts (whole numbers, or a mapping of them such as failures by reason): a rate
+    or a duration belongs in `info`."""
+
+    def whole(value: Any) -> bool:
+        if isinstance(value, Mapping):
+            return all(whole(v) for v in value.values())
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    bad = {k: v for k, v in counts.items() if not whole(v)}
+    if bad:
+        raise TypeError(f"manifest counts must be whole numbers; move {bad} into info")
+    return dict(counts)
 
 
 @contextmanager
@@ -190,8 +253,8 @@ def build_stage(
         existing = load_manifest(final)
         if existing is not None:
             return {**existing, "reused": True}
-        if final.exists():  # a directory without a valid manifest is debris from an old layout
-            shutil.rmtree(final)
+        if final.exists():  # no valid manifest: corrupt, or debris from an old layout
+            discard_stage(workdir, stage, key)
         build = StageBuild(workdir, stage, key)
         build.path.mkdir(parents=True, exist_ok=True)
         build.clear_debris()
@@ -218,8 +281,10 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     try:
         yield tmp
         if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+            trash = target.with_name(f".{target.name}.trash-{uuid.uuid4().hex[:8]}")
+            os.replace(target, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        publish(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

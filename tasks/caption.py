@@ -266,10 +266,10 @@ def _build(
         release_captioners()
     _require_survivors(totals, reasons)
     counts = {**totals, "failed": sum(reasons.values()), "failed_by_reason": dict(reasons)}
-    # None when every shard was finished before a crash: nothing was timed in this run
-    counts["images_per_second"] = round(captioned / seconds, 1) if seconds > 0 else None
     cfg = config.caption
     info = {"backend": cfg.backend, "policy": cfg.policy, "on_missing": cfg.on_missing}
+    # None when every shard was finished before a crash: nothing was timed in this run
+    info["images_per_second"] = round(captioned / seconds, 1) if seconds > 0 else None
     if cfg.backend not in SOURCE_BACKENDS:
         info["model"] = cfg.model
     return build.finish(counts=counts, shards=names, files={"failures": FAILURES}, info=info)

@@ -110,7 +110,6 @@ def _build(build: StageBuild, config: RunConfig, mapper: ShardMapper) -> Manifes
     shutil.rmtree(build.path / INPUTS, ignore_errors=True)
     seconds = time.monotonic() - started
     counts = count_outputs(build.path, names)
-    counts["images_per_second"] = round(kept / seconds, 2) if kept else 0.0
     if counts["kept"] == 0:
         raise UserError(describe_total_failure(config, counts))
     info = {
@@ -121,6 +120,7 @@ def _build(build: StageBuild, config: RunConfig, mapper: ShardMapper) -> Manifes
         "image_format": config.download.image_format,
         "decode_workers": config.download.decode_workers or available_cpus(),
         "seconds_this_run": round(seconds, 3),
+        "images_per_second": round(kept / seconds, 2) if kept else 0.0,
     }
     return build.finish(counts=counts, shards=names, files={"failures": FAILURES}, info=info)
 

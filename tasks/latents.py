@@ -65,7 +65,9 @@ from sdflow.stageio import (
 )
 
 log = logging.getLogger(__name__)
-STATS = "stats"  # per-shard counts, so a resumed build reports the same numbers
+# per-shard counts and seconds, so a resumed build reports the same numbers; under logs/, which
+# holds run history and stays out of the fingerprint (the seconds differ between runs)
+STATS = "logs/shards"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -231,7 +233,7 @@ def _encode_shard(
         "failed_by_reason": dict(Counter(f["reason"] for f in failures)),
         "seconds": time.monotonic() - started,
     }
-    (build.path / STATS).mkdir(exist_ok=True)
+    (build.path / STATS).mkdir(parents=True, exist_ok=True)
     write_json(build.path / STATS / f"{name}.json", stats)
     tensors = {k: torch.cat(v) for k, v in parts.items()} if ids else {"text": torch.empty(0)}
     write_latent_shard(build.path / name, tensors, ids)
@@ -337,9 +339,9 @@ def _finish(
         "encoded": encoded,
         "failed": sum(reasons.values()),
         "failed_by_reason": dict(reasons),
-        "images_per_second": round(encoded / seconds, 2) if seconds > 0 else None,
     }
     info = _shape_info(build, config, encoders, shards, stats)
+    info["images_per_second"] = round(encoded / seconds, 2) if seconds > 0 else None
     return build.finish(counts=counts, shards=shards, files=files, info=info)
 
 

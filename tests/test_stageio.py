@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -108,3 +109,91 @@ def test_write_atomic_leaves_no_temp_files(tmp_path):
     stageio.write_json(target, {"a": 2})
     assert json.loads(target.read_text()) == {"a": 2}
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+# ------------------------------------------------------------------------- fingerprint = content
+
+
+def _weights_with_history(seconds: float, weights: bytes = b"\x01\x02"):
+    def work(build: stageio.StageBuild) -> stageio.Manifest:
+        (build.path / "vae").mkdir()
+        (build.path / "vae" / "weights.bin").write_bytes(weights)
+        for folder in stageio.HISTORY:  # what a resumed run writes differently
+            (build.path / folder).mkdir()
+            (build.path / folder / "state.json").write_text(json.dumps({"seconds": seconds}))
+        return build.finish(counts={"steps": 4}, info={"seconds_training": seconds})
+
+    return work
+
+
+def test_fingerprint_covers_content_not_run_history(tmp_path):
+    clean = stageio.build_stage(tmp_path, "ae", "a", _weights_with_history(10.79))
+    resumed = stageio.build_stage(tmp_path, "ae", "b", _weights_with_history(32.42))
+    assert resumed["fingerprint"] == clean["fingerprint"]
+    assert resumed["info"] != clean["info"]  # the history is kept, in info and on disk
+
+    changed = stageio.build_stage(tmp_path, "ae", "c", _weights_with_history(10.79, b"\x01\x03"))
+    assert changed["fingerprint"] != clean["fingerprint"]
+
+
+@pytest.mark.parametrize("bad", [{"images_per_second": 12.5}, {"ok": True}, {"by": {"x": 0.5}}])
+def test_counts_hold_whole_numbers_only(tmp_path, bad):
+    def work(build):
+        return build.finish(counts={"kept": 3, "failed_by_reason": {"http_404": 1}, **bad})
+
+    with pytest.raises(TypeError, match="move .* into info"):
+        stageio.build_stage(tmp_path, "demo", "k", work)
+    assert not stageio.stage_dir(tmp_path, "demo", "k").exists()
+
+
+def test_debris_directories_of_an_interrupted_model_save_are_cleared(tmp_path):
+    # what a kill -9 inside `atomic_dir` and `write_atomic` leaves in the partial directory
+    partial = stageio.stage_dir(tmp_path, "train", "k").with_name(".k.partial")
+    (partial / "pipeline").parent.mkdir(parents=True)
+    (partial / ".pipeline.dead0000.tmp" / "unet").mkdir(parents=True)
+    (partial / ".pipeline.dead0000.tmp" / "unet" / "w.safetensors").write_bytes(b"half")
+    (partial / "sub").mkdir()
+    (partial / "sub" / ".x.json.dead.tmp").write_text("{")
+
+    def finish(build):
+        (build.path / "pipeline").mkdir()
+        (build.path / "pipeline" / "w").write_bytes(b"whole")
+        return build.finish(counts={})
+
+    manifest = stageio.build_stage(tmp_path, "train", "k", finish)
+    out = stageio.output_dir(tmp_path, manifest)
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
+        stageio.MANIFEST,
+        "pipeline",
+        "pipeline/w",
+        "sub",
+    ]
+
+
+def test_an_unreadable_manifest_is_an_error_and_the_output_stays(tmp_path, monkeypatch):
+    first = stageio.build_stage(tmp_path, "demo", "k", _build_two_shards)
+    final = stageio.stage_dir(tmp_path, "demo", "k")
+    real = type(final).read_bytes
+
+    def flaky(path):
+        if path.name == stageio.MANIFEST:
+            raise OSError(5, "Input/output error")
+        return real(path)
+
+    monkeypatch.setattr(type(final), "read_bytes", flaky)
+    with pytest.raises(stageio.ManifestUnreadable, match="Input/output error"):
+        stageio.build_stage(tmp_path, "demo", "k", lambda b: pytest.fail("must not rebuild"))
+    monkeypatch.undo()
+    assert stageio.load_manifest(final) == {k: v for k, v in first.items() if k != "reused"}
+
+
+def test_publishing_renames_are_followed_by_a_directory_fsync(tmp_path, monkeypatch):
+    synced = []
+    real = stageio.fsync_dir
+    monkeypatch.setattr(stageio, "fsync_dir", lambda p: synced.append(Path(p)) or real(p))
+    manifest = stageio.build_stage(tmp_path, "demo", "k", _build_two_shards)
+    final = stageio.output_dir(tmp_path, manifest)
+    partial = final.with_name(".k.partial")
+    assert synced.count(partial) >= 2  # each shard published in the partial directory
+    assert synced.count(partial / "failures") == 2
+    assert synced[-1] == final.parent  # the stage itself, last

@@ -7,7 +7,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from sdflow.sources import SAMPLE_SCHEMA
-from sdflow.stageio import Manifest, build_stage
+from sdflow.stageio import Manifest, build_stage, discard_stage
 
 
 def write_stage(
@@ -25,3 +25,15 @@ def write_stage(
         return build.finish(counts=counts, shards=names, files={"failures": "failures"})
 
     return build_stage(workdir, stage, key, work)
+
+
+def fresh_fingerprint(workdir: str | Path, manifest: Manifest, rebuild) -> str:
+    """The fingerprint of the same stage output built again from nothing (for resume tests).
+
+    Removes `manifest`'s output and calls `rebuild()`; the stage key is unchanged, so the new build
+    starts over in an empty partial directory.
+    """
+    discard_stage(workdir, manifest["stage"], manifest["key"])
+    fresh = rebuild()
+    assert fresh["reused"] is False
+    return fresh["fingerprint"]

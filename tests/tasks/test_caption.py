@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from stage_fixtures import write_stage
+from stage_fixtures import fresh_fingerprint, write_stage
 
 import tasks.caption as caption_stage
 from sdflow.captioners.random_init import save_random_blip, tiny_blip_config
@@ -106,7 +106,7 @@ def test_keep_cleans_captions_and_applies_prefix_suffix(tmp_path: Path, filtered
     }
     counts = manifest["counts"]
     assert counts["input"] == 6 and counts["kept"] == 3 and counts["failed"] == 3
-    assert counts["templated"] == 0 and counts["images_per_second"] > 0
+    assert counts["templated"] == 0 and manifest["info"]["images_per_second"] > 0
     schema = next(read_shards(tmp_path, manifest)).schema
     assert schema.names == [*SCHEMA.names[:8], "source_caption", "source"]
 
@@ -382,6 +382,8 @@ def test_resume_keeps_finished_shards(
     counts = manifest["counts"]
     assert counts["input"] == 6 and counts["kept"] == 6 and counts["templated"] == 3
     assert len(output_rows(tmp_path, manifest)) == 6
+    rebuild = lambda: caption_samples(config, {"filter": filtered}, str(tmp_path))  # noqa: E731
+    assert fresh_fingerprint(tmp_path, manifest, rebuild) == manifest["fingerprint"]
 
 
 def test_finished_output_is_reused(tmp_path: Path, filtered: Manifest) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from stage_fixtures import write_stage
+from stage_fixtures import fresh_fingerprint, write_stage
 
 import tasks.filter as filter_stage
 from sdflow.captions import caption_problem, captions_supplied
@@ -186,6 +186,8 @@ def test_resume_keeps_finished_shards_and_their_hashes(
     assert fates(tmp_path, manifest) == FATES  # s06 still a duplicate of s00 from the kept shard
     assert manifest["counts"]["input"] == 12 and manifest["counts"]["failed"] == 9
     assert not partial.exists()
+    rebuild = lambda: filter_samples(config, {"download": download}, str(tmp_path))  # noqa: E731
+    assert fresh_fingerprint(tmp_path, manifest, rebuild) == manifest["fingerprint"]
 
 
 def test_finished_output_is_reused(tmp_path: Path, download: Manifest) -> None:

@@ -17,6 +17,7 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file
+from stage_fixtures import fresh_fingerprint
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from sdflow import models
@@ -151,7 +152,7 @@ def test_encodes_every_training_sample_once(setup):
     assert (info["latent_channels"], info["latent_size"]) == (4, 8)
     assert (info["text_seq_len"], info["text_dim"], info["flip"]) == (16, 32, True)
     assert info["scaling_factor"] == pytest.approx(0.18215)
-    assert counts["images_per_second"] > 0
+    assert info["images_per_second"] > 0
 
 
 def test_rows_pair_latents_with_their_own_captions(setup):
@@ -309,6 +310,8 @@ def test_resume_after_kill_keeps_finished_shards(setup, tmp_path):
     assert (kept.stat().st_mtime_ns, kept.stat().st_ino) == stamp  # not encoded again
     assert manifest["counts"]["encoded"] == len(training_ids(0.25)) - 1
     assert len(CachedLatents(workdir, manifest)) == manifest["counts"]["encoded"]
+    rebuild = lambda: cache_latents(config, upstream, str(workdir))  # noqa: E731
+    assert fresh_fingerprint(workdir, manifest, rebuild) == manifest["fingerprint"]
 
 
 def test_half_precision_without_flip(setup):

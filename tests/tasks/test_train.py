@@ -364,6 +364,7 @@ def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, co
     assert final_a["progress"]["history"] == final_b["progress"]["history"]  # losses and lrs
     assert all(torch.equal(final_a["model"][k], final_b["model"][k]) for k in final_a["model"])
     assert reference["counts"] == resumed["counts"]
+    assert reference["fingerprint"] == resumed["fingerprint"]  # timings and logs stay out of it
 
 
 def test_lora_run_interrupted_by_an_error_resumes_to_the_same_adapter(
@@ -390,3 +391,4 @@ def test_lora_run_interrupted_by_an_error_resumes_to_the_same_adapter(
     a = load_file(stage_path(tmp_path / "straight", reference) / name)
     b = load_file(stage_path(tmp_path / "crashed", resumed) / name)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert reference["fingerprint"] == resumed["fingerprint"]
