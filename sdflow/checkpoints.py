@@ -7,12 +7,13 @@ the weights under their parameter names), and everything else into `state.json`;
 Layout under a checkpoint root (a stage's partial dir `checkpoints/`):
 ```
 .tmp-step-000008/   being written; never read, removed by the next save
-step-000004/        complete: <group>.safetensors ... + state.json (written last, lists file sizes)
+step-000004/        complete: <group>.safetensors ... + state.json (written last: sizes, sha256)
 LATEST              "step-000004", replaced atomically after the rename
 ```
 A directory is renamed into place only after every file in it is written and fsynced, and LATEST moves
-only after that, so a crash at any moment leaves the previous checkpoint intact. Loading validates the
-files and falls back to older complete checkpoints when the newest is unreadable.
+only after that, so a crash at any moment leaves the previous checkpoint intact. Loading checks each
+file's size and SHA-256 against `state.json` and falls back, with a warning, to the newest older
+checkpoint that is intact: a truncated, bit-flipped or malformed checkpoint is never trained on.
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from sdflow.stageio import write_atomic
+from sdflow.fingerprint import hash_file
+from sdflow.stageio import fsync_dir, write_atomic
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: sizes only (still readable); 2: sizes and content hashes
 LATEST = "LATEST"
 STATE = "state.json"
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
@@ -61,9 +63,9 @@ def save_checkpoint(root: str | Path, step: int, state: Mapping[str, Any], keep:
     if final.exists():  # a complete copy of the same step from an earlier attempt
         _remove_dir(final)
     os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     write_atomic(root / LATEST, step_name(step) + "\n")
-    _fsync_dir(root)
+    fsync_dir(root)
     prune_checkpoints(root, keep)
     return final
 
@@ -85,13 +87,22 @@ def load_checkpoint(path: str | Path) -> tuple[int, dict[str, Any]]:
         meta = json.loads((path / STATE).read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"no readable {STATE}: {exc}") from None
-    if meta.get("format") != FORMAT_VERSION:
+    try:
+        return _load(path, meta)
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise CheckpointError(f"{STATE} has an unexpected shape ({exc!r})") from None
+
+
+def _load(path: Path, meta: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    if meta.get("format") not in (1, FORMAT_VERSION):
         raise CheckpointError(f"unknown format {meta.get('format')!r}")
+    step = meta["step"]
+    if not isinstance(step, int) or isinstance(step, bool):
+        raise TypeError(f"step is {step!r}")
     tensors: dict[str, torch.Tensor] = {}
-    for name, size in meta["files"].items():
+    for name, expected in meta["files"].items():
         file = path / name
-        if not file.is_file() or file.stat().st_size != size:
-            raise CheckpointError(f"{name} is missing or has the wrong size")
+        _verify(file, expected if isinstance(expected, dict) else {"size": expected})
         group = name.removesuffix(".safetensors")
         try:
             tensors.update({f"{group}/{k}": v for k, v in load_file(file).items()})
@@ -103,7 +114,15 @@ def load_checkpoint(path: str | Path) -> tuple[int, dict[str, Any]]:
         }
     except KeyError as exc:
         raise CheckpointError(f"tensor {exc} is missing") from None
-    return meta["step"], state
+    return step, state
+
+
+def _verify(file: Path, expected: Mapping[str, Any]) -> None:
+    """Size first (cheap), then the content hash (format 2): catches truncation and flipped bits."""
+    if not file.is_file() or file.stat().st_size != expected["size"]:
+        raise CheckpointError(f"{file.name} is missing or has the wrong size")
+    if "sha256" in expected and hash_file(file) != expected["sha256"]:
+        raise CheckpointError(f"{file.name} does not match its recorded SHA-256 (corrupted)")
 
 
 def list_checkpoints(root: str | Path) -> list[int]:
@@ -125,7 +144,7 @@ def prune_checkpoints(root: str | Path, keep: int) -> None:
 
 
 def _write_contents(directory: Path, step: int, state: Mapping[str, Any]) -> None:
-    files: dict[str, int] = {}
+    files: dict[str, dict[str, Any]] = {}
     skeletons: dict[str, Any] = {}
     for group, value in state.items():
         tensors: dict[str, torch.Tensor] = {}
@@ -134,10 +153,13 @@ def _write_contents(directory: Path, step: int, state: Mapping[str, Any]) -> Non
             name = f"{group}.safetensors"
             save_file(tensors, directory / name)
             _fsync_file(directory / name)
-            files[name] = (directory / name).stat().st_size
+            files[name] = {
+                "size": (directory / name).stat().st_size,
+                "sha256": hash_file(directory / name),
+            }
     meta = {"format": FORMAT_VERSION, "step": step, "files": files, "state": skeletons}
     write_atomic(directory / STATE, json.dumps(meta, indent=1))  # key order kept: it is data
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
 def _flatten(value: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
@@ -212,11 +234,3 @@ def _remove_dir(path: Path) -> None:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

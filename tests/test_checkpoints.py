@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 
 import pytest
 import torch
@@ -149,8 +151,56 @@ def test_prune_never_deletes_the_pointed_checkpoint(tmp_path):
     assert list_checkpoints(tmp_path) == [2, 6]
 
 
-def test_state_json_lists_sizes_and_step(tmp_path):
+def test_state_json_lists_sizes_hashes_and_step(tmp_path):
     path = save_checkpoint(tmp_path, 5, make_state(5), keep=1)
     meta = json.loads((path / "state.json").read_text())
     assert meta["step"] == 5
-    assert meta["files"]["model.safetensors"] == (path / "model.safetensors").stat().st_size
+    weights = path / "model.safetensors"
+    assert meta["files"]["model.safetensors"] == {
+        "size": weights.stat().st_size,
+        "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+    }
+
+
+def test_flipped_bits_in_the_tensor_data_fall_back_with_a_warning(tmp_path, caplog):
+    save_checkpoint(tmp_path, 4, make_state(4), keep=3)
+    newest = save_checkpoint(tmp_path, 8, make_state(8), keep=3)
+    weights = newest / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x10  # inside the last tensor's bytes: still a valid safetensors file
+    weights.write_bytes(bytes(data))
+    assert load_file(weights).keys() == make_state(8)["model"].keys()  # loads, silently wrong
+    with caplog.at_level(logging.WARNING, logger="sdflow.checkpoints"):
+        step, state = load_latest(tmp_path)
+    assert step == 4
+    assert_same(state["model"], make_state(4)["model"])
+    assert "step-000008" in caplog.text and "SHA-256" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [
+        [],
+        {"format": 2, "step": "8", "files": {}, "state": {}},
+        {"format": 2, "step": 8, "files": [], "state": {}},
+        {"format": 2, "step": 8, "files": {"model.safetensors": "big"}, "state": {}},
+        {"format": 2, "step": 8, "files": {}, "state": []},
+        {"format": 2, "step": 8},
+    ],
+)
+def test_a_state_json_of_the_wrong_shape_falls_back(tmp_path, meta):
+    save_checkpoint(tmp_path, 4, make_state(4), keep=3)
+    newest = save_checkpoint(tmp_path, 8, make_state(8), keep=3)
+    (newest / "state.json").write_text(json.dumps(meta))
+    assert load_latest(tmp_path)[0] == 4
+
+
+def test_checkpoints_of_format_1_still_load(tmp_path):
+    path = save_checkpoint(tmp_path, 3, make_state(3), keep=1)
+    meta = json.loads((path / "state.json").read_text())
+    meta["format"] = 1
+    meta["files"] = {name: entry["size"] for name, entry in meta["files"].items()}
+    (path / "state.json").write_text(json.dumps(meta))
+    step, state = load_latest(tmp_path)
+    assert step == 3
+    assert_same(state["model"], make_state(3)["model"])
