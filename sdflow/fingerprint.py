@@ -2,20 +2,33 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
-import inspect
+import importlib.util
 import json
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from functools import cache
+from importlib import metadata
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 CHUNK = 1 << 20
-# The config schema is data, not behaviour: the values a stage reads are already in its key, so a
-# description edited in config.py must not invalidate every cache.
-NOT_CODE = {"sdflow.config", "sdflow.errors", "sdflow.artifacts"}
+# Modules that change no stage output: the config schema is data (the values a stage reads are
+# already in its key, so a description edited in config.py must not invalidate every cache), and
+# the Prefect wiring, UI artifacts and error types decide how a stage runs, not what it writes.
+NOT_CODE = {"sdflow.config", "sdflow.errors", "sdflow.artifacts", "sdflow.orchestration"}
+# Libraries whose new minor release may compute different tensors (import name -> distribution).
+TENSOR_LIBRARIES = {
+    "torch": "torch",
+    "diffusers": "diffusers",
+    "transformers": "transformers",
+    "peft": "peft",
+    "PIL": "pillow",
+    "tokenizers": "tokenizers",
+    "open_clip": "open_clip_torch",
+}
 
 
 def hash_bytes(data: bytes) -> str:
@@ -59,29 +72,103 @@ def hash_weights(model_dir: str | Path) -> str:
     return digest.hexdigest()
 
 
-def code_version(module: ModuleType | str) -> str:
-    """Hash of a module's source and of the sdflow modules whose names it uses.
+def code_version(module: ModuleType | str, follow: tuple[str, ...] = ("sdflow",)) -> str:
+    """Hash of a stage module's source, of every module of the `follow` packages it imports
+    (transitively, also imports inside functions), and of the major.minor versions of the
+    `TENSOR_LIBRARIES` any of them imports.
 
     Prefect's TASK_SOURCE sees only the task function's own text; a stage's behaviour also lives in
-    the helpers it calls, so they are part of its code version.
+    the helpers it calls and in the libraries that compute its tensors, so all of them decide
+    whether a cached output is still valid. Editing `sdflow/schedules.py` retrains; upgrading
+    diffusers from 0.35 to 0.36 re-encodes; a patch release changes nothing.
     """
-    if isinstance(module, str):
-        module = sys.modules[module]
-    return _code_version(module.__name__)
+    name = module if isinstance(module, str) else module.__name__
+    return _code_version(name, follow)
 
 
 @cache
-def _code_version(name: str) -> str:
-    module = sys.modules[name]
-    sources = {name: inspect.getsource(module)}
-    for value in vars(module).values():
-        dep = (
-            value
-            if isinstance(value, ModuleType)
-            else sys.modules.get(getattr(value, "__module__", "") or "")
-        )
-        if dep is not None and dep.__name__ in NOT_CODE:
+def _code_version(name: str, follow: tuple[str, ...]) -> str:
+    sources, libraries = code_closure(name, follow)
+    versions = {lib: library_version(TENSOR_LIBRARIES[lib]) for lib in sorted(libraries)}
+    return hash_json({"sources": sources, "libraries": versions})[:16]
+
+
+def code_closure(name: str, follow: tuple[str, ...] = ("sdflow",)) -> tuple[dict[str, str], set]:
+    """(module name -> source text, tensor libraries imported) of `name` and what it imports."""
+    sources: dict[str, str] = {}
+    libraries: set[str] = set()
+    pending = [name]
+    while pending:
+        current = pending.pop()
+        if current in sources or current in NOT_CODE:
             continue
-        if dep is not None and dep.__name__.startswith("sdflow") and dep.__name__ not in sources:
-            sources[dep.__name__] = inspect.getsource(dep)
-    return hash_json(sources)[:16]
+        sources[current] = _source(current)
+        for imported in _imports(sources[current], current):
+            top = imported.partition(".")[0]
+            if top in follow:
+                pending.extend(_with_parents(imported))
+            elif top in TENSOR_LIBRARIES:
+                libraries.add(top)
+    return {k: sources[k] for k in sorted(sources)}, libraries
+
+
+def library_version(distribution: str) -> str | None:
+    """major.minor of an installed distribution (None when it is not installed)."""
+    try:
+        return ".".join(metadata.version(distribution).split(".")[:2])
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _imports(source: str, module: str) -> Iterator[str]:
+    """Every module name an `import` statement anywhere in `source` names (relative ones resolved);
+    for `from package import name`, also `package.name`, which may be a submodule."""
+    package = module if _is_package(module) else module.rpartition(".")[0]
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parts, base] if base else parts)
+            yield base
+            yield from (f"{base}.{alias.name}" for alias in node.names if alias.name != "*")
+
+
+def _with_parents(name: str) -> list[str]:
+    """`a.b.c` and the packages importing it runs (`a.b`, `a`), those that exist as files."""
+    parts = name.split(".")
+    names = [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+    return [n for n in names if _path(n) is not None]
+
+
+def _source(name: str) -> str:
+    path = _path(name)
+    if path is None:
+        raise ModuleNotFoundError(f"no source for module {name!r}")
+    return path.read_text()
+
+
+def _is_package(name: str) -> bool:
+    path = _path(name)
+    return path is not None and path.name == "__init__.py"
+
+
+@cache
+def _path(name: str) -> Path | None:
+    """The source file of module `name`: the loaded module's, else found without importing it."""
+    loaded = sys.modules.get(name)
+    if loaded is not None and getattr(loaded, "__file__", None):
+        return Path(loaded.__file__)
+    top, _, rest = name.partition(".")
+    spec = importlib.util.find_spec(top)
+    if spec is None or not spec.submodule_search_locations:
+        return Path(spec.origin) if spec and spec.origin and not rest else None
+    base = Path(next(iter(spec.submodule_search_locations))).joinpath(
+        *rest.split(".") if rest else []
+    )
+    for candidate in (base / "__init__.py", base.with_suffix(".py")):
+        if candidate.is_file():
+            return candidate
+    return None
