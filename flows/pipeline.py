@@ -25,7 +25,7 @@ from tasks.latents import cache_latents_task
 from tasks.train import train_task
 
 
-@flow(name="sdflow-pipeline", persist_result=True, log_prints=True)
+@flow(name="sdflow-pipeline", persist_result=True, result_serializer="json", log_prints=True)
 def pipeline(
     profile: str = "tiny-cpu",
     overrides: list[str] | None = None,

@@ -22,6 +22,7 @@ def stage_flow(stage: str) -> Flow:
         name=f"sdflow-{stage}",
         description=f"Run the {stage} stage alone; earlier stages come from the cache.",
         persist_result=True,
+        result_serializer="json",
         log_prints=True,
     )
     def run_stage(

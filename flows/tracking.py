@@ -140,10 +140,13 @@ class RunTracker:
         """Write summary.json; raise if a stage failed (so the flow run is Failed and retryable)."""
         self.summary["finished_at"] = datetime.now(timezone.utc).isoformat()
         self.summary["status"] = "failed" if self.failure else "completed"
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(
-            self.run_dir / "summary.json", self.summary, sort_keys=False
-        )  # stages in DAG order
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_json(self.run_dir / "summary.json", self.summary, sort_keys=False)  # DAG order
+        except OSError as exc:  # a full or read-only disk: the stage's own error matters more
+            if self.failure is None:
+                raise
+            get_run_logger().warning("summary.json could not be written: %s", exc)
         _best_effort(artifacts.publish_summary, self.summary)
         if isinstance(self.failure, UserError):
             raise self.failure

@@ -16,6 +16,7 @@ import argparse
 import logging
 import os
 import sys
+import uuid
 from pathlib import Path
 
 from sdflow.config import STAGES, RunConfig
@@ -194,7 +195,7 @@ def _ready_workdir(path: str) -> Path:
     workdir = Path(path).resolve()
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / ".sdflow-write-probe"
+        probe = workdir / f".sdflow-write-probe-{uuid.uuid4().hex}"  # runs may start together
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:

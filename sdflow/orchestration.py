@@ -2,7 +2,10 @@
 GPU slots and where results are stored (UI artifacts live beside it, in `sdflow.artifacts`).
 
 The stage directory is the source of truth; Prefect's cache mirrors it. A cached record is only used
-while the stage directory it points to is still complete, so deleting an output reruns that stage.
+while the stage directory it points to is complete and holds the same content: the record's key
+carries the stage key and the fingerprint of the MANIFEST.json on disk, so a deleted or rebuilt
+output never comes back as an old record. Records are JSON, never pickles: whoever can write the
+results directory or bucket cannot make a worker run code.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from prefect.tasks import exponential_backoff
 
 from sdflow.artifacts import stage_progress
 from sdflow.config import RunConfig, RunnerConfig
-from sdflow.errors import UserError
+from sdflow.errors import UserError, as_user_error
 from sdflow.shardmap import ShardJob, ShardMapper, in_order, windowed
 from sdflow.stageio import Manifest, load_manifest, stage_dir
 
@@ -57,13 +60,15 @@ class StageCache(CachePolicy):
         self, task_ctx, inputs: dict[str, Any], flow_parameters, **kwargs
     ) -> str | None:
         key = self.key_fn(inputs["config"], inputs["upstream"])
-        if load_manifest(stage_dir(inputs["workdir"], self.stage, key)) is None:
+        manifest = load_manifest(stage_dir(inputs["workdir"], self.stage, key))
+        if manifest is None:
             return None  # nothing on disk: run the stage (it resumes from its partial directory)
-        return cache_key(self.stage, key)
+        return cache_key(self.stage, manifest)
 
 
 def retry_unless_user_error(task: Task, task_run: Any, state: Any) -> bool:
-    """Transient failures (network, I/O, a killed worker) are retried; user errors are not."""
+    """Transient failures (network, I/O, a killed worker) are retried; user errors are not (the
+    task body turned out-of-memory, disk-full and permission errors into user errors)."""
     try:
         state.result()
     except UserError:
@@ -83,6 +88,7 @@ def stage_task(
         "tags": [GPU_TAG] if stage in GPU_STAGES else [],
         "cache_policy": StageCache(stage=stage, key_fn=key_fn),
         "persist_result": True,
+        "result_serializer": "json",
         "retries": retries,
         "retry_delay_seconds": exponential_backoff(backoff_factor=2),
         "retry_jitter_factor": 0.5,
@@ -109,19 +115,25 @@ def as_stage_run(stage: str, key_fn: KeyFn, fn: StageFn) -> StageFn:
     def run(config: RunConfig, upstream: Upstream, workdir: str) -> Manifest:
         if TaskRunContext.get() is None:  # `task.fn(...)` in tests: no run, no artifacts
             return fn(config, upstream, workdir)
-        key = key_fn(config, upstream)
-        fresh = load_manifest(stage_dir(workdir, stage, key)) is None
-        with stage_progress(stage):
-            manifest = fn(config, upstream, workdir)
+        fresh = load_manifest(stage_dir(workdir, stage, key_fn(config, upstream))) is None
+        try:
+            with stage_progress(stage):
+                manifest = fn(config, upstream, workdir)
+        except Exception as exc:
+            deterministic = as_user_error(exc, stage)
+            if deterministic is None or deterministic is exc:
+                raise
+            raise deterministic from exc
         if fresh:
-            get_result_store().write(manifest, key=cache_key(stage, key))
+            get_result_store().write(manifest, key=cache_key(stage, manifest))
         return manifest
 
     return run
 
 
-def cache_key(stage: str, key: str) -> str:
-    return f"sdflow-{stage}-{key}"
+def cache_key(stage: str, manifest: Manifest) -> str:
+    """A record per stage key and content: a rebuilt output with other content misses it."""
+    return f"sdflow-{stage}-{manifest['key']}-{manifest['fingerprint'][:16]}"
 
 
 def result_storage(setting: str | None, workdir: str | Path) -> Path | str:

@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader
 from sdflow.artifacts import report_progress
 from sdflow.checkpoints import load_checkpoint, load_latest, save_checkpoint
 from sdflow.config import RunConfig, TrainConfig
-from sdflow.errors import UserError
+from sdflow.errors import UserError, as_user_error
 from sdflow.launch import LaunchFailed, accelerate_command, exit_with_supervisor, supervise
 from sdflow.models import (
     ComponentSources,
@@ -479,9 +479,10 @@ def main(argv: list[str] | None = None) -> None:
     config = RunConfig.model_validate(spec["config"])
     try:
         summary = train_unet(config, spec["upstream"], spec["workdir"], spec["out_dir"])
-    except UserError as exc:
-        if spec.get("error"):
-            write_json(spec["error"], {"user_error": str(exc)})
+    except Exception as exc:  # a user mistake, or out of memory / disk full: no retry will help
+        deterministic = as_user_error(exc, "train")
+        if deterministic is not None and spec.get("error"):
+            write_json(spec["error"], {"user_error": str(deterministic)})
         raise
     if rank == 0 and spec.get("summary"):
         write_json(spec["summary"], asdict(summary))
