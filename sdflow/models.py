@@ -27,6 +27,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, PreTraine
 from sdflow.config import ModelConfig, RunConfig
 from sdflow.errors import UserError
 from sdflow.fingerprint import hash_weights
+from sdflow.hub import resolve_commit
 from sdflow.stageio import Manifest, atomic_dir, output_dir
 from sdflow.tokenizer import train_tokenizer  # noqa: F401  (re-exported: models is the one entry point)
 
@@ -145,8 +146,8 @@ def load_component(
     if subfolder:
         kwargs["subfolder"] = subfolder
     pretrained = _same(source, model.pretrained)
-    if pretrained and is_hub_name(source) and model.revision:
-        kwargs["revision"] = model.revision
+    if is_hub_name(source):  # exactly the commit the stage keys name
+        kwargs["revision"] = resolve_commit(source, model.revision if pretrained else None)
     if pretrained and model.variant and issubclass(cls, WEIGHTS):
         kwargs["variant"] = model.variant
     if dtype is not None:
@@ -316,9 +317,11 @@ def save_pipeline(out_dir: Path, unet, vae, text_encoder, tokenizer, scheduler) 
 
 
 def weights_hash(source: str, subfolder: str | None, revision: str | None = None) -> str:
-    """Content hash of a local model directory; `hub:<name>@<revision>` for a hub name."""
+    """Content hash of a local model directory; `hub:<name>@<commit>` for a hub name (the commit
+    `revision` resolves to now: a new upstream commit is a new key)."""
     if is_hub_name(source):
-        return f"hub:{source}@{revision or 'main'}" + (f"/{subfolder}" if subfolder else "")
+        commit = resolve_commit(source, revision)
+        return f"hub:{source}@{commit}" + (f"/{subfolder}" if subfolder else "")
     path = Path(source).expanduser() / (subfolder or "")
     if not path.is_dir():
         raise UserError(f"Model directory {path} does not exist.")
