@@ -19,6 +19,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -35,6 +36,7 @@ from sdflow.fingerprint import hash_json, hash_tree
 SCHEMA_VERSION = 1
 MANIFEST = "MANIFEST.json"
 FAILURES = "failures"
+ADDRESS = re.compile(r" (?:object )?at 0x[0-9a-fA-F]+")
 # Top-level folders of a stage directory that record how it was built, not what it holds.
 HISTORY = ("checkpoints", "logs")
 FAILURE_SCHEMA = pa.schema(
@@ -311,8 +313,18 @@ def empty_failures() -> pa.Table:
 
 
 def failures_table(rows: Sequence[Mapping[str, str]]) -> pa.Table:
-    """Rows of {id, source, reason, detail} as a failures table."""
-    return pa.Table.from_pylist([dict(r) for r in rows], schema=FAILURE_SCHEMA)
+    """Rows of {id, source, reason, detail} as a failures table.
+
+    Failures are stage content (they enter the fingerprint), so details lose what differs between
+    two runs over the same input: object addresses in exception texts (`<_io.BytesIO object at
+    0x7f...>`).
+    """
+    clean = [{**r, "detail": _stable_text(r.get("detail"))} for r in rows]
+    return pa.Table.from_pylist(clean, schema=FAILURE_SCHEMA)
+
+
+def _stable_text(text: str | None) -> str | None:
+    return ADDRESS.sub("", text) if text else text
 
 
 def read_failures(workdir: str | Path, manifest: Manifest) -> pa.Table:

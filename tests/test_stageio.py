@@ -197,3 +197,17 @@ def test_publishing_renames_are_followed_by_a_directory_fsync(tmp_path, monkeypa
     assert synced.count(partial) >= 2  # each shard published in the partial directory
     assert synced.count(partial / "failures") == 2
     assert synced[-1] == final.parent  # the stage itself, last
+
+
+def test_failure_details_drop_object_addresses():
+    table = stageio.failures_table(
+        [
+            {
+                "id": "7",
+                "source": "demo/7.png",
+                "reason": "undecodable_image",
+                "detail": "cannot identify image file <_io.BytesIO object at 0x7f119464e4d0>",
+            }
+        ]
+    )
+    assert table.column("detail").to_pylist() == ["cannot identify image file <_io.BytesIO>"]

@@ -273,8 +273,10 @@ def test_pretrained_encoders_come_from_the_pipeline(setup, tmp_path):
 
 RESUME_SCRIPT = """
 import json, sys, time
+import torch
 import tasks.latents as stage
 from sdflow.config import RunConfig
+torch.set_num_threads(1)  # the same CPU kernels as the test process: bitwise-equal encodings
 encode = stage._encode_shard
 def slow(*args):  # one shard, then a pause long enough to be killed in
     encode(*args)
