@@ -346,6 +346,24 @@ def test_constant_with_warmup_warms_up_in_a_real_run(tmp_path, components):
     assert [lrs[0], lrs[2], lrs[4]] == pytest.approx([0.0, 0.5e-3, 1e-3])
 
 
+@pytest.mark.parametrize(
+    ("schedule", "expected"),
+    [  # lr 1e-3, warmup 2 of 6 steps: the lr of steps 2, 3 and 4, worked out by hand
+        (["train.lr_scheduler=cosine_with_restarts", "train.lr_cycles=2"], [1e-3, 0.5e-3, 1e-3]),
+        (
+            ["train.lr_scheduler=polynomial", "train.lr_power=2"],
+            [1e-3, (1e-3 - 1e-7) * 0.75**2 + 1e-7, (1e-3 - 1e-7) * 0.5**2 + 1e-7],
+        ),
+    ],
+)
+def test_restarts_and_polynomial_schedules_in_a_real_run(tmp_path, components, schedule, expected):
+    config = scratch_config(components, *schedule, "train.warmup_steps=2", "train.max_steps=6")
+    manifest, _ = run_train(config, tmp_path, components)
+    lrs = recorded_lrs(stage_path(tmp_path, manifest), 6)
+    assert lrs[1] == pytest.approx(0.5e-3)  # warming up
+    assert lrs[2:5] == pytest.approx(expected, rel=1e-6)
+
+
 def test_finetune_of_a_v_prediction_base_stays_v_prediction(
     tmp_path, components, v_base, monkeypatch
 ):
@@ -479,13 +497,16 @@ def test_skipped_fp16_steps_hold_the_lr_schedule_and_ema(tmp_path, components, m
     assert manifest["info"]["skipped_steps"] == 1
 
 
-def test_the_kept_checkpoint_drops_the_optimizer_moments_unless_asked(tmp_path, components):
-    def run(flag: str) -> tuple[Path, dict]:
-        config = scratch_config(components, f"train.keep_optimizer_state={flag}", "train.ema=true")
-        manifest, _ = run_train(config, tmp_path / flag, components)
-        return stage_path(tmp_path / flag, manifest) / "checkpoints" / step_name(4), manifest
+def test_the_kept_checkpoint_drops_the_optimizer_moments_unless_asked(tmp_path, components, caplog):
+    from sdflow.training import train_unet
 
-    (lean, manifest), (full, _) = run("false"), run("true")
+    runs = {}
+    for flag in ("false", "true"):
+        config = scratch_config(components, f"train.keep_optimizer_state={flag}", "train.ema=true")
+        manifest, upstream = run_train(config, tmp_path / flag, components)
+        runs[flag] = (stage_path(tmp_path / flag, manifest), manifest)
+    (lean_dir, manifest), (full_dir, _) = runs["false"], runs["true"]
+    lean, full = (d / "checkpoints" / step_name(4) for d in (lean_dir, full_dir))
     small, big = load_checkpoint(lean)[1], load_checkpoint(full)[1]
     assert set(big) - set(small) == {"optimizer"}
     assert {"model", "ema", "lr_scheduler", "rng", "progress"} <= set(small)
@@ -498,6 +519,12 @@ def test_the_kept_checkpoint_drops_the_optimizer_moments_unless_asked(tmp_path, 
     )
     assert moments <= saved < moments * 1.05  # plus tensor names and the JSON skeleton
     assert manifest["info"]["optimizer_state_kept"] is False
+    # what is left is enough to train on: two more steps from the lean checkpoint
+    longer = scratch_config(components, "train.max_steps=6", "train.ema=true")
+    with caplog.at_level(logging.INFO, logger="sdflow.train"):
+        summary = train_unet(longer, upstream, str(tmp_path / "true"), lean_dir)
+    assert "holds no optimizer state" in caplog.text
+    assert (summary.resumed_from, summary.steps) == (4, 6)
 
 
 # --------------------------------------------------------------------------------- crash, resume
