@@ -4,8 +4,10 @@ Run it with `sdflow run tiny-cpu --only train`. The loop (`sdflow.training.train
 process or, for `train.processes` > 1, in supervised `accelerate launch` workers) checkpoints
 into the stage's partial directory, so a retried or rerun task resumes from the newest complete
 checkpoint and reaches the same weights as an uninterrupted run. Output: `pipeline/` (a diffusers
-StableDiffusionPipeline, EMA weights when `train.ema`) or, for LoRA, `lora/` (load it with
-`pipe.load_lora_weights`); `loss.png`, TensorBoard `logs/`, and the last checkpoint.
+StableDiffusionPipeline, EMA weights when `train.ema`, sampling with the base model's scheduler or,
+from scratch, DDIM) or, for LoRA, `lora/` (load it with `pipe.load_lora_weights`); `loss.png`,
+TensorBoard `logs/`, and the last checkpoint (without the optimizer moments unless
+`train.keep_optimizer_state`).
 """
 
 from __future__ import annotations
