@@ -103,7 +103,9 @@ def main() -> None:
     ema = EMAModel(params, decay=train.ema_decay) if train.ema else None
     if ema:
         ema.to(accelerator.device)
-    scheduler = DDPMScheduler(beta_schedule="scaled_linear", prediction_type=train.prediction_type)
+    # unset means the base model's own; the bench builds its UNet from config, so epsilon
+    prediction = train.prediction_type or "epsilon"
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", prediction_type=prediction)
     source = RandomLatents(
         architecture["in_channels"], resolution // 8, architecture["cross_attention_dim"]
     )

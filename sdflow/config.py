@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from importlib.util import find_spec
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
@@ -263,6 +263,12 @@ class LatentsConfig(Section):
     shard_size: int = Field(1000, ge=1)
 
 
+LrSchedule = Literal[
+    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+]
+POLYNOMIAL_LR_END = 1e-7  # diffusers' get_scheduler decays `polynomial` to this lr
+
+
 class TrainConfig(Section):
     """UNet training: from scratch, full fine-tune, or LoRA."""
 
@@ -278,15 +284,25 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(250, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     gradient_accumulation: int = Field(1, ge=1)
-    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
-    warmup_steps: int = Field(0, ge=0)
+    lr_scheduler: LrSchedule = Field(
+        "constant",
+        description="diffusers lr schedule; every one but `constant` starts with `warmup_steps` "
+        "of linear warmup from 0",
+    )
+    warmup_steps: int = Field(0, ge=0, description="needs a schedule with warmup (not constant)")
+    lr_cycles: int = Field(1, ge=1, description="hard restarts of cosine_with_restarts")
+    lr_power: float = Field(1.0, gt=0, description="power of the polynomial decay (1: linear)")
     mixed_precision: Precision = "no"
     gradient_checkpointing: bool = False
     ema: bool = False
     ema_decay: float = Field(0.9999, gt=0, lt=1)
     snr_gamma: float | None = Field(None, gt=0, description="min-SNR weighting gamma, e.g. 5.0")
     noise_offset: float = Field(0.0, ge=0, le=1)
-    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
+        None,
+        description="unset: the pretrained model's own (its scheduler config), epsilon from "
+        "scratch; set to something else than the base's only to re-target it (logged, recorded)",
+    )
     caption_dropout: float = Field(0.0, ge=0, le=1)
     use_flipped: bool = Field(True, description="sample flipped latents when cached")
     cache_latents: bool = Field(True, description="false: encode with VAE/text encoder every step")
@@ -306,11 +322,30 @@ class TrainConfig(Section):
         0, ge=0, le=64, description="DataLoader worker processes; 0 loads in the training process"
     )
 
+    keep_optimizer_state: bool = Field(
+        False,
+        description="false: the finished stage's checkpoint keeps weights, EMA, step, lr schedule "
+        "and random state (enough to train on) but not the optimizer moments (2x the trained "
+        "weights); checkpoints during training always hold them, for exact resume",
+    )
+
     @model_validator(mode="after")
     def _checkpoint_fits(self) -> TrainConfig:
         if self.warmup_steps > self.max_steps:
             raise ValueError(
                 f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps})"
+            )
+        if self.lr_scheduler == "constant" and self.warmup_steps > 0:
+            # diffusers' constant schedule ignores num_warmup_steps: refuse, never drop it silently
+            raise ValueError(
+                f"train.lr_scheduler 'constant' has no warmup, but train.warmup_steps is "
+                f"{self.warmup_steps}: use lr_scheduler 'constant_with_warmup' (or another of "
+                f"{', '.join(get_args(LrSchedule)[1:])}), or warmup_steps 0"
+            )
+        if self.lr_scheduler == "polynomial" and self.lr <= POLYNOMIAL_LR_END:
+            raise ValueError(
+                f"train.lr_scheduler 'polynomial' decays to {POLYNOMIAL_LR_END}, so train.lr "
+                f"({self.lr}) must be larger than that"
             )
         return self
 

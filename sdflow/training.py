@@ -74,6 +74,7 @@ class Progress:
     samples_seen: int = 0
     seconds: float = 0.0  # training time summed over all attempts (no start-up, no checkpointing)
     history: list[list[float]] = field(default_factory=list)  # [step, loss, lr] per step
+    skipped_steps: int = 0  # optimizer steps the fp16 GradScaler skipped (inf/NaN gradients)
 
 
 @dataclass
@@ -85,6 +86,7 @@ class TrainSummary:
     samples_per_second: float
     resumed_from: int
     history: list[list[float]]
+    skipped_steps: int = 0
 
 
 @dataclass
@@ -135,6 +137,8 @@ def make_trainer(accelerator: Accelerator, config: RunConfig, sources) -> Traine
         optimizer,
         num_warmup_steps=train.warmup_steps,
         num_training_steps=train.max_steps,
+        num_cycles=train.lr_cycles,
+        power=train.lr_power,
     )
     ema = EMAModel(params, decay=train.ema_decay) if train.ema else None
     generator = torch.Generator().manual_seed(train.seed + accelerator.process_index)
@@ -192,9 +196,15 @@ def run_step(trainer: Trainer, source, scheduler, batches) -> float:
             trainer.optimizer.step()  # a no-op until the last micro-batch
             trainer.optimizer.zero_grad(set_to_none=True)
         total += loss.detach().float().cpu()
-    trainer.lr_scheduler.step()
-    if trainer.ema:
-        trainer.ema.step(trainer.params)
+    if accelerator.optimizer_step_was_skipped:
+        # The GradScaler found inf/NaN gradients and left the weights alone: the lr schedule and
+        # EMA wait for a real update too (as diffusers' AcceleratedScheduler does).
+        trainer.progress.skipped_steps += 1
+        log.warning("step %d: inf/NaN gradients, optimizer step skipped", trainer.progress.step + 1)
+    else:
+        trainer.lr_scheduler.step()
+        if trainer.ema:
+            trainer.ema.step(trainer.params)
     mean = accelerator.reduce(total.to(accelerator.device) / train.gradient_accumulation, "mean")
     return float(mean)
 
@@ -337,7 +347,10 @@ def state(trainer: Trainer, generators: Tensor) -> dict[str, Any]:
 def restore(trainer: Trainer, values: dict[str, Any]) -> None:
     """Load a checkpoint into the freshly built trainer (before `accelerator.prepare`)."""
     load_trained_weights(trainer.unet, values["model"])
-    trainer.optimizer.load_state_dict(values["optimizer"])  # after the scheduler set initial_lr
+    if "optimizer" in values:  # after the scheduler set initial_lr
+        trainer.optimizer.load_state_dict(values["optimizer"])
+    else:  # a finished stage's checkpoint (train.keep_optimizer_state: false)
+        log.info("The checkpoint holds no optimizer state: Adam's moments start from zero")
     trainer.lr_scheduler.load_state_dict(values["lr_scheduler"])
     if trainer.ema:
         trainer.ema.load_state_dict(values["ema"])
@@ -399,6 +412,7 @@ def summarize(trainer: Trainer, resumed_from: int) -> TrainSummary:
         samples_per_second=progress.samples_seen / progress.seconds if progress.seconds else 0.0,
         resumed_from=resumed_from,
         history=progress.history,
+        skipped_steps=progress.skipped_steps,
     )
 
 

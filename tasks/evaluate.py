@@ -209,7 +209,7 @@ def load_baseline(config: RunConfig, train: Manifest, workdir: str) -> StableDif
     """The model training started from: the seeded scratch UNet, or the pretrained base."""
     if config.model.init == "scratch":
         pipe = load_trained(config, train, workdir)
-        pipe.unet = build_unet(config.model).to(pipe.device)
+        pipe.unet = build_unet(config.model).to(pipe.device, pipe.dtype)
         return pipe
     return _load_base(config, train)
 
@@ -235,11 +235,20 @@ def _load_base(config: RunConfig, train: Manifest) -> StableDiffusionPipeline:
 
 
 def _prepare(pipe: StableDiffusionPipeline, config: RunConfig) -> StableDiffusionPipeline:
-    """Eval scheduler, device, no progress bars."""
+    """Eval scheduler, device and precision, no progress bars."""
     scheduler = SCHEDULERS[config.eval.scheduler]
     pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return pipe.to(device, pipeline_dtype(config.train.mixed_precision, device))
+
+
+def pipeline_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """Sample in the training precision on a GPU (half the memory, about twice as fast); a CPU
+    has no fast half-precision kernels, so it samples in float32."""
+    if device.type != "cuda":
+        return torch.float32
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
 
 
 def describe_model(name: str, config: RunConfig, train: Manifest) -> str:

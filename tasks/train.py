@@ -4,8 +4,10 @@ Run it with `sdflow run tiny-cpu --only train`. The loop (`sdflow.training.train
 process or, for `train.processes` > 1, in supervised `accelerate launch` workers) checkpoints
 into the stage's partial directory, so a retried or rerun task resumes from the newest complete
 checkpoint and reaches the same weights as an uninterrupted run. Output: `pipeline/` (a diffusers
-StableDiffusionPipeline, EMA weights when `train.ema`) or, for LoRA, `lora/` (load it with
-`pipe.load_lora_weights`); `loss.png`, TensorBoard `logs/`, and the last checkpoint.
+StableDiffusionPipeline, EMA weights when `train.ema`, sampling with the base model's scheduler or,
+from scratch, DDIM) or, for LoRA, `lora/` (load it with `pipe.load_lora_weights`); `loss.png`,
+TensorBoard `logs/`, and the last checkpoint (without the optimizer moments unless
+`train.keep_optimizer_state`).
 """
 
 from __future__ import annotations
@@ -14,19 +16,21 @@ import io
 from pathlib import Path
 from typing import Any
 
-from diffusers import AutoencoderKL, StableDiffusionPipeline
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft.utils import get_peft_model_state_dict
 from PIL import Image, ImageDraw
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from sdflow.checkpoints import prune_checkpoints, step_name
+from sdflow.checkpoints import load_checkpoint, prune_checkpoints, save_checkpoint, step_name
 from sdflow.config import RunConfig
 from sdflow.fingerprint import code_version
 from sdflow.models import (
     ComponentSources,
     atomic_dir,
+    base_scheduler_config,
     component_sources,
+    inference_scheduler,
     load_component,
     noise_scheduler,
     save_pipeline,
@@ -84,11 +88,14 @@ def _build(
     prune_checkpoints(checkpoints, keep=1)  # the last one stays, for inspection or training on
     sources = component_sources(config, upstream, workdir)
     unet = trained_unet(config, sources, checkpoints / step_name(summary.steps))
+    scheduler = noise_scheduler(config, sources)
     if config.train.mode == "lora":
         output = {"lora": _save_lora(unet, build.path / "lora")}
     else:
-        output = {"pipeline": _save_full(unet, config, sources, build.path / "pipeline")}
+        output = {"pipeline": _save_full(unet, config, sources, scheduler, build.path / "pipeline")}
     write_atomic(build.path / LOSS_CURVE, draw_loss_curve(summary.history))
+    if not config.train.keep_optimizer_state:
+        drop_optimizer_state(checkpoints, summary.steps)
     return build.finish(
         counts={
             "steps": summary.steps,
@@ -96,39 +103,68 @@ def _build(
             "trainable_params": summary.trainable_params,
         },
         files={**output, "loss_curve": LOSS_CURVE, "logs": LOGS, "checkpoints": CHECKPOINTS},
-        info=_info(config, sources, summary),
+        info=_info(config, sources, summary, scheduler),
     )
 
 
-def _save_full(unet, config: RunConfig, sources: ComponentSources, out_dir: Path) -> str:
-    """The trained UNet with the run's VAE, text encoder, tokenizer and noise schedule."""
+def _save_full(
+    unet, config: RunConfig, sources: ComponentSources, trained: DDPMScheduler, out_dir: Path
+) -> str:
+    """The trained UNet with the run's VAE, text encoder, tokenizer and a sampling scheduler
+    (`inference_scheduler`: never the training DDPM one, which needs ~1000 steps to sample)."""
     model = config.model
     vae = load_component(sources.vae, sources.vae_subfolder, AutoencoderKL, model)
     text_encoder = load_component(
         sources.text_encoder, sources.text_encoder_subfolder, CLIPTextModel, model
     )
     tokenizer = load_component(sources.tokenizer, sources.tokenizer_subfolder, CLIPTokenizer, model)
-    scheduler = noise_scheduler(config, sources)
+    scheduler = inference_scheduler(config, sources, trained)
     save_pipeline(out_dir, unet, vae, text_encoder, tokenizer, scheduler)
     return out_dir.name
 
 
 def _save_lora(unet, out_dir: Path) -> str:
-    """`pytorch_lora_weights.safetensors` in the diffusers format that `load_lora_weights` reads."""
+    """`pytorch_lora_weights.safetensors` in the diffusers format that `load_lora_weights` reads.
+
+    The adapter's LoraConfig goes into the file's metadata: without it `load_lora_weights` takes
+    lora_alpha = rank, and a run with `train.lora_alpha` != `train.lora_rank` loads mis-scaled.
+    """
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     with atomic_dir(out_dir) as tmp:
         StableDiffusionPipeline.save_lora_weights(
-            tmp, unet_lora_layers=layers, safe_serialization=True
+            tmp,
+            unet_lora_layers=layers,
+            safe_serialization=True,
+            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
         )
     return out_dir.name
 
 
-def _info(config: RunConfig, sources: ComponentSources, summary: TrainSummary) -> dict[str, Any]:
+def drop_optimizer_state(checkpoints: Path, step: int) -> None:
+    """Rewrite the kept checkpoint without the optimizer moments (`train.keep_optimizer_state`).
+
+    Rewritten as a new checkpoint of the same step, so a crash keeps either the old or the new one.
+    """
+    _, values = load_checkpoint(checkpoints / step_name(step))
+    values.pop("optimizer", None)
+    save_checkpoint(checkpoints, step, values, keep=1)
+
+
+def _info(
+    config: RunConfig,
+    sources: ComponentSources,
+    summary: TrainSummary,
+    scheduler: DDPMScheduler,
+) -> dict[str, Any]:
     mode = "scratch" if sources.unet is None else config.train.mode
+    base = base_scheduler_config(config, sources)
     return {
         "final_loss": summary.final_loss,
         "mode": mode,
-        "prediction_type": config.train.prediction_type,
+        "prediction_type": scheduler.config.prediction_type,
+        "base_prediction_type": base.get("prediction_type", "epsilon") if base else None,
+        "skipped_steps": summary.skipped_steps,
+        "optimizer_state_kept": config.train.keep_optimizer_state,
         "samples_per_second": round(summary.samples_per_second, 3),
         "base_model": config.model.pretrained,
         "resumed_from_step": summary.resumed_from,

@@ -245,6 +245,26 @@ def test_noise_scheduler_overrides_prediction_type(config, pipeline_dir):
     assert scheduler.config.num_train_timesteps == 1000
 
 
+def test_prediction_type_unset_is_the_base_models_and_a_strange_scheduler_is_named(
+    config, pipeline_dir, tmp_path
+):
+    model = config.model.model_copy(update={"init": "pretrained", "pretrained": str(pipeline_dir)})
+    run = config.model_copy(update={"model": model})
+    sources = models.component_sources(run, {}, ".")
+    assert run.train.prediction_type is None
+    trained = models.noise_scheduler(run, sources)
+    assert trained.config.prediction_type == "epsilon"  # what pipeline_dir's scheduler says
+    exported = models.inference_scheduler(run, sources, trained)
+    assert type(exported).__name__ == "DDPMScheduler"  # the base's own class, kept
+    broken = tmp_path / "broken"
+    (broken / "scheduler").mkdir(parents=True)
+    saved = json.loads((pipeline_dir / "scheduler" / "scheduler_config.json").read_text())
+    saved["_class_name"] = "AutoencoderKL"
+    (broken / "scheduler" / "scheduler_config.json").write_text(json.dumps(saved))
+    with pytest.raises(UserError, match="'AutoencoderKL' is not a diffusers scheduler"):
+        models.inference_scheduler(run, models.ComponentSources(*[None] * 8, str(broken)), trained)
+
+
 def test_image_to_tensor_crops_and_scales():
     image = Image.new("RGB", (64, 32), (255, 255, 255))
     image.paste((0, 0, 0), (0, 0, 8, 32))  # a black stripe on the left, cropped away

@@ -78,3 +78,20 @@ def test_malformed_yaml_is_a_config_error(tmp_path):
     path.write_text("source: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_profile(str(path))
+
+
+def test_a_warmup_the_schedule_would_drop_is_refused():
+    # diffusers' `constant` schedule ignores num_warmup_steps
+    with pytest.raises(ConfigError) as excinfo:
+        load_profile("tiny-test", ["train.lr_scheduler=constant", "train.warmup_steps=5"])
+    message = str(excinfo.value)
+    assert "train.lr_scheduler 'constant' has no warmup" in message
+    assert "train.warmup_steps is 5" in message and "constant_with_warmup" in message
+    config = load_profile(
+        "tiny-test", ["train.lr_scheduler=constant_with_warmup", "train.warmup_steps=5"]
+    )
+    assert (config.train.lr_scheduler, config.train.warmup_steps) == ("constant_with_warmup", 5)
+    with pytest.raises(ConfigError, match="train.lr_scheduler = 'step'.*'cosine_with_restarts'"):
+        load_profile("tiny-test", ["train.lr_scheduler=step"])
+    with pytest.raises(ConfigError, match=r"'polynomial' decays to 1e-07, so train.lr \(1e-08\)"):
+        load_profile("tiny-test", ["train.lr_scheduler=polynomial", "train.lr=1e-8"])

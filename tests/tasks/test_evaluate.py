@@ -12,7 +12,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from diffusers import DDPMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+)
 from PIL import Image, ImageDraw
 
 from sdflow.config import EvalConfig, RunConfig
@@ -230,6 +235,53 @@ def test_every_scheduler_samples(upstream) -> None:
         [(batch, images)] = list(ev.generate(pipe, [("a red circle", 0, None)], config))
         assert images.shape == (1, 3, 32, 32) and images.dtype == torch.uint8
     assert ev.SCHEDULERS["euler"] is EulerDiscreteScheduler
+
+
+def test_an_exported_v_prediction_sampler_keeps_its_prediction_type(upstream) -> None:
+    """The train stage exports DDIM with the trained prediction type; the eval sampler keeps it."""
+    workdir, manifests = upstream
+    pipe = StableDiffusionPipeline.from_pretrained(
+        output_dir(workdir, manifests["train"]) / "pipeline"
+    )
+    pipe.scheduler = DDIMScheduler.from_config(
+        pipe.scheduler.config, prediction_type="v_prediction"
+    )
+    build = StageBuild(workdir, "train", "v-fixture")
+    build.path.mkdir(parents=True)
+    pipe.save_pretrained(build.path / "pipeline")
+    train = build.finish(counts={}, files={"pipeline": "pipeline"}, info={"mode": "full"})
+    config = make_config(scheduler="euler")
+    loaded = ev.load_trained(config, train, str(workdir))
+    assert isinstance(loaded.scheduler, EulerDiscreteScheduler)
+    assert loaded.scheduler.config.prediction_type == "v_prediction"
+    assert loaded.scheduler.config.beta_start == 0.00085
+    [(_, images)] = list(ev.generate(loaded, [("a red circle", 0, None)], config))
+    assert images.shape == (1, 3, 32, 32)
+
+
+@pytest.mark.parametrize(
+    ("precision", "device", "dtype"),
+    [
+        ("fp16", "cuda", torch.float16),
+        ("bf16", "cuda", torch.bfloat16),
+        ("no", "cuda", torch.float32),
+        ("fp16", "cpu", torch.float32),
+        ("bf16", "cpu", torch.float32),
+    ],
+)
+def test_pipelines_sample_in_the_training_precision_on_a_gpu(precision, device, dtype) -> None:
+    assert ev.pipeline_dtype(precision, torch.device(device)) is dtype
+
+
+def test_a_cpu_samples_in_float32_whatever_the_training_precision(upstream) -> None:
+    workdir, manifests = upstream
+    config = make_config()
+    config.train.mixed_precision = "bf16"
+    pipe = ev.load_trained(config, manifests["train"], str(workdir))
+    if pipe.device.type == "cpu":
+        assert pipe.unet.dtype == pipe.vae.dtype == pipe.text_encoder.dtype == torch.float32
+    else:
+        assert pipe.unet.dtype == torch.bfloat16
 
 
 def test_clip_score_with_a_local_model(upstream, tmp_path) -> None:

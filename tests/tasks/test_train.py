@@ -14,11 +14,17 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers import (
+    DDPMScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from peft import LoraConfig
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
-from sdflow.checkpoints import list_checkpoints, load_checkpoint, load_latest
+from sdflow.checkpoints import list_checkpoints, load_checkpoint, load_latest, step_name
 from sdflow.errors import UserError
 from sdflow.latent_data import EMPTY_PROMPT, latent_shard_name, save_tensors, write_latent_shard
 from sdflow.models import (
@@ -67,6 +73,20 @@ def components(tmp_path_factory) -> dict:
     )
     save_pipeline(root / "base", build_unet(model), vae, text_encoder, tokenizer, scheduler)
     return {"root": root, "tokenizer": tokenizer, "text_encoder": text_encoder}
+
+
+@pytest.fixture(scope="module")
+def v_base(components) -> Path:
+    """The tiny base pipeline re-saved with its own inference scheduler: Euler, v-prediction."""
+    root = components["root"]
+    base = StableDiffusionPipeline.from_pretrained(root / "base", safety_checker=None)
+    scheduler = EulerDiscreteScheduler.from_config(
+        base.scheduler.config, prediction_type="v_prediction", timestep_spacing="trailing"
+    )
+    save_pipeline(
+        root / "v-base", base.unet, base.vae, base.text_encoder, base.tokenizer, scheduler
+    )
+    return root / "v-base"
 
 
 def make_latents(workdir: Path, components: dict, rows: tuple[int, ...] = (7, 5)) -> dict:
@@ -153,6 +173,19 @@ def stage_path(workdir: Path, manifest: dict) -> Path:
     return workdir / manifest["path"]
 
 
+def scheduler_config(pipeline: Path) -> dict:
+    return json.loads((pipeline / "scheduler" / "scheduler_config.json").read_text())
+
+
+def sample_25_steps(pipeline: Path) -> np.ndarray:
+    """A plain `pipe(prompt)` with the saved scheduler: 25 steps, default guidance."""
+    pipe = StableDiffusionPipeline.from_pretrained(pipeline, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red circle", 32, 32, 25, output_type="np").images[0]
+    assert len(pipe.scheduler.timesteps) == 25
+    return image
+
+
 def generate(pipe: StableDiffusionPipeline) -> np.ndarray:
     out = pipe(
         "a red circle",
@@ -220,8 +253,17 @@ def test_scratch_training_writes_a_pipeline_that_generates(tmp_path, components)
     index = list(state["model"]).index(name)
     assert torch.equal(saved[name], state["ema"]["shadow_params"][index])
     assert not torch.equal(saved[name], state["model"][name])
-    pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline", safety_checker=None)
-    image = generate(pipe)
+    # It samples with DDIM on the training noise schedule (SD's), not with the training DDPM.
+    saved = scheduler_config(out / "pipeline")
+    assert saved["_class_name"] == "DDIMScheduler"
+    assert saved["prediction_type"] == "epsilon"
+    assert (saved["beta_schedule"], saved["beta_start"], saved["beta_end"]) == (
+        "scaled_linear",
+        0.00085,
+        0.012,
+    )
+    assert saved["num_train_timesteps"] == 1000
+    image = sample_25_steps(out / "pipeline")
     assert image.shape == (32, 32, 3) and np.isfinite(image).all()
 
 
@@ -280,6 +322,209 @@ def test_lora_targets_that_match_nothing_are_a_user_error(tmp_path, components):
     config = pretrained_config(components, "train.mode=lora", "train.lora_targets=[nope]")
     with pytest.raises(UserError, match="lora_targets"):
         run_train(config, tmp_path, components)
+
+
+# ------------------------------------------------------------------- fine-tune defects (issue 8)
+
+
+def recorded_lrs(out: Path, step: int) -> list[float]:
+    """The lr each step trained with, as the run recorded it in its checkpoint's history."""
+    _, state = load_checkpoint(out / "checkpoints" / step_name(step))
+    return [lr for _, _, lr in state["progress"]["history"]]
+
+
+def test_constant_with_warmup_warms_up_in_a_real_run(tmp_path, components):
+    config = scratch_config(
+        components,
+        "train.lr_scheduler=constant_with_warmup",
+        "train.warmup_steps=4",
+        "train.max_steps=5",
+    )
+    manifest, _ = run_train(config, tmp_path, components)
+    lrs = recorded_lrs(stage_path(tmp_path, manifest), 5)
+    # steps 0, warmup/2 and warmup: 0, half the lr, the lr (tiny-test's lr is 1e-3)
+    assert [lrs[0], lrs[2], lrs[4]] == pytest.approx([0.0, 0.5e-3, 1e-3])
+
+
+@pytest.mark.parametrize(
+    ("schedule", "expected"),
+    [  # lr 1e-3, warmup 2 of 6 steps: the lr of steps 2, 3 and 4, worked out by hand
+        (["train.lr_scheduler=cosine_with_restarts", "train.lr_cycles=2"], [1e-3, 0.5e-3, 1e-3]),
+        (
+            ["train.lr_scheduler=polynomial", "train.lr_power=2"],
+            [1e-3, (1e-3 - 1e-7) * 0.75**2 + 1e-7, (1e-3 - 1e-7) * 0.5**2 + 1e-7],
+        ),
+    ],
+)
+def test_restarts_and_polynomial_schedules_in_a_real_run(tmp_path, components, schedule, expected):
+    config = scratch_config(components, *schedule, "train.warmup_steps=2", "train.max_steps=6")
+    manifest, _ = run_train(config, tmp_path, components)
+    lrs = recorded_lrs(stage_path(tmp_path, manifest), 6)
+    assert lrs[1] == pytest.approx(0.5e-3)  # warming up
+    assert lrs[2:5] == pytest.approx(expected, rel=1e-6)
+
+
+def test_finetune_of_a_v_prediction_base_stays_v_prediction(
+    tmp_path, components, v_base, monkeypatch
+):
+    import sdflow.training as training
+
+    used = []
+    real_fit = training.fit
+
+    def spy(trainer, source, scheduler, checkpoints):
+        used.append(scheduler.config.prediction_type)
+        return real_fit(trainer, source, scheduler, checkpoints)
+
+    monkeypatch.setattr(training, "fit", spy)
+    config = pretrained_config(components, f"model.pretrained={v_base}", "train.max_steps=2")
+    assert config.train.prediction_type is None
+    manifest, _ = run_train(config, tmp_path, components)
+    assert used == ["v_prediction"]  # the loss trained v, as the base does
+    assert manifest["info"]["prediction_type"] == "v_prediction"
+    pipeline = stage_path(tmp_path, manifest) / "pipeline"
+    saved = scheduler_config(pipeline)
+    # the base's own sampler and its settings, not the training DDPM
+    assert saved["_class_name"] == "EulerDiscreteScheduler"
+    assert saved["prediction_type"] == "v_prediction"
+    assert saved["timestep_spacing"] == "trailing"
+    assert np.isfinite(sample_25_steps(pipeline)).all()
+
+
+def test_an_explicit_prediction_type_retargets_the_base_and_says_so(
+    tmp_path, components, v_base, caplog
+):
+    config = pretrained_config(
+        components,
+        f"model.pretrained={v_base}",
+        "train.max_steps=2",
+        "train.prediction_type=epsilon",
+    )
+    with caplog.at_level(logging.WARNING, logger="sdflow.models"):
+        manifest, _ = run_train(config, tmp_path, components)
+    assert "train.prediction_type is 'epsilon'" in caplog.text and "'v_prediction'" in caplog.text
+    info = manifest["info"]
+    assert (info["prediction_type"], info["base_prediction_type"]) == ("epsilon", "v_prediction")
+    saved = scheduler_config(stage_path(tmp_path, manifest) / "pipeline")
+    assert (saved["_class_name"], saved["prediction_type"]) == ("EulerDiscreteScheduler", "epsilon")
+
+
+def unet_inputs(unet) -> tuple:
+    generator = torch.Generator().manual_seed(7)
+    size = unet.config.sample_size
+    sample = torch.randn((1, unet.config.in_channels, size, size), generator=generator)
+    text = torch.randn((1, 16, unet.config.cross_attention_dim), generator=generator)
+    return sample, torch.tensor([500]), text
+
+
+def test_lora_alpha_survives_the_export(tmp_path, components):
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    config = pretrained_config(
+        components,
+        "train.mode=lora",
+        "train.lr=0.01",
+        "train.lora_rank=2",
+        "train.lora_alpha=8",
+        f"train.lora_targets={json.dumps(targets)}",
+    )
+    manifest, _ = run_train(config, tmp_path, components)
+    out = stage_path(tmp_path, manifest)
+    base = components["root"] / "base"
+    # The training-time PEFT UNet, rebuilt by hand: base + adapter (r 2, alpha 8) + trained weights
+    reference = UNet2DConditionModel.from_pretrained(base / "unet")
+    reference.add_adapter(LoraConfig(r=2, lora_alpha=8, target_modules=targets))
+    _, state = load_checkpoint(out / "checkpoints" / step_name(4))
+    result = reference.load_state_dict(state["model"], strict=False)
+    assert not result.unexpected_keys
+    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None)
+    inputs = unet_inputs(pipe.unet)
+    with torch.no_grad():
+        before = pipe.unet(*inputs).sample
+        expected = reference(*inputs).sample
+        pipe.load_lora_weights(out / "lora")
+        loaded = pipe.unet(*inputs).sample
+    assert (loaded - before).abs().max() > 1e-3  # the adapter does something
+    torch.testing.assert_close(loaded, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_skipped_fp16_steps_hold_the_lr_schedule_and_ema(tmp_path, components, monkeypatch):
+    import sdflow.training as training
+
+    real_accelerator, real_loss = training.make_accelerator, training.diffusion_loss
+    calls = []
+
+    def with_grad_scaler(train, out_dir):
+        accelerator = real_accelerator(train, out_dir)
+        # accelerate refuses fp16 on a CPU; the GradScaler it would use works on one
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+        return accelerator
+
+    def inf_gradients_on_step_2(*args, **kwargs):
+        loss = real_loss(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:  # step index 2: every gradient becomes inf / NaN
+            loss.register_hook(lambda grad: grad * float("inf"))
+        return loss
+
+    weights = {}
+    real_save = training.save_checkpoint
+
+    def keep_weights(root, step, state, keep):
+        weights[step] = {k: v.detach().clone() for k, v in state["model"].items()}
+        return real_save(root, step, state, keep)
+
+    monkeypatch.setattr(training, "save_checkpoint", keep_weights)
+    monkeypatch.setattr(training, "make_accelerator", with_grad_scaler)
+    monkeypatch.setattr(training, "diffusion_loss", inf_gradients_on_step_2)
+    config = scratch_config(
+        components,
+        "train.lr_scheduler=linear",
+        "train.warmup_steps=4",
+        "train.max_steps=5",
+        "train.checkpoint_every=1",
+        "train.ema=true",
+    )
+    manifest, _ = run_train(config, tmp_path, components)
+    out = stage_path(tmp_path, manifest)
+    # the step after the skipped one trains with the skipped one's lr: the schedule waited
+    assert recorded_lrs(out, 5) == pytest.approx([0.0, 0.25e-3, 0.5e-3, 0.5e-3, 0.75e-3])
+    _, final = load_checkpoint(out / "checkpoints" / step_name(5))
+    assert final["ema"]["optimization_step"] == 4  # five steps, one skipped
+    assert final["grad_scaler"]["scale"] == 0.5  # the real scaler backed off once
+    before, after = weights[2], weights[3]  # around the skipped step: the weights stayed
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not all(torch.equal(weights[3][k], weights[4][k]) for k in before)
+    assert manifest["info"]["skipped_steps"] == 1
+
+
+def test_the_kept_checkpoint_drops_the_optimizer_moments_unless_asked(tmp_path, components, caplog):
+    from sdflow.training import train_unet
+
+    runs = {}
+    for flag in ("false", "true"):
+        config = scratch_config(components, f"train.keep_optimizer_state={flag}", "train.ema=true")
+        manifest, upstream = run_train(config, tmp_path / flag, components)
+        runs[flag] = (stage_path(tmp_path / flag, manifest), manifest)
+    (lean_dir, manifest), (full_dir, _) = runs["false"], runs["true"]
+    lean, full = (d / "checkpoints" / step_name(4) for d in (lean_dir, full_dir))
+    small, big = load_checkpoint(lean)[1], load_checkpoint(full)[1]
+    assert set(big) - set(small) == {"optimizer"}
+    assert {"model", "ema", "lr_scheduler", "rng", "progress"} <= set(small)
+    assert all(torch.equal(small["model"][k], big["model"][k]) for k in big["model"])
+    assert not (lean / "optimizer.safetensors").exists()
+    # AdamW keeps two fp32 moments per trained weight: that is what the lean checkpoint saves
+    moments = 2 * 4 * manifest["counts"]["trainable_params"]
+    saved = sum(f.stat().st_size for f in full.iterdir()) - sum(
+        f.stat().st_size for f in lean.iterdir()
+    )
+    assert moments <= saved < moments * 1.05  # plus tensor names and the JSON skeleton
+    assert manifest["info"]["optimizer_state_kept"] is False
+    # what is left is enough to train on: two more steps from the lean checkpoint
+    longer = scratch_config(components, "train.max_steps=6", "train.ema=true")
+    with caplog.at_level(logging.INFO, logger="sdflow.train"):
+        summary = train_unet(longer, upstream, str(tmp_path / "true"), lean_dir)
+    assert "holds no optimizer state" in caplog.text
+    assert (summary.resumed_from, summary.steps) == (4, 6)
 
 
 # --------------------------------------------------------------------------------- crash, resume
