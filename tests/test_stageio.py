@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -211,3 +213,25 @@ def test_failure_details_drop_object_addresses():
         ]
     )
     assert table.column("detail").to_pylist() == ["cannot identify image file <_io.BytesIO>"]
+
+
+def test_two_builders_of_one_key_build_it_once(tmp_path):
+    calls, entered = [], threading.Event()
+
+    def slow_build(build):
+        calls.append(1)
+        entered.set()
+        time.sleep(0.3)  # the other builder arrives meanwhile and must wait for the lock
+        return _build_two_shards(build)
+
+    results = []
+    first = threading.Thread(
+        target=lambda: results.append(stageio.build_stage(tmp_path, "demo", "k", slow_build))
+    )
+    first.start()
+    entered.wait(5)
+    second = stageio.build_stage(tmp_path, "demo", "k", slow_build)
+    first.join()
+    assert len(calls) == 1
+    assert second["reused"] is True and results[0]["reused"] is False
+    assert second["fingerprint"] == results[0]["fingerprint"]
