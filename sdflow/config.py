@@ -58,7 +58,16 @@ class DownloadConfig(Section):
     )
     retries: int = Field(2, ge=0, le=10, description="retries on 5xx, 429 and timeouts")
     backoff_s: float = Field(0.5, ge=0, le=60, description="first retry delay, doubled each retry")
-    max_bytes: int = Field(20_000_000, ge=1024, description="largest accepted response body")
+    max_bytes: int = Field(
+        20_000_000, ge=1024, description="largest accepted image (response body or file), decoded"
+    )
+    max_pixels: int = Field(
+        89_478_485,
+        ge=64,
+        le=89_478_485,
+        description="decompression-bomb limit: images declaring more pixels are refused before "
+        "decoding (at most Pillow's own limit, 89,478,485)",
+    )
     concurrency: int = Field(64, ge=1, le=4096, description="simultaneous HTTP connections")
     decode_workers: int = Field(0, ge=0, le=256, description="0 = one per CPU core")
     shard_size: int = Field(1000, ge=1, le=1_000_000, description="samples per output shard")

@@ -52,6 +52,7 @@ INPUT_SCHEMA = pa.schema(
         ("url", pa.string()),
         ("data", pa.binary()),
         ("path", pa.string()),
+        ("root", pa.string()),
         ("duplicate", pa.bool_()),
     ]
 )
@@ -198,6 +199,7 @@ class ShardRun:
             self.settings.resize_mode,
             self.settings.image_format,
             self.settings.quality,
+            self.settings.max_pixels,
         )
         self.fetcher: urls.Fetcher | None = None
 
@@ -227,7 +229,7 @@ class ShardRun:
             async with self.slots:
                 encoded = await self._encoded(row)
         except Rejected as exc:
-            failure = {"reason": exc.reason, "detail": exc.detail[:500]}
+            failure = {"reason": exc.reason, "detail": netguard.redact_text(exc.detail)[:500]}
             result = (False, {"id": row.id or row_id(row.index), "source": row.source, **failure})
         else:
             result = (True, sample(row, encoded))
@@ -238,7 +240,8 @@ class ShardRun:
         if self.fetcher is not None:
             data = await self.fetcher.fetch(row.url)
             return await loop.run_in_executor(self.pool, process_image, data, self.spec)
-        return await loop.run_in_executor(self.pool, load_and_process, row, self.spec)
+        limit = self.settings.max_bytes
+        return await loop.run_in_executor(self.pool, load_and_process, row, self.spec, limit)
 
 
 def sample(row: SourceRow, encoded: imaging.Encoded) -> dict:
@@ -255,18 +258,15 @@ def sample(row: SourceRow, encoded: imaging.Encoded) -> dict:
     }
 
 
-def load_and_process(row: SourceRow, spec: ImageSpec) -> imaging.Encoded:
+def load_and_process(row: SourceRow, spec: ImageSpec, max_bytes: int) -> imaging.Encoded:
     """A local row (folder file, dataset bytes or path) read and processed in a worker thread."""
     data = row.data
     if data is None:
         if not row.path:
             raise Rejected("missing_file", "the row has no image")
-        try:
-            data = Path(row.path).read_bytes()
-        except FileNotFoundError:
-            raise Rejected("missing_file", row.path) from None
-        except OSError as exc:
-            raise Rejected("read_error", f"{row.path}: {exc}") from None
+        data = sources.read_inside(row.path, row.root, max_bytes)
+    elif len(data) > max_bytes:
+        raise Rejected("too_large", f"{len(data)} bytes > download.max_bytes {max_bytes}")
     return process_image(data, spec)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import os
+import stat
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import pyarrow as pa
 
 from sdflow.config import SourceConfig
 from sdflow.errors import UserError
+from sdflow.imaging import Rejected
 
 URL_COLUMNS = ("url", "URL")
 CAPTION_COLUMNS = ("caption", "TEXT", "text")
@@ -43,7 +45,10 @@ SAMPLE_SCHEMA = pa.schema(
 
 @dataclass(frozen=True, slots=True)
 class SourceRow:
-    """One source sample before download: exactly one of url / data / path says where its bytes are."""
+    """One source sample before download: exactly one of url / data / path says where its bytes are.
+
+    A `path` is read only if it resolves inside `root` (the folder or dataset directory).
+    """
 
     index: int
     id: str | None
@@ -52,6 +57,7 @@ class SourceRow:
     url: str | None = None
     data: bytes | None = None
     path: str | None = None
+    root: str | None = None
 
 
 @dataclass
@@ -137,9 +143,48 @@ def file_digest(path: str | Path) -> str:
     return digest
 
 
+def hash_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def hash_files(root: Path, relpaths: Iterable[str]) -> str:
     """One hash over relative paths and contents of the given files below `root`."""
     digest = hashlib.sha256()
     for rel in relpaths:
         digest.update(rel.encode() + b"\0" + file_digest(root / rel).encode() + b"\n")
     return digest.hexdigest()
+
+
+def unsafe_reason(root: str | Path, path: str | Path) -> str | None:
+    """Why a local file must not be read: `outside_source` when it resolves (through symlinks or
+    `..`) outside `root`, `not_a_regular_file` for FIFOs, devices, sockets, directories; else None."""
+    real, base = os.path.realpath(path), os.path.realpath(root)
+    if os.path.commonpath([real, base]) != base:
+        return "outside_source"
+    try:
+        mode = os.stat(real).st_mode
+    except OSError:
+        return None  # missing: reported when it is read
+    return None if stat.S_ISREG(mode) else "not_a_regular_file"
+
+
+def read_inside(path: str, root: str | None, limit: int) -> bytes:
+    """The bytes of a local file that is a regular file inside `root` and at most `limit` bytes."""
+    if root is None:
+        raise Rejected("outside_source", f"{path}: the source has no local directory to read from")
+    reason = unsafe_reason(root, path)
+    if reason is not None:
+        raise Rejected(reason, f"{path} (source directory {root})")
+    try:  # no blocking on a FIFO swapped in since the check, no symlink swapped in either
+        fd = os.open(os.path.realpath(path), os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise Rejected("missing_file", path) from None
+    except OSError as exc:
+        raise Rejected("read_error", f"{path}: {exc}") from None
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise Rejected("not_a_regular_file", path)
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise Rejected("too_large", f"{path} is larger than {limit} bytes")
+    return data

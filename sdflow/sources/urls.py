@@ -3,7 +3,9 @@
 The list is read in batches with pyarrow, so a LAION-size file never sits in memory; `path` may also
 be a directory of such files (read in sorted order). `Fetcher` downloads one URL with httpx: bounded
 time, retries with exponential backoff on 5xx / 429 / timeouts, redirects followed by hand (at most
-five, every hop re-checked by `sdflow.netguard`), and a byte limit checked before and while reading.
+five, every hop re-checked by `sdflow.netguard`), and a byte limit checked before and while reading,
+on the decoded bytes (`netguard.ContentDecoder`; identity is asked for, gzip / deflate undone with a
+bound). Cookies are never stored, so no row's response can change what another row's request sends.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import math
 import socket
 from collections.abc import Iterator
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +28,15 @@ import pyarrow.parquet as pq
 from sdflow.config import DownloadConfig, SourceConfig
 from sdflow.errors import UserError
 from sdflow.imaging import Rejected
-from sdflow.netguard import AddressPolicy, Refused, guarded_transport, is_public_address, parse_url
+from sdflow.netguard import (
+    AddressPolicy,
+    ContentDecoder,
+    Refused,
+    guarded_transport,
+    is_public_address,
+    parse_url,
+    redact_url,
+)
 from sdflow.sources import (
     CAPTION_COLUMNS,
     URL_COLUMNS,
@@ -103,7 +114,8 @@ def iter_rows(source: SourceConfig, files: list[Path]) -> Iterator[SourceRow]:
             ids = batch.get("id") or [None] * len(urls)
             for url, caption, ident in zip(urls, captions, ids, strict=True):
                 sample_id = row_id(index) if source.id_column is None else _text(ident)
-                yield SourceRow(index, sample_id, clean_caption(caption), url or "", url=url)
+                shown = redact_url(url) if url else ""  # what shards and failures show
+                yield SourceRow(index, sample_id, clean_caption(caption), shown, url=url)
                 index += 1
 
 
@@ -219,7 +231,8 @@ class Fetcher:
             client = httpx.AsyncClient(
                 transport=guarded_transport(limits, self.policy),
                 timeout=httpx.Timeout(self.settings.timeout_s),
-                headers={"User-Agent": self.settings.user_agent},
+                headers={"User-Agent": self.settings.user_agent, "Accept-Encoding": "identity"},
+                cookies=no_cookies(),
                 follow_redirects=False,
                 trust_env=False,
             )
@@ -284,15 +297,22 @@ class Fetcher:
         declared = response.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise Rejected("too_large", f"Content-Length {declared} > {limit}")
-        chunks, size = [], 0
-        async for chunk in response.aiter_bytes():
-            size += len(chunk)
-            if size > limit:  # a missing or lying Content-Length: stop reading at the limit
-                raise Rejected("too_large", f"body passed {limit} bytes")
-            chunks.append(chunk)
-        if size == 0:
+        # raw bytes, decoded here with a bound: a missing or lying Content-Length or a small
+        # compressed body stops at the limit, counted on what it decodes to
+        decoder = ContentDecoder(response.headers.get("content-encoding", ""), limit)
+        chunks = [decoder.decode(raw) async for raw in response.aiter_raw()]
+        decoder.finish()
+        body = b"".join(chunks)
+        if not body:
             raise Rejected("empty_body", str(response.url))
-        return b"".join(chunks)
+        return body
+
+
+def no_cookies() -> CookieJar:
+    """A cookie jar that stores nothing: a Set-Cookie from one row never reaches another row.
+
+    Handed to httpx as the jar itself (httpx copies an `httpx.Cookies` into a default jar)."""
+    return CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
 
 
 def failure_of(exc: Exception, url: httpx.URL) -> Rejected:

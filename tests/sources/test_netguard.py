@@ -8,7 +8,14 @@ import socket
 import httpcore
 import pytest
 
-from sdflow.netguard import GuardedBackend, Refused, is_public_address, parse_url
+from sdflow.netguard import (
+    GuardedBackend,
+    Refused,
+    is_public_address,
+    parse_url,
+    redact_text,
+    redact_url,
+)
 
 REFUSED = [
     "127.0.0.1",
@@ -112,3 +119,38 @@ def test_guarded_backend_connects_to_the_checked_address():
         peer.close()
     finally:
         listener.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("https://u:p@h.example/a.jpg", "https://REDACTED@h.example/a.jpg"),
+        ("https://token@h.example/a.jpg?w=1", "https://REDACTED@h.example/a.jpg?w=1"),
+        (
+            "https://b.s3.amazonaws.com/k.jpg?X-Amz-Algorithm=AWS4&X-Amz-Security-Token=T&x-amz-signature=S",
+            "https://b.s3.amazonaws.com/k.jpg?X-Amz-Algorithm=AWS4&X-Amz-Security-Token=REDACTED"
+            "&x-amz-signature=REDACTED",
+        ),
+        (
+            "https://storage.googleapis.com/b/o.png?X-Goog-Credential=C&X-Goog-Signature=S&X-Goog-Expires=9",
+            "https://storage.googleapis.com/b/o.png?X-Goog-Credential=REDACTED"
+            "&X-Goog-Signature=REDACTED&X-Goog-Expires=9",
+        ),
+        (
+            "https://a.blob.core.windows.net/c/x.png?sv=2021&sig=S%2B&se=2030",
+            "https://a.blob.core.windows.net/c/x.png?sv=2021&sig=REDACTED&se=2030",
+        ),
+        ("https://h.example/x#access_token=T&s=1", "https://h.example/x#access_token=REDACTED&s=1"),
+        ("https://h.example/img.png?id=3", "https://h.example/img.png?id=3"),
+    ],
+)
+def test_credentials_and_signatures_are_redacted(url, shown):
+    assert redact_url(url) == shown
+
+
+def test_urls_inside_messages_are_redacted():
+    text = "Client error '404' for url 'https://u:pw@h.example/a?sig=abc'\nsee https://x.example"
+    assert redact_text(text) == (
+        "Client error '404' for url 'https://REDACTED@h.example/a?sig=REDACTED'\n"
+        "see https://x.example"
+    )
