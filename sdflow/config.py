@@ -27,14 +27,22 @@ class Section(BaseModel):
 class SourceConfig(Section):
     """Where the raw samples come from."""
 
-    kind: Literal["urls", "hf", "folder"] = Field(
+    kind: Literal["urls", "hf", "folder", "webdataset"] = Field(
         "folder",
-        description="urls: a URL list file; hf: a datasets name or local dir; folder: images",
+        description="urls: a URL list file; hf: a datasets name or local dir; folder: images; "
+        "webdataset: local tar shards (img2dataset / DataComp layout)",
     )
-    path: str = Field(..., min_length=1, description="URL-list file, dataset name/dir, or folder")
+    path: str = Field(
+        ...,
+        min_length=1,
+        description="URL-list file, dataset name/dir, folder, or tar shards (a .tar, a directory, "
+        "a glob or a brace range such as data/{00000..00099}.tar)",
+    )
     url_column: str | None = Field(None, description="URL column; default accepts `url` or `URL`")
     caption_column: str | None = Field(
-        None, description="caption column; default accepts `caption`, `TEXT` or `text`"
+        None,
+        description="caption column; default accepts `caption`, `TEXT` or `text` (webdataset: "
+        "the `txt` member first; set, a field of the sample's json / shard parquet)",
     )
     image_column: str = Field("image", description="image column of an `hf` dataset")
     id_column: str | None = Field(None, description="column with stable sample ids, if any")
@@ -43,6 +51,11 @@ class SourceConfig(Section):
         None, description="hub revision (branch, tag or commit) of an `hf` dataset; pin it"
     )
     limit: int | None = Field(None, ge=1, description="use only the first N source rows")
+    metadata_columns: list[str] | None = Field(
+        None,
+        description="webdataset metadata fields carried to the shards' `metadata` column; default: "
+        "similarity, pwatermark, punsafe, AESTHETIC_SCORE, original_width, original_height, ...",
+    )
 
 
 class DownloadConfig(Section):

@@ -2,8 +2,8 @@
 
     sdflow run tiny-cpu --only download
 
-Rows come from the configured source (`urls`, `hf` or `folder`, see `sdflow.sources`) in a stable
-order; shard i holds rows [i * shard_size, (i + 1) * shard_size), so the output is deterministic and
+Rows come from the configured source (`urls`, `hf`, `folder` or `webdataset`, see `sdflow.sources`)
+in a stable order; shard i holds rows [i * shard_size, (i + 1) * shard_size), so the output is deterministic and
 a rerun after a crash redoes only unfinished shards. The stage reads the source once, in order, and
 stages each unfinished shard's rows in the partial directory (`inputs/`, removed when done); a shard
 job (`download_shard`, mapped by the task runner, see `sdflow.shardmap`) reads them back, fetches its
@@ -36,7 +36,7 @@ from sdflow.fingerprint import code_version
 from sdflow.imaging import ImageSpec, Rejected, process_image
 from sdflow.orchestration import mapped_shards, stage_task
 from sdflow.shardmap import ShardJob, ShardMapper, in_order
-from sdflow.sources import SAMPLE_SCHEMA, SourceRow, folder, hf, row_id, urls
+from sdflow.sources import SAMPLE_SCHEMA, SourceRow, folder, hf, row_id, urls, webdataset
 from sdflow.stageio import FAILURES, Manifest, StageBuild, build_stage, failures_table, shard_name
 
 STAGE = "download"
@@ -53,6 +53,9 @@ INPUT_SCHEMA = pa.schema(
         ("data", pa.binary()),
         ("path", pa.string()),
         ("root", pa.string()),
+        ("offset", pa.int64()),
+        ("length", pa.int64()),
+        ("metadata", pa.string()),
         ("duplicate", pa.bool_()),
     ]
 )
@@ -64,7 +67,14 @@ HINTS = {
     "dns_error": "check that this machine can resolve and reach the hosts",
     "connection_error": "check that this machine can reach the hosts",
 }
-_SOURCE_MODULES = (folder, hf, urls, imaging, netguard)  # their code is part of code_version
+_SOURCE_MODULES = (
+    folder,
+    hf,
+    urls,
+    webdataset,
+    imaging,
+    netguard,
+)  # their code is part of code_version
 
 
 def download_key(config: RunConfig, upstream: dict[str, Manifest | None]) -> str:
@@ -140,7 +150,7 @@ def stage_inputs(
     """
     seen: set[str] = set()
     for index, chunk in enumerate(sources.batched(rows, config.download.shard_size)):
-        duplicates = duplicate_ids(chunk, seen, config.source.id_column)
+        duplicates = duplicate_ids(chunk, seen, unique_ids_from_source(config))
         names.append(shard_name(index))
         if build.has(names[-1]):  # finished before a crash: keep it
             progress(len(chunk))
@@ -153,9 +163,14 @@ def stage_inputs(
         yield ShardJob(build, config, index, str(path))
 
 
-def duplicate_ids(chunk: list[SourceRow], seen: set[str], id_column: str | None) -> set[int]:
-    """Rows whose id an earlier row already has (only possible with source.id_column)."""
-    if id_column is None:
+def unique_ids_from_source(config: RunConfig) -> bool:
+    """Whether ids come from the data (an id column, WebDataset keys), so they may repeat."""
+    return config.source.id_column is not None or config.source.kind == "webdataset"
+
+
+def duplicate_ids(chunk: list[SourceRow], seen: set[str], check: bool) -> set[int]:
+    """Rows whose id an earlier row already has (only possible when ids come from the data)."""
+    if not check:
         return set()
     duplicates = set()
     for row in chunk:
@@ -255,6 +270,7 @@ def sample(row: SourceRow, encoded: imaging.Encoded) -> dict:
         "content_hash": encoded.content_hash,
         "caption": row.caption,
         "source": row.source,
+        "metadata": row.metadata,
     }
 
 
@@ -263,8 +279,9 @@ def load_and_process(row: SourceRow, spec: ImageSpec, max_bytes: int) -> imaging
     data = row.data
     if data is None:
         if not row.path:
-            raise Rejected("missing_file", "the row has no image")
-        data = sources.read_inside(row.path, row.root, max_bytes)
+            raise Rejected("missing_image", "the sample has no image")
+        span = None if row.offset is None else (row.offset, row.length or 0)
+        data = sources.read_inside(row.path, row.root, max_bytes, span)
     elif len(data) > max_bytes:
         raise Rejected("too_large", f"{len(data)} bytes > download.max_bytes {max_bytes}")
     return process_image(data, spec)

@@ -1,4 +1,5 @@
-"""Where raw samples come from: a URL list (`urls`), a datasets dataset (`hf`) or a folder (`folder`).
+"""Where raw samples come from: a URL list (`urls`), a datasets dataset (`hf`), a folder (`folder`)
+or WebDataset tar shards (`webdataset`).
 
 Each source module offers `open_rows(source) -> Rows` (a stream of `SourceRow`s in a stable order,
 so row i is always the same sample) and `fingerprint(source) -> str` (a hash of the source content,
@@ -38,6 +39,7 @@ SAMPLE_SCHEMA = pa.schema(
         ("content_hash", pa.string()),
         ("caption", pa.string()),
         ("source", pa.string()),
+        ("metadata", pa.string()),
     ]
 )
 """The data shard schema shared by the download, filter and caption outputs."""
@@ -47,7 +49,7 @@ SAMPLE_SCHEMA = pa.schema(
 class SourceRow:
     """One source sample before download: exactly one of url / data / path says where its bytes are.
 
-    A `path` is read only if it resolves inside `root` (the folder or dataset directory).
+    A `path` is read only if it resolves inside `root` (the folder, dataset or shard directory).
     """
 
     index: int
@@ -58,6 +60,9 @@ class SourceRow:
     data: bytes | None = None
     path: str | None = None
     root: str | None = None
+    offset: int | None = None  # with `length`: the image is that span of `path` (a tar member)
+    length: int | None = None
+    metadata: str | None = None  # JSON object of source metadata fields, carried to the shards
 
 
 @dataclass
@@ -168,8 +173,11 @@ def unsafe_reason(root: str | Path, path: str | Path) -> str | None:
     return None if stat.S_ISREG(mode) else "not_a_regular_file"
 
 
-def read_inside(path: str, root: str | None, limit: int) -> bytes:
-    """The bytes of a local file that is a regular file inside `root` and at most `limit` bytes."""
+def read_inside(
+    path: str, root: str | None, limit: int, span: tuple[int, int] | None = None
+) -> bytes:
+    """The bytes of a local file (or its `span`, (offset, length)) that is a regular file inside
+    `root`, at most `limit` bytes."""
     if root is None:
         raise Rejected("outside_source", f"{path}: the source has no local directory to read from")
     reason = unsafe_reason(root, path)
@@ -184,7 +192,20 @@ def read_inside(path: str, root: str | None, limit: int) -> bytes:
     with os.fdopen(fd, "rb") as fh:
         if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
             raise Rejected("not_a_regular_file", path)
+        return _read_span(fh, path, limit, span)
+
+
+def _read_span(fh, path: str, limit: int, span: tuple[int, int] | None) -> bytes:
+    if span is None:
         data = fh.read(limit + 1)
-    if len(data) > limit:
-        raise Rejected("too_large", f"{path} is larger than {limit} bytes")
+        if len(data) > limit:
+            raise Rejected("too_large", f"{path} is larger than {limit} bytes")
+        return data
+    offset, length = span
+    if length > limit:
+        raise Rejected("too_large", f"{length} bytes at {offset} of {path} > {limit}")
+    fh.seek(offset)
+    data = fh.read(length)
+    if len(data) != length:
+        raise Rejected("read_error", f"{path} ends inside the image at {offset} ({length} bytes)")
     return data
