@@ -53,9 +53,19 @@ class SourceConfig(Section):
     limit: int | None = Field(None, ge=1, description="use only the first N source rows")
     metadata_columns: list[str] | None = Field(
         None,
-        description="webdataset metadata fields carried to the shards' `metadata` column; default: "
-        "similarity, pwatermark, punsafe, AESTHETIC_SCORE, original_width, original_height, ...",
+        description="urls / webdataset: metadata fields carried to the shards' `metadata` column "
+        "(JSON) for filters; default: those of similarity, pwatermark, punsafe, AESTHETIC_SCORE, "
+        "original_width, original_height, ... that the source has",
     )
+
+    @model_validator(mode="after")
+    def _metadata_needs_a_table(self) -> SourceConfig:
+        if self.metadata_columns is not None and self.kind not in ("urls", "webdataset"):
+            raise ValueError(
+                f"source.metadata_columns is set but source.kind is {self.kind!r}; "
+                "only 'urls' and 'webdataset' sources carry metadata columns"
+            )
+        return self
 
 
 class DownloadConfig(Section):

@@ -3,13 +3,14 @@
     sdflow run tiny-cpu --only download
 
 Rows come from the configured source (`urls`, `hf`, `folder` or `webdataset`, see `sdflow.sources`)
-in a stable order; shard i holds rows [i * shard_size, (i + 1) * shard_size), so the output is deterministic and
-a rerun after a crash redoes only unfinished shards. The stage reads the source once, in order, and
-stages each unfinished shard's rows in the partial directory (`inputs/`, removed when done); a shard
-job (`download_shard`, mapped by the task runner, see `sdflow.shardmap`) reads them back, fetches its
-URLs concurrently on an asyncio event loop (httpx, `download.concurrency` connections per shard in
-flight), decodes, resizes and encodes in a thread pool beside it (Pillow releases the GIL), and
-writes its shard. Every row ends up kept in a shard or in the failures table with its reason.
+in a stable order; shard i holds rows [i * shard_size, (i + 1) * shard_size), so the output is
+deterministic and a rerun after a crash redoes only unfinished shards. The stage reads the source
+once, in order, and stages each unfinished shard's rows in the partial directory (`inputs/`, removed
+when done); a shard job (`download_shard`, mapped by the task runner, see `sdflow.shardmap`) reads
+them back, fetches its URLs concurrently on an asyncio event loop (httpx, `download.concurrency`
+connections per shard in flight), decodes, resizes and encodes in a thread pool beside it (Pillow
+releases the GIL), and writes its shard. Every row ends up kept in a shard or in the failures table
+with its reason.
 """
 
 from __future__ import annotations

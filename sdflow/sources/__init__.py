@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
+import math
 import os
 import stat
 import time
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pyarrow as pa
 
@@ -27,6 +30,19 @@ from sdflow.imaging import Rejected
 
 URL_COLUMNS = ("url", "URL")
 CAPTION_COLUMNS = ("caption", "TEXT", "text")
+METADATA_COLUMNS = (  # LAION / img2dataset / DataComp fields a filter may use, when present
+    "similarity",
+    "pwatermark",
+    "punsafe",
+    "AESTHETIC_SCORE",
+    "aesthetic_score",
+    "clip_b32_similarity_score",
+    "clip_l14_similarity_score",
+    "original_width",
+    "original_height",
+    "NSFW",
+    "LICENSE",
+)
 
 SAMPLE_SCHEMA = pa.schema(
     [
@@ -76,6 +92,18 @@ class Rows:
 def row_id(index: int) -> str:
     """The default stable id: the zero-padded source row index."""
     return f"{index:08d}"
+
+
+def metadata_json(source: SourceConfig, record: dict[str, Any]) -> str | None:
+    """The fields of `source.metadata_columns` (default METADATA_COLUMNS) that `record` has, as
+    sorted-key JSON for the shards' `metadata` column; None when it has none."""
+    wanted = METADATA_COLUMNS if source.metadata_columns is None else source.metadata_columns
+    chosen = {name: record[name] for name in wanted if _present(record.get(name))}
+    return json.dumps(chosen, sort_keys=True, default=str) if chosen else None
+
+
+def _present(value: Any) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
 
 
 def clean_caption(value: object) -> str | None:

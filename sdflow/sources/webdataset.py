@@ -8,7 +8,8 @@ unless `source.id_column` names a metadata field): its image (`jpg`, `jpeg`, `pn
 caption (the `txt` member, else the `caption` / `TEXT` / `text` field of its metadata, or the field
 `source.caption_column` names) and its metadata: the shard's img2dataset parquet (`00000.parquet`
 beside `00000.tar`, rows matched on `key`) overlaid with the sample's `json` member. The fields in
-`source.metadata_columns` travel as the `metadata` JSON column of the download shards, for filters.
+`source.metadata_columns` (default `sources.METADATA_COLUMNS`) travel as the `metadata` JSON column
+of the download shards, for filters.
 
 Tars are read with the standard library's `tarfile`, one member header at a time; nothing is ever
 extracted, and only regular-file members are used. Image bytes are not read here: a row points at
@@ -38,23 +39,11 @@ from sdflow.sources import (
     SourceRow,
     clean_caption,
     hash_files,
+    metadata_json,
 )
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # preference order when a sample has several
 TEXT_LIMIT = 1 << 20  # txt / json members larger than this are ignored
-DEFAULT_METADATA = (
-    "similarity",
-    "pwatermark",
-    "punsafe",
-    "AESTHETIC_SCORE",
-    "aesthetic_score",
-    "clip_b32_similarity_score",
-    "clip_l14_similarity_score",
-    "original_width",
-    "original_height",
-    "NSFW",
-    "LICENSE",
-)
 _KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # WebDataset's base_plus_ext: key, extension
 
 
@@ -198,10 +187,3 @@ def caption_of(source: SourceConfig, text: str | None, record: dict[str, Any]) -
     if clean_caption(text) is not None:
         return clean_caption(text)
     return clean_caption(next((record[c] for c in CAPTION_COLUMNS if c in record), None))
-
-
-def metadata_json(source: SourceConfig, record: dict[str, Any]) -> str | None:
-    """The chosen metadata fields present in `record`, as sorted-key JSON (None when none)."""
-    wanted = source.metadata_columns or DEFAULT_METADATA
-    chosen = {name: record[name] for name in wanted if record.get(name) is not None}
-    return json.dumps(chosen, sort_keys=True, default=str) if chosen else None

@@ -387,7 +387,9 @@ def test_resize_modes_from_a_parquet_list(tmp_path, http_server, mode, size):
     import pyarrow as pa
 
     path = tmp_path / "list.parquet"
-    table = pa.table({"URL": [http_server.url("/good.png")], "TEXT": ["a caption"]})
+    table = pa.table(
+        {"URL": [http_server.url("/good.png")], "TEXT": ["a caption"], "punsafe": [0.125]}
+    )
     pq.write_table(table, path)
     config = config_for({"kind": "urls", "path": str(path)}, resize_mode=mode, image_format="jpeg")
     manifest = download(config, {}, str(tmp_path / "work"))
@@ -395,6 +397,7 @@ def test_resize_modes_from_a_parquet_list(tmp_path, http_server, mode, size):
     assert (row["width"], row["height"]) == size
     assert Image.open(io.BytesIO(row["image"])).size == size
     assert row["caption"] == "a caption"
+    assert json.loads(row["metadata"]) == {"punsafe": 0.125}  # LAION columns reach the shards
 
 
 def make_folder(root: Path, count: int = 5) -> Path:
