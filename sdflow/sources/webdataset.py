@@ -35,6 +35,7 @@ from sdflow.config import SourceConfig
 from sdflow.errors import UserError
 from sdflow.sources import (
     CAPTION_COLUMNS,
+    METADATA_COLUMNS,
     Rows,
     SourceRow,
     clean_caption,
@@ -57,7 +58,7 @@ def shard_paths(source: SourceConfig) -> list[Path]:
         raise UserError(
             f"source.path {source.path!r} is not a valid brace pattern: {exc}"
         ) from None
-    shards: list[Path] = []
+    shards: dict[Path, None] = {}  # ordered, without repeats
     for pattern in patterns:
         matches = _matches(pattern)
         if not matches:
@@ -66,8 +67,8 @@ def shard_paths(source: SourceConfig) -> list[Path]:
                 ".tar file. Give a .tar file, a directory of them, a glob such as data/*.tar or a "
                 "brace range such as data/{00000..00099}.tar."
             )
-        shards.extend(m for m in matches if m not in shards)
-    return shards
+        shards.update(dict.fromkeys(matches))
+    return list(shards)
 
 
 def _matches(pattern: str) -> list[Path]:
@@ -101,7 +102,7 @@ def open_rows(source: SourceConfig) -> Rows:
 def iter_rows(source: SourceConfig, shards: list[Path]) -> Iterator[SourceRow]:
     index = 0
     for shard in shards:
-        table = shard_metadata(shard)
+        table = shard_metadata(source, shard)
         for key, members in samples(shard):
             yield sample_row(source, shard, index, key, members, table.get(key, {}))
             index += 1
@@ -136,13 +137,16 @@ def _text(tar: tarfile.TarFile, member: tarfile.TarInfo) -> str | None:
     return None if data is None else data.read().decode("utf-8", errors="replace")
 
 
-def shard_metadata(shard: Path) -> dict[str, dict[str, Any]]:
-    """key -> row of the shard's img2dataset parquet (only rows with a key), or {} without one."""
+def shard_metadata(source: SourceConfig, shard: Path) -> dict[str, dict[str, Any]]:
+    """key -> the fields sdflow may use from the shard's img2dataset parquet, or {} without one."""
     path = sidecar(shard)
     if not path.is_file():
         return {}
+    used = {"key", source.caption_column, source.id_column, *CAPTION_COLUMNS}
+    used.update(METADATA_COLUMNS if source.metadata_columns is None else source.metadata_columns)
     try:
-        rows = pq.read_table(path).to_pylist()
+        names = pq.read_schema(path).names
+        rows = pq.read_table(path, columns=[n for n in names if n in used]).to_pylist()
     except (pa.ArrowException, OSError) as exc:
         raise UserError(f"WebDataset metadata {path} could not be read as parquet: {exc}") from None
     return {str(row["key"]): row for row in rows if row.get("key") is not None}
@@ -157,6 +161,7 @@ def sample_row(
     parquet_row: dict[str, Any],
 ) -> SourceRow:
     record = {**parquet_row, **_json_object(members.get("json"))}
+    real = shard.resolve()
     image = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
     ident = key if source.id_column is None else record.get(source.id_column)
     return SourceRow(
@@ -164,8 +169,8 @@ def sample_row(
         None if ident is None else str(ident),
         caption_of(source, members.get("txt"), record),
         f"{shard}:{key}",
-        path=str(shard) if image is not None else None,
-        root=str(shard.parent),
+        path=str(real) if image is not None else None,
+        root=str(real.parent),  # the user named this tar: a symlinked shard is fine
         offset=image.offset_data if image is not None else None,
         length=image.size if image is not None else None,
         metadata=metadata_json(source, record),

@@ -133,6 +133,17 @@ def test_image_members_get_the_size_limit(tmp_path, make_image, make_shard):
     assert manifest["counts"]["kept"] == 1
 
 
+def test_symlinked_shards_are_read(tmp_path, shards):
+    root, images = shards
+    links = tmp_path / "links"
+    links.mkdir()
+    (links / "a.tar").symlink_to(root / "00001.tar")
+    config = load_profile("tiny-test", ["source.kind=webdataset", f"source.path={links}/a.tar"])
+    manifest = download(config, {}, str(tmp_path / "work"))
+    (row,) = next(read_shards(tmp_path / "work", manifest)).to_pylist()
+    assert row["content_hash"] == hashlib.sha256(images["000010000"]).hexdigest()
+
+
 def test_duplicate_keys_fail_as_duplicate_ids(tmp_path, make_image, make_shard):
     make_shard(tmp_path / "a.tar", [("k", {"png": make_image(seed=1)})])
     make_shard(tmp_path / "b.tar", [("k", {"png": make_image(seed=2)})])
