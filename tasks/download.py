@@ -65,6 +65,9 @@ HINTS = {
     "set download.allow_private_network: true only for a list you trust",
     "timeout": "raise download.timeout_s or download.retries",
     "too_large": "raise download.max_bytes",
+    "decompression_bomb": "raise download.max_pixels (at most 89,478,485)",
+    "unsupported_format": "only JPEG, PNG, WebP, GIF, BMP and TIFF images are decoded",
+    "outside_source": "image paths must stay inside the source directory (no symlinks out)",
     "dns_error": "check that this machine can resolve and reach the hosts",
     "connection_error": "check that this machine can reach the hosts",
 }

@@ -135,3 +135,15 @@ def test_fifos_and_symlinks_out_of_the_folder_fail_and_are_never_read(tmp_path, 
         "pipe.png": "not_a_regular_file",
     }
     assert manifest["counts"]["kept"] == 2
+
+
+def test_a_folder_of_links_out_fails_whole_with_a_hint(tmp_path, make_image):
+    from tasks.download import download
+
+    (tmp_path / "secret.png").write_bytes(make_image())
+    root = tmp_path / "images"
+    root.mkdir()
+    (root / "a.png").symlink_to(tmp_path / "secret.png")
+    config = RunConfig.model_validate({"source": {"kind": "folder", "path": str(root)}})
+    with pytest.raises(UserError, match="outside_source x1.*inside the source directory"):
+        download(config, {}, str(tmp_path / "work"))
