@@ -35,6 +35,7 @@ from sdflow.sources import (
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 METADATA = "metadata.jsonl"
+READ_SUFFIXES = (*IMAGE_SUFFIXES, ".txt")
 
 
 @dataclass
@@ -60,7 +61,7 @@ def scan(source: SourceConfig) -> Layout:
         for name in files:
             rel = (rel_dir / name).as_posix()
             lower = name.lower()
-            if name.startswith("."):
+            if name.startswith(".") or not (lower.endswith(READ_SUFFIXES) or name == METADATA):
                 continue
             unsafe = unsafe_reason(root, root / rel)
             if lower.endswith(IMAGE_SUFFIXES):
