@@ -10,7 +10,7 @@ at cloud metadata endpoints, admin interfaces on localhost or the private networ
   connection goes through it, including those for redirect hops, so each hop is re-checked.
 
 And what a response may do: `ContentDecoder` undoes `Content-Encoding` layers with a bound on what
-each layer produces, checked as it decodes (a 5 KB `gzip, gzip` body can decode to gigabytes). What
+each layer produces, checked as it decodes (a few KB of `gzip, gzip` can decode to gigabytes). What
 the downloader writes or logs about a URL goes through `redact_url` / `redact_text`: credentials
 and signed query parameters never reach the failures table, logs or reports.
 """

@@ -316,7 +316,7 @@ def peak_rss_mib() -> float:
 
 
 def test_a_stacked_gzip_bomb_fails_with_memory_bounded(tmp_path, http_server, gzip_bomb):
-    """5 KB of `gzip, gzip` that decodes to 1 GiB: refused at max_bytes of decoded output."""
+    """2.5 KB of `gzip, gzip` that decodes to 1 GiB: refused at max_bytes of decoded output."""
     assert len(gzip_bomb) < 8000
     assert len(gzip.decompress(gzip_bomb)) < 2_000_000  # one layer off: still compressed
     http_server.bomb = gzip_bomb
