@@ -219,6 +219,10 @@ def _check_source(config: RunConfig) -> None:
         raise UserError(
             f"source.path {source.path!r} must be a URL-list file (csv, jsonl, parquet)."
         )
+    if source.kind == "webdataset":
+        from sdflow.sources.webdataset import shard_paths
+
+        shard_paths(source)  # every pattern must match a tar
 
 
 if __name__ == "__main__":

@@ -27,14 +27,22 @@ class Section(BaseModel):
 class SourceConfig(Section):
     """Where the raw samples come from."""
 
-    kind: Literal["urls", "hf", "folder"] = Field(
+    kind: Literal["urls", "hf", "folder", "webdataset"] = Field(
         "folder",
-        description="urls: a URL list file; hf: a datasets name or local dir; folder: images",
+        description="urls: a URL list file; hf: a datasets name or local dir; folder: images; "
+        "webdataset: local tar shards (img2dataset / DataComp layout)",
     )
-    path: str = Field(..., min_length=1, description="URL-list file, dataset name/dir, or folder")
+    path: str = Field(
+        ...,
+        min_length=1,
+        description="URL-list file, dataset name/dir, folder, or tar shards (a .tar, a directory, "
+        "a glob or a brace range such as data/{00000..00099}.tar)",
+    )
     url_column: str | None = Field(None, description="URL column; default accepts `url` or `URL`")
     caption_column: str | None = Field(
-        None, description="caption column; default accepts `caption`, `TEXT` or `text`"
+        None,
+        description="caption column; default accepts `caption`, `TEXT` or `text` (webdataset: "
+        "the `txt` member first; set, a field of the sample's json / shard parquet)",
     )
     image_column: str = Field("image", description="image column of an `hf` dataset")
     id_column: str | None = Field(None, description="column with stable sample ids, if any")
@@ -43,6 +51,21 @@ class SourceConfig(Section):
         None, description="hub revision (branch, tag or commit) of an `hf` dataset; pin it"
     )
     limit: int | None = Field(None, ge=1, description="use only the first N source rows")
+    metadata_columns: list[str] | None = Field(
+        None,
+        description="urls / webdataset: metadata fields carried to the shards' `metadata` column "
+        "(JSON) for filters; default: those of similarity, pwatermark, punsafe, AESTHETIC_SCORE, "
+        "original_width, original_height, ... that the source has",
+    )
+
+    @model_validator(mode="after")
+    def _metadata_needs_a_table(self) -> SourceConfig:
+        if self.metadata_columns is not None and self.kind not in ("urls", "webdataset"):
+            raise ValueError(
+                f"source.metadata_columns is set but source.kind is {self.kind!r}; "
+                "only 'urls' and 'webdataset' sources carry metadata columns"
+            )
+        return self
 
 
 class DownloadConfig(Section):
@@ -58,7 +81,16 @@ class DownloadConfig(Section):
     )
     retries: int = Field(2, ge=0, le=10, description="retries on 5xx, 429 and timeouts")
     backoff_s: float = Field(0.5, ge=0, le=60, description="first retry delay, doubled each retry")
-    max_bytes: int = Field(20_000_000, ge=1024, description="largest accepted response body")
+    max_bytes: int = Field(
+        20_000_000, ge=1024, description="largest accepted image (response body or file), decoded"
+    )
+    max_pixels: int = Field(
+        89_478_485,
+        ge=64,
+        le=89_478_485,
+        description="decompression-bomb limit: images declaring more pixels are refused before "
+        "decoding (at most Pillow's own limit, 89,478,485)",
+    )
     concurrency: int = Field(64, ge=1, le=4096, description="simultaneous HTTP connections")
     decode_workers: int = Field(0, ge=0, le=256, description="0 = one per CPU core")
     shard_size: int = Field(1000, ge=1, le=1_000_000, description="samples per output shard")

@@ -2,8 +2,10 @@
 
 `process_image` runs in worker threads (Pillow releases the GIL while it decodes, resamples and
 encodes), never on the network event loop. Every way an image can be unusable becomes a `Rejected`
-with a short reason that ends up in the stage's failures table. Pillow's decompression-bomb limit
-(`Image.MAX_IMAGE_PIXELS`) is deliberately left on.
+with a short reason that ends up in the stage's failures table. Only the formats a training set
+needs are parsed (`ALLOWED_FORMATS`; never EPS, which would run Ghostscript, or the other plugins),
+and an image whose header declares more than `ImageSpec.max_pixels` pixels is refused before its
+pixels are decoded (Pillow's own decompression-bomb limit stays on as well; nothing silences it).
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-import warnings
 import zlib
 from dataclasses import dataclass
 from typing import Literal
@@ -25,6 +26,8 @@ ImageFormat = Literal["jpeg", "png", "webp"]
 _TRANSPOSED = {5, 6, 7, 8}
 _ORIENTATION_TAG = 0x0112
 _PIL_FORMAT = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # Pillow's default: it warns above, fails at 2x
 
 
 class Rejected(Exception):
@@ -44,6 +47,7 @@ class ImageSpec:
     resize_mode: ResizeMode = "center_crop"
     image_format: ImageFormat = "png"
     quality: int = 95
+    max_pixels: int = MAX_PIXELS
 
 
 @dataclass(frozen=True)
@@ -73,25 +77,46 @@ def decode_image(data: bytes, spec: ImageSpec) -> tuple[Image.Image, tuple[int, 
     """An upright RGB image and its original (upright) size; JPEGs are decoded at reduced scale
     when the target is at least 2x smaller (libjpeg DCT scaling: much faster, same result size)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            orientation = image.getexif().get(_ORIENTATION_TAG, 1)
-            width, height = image.size
-            if image.format == "JPEG":
-                image.draft("RGB", draft_size(width, height, spec.resolution, spec.resize_mode))
-            image.load()
-            ImageOps.exif_transpose(image, in_place=True)
-            rgb = to_rgb(image)
+        image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+        width, height = image.size
+        if width * height > spec.max_pixels:  # the header's claim, before any pixel is decoded
+            raise Image.DecompressionBombError(
+                f"{width}x{height} = {width * height} pixels > download.max_pixels {spec.max_pixels}"
+            )
+        orientation = image.getexif().get(_ORIENTATION_TAG, 1)
+        if image.format == "JPEG":
+            image.draft("RGB", draft_size(width, height, spec.resolution, spec.resize_mode))
+        image.load()
+        ImageOps.exif_transpose(image, in_place=True)
+        rgb = to_rgb(image)
     except Image.DecompressionBombError as exc:
         raise Rejected("decompression_bomb", str(exc)) from None
     except UnidentifiedImageError:
-        raise Rejected("not_an_image", f"{len(data)} bytes starting {data[:16]!r}") from None
+        raise unidentified(data) from None
     except Exception as exc:  # hostile files make Pillow's parsers raise almost anything
         raise Rejected("decode_error", f"{type(exc).__name__}: {exc}") from None
     if orientation in _TRANSPOSED:
         width, height = height, width
     return rgb, (width, height)
+
+
+def unidentified(data: bytes) -> Rejected:
+    """`unsupported_format` when another Pillow plugin's header check knows the bytes (EPS, PSD,
+    ...: never opened), else `not_an_image`. The checks compare magic bytes only."""
+    Image.init()
+    prefix = data[:16]
+    for name, (_factory, accept) in Image.OPEN.items():
+        if name not in ALLOWED_FORMATS and accept is not None and _accepts(accept, prefix):
+            allowed = ", ".join(ALLOWED_FORMATS)
+            return Rejected("unsupported_format", f"{name} is not one of {allowed}")
+    return Rejected("not_an_image", f"{len(data)} bytes starting {prefix!r}")
+
+
+def _accepts(accept, prefix: bytes) -> bool:
+    try:
+        return bool(accept(prefix))
+    except Exception:  # a header check that chokes on a short prefix does not know the bytes
+        return False
 
 
 def draft_size(width: int, height: int, resolution: int, mode: ResizeMode) -> tuple[int, int]:

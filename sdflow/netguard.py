@@ -8,13 +8,21 @@ at cloud metadata endpoints, admin interfaces on localhost or the private networ
   addresses is private, loopback, link-local, multicast, reserved or unspecified, and then connects to
   the exact address it checked (no second DNS lookup an attacker could answer differently). Every
   connection goes through it, including those for redirect hops, so each hop is re-checked.
+
+And what a response may do: `ContentDecoder` undoes `Content-Encoding` layers with a bound on what
+each layer produces, checked as it decodes (a few KB of `gzip, gzip` can decode to gigabytes). What
+the downloader writes or logs about a URL goes through `redact_url` / `redact_text`: credentials
+and signed query parameters never reach the failures table, logs or reports.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
+import zlib
 from collections.abc import Callable, Iterable
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import anyio
 import httpcore
@@ -165,3 +173,94 @@ def guarded_transport(
         network_backend=GuardedBackend(policy),
     )
     return transport
+
+
+# Query / fragment parameters that carry credentials or signatures (S3, GCS, Azure SAS, CloudFront,
+# OAuth, API keys); matched case-insensitively, exactly or as a part of the name.
+SECRET_PARAMS = frozenset({"sig", "key", "auth", "code", "policy", "key-pair-id"})
+SECRET_PARTS = ("signature", "token", "credential", "secret", "password", "apikey", "api_key")
+REDACTED = "REDACTED"
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+
+
+def _secret(name: str) -> bool:
+    name = unquote(name).lower()
+    return name in SECRET_PARAMS or any(part in name for part in SECRET_PARTS)
+
+
+def _redact_params(text: str) -> str:
+    pairs = text.split("&")
+    return "&".join(
+        f"{p.split('=', 1)[0]}={REDACTED}" if "=" in p and _secret(p.split("=", 1)[0]) else p
+        for p in pairs
+    )
+
+
+def redact_url(url: str) -> str:
+    """`url` without its user:password and with secret query / fragment values replaced."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = f"{REDACTED}@{netloc.rsplit('@', 1)[1]}"
+    return urlunsplit(
+        parts._replace(
+            netloc=netloc,
+            query=_redact_params(parts.query),
+            fragment=_redact_params(parts.fragment),
+        )
+    )
+
+
+def redact_text(text: str) -> str:
+    """`text` with every URL in it redacted (exception messages quote the URL they failed on)."""
+    return _URL_IN_TEXT.sub(lambda match: redact_url(match.group()), text)
+
+
+ENCODINGS = {"gzip": 31, "x-gzip": 31, "deflate": 15}  # zlib wbits: gzip header / zlib header
+MAX_ENCODING_LAYERS = 3
+
+
+class ContentDecoder:
+    """Undoes a response's Content-Encoding chunk by chunk; no layer may yield more than `limit`.
+
+    Each layer's zlib call is given the room left under the limit as `max_length`, so memory stays
+    bounded by the limit however small the compressed body is (httpx's own decoders are unbounded).
+    `identity` passes through, still counted; other encodings are refused.
+    """
+
+    def __init__(self, header: str, limit: int):
+        codings = [c.strip().lower() for c in header.split(",") if c.strip()]
+        codings = [c for c in codings if c != "identity"]
+        unknown = [c for c in codings if c not in ENCODINGS]
+        if unknown or len(codings) > MAX_ENCODING_LAYERS:
+            raise Refused("unsupported_encoding", f"Content-Encoding {header!r}")
+        # the last coding listed was applied last, so it is undone first
+        self.layers = [zlib.decompressobj(ENCODINGS[c]) for c in reversed(codings)]
+        self.produced = [0] * (len(self.layers) + 1)  # per layer, and the final output
+        self.header, self.limit = header, limit
+
+    def decode(self, data: bytes) -> bytes:
+        for i, layer in enumerate(self.layers):
+            try:
+                data = layer.decompress(data, self.limit + 1 - self.produced[i])
+            except zlib.error as exc:
+                raise Refused("bad_encoding", f"{self.header}: {exc}") from None
+            self._count(i, data)
+        self._count(len(self.layers), data)
+        return data
+
+    def finish(self) -> None:
+        """Refuse a body that ended inside a compressed stream."""
+        if not all(layer.eof for layer in self.layers):
+            raise Refused("bad_encoding", f"{self.header} body ended early")
+
+    def _count(self, layer: int, data: bytes) -> None:
+        self.produced[layer] += len(data)
+        if self.produced[layer] > self.limit:  # stop at the limit: the rest is never decoded
+            detail = f"body passed {self.limit} bytes"
+            raise Refused(
+                "too_large", f"{detail} decoded from {self.header}" if self.layers else detail
+            )

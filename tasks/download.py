@@ -2,14 +2,15 @@
 
     sdflow run tiny-cpu --only download
 
-Rows come from the configured source (`urls`, `hf` or `folder`, see `sdflow.sources`) in a stable
-order; shard i holds rows [i * shard_size, (i + 1) * shard_size), so the output is deterministic and
-a rerun after a crash redoes only unfinished shards. The stage reads the source once, in order, and
-stages each unfinished shard's rows in the partial directory (`inputs/`, removed when done); a shard
-job (`download_shard`, mapped by the task runner, see `sdflow.shardmap`) reads them back, fetches its
-URLs concurrently on an asyncio event loop (httpx, `download.concurrency` connections per shard in
-flight), decodes, resizes and encodes in a thread pool beside it (Pillow releases the GIL), and
-writes its shard. Every row ends up kept in a shard or in the failures table with its reason.
+Rows come from the configured source (`urls`, `hf`, `folder` or `webdataset`, see `sdflow.sources`)
+in a stable order; shard i holds rows [i * shard_size, (i + 1) * shard_size), so the output is
+deterministic and a rerun after a crash redoes only unfinished shards. The stage reads the source
+once, in order, and stages each unfinished shard's rows in the partial directory (`inputs/`, removed
+when done); a shard job (`download_shard`, mapped by the task runner, see `sdflow.shardmap`) reads
+them back, fetches its URLs concurrently on an asyncio event loop (httpx, `download.concurrency`
+connections per shard in flight), decodes, resizes and encodes in a thread pool beside it (Pillow
+releases the GIL), and writes its shard. Every row ends up kept in a shard or in the failures table
+with its reason.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from sdflow.fingerprint import code_version
 from sdflow.imaging import ImageSpec, Rejected, process_image
 from sdflow.orchestration import mapped_shards, stage_task
 from sdflow.shardmap import ShardJob, ShardMapper, in_order
-from sdflow.sources import SAMPLE_SCHEMA, SourceRow, folder, hf, row_id, urls
+from sdflow.sources import SAMPLE_SCHEMA, SourceRow, folder, hf, row_id, urls, webdataset
 from sdflow.stageio import FAILURES, Manifest, StageBuild, build_stage, failures_table, shard_name
 
 STAGE = "download"
@@ -52,6 +53,10 @@ INPUT_SCHEMA = pa.schema(
         ("url", pa.string()),
         ("data", pa.binary()),
         ("path", pa.string()),
+        ("root", pa.string()),
+        ("offset", pa.int64()),
+        ("length", pa.int64()),
+        ("metadata", pa.string()),
         ("duplicate", pa.bool_()),
     ]
 )
@@ -60,10 +65,20 @@ HINTS = {
     "set download.allow_private_network: true only for a list you trust",
     "timeout": "raise download.timeout_s or download.retries",
     "too_large": "raise download.max_bytes",
+    "decompression_bomb": "raise download.max_pixels (at most 89,478,485)",
+    "unsupported_format": "only JPEG, PNG, WebP, GIF, BMP and TIFF images are decoded",
+    "outside_source": "image paths must stay inside the source directory (no symlinks out)",
     "dns_error": "check that this machine can resolve and reach the hosts",
     "connection_error": "check that this machine can reach the hosts",
 }
-_SOURCE_MODULES = (folder, hf, urls, imaging, netguard)  # their code is part of code_version
+_SOURCE_MODULES = (
+    folder,
+    hf,
+    urls,
+    webdataset,
+    imaging,
+    netguard,
+)  # their code is part of code_version
 
 
 def download_key(config: RunConfig, upstream: dict[str, Manifest | None]) -> str:
@@ -139,7 +154,7 @@ def stage_inputs(
     """
     seen: set[str] = set()
     for index, chunk in enumerate(sources.batched(rows, config.download.shard_size)):
-        duplicates = duplicate_ids(chunk, seen, config.source.id_column)
+        duplicates = duplicate_ids(chunk, seen, unique_ids_from_source(config))
         names.append(shard_name(index))
         if build.has(names[-1]):  # finished before a crash: keep it
             progress(len(chunk))
@@ -152,9 +167,14 @@ def stage_inputs(
         yield ShardJob(build, config, index, str(path))
 
 
-def duplicate_ids(chunk: list[SourceRow], seen: set[str], id_column: str | None) -> set[int]:
-    """Rows whose id an earlier row already has (only possible with source.id_column)."""
-    if id_column is None:
+def unique_ids_from_source(config: RunConfig) -> bool:
+    """Whether ids come from the data (an id column, WebDataset keys), so they may repeat."""
+    return config.source.id_column is not None or config.source.kind == "webdataset"
+
+
+def duplicate_ids(chunk: list[SourceRow], seen: set[str], check: bool) -> set[int]:
+    """Rows whose id an earlier row already has (only possible when ids come from the data)."""
+    if not check:
         return set()
     duplicates = set()
     for row in chunk:
@@ -198,6 +218,7 @@ class ShardRun:
             self.settings.resize_mode,
             self.settings.image_format,
             self.settings.quality,
+            self.settings.max_pixels,
         )
         self.fetcher: urls.Fetcher | None = None
 
@@ -227,7 +248,7 @@ class ShardRun:
             async with self.slots:
                 encoded = await self._encoded(row)
         except Rejected as exc:
-            failure = {"reason": exc.reason, "detail": exc.detail[:500]}
+            failure = {"reason": exc.reason, "detail": netguard.redact_text(exc.detail)[:500]}
             result = (False, {"id": row.id or row_id(row.index), "source": row.source, **failure})
         else:
             result = (True, sample(row, encoded))
@@ -238,7 +259,8 @@ class ShardRun:
         if self.fetcher is not None:
             data = await self.fetcher.fetch(row.url)
             return await loop.run_in_executor(self.pool, process_image, data, self.spec)
-        return await loop.run_in_executor(self.pool, load_and_process, row, self.spec)
+        limit = self.settings.max_bytes
+        return await loop.run_in_executor(self.pool, load_and_process, row, self.spec, limit)
 
 
 def sample(row: SourceRow, encoded: imaging.Encoded) -> dict:
@@ -252,21 +274,20 @@ def sample(row: SourceRow, encoded: imaging.Encoded) -> dict:
         "content_hash": encoded.content_hash,
         "caption": row.caption,
         "source": row.source,
+        "metadata": row.metadata,
     }
 
 
-def load_and_process(row: SourceRow, spec: ImageSpec) -> imaging.Encoded:
+def load_and_process(row: SourceRow, spec: ImageSpec, max_bytes: int) -> imaging.Encoded:
     """A local row (folder file, dataset bytes or path) read and processed in a worker thread."""
     data = row.data
     if data is None:
         if not row.path:
-            raise Rejected("missing_file", "the row has no image")
-        try:
-            data = Path(row.path).read_bytes()
-        except FileNotFoundError:
-            raise Rejected("missing_file", row.path) from None
-        except OSError as exc:
-            raise Rejected("read_error", f"{row.path}: {exc}") from None
+            raise Rejected("missing_image", "the sample has no image")
+        span = None if row.offset is None else (row.offset, row.length or 0)
+        data = sources.read_inside(row.path, row.root, max_bytes, span)
+    elif len(data) > max_bytes:
+        raise Rejected("too_large", f"{len(data)} bytes > download.max_bytes {max_bytes}")
     return process_image(data, spec)
 
 

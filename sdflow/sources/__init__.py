@@ -1,4 +1,5 @@
-"""Where raw samples come from: a URL list (`urls`), a datasets dataset (`hf`) or a folder (`folder`).
+"""Where raw samples come from: a URL list (`urls`), a datasets dataset (`hf`), a folder (`folder`)
+or WebDataset tar shards (`webdataset`).
 
 Each source module offers `open_rows(source) -> Rows` (a stream of `SourceRow`s in a stable order,
 so row i is always the same sample) and `fingerprint(source) -> str` (a hash of the source content,
@@ -9,21 +10,39 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
+import math
 import os
+import stat
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pyarrow as pa
 
 from sdflow.config import SourceConfig
 from sdflow.errors import UserError
+from sdflow.imaging import Rejected
 
 URL_COLUMNS = ("url", "URL")
 CAPTION_COLUMNS = ("caption", "TEXT", "text")
+METADATA_COLUMNS = (  # LAION / img2dataset / DataComp fields a filter may use, when present
+    "similarity",
+    "pwatermark",
+    "punsafe",
+    "AESTHETIC_SCORE",
+    "aesthetic_score",
+    "clip_b32_similarity_score",
+    "clip_l14_similarity_score",
+    "original_width",
+    "original_height",
+    "NSFW",
+    "LICENSE",
+)
 
 SAMPLE_SCHEMA = pa.schema(
     [
@@ -36,6 +55,7 @@ SAMPLE_SCHEMA = pa.schema(
         ("content_hash", pa.string()),
         ("caption", pa.string()),
         ("source", pa.string()),
+        ("metadata", pa.string()),
     ]
 )
 """The data shard schema shared by the download, filter and caption outputs."""
@@ -43,7 +63,10 @@ SAMPLE_SCHEMA = pa.schema(
 
 @dataclass(frozen=True, slots=True)
 class SourceRow:
-    """One source sample before download: exactly one of url / data / path says where its bytes are."""
+    """One source sample before download: exactly one of url / data / path says where its bytes are.
+
+    A `path` is read only if it resolves inside `root` (the folder, dataset or shard directory).
+    """
 
     index: int
     id: str | None
@@ -52,6 +75,10 @@ class SourceRow:
     url: str | None = None
     data: bytes | None = None
     path: str | None = None
+    root: str | None = None
+    offset: int | None = None  # with `length`: the image is that span of `path` (a tar member)
+    length: int | None = None
+    metadata: str | None = None  # JSON object of source metadata fields, carried to the shards
 
 
 @dataclass
@@ -65,6 +92,18 @@ class Rows:
 def row_id(index: int) -> str:
     """The default stable id: the zero-padded source row index."""
     return f"{index:08d}"
+
+
+def metadata_json(source: SourceConfig, record: dict[str, Any]) -> str | None:
+    """The fields of `source.metadata_columns` (default METADATA_COLUMNS) that `record` has, as
+    sorted-key JSON for the shards' `metadata` column; None when it has none."""
+    wanted = METADATA_COLUMNS if source.metadata_columns is None else source.metadata_columns
+    chosen = {name: record[name] for name in wanted if _present(record.get(name))}
+    return json.dumps(chosen, sort_keys=True, default=str) if chosen else None
+
+
+def _present(value: Any) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
 
 
 def clean_caption(value: object) -> str | None:
@@ -137,9 +176,64 @@ def file_digest(path: str | Path) -> str:
     return digest
 
 
+def hash_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def hash_files(root: Path, relpaths: Iterable[str]) -> str:
     """One hash over relative paths and contents of the given files below `root`."""
     digest = hashlib.sha256()
     for rel in relpaths:
         digest.update(rel.encode() + b"\0" + file_digest(root / rel).encode() + b"\n")
     return digest.hexdigest()
+
+
+def unsafe_reason(root: str | Path, path: str | Path) -> str | None:
+    """Why a local file must not be read: `outside_source` when it resolves (through symlinks or
+    `..`) outside `root`, `not_a_regular_file` for FIFOs, devices, sockets, directories; else None."""
+    real, base = os.path.realpath(path), os.path.realpath(root)
+    if os.path.commonpath([real, base]) != base:
+        return "outside_source"
+    try:
+        mode = os.stat(real).st_mode
+    except OSError:
+        return None  # missing: reported when it is read
+    return None if stat.S_ISREG(mode) else "not_a_regular_file"
+
+
+def read_inside(
+    path: str, root: str | None, limit: int, span: tuple[int, int] | None = None
+) -> bytes:
+    """The bytes of a local file (or its `span`, (offset, length)) that is a regular file inside
+    `root`, at most `limit` bytes."""
+    if root is None:
+        raise Rejected("outside_source", f"{path}: the source has no local directory to read from")
+    reason = unsafe_reason(root, path)
+    if reason is not None:
+        raise Rejected(reason, f"{path} (source directory {root})")
+    try:  # no blocking on a FIFO swapped in since the check, no symlink swapped in either
+        fd = os.open(os.path.realpath(path), os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise Rejected("missing_file", path) from None
+    except OSError as exc:
+        raise Rejected("read_error", f"{path}: {exc}") from None
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise Rejected("not_a_regular_file", path)
+        return _read_span(fh, path, limit, span)
+
+
+def _read_span(fh, path: str, limit: int, span: tuple[int, int] | None) -> bytes:
+    if span is None:
+        data = fh.read(limit + 1)
+        if len(data) > limit:
+            raise Rejected("too_large", f"{path} is larger than {limit} bytes")
+        return data
+    offset, length = span
+    if length > limit:
+        raise Rejected("too_large", f"{length} bytes at {offset} of {path} > {limit}")
+    fh.seek(offset)
+    data = fh.read(length)
+    if len(data) != length:
+        raise Rejected("read_error", f"{path} ends inside the image at {offset} ({length} bytes)")
+    return data

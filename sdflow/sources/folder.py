@@ -7,6 +7,10 @@ their relative POSIX path, which is also their stable id (unless `source.id_colu
 file's directory, plus a caption field). A missing caption is not an error here: the caption stays
 null and the filter / caption stages decide. The fingerprint hashes every image, sidecar and
 metadata file's content, so an image edited under the same name changes the stage key.
+
+Only regular files inside the folder are read: an image that is a FIFO, device or socket, or a
+symlink leading out of the folder, stays a row that fails with `not_a_regular_file` /
+`outside_source` (never opened, never hashed); such caption and metadata files are ignored.
 """
 
 from __future__ import annotations
@@ -19,10 +23,19 @@ from pathlib import Path, PurePosixPath
 
 from sdflow.config import SourceConfig
 from sdflow.errors import UserError
-from sdflow.sources import CAPTION_COLUMNS, Rows, SourceRow, clean_caption, hash_files
+from sdflow.sources import (
+    CAPTION_COLUMNS,
+    Rows,
+    SourceRow,
+    clean_caption,
+    hash_files,
+    hash_text,
+    unsafe_reason,
+)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 METADATA = "metadata.jsonl"
+READ_SUFFIXES = (*IMAGE_SUFFIXES, ".txt")
 
 
 @dataclass
@@ -33,6 +46,7 @@ class Layout:
     images: list[str] = field(default_factory=list)
     sidecars: dict[str, str] = field(default_factory=dict)  # image -> its .txt
     metadata: list[str] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)  # image -> why it is never read
 
 
 def scan(source: SourceConfig) -> Layout:
@@ -47,10 +61,15 @@ def scan(source: SourceConfig) -> Layout:
         for name in files:
             rel = (rel_dir / name).as_posix()
             lower = name.lower()
-            if name.startswith("."):
+            if name.startswith(".") or not (lower.endswith(READ_SUFFIXES) or name == METADATA):
                 continue
+            unsafe = unsafe_reason(root, root / rel)
             if lower.endswith(IMAGE_SUFFIXES):
                 layout.images.append(rel)
+                if unsafe:
+                    layout.refused[rel] = unsafe
+            elif unsafe:
+                continue  # a caption or metadata file that is not a regular file inside: ignored
             elif lower.endswith(".txt"):
                 texts.add(rel)
             elif name == METADATA:
@@ -71,8 +90,10 @@ def scan(source: SourceConfig) -> Layout:
 
 def fingerprint(source: SourceConfig) -> str:
     layout = scan(source)
-    files = sorted({*layout.images, *layout.sidecars.values(), *layout.metadata})
-    return hash_files(layout.root, files)
+    readable = [image for image in layout.images if image not in layout.refused]
+    files = sorted({*readable, *layout.sidecars.values(), *layout.metadata})
+    refused = "".join(f"{rel}\0{why}\n" for rel, why in sorted(layout.refused.items()))
+    return hash_files(layout.root, files) + (f":{hash_text(refused)}" if refused else "")
 
 
 def open_rows(source: SourceConfig) -> Rows:
@@ -91,7 +112,10 @@ def iter_rows(source: SourceConfig, layout: Layout) -> Iterator[SourceRow]:
             )
         sample_id = rel if source.id_column is None else record.get("id")
         path = layout.root / rel
-        yield SourceRow(index, sample_id, clean_caption(caption), str(path), path=str(path))
+        root = str(layout.root)
+        yield SourceRow(
+            index, sample_id, clean_caption(caption), str(path), path=str(path), root=root
+        )
 
 
 def read_metadata(source: SourceConfig, layout: Layout) -> dict[str, dict[str, str | None]]:

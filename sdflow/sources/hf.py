@@ -5,6 +5,10 @@ the datasets cache: rows are read as they are used. The image column is cast to
 `Image(decode=False)`: encoded bytes (or a file path) come out and the download stage decodes them in
 its worker pool like any other image. Hub names should be pinned with `source.revision`; the stage
 key uses the resolved commit when the hub can be asked, the given revision otherwise.
+
+An image given as a file path is read only when it resolves inside the local dataset's directory
+(the directory itself, or the folder of a dataset file): a row naming `../../etc/passwd`, an
+absolute path elsewhere, or any path in a hub dataset fails with `outside_source`.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from sdflow.sources import (
     hash_files,
     pick_column,
     row_id,
+    unsafe_reason,
 )
 
 FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json"}
@@ -38,7 +43,9 @@ def fingerprint(source: SourceConfig) -> str:
         files = sorted(
             p.relative_to(path).as_posix()
             for p in path.rglob("*")
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            if p.is_file()
+            and unsafe_reason(path, p) is None
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
         )
         return hash_files(path, files)
     return f"hub:{source.path}@{hub_commit(source) or source.revision or 'main'}"
@@ -102,14 +109,24 @@ def open_rows(source: SourceConfig) -> Rows:
 def iter_rows(
     source: SourceConfig, dataset, image: str, caption: str | None
 ) -> Iterator[SourceRow]:
-    base = Path(source.path) if Path(source.path).is_dir() else None
+    base = dataset_dir(source)
+    root = None if base is None else str(base)
     for index, example in enumerate(dataset):
         ident = example.get(source.id_column) if source.id_column else row_id(index)
         text = clean_caption(example.get(caption)) if caption else None
         data, path = image_payload(example.get(image), base)
         ref = f"{source.path}:{source.split}:{index}"
         ident = None if ident is None else str(ident)
-        yield SourceRow(index, ident, text, ref, data=data, path=path)
+        yield SourceRow(index, ident, text, ref, data=data, path=path, root=root)
+
+
+def dataset_dir(source: SourceConfig) -> Path | None:
+    """The directory image paths must stay inside: the dataset dir, a dataset file's folder, or
+    None for a hub dataset (whose rows may name no local file)."""
+    path = Path(source.path)
+    if path.is_dir():
+        return path
+    return path.parent if path.is_file() else None
 
 
 def image_payload(value: Any, base: Path | None) -> tuple[bytes | None, str | None]:
@@ -117,7 +134,7 @@ def image_payload(value: Any, base: Path | None) -> tuple[bytes | None, str | No
     if isinstance(value, dict):
         if value.get("bytes"):
             return bytes(value["bytes"]), None
-        return None, value.get("path")
+        value = value.get("path")  # a path, resolved like a plain path cell below
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value), None
     if isinstance(value, str):

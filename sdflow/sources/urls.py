@@ -1,9 +1,12 @@
 """`urls` source: a URL list (parquet, CSV/TSV, JSON lines or plain text) fetched over HTTP(S).
 
 The list is read in batches with pyarrow, so a LAION-size file never sits in memory; `path` may also
-be a directory of such files (read in sorted order). `Fetcher` downloads one URL with httpx: bounded
+be a directory of such files (read in sorted order). Metadata columns (`similarity`, `punsafe`, ...;
+see `source.metadata_columns`) travel to the shards' `metadata` column for the filter stage. `Fetcher` downloads one URL with httpx: bounded
 time, retries with exponential backoff on 5xx / 429 / timeouts, redirects followed by hand (at most
-five, every hop re-checked by `sdflow.netguard`), and a byte limit checked before and while reading.
+five, every hop re-checked by `sdflow.netguard`), and a byte limit checked before and while reading,
+on the decoded bytes (`netguard.ContentDecoder`; identity is asked for, gzip / deflate undone with a
+bound). Cookies are never stored, so no row's response can change what another row's request sends.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import asyncio
 import math
 import socket
 from collections.abc import Iterator
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +29,24 @@ import pyarrow.parquet as pq
 from sdflow.config import DownloadConfig, SourceConfig
 from sdflow.errors import UserError
 from sdflow.imaging import Rejected
-from sdflow.netguard import AddressPolicy, Refused, guarded_transport, is_public_address, parse_url
+from sdflow.netguard import (
+    AddressPolicy,
+    ContentDecoder,
+    Refused,
+    guarded_transport,
+    is_public_address,
+    parse_url,
+    redact_url,
+)
 from sdflow.sources import (
     CAPTION_COLUMNS,
+    METADATA_COLUMNS,
     URL_COLUMNS,
     Rows,
     SourceRow,
     clean_caption,
     hash_files,
+    metadata_json,
     pick_column,
     row_id,
 )
@@ -98,12 +112,16 @@ def iter_rows(source: SourceConfig, files: list[Path]) -> Iterator[SourceRow]:
     index = 0
     for path in files:
         for batch in read_batches(path, source):
-            urls = batch["url"]
-            captions = batch.get("caption") or [None] * len(urls)
-            ids = batch.get("id") or [None] * len(urls)
-            for url, caption, ident in zip(urls, captions, ids, strict=True):
+            urls = batch.pop("url")
+            captions = batch.pop("caption", None) or [None] * len(urls)
+            ids = batch.pop("id", None) or [None] * len(urls)
+            for i, (url, caption, ident) in enumerate(zip(urls, captions, ids, strict=True)):
                 sample_id = row_id(index) if source.id_column is None else _text(ident)
-                yield SourceRow(index, sample_id, clean_caption(caption), url or "", url=url)
+                shown = redact_url(url) if url else ""  # what shards and failures show
+                metadata = metadata_json(source, {name: batch[name][i] for name in batch})
+                yield SourceRow(
+                    index, sample_id, clean_caption(caption), shown, url=url, metadata=metadata
+                )
                 index += 1
 
 
@@ -112,7 +130,8 @@ def _text(value: Any) -> str | None:
 
 
 def read_batches(path: Path, source: SourceConfig) -> Iterator[dict[str, list]]:
-    """Batches of {"url": [...], "caption": [...]?, "id": [...]?} as Python lists of strings."""
+    """Batches of {"url": [...], "caption": [...]?, "id": [...]?} as Python lists of strings, plus
+    {"<metadata column>": [...]} with the values as typed in the file (CSV numbers parsed)."""
     kind = FORMATS[path.suffix.lower()]
     if kind == "txt":
         yield from _text_batches(path)
@@ -120,10 +139,39 @@ def read_batches(path: Path, source: SourceConfig) -> Iterator[dict[str, list]]:
     try:
         names, reader = _open_table(path, kind)
         columns = _columns(path, names, source)
-        for batch in reader(list(columns.values())):
-            yield {role: _strings(batch.column(name)) for role, name in columns.items()}
+        metadata = _metadata_columns(path, names, source)
+        for batch in reader(list(dict.fromkeys([*columns.values(), *metadata]))):
+            roles = {role: _strings(batch.column(name)) for role, name in columns.items()}
+            values = {name: batch.column(name).to_pylist() for name in metadata}
+            if kind in ("csv", "tsv"):
+                values = {name: [_number(v) for v in column] for name, column in values.items()}
+            yield {**values, **roles}
     except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:
         raise UserError(f"URL list {path} could not be read as {kind}: {exc}") from None
+
+
+def _metadata_columns(path: Path, names: list[str], source: SourceConfig) -> list[str]:
+    """The metadata columns to carry: those of METADATA_COLUMNS present, or exactly the given ones."""
+    if source.metadata_columns is None:
+        return [name for name in METADATA_COLUMNS if name in names]
+    missing = [name for name in source.metadata_columns if name not in names]
+    if missing:
+        raise UserError(
+            f"URL list {path} has no column {', '.join(map(repr, missing))} (set in "
+            f"source.metadata_columns); its columns are: {', '.join(names)}."
+        )
+    return list(source.metadata_columns)
+
+
+def _number(text: str | None) -> str | int | float | None:
+    """A CSV cell as the number it spells, else the text (CSV has no types; the columns are read
+    as text so that a column of integers with one float later does not stop the reader)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except (TypeError, ValueError):
+            continue
+    return text
 
 
 def _open_table(path: Path, kind: str):
@@ -219,7 +267,8 @@ class Fetcher:
             client = httpx.AsyncClient(
                 transport=guarded_transport(limits, self.policy),
                 timeout=httpx.Timeout(self.settings.timeout_s),
-                headers={"User-Agent": self.settings.user_agent},
+                headers={"User-Agent": self.settings.user_agent, "Accept-Encoding": "identity"},
+                cookies=no_cookies(),
                 follow_redirects=False,
                 trust_env=False,
             )
@@ -284,15 +333,22 @@ class Fetcher:
         declared = response.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise Rejected("too_large", f"Content-Length {declared} > {limit}")
-        chunks, size = [], 0
-        async for chunk in response.aiter_bytes():
-            size += len(chunk)
-            if size > limit:  # a missing or lying Content-Length: stop reading at the limit
-                raise Rejected("too_large", f"body passed {limit} bytes")
-            chunks.append(chunk)
-        if size == 0:
+        # raw bytes, decoded here with a bound: a missing or lying Content-Length or a small
+        # compressed body stops at the limit, counted on what it decodes to
+        decoder = ContentDecoder(response.headers.get("content-encoding", ""), limit)
+        chunks = [decoder.decode(raw) async for raw in response.aiter_raw()]
+        decoder.finish()
+        body = b"".join(chunks)
+        if not body:
             raise Rejected("empty_body", str(response.url))
-        return b"".join(chunks)
+        return body
+
+
+def no_cookies() -> CookieJar:
+    """A cookie jar that stores nothing: a Set-Cookie from one row never reaches another row.
+
+    Handed to httpx as the jar itself (httpx copies an `httpx.Cookies` into a default jar)."""
+    return CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
 
 
 def failure_of(exc: Exception, url: httpx.URL) -> Rejected:

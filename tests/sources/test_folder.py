@@ -8,8 +8,9 @@ import os
 import pytest
 
 from sdflow import sources
-from sdflow.config import SourceConfig
+from sdflow.config import RunConfig, SourceConfig
 from sdflow.errors import UserError
+from sdflow.stageio import read_failures
 
 
 def rows_of(path, **options) -> list[sources.SourceRow]:
@@ -93,3 +94,56 @@ def test_fingerprint_ignores_unrelated_files(folder):
     (folder / "notes.md").write_text("edited notes")
     (folder / ".hidden.png").write_bytes(b"changed")
     assert sources.fingerprint(config) == before
+
+
+@pytest.mark.timeout(60)  # reading a FIFO would block for ever
+def test_fifos_and_symlinks_out_of_the_folder_fail_and_are_never_read(tmp_path, make_image):
+    from tasks.download import download
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(make_image(seed=1))
+    (outside / "secret.txt").write_text("a caption from outside")
+    root = tmp_path / "images"
+    root.mkdir()
+    (root / "a.png").write_bytes(make_image(seed=2))
+    (root / "inner.png").symlink_to(root / "a.png")  # a link inside the folder is fine
+    (root / "out.png").symlink_to(outside / "secret.png")
+    (root / "inner.txt").symlink_to(outside / "secret.txt")  # caption file leading out: ignored
+    os.mkfifo(root / "pipe.png")
+    os.mkfifo(root / "a.txt")
+
+    config = SourceConfig(kind="folder", path=str(root))
+    before = sources.fingerprint(config)
+    rows = rows_of(root)
+    assert [(r.id, r.caption) for r in rows] == [
+        ("a.png", None),
+        ("inner.png", None),
+        ("out.png", None),
+        ("pipe.png", None),
+    ]
+    (outside / "secret.png").write_bytes(make_image(seed=3))
+    assert sources.fingerprint(config) == before  # the outside file is not part of the source
+
+    run = RunConfig.model_validate(
+        {"source": config.model_dump(), "download": {"resolution": 16, "decode_workers": 1}}
+    )
+    manifest = download(run, {}, str(tmp_path / "work"))
+    failures = read_failures(tmp_path / "work", manifest).to_pylist()
+    assert {f["id"]: f["reason"] for f in failures} == {
+        "out.png": "outside_source",
+        "pipe.png": "not_a_regular_file",
+    }
+    assert manifest["counts"]["kept"] == 2
+
+
+def test_a_folder_of_links_out_fails_whole_with_a_hint(tmp_path, make_image):
+    from tasks.download import download
+
+    (tmp_path / "secret.png").write_bytes(make_image())
+    root = tmp_path / "images"
+    root.mkdir()
+    (root / "a.png").symlink_to(tmp_path / "secret.png")
+    config = RunConfig.model_validate({"source": {"kind": "folder", "path": str(root)}})
+    with pytest.raises(UserError, match="outside_source x1.*inside the source directory"):
+        download(config, {}, str(tmp_path / "work"))

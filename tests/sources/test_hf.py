@@ -5,14 +5,16 @@ from __future__ import annotations
 import io
 import json
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from sdflow import sources
-from sdflow.config import SourceConfig
+from sdflow.config import RunConfig, SourceConfig
 from sdflow.errors import UserError
+from sdflow.stageio import read_failures
 
 
 def rows_of(path, **options) -> list[sources.SourceRow]:
@@ -87,3 +89,42 @@ def test_fingerprint_of_a_hub_name_includes_the_revision():
     other = SourceConfig(kind="hf", path="someone/some-dataset", revision="v2.0")
     assert "someone/some-dataset@" in sources.fingerprint(pinned)
     assert sources.fingerprint(pinned) != sources.fingerprint(other)
+
+
+def test_image_paths_stay_inside_the_dataset_and_reads_are_bounded(tmp_path, make_image):
+    from tasks.download import download
+
+    (tmp_path / "outside.png").write_bytes(make_image(seed=1))
+    root = tmp_path / "dataset"
+    root.mkdir()
+    (root / "ok.png").write_bytes(make_image(seed=2))
+    big = np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)
+    Image.fromarray(big).save(root / "big.png")  # ~12 KB of noise: over max_bytes
+    paths = ["ok.png", "../outside.png", str(tmp_path / "outside.png"), "big.png"]
+    pq.write_table(pa.table({"image": paths, "caption": list("abcd")}), root / "rows.parquet")
+
+    config = RunConfig.model_validate(
+        {
+            "source": {"kind": "hf", "path": str(root / "rows.parquet")},
+            "download": {"resolution": 16, "decode_workers": 1, "max_bytes": 8192},
+        }
+    )
+    manifest = download(config, {}, str(tmp_path / "work"))
+    failures = read_failures(tmp_path / "work", manifest).to_pylist()
+    assert {f["id"]: f["reason"] for f in failures} == {
+        "00000001": "outside_source",
+        "00000002": "outside_source",
+        "00000003": "too_large",
+    }
+    assert (root / "big.png").stat().st_size > 8192
+    assert manifest["counts"]["kept"] == 1
+
+
+def test_a_hub_dataset_row_may_not_name_a_local_file(tmp_path, make_image):
+    from sdflow.imaging import Rejected
+    from sdflow.sources import read_inside
+
+    (tmp_path / "x.png").write_bytes(make_image())
+    with pytest.raises(Rejected, match="no local directory") as caught:
+        read_inside(str(tmp_path / "x.png"), None, 1 << 20)
+    assert caught.value.reason == "outside_source"

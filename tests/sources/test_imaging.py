@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -99,3 +101,66 @@ def test_failures_have_reasons(make_image, bomb_png):
             process_image(data, spec)
         assert caught.value.reason == reason, (reason, caught.value)
     assert Image.MAX_IMAGE_PIXELS is not None  # the bomb limit stays on
+
+
+def test_the_pixel_limit_is_configurable_and_checked_before_decoding(make_image):
+    data = make_image(48, 40)  # 1920 pixels
+    assert process_image(data, ImageSpec(32, max_pixels=1920)).orig_width == 48
+    with pytest.raises(Rejected) as caught:
+        process_image(data, ImageSpec(32, max_pixels=1919))
+    assert caught.value.reason == "decompression_bomb"
+    assert "48x40 = 1920 pixels > download.max_pixels 1919" in caught.value.detail
+
+
+def test_pillows_warning_band_is_refused_not_silenced():
+    """Between Pillow's limit and twice it, Pillow only warns: sdflow's default refuses."""
+    side = int((Image.MAX_IMAGE_PIXELS * 1.5) ** 0.5)  # 1.5x the limit: a warning for Pillow
+    header = Image.new("1", (side, side))  # 1-bit: ~1.7 GB of pixels, 18 MB as BMP
+    data = io.BytesIO()
+    header.save(data, "BMP")
+    with pytest.raises(Rejected) as caught:
+        process_image(data.getvalue(), ImageSpec(32))
+    assert caught.value.reason == "decompression_bomb"
+
+
+EPS = b"""%!PS-Adobe-3.0 EPSF-3.0
+%%BoundingBox: 0 0 8 8
+%%EndComments
+newpath 0 0 moveto 8 8 lineto stroke
+showpage
+%%EOF
+"""
+
+
+@pytest.fixture
+def fake_ghostscript(tmp_path, monkeypatch):
+    """A `gs` on PATH that only leaves a mark when it is run."""
+    from PIL import EpsImagePlugin
+
+    mark = tmp_path / "ghostscript-ran"
+    gs = tmp_path / "bin" / "gs"
+    gs.parent.mkdir()
+    gs.write_text(f"#!/bin/sh\ntouch {mark}\nexit 1\n")
+    gs.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{gs.parent}:{os.environ['PATH']}")
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)  # look it up again
+    return mark
+
+
+def test_eps_is_refused_as_unsupported_without_running_ghostscript(fake_ghostscript):
+    with pytest.raises(Rejected) as caught:
+        process_image(EPS, ImageSpec(32))
+    assert caught.value.reason == "unsupported_format"
+    assert caught.value.detail.startswith("EPS is not one of JPEG, PNG, WEBP, GIF, BMP, TIFF")
+    assert not fake_ghostscript.exists()
+    with pytest.raises(
+        subprocess.CalledProcessError
+    ):  # the control: Pillow with every plugin would have run it
+        Image.open(io.BytesIO(EPS)).load()
+    assert fake_ghostscript.exists()
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "BMP", "TIFF", "WEBP"])
+def test_the_other_allowed_formats_decode(make_image, fmt):
+    out = process_image(make_image(48, 40, fmt), ImageSpec(16, "none"))
+    assert (out.width, out.height) == (48, 40)

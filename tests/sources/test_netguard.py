@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import socket
+import zlib
 
 import httpcore
 import pytest
 
-from sdflow.netguard import GuardedBackend, Refused, is_public_address, parse_url
+from sdflow.netguard import (
+    ContentDecoder,
+    GuardedBackend,
+    Refused,
+    is_public_address,
+    parse_url,
+    redact_text,
+    redact_url,
+)
 
 REFUSED = [
     "127.0.0.1",
@@ -112,3 +122,79 @@ def test_guarded_backend_connects_to_the_checked_address():
         peer.close()
     finally:
         listener.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("https://u:p@h.example/a.jpg", "https://REDACTED@h.example/a.jpg"),
+        ("https://token@h.example/a.jpg?w=1", "https://REDACTED@h.example/a.jpg?w=1"),
+        (
+            "https://b.s3.amazonaws.com/k.jpg?X-Amz-Algorithm=AWS4&X-Amz-Security-Token=T&x-amz-signature=S",
+            "https://b.s3.amazonaws.com/k.jpg?X-Amz-Algorithm=AWS4&X-Amz-Security-Token=REDACTED"
+            "&x-amz-signature=REDACTED",
+        ),
+        (
+            "https://storage.googleapis.com/b/o.png?X-Goog-Credential=C&X-Goog-Signature=S&X-Goog-Expires=9",
+            "https://storage.googleapis.com/b/o.png?X-Goog-Credential=REDACTED"
+            "&X-Goog-Signature=REDACTED&X-Goog-Expires=9",
+        ),
+        (
+            "https://a.blob.core.windows.net/c/x.png?sv=2021&sig=S%2B&se=2030",
+            "https://a.blob.core.windows.net/c/x.png?sv=2021&sig=REDACTED&se=2030",
+        ),
+        ("https://h.example/x#access_token=T&s=1", "https://h.example/x#access_token=REDACTED&s=1"),
+        ("https://h.example/img.png?id=3", "https://h.example/img.png?id=3"),
+    ],
+)
+def test_credentials_and_signatures_are_redacted(url, shown):
+    assert redact_url(url) == shown
+
+
+def test_urls_inside_messages_are_redacted():
+    text = "Client error '404' for url 'https://u:pw@h.example/a?sig=abc'\nsee https://x.example"
+    assert redact_text(text) == (
+        "Client error '404' for url 'https://REDACTED@h.example/a?sig=REDACTED'\n"
+        "see https://x.example"
+    )
+
+
+def decode_all(decoder: ContentDecoder, body: bytes, chunk: int = 1024) -> bytes:
+    out = [decoder.decode(body[i : i + chunk]) for i in range(0, len(body), chunk)]
+    decoder.finish()
+    return b"".join(out)
+
+
+def test_content_decoder_undoes_gzip_and_deflate_layers():
+    data = bytes(range(256)) * 40
+    assert decode_all(ContentDecoder("gzip", 1 << 20), gzip.compress(data)) == data
+    assert decode_all(ContentDecoder("deflate", 1 << 20), zlib.compress(data)) == data
+    stacked = zlib.compress(gzip.compress(data))  # gzip applied first, then deflate
+    assert decode_all(ContentDecoder("gzip, deflate", 1 << 20), stacked) == data
+    assert decode_all(ContentDecoder("identity", 1 << 20), data) == data
+
+
+def test_content_decoder_stops_at_the_limit_while_decoding():
+    body = gzip.compress(gzip.compress(b"\0" * (64 << 20)))  # 64 MiB from a few KB
+    decoder, produced = ContentDecoder("gzip, gzip", 4096), 0
+    with pytest.raises(Refused) as caught:
+        for i in range(0, len(body), 512):
+            produced += len(decoder.decode(body[i : i + 512]))
+    assert caught.value.reason == "too_large"
+    assert produced <= 4096 and i < len(body)  # refused before the body was read to the end
+
+
+@pytest.mark.parametrize(
+    ("header", "body", "reason"),
+    [
+        ("br", b"x", "unsupported_encoding"),
+        ("gzip, gzip, gzip, gzip", b"x", "unsupported_encoding"),
+        ("gzip", b"not gzip at all", "bad_encoding"),
+        ("gzip", gzip.compress(b"abc" * 1000)[:-20], "bad_encoding"),  # truncated
+        ("identity", b"\0" * 5000, "too_large"),
+    ],
+)
+def test_content_decoder_refusals(header, body, reason):
+    with pytest.raises(Refused) as caught:
+        decode_all(ContentDecoder(header, 4096), body)
+    assert caught.value.reason == reason

@@ -121,3 +121,37 @@ def test_fingerprint_follows_the_list_content(tmp_path):
     assert sources.fingerprint(config) == before
     path.write_text(path.read_text().replace("0.png", "9.png"))
     assert sources.fingerprint(config) != before
+
+
+def test_laion_metadata_columns_travel_with_each_row(tmp_path):
+    rows = [
+        {"URL": "http://example.com/0.jpg", "similarity": 0.31, "punsafe": 0.9, "NSFW": "NSFW"},
+        {"URL": "http://example.com/1.jpg", "similarity": float("nan"), "punsafe": None},
+    ]
+    path = tmp_path / "laion.parquet"
+    pq.write_table(pa.Table.from_pylist([{**r, "WIDTH": 640} for r in rows]), path)
+    got = [json.loads(r.metadata) if r.metadata else None for r in read(str(path))]
+    assert got == [{"NSFW": "NSFW", "punsafe": 0.9, "similarity": 0.31}, None]  # no WIDTH, no NaN
+
+    chosen = read(str(path), metadata_columns=["WIDTH"])
+    assert [json.loads(r.metadata) for r in chosen] == [{"WIDTH": 640}, {"WIDTH": 640}]
+    with pytest.raises(UserError, match="no column 'HEIGHT'.*source.metadata_columns"):
+        read(str(path), metadata_columns=["HEIGHT"])
+
+
+def test_csv_metadata_numbers_are_numbers(tmp_path):
+    path = tmp_path / "list.csv"
+    path.write_text("url,similarity,original_width,LICENSE\nhttp://e.com/a.png,0.25,640,cc-by\n")
+    (row,) = read(str(path))
+    assert json.loads(row.metadata) == {
+        "LICENSE": "cc-by",
+        "original_width": 640,
+        "similarity": 0.25,
+    }
+
+
+def test_metadata_columns_need_a_source_with_columns():
+    from sdflow.profiles import ConfigError, load_profile
+
+    with pytest.raises(ConfigError, match="only 'urls' and 'webdataset'"):
+        load_profile("tiny-test", ["source.kind=folder", "source.metadata_columns=[a]"])

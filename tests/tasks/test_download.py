@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 import io
 import json
 import os
+import resource
 import signal
 import socket
 import struct
@@ -48,6 +50,24 @@ def bomb_png() -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
 
 
+def stacked_gzip_bomb(mebibytes: int = 1024) -> bytes:
+    """`gzip, gzip` body of a few KB that decodes to `mebibytes` MiB of zeros.
+
+    The inner gzip is assembled from one fully flushed deflate block of 1 MiB of zeros repeated
+    (a full flush makes the blocks independent), so building it costs a CRC, not a compression.
+    """
+    zeros = b"\0" * (1 << 20)
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+    block = deflate.compress(zeros) + deflate.flush(zlib.Z_FULL_FLUSH)
+    crc = 0
+    for _ in range(mebibytes):
+        crc = zlib.crc32(zeros, crc)
+    end = zlib.compressobj(9, zlib.DEFLATED, -15).flush()
+    trailer = struct.pack("<II", crc, (mebibytes << 20) & 0xFFFFFFFF)
+    inner = b"\x1f\x8b\x08\0\0\0\0\0\0\xff" + block * mebibytes + end + trailer
+    return gzip.compress(inner, 9)
+
+
 PNG, JPEG = image_bytes("PNG", 1), image_bytes("JPEG", 2)
 MAX_BYTES = 4096
 
@@ -62,6 +82,7 @@ class Handler(BaseHTTPRequestHandler):
         server: ImageServer = self.server  # type: ignore[assignment]
         with server.lock:
             server.log.append(self.path)
+            server.headers[self.path] = dict(self.headers)
             server.hits[self.path] = server.hits.get(self.path, 0) + 1
             hits = server.hits[self.path]
         route = self.path.split("?")[0]
@@ -98,6 +119,18 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         elif route == "/bomb.png":
             self.send(200, bomb_png(), "image/png")
+        elif route == "/gzip-bomb.png":
+            self.send(200, server.bomb, "image/png", "gzip, gzip")
+        elif route == "/gzip.png":  # a server that compresses anyway: undone, within the limit
+            self.send(200, gzip.compress(PNG), "image/png", "gzip")
+        elif route == "/br.png":
+            self.send(200, PNG, "image/png", "br")
+        elif route == "/set-cookie.png":
+            self.send_response(200)
+            self.send_header("Set-Cookie", "session=row-one; Path=/")
+            self.send_header("Content-Length", str(len(PNG)))
+            self.end_headers()
+            self.wfile.write(PNG)
         elif route == "/redirect":
             self.redirect("/good.jpg")
         elif route == "/loop":
@@ -107,9 +140,11 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self.send(404, b"not found")
 
-    def send(self, status: int, body: bytes, kind: str = "text/plain") -> None:
+    def send(self, status: int, body: bytes, kind: str = "text/plain", coding: str = "") -> None:
         self.send_response(status)
         self.send_header("Content-Type", kind)
+        if coding:
+            self.send_header("Content-Encoding", coding)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -129,7 +164,9 @@ class ImageServer(ThreadingHTTPServer):
         self.lock = threading.Lock()
         self.log: list[str] = []
         self.hits: dict[str, int] = {}
+        self.headers: dict[str, dict[str, str]] = {}  # path -> request headers
         self.delay = 0.0
+        self.bomb = b""
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}{path}"
@@ -269,6 +306,80 @@ def test_redirect_hops_are_checked_again(http_server):
     assert http_server.log == ["/redirect", "/good.jpg", "/redirect-out"]
 
 
+@pytest.fixture(scope="module")
+def gzip_bomb() -> bytes:
+    return stacked_gzip_bomb(1024)
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def test_a_stacked_gzip_bomb_fails_with_memory_bounded(tmp_path, http_server, gzip_bomb):
+    """2.5 KB of `gzip, gzip` that decodes to 1 GiB: refused at max_bytes of decoded output."""
+    assert len(gzip_bomb) < 8000
+    assert len(gzip.decompress(gzip_bomb)) < 2_000_000  # one layer off: still compressed
+    http_server.bomb = gzip_bomb
+    urls = [http_server.url(p) for p in ("/gzip-bomb.png", "/gzip.png", "/br.png")]
+    config = config_for({"kind": "urls", "path": url_list(tmp_path, urls)})
+    before = peak_rss_mib()
+    manifest = download(config, {}, str(tmp_path / "work"))
+    assert peak_rss_mib() - before < 200
+
+    assert fates(tmp_path / "work", manifest) == {
+        "00000000": "too_large",
+        "00000001": "kept",  # a single gzip layer is undone (the PNG is under max_bytes)
+        "00000002": "unsupported_encoding",
+    }
+    details = read_failures(tmp_path / "work", manifest).to_pylist()
+    assert f"body passed {MAX_BYTES} bytes decoded from gzip, gzip" in details[0]["detail"]
+    row = next(read_shards(tmp_path / "work", manifest)).to_pylist()[0]
+    assert row["content_hash"] == hashlib.sha256(PNG).hexdigest()
+    for headers in http_server.headers.values():
+        assert {k.lower(): v for k, v in headers.items()}["accept-encoding"] == "identity"
+
+
+def test_no_cookie_is_carried_from_one_row_to_the_next(tmp_path, http_server):
+    urls = [http_server.url(p) for p in ("/set-cookie.png", "/good.png", "/good.jpg")]
+    config = config_for({"kind": "urls", "path": url_list(tmp_path, urls)}, concurrency=1)
+    manifest = download(config, {}, str(tmp_path / "work"))
+    assert manifest["counts"]["kept"] == 3
+    assert http_server.log == ["/set-cookie.png", "/good.png", "/good.jpg"]  # in row order
+    for path in ("/good.png", "/good.jpg"):
+        assert "cookie" not in {k.lower() for k in http_server.headers[path]}
+
+
+SECRETS = ("hunter2", "AKIAEXAMPLE", "deadbeef", "s3cr3t", "tok123", "g00gsig", "cfsig", "KP1")
+
+
+def test_credentials_and_signatures_never_reach_failures_or_shards(tmp_path, http_server):
+    port = http_server.server_address[1]
+    base = f"http://127.0.0.1:{port}"
+    urls = [
+        f"http://alice:hunter2@127.0.0.1:{port}/missing",
+        f"{base}/missing?X-Amz-Credential=AKIAEXAMPLE&X-Amz-Signature=deadbeef&X-Amz-Expires=60",
+        f"{base}/missing?sv=2020-08-04&sig=s3cr3t&token=tok123",
+        f"http://127.0.0.1:{closed_port()}/x.png?X-Goog-Signature=g00gsig",
+        f"{base}/good.png?Signature=cfsig&Key-Pair-Id=KP1",
+    ]
+    config = config_for({"kind": "urls", "path": url_list(tmp_path, urls)})
+    manifest = download(config, {}, str(tmp_path / "work"))
+    assert manifest["counts"]["kept"] == 1
+    assert "X-Amz-Signature=deadbeef" in next(p for p in http_server.log if "Amz" in p)  # sent
+
+    failures = read_failures(tmp_path / "work", manifest).to_pylist()
+    kept = [r["source"] for t in read_shards(tmp_path / "work", manifest) for r in t.to_pylist()]
+    written = json.dumps([failures, kept])
+    assert not [secret for secret in SECRETS if secret in written]
+    assert [f["source"] for f in failures][:3] == [
+        f"http://REDACTED@127.0.0.1:{port}/missing",
+        f"{base}/missing?X-Amz-Credential=REDACTED&X-Amz-Signature=REDACTED&X-Amz-Expires=60",
+        f"{base}/missing?sv=2020-08-04&sig=REDACTED&token=REDACTED",
+    ]
+    assert failures[1]["detail"] == failures[1]["source"]  # the 404 detail names the URL, redacted
+    assert kept == [f"{base}/good.png?Signature=REDACTED&Key-Pair-Id=REDACTED"]
+
+
 @pytest.mark.parametrize(
     ("mode", "size"), [("center_crop", (32, 32)), ("keep_ratio", (32, 27)), ("none", (48, 40))]
 )
@@ -276,7 +387,9 @@ def test_resize_modes_from_a_parquet_list(tmp_path, http_server, mode, size):
     import pyarrow as pa
 
     path = tmp_path / "list.parquet"
-    table = pa.table({"URL": [http_server.url("/good.png")], "TEXT": ["a caption"]})
+    table = pa.table(
+        {"URL": [http_server.url("/good.png")], "TEXT": ["a caption"], "punsafe": [0.125]}
+    )
     pq.write_table(table, path)
     config = config_for({"kind": "urls", "path": str(path)}, resize_mode=mode, image_format="jpeg")
     manifest = download(config, {}, str(tmp_path / "work"))
@@ -284,6 +397,7 @@ def test_resize_modes_from_a_parquet_list(tmp_path, http_server, mode, size):
     assert (row["width"], row["height"]) == size
     assert Image.open(io.BytesIO(row["image"])).size == size
     assert row["caption"] == "a caption"
+    assert json.loads(row["metadata"]) == {"punsafe": 0.125}  # LAION columns reach the shards
 
 
 def make_folder(root: Path, count: int = 5) -> Path:

@@ -140,7 +140,7 @@ def test_kept_rows_are_copied_unchanged(tmp_path: Path, download: Manifest) -> N
     for table in outputs:
         assert table.schema.equals(SCHEMA)
         for row in table.to_pylist():
-            assert row == inputs[row["id"]]  # bytes and caption as they came, no re-encoding
+            assert row == {"metadata": None, **inputs[row["id"]]}  # as they came, not re-encoded
 
 
 def test_template_captions_turn_caption_rules_off(tmp_path: Path, download: Manifest) -> None:
