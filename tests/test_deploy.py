@@ -70,6 +70,31 @@ def test_kubernetes_template_requests_a_gpu_and_mounts_the_work_volume():
     assert placeholders <= set(variables)  # every {{ name }} in the manifest has a variable
 
 
+def _rendered_job(values: dict) -> dict:
+    """The Job manifest a Kubernetes worker renders: the variables' defaults, then `values`."""
+    from prefect.utilities.templating import apply_values
+
+    template = json.loads(K8S_TEMPLATE.read_text())
+    props = template["variables"]["properties"]
+    defaults = {name: var["default"] for name, var in props.items() if "default" in var}
+    return apply_values(template["job_configuration"], {**defaults, **values})["job_manifest"]
+
+
+def test_kubernetes_job_runs_unprivileged_from_a_pinned_image():
+    pod = _rendered_job({})["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 1000  # an int, as Kubernetes requires
+    assert pod["securityContext"]["fsGroup"] == 1000
+    container = pod["containers"][0]
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert container["image"] == "registry.example/sdflow@sha256:<digest>"
+    pinned = "ghcr.io/me/sdflow@sha256:" + "ab" * 32
+    pod = _rendered_job({"image": pinned, "run_as_user": 4242})["spec"]["template"]["spec"]
+    assert pod["containers"][0]["image"] == pinned
+    assert pod["securityContext"]["runAsUser"] == pod["securityContext"]["runAsGroup"] == 4242
+
+
 def test_plan_defaults_local_and_kubernetes(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     local = plan_deploy("sdflow", "process", None, None, gpus=2)
