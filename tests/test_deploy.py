@@ -118,6 +118,9 @@ def test_server_binds_loopback_with_sqlite_under_the_workdir(tmp_path):
     assert env["PREFECT_API_DATABASE_CONNECTION_URL"].endswith(f"{tmp_path}/prefect/prefect.db")
     assert env["PREFECT_UI_API_URL"] == "http://127.0.0.1:4321/api"
     assert server_command(4321)[-4:] == ["--host", HOST, "--port", "4321"] and HOST == "127.0.0.1"
+    assert env["PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED"] == "true"
+    origins = env["PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS"].split(",")
+    assert origins == ["http://127.0.0.1:4321", "http://localhost:4321"]
     postgres = "postgresql+asyncpg://sdflow:secret@db:5432/prefect"
     own = server_env(tmp_path, 4321, environ={"PREFECT_API_DATABASE_CONNECTION_URL": postgres})
     assert own["PREFECT_API_DATABASE_CONNECTION_URL"] == postgres
