@@ -175,9 +175,8 @@ def wait_healthy(served: ServedPrefect, server: subprocess.Popen, timeout: float
     raise AssertionError(f"prefect server not healthy after {timeout}s:\n{served.tail()}")
 
 
-@pytest.fixture(scope="session")
-def served_prefect(tmp_path_factory) -> ServedPrefect:
-    root = tmp_path_factory.mktemp("served")
+def serve(root: Path) -> tuple[ServedPrefect, subprocess.Popen]:
+    """`sdflow server` on a free loopback port, state under `root`; returns once it is healthy."""
     port = free_port()
     env = {
         **os.environ,
@@ -196,9 +195,31 @@ def served_prefect(tmp_path_factory) -> ServedPrefect:
         env,
         logs / "server.log",
     )
-    worker = None
     try:
         wait_healthy(served, server)
+    except BaseException:
+        stop(server)
+        raise
+    return served, server
+
+
+@pytest.fixture(scope="module")
+def bare_server(tmp_path_factory) -> ServedPrefect:
+    """A server of its own, with nothing deployed and no worker (the GPU-slot tests)."""
+    served, server = serve(tmp_path_factory.mktemp("bare"))
+    try:
+        yield served
+    finally:
+        stop(server)
+
+
+@pytest.fixture(scope="session")
+def served_prefect(tmp_path_factory) -> ServedPrefect:
+    served, server = serve(tmp_path_factory.mktemp("served"))
+    env, logs = served.env, served.logs
+    sdflow = [sys.executable, "-m", "sdflow.cli"]
+    worker = None
+    try:
         deploy = [*sdflow, "deploy", "--workdir", str(served.workdir), "--gpus", "1"]
         done = subprocess.run(
             [*deploy, "--pause-schedules"], env=env, capture_output=True, text=True, timeout=300
