@@ -14,6 +14,7 @@ import pyarrow as pa
 import pytest
 import torch
 
+from sdflow import gc as gc_module
 from sdflow import stageio
 from sdflow.checkpoints import list_checkpoints, load_latest, save_checkpoint
 from sdflow.cli import main
@@ -213,3 +214,35 @@ def test_unreadable_summary_stops_gc_before_removing_anything(workdir, capsys):
     assert main(["gc", "--workdir", str(w)]) == 2
     assert f"Cannot read {broken}" in capsys.readouterr().err
     assert workdir["orphan"].exists() and workdir["partial"].exists()
+
+
+def test_removal_holds_the_lock_and_a_crash_mid_delete_leaves_only_trash(workdir, monkeypatch):
+    w = workdir["root"]
+    orphan = workdir["orphan"]
+    size = _size(orphan)
+    seen = []
+
+    rmtree = gc_module.shutil.rmtree
+
+    def crash(path, *args, **kwargs):  # the process dies while deleting the orphan output
+        if not Path(path).name.startswith(".k-orphan"):
+            return rmtree(path, *args, **kwargs)
+        with stageio.try_stage_lock(orphan) as free:
+            seen.append((Path(path).name, free))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gc_module.shutil, "rmtree", crash)
+    with pytest.raises(KeyboardInterrupt):
+        gc_module.collect_garbage(w, keep_runs=2)
+    monkeypatch.undo()
+    ((name, free),) = seen
+    assert free is False  # no build could start under the delete
+    assert name.startswith(".k-orphan.trash-") and not orphan.exists()  # renamed away first
+
+    # Stages and entries go in sorted order: download's old trash went before the crash, train's
+    # temp file was not reached.
+    assert not workdir["trash"].exists() and workdir["tmp"].exists()
+    report = gc_module.collect_garbage(w, keep_runs=2)
+    assert report.freed["debris"] == size + 300
+    assert report.freed["unreferenced outputs"] == 0
+    assert not list(orphan.parent.glob(".k-orphan.trash-*"))
