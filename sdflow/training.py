@@ -47,7 +47,7 @@ from sdflow.artifacts import report_progress
 from sdflow.checkpoints import load_checkpoint, load_latest, save_checkpoint
 from sdflow.config import RunConfig, TrainConfig
 from sdflow.errors import UserError
-from sdflow.gpuslots import gpu_count
+from sdflow.gpuslots import gpu_count, held_device
 from sdflow.launch import LaunchFailed, accelerate_command, exit_with_supervisor, supervise
 from sdflow.models import (
     ComponentSources,
@@ -409,7 +409,7 @@ def summarize(trainer: Trainer, resumed_from: int) -> TrainSummary:
 def resolve_processes(train: TrainConfig) -> int:
     """`train.processes` as a number: "auto" is one process per visible GPU (one without a GPU)."""
     if train.processes == "auto":
-        return max(1, gpu_count())
+        return max(1, torch.cuda.device_count())
     return train.processes
 
 
@@ -449,11 +449,13 @@ def report_steps(line: str) -> None:
 
 def launch_command(train: TrainConfig, processes: int, spec: Path) -> tuple[list[str], dict]:
     """`accelerate launch` of this module: one process per GPU, or gloo processes on a CPU host."""
-    gpus = gpu_count()  # 1 while the stage holds a GPU slot
+    gpus = gpu_count()  # 1 while the stage holds a GPU slot (a deployment's gpu-<i> limit)
     if gpus and processes > gpus:
+        have = "its GPU slot gives the stage" if held_device() is not None else "this host has"
         raise UserError(
-            f"train.processes is {processes} but this stage has {gpus} GPU(s) (one per GPU slot "
-            f"it holds): use at most {gpus}, or `auto` for one process per GPU."
+            f"train.processes is {processes} ({train.processes!r}) but {have} {gpus} GPU(s): "
+            f"use at most {gpus}. A deployment with GPU slots trains on one GPU per stage; "
+            "`sdflow run` without slots may use every GPU of the host."
         )
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return accelerate_command(

@@ -41,3 +41,16 @@ def test_a_slot_is_the_nth_device_this_process_sees(monkeypatch):
     assert gpuslots.child_visible_devices({}) == "1"
     assert gpuslots.child_visible_devices({"CUDA_VISIBLE_DEVICES": "4,6"}) == "6"
     assert gpuslots.gpu_count() <= 1
+
+
+def test_training_in_a_slot_refuses_more_processes_than_its_one_gpu(monkeypatch, tmp_path):
+    from sdflow import training
+    from sdflow.config import TrainConfig
+    from sdflow.errors import UserError
+
+    monkeypatch.setattr(gpuslots, "_held", [0])
+    monkeypatch.setattr(training, "gpu_count", lambda: 1)  # a GPU host, seen from inside the slot
+    with pytest.raises(UserError, match=r"train.processes is 2 \(2\) but its GPU slot gives"):
+        training.launch_command(TrainConfig(processes=2), 2, tmp_path / "spec.json")
+    command, _ = training.launch_command(TrainConfig(processes=1), 1, tmp_path / "spec.json")
+    assert command[command.index("--num_processes") + 1] == "1"
