@@ -136,11 +136,16 @@ def list_checkpoints(root: str | Path) -> list[int]:
 
 def prune_checkpoints(root: str | Path, keep: int) -> None:
     """Delete all but the newest `keep` checkpoints; the one LATEST points to always stays."""
+    for path in stale_checkpoints(root, keep):
+        _remove_dir(path)
+
+
+def stale_checkpoints(root: str | Path, keep: int) -> list[Path]:
+    """The checkpoint directories beyond the newest `keep`, never the one LATEST points to."""
     root = Path(root)
     pointed = _read_pointer(root)
-    for step in list_checkpoints(root)[:-keep]:
-        if step_name(step) != pointed:
-            _remove_dir(root / step_name(step))
+    old = list_checkpoints(root)[:-keep]
+    return [root / step_name(s) for s in old if step_name(s) != pointed]
 
 
 def _write_contents(directory: Path, step: int, state: Mapping[str, Any]) -> None:

@@ -6,6 +6,7 @@
     sdflow demo [--workdir DIR]
     sdflow deploy [--pool NAME] [--pool-type process|kubernetes] [--workdir DIR] [--gpus N]
     sdflow server [--workdir DIR] [--port PORT]
+    sdflow gc [--keep-runs N] [--dry-run] [--workdir DIR]
 
 A user error (bad config, missing path, unwritable workdir) ends with one paragraph and exit code 2.
 """
@@ -77,6 +78,14 @@ def _parser() -> argparse.ArgumentParser:
     server.add_argument("--workdir", default=DEFAULT_WORKDIR, help="its SQLite database goes here")
     server.add_argument("--port", type=int, default=4200)
     server.set_defaults(handler=_server)
+
+    gc = commands.add_parser("gc", help="remove stage outputs no kept run needs, and debris")
+    gc.add_argument("--workdir", default=DEFAULT_WORKDIR)
+    gc.add_argument(
+        "--keep-runs", type=_count, default=5, help="keep what the newest N runs used (default 5)"
+    )
+    gc.add_argument("--dry-run", action="store_true", help="only say what would be freed")
+    gc.set_defaults(handler=_gc)
     return parser
 
 
@@ -183,6 +192,21 @@ def _server(args: argparse.Namespace) -> int:
     from sdflow.server import serve
 
     return serve(_ready_workdir(args.workdir), args.port)
+
+
+def _gc(args: argparse.Namespace) -> int:
+    from sdflow.gc import collect_garbage
+
+    workdir = Path(args.workdir).resolve()
+    for line in collect_garbage(workdir, args.keep_runs, args.dry_run).lines(workdir):
+        print(line)
+    return 0
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 0, got {text!r}")
+    return int(text)
 
 
 def _validated(profile: str, overrides: list[str]) -> RunConfig:

@@ -6,9 +6,11 @@ YAML profiles in `profiles/` map onto `RunConfig` 1:1; `sdflow.profiles` loads t
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from importlib.util import find_spec
 from typing import Annotated, Any, Literal, get_args
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
@@ -422,9 +424,42 @@ class RunnerConfig(Section):
         4, ge=1, le=256, description="threads (threads runner); shards in flight at a time (both)"
     )
     dask_address: str | None = Field(
-        None, description="Dask scheduler address, e.g. tcp://10.0.0.5:8786 (task_runner: dask)"
+        None,
+        description="Dask scheduler address (task_runner: dask): tls://HOST:8786, or tcp:// on "
+        "loopback (tcp://127.0.0.1:8786); other addresses need allow_insecure_dask",
+    )
+    allow_insecure_dask: bool = Field(
+        False,
+        description="allow a dask_address that is neither tls:// nor loopback: anyone who reaches "
+        "an unencrypted scheduler can run code on its workers",
     )
     result_storage: str | None = Field(None, description="Prefect result storage; default workdir")
+
+    @model_validator(mode="after")
+    def _dask_is_private(self) -> RunnerConfig:
+        address = self.dask_address
+        if address and not self.allow_insecure_dask and not _private_dask(address):
+            raise ValueError(
+                f"runner.dask_address = {address!r} is neither tls:// nor a loopback address, so "
+                "anyone on the network could read the data and run code on the workers. Allowed: "
+                "tls://HOST:PORT, or tcp://127.0.0.1:PORT, tcp://localhost:PORT, tcp://[::1]:PORT; "
+                "or set runner.allow_insecure_dask: true on a network you trust."
+            )
+        return self
+
+
+def _private_dask(address: str) -> bool:
+    """A TLS scheduler address, or any scheme on this machine's loopback interface."""
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")  # Dask's default
+    if parts.scheme == "tls":
+        return True
+    host = parts.hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 STAGES: tuple[str, ...] = (

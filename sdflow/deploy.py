@@ -7,8 +7,9 @@ Creates what the deployments need, then registers `deployments/prefect.yaml` wit
 - the work pool: `process` (one machine; start a worker with `prefect worker start --pool sdflow`) or
   `kubernetes` with `deployments/k8s-job-template.json` (GPU request, shared work volume);
 - the `gpu` tag concurrency limit (limit = GPUs on this host, or --gpus), which the autoencoder,
-  latents, train and evaluate tasks hold, so two scheduled runs never share a GPU.
-An existing pool is left as it is (its template may have been edited in the UI); the limit is set.
+  latents, train and evaluate tasks hold, and one global concurrency limit per device, `gpu-0` …
+  `gpu-<N-1>` (one slot each), which binds each holder to its own GPU (`sdflow.gpuslots`).
+An existing pool is left as it is (its template may have been edited in the UI); the limits are set.
 """
 
 from __future__ import annotations
@@ -125,11 +126,19 @@ def base_job_template(pool_type: str) -> dict:
 
 
 def set_gpu_limit(gpus: int) -> None:
+    """The `gpu` tag limit and the device limits gpu-0 … gpu-<gpus-1>; other device limits go."""
     from prefect.client.orchestration import get_client
 
+    from sdflow.gpuslots import device_limit_name, device_limits
+
+    wanted = [device_limit_name(i) for i in range(gpus)]
     with get_client(sync_client=True) as client:
         client.create_concurrency_limit(tag=GPU_TAG, concurrency_limit=gpus)  # an upsert
-    print(f"concurrency limit {GPU_TAG!r}: {gpus} slot(s)")
+        for name in wanted:
+            client.upsert_global_concurrency_limit_by_name(name, limit=1)
+        for name in set(device_limits()) - set(wanted):  # from an earlier deploy with more GPUs
+            client.delete_global_concurrency_limit_by_name(name)
+    print(f"concurrency limit {GPU_TAG!r}: {gpus} slot(s), one per device: {', '.join(wanted)}")
 
 
 def host_gpus() -> int:

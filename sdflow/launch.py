@@ -29,6 +29,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
+from sdflow.gpuslots import child_visible_devices
+
 SUPERVISOR_ENV = "SDFLOW_SUPERVISOR_PID"
 ORPHANED_EXIT = 75  # exit status of a worker whose supervisor went away
 _LINE_END = re.compile(r"\r\n|\n|\r")
@@ -104,6 +106,8 @@ def supervise(
     """Run `cmd` to completion in its own process group, logging its output; see the module doc."""
     child_env = {**(os.environ if env is None else env)}
     child_env.update({SUPERVISOR_ENV: str(os.getpid()), "PYTHONUNBUFFERED": "1"})
+    if (device := child_visible_devices(child_env)) is not None:  # the GPU slot's one device
+        child_env["CUDA_VISIBLE_DEVICES"] = device
     output = OutputLog(log, progress_every, on_line=on_line)
     proc = subprocess.Popen(
         list(cmd),

@@ -33,6 +33,7 @@ from torchmetrics.multimodal.clip_score import CLIPScore
 
 from sdflow.config import EvalConfig
 from sdflow.errors import UserError
+from sdflow.gpuslots import torch_device
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = (
@@ -105,7 +106,7 @@ class Scorers:
 
 def make_scorers(config: EvalConfig) -> Scorers:
     """FID (and CLIP score when `clip_model` is set), on the GPU when there is one."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch_device()
     fid = make_fid(config.fid_features).to(device)
     clip = make_clip_score(config.clip_model).to(device) if config.clip_model else None
     return Scorers(fid, clip, device)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,12 +28,14 @@ from prefect.tasks import exponential_backoff
 from sdflow.artifacts import stage_progress
 from sdflow.config import RunConfig, RunnerConfig
 from sdflow.errors import UserError, as_user_error
+from sdflow.gpuslots import gpu_slot
 from sdflow.shardmap import ShardJob, ShardMapper, in_order, windowed
 from sdflow.stageio import Manifest, load_manifest, stage_dir
 
 # These stages hold a slot of the `gpu` tag concurrency limit that `sdflow deploy` creates (limit =
-# GPUs on the host), so two scheduled runs never train on one GPU at once. Without the limit (plain
-# `sdflow run`) the tag does nothing.
+# GPUs on the host), and inside it one device's limit `gpu-<i>` that binds them to that GPU
+# (`sdflow.gpuslots`); caption holds a device slot too when a captioning model runs. Without the
+# limits (plain `sdflow run`) neither does anything.
 GPU_TAG = "gpu"
 GPU_STAGES = frozenset({"autoencoder", "latents", "train", "evaluate"})
 # Prefect storage blocks that `runner.result_storage: <type>/<name>` may name (object storage).
@@ -117,7 +120,7 @@ def as_stage_run(stage: str, key_fn: KeyFn, fn: StageFn) -> StageFn:
             return fn(config, upstream, workdir)
         fresh = load_manifest(stage_dir(workdir, stage, key_fn(config, upstream))) is None
         try:
-            with stage_progress(stage):
+            with stage_progress(stage), stage_gpu_slot(stage, config):
                 manifest = fn(config, upstream, workdir)
         except Exception as exc:
             deterministic = as_user_error(exc, stage)
@@ -129,6 +132,13 @@ def as_stage_run(stage: str, key_fn: KeyFn, fn: StageFn) -> StageFn:
         return manifest
 
     return run
+
+
+def stage_gpu_slot(stage: str, config: RunConfig) -> AbstractContextManager:
+    """A device slot for the GPU stages, and for caption when its backend runs a model."""
+    if stage in GPU_STAGES or (stage == "caption" and config.caption.backend != "keep"):
+        return gpu_slot()
+    return nullcontext()
 
 
 def cache_key(stage: str, manifest: Manifest) -> str:

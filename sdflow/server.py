@@ -5,6 +5,10 @@
 Runs `prefect server start` in the foreground (Ctrl-C stops it). Point runs and workers at it with
 `export PREFECT_API_URL=http://127.0.0.1:4200/api`. SQLite suits one machine; for several workers set
 PREFECT_API_DATABASE_CONNECTION_URL to a Postgres URL before starting (see the README); it is kept.
+
+A web page the user happens to open can send requests to 127.0.0.1 too, so the server also turns on
+Prefect's CSRF protection (every POST/PUT/PATCH/DELETE needs a token that Prefect's client and UI
+fetch) and lets only the UI's own origin make cross-origin calls, so no other page can read a token.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from pathlib import Path
 
 HOST = "127.0.0.1"  # loopback only: the UI and API have no authentication
 DATABASE_URL = "PREFECT_API_DATABASE_CONNECTION_URL"
+CSRF = "PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED"
+CORS_ORIGINS = "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS"
 
 
 def server_env(workdir: Path, port: int, environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -29,7 +35,14 @@ def server_env(workdir: Path, port: int, environ: dict[str, str] | None = None) 
     env.setdefault("PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT", "false")
     env.setdefault("DO_NOT_TRACK", "1")  # no telemetry; it also races SQLite writes
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    env.setdefault(CSRF, "true")
+    env.setdefault(CORS_ORIGINS, ",".join(ui_origins(port)))
     return env
+
+
+def ui_origins(port: int) -> list[str]:
+    """The origins the UI is opened from: the printed URL, and `localhost` for the same socket."""
+    return [ui_url(port), f"http://localhost:{port}"]
 
 
 def server_command(port: int) -> list[str]:

@@ -224,14 +224,35 @@ def _whole_numbers(counts: Mapping[str, Any]) -> dict[str, Any]:
     return dict(counts)
 
 
+def lock_path(final: Path) -> Path:
+    """The flock file a builder of stage directory `final` holds (`stages/<stage>/.<key>.lock`)."""
+    return final.with_name(f".{final.name}.lock")
+
+
 @contextmanager
 def _stage_lock(final: Path) -> Iterator[None]:
     """One builder per stage key at a time, across processes on this host."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    with open(final.with_name(f".{final.name}.lock"), "w") as lock:
+    with open(lock_path(final), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@contextmanager
+def try_stage_lock(final: Path) -> Iterator[bool]:
+    """The stage lock if nobody holds it (True, held until exit), else False at once."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path(final), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 

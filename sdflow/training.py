@@ -47,6 +47,7 @@ from sdflow.artifacts import report_progress
 from sdflow.checkpoints import load_checkpoint, load_latest, save_checkpoint
 from sdflow.config import RunConfig, TrainConfig
 from sdflow.errors import UserError, as_user_error
+from sdflow.gpuslots import gpu_count, held_device
 from sdflow.launch import LaunchFailed, accelerate_command, exit_with_supervisor, supervise
 from sdflow.models import (
     ComponentSources,
@@ -462,11 +463,13 @@ def report_steps(line: str) -> None:
 
 def launch_command(train: TrainConfig, processes: int, spec: Path) -> tuple[list[str], dict]:
     """`accelerate launch` of this module: one process per GPU, or gloo processes on a CPU host."""
-    gpus = torch.cuda.device_count()
+    gpus = gpu_count()  # 1 while the stage holds a GPU slot (a deployment's gpu-<i> limit)
     if gpus and processes > gpus:
+        have = "its GPU slot gives the stage" if held_device() is not None else "this host has"
         raise UserError(
-            f"train.processes is {processes} but this host has {gpus} GPU(s): use at most "
-            f"{gpus}, or `auto` for one process per GPU."
+            f"train.processes is {processes} ({train.processes!r}) but {have} {gpus} GPU(s): "
+            f"use at most {gpus}. A deployment with GPU slots trains on one GPU per stage; "
+            "`sdflow run` without slots may use every GPU of the host."
         )
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return accelerate_command(

@@ -29,6 +29,7 @@ from sdflow.checkpoints import load_latest, prune_checkpoints, save_checkpoint
 from sdflow.config import AutoencoderConfig, RunConfig
 from sdflow.errors import UserError
 from sdflow.fingerprint import code_version
+from sdflow.gpuslots import torch_device
 from sdflow.latent_data import CaptionedImages
 from sdflow.models import build_vae, image_to_tensor, save_component
 from sdflow.orchestration import stage_task
@@ -81,7 +82,7 @@ def _build(
             "No training images for the autoencoder: every captioned sample is held out "
             f"(eval.held_out_fraction = {config.eval.held_out_fraction})."
         )
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch_device()
     vae = build_vae(config.model).to(device)
     root = build.path / CHECKPOINTS
     progress = fit_vae(vae, images, config.autoencoder, root, config.train.keep_checkpoints)

@@ -41,6 +41,7 @@ from PIL import Image
 from sdflow.config import RunConfig
 from sdflow.errors import UserError
 from sdflow.fingerprint import code_version
+from sdflow.gpuslots import torch_device
 from sdflow.grids import Block, render_grid, save_png
 from sdflow.metrics import (
     Scorers,
@@ -239,7 +240,7 @@ def _prepare(pipe: StableDiffusionPipeline, config: RunConfig) -> StableDiffusio
     scheduler = SCHEDULERS[config.eval.scheduler]
     pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch_device()
     return pipe.to(device, pipeline_dtype(config.train.mixed_precision, device))
 
 

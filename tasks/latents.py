@@ -36,6 +36,7 @@ from sdflow.artifacts import report_progress
 from sdflow.config import RunConfig
 from sdflow.errors import UserError
 from sdflow.fingerprint import code_version
+from sdflow.gpuslots import torch_device
 from sdflow.latent_data import EMPTY_PROMPT, latent_shard_name, save_tensors, write_latent_shard
 from sdflow.models import (
     absolute_source,
@@ -169,7 +170,7 @@ def _load_encoders(
         text_encoder = load_component(
             sources.text_encoder, sources.text_encoder_subfolder, CLIPTextModel, model
         )
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch_device()
     for module in (vae, text_encoder):
         module.requires_grad_(False).eval().to(device)
     return Encoders(vae, tokenizer, text_encoder, device)

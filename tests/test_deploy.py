@@ -70,6 +70,31 @@ def test_kubernetes_template_requests_a_gpu_and_mounts_the_work_volume():
     assert placeholders <= set(variables)  # every {{ name }} in the manifest has a variable
 
 
+def _rendered_job(values: dict) -> dict:
+    """The Job manifest a Kubernetes worker renders: the variables' defaults, then `values`."""
+    from prefect.utilities.templating import apply_values
+
+    template = json.loads(K8S_TEMPLATE.read_text())
+    props = template["variables"]["properties"]
+    defaults = {name: var["default"] for name, var in props.items() if "default" in var}
+    return apply_values(template["job_configuration"], {**defaults, **values})["job_manifest"]
+
+
+def test_kubernetes_job_runs_unprivileged_from_a_pinned_image():
+    pod = _rendered_job({})["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 1000  # an int, as Kubernetes requires
+    assert pod["securityContext"]["fsGroup"] == 1000
+    container = pod["containers"][0]
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert container["image"] == "registry.example/sdflow@sha256:<digest>"
+    pinned = "ghcr.io/me/sdflow@sha256:" + "ab" * 32
+    pod = _rendered_job({"image": pinned, "run_as_user": 4242})["spec"]["template"]["spec"]
+    assert pod["containers"][0]["image"] == pinned
+    assert pod["securityContext"]["runAsUser"] == pod["securityContext"]["runAsGroup"] == 4242
+
+
 def test_plan_defaults_local_and_kubernetes(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     local = plan_deploy("sdflow", "process", None, None, gpus=2)
@@ -93,6 +118,9 @@ def test_server_binds_loopback_with_sqlite_under_the_workdir(tmp_path):
     assert env["PREFECT_API_DATABASE_CONNECTION_URL"].endswith(f"{tmp_path}/prefect/prefect.db")
     assert env["PREFECT_UI_API_URL"] == "http://127.0.0.1:4321/api"
     assert server_command(4321)[-4:] == ["--host", HOST, "--port", "4321"] and HOST == "127.0.0.1"
+    assert env["PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED"] == "true"
+    origins = env["PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS"].split(",")
+    assert origins == ["http://127.0.0.1:4321", "http://localhost:4321"]
     postgres = "postgresql+asyncpg://sdflow:secret@db:5432/prefect"
     own = server_env(tmp_path, 4321, environ={"PREFECT_API_DATABASE_CONNECTION_URL": postgres})
     assert own["PREFECT_API_DATABASE_CONNECTION_URL"] == postgres

@@ -95,3 +95,30 @@ def test_a_warmup_the_schedule_would_drop_is_refused():
         load_profile("tiny-test", ["train.lr_scheduler=step"])
     with pytest.raises(ConfigError, match=r"'polynomial' decays to 1e-07, so train.lr \(1e-08\)"):
         load_profile("tiny-test", ["train.lr_scheduler=polynomial", "train.lr=1e-8"])
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["tls://10.0.0.5:8786", "tcp://127.0.0.1:8786", "tcp://localhost:8786", "tcp://[::1]:8786",
+     "127.0.0.2:8786"],
+)  # fmt: skip
+def test_dask_on_tls_or_loopback_is_accepted(address):
+    config = load_profile(
+        "tiny-test", ["runner.task_runner=dask", f"runner.dask_address={address}"]
+    )
+    assert config.runner.dask_address == address
+
+
+@pytest.mark.parametrize(
+    "address", ["tcp://10.0.0.5:8786", "10.0.0.5:8786", "tcp://scheduler.internal:8786",
+                "ws://0.0.0.0:8786", "tcp://127.0.0.1.evil.example:8786"],
+)  # fmt: skip
+def test_dask_on_the_network_needs_an_explicit_allow(address):
+    overrides = ["runner.task_runner=dask", f"runner.dask_address={address}"]
+    with pytest.raises(ConfigError) as excinfo:
+        load_profile("tiny-test", overrides)
+    message = str(excinfo.value)
+    assert f"runner.dask_address = {address!r}" in message
+    assert "tls://HOST:PORT" in message and "runner.allow_insecure_dask: true" in message
+    allowed = load_profile("tiny-test", [*overrides, "runner.allow_insecure_dask=true"])
+    assert allowed.runner.dask_address == address

@@ -13,6 +13,7 @@ import torch
 
 from sdflow.config import EXTRA_MODULES, CaptionConfig
 from sdflow.errors import UserError
+from sdflow.gpuslots import torch_device
 from sdflow.models import weights_hash
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -20,7 +21,7 @@ INSTALL_EXTRA = "pip install -e '.[caption]'"
 
 
 def select_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch_device()  # the GPU slot's device, when the caption stage holds one
 
 
 def select_dtype(name: str, device: torch.device) -> torch.dtype:

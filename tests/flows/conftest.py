@@ -13,7 +13,8 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,15 @@ class ServedPrefect:
     env: dict[str, str]  # for `prefect` / `sdflow` commands against this server
     workdir: Path  # the deployments' workdir (stage outputs)
     logs: Path
+    csrf_client: str = field(default_factory=lambda: str(uuid.uuid4()))
 
     def api(self, method: str, path: str, **kwargs: Any) -> Any:
-        """One REST call; a 503 (SQLite busy, say) is retried as Prefect's own client does."""
+        """One REST call; a 503 (SQLite busy, say) is retried as Prefect's own client does.
+
+        Changes carry a CSRF token, as Prefect's client and UI send them (`sdflow server` turns
+        CSRF protection on)."""
+        if method != "GET":
+            kwargs["headers"] = {**kwargs.get("headers", {}), **self.csrf_headers()}
         for attempt in range(6):
             response = httpx.request(method, f"{self.url}/api{path}", timeout=30, **kwargs)
             if response.status_code not in (429, 503):
@@ -41,6 +48,15 @@ class ServedPrefect:
             time.sleep(0.5 * 2**attempt)
         response.raise_for_status()
         return response.json() if response.content else None
+
+    def csrf_headers(self) -> dict[str, str]:
+        params = {"client": self.csrf_client}
+        response = httpx.get(f"{self.url}/api/csrf-token", params=params, timeout=30)
+        response.raise_for_status()
+        return {
+            "Prefect-Csrf-Token": response.json()["token"],
+            "Prefect-Csrf-Client": self.csrf_client,
+        }
 
     def run_deployment(self, name: str, parameters: dict[str, Any]) -> str:
         deployment = self.api("GET", f"/deployments/name/{name}")
@@ -159,9 +175,8 @@ def wait_healthy(served: ServedPrefect, server: subprocess.Popen, timeout: float
     raise AssertionError(f"prefect server not healthy after {timeout}s:\n{served.tail()}")
 
 
-@pytest.fixture(scope="session")
-def served_prefect(tmp_path_factory) -> ServedPrefect:
-    root = tmp_path_factory.mktemp("served")
+def serve(root: Path) -> tuple[ServedPrefect, subprocess.Popen]:
+    """`sdflow server` on a free loopback port, state under `root`; returns once it is healthy."""
     port = free_port()
     env = {
         **os.environ,
@@ -180,9 +195,31 @@ def served_prefect(tmp_path_factory) -> ServedPrefect:
         env,
         logs / "server.log",
     )
-    worker = None
     try:
         wait_healthy(served, server)
+    except BaseException:
+        stop(server)
+        raise
+    return served, server
+
+
+@pytest.fixture(scope="module")
+def bare_server(tmp_path_factory) -> ServedPrefect:
+    """A server of its own, with nothing deployed and no worker (the GPU-slot tests)."""
+    served, server = serve(tmp_path_factory.mktemp("bare"))
+    try:
+        yield served
+    finally:
+        stop(server)
+
+
+@pytest.fixture(scope="session")
+def served_prefect(tmp_path_factory) -> ServedPrefect:
+    served, server = serve(tmp_path_factory.mktemp("served"))
+    env, logs = served.env, served.logs
+    sdflow = [sys.executable, "-m", "sdflow.cli"]
+    worker = None
+    try:
         deploy = [*sdflow, "deploy", "--workdir", str(served.workdir), "--gpus", "1"]
         done = subprocess.run(
             [*deploy, "--pause-schedules"], env=env, capture_output=True, text=True, timeout=300

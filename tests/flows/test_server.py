@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 
+import httpx
 import pytest
 from PIL import Image
 
@@ -126,3 +127,46 @@ def test_user_error_fails_once_with_one_paragraph(served_prefect, completed_run,
     prefix = "Stage filter stopped on a problem to fix"
     (paragraph,) = served_prefect.messages_starting(flow_run_id, prefix)
     assert "not retried" in paragraph and "\n" not in paragraph.strip()
+
+
+def test_a_foreign_web_page_cannot_start_runs_or_register_deployments(served_prefect):
+    """What a page on http://evil.example could send to the server on 127.0.0.1 is refused."""
+    api, evil = f"{served_prefect.url}/api", {"Origin": "http://evil.example"}
+    deployment = served_prefect.api("GET", "/deployments/name/sdflow-pipeline/manual")
+    runs_before = served_prefect.api("POST", "/flow_runs/count", json={})
+
+    start = httpx.post(
+        f"{api}/deployments/{deployment['id']}/create_flow_run", json={}, headers=evil, timeout=30
+    )
+    assert start.status_code == 403 and "CSRF" in start.text
+    forged = {**evil, "Prefect-Csrf-Token": "guess", "Prefect-Csrf-Client": "evil"}
+    register = httpx.post(
+        f"{api}/deployments/",
+        json={"name": "evil", "flow_id": deployment["flow_id"]},
+        headers=forged,
+        timeout=30,
+    )
+    assert register.status_code == 403
+    assert served_prefect.api("POST", "/flow_runs/count", json={}) == runs_before
+
+    # The browser lets a page read a token, or send the CSRF headers, only if CORS allows its origin.
+    preflight = {
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "prefect-csrf-token,prefect-csrf-client,content-type",
+    }
+    refused = httpx.options(f"{api}/flow_runs/filter", headers={**evil, **preflight}, timeout=30)
+    assert refused.status_code >= 400 and "access-control-allow-origin" not in refused.headers
+    token = httpx.get(f"{api}/csrf-token", params={"client": "x"}, headers=evil, timeout=30)
+    assert "access-control-allow-origin" not in token.headers
+    own = {"Origin": served_prefect.url, **preflight}
+    allowed = httpx.options(f"{api}/flow_runs/filter", headers=own, timeout=30)
+    assert allowed.status_code == 200
+    assert allowed.headers["access-control-allow-origin"] == served_prefect.url
+
+    # Prefect's own client fetches tokens: the CLI still changes things.
+    command = [sys.executable, "-m", "prefect", "concurrency-limit", "create", "csrf-probe", "3"]
+    done = subprocess.run(
+        command, env=served_prefect.env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert served_prefect.api("GET", "/concurrency_limits/tag/csrf-probe")["concurrency_limit"] == 3
