@@ -18,7 +18,13 @@ CHUNK = 1 << 20
 # Modules that change no stage output: the config schema is data (the values a stage reads are
 # already in its key, so a description edited in config.py must not invalidate every cache), and
 # the Prefect wiring, UI artifacts and error types decide how a stage runs, not what it writes.
-NOT_CODE = {"sdflow.config", "sdflow.errors", "sdflow.artifacts", "sdflow.orchestration"}
+NOT_CODE = {
+    "sdflow.config",
+    "sdflow.errors",
+    "sdflow.artifacts",
+    "sdflow.orchestration",
+    "sdflow.gpuslots",
+}
 # Libraries whose new minor release may compute different tensors (import name -> distribution).
 TENSOR_LIBRARIES = {
     "torch": "torch",
