@@ -411,8 +411,9 @@ def test_kill_9_resumes_and_gives_byte_identical_shards(tmp_path, http_server):
             a = (stage_dir(killed, "download", key) / sub / name).read_bytes()
             b = (stage_dir(tmp_path / "clean", "download", key) / sub / name).read_bytes()
             assert a == b, f"{sub}{name} differs"
-    assert resumed["counts"] == {
-        **clean["counts"],
-        "images_per_second": resumed["counts"]["images_per_second"],
+    rate = "images_per_second"  # a timing: the only count that may differ
+    assert {k: v for k, v in resumed["counts"].items() if k != rate} == {
+        k: v for k, v in clean["counts"].items() if k != rate
     }
+    assert resumed["counts"][rate] > 0
     assert load_manifest(final)["counts"]["failed_by_reason"] == {"http_404": 1}
