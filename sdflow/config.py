@@ -12,7 +12,17 @@ from importlib.util import find_spec
 from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+
+# A from-scratch tokenizer's fixed tokens: start and end of text, 256 bytes, 256 word-final bytes.
+TOKENIZER_BASE_VOCAB = 2 + 2 * 256
 
 # YAML reads a bare `no` as False; accept it as the "no" it means.
 Precision = Annotated[
@@ -258,9 +268,23 @@ class ModelConfig(Section):
     text_encoder: dict[str, Any] = Field(
         default_factory=dict, description="CLIPTextConfig (scratch only)"
     )
-    tokenizer_vocab_size: int = Field(1000, ge=64, description="BPE vocabulary (scratch only)")
+    tokenizer_vocab_size: int = Field(
+        1000,
+        description=f"BPE vocabulary (scratch only): {TOKENIZER_BASE_VOCAB} for the special "
+        "tokens, the 256 bytes and their word-final forms, the rest for learned merges",
+    )
     max_token_length: int = Field(77, ge=4, le=512, description="tokenizer model_max_length")
     seed: int = Field(0, description="seed of the random initialisation")
+
+    @field_validator("tokenizer_vocab_size")
+    @classmethod
+    def _room_for_merges(cls, value: int) -> int:
+        if value <= TOKENIZER_BASE_VOCAB:
+            raise ValueError(
+                f"must be more than {TOKENIZER_BASE_VOCAB}: the start and end tokens, the 256 "
+                "bytes and their 256 word-final forms take that many, and merges need the rest"
+            )
+        return value
 
     @model_validator(mode="after")
     def _init_needs_source(self) -> ModelConfig:

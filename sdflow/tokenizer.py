@@ -1,6 +1,9 @@
 """An offline CLIP-style BPE tokenizer, trained on the dataset's captions for from-scratch runs.
 
 Saved so that `CLIPTokenizer.from_pretrained` loads it; ids 0 and 1 are its start and end tokens.
+Its vocabulary always holds the 256 byte symbols and their word-final forms (as CLIP's does), so a
+word or character absent from the training captions is spelled in bytes, never read as a special
+token; the rest of the vocabulary is merges learned from the captions.
 """
 
 from __future__ import annotations
@@ -100,13 +103,10 @@ def _merge_word(items, freq, i, pair, counts, where, touched) -> None:
         touched.add(p)
 
 
-def _alphabet(words: Iterable[tuple[str, ...]], vocab_size: int) -> list[str]:
-    """Starting symbols: those seen, plus all 256 byte symbols (and word-end forms) if room."""
-    seen = {symbol for word in words for symbol in word}
+def byte_alphabet() -> list[str]:
+    """All 256 byte symbols and their word-final forms: any text is spelled with these alone."""
     full = pre_tokenizers.ByteLevel.alphabet()
-    if vocab_size >= 4 * len(full):  # leave most of the vocabulary for merges
-        seen |= set(full) | {s + WORD_END for s in full}
-    return sorted(seen)
+    return sorted(set(full) | {s + WORD_END for s in full})
 
 
 def train_tokenizer(captions: Iterable[str], model: ModelConfig, out_dir: Path) -> CLIPTokenizer:
@@ -114,8 +114,14 @@ def train_tokenizer(captions: Iterable[str], model: ModelConfig, out_dir: Path) 
     words = count_words(captions)
     if not words:
         raise UserError("Cannot train a tokenizer: the training captions contain no words.")
-    alphabet = _alphabet(words, model.tokenizer_vocab_size)
-    merges = learn_merges(words, max(0, model.tokenizer_vocab_size - 2 - len(alphabet)))
+    alphabet = byte_alphabet()  # every byte, so no text ever falls back to a special token
+    room = model.tokenizer_vocab_size - 2 - len(alphabet)
+    if room < 0:  # the config's bound says the same; this guards a change of either
+        raise UserError(
+            f"model.tokenizer_vocab_size is {model.tokenizer_vocab_size}, but the byte alphabet "
+            f"and the special tokens alone take {2 + len(alphabet)}: use at least that."
+        )
+    merges = learn_merges(words, room)
     tokens = [BOS, EOS, *alphabet, *(a + b for a, b in merges)]
     vocab = {token: i for i, token in enumerate(dict.fromkeys(tokens))}
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model.max_token_length)

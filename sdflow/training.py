@@ -210,8 +210,20 @@ def run_step(trainer: Trainer, source, scheduler, batches) -> float:
     return float(mean)
 
 
-def diffusion_loss(unet, scheduler, source, batch, generator, train: TrainConfig, device) -> Tensor:
-    """The diffusion training step written out; every random draw comes from `generator`, in order."""
+@dataclass
+class StepInputs:
+    """What one step draws at random: the augmentation choices, the noised sample's parts."""
+
+    flip: Tensor  # [B] bool: the row reads its flipped latents
+    drop: Tensor  # [B] bool: the row's caption is replaced by the empty prompt
+    latents: Tensor  # [B, C, h, w] a fresh sample of the latent distribution, scaled
+    noise: Tensor  # [B, C, h, w] the added noise (offset included)
+    timesteps: Tensor  # [B]
+    text: Tensor  # [B, L, D] caption embeddings (the empty prompt where dropped)
+
+
+def draw_inputs(scheduler, source, batch, generator, train: TrainConfig) -> StepInputs:
+    """Every random draw of a step, from `generator`, in this order (exact resume depends on it)."""
     size = len(batch["id"])
     flip = (torch.rand(size, generator=generator) < 0.5) & train.use_flipped
     drop = torch.rand(size, generator=generator) < train.caption_dropout
@@ -228,13 +240,24 @@ def diffusion_loss(unet, scheduler, source, batch, generator, train: TrainConfig
     steps = scheduler.config.num_train_timesteps
     timesteps = torch.randint(0, steps, (size,), generator=generator)
     text = torch.where(drop[:, None, None], source.empty_prompt, source.text(batch).cpu())
-    latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
+    return StepInputs(flip, drop, latents, noise, timesteps, text)
+
+
+def prediction_target(scheduler, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+    """What the UNet learns to predict: the noise, or v (Salimans & Ho 2022, arXiv 2202.00512)."""
     if scheduler.config.prediction_type == "epsilon":
-        target = noise
-    else:  # v_prediction (Salimans & Ho 2022, https://arxiv.org/abs/2202.00512)
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    pred = unet(noisy, timesteps, text.to(device)).sample
+        return noise
+    return scheduler.get_velocity(latents, noise, timesteps)
+
+
+def diffusion_loss(unet, scheduler, source, batch, generator, train: TrainConfig, device) -> Tensor:
+    """The diffusion training step written out; every random draw comes from `generator`, in order."""
+    inputs = draw_inputs(scheduler, source, batch, generator, train)
+    latents, noise = inputs.latents.to(device), inputs.noise.to(device)
+    timesteps = inputs.timesteps.to(device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    target = prediction_target(scheduler, latents, noise, timesteps)
+    pred = unet(noisy, timesteps, inputs.text.to(device)).sample
     return weighted_mse(pred.float(), target.float(), scheduler, timesteps, train.snr_gamma)
 
 

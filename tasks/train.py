@@ -8,6 +8,10 @@ StableDiffusionPipeline, EMA weights when `train.ema`, sampling with the base mo
 from scratch, DDIM) or, for LoRA, `lora/` (load it with `pipe.load_lora_weights`); `loss.png`,
 TensorBoard `logs/`, and the last checkpoint (without the optimizer moments unless
 `train.keep_optimizer_state`).
+
+Continue training: the key is the run's lineage (`train_lineage`) plus `train.max_steps`, so a run
+asked for more steps is a new output that starts from the last checkpoint of the longest finished
+run of its lineage (`sdflow.continuation`) instead of from step 0.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from sdflow.checkpoints import load_checkpoint, prune_checkpoints, save_checkpoint, step_name
 from sdflow.config import RunConfig
+from sdflow.continuation import continue_from_predecessor
 from sdflow.fingerprint import code_version
 from sdflow.models import (
     ComponentSources,
@@ -48,20 +53,25 @@ from sdflow.training import (
 )
 
 LOSS_CURVE = "loss.png"
-# Settings that change neither the weights nor the outputs: editing them never retrains.
-NOT_IN_KEY = {"data_workers", "keep_checkpoints", "checkpoint_every"}
+# Settings that change no weight of the steps done: editing them never retrains. `max_steps` only
+# says how many steps there are; it enters the key beside the lineage (see `train_lineage`).
+NOT_IN_KEY = {"data_workers", "keep_checkpoints", "checkpoint_every", "log_every", "max_steps"}
+# lr schedules whose value at step t does not depend on the total number of steps: a longer run of
+# these repeats the shorter one's steps exactly, so it can continue from it.
+STEP_FREE_SCHEDULES = {"constant", "constant_with_warmup"}
 
 
-def train_key(config: RunConfig, upstream: dict[str, Manifest | None]) -> str:
+def train_lineage(config: RunConfig, upstream: dict[str, Manifest | None]) -> str:
+    """Fingerprint of everything that decides the weights after each step, but not how many
+    steps there are (unless the lr schedule's shape depends on it): runs of one lineage agree on
+    every step they share, so a longer one continues a finished shorter one."""
     model = config.model
-    settings: dict[str, Any] = {
-        # "auto" counts this host's GPUs: the world size, not the word, decides the weights
-        "train": {
-            **config.train.model_dump(exclude=NOT_IN_KEY),
-            "processes": resolve_processes(config.train),
-        },
-        "model": model.model_dump(),
-    }
+    train = config.train.model_dump(exclude=NOT_IN_KEY)
+    if config.train.lr_scheduler not in STEP_FREE_SCHEDULES:  # e.g. cosine: lr(t) needs the total
+        train["max_steps"] = config.train.max_steps
+    # "auto" counts this host's GPUs: the world size, not the word, decides the weights
+    train["processes"] = resolve_processes(config.train)
+    settings: dict[str, Any] = {"train": train, "model": model.model_dump()}
     if model.init == "pretrained":  # the UNet and scheduler weights come from here
         settings["unet"] = weights_hash(model.pretrained, "unet", model.revision)
         settings["scheduler"] = weights_hash(model.pretrained, "scheduler", model.revision)
@@ -70,6 +80,12 @@ def train_key(config: RunConfig, upstream: dict[str, Manifest | None]) -> str:
         settings["encode"] = [config.download.resolution, config.eval.held_out_fraction]
         inputs.append(upstream.get("caption"))
     return stage_key("train", settings, inputs, code_version(__name__))
+
+
+def train_key(config: RunConfig, upstream: dict[str, Manifest | None]) -> str:
+    """The lineage and the number of steps: another step count is another output."""
+    lineage = train_lineage(config, upstream)
+    return stage_key("train", {"lineage": lineage, "max_steps": config.train.max_steps})
 
 
 def train(config: RunConfig, upstream: dict[str, Manifest | None], workdir: str) -> Manifest:
@@ -83,8 +99,10 @@ train_task = stage_task("train", train_key)(train)
 def _build(
     build: StageBuild, config: RunConfig, upstream: dict[str, Manifest | None], workdir: str
 ) -> Manifest:
-    summary = run_training(config, upstream, workdir, build.path)
     checkpoints = build.path / CHECKPOINTS
+    lineage = train_lineage(config, upstream)
+    origin = continue_from_predecessor(build.path, checkpoints, lineage, config.train.max_steps)
+    summary = run_training(config, upstream, workdir, build.path)
     prune_checkpoints(checkpoints, keep=1)  # the last one stays, for inspection or training on
     sources = component_sources(config, upstream, workdir)
     unet = trained_unet(config, sources, checkpoints / step_name(summary.steps))
@@ -103,7 +121,11 @@ def _build(
             "trainable_params": summary.trainable_params,
         },
         files={**output, "loss_curve": LOSS_CURVE, "logs": LOGS, "checkpoints": CHECKPOINTS},
-        info=_info(config, sources, summary, scheduler),
+        info={
+            **_info(config, sources, summary, scheduler),
+            "lineage": lineage,
+            "continued_from": origin,
+        },
     )
 
 

@@ -136,7 +136,7 @@ def clip_dir(tmp_path_factory) -> Path:
     clamps negative means to 0, which would make the score checks trivially pass.
     """
     root = tmp_path_factory.mktemp("clip")
-    model_config = ModelConfig(tokenizer_vocab_size=96, max_token_length=16)
+    model_config = ModelConfig(tokenizer_vocab_size=600, max_token_length=16)
     tokenizer = train_tokenizer(CAPTIONS * 4, model_config, root / "tokenizer")
     text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
     text.update(vocab_size=len(tokenizer), max_position_embeddings=16)

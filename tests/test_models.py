@@ -14,9 +14,12 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
+from pydantic import ValidationError
+from tokenizers import pre_tokenizers
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from sdflow import models
+from sdflow.config import ModelConfig
 from sdflow.errors import UserError
 from sdflow.profiles import load_profile
 
@@ -104,6 +107,39 @@ def test_tokenizer_is_deterministic_across_processes(config, tmp_path):
     subprocess.run([sys.executable, "-c", script, str(tmp_path / "there")], check=True, env=env)
     for name in ("vocab.json", "merges.txt"):
         assert (tmp_path / "here" / name).read_bytes() == (tmp_path / "there" / name).read_bytes()
+
+
+@pytest.mark.parametrize("text", ["a purple circle", "ünïcödé ✓ 🙂", "a zebra near the café"])
+def test_tokenizer_spells_unseen_words_and_characters_in_bytes(config, tmp_path, text):
+    """Nothing the captions never showed may become a special token (it used to be end-of-text)."""
+    models.train_tokenizer(CAPTIONS, config.model, tmp_path / "tok")
+    tokenizer = CLIPTokenizer.from_pretrained(tmp_path / "tok")
+    ids = tokenizer(text, truncation=False).input_ids
+    special = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id}
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+    assert not special & set(ids[1:-1]), tokenizer.convert_ids_to_tokens(ids)
+    assert tokenizer.decode(ids, skip_special_tokens=True) == text.lower()
+    # every one of the 256 bytes has a token of its own and a word-final one
+    vocab = tokenizer.get_vocab()
+    byte_symbols = pre_tokenizers.ByteLevel.alphabet()
+    assert all(s in vocab and s + "</w>" in vocab for s in byte_symbols)
+
+
+def test_tokenizer_training_twice_gives_identical_files(config, tmp_path):
+    for name in ("one", "two"):
+        models.train_tokenizer(CAPTIONS, config.model, tmp_path / name)
+    files = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "two").iterdir())
+    for name in files:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+
+
+def test_tokenizer_vocab_size_must_leave_room_for_merges(config):
+    assert ModelConfig().tokenizer_vocab_size > 2 + 2 * 256  # the default learns merges
+    with pytest.raises(ValidationError, match="tokenizer_vocab_size"):
+        ModelConfig(tokenizer_vocab_size=2 + 2 * 256)
+    for name in ("tiny-test", "tiny-cpu", "scratch-small"):
+        assert load_profile(name).model.tokenizer_vocab_size > 2 + 2 * 256
 
 
 def test_tokenizer_rejects_captions_without_words(config, tmp_path):

@@ -48,7 +48,11 @@ def test_deployment_run_shows_its_artifacts(served_prefect, completed_run):
     assert {row["stage"] for row in failures} <= {"download", "filter", "-"}
     metrics = json.loads(by_key["sdflow-tiny-test-metrics"]["data"])
     assert [row["model"] for row in metrics] == ["trained", "baseline"]
-    assert all(row["fid"] >= 0 for row in metrics)
+    (run_dir,) = (served_prefect.workdir / "runs").glob(f"*-{completed_run[:8]}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for row in metrics:  # the UI shows the run's own scores (rounded to 4 places)
+        assert row["fid"] == pytest.approx(summary["metrics"][row["model"]]["fid"], abs=1e-4)
+    assert metrics[0]["fid"] != metrics[1]["fid"]  # two models, two scores
 
     for stage in ("download", "latents", "train"):
         progress = by_key[f"sdflow-{stage}-progress"]

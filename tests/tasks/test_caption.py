@@ -415,7 +415,7 @@ def test_max_tokens_uses_the_pretrained_tokenizer(tmp_path: Path, filtered: Mani
     pipeline = tmp_path / "pipeline"
     tokenizer = train_tokenizer(
         ["a red circle", "a blue square", "a green triangle on black"],
-        ModelConfig(tokenizer_vocab_size=64),
+        ModelConfig(tokenizer_vocab_size=600),
         pipeline / "tokenizer",
     )
     pretrained = {"init": "pretrained", "pretrained": str(pipeline)}

@@ -38,7 +38,7 @@ from sdflow.models import (
 from sdflow.profiles import load_profile
 from sdflow.schedules import EpochOrder, StepBatches
 from sdflow.stageio import StageBuild, build_stage
-from tasks.train import train, train_key
+from tasks.train import train, train_key, train_lineage
 
 ROOT = Path(__file__).resolve().parents[2]
 CAPTIONS = ["a red circle", "a blue square", "a green triangle", "two red squares"]
@@ -234,10 +234,11 @@ def test_scratch_training_writes_a_pipeline_that_generates(tmp_path, components)
     )
     manifest, _ = run_train(config, tmp_path, components)
     out = stage_path(tmp_path, manifest)
+    every_weight = sum(p.numel() for p in build_unet(config.model).parameters())
     assert manifest["counts"] == {
         "steps": 4,
         "samples_seen": 4 * 4 * 2,
-        "trainable_params": manifest["counts"]["trainable_params"],
+        "trainable_params": every_weight,  # from scratch, the whole UNet trains
     }
     assert manifest["info"]["mode"] == "scratch"
     assert np.isfinite(manifest["info"]["final_loss"])
@@ -312,10 +313,61 @@ def test_training_without_the_cache_encodes_images_on_the_fly(tmp_path, componen
 def test_key_ignores_bookkeeping_settings_but_not_training_ones(tmp_path, components):
     upstream = {"latents": make_latents(tmp_path, components), "autoencoder": None, "caption": None}
     key = train_key(scratch_config(components), upstream)
-    same = scratch_config(components, "train.keep_checkpoints=5", "train.data_workers=2")
+    bookkeeping = ["keep_checkpoints=5", "data_workers=2", "log_every=3", "checkpoint_every=3"]
+    same = scratch_config(components, *(f"train.{o}" for o in bookkeeping))
     assert train_key(same, upstream) == key
     assert train_key(scratch_config(components, "train.lr=0.002"), upstream) != key
     assert train_key(scratch_config(components, "model.seed=1"), upstream) != key
+    # more steps: another output, of the same lineage while the lr schedule ignores the total
+    longer = scratch_config(components, "train.max_steps=8")
+    assert train_key(longer, upstream) != key
+    lineage = train_lineage(scratch_config(components), upstream)
+    assert train_lineage(longer, upstream) == lineage
+    assert train_lineage(scratch_config(components, "train.lr=0.002"), upstream) != lineage
+    cosine = [
+        scratch_config(components, "train.lr_scheduler=cosine", f"train.max_steps={n}")
+        for n in (4, 8)
+    ]
+    assert train_lineage(cosine[0], upstream) != train_lineage(cosine[1], upstream)
+
+
+@pytest.mark.slow
+def test_raising_max_steps_continues_and_matches_a_straight_run(tmp_path, components, caplog):
+    extra = ["train.ema=true", "train.ema_decay=0.9", "train.caption_dropout=0.3"]
+    extra += ["train.noise_offset=0.05", "train.checkpoint_every=10", "train.log_every=10"]
+    # bitwise needs Adam's moments at step 30; by default a finished run drops them (disk)
+    extra += ["train.keep_optimizer_state=true"]
+    straight, _ = run_train(
+        scratch_config(components, "train.max_steps=60", *extra), tmp_path / "a", components
+    )
+    workdir = tmp_path / "b"
+    first, upstream = run_train(
+        scratch_config(components, "train.max_steps=30", *extra), workdir, components
+    )
+    first_dir = stage_path(workdir, first)
+    before = {p: p.read_bytes() for p in (first_dir / "checkpoints").rglob("*") if p.is_file()}
+    with caplog.at_level(logging.INFO, logger="sdflow.train"):
+        longer = train(
+            scratch_config(components, "train.max_steps=60", *extra), upstream, str(workdir)
+        )
+    assert f"Continuing training from the finished run {first_dir.name} at step 30" in caplog.text
+    assert "Resuming training from the checkpoint of step 30" in caplog.text
+    assert longer["info"]["continued_from"] == {"key": first_dir.name, "step": 30}
+    assert longer["info"]["resumed_from_step"] == 30
+    assert straight["info"]["continued_from"] is None
+    assert longer["counts"] == straight["counts"]
+    weights = "pipeline/unet/diffusion_pytorch_model.safetensors"  # the EMA weights
+    a = load_file(stage_path(tmp_path / "a", straight) / weights)
+    b = load_file(stage_path(workdir, longer) / weights)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    _, end_a = load_checkpoint(stage_path(tmp_path / "a", straight) / "checkpoints" / "step-000060")
+    _, end_b = load_checkpoint(stage_path(workdir, longer) / "checkpoints" / "step-000060")
+    assert all(torch.equal(end_a["model"][k], end_b["model"][k]) for k in end_a["model"])
+    assert end_a["progress"]["history"] == end_b["progress"]["history"]  # losses and lrs
+    # the 30-step output is untouched, and asking for 30 steps again is a cache hit
+    assert {p: p.read_bytes() for p in before} == before
+    again = train(scratch_config(components, "train.max_steps=30", *extra), upstream, str(workdir))
+    assert again["reused"] is True and again["path"] == first["path"]
 
 
 def test_lora_targets_that_match_nothing_are_a_user_error(tmp_path, components):
@@ -536,7 +588,7 @@ sys.path.insert(0, {root!r})
 import sdflow.training as training
 from sdflow.config import RunConfig
 from sdflow.errors import UserError
-from tasks.train import train, train_key
+from tasks.train import train, train_key, train_lineage
 real = training.save_checkpoint
 
 def save_then_die(root, step, state, keep):
