@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import io
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -351,6 +352,7 @@ def save_component(component: Any, out_dir: Path) -> None:
             component.save_pretrained(tmp, safe_serialization=True)
         else:
             component.save_pretrained(tmp)
+        drop_load_paths(tmp)
 
 
 def save_pipeline(out_dir: Path, unet, vae, text_encoder, tokenizer, scheduler) -> None:
@@ -367,6 +369,20 @@ def save_pipeline(out_dir: Path, unet, vae, text_encoder, tokenizer, scheduler) 
     )
     with atomic_dir(out_dir) as tmp:
         pipeline.save_pretrained(tmp, safe_serialization=True)
+        drop_load_paths(tmp)
+
+
+def drop_load_paths(directory: Path) -> None:
+    """Remove `_name_or_path` (where a component was loaded from) from saved diffusers configs.
+
+    It names a local directory, often another stage's output: a saved model that records it differs
+    between two workdirs, and the stage fingerprint would cover a path instead of the content.
+    """
+    for config in Path(directory).rglob("config.json"):
+        values = json.loads(config.read_text())
+        if isinstance(values, dict) and "_name_or_path" in values:
+            del values["_name_or_path"]
+            config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
 
 
 # ------------------------------------------------------------------------------------ fingerprints

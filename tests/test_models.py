@@ -332,3 +332,20 @@ def test_weights_hash_follows_content(pipeline_dir, tmp_path):
     assert models.weights_hash("org/model", "vae", commit) == f"hub:org/model@{commit}/vae"
     with pytest.raises(UserError, match="does not exist"):
         models.weights_hash(str(tmp_path / "nowhere"), None)
+
+
+def test_saved_components_do_not_record_where_they_were_loaded_from(pipeline_dir, tmp_path):
+    import shutil
+
+    from diffusers import AutoencoderKL
+
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(pipeline_dir, elsewhere)
+    saved = []
+    for source in (pipeline_dir, elsewhere):  # the same weights in two workdirs
+        vae = AutoencoderKL.from_pretrained(source / "vae")
+        out = tmp_path / f"out-{len(saved)}"
+        models.save_component(vae, out)
+        saved.append((out / "config.json").read_bytes())
+    assert saved[0] == saved[1]
+    assert "_name_or_path" not in json.loads(saved[0])
