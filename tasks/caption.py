@@ -51,13 +51,13 @@ from sdflow.config import CaptionConfig, RunConfig
 from sdflow.errors import UserError
 from sdflow.fingerprint import code_version
 from sdflow.orchestration import mapped_shards, stage_task
+from sdflow.reuse import Outcome, row_keys, shared_memo, write_outcomes
 from sdflow.shardmap import ShardJob, ShardMapper, in_order
 from sdflow.stageio import (
     FAILURES,
     Manifest,
     StageBuild,
     build_stage,
-    failures_table,
     shard_name,
     shard_paths,
     stage_key,
@@ -132,14 +132,20 @@ class LazyCaptioner:
             return self.get().caption(images, existing)
 
 
-def caption_key(config: RunConfig, upstream: dict[str, Manifest | None]) -> str:
-    settings = {
+def caption_settings(config: RunConfig) -> dict[str, Any]:
+    """Everything besides the input rows that decides a caption."""
+    return {
         "caption": config.caption.model_dump(),
         "rules": caption_rules(config.filter),
         "models": captioner_identity(config.caption),  # hub name@revision or weights hash
         "tokenizer": tokenizer_identity(config),  # what caption.max_tokens counts with
     }
-    return stage_key("caption", settings, [upstream["filter"]], code_version(__name__))
+
+
+def caption_key(config: RunConfig, upstream: dict[str, Manifest | None]) -> str:
+    return stage_key(
+        "caption", caption_settings(config), [upstream["filter"]], code_version(__name__)
+    )
 
 
 def caption_samples(
@@ -189,35 +195,38 @@ def decode_images(table: pa.Table) -> list[Image.Image]:
     ]
 
 
-def caption_shard(
+def caption_outcomes(
     table: pa.Table,
     captioner: Captioner,
     config: RunConfig,
     progress: tqdm,
     finish: Callable[[str], str],
-) -> tuple[pa.Table, list[dict[str, Any]], Counter[str]]:
-    """Kept rows with training captions (`finish`: prefix, suffix, token limit), failure records,
-    and how many captions the backend generated and the template filled."""
+) -> list[Outcome]:
+    """Each row's outcome: kept with its training caption (`finish`: prefix, suffix, token limit)
+    and the caption as it came in `source_caption`, or a failure record; `extra` says whether the
+    backend generated it and whether the template filled it."""
     cfg = config.caption
-    sources = table.column("caption").to_pylist()
-    keep, captions, failures, tally = [], [], [], Counter(generated=0, templated=0)
+    outcomes = []
     existing, proposed = propose_captions(table, captioner, config, progress)
-    for row, (source, generated) in enumerate(zip(existing, proposed, strict=True)):
+    for row, (values, source, generated) in enumerate(
+        zip(table.to_pylist(), existing, proposed, strict=True)
+    ):
         text = combine_captions(source, generated, cfg)
-        tally["generated"] += generated is not None
-        if text is None and cfg.on_missing == "template":
-            text = cfg.template
-            tally["templated"] += 1
-        keep.append(text is not None)
+        templated = text is None and cfg.on_missing == "template"
+        text = cfg.template if templated else text
+        extra = {"generated": generated is not None, "templated": templated}
         if text is None:
-            failures.append(_failure(table, row, sources[row], config))
+            outcomes.append(Outcome(False, _failure(table, row, values["caption"], config), extra))
         else:
-            captions.append(finish(text))
-    kept = table.filter(pa.array(keep, type=pa.bool_()))
-    position = kept.schema.get_field_index("caption")
-    kept = kept.set_column(position, "caption", pa.array(captions, type=pa.string()))
-    source = pa.array([s for s, k in zip(sources, keep, strict=True) if k], type=pa.string())
-    return kept.add_column(position + 1, "source_caption", source), failures, tally
+            kept = {**values, "caption": finish(text), "source_caption": values["caption"]}
+            outcomes.append(Outcome(True, kept, extra))
+    return outcomes
+
+
+def output_schema(schema: pa.Schema) -> pa.Schema:
+    """The input shard schema with `source_caption` after `caption`."""
+    position = schema.get_field_index("caption")
+    return schema.insert(position + 1, pa.field("source_caption", pa.string()))
 
 
 def _failure(table: pa.Table, row: int, source: str | None, config: RunConfig) -> dict[str, Any]:
@@ -323,18 +332,32 @@ def _caption_one(
     config: RunConfig,
     progress: tqdm,
 ) -> dict[str, Any]:
-    """Caption one shard; its stats are written before the shard, whose presence means finished."""
-    kept, failures, tally = caption_shard(table, captioner, config, progress, finish)
+    """Caption one shard, reusing the rows an earlier build captioned (`sdflow.reuse`); its stats
+    are written before the shard, whose presence means finished."""
+    keys = row_keys(table.to_pylist(), rows_salt(config))
+    memo = shared_memo(build.workdir, "caption", build.key)
+    outcomes, computed = memo.outcomes(
+        keys, lambda rows: caption_outcomes(table.take(rows), captioner, config, progress, finish)
+    )
     stats = {
         "input": table.num_rows,
-        "kept": kept.num_rows,
-        **tally,
-        "failed_by_reason": dict(Counter(f["reason"] for f in failures)),
+        "kept": sum(o.kept for o in outcomes),
+        "generated": sum(o.extra["generated"] for o in outcomes),
+        "templated": sum(o.extra["templated"] for o in outcomes),
+        "failed_by_reason": dict(Counter(o.row["reason"] for o in outcomes if not o.kept)),
     }
     (build.path / STATS).mkdir(exist_ok=True)
     write_json(build.path / STATS / shard_name(index, "json"), stats)
-    build.write_shard(index, kept, failures_table(failures))
-    return stats
+    schema = output_schema(table.schema)
+    write_outcomes(
+        build, index, keys, outcomes, schema, {"generated": pa.bool_(), "templated": pa.bool_()}
+    )
+    return {**stats, "computed": computed}
+
+
+def rows_salt(config: RunConfig) -> str:
+    """What a caption row's key holds besides the row: the stage settings and code version."""
+    return stage_key("caption", caption_settings(config), [], code_version(__name__))
 
 
 def _read_stats(build: StageBuild, index: int) -> dict[str, Any]:

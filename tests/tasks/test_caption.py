@@ -344,9 +344,9 @@ def test_kill_9_mid_stage_keeps_finished_shards(
     assert sorted(p.name for p in partial.glob("*.parquet")) == ["shard-00000.parquet"]
     before = (partial / "shard-00000.parquet").stat()
 
-    real, shards = caption_stage.caption_shard, []
+    real, shards = caption_stage.caption_outcomes, []
     monkeypatch.setattr(
-        caption_stage, "caption_shard", lambda table, *a: shards.append(1) or real(table, *a)
+        caption_stage, "caption_outcomes", lambda table, *a: shards.append(1) or real(table, *a)
     )
     manifest = caption_samples(config, {"filter": filtered}, str(tmp_path))
     after = (tmp_path / manifest["path"] / "shard-00000.parquet").stat()
@@ -360,7 +360,7 @@ def test_resume_keeps_finished_shards(
     tmp_path: Path, filtered: Manifest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = make_config(on_missing="template")
-    real, calls = caption_stage.caption_shard, []
+    real, calls = caption_stage.caption_outcomes, []
 
     def crash_on_second(*args, **kwargs):
         calls.append(1)
@@ -368,7 +368,7 @@ def test_resume_keeps_finished_shards(
             raise RuntimeError("killed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(caption_stage, "caption_shard", crash_on_second)
+    monkeypatch.setattr(caption_stage, "caption_outcomes", crash_on_second)
     with pytest.raises(RuntimeError, match="killed"):
         caption_samples(config, {"filter": filtered}, str(tmp_path))
     partial = (
@@ -485,3 +485,33 @@ def test_nothing_left_is_a_user_error(tmp_path: Path) -> None:
 def test_unknown_backend_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="known backends are blip, clip-interrogator, keep"):
         make_captioner(CaptionConfig.model_construct(backend="nope"), tmp_path)
+
+
+# --- incremental: only new or changed rows are captioned ---------------------------------------
+
+
+def test_a_grown_dataset_captions_only_its_new_and_changed_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(CAPTIONERS, "blip", RecordingCaptioner)
+    monkeypatch.setattr(RecordingCaptioner, "calls", [])
+    config = make_config(backend="blip", policy="all", batch_size=2, on_missing="template")
+    nightly = tmp_path / "nightly"
+    first = write_stage(nightly, "filter", SHARDS, key="night-1")
+    caption_samples(config, {"filter": first}, str(nightly))
+    assert sum(len(images) for images, _ in RecordingCaptioner.calls) == 6
+
+    grown = [list(SHARDS[0]), [*SHARDS[1], sample("c6", "a new row", (9, 9, 9))]]
+    grown[0][2] = sample("c2", "cat", (1, 2, 3))  # same id and caption, other image bytes
+    second = write_stage(nightly, "filter", grown, key="night-2")
+    RecordingCaptioner.calls.clear()
+    incremental = caption_samples(config, {"filter": second}, str(nightly))
+    asked = [image.getpixel((0, 0)) for images, _ in RecordingCaptioner.calls for image in images]
+    assert asked == [(1, 2, 3), (9, 9, 9)]  # the edited image and the new row, nothing else
+
+    scratch = tmp_path / "scratch"
+    fresh = caption_samples(
+        config, {"filter": write_stage(scratch, "filter", grown, key="night-2")}, str(scratch)
+    )
+    assert incremental["key"] == fresh["key"] and incremental["counts"] == fresh["counts"]
+    assert incremental["fingerprint"] == fresh["fingerprint"]  # byte for byte the same output
