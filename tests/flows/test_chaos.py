@@ -87,7 +87,7 @@ def manifests(workdir: Path, summary: dict) -> dict[str, dict]:
 def assert_clean(workdir: Path) -> None:
     """Every stage directory has its manifest; no partial, temp or trash directory is left."""
     stages = workdir / "stages"
-    for directory in stages.glob("*/*"):
+    for directory in stages.glob("*/[!.]*"):
         assert (directory / MANIFEST).is_file(), directory
     debris = [p for p in stages.rglob(".*") if not p.name.endswith(".lock")]
     assert debris == []
