@@ -94,6 +94,11 @@ class Memo:
             outcomes[row] = outcome
         return outcomes, len(todo)  # type: ignore[return-value]
 
+    def facts(self, keys: Sequence[bytes]) -> dict[int, dict[str, Any]]:
+        """Row index -> the `extra` facts recorded for it, for the keys some output recorded
+        (for stages whose per-row work is a verdict, not a new row: the filter's checks)."""
+        return {row: _extra(record) for row, record in self._find(keys).items()}
+
     def _find(self, keys: Sequence[bytes]) -> dict[int, dict[str, Any]]:
         records = self._all_records()
         if records is None or not keys:
@@ -140,15 +145,13 @@ def _read(found: dict[int, dict[str, Any]]) -> dict[int, Outcome]:
         table = pq.read_table(path)
         failed = Path(path).parent.name == FAILURES
         for row in rows:
-            record = found[row]
-            extra = {
-                k: v
-                for k, v in record.items()
-                if k not in {"key", "file", "position", "newest"} and v is not None
-            }
-            values = table.slice(record["position"], 1).to_pylist()[0]
-            outcomes[row] = Outcome(kept=not failed, row=values, extra=extra)
+            values = table.slice(found[row]["position"], 1).to_pylist()[0]
+            outcomes[row] = Outcome(kept=not failed, row=values, extra=_extra(found[row]))
     return outcomes
+
+
+def _extra(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if k not in {"key", "file", "position", "newest"}}
 
 
 def write_outcomes(
@@ -159,29 +162,41 @@ def write_outcomes(
     schema: pa.Schema,
     extra: dict[str, pa.DataType] | None = None,
 ) -> pa.Table:
-    """Write shard `index`: the record first, then the failures, the kept rows last (so a shard
-    on disk means all three are). Returns the kept table."""
+    """Write shard `index` from its rows' outcomes (record, failures, kept rows last, so a shard on
+    disk means all three are). Returns the kept table."""
+    remembered = [k if o.remember else None for k, o in zip(keys, outcomes, strict=True)]
+    facts = {name: [o.extra.get(name) for o in outcomes] for name in extra or {}}
+    record_rows(build, index, remembered, [o.kept for o in outcomes], facts, extra)
+    kept = pa.Table.from_pylist([o.row for o in outcomes if o.kept], schema=schema)
+    build.write_shard(index, kept, failures_table([o.row for o in outcomes if not o.kept]))
+    return kept
+
+
+def record_rows(
+    build: StageBuild,
+    index: int,
+    keys: Sequence[bytes | None],
+    kept: Sequence[bool],
+    facts: dict[str, list[Any]] | None = None,
+    types: dict[str, pa.DataType] | None = None,
+) -> None:
+    """Write `rows/<shard>.parquet` for shard `index`, before the shard itself: each input row's
+    key (None: not to be reused), where its result is (kept shard or failures table, position in
+    it, in input order) and its `facts`."""
     name = shard_name(index)
     files, positions, counts = [], [], [0, 0]
-    for outcome in outcomes:
-        slot = 0 if outcome.kept else 1
-        files.append(name if outcome.kept else f"{FAILURES}/{name}")
-        positions.append(counts[slot])
-        counts[slot] += 1
+    for is_kept in kept:
+        files.append(name if is_kept else f"{FAILURES}/{name}")
+        positions.append(counts[0 if is_kept else 1])
+        counts[0 if is_kept else 1] += 1
     columns = {
-        "key": pa.array(
-            [k if o.remember else None for k, o in zip(keys, outcomes, strict=True)], KEY
-        ),
+        "key": pa.array(keys, KEY),
         "file": pa.array(files, pa.string()),
         "position": pa.array(positions, pa.int32()),
     }
-    for column, kind in (extra or {}).items():
-        columns[column] = pa.array([o.extra.get(column) for o in outcomes], kind)
+    for column, values in (facts or {}).items():
+        columns[column] = pa.array(values, (types or {}).get(column))
     build.write_table(f"{ROWS}/{name}", pa.table(columns))
-    kept = pa.Table.from_pylist([o.row for o in outcomes if o.kept], schema=schema)
-    failed = failures_table([o.row for o in outcomes if not o.kept])
-    build.write_shard(index, kept, failed)
-    return kept
 
 
 def _newest_outputs(root: Path, exclude: str | None) -> list[Path]:

@@ -33,6 +33,7 @@ from sdflow.config import FilterConfig, RunConfig
 from sdflow.errors import UserError
 from sdflow.fingerprint import code_version
 from sdflow.orchestration import mapped_shards, stage_task
+from sdflow.reuse import record_rows, row_keys, shared_memo
 from sdflow.shardmap import ShardJob, ShardMapper, in_order
 from sdflow.stageio import (
     FAILURES,
@@ -162,10 +163,28 @@ class Deduplicator:
             self.seen.setdefault(content_hash, sample_id)
 
 
-def check_one_shard(job: ShardJob) -> list[Rejection | None]:
-    """The per-sample checks of one input shard: a verdict per row, None where the row passes."""
+def check_one_shard(job: ShardJob) -> tuple[list[bytes], list[Rejection | None]]:
+    """The per-sample checks of one input shard: each row's key and verdict (None where it passes).
+
+    Rows an earlier build of the stage checked with the same settings and code keep that build's
+    verdict (`sdflow.reuse`); only new or changed rows are decoded and checked.
+    """
+    table = pq.read_table(job.source)
+    keys = row_keys(table.to_pylist(), rows_salt(job.config))
+    known = shared_memo(job.build.workdir, "filter", job.build.key).facts(keys)
+    todo = [row for row in range(len(keys)) if row not in known]
     checks = sample_checks(job.config.filter, not captions_supplied(job.config.caption))
-    return check_rows(pq.read_table(job.source), checks)
+    fresh = dict(zip(todo, check_rows(table.take(pa.array(todo, pa.int64())), checks), strict=True))
+    return keys, [fresh[row] if row in fresh else _verdict(known[row]) for row in range(len(keys))]
+
+
+def rows_salt(config: RunConfig) -> str:
+    """What a filter row's key holds besides the row: the stage settings and code version."""
+    return stage_key("filter", filter_settings(config), [], code_version(__name__))
+
+
+def _verdict(facts: dict[str, Any]) -> Rejection | None:
+    return Rejection(facts["check"], facts["check_detail"]) if facts.get("check") else None
 
 
 def check_rows(table: pa.Table, checks: list[Check]) -> list[Rejection | None]:
@@ -177,8 +196,9 @@ def check_rows(table: pa.Table, checks: list[Check]) -> list[Rejection | None]:
 
 def filter_shard(
     table: pa.Table, verdicts: list[Rejection | None], dedup: Deduplicator
-) -> tuple[pa.Table, list[dict[str, str]]]:
-    """Kept rows (copied, not re-encoded) and one failure record per rejected row."""
+) -> tuple[pa.Table, list[dict[str, str]], list[bool]]:
+    """Kept rows (copied, not re-encoded), one failure record per rejected row, and which input
+    rows were kept."""
     kept: list[int] = []
     failures: list[dict[str, str]] = []
     fields = [name for name in ("id", "content_hash", "source") if name in table.column_names]
@@ -189,7 +209,10 @@ def filter_shard(
             dedup.add(row.get("content_hash"), row["id"])
         else:
             failures.append(_failure(row, rejection))
-    return table.take(pa.array(kept, type=pa.int64())), failures
+    mask = [False] * table.num_rows
+    for index in kept:
+        mask[index] = True
+    return table.take(pa.array(kept, type=pa.int64())), failures, mask
 
 
 def _failure(row: Row, rejection: Rejection) -> dict[str, str]:
@@ -242,12 +265,21 @@ def _write_filtered(
     build: StageBuild,
     index: int,
     path: Path,
-    verdicts: list[Rejection | None],
+    checked: tuple[list[bytes], list[Rejection | None]],
     dedup: Deduplicator,
 ) -> tuple[int, list[str]]:
-    """Deduplicate shard `index` given its rows' verdicts, write it: (kept, failure reasons)."""
+    """Deduplicate shard `index` given its rows' keys and verdicts, write it (the rows' record
+    with their verdicts first, see `sdflow.reuse`): (kept, failure reasons)."""
+    keys, verdicts = checked
     table = pq.read_table(path)
-    kept_table, failures = filter_shard(table, verdicts, dedup)
+    kept_table, failures, kept = filter_shard(table, verdicts, dedup)
+    facts = {
+        "check": [v.reason if v else None for v in verdicts],
+        "check_detail": [v.detail if v else None for v in verdicts],
+    }
+    record_rows(
+        build, index, keys, kept, facts, {"check": pa.string(), "check_detail": pa.string()}
+    )
     build.write_shard(index, kept_table, failures_table(failures))
     return kept_table.num_rows, [f["reason"] for f in failures]
 

@@ -271,3 +271,38 @@ def test_broken_bytes_fail_the_decode_check(data: bytes) -> None:
     rejection = check_decodes({"image": data})
     assert rejection is not None and rejection.reason == "decode_error"
     assert check_decodes({"image": png(RED)}) is None
+
+
+def test_a_grown_dataset_decodes_only_its_new_and_changed_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decoded: list[str] = []
+    real = filter_stage.check_decodes
+    monkeypatch.setattr(
+        filter_stage, "check_decodes", lambda row: decoded.append(row["id"]) or real(row)
+    )
+    config = make_config()
+    nightly = tmp_path / "nightly"
+    filter_samples(
+        config, {"download": write_stage(nightly, "download", SHARDS, "n1")}, str(nightly)
+    )
+    assert len(decoded) == 12
+
+    grown = [list(SHARDS[0]), [*SHARDS[1], sample("s12", (3, 3, 3)), sample("s13", RED)], []]
+    grown[0][3] = sample("s03", BLUE, orig=(80, 80))  # re-downloaded larger: passes now
+    decoded.clear()
+    second = write_stage(nightly, "download", grown, "n2")
+    incremental = filter_samples(config, {"download": second}, str(nightly))
+    assert sorted(decoded) == ["s03", "s12", "s13"]  # failures before the decode check included
+    assert fates(nightly, incremental) == {
+        **FATES,
+        "s03": "kept",
+        "s12": "kept",
+        "s13": "duplicate",
+    }
+
+    scratch = tmp_path / "scratch"
+    fresh = filter_samples(
+        config, {"download": write_stage(scratch, "download", grown, "n2")}, str(scratch)
+    )
+    assert incremental["fingerprint"] == fresh["fingerprint"]
