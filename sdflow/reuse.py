@@ -52,10 +52,14 @@ class Outcome:
     remember: bool = True
 
 
-def row_keys(rows: Sequence[Any], salt: str) -> list[bytes]:
-    """One key per row: a hash of `salt` and the row's JSON-able content (bytes by their hash)."""
-    keys = []
+def row_keys(rows: Sequence[Any], salt: str) -> list[bytes | None]:
+    """One key per row: a hash of `salt` and the row's JSON-able content (bytes by their hash);
+    None for a row given as None (one that must always be computed)."""
+    keys: list[bytes | None] = []
     for row in rows:
+        if row is None:
+            keys.append(None)
+            continue
         digest = hashlib.sha256(salt.encode() + b"\0")
         digest.update(json.dumps(row, sort_keys=True, default=_digestible).encode())
         keys.append(digest.digest()[: KEY.byte_width])

@@ -23,6 +23,7 @@ from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack, closing
+from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +37,10 @@ from sdflow.errors import UserError
 from sdflow.fingerprint import code_version
 from sdflow.imaging import ImageSpec, Rejected, process_image
 from sdflow.orchestration import mapped_shards, stage_task
+from sdflow.reuse import Outcome, row_keys, shared_memo, write_outcomes
 from sdflow.shardmap import ShardJob, ShardMapper, in_order
 from sdflow.sources import SAMPLE_SCHEMA, SourceRow, folder, hf, row_id, urls, webdataset
-from sdflow.stageio import FAILURES, Manifest, StageBuild, build_stage, failures_table, shard_name
+from sdflow.stageio import FAILURES, Manifest, StageBuild, build_stage, shard_name
 
 STAGE = "download"
 # Knobs that change speed, not output: changing them must not invalidate a finished download.
@@ -79,6 +81,9 @@ _SOURCE_MODULES = (
     imaging,
     netguard,
 )  # their code is part of code_version
+# Failures a later build fetches again instead of reusing: they may pass tomorrow.
+TRANSIENT = {"dns_error", "fetch_error", "read_error", "timeout", "connection_error", "empty_body"}
+RETRIED_HTTP = {403, 408, 425, 429}
 
 
 def download_key(config: RunConfig, upstream: dict[str, Manifest | None]) -> str:
@@ -190,15 +195,55 @@ def _row_fields(row: SourceRow) -> dict[str, Any]:
 
 
 def download_shard(job: ShardJob) -> dict[str, int]:
-    """Download and process the staged rows of shard `job.index` into the partial directory."""
+    """Download and process the staged rows of shard `job.index` into the partial directory.
+
+    Rows an earlier build of the stage already fetched (same id, URL or file bytes, caption and
+    download settings; `sdflow.reuse`) are copied from its output: a grown URL list or folder
+    fetches only its new or changed rows. Failures that may pass (timeouts, 5xx, 429) are tried again.
+    """
     staged = pq.read_table(job.source).to_pylist()
     duplicates = {row["index"] for row in staged if row.pop("duplicate")}
     rows = [SourceRow(**row) for row in staged]
+    limit = job.config.download.max_bytes
+    fields = [_key_fields(r, r.index in duplicates, limit) for r in rows]
+    keys = row_keys(fields, rows_salt(job.config))
     workers = job.config.download.decode_workers or available_cpus()
     with ThreadPoolExecutor(workers, thread_name_prefix="sdflow-decode") as pool:
         run = ShardRun(job.build, job.config, pool, workers)
-        kept = run_async(lambda: run.one(job.index, rows, duplicates))
-    return {"rows": len(rows), "kept": kept}
+        memo = shared_memo(job.build.workdir, STAGE, job.build.key)
+        outcomes, fetched = memo.outcomes(
+            keys, lambda todo: run_async(lambda: run.some([rows[i] for i in todo], duplicates))
+        )
+    kept = write_outcomes(job.build, job.index, keys, outcomes, SAMPLE_SCHEMA)
+    return {"rows": len(rows), "kept": kept.num_rows, "fetched": fetched}
+
+
+def rows_salt(config: RunConfig) -> str:
+    """What a download row's key holds besides the row: the settings that shape it, the code."""
+    settings = config.download.model_dump(exclude=SPEED_ONLY)
+    return stageio.stage_key(STAGE, settings, [], code_version(__name__))
+
+
+def _key_fields(row: SourceRow, duplicate: bool, max_bytes: int) -> dict[str, Any] | None:
+    """What decides a row's result: its URL, or the bytes of its image (a local file is read and
+    hashed; one that cannot be read has no key, so its failure is never reused)."""
+    content: bytes | str | None = row.data
+    if content is None and row.path:
+        span = None if row.offset is None else (row.offset, row.length or 0)
+        try:
+            content = sha256(sources.read_inside(row.path, row.root, max_bytes, span)).hexdigest()
+        except Rejected:
+            return None
+    fields = {"id": row.id, "caption": row.caption, "source": row.source, "url": row.url}
+    return {**fields, "content": content, "metadata": row.metadata, "duplicate": duplicate}
+
+
+def remembered(reason: str) -> bool:
+    """Whether a failure may be reused by a later build: not when a retry tomorrow may succeed."""
+    if reason.startswith("http_"):
+        code = int(reason[5:]) if reason[5:].isdigit() else 500
+        return code < 500 and code not in RETRIED_HTTP
+    return reason not in TRANSIENT
 
 
 class ShardRun:
@@ -222,22 +267,17 @@ class ShardRun:
         )
         self.fetcher: urls.Fetcher | None = None
 
-    async def one(self, index: int, rows: list[SourceRow], duplicates: set[int]) -> int:
-        """Process shard `index`; returns how many of its rows were kept."""
+    async def some(self, rows: list[SourceRow], duplicates: set[int]) -> list[Outcome]:
+        """Fetch and process `rows` concurrently: their outcomes, in order."""
         network = self.source.kind == "urls"
         self.slots = asyncio.Semaphore(self.settings.concurrency if network else self.workers * 4)
         async with AsyncExitStack() as stack:
             if network:
                 self.fetcher = await stack.enter_async_context(urls.Fetcher(self.settings))
-            return await self._shard(index, rows, duplicates)
-
-    async def _shard(self, index: int, rows: list[SourceRow], duplicates: set[int]) -> int:
-        results = await asyncio.gather(*(self._row(r, r.index in duplicates) for r in rows))
-        kept = [value for ok, value in results if ok]
-        failed = [value for ok, value in results if not ok]
-        table = pa.Table.from_pylist(kept, schema=SAMPLE_SCHEMA)
-        await asyncio.to_thread(self.build.write_shard, index, table, failures_table(failed))
-        return len(kept)
+            results = await asyncio.gather(*(self._row(r, r.index in duplicates) for r in rows))
+        return [
+            Outcome(ok, value, remember=ok or remembered(value["reason"])) for ok, value in results
+        ]
 
     async def _row(self, row: SourceRow, duplicate: bool) -> tuple[bool, dict]:
         try:

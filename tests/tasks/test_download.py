@@ -527,3 +527,23 @@ def test_kill_9_resumes_and_gives_byte_identical_shards(tmp_path, http_server):
             assert a == b, f"{sub}{name} differs"
     assert resumed["counts"] == clean["counts"]
     assert load_manifest(final)["counts"]["failed_by_reason"] == {"http_404": 1}
+
+
+def test_a_grown_url_list_requests_only_its_new_rows(tmp_path, http_server):
+    urls = [http_server.url(f"/good.png?row={i}") for i in range(20)]
+    urls += [http_server.url("/missing?row=20"), http_server.url("/busy?row=21")]
+    nightly = tmp_path / "nightly"
+    first = config_for({"kind": "urls", "path": url_list(tmp_path, urls, "night1.csv")})
+    download(first, {}, str(nightly))
+
+    grown = [*urls, http_server.url("/good.jpg?row=22"), http_server.url("/good.png?row=23")]
+    second = config_for({"kind": "urls", "path": url_list(tmp_path, grown, "night2.csv")})
+    http_server.log.clear()
+    incremental = download(second, {}, str(nightly))
+    # the new rows, and the 503 that may pass by now; never the kept rows or the 404
+    assert set(http_server.log) == {"/busy?row=21", "/good.jpg?row=22", "/good.png?row=23"}
+    assert fates(nightly, incremental)["00000023"] == "kept"
+
+    fresh = download(second, {}, str(tmp_path / "scratch"))
+    assert incremental["counts"] == fresh["counts"]
+    assert incremental["fingerprint"] == fresh["fingerprint"]  # the same bytes as from scratch
