@@ -38,7 +38,7 @@ from sdflow.config import ModelConfig, RunConfig
 from sdflow.errors import UserError
 from sdflow.fingerprint import hash_weights
 from sdflow.hub import resolve_commit
-from sdflow.stageio import Manifest, atomic_dir, output_dir
+from sdflow.stageio import Manifest, atomic_dir, output_dir, write_atomic
 from sdflow.tokenizer import train_tokenizer  # noqa: F401  (re-exported: models is the one entry point)
 
 WEIGHTS = (ModelMixin, PreTrainedModel)  # classes with weight files (variants, dtypes)
@@ -370,6 +370,38 @@ def save_pipeline(out_dir: Path, unet, vae, text_encoder, tokenizer, scheduler) 
     with atomic_dir(out_dir) as tmp:
         pipeline.save_pretrained(tmp, safe_serialization=True)
         drop_load_paths(tmp)
+
+
+def canonical_safetensors(path: Path) -> None:
+    """Rewrite a safetensors file's header with sorted keys (the tensor data is untouched).
+
+    safetensors writes `__metadata__` in hash order, and a LoRA file's adapter config lists its
+    target modules in set order: two saves of the same adapter differ in bytes, and so would the
+    stage fingerprint. Sorted, the same weights and config are always the same file.
+    """
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size])
+    metadata = header.get("__metadata__") or {}
+    for name, value in metadata.items():
+        metadata[name] = _sorted_json(value)
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data section stays 8-byte aligned
+    write_atomic(path, len(text).to_bytes(8, "little") + text + raw[8 + size :])
+
+
+def _sorted_json(value: str) -> str:
+    """A JSON text (an adapter config) with sorted keys and its module lists sorted; else as is."""
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        return value
+    if not isinstance(parsed, dict):
+        return value
+    for name, item in parsed.items():
+        if name.endswith(("target_modules", "exclude_modules")) and isinstance(item, list):
+            parsed[name] = sorted(item)
+    return json.dumps(parsed, sort_keys=True, indent=2)
 
 
 def drop_load_paths(directory: Path) -> None:

@@ -34,6 +34,7 @@ from sdflow.models import (
     ComponentSources,
     atomic_dir,
     base_scheduler_config,
+    canonical_safetensors,
     component_sources,
     inference_scheduler,
     load_component,
@@ -159,6 +160,8 @@ def _save_lora(unet, out_dir: Path) -> str:
             safe_serialization=True,
             unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
         )
+        for weights in tmp.glob("*.safetensors"):
+            canonical_safetensors(weights)
     return out_dir.name
 
 

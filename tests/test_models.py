@@ -349,3 +349,26 @@ def test_saved_components_do_not_record_where_they_were_loaded_from(pipeline_dir
         saved.append((out / "config.json").read_bytes())
     assert saved[0] == saved[1]
     assert "_name_or_path" not in json.loads(saved[0])
+
+
+def test_canonical_safetensors_orders_the_header_and_keeps_the_tensors(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    tensors = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.ones(5, dtype=torch.float16)}
+    config = {"r": 4, "target_modules": ["to_v", "to_q", "to_k"], "lora_alpha": 8}
+    files = []
+    for order in (["format", "adapter"], ["adapter", "format"]):  # metadata in either order
+        values = {"format": "pt", "adapter": json.dumps(config)}
+        path = tmp_path / f"{order[0]}.safetensors"
+        save_file(tensors, path, metadata={k: values[k] for k in order})
+        models.canonical_safetensors(path)
+        files.append(path.read_bytes())
+    assert files[0] == files[1]
+    loaded = load_file(tmp_path / "format.safetensors")
+    assert all(
+        torch.equal(loaded[k], tensors[k]) and loaded[k].dtype == tensors[k].dtype for k in tensors
+    )
+    with safe_open(tmp_path / "format.safetensors", "pt") as handle:
+        adapter = json.loads(handle.metadata()["adapter"])
+    assert adapter == {**config, "target_modules": ["to_k", "to_q", "to_v"]}
