@@ -255,7 +255,7 @@ def _build(
     jobs = [ShardJob(build, config, i, str(p)) for i, p in enumerate(paths) if i not in done]
     totals: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
-    names, seconds, captioned = [], 0.0, 0
+    names, seconds, captioned, computed = [], 0.0, 0, 0
     try:
         with (
             tqdm(total=manifest["counts"].get("kept"), desc="caption", unit="img") as progress,
@@ -267,6 +267,7 @@ def _build(
                 else:
                     stats, took = next(results)
                     seconds, captioned = seconds + took, captioned + stats["input"]
+                    computed += stats["computed"]
                 progress.update(stats["input"])
                 totals.update({k: stats[k] for k in ("input", "kept", "generated", "templated")})
                 reasons.update(stats["failed_by_reason"])
@@ -279,6 +280,7 @@ def _build(
     info = {"backend": cfg.backend, "policy": cfg.policy, "on_missing": cfg.on_missing}
     # None when every shard was finished before a crash: nothing was timed in this run
     info["images_per_second"] = round(captioned / seconds, 1) if seconds > 0 else None
+    info["rows_computed"] = computed  # this build; the other rows came from earlier builds
     if cfg.backend not in SOURCE_BACKENDS:
         info["model"] = cfg.model
     return build.finish(counts=counts, shards=names, files={"failures": FAILURES}, info=info)

@@ -116,7 +116,7 @@ def _build(build: StageBuild, config: RunConfig, mapper: ShardMapper) -> Manifes
     rows = sources.open_rows(config.source)
     started = time.monotonic()
     names: list[str] = []  # every shard, finished or not, in order: filled as jobs are staged
-    kept = 0  # samples kept by this run (not by an earlier, interrupted one)
+    kept = fetched = 0  # by this run (not by an earlier, interrupted one)
     with progress_bar(
         STAGE, total=rows.total, unit="img", desc=STAGE, mininterval=1.0, disable=None
     ) as bar:
@@ -124,6 +124,7 @@ def _build(build: StageBuild, config: RunConfig, mapper: ShardMapper) -> Manifes
         with closing(mapper(download_shard, jobs)) as results:
             for result in results:
                 kept += result["kept"]
+                fetched += result["fetched"]
                 bar.update(result["rows"])
     if not names:
         raise UserError(f"Source {config.source.path} ({config.source.kind}) has no rows.")
@@ -141,6 +142,7 @@ def _build(build: StageBuild, config: RunConfig, mapper: ShardMapper) -> Manifes
         "decode_workers": config.download.decode_workers or available_cpus(),
         "seconds_this_run": round(seconds, 3),
         "images_per_second": round(kept / seconds, 2) if kept else 0.0,
+        "rows_fetched": fetched,  # this build; the other rows came from earlier builds
     }
     return build.finish(counts=counts, shards=names, files={"failures": FAILURES}, info=info)
 

@@ -121,6 +121,14 @@ def test_data_stages_rerun_exactly_what_changed(prefect_server, source, tmp_path
     edited = _run(workdir, source, *only)
     assert _statuses(edited)["download"] == ("completed", False)
     assert edited["stages"]["download"]["output"] != first["stages"]["download"]["output"]
+    assert _info(edited, "download")["rows_fetched"] == 1  # only the edited image is processed
+    assert _info(edited, "caption")["rows_computed"] == 1  # and captioned again
+
+
+def _info(summary: dict, stage: str) -> dict:
+    return json.loads((Path(summary["stages"][stage]["output"]) / "MANIFEST.json").read_text())[
+        "info"
+    ]
 
 
 def test_only_a_later_stage_uses_cached_upstream(prefect_server, source, tmp_path):

@@ -515,3 +515,11 @@ def test_a_grown_dataset_captions_only_its_new_and_changed_rows(
     )
     assert incremental["key"] == fresh["key"] and incremental["counts"] == fresh["counts"]
     assert incremental["fingerprint"] == fresh["fingerprint"]  # byte for byte the same output
+
+    narrowed = [grown[0][:2], grown[1]]  # a stricter filter upstream dropped c2
+    RecordingCaptioner.calls.clear()
+    third = caption_samples(
+        config, {"filter": write_stage(nightly, "filter", narrowed, "n3")}, str(nightly)
+    )
+    assert RecordingCaptioner.calls == [] and third["info"]["rows_computed"] == 0
+    assert third["counts"]["input"] == 6
