@@ -420,6 +420,13 @@ def drop_load_paths(directory: Path) -> None:
 # ------------------------------------------------------------------------------------ fingerprints
 
 
+def hub_commit(model: ModelConfig) -> str | None:
+    """The commit `model.pretrained` resolves to, when it is a hub name (recorded in manifests)."""
+    if model.pretrained and is_hub_name(model.pretrained):
+        return resolve_commit(model.pretrained, model.revision)
+    return None
+
+
 def weights_hash(source: str, subfolder: str | None, revision: str | None = None) -> str:
     """Content hash of a local model directory; `hub:<name>@<commit>` for a hub name (the commit
     `revision` resolves to now: a new upstream commit is a new key)."""

@@ -36,6 +36,7 @@ from sdflow.models import (
     base_scheduler_config,
     canonical_safetensors,
     component_sources,
+    hub_commit,
     inference_scheduler,
     load_component,
     noise_scheduler,
@@ -192,6 +193,7 @@ def _info(
         "optimizer_state_kept": config.train.keep_optimizer_state,
         "samples_per_second": round(summary.samples_per_second, 3),
         "base_model": config.model.pretrained,
+        "base_commit": hub_commit(config.model),  # what a hub name resolved to for this run
         "resumed_from_step": summary.resumed_from,
         "processes": resolve_processes(config.train),
     }

@@ -53,3 +53,12 @@ def test_an_unresolvable_revision_offline_is_a_clear_error(hub_cache):
     (hub_cache / "models--org--other" / "refs" / "main").write_text(B)  # ref without its files
     with pytest.raises(UserError, match="pin the revision to a commit"):
         hub.resolve_commit("org/other", None)
+
+
+def test_the_resolved_commit_is_what_a_run_records(hub_cache):
+    from sdflow.config import ModelConfig
+    from sdflow.models import hub_commit
+
+    cache_download(hub_cache, "org/tiny-sd", "main", A)
+    assert hub_commit(ModelConfig(init="pretrained", pretrained="org/tiny-sd")) == A
+    assert hub_commit(ModelConfig(init="scratch")) is None
