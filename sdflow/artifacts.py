@@ -235,6 +235,20 @@ def _rounded(value: Any) -> Any:
     return round(value, 4) if isinstance(value, float) else value
 
 
+def publish_sweep(profile: str, summary: dict[str, Any]) -> None:
+    """A sweep's comparison table: one row per setting, the best one starred."""
+    from prefect.artifacts import create_table_artifact
+
+    best = summary.get("best")
+    verdict = f"best: setting {best['index']}" if best else "no setting has the metric"
+    create_table_artifact(
+        summary["table"],
+        key=artifact_key(profile, "sweep"),
+        description=f"Sweep over {', '.join(summary['grid'])}, ranked by {summary['metric']} "
+        f"({'lower' if summary['direction'] == 'min' else 'higher'} is better); {verdict}",
+    )
+
+
 def publish_image(profile: str, name: str, path: Path, description: str) -> None:
     """An image artifact whose URL is the image itself (a data URL)."""
     from prefect.artifacts import create_image_artifact

@@ -7,6 +7,7 @@
     sdflow deploy [--pool NAME] [--pool-type process|kubernetes] [--workdir DIR] [--gpus N]
     sdflow server [--workdir DIR] [--port PORT]
     sdflow gc [--keep-runs N] [--dry-run] [--workdir DIR]
+    sdflow sweep PROFILE --grid K=V1,V2 [--grid ...] [--metric M] [--random N] [--set K=V]...
 
 A user error (bad config, missing path, unwritable workdir) ends with one paragraph and exit code 2.
 """
@@ -49,6 +50,15 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--only", type=_stage_list, default=None, help="run only these stages")
     run.add_argument("--refresh", type=_stage_list, default=None, help="rebuild these stages")
     run.set_defaults(handler=_run)
+
+    sweep = commands.add_parser("sweep", help="run the pipeline once per setting of a grid")
+    _add_profile_args(sweep)
+    sweep.add_argument("--grid", action="append", default=[], metavar="K=V1,V2", required=True)
+    sweep.add_argument("--metric", default="fid", help="rank the settings by this metric")
+    sweep.add_argument("--random", type=_count, default=None, help="draw N settings instead")
+    sweep.add_argument("--seed", type=int, default=0, help="seed of the --random draws")
+    sweep.add_argument("--workdir", default=DEFAULT_WORKDIR)
+    sweep.set_defaults(handler=_sweep)
 
     check = commands.add_parser("check", help="validate a profile and the environment")
     _add_profile_args(check)
@@ -120,13 +130,17 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_flow(profile, overrides, workdir, only, refresh, config: RunConfig) -> str:
+def _prepare_flow_logging() -> None:
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", LIBRARY_LOGGERS)
     # The ephemeral server's telemetry heartbeat races its own SQLite writes ("database is locked").
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     for name in ("sdflow", "tasks"):
         logging.getLogger(name).setLevel(logging.INFO)  # stage progress reaches the run's log
+
+
+def _run_flow(profile, overrides, workdir, only, refresh, config: RunConfig) -> str:
+    _prepare_flow_logging()
     from flows.pipeline import pipeline  # Prefect is imported only when a flow runs
 
     # Result storage comes from the profile inside the flow (flows/tracking.py), so deployments and
@@ -141,6 +155,30 @@ def _run_flow(profile, overrides, workdir, only, refresh, config: RunConfig) -> 
     # The ephemeral API server logs its shutdown at exit; keep the run directory the last line.
     logging.getLogger("prefect").setLevel(logging.WARNING)
     return run_dir
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from sdflow import sweeps
+
+    grid = sweeps.parse_grid(args.grid)
+    sweeps.plan(args.profile, grid, args.metric, args.overrides, args.random, args.seed)
+    workdir = _ready_workdir(args.workdir)
+    _check_source(_validated(args.profile, args.overrides))
+    _prepare_flow_logging()
+    from flows.sweep import sweep
+
+    summary = sweep(
+        profile=str(args.profile),
+        grid=grid,
+        metric=args.metric,
+        overrides=list(args.overrides),
+        workdir=str(workdir),
+        random=args.random,
+        seed=args.seed,
+    )
+    logging.getLogger("prefect").setLevel(logging.WARNING)
+    print(summary)
+    return 0
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -66,7 +66,7 @@ class StageCache(CachePolicy):
         manifest = load_manifest(stage_dir(inputs["workdir"], self.stage, key))
         if manifest is None:
             return None  # nothing on disk: run the stage (it resumes from its partial directory)
-        return cache_key(self.stage, manifest)
+        return cache_key(self.stage, key, manifest["fingerprint"])
 
 
 def retry_unless_user_error(task: Task, task_run: Any, state: Any) -> bool:
@@ -118,7 +118,8 @@ def as_stage_run(stage: str, key_fn: KeyFn, fn: StageFn) -> StageFn:
     def run(config: RunConfig, upstream: Upstream, workdir: str) -> Manifest:
         if TaskRunContext.get() is None:  # `task.fn(...)` in tests: no run, no artifacts
             return fn(config, upstream, workdir)
-        fresh = load_manifest(stage_dir(workdir, stage, key_fn(config, upstream))) is None
+        key = key_fn(config, upstream)
+        fresh = load_manifest(stage_dir(workdir, stage, key)) is None
         try:
             with stage_progress(stage), stage_gpu_slot(stage, config):
                 manifest = fn(config, upstream, workdir)
@@ -127,8 +128,8 @@ def as_stage_run(stage: str, key_fn: KeyFn, fn: StageFn) -> StageFn:
             if deterministic is None or deterministic is exc:
                 raise
             raise deterministic from exc
-        if fresh:
-            get_result_store().write(manifest, key=cache_key(stage, manifest))
+        if fresh and "fingerprint" in manifest:
+            get_result_store().write(manifest, key=cache_key(stage, key, manifest["fingerprint"]))
         return manifest
 
     return run
@@ -141,9 +142,9 @@ def stage_gpu_slot(stage: str, config: RunConfig) -> AbstractContextManager:
     return nullcontext()
 
 
-def cache_key(stage: str, manifest: Manifest) -> str:
+def cache_key(stage: str, key: str, fingerprint: str) -> str:
     """A record per stage key and content: a rebuilt output with other content misses it."""
-    return f"sdflow-{stage}-{manifest['key']}-{manifest['fingerprint'][:16]}"
+    return f"sdflow-{stage}-{key}-{fingerprint[:16]}"
 
 
 def result_storage(setting: str | None, workdir: str | Path) -> Path | str:

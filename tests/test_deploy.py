@@ -43,7 +43,7 @@ def test_every_deployment_loads_its_flow_with_valid_parameters(monkeypatch):
         load_profile(deployment["parameters"]["profile"])  # the profile exists and validates
         assert "sdflow" in deployment["tags"] and deployment["work_pool"]["name"]
     names = {f.name for f in flows.values()}
-    assert names == {"sdflow-pipeline"} | {f"sdflow-{stage}" for stage in STAGES}
+    assert names == {"sdflow-pipeline", "sdflow-sweep"} | {f"sdflow-{stage}" for stage in STAGES}
 
 
 def test_example_schedules_and_library_logs():

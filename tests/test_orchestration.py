@@ -107,7 +107,8 @@ def test_a_record_is_used_only_for_the_content_on_disk(prefect_server, tmp_path)
 def test_cache_records_are_json_not_pickles(prefect_server, tmp_path):
     state = probe_flow(str(tmp_path), 8)
     manifest = state.result()
-    record = Path(os.environ["PREFECT_HOME"]) / "storage" / cache_key("probe", manifest)
+    name = cache_key("probe", manifest["key"], manifest["fingerprint"])
+    record = Path(os.environ["PREFECT_HOME"]) / "storage" / name
     stored = json.loads(record.read_text())
     assert stored["metadata"]["serializer"]["type"] == "json"
     assert json.loads(stored["result"])["fingerprint"] == manifest["fingerprint"]

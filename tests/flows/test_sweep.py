@@ -1,0 +1,76 @@
+"""`sdflow sweep` end to end on tiny-test: shared upstream stages, a table, the best setting."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from diffusers import StableDiffusionPipeline
+
+from sdflow.cli import main
+
+UPSTREAM = ["download", "filter", "caption", "autoencoder", "latents"]
+FAST = ["--set", "train.max_steps=4", "--set", "eval.num_prompts=2", "--set", "eval.fid_samples=4"]
+
+
+def sweep(workdir: Path, source: Path, *args: str) -> dict:
+    before = set((workdir / "sweeps").glob("*/summary.json"))
+    common = ["--workdir", str(workdir), "--set", f"source.path={source}", *FAST]
+    assert main(["sweep", "tiny-test", *common, *args]) == 0
+    after = set((workdir / "sweeps").glob("*/summary.json"))
+    (path,) = (after - before) or after  # a rerun rewrites the same sweep's summary
+    return json.loads(path.read_text())
+
+
+@pytest.mark.slow
+def test_a_2x2_sweep_shares_upstream_stages_and_names_the_best(
+    prefect_server, demo_folder, tmp_path
+):
+    grid = ["--grid", "train.lr=1e-3,3e-3", "--grid", "train.ema=true,false"]
+    summary = sweep(tmp_path, demo_folder, *grid, "--metric", "fid")
+
+    settings = summary["settings"]
+    assert [s["setting"] for s in settings] == [
+        {"train.lr": "1e-3", "train.ema": "true"},
+        {"train.lr": "1e-3", "train.ema": "false"},
+        {"train.lr": "3e-3", "train.ema": "true"},
+        {"train.lr": "3e-3", "train.ema": "false"},
+    ]
+    assert all(s["status"] == "completed" for s in settings)
+    # the data, autoencoder and latents stages ran once; the other settings found them cached
+    assert [any(s["cached"][stage] for stage in UPSTREAM) for s in settings] == [
+        False,
+        True,
+        True,
+        True,
+    ]
+    assert all(all(s["cached"][stage] for stage in UPSTREAM) for s in settings[1:])
+    assert len({s["outputs"]["latents"] for s in settings}) == 1
+    models = {s["model_dir"] for s in settings}
+    assert len(models) == 4 and all(Path(m, "model_index.json").is_file() for m in models)
+    StableDiffusionPipeline.from_pretrained(settings[0]["model_dir"])
+
+    fids = [s["metrics"]["fid"] for s in settings]
+    assert summary["direction"] == "min" and summary["best"]["index"] == fids.index(min(fids))
+    table = summary["table"]
+    assert [row["best"] for row in table].count("★") == 1
+    assert table[summary["best"]["index"]]["best"] == "★"
+    assert [row["fid"] for row in table] == [round(f, 4) for f in fids]
+
+    again = sweep(tmp_path, demo_folder, *grid, "--metric", "fid")  # a rerun: all cached
+    assert all(all(s["cached"].values()) for s in again["settings"])
+    assert [s["metrics"] for s in again["settings"]] == [s["metrics"] for s in settings]
+
+
+@pytest.mark.slow
+def test_a_failing_setting_is_recorded_and_the_others_go_on(prefect_server, demo_folder, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    summary = sweep(
+        tmp_path, demo_folder, "--grid", f"source.path={empty},{demo_folder}", "--metric", "fid"
+    )
+    failed, finished = summary["settings"]
+    assert failed["status"] == "failed" and "has no rows" in failed["error"]
+    assert finished["status"] == "completed" and finished["metrics"]["fid"] > 0
+    assert summary["best"]["index"] == 1
