@@ -14,6 +14,12 @@ UPSTREAM = ["download", "filter", "caption", "autoencoder", "latents"]
 FAST = ["--set", "train.max_steps=4", "--set", "eval.num_prompts=2", "--set", "eval.fid_samples=4"]
 
 
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """One workdir for the module: the second sweep finds the first one's stages."""
+    return tmp_path_factory.mktemp("sweeps")
+
+
 def sweep(workdir: Path, source: Path, *args: str) -> dict:
     before = set((workdir / "sweeps").glob("*/summary.json"))
     common = ["--workdir", str(workdir), "--set", f"source.path={source}", *FAST]
@@ -25,10 +31,10 @@ def sweep(workdir: Path, source: Path, *args: str) -> dict:
 
 @pytest.mark.slow
 def test_a_2x2_sweep_shares_upstream_stages_and_names_the_best(
-    prefect_server, demo_folder, tmp_path
+    prefect_server, demo_folder, workdir
 ):
     grid = ["--grid", "train.lr=1e-3,3e-3", "--grid", "train.ema=true,false"]
-    summary = sweep(tmp_path, demo_folder, *grid, "--metric", "fid")
+    summary = sweep(workdir, demo_folder, *grid, "--metric", "fid")
 
     settings = summary["settings"]
     assert [s["setting"] for s in settings] == [
@@ -58,19 +64,21 @@ def test_a_2x2_sweep_shares_upstream_stages_and_names_the_best(
     assert table[summary["best"]["index"]]["best"] == "★"
     assert [row["fid"] for row in table] == [round(f, 4) for f in fids]
 
-    again = sweep(tmp_path, demo_folder, *grid, "--metric", "fid")  # a rerun: all cached
+    again = sweep(workdir, demo_folder, *grid, "--metric", "fid")  # a rerun: all cached
     assert all(all(s["cached"].values()) for s in again["settings"])
     assert [s["metrics"] for s in again["settings"]] == [s["metrics"] for s in settings]
 
 
 @pytest.mark.slow
-def test_a_failing_setting_is_recorded_and_the_others_go_on(prefect_server, demo_folder, tmp_path):
+def test_a_failing_setting_is_recorded_and_the_others_go_on(
+    prefect_server, demo_folder, workdir, tmp_path
+):
     empty = tmp_path / "empty"
     empty.mkdir()
-    summary = sweep(
-        tmp_path, demo_folder, "--grid", f"source.path={empty},{demo_folder}", "--metric", "fid"
+    summary = sweep(  # the working setting is one the 2x2 sweep built: cache hits
+        workdir, demo_folder, "--grid", f"source.path={empty},{demo_folder}", "--metric", "fid"
     )
     failed, finished = summary["settings"]
-    assert failed["status"] == "failed" and "has no rows" in failed["error"]
+    assert failed["status"] == "failed" and "No images found" in failed["error"]
     assert finished["status"] == "completed" and finished["metrics"]["fid"] > 0
-    assert summary["best"]["index"] == 1
+    assert summary["best"]["index"] == 1 and summary["table"][0]["model_dir"] == failed["error"]
