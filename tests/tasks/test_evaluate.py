@@ -135,13 +135,25 @@ def test_evaluate_writes_samples_grid_and_metrics(upstream) -> None:
     distinct = list(dict.fromkeys(r["caption"] for r in held))
     assert metrics["prompts"] == distinct[:3]  # distinct held-out captions, in shard order
     assert metrics["num_generated"] == 6 and metrics["num_real"] == 6
+    label = "random-cnn (offline; not comparable to published FID)"
     for name in ("trained", "baseline"):
         scores = metrics[name]
         assert math.isfinite(scores["fid"]) and scores["fid"] >= 0
-        assert (
-            scores["clip_score"] is None
-            and scores["clip_score_reason"] == "eval.clip_model not set"
-        )
+        assert math.isfinite(scores["kid"])
+        for key in ("precision", "recall", "coverage"):
+            assert 0.0 <= scores[key] <= 1.0
+        assert scores["density"] >= 0.0
+        for key in ("fid", "kid", "precision", "recall", "density", "coverage"):
+            detail = scores["metrics"][key]
+            assert detail["value"] == scores[key] and detail["reason"] is None
+            assert detail["features"] == label
+            assert (detail["num_generated"], detail["num_real"]) == (6, 6)
+        assert scores["metrics"]["kid"]["details"]["subset_size"] == 6  # adapted to 6 samples
+        assert scores["metrics"]["precision"]["details"] == {"k": 5}
+        for key in ("clip_score", "cmmd"):  # no CLIP model: null with the reason
+            assert scores[key] is None
+            assert scores["metrics"][key]["reason"] == "eval.clip_model not set"
+        assert scores["clip_score_per_prompt"] == []
         assert name in scores["name"]
     assert metrics["trained"]["fid"] != metrics["baseline"]["fid"]
     assert metrics["training_helped"] == (metrics["trained"]["fid"] < metrics["baseline"]["fid"])
@@ -305,8 +317,18 @@ def test_clip_score_with_a_local_model(upstream, tmp_path) -> None:
     metrics = ev.evaluate(config, manifests, str(workdir))["info"]
     score = metrics["trained"]["clip_score"]
     assert isinstance(score, float) and math.isfinite(score) and 0.0 <= score <= 100.0
-    assert metrics["trained"]["clip_score_reason"] is None
-    assert metrics["trained"]["clip_score_num_images"] == 3 * 2 + 6
+    clip = metrics["trained"]["metrics"]["clip_score"]
+    assert clip["reason"] is None and clip["num_generated"] == 3 * 2 + 6
+    rows = metrics["trained"]["clip_score_per_prompt"]
+    assert [r["clip_score"] for r in rows] == sorted(r["clip_score"] for r in rows)  # worst first
+    assert sum(r["num_images"] for r in rows) == 12
+    assert {r["prompt"] for r in rows} == set(metrics["prompts"]) | {
+        r["caption"] for r in held_out_rows()[:6]
+    }
+    cmmd = metrics["trained"]["metrics"]["cmmd"]
+    assert cmmd["reason"] is None and math.isfinite(cmmd["value"]) and cmmd["value"] >= 0
+    assert (cmmd["num_generated"], cmmd["num_real"]) == (6, 6)
+    assert cmmd["details"] == {"sigma": 10.0, "scale": 1000.0}
 
 
 def test_missing_clip_directory_is_a_user_error(upstream, tmp_path) -> None:
@@ -317,11 +339,11 @@ def test_missing_clip_directory_is_a_user_error(upstream, tmp_path) -> None:
 
 
 def test_inception_without_weights_fails_before_sampling(upstream, tmp_path, monkeypatch) -> None:
-    from sdflow import metrics
+    from sdflow.evaluation import features
 
     workdir, manifests = upstream
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    monkeypatch.setattr(metrics, "INCEPTION_URL", "http://127.0.0.1:9/weights.pth")
+    monkeypatch.setattr(features, "INCEPTION_URL", "http://127.0.0.1:9/weights.pth")
     monkeypatch.setattr(ev, "load_trained", lambda *a: pytest.fail("sampled before the check"))
     with pytest.raises(UserError, match="eval.fid_features"):
         ev.evaluate(make_config(fid_features="inception"), manifests, str(workdir))
