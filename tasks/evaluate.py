@@ -124,7 +124,9 @@ def _build(build: StageBuild, config: RunConfig, upstream: dict, workdir: str) -
     load = lambda: load_trained(config, train, workdir)  # noqa: E731
     results = {"trained": _score_once(build, "trained", load, prompts, pool, scorer, config)}
     if ev.baseline:
-        results["baseline"] = baseline_scores(build, config, upstream, workdir, scorer, prompts, pool)
+        results["baseline"] = baseline_scores(
+            build, config, upstream, workdir, scorer, prompts, pool
+        )
     names = {name: describe_model(name, config, train) for name in results}
     save_png(_draw_grid(build.path, prompts, names, config), build.path / "grid.png")
     metrics = summarise(results, names, prompts, scorer.num_real, config)
@@ -184,7 +186,9 @@ def baseline_scores(build, config, upstream, workdir, scorer, prompts, pool) -> 
     def score(base: StageBuild) -> Manifest:
         log.info("evaluate: sampling and scoring the baseline (shared by every trained model)")
         pipe = load_baseline(config, train, workdir)
-        scores = score_model(pipe, base.path / "samples" / "baseline", prompts, pool, scorer, config)
+        scores = score_model(
+            pipe, base.path / "samples" / "baseline", prompts, pool, scorer, config
+        )
         write_json(base.path / "scores.json", scores)
         counts = {"prompts": len(prompts), "generated": config.eval.fid_samples}
         files = {"scores": "scores.json", "samples": "samples"}

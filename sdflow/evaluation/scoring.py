@@ -114,7 +114,9 @@ class ModelScores:
         clip = self.scorer.clip
         if clip is None:
             count = sum(map(len, self.features))
-            return Metric(None, "CLIP image embeddings", count, self.scorer.num_real, NO_CLIP_REASON)
+            return Metric(
+                None, "CLIP image embeddings", count, self.scorer.num_real, NO_CLIP_REASON
+            )
         return cmmd(self.scorer.real_clip(), torch.cat(self.clip_images), clip.label)
 
     def _clip_score(self) -> Metric:
@@ -124,7 +126,9 @@ class ModelScores:
             return Metric(None, "CLIP image and text embeddings", 0, 0, NO_CLIP_REASON)
         value = clip_score([c for values in self.cosines.values() for c in values])
         details = {"prompts": len(self.cosines)}
-        return Metric(value, f"CLIP image and text embeddings ({clip.name})", count, 0, None, details)
+        return Metric(
+            value, f"CLIP image and text embeddings ({clip.name})", count, 0, None, details
+        )
 
     def per_prompt(self) -> list[dict[str, Any]]:
         """CLIP score of each prompt's images, the prompt the model follows worst first."""
@@ -133,4 +137,3 @@ class ModelScores:
             for p, c in self.cosines.items()
         ]
         return sorted(rows, key=lambda row: (row["clip_score"], row["prompt"]))
-
