@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from diffusers import (
     DDPMScheduler,
     EulerDiscreteScheduler,
     StableDiffusionPipeline,
+    UNet2DConditionModel,
 )
 from PIL import Image, ImageDraw
 
@@ -78,14 +80,16 @@ def write_caption_stage(workdir: Path, shards: list[list[dict]]) -> Manifest:
     )
 
 
-def write_train_stage(workdir: Path, config: RunConfig, captions: list[str]) -> Manifest:
-    """A scratch 'trained' pipeline: the tiny-test components, UNet seeded differently from the
-    baseline's, so trained and baseline samples differ as they would after training."""
-    build = StageBuild(workdir, "train", "fixture")
+def write_train_stage(
+    workdir: Path, config: RunConfig, captions: list[str], key: str = "fixture", offset: int = 1
+) -> Manifest:
+    """A scratch 'trained' pipeline: the tiny-test components, UNet seeded differently (model.seed
+    + offset) from the baseline's, so trained and baseline samples differ as after training."""
+    build = StageBuild(workdir, "train", key)
     build.path.mkdir(parents=True)
     model = config.model
     tokenizer = train_tokenizer(captions, model, workdir / "tokenizer")
-    unet = build_unet(model.model_copy(update={"seed": model.seed + 1}))
+    unet = build_unet(model.model_copy(update={"seed": model.seed + offset}))
     scheduler = DDPMScheduler(
         beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False
     )
@@ -450,3 +454,99 @@ def test_grid_upscales_with_nearest_and_labels_every_column() -> None:
     for x in (int(green[0][1]), int(green[-1][1])):
         above = pixels[top - 40 : top, x : x + 90]
         assert (above.sum(-1) < 200).any()
+
+
+def test_baseline_is_scored_once_for_two_trained_models(upstream, monkeypatch) -> None:
+    workdir, manifests = upstream
+    captions = [r["caption"] for r in caption_rows(30)]
+    other = write_train_stage(workdir, make_config(), captions, key="fixture-2", offset=2)
+    config = make_config(num_prompts=2, images_per_prompt=1, seed=11)  # a baseline of its own
+    loads: list[str] = []
+    load_baseline = ev.load_baseline
+
+    def counted(*args):
+        loads.append("baseline")
+        return load_baseline(*args)
+
+    monkeypatch.setattr(ev, "load_baseline", counted)
+    first = ev.evaluate(config, manifests, str(workdir))
+    second = ev.evaluate(config, {**manifests, "train": other}, str(workdir))
+    assert loads == ["baseline"]  # one pipeline load for two trained models
+    assert first["key"] != second["key"]
+    a, b = first["info"], second["info"]
+    assert a["trained"]["fid"] != b["trained"]["fid"]  # two different trained models ...
+    assert a["baseline"] == b["baseline"]  # ... against the same baseline scores
+    assert a["baseline"]["fid"] != a["trained"]["fid"]
+    key = ev.baseline_key(config, manifests, str(workdir))
+    assert key == ev.baseline_key(config, {**manifests, "train": other}, str(workdir))
+    assert (workdir / "stages" / "baseline" / key / "scores.json").is_file()
+    for manifest in (first, second):  # each evaluate output holds the baseline's grid samples
+        samples = output_dir(workdir, manifest) / "samples" / "baseline"
+        assert sorted(p.name for p in samples.iterdir()) == ["p000-0.png", "p001-0.png"]
+    shared = workdir / "stages" / "baseline" / key / "samples" / "baseline" / "p000-0.png"
+    assert shared.read_bytes() == (samples / "p000-0.png").read_bytes()
+
+
+def test_baseline_key_follows_base_settings_and_reference_set(upstream) -> None:
+    workdir, manifests = upstream
+    config, train = make_config(), manifests["train"]
+    key = ev.baseline_key(config, manifests, str(workdir))
+    same = [make_config(checkpoints="all"), make_config(baseline=False)]  # not the baseline's
+    assert all(ev.baseline_key(c, manifests, str(workdir)) == key for c in same)
+    assert key != ev.baseline_key(make_config(guidance_scale=2.0), manifests, str(workdir))
+    assert key != ev.baseline_key(make_config(fid_samples=8), manifests, str(workdir))
+    recaptioned = {**manifests, "caption": {**manifests["caption"], "fingerprint": "other"}}
+    assert key != ev.baseline_key(config, recaptioned, str(workdir))  # prompts and real images
+    reseeded = config.model_copy(
+        update={"model": config.model.model_copy(update={"seed": config.model.seed + 7})}
+    )
+    assert key != ev.baseline_key(reseeded, manifests, str(workdir))  # another scratch UNet
+    # another VAE in the trained pipeline: another starting model
+    build = StageBuild(workdir, "train", "other-vae")
+    shutil.copytree(output_dir(workdir, train) / "pipeline", build.path / "pipeline")
+    vae = build.path / "pipeline" / "vae" / "diffusion_pytorch_model.safetensors"
+    vae.write_bytes(vae.read_bytes()[:-4] + b"\0\0\0\0")
+    other = build.finish(counts={}, files={"pipeline": "pipeline"}, info={"mode": "full"})
+    assert key != ev.baseline_key(config, {**manifests, "train": other}, str(workdir))
+
+
+def test_checkpoints_all_scores_every_kept_checkpoint(upstream) -> None:
+    """Checkpoint 1 holds the baseline's UNet, 2 and 3 the trained one: their scores must equal
+    the baseline's and the trained model's, which are computed on other paths."""
+    from sdflow.checkpoints import save_checkpoint
+
+    workdir, manifests = upstream
+    config = make_config(num_prompts=1, images_per_prompt=1, checkpoints="all", seed=21)
+    trained_dir = output_dir(workdir, manifests["train"]) / "pipeline"
+    build = StageBuild(workdir, "train", "checkpoints-fixture")
+    shutil.copytree(trained_dir, build.path / "pipeline")
+    trained = UNet2DConditionModel.from_pretrained(trained_dir / "unet").state_dict()
+    weights = {1: build_unet(config.model).state_dict(), 2: trained, 3: trained}
+    for step, state in weights.items():
+        save_checkpoint(build.path / "checkpoints", step, {"model": state}, keep=5)
+    files = {"pipeline": "pipeline", "checkpoints": "checkpoints"}
+    train = build.finish(counts={"steps": 3}, files=files, info={"mode": "full"})
+
+    manifest = ev.evaluate(config, {**manifests, "train": train}, str(workdir))
+    metrics = manifest["info"]
+    rows = metrics["checkpoints"]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[0]["fid"] == pytest.approx(metrics["baseline"]["fid"], rel=1e-6)
+    assert rows[1]["fid"] == pytest.approx(metrics["trained"]["fid"], rel=1e-6)
+    assert rows[1]["recall"] == metrics["trained"]["recall"] and rows[2] == {
+        "step": 3,
+        **{k: metrics["trained"][k] for k in rows[2] if k != "step"},
+    }
+    assert metrics["checkpoints_note"] == "scored 3 kept checkpoint(s) of the train stage"
+    assert manifest["files"]["metric_curve"] == "metric_curve.png"
+    curve = Image.open(output_dir(workdir, manifest) / "metric_curve.png")
+    assert curve.width == 640 and curve.height >= 2 * 180  # fid, kid, precision, recall, coverage
+
+
+def test_checkpoints_all_says_when_checkpoints_are_not_kept(upstream, caplog) -> None:
+    workdir, manifests = upstream  # the fixture's train stage kept no checkpoint
+    config = make_config(num_prompts=1, images_per_prompt=1, checkpoints="all", baseline=False)
+    metrics = ev.evaluate(config, manifests, str(workdir))["info"]
+    assert metrics["checkpoints"] == []
+    assert "only 0 checkpoint(s) kept" in metrics["checkpoints_note"]
+    assert "eval.checkpoints is 'all'" in caplog.text
