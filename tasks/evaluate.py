@@ -28,40 +28,32 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from diffusers import (
-    AutoencoderKL,
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerDiscreteScheduler,
-    StableDiffusionPipeline,
-)
 from PIL import Image
 
 from sdflow.checkpoints import list_checkpoints, step_name
 from sdflow.config import RunConfig
 from sdflow.errors import UserError
 from sdflow.evaluation.curves import draw_metric_curve
-from sdflow.evaluation.features import decode_image, feature_label, feature_note, to_uint8
+from sdflow.evaluation.features import decode_image, feature_label, feature_note
+from sdflow.evaluation.sampling import (
+    SEED_STRIDE,
+    base_source,
+    fid_sample_jobs,
+    generate,
+    load_baseline,
+    load_checkpoint_pipeline,
+    load_trained,
+)
 from sdflow.evaluation.scoring import METRICS, Scorer
 from sdflow.fingerprint import code_version, hash_tree
 from sdflow.grids import Block, render_grid, save_png
-from sdflow.models import (
-    ComponentSources,
-    absolute_source,
-    build_unet,
-    component_sources,
-    is_hub_name,
-    load_component,
-    weights_hash,
-)
+from sdflow.models import component_sources, weights_hash
 from sdflow.orchestration import stage_task
 from sdflow.splits import is_held_out
 from sdflow.stageio import (
@@ -77,13 +69,6 @@ from sdflow.stageio import (
 
 log = logging.getLogger(__name__)
 
-SCHEDULERS = {
-    "ddim": DDIMScheduler,
-    "ddpm": DDPMScheduler,
-    "euler": EulerDiscreteScheduler,
-    "dpm": DPMSolverMultistepScheduler,
-}
-SEED_STRIDE = 1000  # seed of image j of prompt i: eval.seed + i * SEED_STRIDE + j
 METRIC_CURVE = "metric_curve.png"
 
 
@@ -169,7 +154,7 @@ def base_identity(config: RunConfig, train: Manifest, workdir: str) -> str:
             raise UserError(f"The train stage output {train['path']} has no pipeline.")
         pipeline = output_dir(workdir, train) / train["files"]["pipeline"]
         return "scratch:" + hash_tree(pipeline, skip_dirs=("unet",))
-    source = _base_source(config, train)
+    source = base_source(config, train)
     revision = model.revision if source == model.pretrained else None
     identity = weights_hash(source, None, revision)
     if model.vae:
@@ -226,22 +211,6 @@ def score_checkpoints(build, config, train, workdir, scorer, prompts, pool) -> t
         )
         log.warning("evaluate: eval.checkpoints is 'all', but %s", note)
     return rows, note
-
-
-def load_checkpoint_pipeline(
-    config: RunConfig, train: Manifest, workdir: str, checkpoint: Path
-) -> StableDiffusionPipeline:
-    """The trained pipeline with the UNet of one checkpoint (EMA weights when `train.ema`)."""
-    from sdflow.training import trained_unet
-
-    model = config.model
-    base = absolute_source(_base_source(config, train)) if model.init == "pretrained" else None
-    sources = ComponentSources("", None, None, None, None, None, base, base and "unet", None)
-    unet = trained_unet(config, sources, checkpoint)
-    lora = "lora" in train["files"]
-    pipe = _load_base(config, train) if lora else load_trained(config, train, workdir)
-    pipe.unet = unet.to(pipe.device, pipe.dtype)
-    return pipe
 
 
 # ------------------------------------------------------------------------------- prompts and reals
@@ -308,70 +277,6 @@ def _held_out_images(workdir: str, caption: Manifest, config: RunConfig) -> Iter
 # ---------------------------------------------------------------------------------------- models
 
 
-def load_trained(config: RunConfig, train: Manifest, workdir: str) -> StableDiffusionPipeline:
-    """The train stage's pipeline, or its base model with the LoRA weights loaded."""
-    base = output_dir(workdir, train)
-    files = train["files"]
-    if "pipeline" in files:
-        return _prepare(StableDiffusionPipeline.from_pretrained(base / files["pipeline"]), config)
-    if "lora" not in files:
-        raise UserError(f"The train stage output {base} has neither a pipeline nor LoRA weights.")
-    pipe = _load_base(config, train)
-    pipe.load_lora_weights(str(base / files["lora"]))
-    return pipe
-
-
-def load_baseline(config: RunConfig, train: Manifest, workdir: str) -> StableDiffusionPipeline:
-    """The model training started from: the seeded scratch UNet, or the pretrained base."""
-    if config.model.init == "scratch":
-        pipe = load_trained(config, train, workdir)
-        pipe.unet = build_unet(config.model).to(pipe.device, pipe.dtype)
-        return pipe
-    return _load_base(config, train)
-
-
-def _base_source(config: RunConfig, train: Manifest) -> str:
-    source = train.get("info", {}).get("base_model") or config.model.pretrained
-    if not source:
-        raise UserError("Evaluating this model needs model.pretrained (its base model) to be set.")
-    return source
-
-
-def _load_base(config: RunConfig, train: Manifest) -> StableDiffusionPipeline:
-    model = config.model
-    source = _base_source(config, train)
-    if not is_hub_name(source) and not Path(source).expanduser().is_dir():
-        raise UserError(f"model.pretrained {source!r} is not a directory (the baseline model).")
-    kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
-    if source == model.pretrained:
-        kwargs.update(revision=model.revision, variant=model.variant)
-    try:
-        pipe = StableDiffusionPipeline.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"Could not load the base model {source!r}: {exc}") from exc
-    if model.vae:  # training encoded latents with this VAE, so sampling must decode with it
-        vae, subfolder = component_sources(config, {}, "")[:2]
-        pipe.vae = load_component(vae, subfolder, AutoencoderKL, model)
-    return _prepare(pipe, config)
-
-
-def _prepare(pipe: StableDiffusionPipeline, config: RunConfig) -> StableDiffusionPipeline:
-    """Eval scheduler, device and precision, no progress bars."""
-    scheduler = SCHEDULERS[config.eval.scheduler]
-    pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return pipe.to(device, pipeline_dtype(config.train.mixed_precision, device))
-
-
-def pipeline_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """Sample in the training precision on a GPU (half the memory, about twice as fast); a CPU
-    has no fast half-precision kernels, so it samples in float32."""
-    if device.type != "cuda":
-        return torch.float32
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
-
-
 def describe_model(name: str, config: RunConfig, train: Manifest) -> str:
     model = config.model
     base = "scratch" if model.init == "scratch" else str(model.pretrained)
@@ -426,32 +331,6 @@ def score_model(pipe, sample_dir: Path, prompts, pool, scorer: Scorer, config) -
         scores["clip_score"],
     )  # fmt: skip
     return scores
-
-
-def fid_sample_jobs(pool: Sequence[str], count: int, seed: int) -> list[tuple]:
-    """FID sample k: caption i = k mod len(pool), image j = k div len(pool); seeds as the grid's."""
-    n = len(pool)
-    return [(pool[k % n], seed + (k % n) * SEED_STRIDE + k // n, None) for k in range(count)]
-
-
-def generate(pipe, jobs: Sequence[tuple], config: RunConfig) -> Iterator[tuple[list, torch.Tensor]]:
-    """Sample (prompt, seed, ...) jobs in batches of `eval.batch_size`; yields uint8 NCHW images."""
-    ev, size = config.eval, config.download.resolution
-    for start in range(0, len(jobs), ev.batch_size):
-        batch = list(jobs[start : start + ev.batch_size])
-        # CPU generators: the same seed gives the same starting noise on every device.
-        generators = [torch.Generator("cpu").manual_seed(seed) for _, seed, _ in batch]
-        with torch.no_grad():
-            out = pipe(
-                prompt=[prompt for prompt, _, _ in batch],
-                generator=generators,
-                num_inference_steps=ev.num_inference_steps,
-                guidance_scale=ev.guidance_scale,
-                height=size,
-                width=size,
-                output_type="np",
-            )
-        yield batch, to_uint8(np.asarray(out.images))
 
 
 # ------------------------------------------------------------------------------- grid and summary

@@ -24,6 +24,8 @@ from PIL import Image, ImageDraw
 
 from sdflow.config import EvalConfig, RunConfig
 from sdflow.errors import UserError
+from sdflow.evaluation import sampling
+from sdflow.evaluation.features import to_uint8
 from sdflow.models import build_text_encoder, build_unet, build_vae, save_pipeline, train_tokenizer
 from sdflow.profiles import load_profile
 from sdflow.splits import is_held_out
@@ -204,7 +206,7 @@ def test_samples_use_the_documented_seeds(upstream) -> None:
         output_type="np",
     ).images
     saved = np.asarray(Image.open(out / f"samples/trained/p{i:03d}-{j}.png"))
-    assert np.abs(ev.to_uint8(image)[0].permute(1, 2, 0).numpy().astype(int) - saved).max() <= 1
+    assert np.abs(to_uint8(image)[0].permute(1, 2, 0).numpy().astype(int) - saved).max() <= 1
 
 
 def test_baseline_is_the_untrained_seeded_unet(upstream) -> None:
@@ -216,7 +218,7 @@ def test_baseline_is_the_untrained_seeded_unet(upstream) -> None:
         baseline.unet.state_dict().items(), fresh.state_dict().values(), strict=True
     ):
         assert torch.equal(got, want), name
-    assert isinstance(baseline.scheduler, ev.DDIMScheduler)
+    assert isinstance(baseline.scheduler, DDIMScheduler)
 
 
 def test_explicit_prompts_no_baseline_and_few_real_images(upstream) -> None:
@@ -244,13 +246,13 @@ def test_fid_prompts_cycle_the_held_out_captions_with_distinct_seeds() -> None:
 
 def test_every_scheduler_samples(upstream) -> None:
     workdir, manifests = upstream
-    for name, cls in ev.SCHEDULERS.items():
+    for name, cls in sampling.SCHEDULERS.items():
         config = make_config(scheduler=name)
         pipe = ev.load_trained(config, manifests["train"], str(workdir))
         assert isinstance(pipe.scheduler, cls)
         [(batch, images)] = list(ev.generate(pipe, [("a red circle", 0, None)], config))
         assert images.shape == (1, 3, 32, 32) and images.dtype == torch.uint8
-    assert ev.SCHEDULERS["euler"] is EulerDiscreteScheduler
+    assert sampling.SCHEDULERS["euler"] is EulerDiscreteScheduler
 
 
 def test_an_exported_v_prediction_sampler_keeps_its_prediction_type(upstream) -> None:
@@ -286,7 +288,7 @@ def test_an_exported_v_prediction_sampler_keeps_its_prediction_type(upstream) ->
     ],
 )
 def test_pipelines_sample_in_the_training_precision_on_a_gpu(precision, device, dtype) -> None:
-    assert ev.pipeline_dtype(precision, torch.device(device)) is dtype
+    assert sampling.pipeline_dtype(precision, torch.device(device)) is dtype
 
 
 def test_a_cpu_samples_in_float32_whatever_the_training_precision(upstream) -> None:
