@@ -238,6 +238,34 @@ def test_inception_loads_weights_from_the_hub_cache(tmp_path, monkeypatch):
     assert torch.equal(loaded, net.state_dict()["Conv2d_1a_3x3.conv.weight"])
 
 
+def test_a_wrong_download_is_refused_and_not_kept(tmp_path, monkeypatch):
+    """A local server hands out the wrong bytes: refused before they land in the hub cache."""
+    import http.server
+    import threading
+
+    class Wrong(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Length", "9")
+            self.end_headers()
+            self.wfile.write(b"not these")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Wrong)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        target = _hub_dir(monkeypatch, tmp_path / "hub")
+        url = f"http://127.0.0.1:{server.server_port}/{features.INCEPTION_FILE}"
+        monkeypatch.setattr(features, "INCEPTION_URL", url)
+        with pytest.raises(UserError, match=hashlib.sha256(b"not these").hexdigest()):
+            features.FeatureNet("inception")
+    finally:
+        server.shutdown()
+    assert list(target.parent.iterdir()) == []  # neither the file nor a temp file
+
+
 @pytest.mark.parametrize("content", [b"", b"not the weights", pickle.dumps({"w": [1.0]})])
 def test_a_corrupted_or_foreign_inception_file_is_refused(tmp_path, monkeypatch, content):
     target = _hub_dir(monkeypatch, tmp_path / "hub")

@@ -147,32 +147,36 @@ def ensure_inception_weights() -> Path:
                 f"{INCEPTION_URL}), or set eval.fid_features: random-cnn for an offline FID "
                 "that is comparable only between runs of sdflow, not to published numbers."
             ) from exc
-    digest = sha256_of(path)
-    if not digest.startswith(INCEPTION_SHA256_PREFIX):
-        raise UserError(
-            f"{path} is not the published Inception weights file: its SHA-256 is {digest}, the "
-            f"published one starts with {INCEPTION_SHA256_PREFIX} (the name's hash prefix). It is "
-            f"truncated, corrupted or another file: delete it so it is fetched again (from "
-            f"{INCEPTION_URL}), or set eval.fid_features: random-cnn."
-        )
+    with open(path, "rb") as fh:
+        _check_digest(hashlib.file_digest(fh, "sha256").hexdigest(), str(path), "delete it")
     return path
 
 
-def sha256_of(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
+def _check_digest(digest: str, what: str, remedy: str) -> None:
+    """A UserError unless `digest` starts with the hash prefix of the published file's name."""
+    if not digest.startswith(INCEPTION_SHA256_PREFIX):
+        raise UserError(
+            f"{what} is not the published Inception weights file: its SHA-256 is {digest}, the "
+            f"published one starts with {INCEPTION_SHA256_PREFIX} (the name's hash prefix). It is "
+            f"truncated, corrupted or another file: {remedy} so it is fetched again (from "
+            f"{INCEPTION_URL}), or set eval.fid_features: random-cnn."
+        )
 
 
 def _download(url: str, path: Path) -> None:
-    """Download to a temp file beside `path`, then rename: a cut download never looks complete."""
+    """Download to a temp file beside `path`, check its hash, then rename: a cut or wrong
+    download never lands where torch hub looks."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    digest = hashlib.sha256()
     try:
         with httpx.stream("GET", url, timeout=DOWNLOAD_TIMEOUT_S, follow_redirects=True) as resp:
             resp.raise_for_status()
             with open(tmp, "wb") as fh:
                 for chunk in resp.iter_bytes():
                     fh.write(chunk)
+                    digest.update(chunk)
+        _check_digest(digest.hexdigest(), f"The download from {url}", "check the URL and retry")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
