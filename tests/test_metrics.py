@@ -192,6 +192,38 @@ def test_collapsed_images_rank_the_same_by_kid_fid_and_recall():
     assert bad["metrics"]["fid"]["num_generated"] == 48 == bad["metrics"]["kid"]["num_real"]
 
 
+def mixture(count: int, modes: list[int], seed: int, dim: int = 32) -> torch.Tensor:
+    """i.i.d. draws from the chosen modes of 10 Gaussians (mode picked at random per point)."""
+    centres = torch.randn(10, dim, generator=torch.Generator().manual_seed(123)) * 3
+    generator = torch.Generator().manual_seed(seed)
+    chosen = torch.tensor(modes)[torch.randint(len(modes), (count,), generator=generator)]
+    return (centres[chosen] + torch.randn(count, dim, generator=generator)).double()
+
+
+def test_sample_size_fid_is_biased_kid_is_not_coverage_is_stable():
+    """What README "Reading the metrics" claims (bench/metric_samples.py prints the full table)."""
+    means = {}
+    for size in (50, 400):
+        for model, modes in (("good", list(range(10))), ("collapsed", [0, 1])):
+            runs = [
+                distribution.feature_metrics(
+                    mixture(size, list(range(10)), 2 * rep), mixture(size, modes, 2 * rep + 1),
+                    "f", k=5,
+                )
+                for rep in range(3)
+            ]  # fmt: skip
+            means[size, model] = {
+                name: sum(run[name].value for run in runs) / len(runs) for name in runs[0]
+            }
+    for size, kid_share, coverage in ((50, 0.1, 0.5), (400, 0.01, 0.3)):
+        good, bad = means[size, "good"], means[size, "collapsed"]
+        assert abs(good["kid"]) < kid_share * bad["kid"]  # unbiased: about 0, spread shrinks
+        assert good["coverage"] > 0.9 and bad["coverage"] < coverage and bad["recall"] < 0.35
+        assert bad["precision"] > 0.75  # collapse does not show in precision
+    assert means[50, "good"]["precision"] > means[400, "good"]["precision"] + 0.05  # drifts with N
+    assert means[50, "good"]["fid"] > 4 * means[400, "good"]["fid"] > 0  # bias ~ 1/N
+
+
 # ------------------------------------------------------------------------------ Inception weights
 
 
