@@ -324,7 +324,7 @@ def score_model(pipe, sample_dir: Path, prompts, pool, scorer: Scorer, config) -
     del pipe  # free the GPU before the next model loads
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    scores = model.result()
+    scores = model.result(prompts)  # the per-prompt table: the evaluation (grid) prompts
     log.info(
         "evaluate: %s FID %.3f, KID %s, precision %s, recall %s, CLIP score %s",
         sample_dir.name, scores["fid"], scores["kid"], scores["precision"], scores["recall"],

@@ -9,12 +9,13 @@ and once through CLIP; `result()` computes every metric from those vectors.
 The result (what metrics.json holds per model): a flat value per metric (`fid`, `kid`, `precision`,
 `recall`, `density`, `coverage`, `cmmd`, `clip_score`; `None` when it cannot be computed), `metrics`
 with each one's features, sample counts, parameters and the reason for a `None`, and
-`clip_score_per_prompt`, worst-followed prompt first.
+`clip_score_per_prompt` over the evaluation prompts, worst-followed prompt first.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -97,7 +98,8 @@ class ModelScores:
         for prompt, cosine in zip(prompts, cosines.tolist(), strict=True):
             self.cosines[prompt].append(cosine)
 
-    def result(self) -> dict[str, Any]:
+    def result(self, prompts: Sequence[str] | None = None) -> dict[str, Any]:
+        """Every metric; the per-prompt table covers `prompts` (default: every prompt seen)."""
         scorer = self.scorer
         label = scorer.features.label
         fake = torch.cat(self.features)
@@ -107,7 +109,7 @@ class ModelScores:
         return {
             **{name: metrics[name].value for name in METRICS},
             "metrics": {name: metrics[name].as_json() for name in METRICS},
-            "clip_score_per_prompt": self.per_prompt(),
+            "clip_score_per_prompt": self.per_prompt(prompts),
         }
 
     def _cmmd(self) -> Metric:
@@ -130,10 +132,17 @@ class ModelScores:
             value, f"CLIP image and text embeddings ({clip.name})", count, 0, None, details
         )
 
-    def per_prompt(self) -> list[dict[str, Any]]:
-        """CLIP score of each prompt's images, the prompt the model follows worst first."""
+    def per_prompt(self, prompts: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """CLIP score of each prompt's images (all of them: grid and FID set), the prompt the
+        model follows worst first."""
+        wanted = self.cosines.keys() if prompts is None else dict.fromkeys(prompts)
         rows = [
-            {"prompt": p, "clip_score": clip_score(c), "num_images": len(c)}
-            for p, c in self.cosines.items()
+            {
+                "prompt": p,
+                "clip_score": clip_score(self.cosines[p]),
+                "num_images": len(self.cosines[p]),
+            }
+            for p in wanted
+            if p in self.cosines
         ]
         return sorted(rows, key=lambda row: (row["clip_score"], row["prompt"]))
