@@ -434,3 +434,20 @@ def test_per_prompt_clip_score_and_cmmd_match_torchmetrics_and_clip_forward(clip
     assert cmmd["value"] == pytest.approx(want.value, rel=1e-5) and cmmd["value"] > 0
     assert (cmmd["num_generated"], cmmd["num_real"]) == (4, 6) and str(clip_dir) in cmmd["features"]
     assert result["metrics"]["fid"]["num_generated"] == 4  # the grid images are not in the FID set
+
+
+def test_metric_curve_draws_one_panel_per_metric_with_values():
+    import io
+
+    from sdflow.evaluation.curves import draw_metric_curve
+
+    rows = [
+        {"step": 4, "fid": 9.0, "kid": 0.5, "precision": 0.2, "clip_score": None},
+        {"step": 8, "fid": 3.0, "kid": 0.1, "precision": 0.6, "clip_score": None},
+    ]
+    image = Image.open(io.BytesIO(draw_metric_curve(rows))).convert("RGB")
+    assert image.size == (640, 2 * 180)  # fid, kid, precision: two rows of two panels
+    pixels = np.asarray(image)
+    line = (pixels == (0x1F, 0x5F, 0xBF)).all(-1)
+    assert line[:180, :320].any() and line[:180, 320:].any() and line[180:, :320].any()
+    assert not line[180:, 320:].any()  # no fourth panel: clip_score has no value
