@@ -556,3 +556,24 @@ def test_checkpoints_all_says_when_checkpoints_are_not_kept(upstream, caplog) ->
     assert metrics["checkpoints"] == []
     assert "only 0 checkpoint(s) kept" in metrics["checkpoints_note"]
     assert "eval.checkpoints is 'all'" in caplog.text
+
+
+def test_each_image_goes_through_the_feature_network_once(upstream, monkeypatch) -> None:
+    """Six metrics from one pass: 6 real + 6 generated images, not 6 x 12."""
+    from sdflow.evaluation.features import FeatureNet
+
+    workdir, manifests = upstream
+    seen: list[int] = []
+    forward = FeatureNet.__call__
+
+    def counted(self, images):
+        seen.append(len(images))
+        return forward(self, images)
+
+    monkeypatch.setattr(FeatureNet, "__call__", counted)
+    config = make_config(num_prompts=1, images_per_prompt=1, baseline=False, seed=31)
+    metrics = ev.evaluate(config, manifests, str(workdir))["info"]
+    assert sum(seen) == 6 + 6  # the grid image is CLIP-scored only; no CLIP model here
+    for name in ("fid", "kid", "precision", "recall", "density", "coverage"):
+        assert metrics["trained"][name] is not None
+        assert metrics["trained"]["metrics"][name]["num_generated"] == 6
