@@ -121,6 +121,10 @@ class RunTracker:
             _best_effort(artifacts.publish_image, profile, "loss-curve", path, "Training loss")
         if name == "evaluate":
             _best_effort(artifacts.publish_metrics, profile, manifest.get("info", {}))
+            _best_effort(artifacts.publish_prompt_scores, profile, manifest.get("info", {}))
+            if "metric_curve" in files:
+                path, what = base / files["metric_curve"], "Metrics by training checkpoint"
+                _best_effort(artifacts.publish_image, profile, "metric-curve", path, what)
             if "grid" in files:
                 path, what = base / files["grid"], "Sample grid: trained (and baseline) per prompt"
                 _best_effort(artifacts.publish_image, profile, "sample-grid", path, what)

@@ -8,8 +8,8 @@ Two halves, both used only through the task wrapper (`sdflow.orchestration`) and
   The reporter creates the stage's progress artifact on the first report and updates it in place,
   at most every `UPDATE_SECONDS`, from whichever thread reports.
 - Run artifacts, created in the flow run from the stage manifests: a markdown summary (stages, counts,
-  cache hits, seconds), a table of failures by reason (download, filter), the evaluate metrics, and the
-  sample grid and loss curve as images.
+  cache hits, seconds), a table of failures by reason (download, filter), the evaluate metrics and
+  CLIP score per prompt, and the sample grid, loss curve and metric-by-checkpoint curve as images.
 
 An image artifact is an `<img src=URL>` in the UI, so the browser must be able to fetch the URL. A
 `data:image/...;base64` URL holds the (downscaled) image itself: it renders wherever the UI runs, with
@@ -203,6 +203,9 @@ def failure_rows(counts_by_stage: dict[str, dict[str, Any]]) -> list[dict[str, A
     return rows
 
 
+METRIC_COLUMNS = ("fid", "kid", "precision", "recall", "density", "coverage", "cmmd", "clip_score")
+
+
 def publish_metrics(profile: str, metrics: dict[str, Any]) -> None:
     """The evaluate stage's scores, one row per model (trained, baseline)."""
     from prefect.artifacts import create_table_artifact
@@ -210,8 +213,10 @@ def publish_metrics(profile: str, metrics: dict[str, Any]) -> None:
     create_table_artifact(
         metric_rows(metrics),
         key=artifact_key(profile, "metrics"),
-        description=f"FID ({metrics.get('fid_feature_extractor')}), CLIP score; "
-        f"{metrics.get('num_generated')} generated vs {metrics.get('num_real')} real images",
+        description=f"FID, KID, precision/recall, density/coverage on "
+        f"{metrics.get('fid_feature_extractor')}; CMMD and CLIP score on CLIP embeddings; "
+        f"{metrics.get('num_generated')} generated vs {metrics.get('num_real')} real images "
+        "(empty cell: not computed, see metrics.json for why)",
     )
 
 
@@ -220,14 +225,36 @@ def metric_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     for model in ("trained", "baseline"):
         scores = metrics.get(model)
         if scores:
-            rows.append(
-                {
-                    "model": model,
-                    "name": scores.get("name"),
-                    "fid": _rounded(scores.get("fid")),
-                    "clip_score": _rounded(scores.get("clip_score")),
-                }
-            )
+            values = {name: _rounded(scores.get(name)) for name in METRIC_COLUMNS}
+            rows.append({"model": model, "name": scores.get("name"), **values})
+    return rows
+
+
+def publish_prompt_scores(profile: str, metrics: dict[str, Any]) -> None:
+    """CLIP score per prompt, the prompt the trained model follows worst first."""
+    from prefect.artifacts import create_table_artifact
+
+    rows = prompt_rows(metrics)
+    reason = ((metrics.get("trained") or {}).get("metrics") or {}).get("clip_score", {})
+    create_table_artifact(
+        rows or [{"prompt": "-", "trained": None, "note": reason.get("reason", "no CLIP score")}],
+        key=artifact_key(profile, "clip-per-prompt"),
+        description="CLIP score per prompt (trained, and baseline when evaluated), worst first",
+    )
+
+
+def prompt_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    trained = (metrics.get("trained") or {}).get("clip_score_per_prompt") or []
+    baseline = {
+        row["prompt"]: row["clip_score"]
+        for row in (metrics.get("baseline") or {}).get("clip_score_per_prompt") or []
+    }
+    rows = []
+    for row in trained:  # already worst first
+        entry = {"prompt": row["prompt"], "trained": _rounded(row["clip_score"])}
+        if baseline:
+            entry["baseline"] = _rounded(baseline.get(row["prompt"]))
+        rows.append({**entry, "images": row["num_images"]})
     return rows
 
 

@@ -433,7 +433,19 @@ class EvalConfig(Section):
         None, description="CLIP model directory or hub name for CLIPScore; unset: no CLIP score"
     )
     batch_size: int = Field(32, ge=1, description="images generated per pipeline call")
-    baseline: bool = Field(True, description="also evaluate the starting model")
+    baseline: bool = Field(
+        True,
+        description="also evaluate the starting model (scored once per base model and eval "
+        "settings, in stages/baseline/, and reused)",
+    )
+    nearest_k: int = Field(
+        5, ge=1, description="k of the k-nearest-neighbour precision/recall/density/coverage"
+    )
+    checkpoints: Literal["final", "all"] = Field(
+        "final",
+        description="final: score the trained model; all: also every checkpoint the train stage "
+        "kept, with a metric-vs-step curve",
+    )
 
 
 class RunnerConfig(Section):

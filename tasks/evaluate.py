@@ -1,58 +1,59 @@
-"""Evaluate stage: samples, a labelled grid, FID and CLIP score, for the trained model and baseline.
+"""Evaluate stage: samples, a labelled grid and every metric, for the trained model and baseline.
 
 Run it with `sdflow run tiny-cpu --only evaluate`. Both models sample the same prompts with the same
 seeds (image j of prompt i uses seed `eval.seed + i*1000 + j`), so the grid shows before vs after
 along each row and `metrics.json` says whether training helped (trained FID < baseline FID).
 
 - Prompts: `eval.prompts`, else `eval.num_prompts` held-out captions, distinct ones first.
-- FID: `eval.fid_samples` images generated from the held-out captions (cycled), against up to as
-  many held-out real images; see `sdflow.metrics` for the two feature networks.
-- CLIP score: every generated image against its prompt, when `eval.clip_model` is set; otherwise
-  `null` with the reason, never a made-up number.
+- Distribution metrics (FID, KID, precision, recall, density, coverage; CMMD with a CLIP model):
+  `eval.fid_samples` images generated from the held-out captions (cycled), against up to as many
+  held-out real images, each image through each network once (`sdflow.evaluation`).
+- CLIP score: every generated image against its prompt, overall and per prompt (worst first), when
+  `eval.clip_model` is set; otherwise `null` with the reason, never a made-up number.
 - Baseline: the scratch UNet as training started (`build_unet(model)`, same seed), or the pretrained
-  model (`model.pretrained`) for full fine-tuning and LoRA.
+  model (`model.pretrained`) for full fine-tuning and LoRA. It is scored once per base model and
+  evaluation settings, as its own stage output `stages/baseline/<key>/` (key: the base weights, the
+  eval settings, the caption stage that holds the prompts and real images, the code), and reused by
+  every trained model evaluated against it.
+- `eval.checkpoints: all`: every checkpoint the train stage kept is scored too (`checkpoints` in
+  metrics.json, `metric_curve.png`); a note says when only the final one was kept.
 
-Output: `samples/<trained|baseline>/pXXX-J.png`, `grid.png`, `metrics.json` (also the manifest's
-info, which the flow copies into summary.json). Each model's scores are saved as they finish, so
-a rerun after a crash skips the models already done.
+Output: `samples/<model>/pXXX-J.png`, `grid.png`, `metrics.json` (also the manifest's info, which
+the flow copies into summary.json). Each model's scores are saved as they finish, so a rerun after
+a crash skips the models already done.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator, Sequence
+import shutil
+from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from diffusers import (
-    AutoencoderKL,
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerDiscreteScheduler,
-    StableDiffusionPipeline,
-)
 from PIL import Image
 
+from sdflow.checkpoints import list_checkpoints, step_name
 from sdflow.config import RunConfig
 from sdflow.errors import UserError
-from sdflow.fingerprint import code_version
-from sdflow.gpuslots import torch_device
-from sdflow.grids import Block, render_grid, save_png
-from sdflow.metrics import (
-    Scorers,
-    decode_image,
-    fid_label,
-    fid_note,
-    fid_value,
-    make_scorers,
-    to_uint8,
+from sdflow.evaluation.curves import draw_metric_curve
+from sdflow.evaluation.features import decode_image, feature_label, feature_note
+from sdflow.evaluation.sampling import (
+    SEED_STRIDE,
+    base_source,
+    fid_sample_jobs,
+    generate,
+    load_baseline,
+    load_checkpoint_pipeline,
+    load_trained,
 )
-from sdflow.models import build_unet, component_sources, is_hub_name, load_component, weights_hash
+from sdflow.evaluation.scoring import METRICS, Scorer
+from sdflow.fingerprint import code_version, hash_tree
+from sdflow.grids import Block, render_grid, save_png
+from sdflow.models import component_sources, weights_hash
 from sdflow.orchestration import stage_task
 from sdflow.splits import is_held_out
 from sdflow.stageio import (
@@ -62,19 +63,13 @@ from sdflow.stageio import (
     output_dir,
     read_shards,
     stage_key,
+    write_atomic,
     write_json,
 )
 
 log = logging.getLogger(__name__)
 
-SCHEDULERS = {
-    "ddim": DDIMScheduler,
-    "ddpm": DDPMScheduler,
-    "euler": EulerDiscreteScheduler,
-    "dpm": DPMSolverMultistepScheduler,
-}
-SEED_STRIDE = 1000  # seed of image j of prompt i: eval.seed + i * SEED_STRIDE + j
-NO_CLIP_REASON = "eval.clip_model not set"
+METRIC_CURVE = "metric_curve.png"
 
 
 def evaluate_key(config: RunConfig, upstream: dict[str, Manifest | None]) -> str:
@@ -106,25 +101,116 @@ evaluate_task = stage_task("evaluate", evaluate_key)(evaluate)
 
 
 def _build(build: StageBuild, config: RunConfig, upstream: dict, workdir: str) -> Manifest:
-    ev = config.eval
-    scorers = make_scorers(config.eval)  # first: a missing Inception file or CLIP dir fails early
+    ev, train = config.eval, upstream["train"]
+    scorer = Scorer(ev)  # first: a missing Inception file or CLIP dir fails before any sampling
     pool, held_prompts = held_out_prompts(workdir, upstream["caption"], config)
     prompts = list(ev.prompts) or held_prompts
-    num_real = add_real_images(scorers, workdir, upstream["caption"], config)
-    models = {"trained": lambda: load_trained(config, upstream["train"], workdir)}
+    add_real_images(scorer, workdir, upstream["caption"], config)
+    load = lambda: load_trained(config, train, workdir)  # noqa: E731
+    results = {"trained": _score_once(build, "trained", load, prompts, pool, scorer, config)}
     if ev.baseline:
-        models["baseline"] = lambda: load_baseline(config, upstream["train"], workdir)
-    results = {}
-    for name, load in models.items():
-        results[name] = _score_once(build, name, load, prompts, pool, scorers, config)
-    names = {name: describe_model(name, config, upstream["train"]) for name in models}
-    grid = _draw_grid(build.path, prompts, names, config)
-    save_png(grid, build.path / "grid.png")
-    metrics = summarise(results, names, prompts, num_real, config)
-    write_json(build.path / "metrics.json", metrics)
-    counts = {"prompts": len(prompts), "generated": ev.fid_samples, "real": num_real}
+        results["baseline"] = baseline_scores(
+            build, config, upstream, workdir, scorer, prompts, pool
+        )
+    names = {name: describe_model(name, config, train) for name in results}
+    save_png(_draw_grid(build.path, prompts, names, config), build.path / "grid.png")
+    metrics = summarise(results, names, prompts, scorer.num_real, config)
     files = {"grid": "grid.png", "metrics": "metrics.json", "samples": "samples"}
+    if ev.checkpoints == "all":
+        rows, note = score_checkpoints(build, config, train, workdir, scorer, prompts, pool)
+        metrics.update(checkpoints=rows, checkpoints_note=note)
+        write_atomic(build.path / METRIC_CURVE, draw_metric_curve(rows))
+        files["metric_curve"] = METRIC_CURVE
+    write_json(build.path / "metrics.json", metrics)
+    counts = {"prompts": len(prompts), "generated": ev.fid_samples, "real": scorer.num_real}
     return build.finish(counts=counts, files=files, info=metrics)
+
+
+# --------------------------------------------------------------------------- baseline, checkpoints
+
+
+def baseline_key(config: RunConfig, upstream: dict[str, Manifest | None], workdir: str) -> str:
+    """The starting model's identity + eval settings + the caption stage (prompts, real images) +
+    code: every trained model of the same base and settings shares this key."""
+    settings = {
+        "eval": config.eval.model_dump(mode="json", exclude={"baseline", "checkpoints"}),
+        "resolution": config.download.resolution,
+        "precision": config.train.mixed_precision,  # the sampling dtype on a GPU
+        "model": config.model.model_dump(mode="json"),
+        "base": base_identity(config, upstream["train"], workdir),
+    }
+    return stage_key("baseline", settings, [upstream.get("caption")], code_version(__name__))
+
+
+def base_identity(config: RunConfig, train: Manifest, workdir: str) -> str:
+    """Content hash of what the baseline is made of besides `model` (the scratch UNet's seed).
+
+    Scratch: the trained pipeline without its UNet (VAE, text encoder, tokenizer, scheduler).
+    Pretrained: the base model's weights (and `model.vae`'s, which sampling decodes with).
+    """
+    model = config.model
+    if model.init == "scratch":
+        if "pipeline" not in train["files"]:
+            raise UserError(f"The train stage output {train['path']} has no pipeline.")
+        pipeline = output_dir(workdir, train) / train["files"]["pipeline"]
+        return "scratch:" + hash_tree(pipeline, skip_dirs=("unet",))
+    source = base_source(config, train)
+    revision = model.revision if source == model.pretrained else None
+    identity = weights_hash(source, None, revision)
+    if model.vae:
+        vae, subfolder = component_sources(config, {}, workdir)[:2]
+        identity += " vae:" + weights_hash(vae, subfolder)
+    return identity
+
+
+def baseline_scores(build, config, upstream, workdir, scorer, prompts, pool) -> dict[str, Any]:
+    """The baseline's scores from `stages/baseline/<key>/`, computed there once; its grid samples
+    are copied into this stage's `samples/baseline/` (the evaluate output stands alone)."""
+    train = upstream["train"]
+
+    def score(base: StageBuild) -> Manifest:
+        log.info("evaluate: sampling and scoring the baseline (shared by every trained model)")
+        pipe = load_baseline(config, train, workdir)
+        scores = score_model(
+            pipe, base.path / "samples" / "baseline", prompts, pool, scorer, config
+        )
+        write_json(base.path / "scores.json", scores)
+        counts = {"prompts": len(prompts), "generated": config.eval.fid_samples}
+        files = {"scores": "scores.json", "samples": "samples"}
+        return base.finish(counts={**counts, "real": scorer.num_real}, files=files)
+
+    key = baseline_key(config, upstream, workdir)
+    manifest = build_stage(workdir, "baseline", key, score)
+    if manifest["reused"]:
+        log.info("evaluate: baseline scores reused from %s", manifest["path"])
+    base = output_dir(workdir, manifest)
+    target = build.path / "samples" / "baseline"
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(base / "samples" / "baseline", target)
+    return json.loads((base / manifest["files"]["scores"]).read_text())
+
+
+def score_checkpoints(build, config, train, workdir, scorer, prompts, pool) -> tuple[list, str]:
+    """(one row per kept checkpoint: step and every metric, a note on what was kept)."""
+    root = output_dir(workdir, train) / train["files"].get("checkpoints", "checkpoints")
+    final = train.get("counts", {}).get("steps")
+    rows = []
+    for step in list_checkpoints(root):
+        name = step_name(step)
+        if step == final:  # the exported model is this checkpoint's weights: scored already
+            scores = json.loads((build.path / "scores-trained.json").read_text())
+        else:
+            load = lambda path=root / name: load_checkpoint_pipeline(config, train, workdir, path)  # noqa: E731
+            scores = _score_once(build, name, load, prompts, pool, scorer, config)
+        rows.append({"step": step, **{metric: scores[metric] for metric in METRICS}})
+    note = f"scored {len(rows)} kept checkpoint(s) of the train stage"
+    if len(rows) < 2:
+        note = (
+            f"only {len(rows)} checkpoint(s) kept in {root}: the train stage keeps just its "
+            "final checkpoint, so there is no curve over training; keep more checkpoints there"
+        )
+        log.warning("evaluate: eval.checkpoints is 'all', but %s", note)
+    return rows, note
 
 
 # ------------------------------------------------------------------------------- prompts and reals
@@ -164,20 +250,18 @@ def _held_out_captions(workdir: str, caption: Manifest, fraction: float) -> Iter
                 yield text or ""
 
 
-def add_real_images(scorers: Scorers, workdir: str, caption: Manifest, config: RunConfig) -> int:
-    """Feed up to `eval.fid_samples` held-out images to FID as the real set, batch by batch."""
+def add_real_images(scorer: Scorer, workdir: str, caption: Manifest, config: RunConfig) -> int:
+    """Up to `eval.fid_samples` held-out images as the real set, batch by batch."""
     ev = config.eval
     images = islice(_held_out_images(workdir, caption, config), ev.fid_samples)
-    total = 0
     while batch := list(islice(images, ev.batch_size)):
-        scorers.fid.update(torch.stack(batch).to(scorers.device), real=True)
-        total += len(batch)
-    if total < 2:
+        scorer.add_real(torch.stack(batch))
+    if scorer.num_real < 2:
         raise UserError(
-            f"FID needs at least 2 held-out real images, found {total}. Raise "
+            f"FID needs at least 2 held-out real images, found {scorer.num_real}. Raise "
             "eval.held_out_fraction or add data."
         )
-    return total
+    return scorer.num_real
 
 
 def _held_out_images(workdir: str, caption: Manifest, config: RunConfig) -> Iterator[torch.Tensor]:
@@ -191,65 +275,6 @@ def _held_out_images(workdir: str, caption: Manifest, config: RunConfig) -> Iter
 
 
 # ---------------------------------------------------------------------------------------- models
-
-
-def load_trained(config: RunConfig, train: Manifest, workdir: str) -> StableDiffusionPipeline:
-    """The train stage's pipeline, or its base model with the LoRA weights loaded."""
-    base = output_dir(workdir, train)
-    files = train["files"]
-    if "pipeline" in files:
-        return _prepare(StableDiffusionPipeline.from_pretrained(base / files["pipeline"]), config)
-    if "lora" not in files:
-        raise UserError(f"The train stage output {base} has neither a pipeline nor LoRA weights.")
-    pipe = _load_base(config, train)
-    pipe.load_lora_weights(str(base / files["lora"]))
-    return pipe
-
-
-def load_baseline(config: RunConfig, train: Manifest, workdir: str) -> StableDiffusionPipeline:
-    """The model training started from: the seeded scratch UNet, or the pretrained base."""
-    if config.model.init == "scratch":
-        pipe = load_trained(config, train, workdir)
-        pipe.unet = build_unet(config.model).to(pipe.device, pipe.dtype)
-        return pipe
-    return _load_base(config, train)
-
-
-def _load_base(config: RunConfig, train: Manifest) -> StableDiffusionPipeline:
-    model = config.model
-    source = train.get("info", {}).get("base_model") or model.pretrained
-    if not source:
-        raise UserError("Evaluating this model needs model.pretrained (its base model) to be set.")
-    if not is_hub_name(source) and not Path(source).expanduser().is_dir():
-        raise UserError(f"model.pretrained {source!r} is not a directory (the baseline model).")
-    kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
-    if source == model.pretrained:
-        kwargs.update(revision=model.revision, variant=model.variant)
-    try:
-        pipe = StableDiffusionPipeline.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"Could not load the base model {source!r}: {exc}") from exc
-    if model.vae:  # training encoded latents with this VAE, so sampling must decode with it
-        vae, subfolder = component_sources(config, {}, "")[:2]
-        pipe.vae = load_component(vae, subfolder, AutoencoderKL, model)
-    return _prepare(pipe, config)
-
-
-def _prepare(pipe: StableDiffusionPipeline, config: RunConfig) -> StableDiffusionPipeline:
-    """Eval scheduler, device and precision, no progress bars."""
-    scheduler = SCHEDULERS[config.eval.scheduler]
-    pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    device = torch_device()
-    return pipe.to(device, pipeline_dtype(config.train.mixed_precision, device))
-
-
-def pipeline_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """Sample in the training precision on a GPU (half the memory, about twice as fast); a CPU
-    has no fast half-precision kernels, so it samples in float32."""
-    if device.type != "cuda":
-        return torch.float32
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
 
 
 def describe_model(name: str, config: RunConfig, train: Manifest) -> str:
@@ -267,30 +292,23 @@ def describe_model(name: str, config: RunConfig, train: Manifest) -> str:
 # ------------------------------------------------------------------------------ sampling, scoring
 
 
-def _score_once(build, name, load, prompts, pool, scorers, config) -> dict[str, Any]:
+def _score_once(build, name, load, prompts, pool, scorer, config) -> dict[str, Any]:
     """Scores of one model, computed once: saved to scores-<name>.json and reused by a rerun."""
     done = build.path / f"scores-{name}.json"
     if done.is_file():
         log.info("evaluate: %s already scored in an earlier attempt", name)
         return json.loads(done.read_text())
     log.info("evaluate: sampling and scoring the %s model", name)
-    pipe = load()
-    scores = score_model(pipe, build.path / "samples" / name, prompts, pool, scorers, config)
-    del pipe  # free the GPU before the next model loads
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    scores = score_model(load(), build.path / "samples" / name, prompts, pool, scorer, config)
     write_json(done, scores)
-    log.info("evaluate: %s FID %.3f, CLIP score %s", name, scores["fid"], scores["clip_score"])
     return scores
 
 
-def score_model(pipe, sample_dir: Path, prompts, pool, scorers: Scorers, config) -> dict[str, Any]:
-    """Save the grid samples, then FID over the FID set and CLIP score over everything generated.
-
-    `pool` holds the held-out captions the FID set cycles through.
-    """
+def score_model(pipe, sample_dir: Path, prompts, pool, scorer: Scorer, config) -> dict[str, Any]:
+    """Save the grid samples, then every metric: the grid images count for CLIP score only, the
+    FID set (`pool`: the held-out captions it cycles through) for every metric."""
     ev = config.eval
-    scorers.reset()
+    model = scorer.start()
     sample_dir.mkdir(parents=True, exist_ok=True)
     grid_jobs = [
         (p, ev.seed + i * SEED_STRIDE + j, f"p{i:03d}-{j}.png")
@@ -300,42 +318,19 @@ def score_model(pipe, sample_dir: Path, prompts, pool, scorers: Scorers, config)
     for batch, images in generate(pipe, grid_jobs, config):
         for (_, _, file), image in zip(batch, images, strict=True):
             save_png(Image.fromarray(image.permute(1, 2, 0).numpy()), sample_dir / file)
-        scorers.add_prompted(images, [prompt for prompt, _, _ in batch])
-    fid_jobs = fid_sample_jobs(pool, ev.fid_samples, ev.seed)
-    for batch, images in generate(pipe, fid_jobs, config):
-        scorers.add_generated(images, [prompt for prompt, _, _ in batch])
-    result: dict[str, Any] = {"fid": fid_value(scorers.fid), "clip_score": None}
-    result["clip_score_reason"] = None if scorers.clip else NO_CLIP_REASON
-    if scorers.clip is not None:
-        result["clip_score"] = float(scorers.clip.compute())
-        result["clip_score_num_images"] = len(grid_jobs) + len(fid_jobs)
-    return result
-
-
-def fid_sample_jobs(pool: Sequence[str], count: int, seed: int) -> list[tuple]:
-    """FID sample k: caption i = k mod len(pool), image j = k div len(pool); seeds as the grid's."""
-    n = len(pool)
-    return [(pool[k % n], seed + (k % n) * SEED_STRIDE + k // n, None) for k in range(count)]
-
-
-def generate(pipe, jobs: Sequence[tuple], config: RunConfig) -> Iterator[tuple[list, torch.Tensor]]:
-    """Sample (prompt, seed, ...) jobs in batches of `eval.batch_size`; yields uint8 NCHW images."""
-    ev, size = config.eval, config.download.resolution
-    for start in range(0, len(jobs), ev.batch_size):
-        batch = list(jobs[start : start + ev.batch_size])
-        # CPU generators: the same seed gives the same starting noise on every device.
-        generators = [torch.Generator("cpu").manual_seed(seed) for _, seed, _ in batch]
-        with torch.no_grad():
-            out = pipe(
-                prompt=[prompt for prompt, _, _ in batch],
-                generator=generators,
-                num_inference_steps=ev.num_inference_steps,
-                guidance_scale=ev.guidance_scale,
-                height=size,
-                width=size,
-                output_type="np",
-            )
-        yield batch, to_uint8(np.asarray(out.images))
+        model.add(images, [prompt for prompt, _, _ in batch], for_distribution=False)
+    for batch, images in generate(pipe, fid_sample_jobs(pool, ev.fid_samples, ev.seed), config):
+        model.add(images, [prompt for prompt, _, _ in batch], for_distribution=True)
+    del pipe  # free the GPU before the next model loads
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    scores = model.result(prompts)  # the per-prompt table: the evaluation (grid) prompts
+    log.info(
+        "evaluate: %s FID %.3f, KID %s, precision %s, recall %s, CLIP score %s",
+        sample_dir.name, scores["fid"], scores["kid"], scores["precision"], scores["recall"],
+        scores["clip_score"],
+    )  # fmt: skip
+    return scores
 
 
 # ------------------------------------------------------------------------------- grid and summary
@@ -368,14 +363,14 @@ def _open(path: Path) -> Image.Image:
 
 
 def summarise(results, names, prompts, num_real: int, config: RunConfig) -> dict[str, Any]:
-    """metrics.json: both models' scores, how they were measured, and whether training helped."""
+    """metrics.json: each model's scores, how they were measured, and whether training helped."""
     ev = config.eval
     trained, baseline = results["trained"], results.get("baseline")
     metrics: dict[str, Any] = {
         "trained": {**trained, "name": names["trained"]},
         "baseline": {**baseline, "name": names["baseline"]} if baseline else None,
-        "fid_feature_extractor": fid_label(ev.fid_features),
-        "fid_note": fid_note(ev.fid_features),
+        "fid_feature_extractor": feature_label(ev.fid_features),
+        "fid_note": feature_note(ev.fid_features),
         "comparable_to_published": ev.fid_features == "inception",
         "num_generated": ev.fid_samples,
         "num_real": num_real,

@@ -171,9 +171,25 @@ def test_failure_and_metric_rows():
         {"stage": "download", "reason": "timeout", "count": 2, "share of input": "1.0%"},
     ]
     metrics = {"trained": {"fid": 1.234567, "clip_score": None, "name": "t"}, "baseline": None}
+    empty = dict.fromkeys(("kid", "precision", "recall", "density", "coverage", "cmmd"))
     assert artifacts.metric_rows(metrics) == [
-        {"model": "trained", "name": "t", "fid": 1.2346, "clip_score": None}
+        {"model": "trained", "name": "t", "fid": 1.2346, **empty, "clip_score": None}
     ]
+
+
+def test_prompt_rows_put_the_worst_followed_prompt_first_beside_the_baseline():
+    worst, best = {"prompt": "a cat", "clip_score": 11.11111, "num_images": 3}, {
+        "prompt": "a dog", "clip_score": 30.0, "num_images": 2}  # fmt: skip
+    baseline = [{"prompt": "a dog", "clip_score": 12.0, "num_images": 2}]
+    metrics = {
+        "trained": {"clip_score_per_prompt": [worst, best]},
+        "baseline": {"clip_score_per_prompt": baseline},
+    }
+    assert artifacts.prompt_rows(metrics) == [
+        {"prompt": "a cat", "trained": 11.1111, "baseline": None, "images": 3},
+        {"prompt": "a dog", "trained": 30.0, "baseline": 12.0, "images": 2},
+    ]
+    assert artifacts.prompt_rows({"trained": {"clip_score_per_prompt": []}}) == []
 
 
 def test_image_data_url_is_the_downscaled_image(tmp_path):

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +18,14 @@ from diffusers import (
     DDPMScheduler,
     EulerDiscreteScheduler,
     StableDiffusionPipeline,
+    UNet2DConditionModel,
 )
 from PIL import Image, ImageDraw
 
 from sdflow.config import EvalConfig, RunConfig
 from sdflow.errors import UserError
+from sdflow.evaluation import sampling
+from sdflow.evaluation.features import to_uint8
 from sdflow.models import build_text_encoder, build_unet, build_vae, save_pipeline, train_tokenizer
 from sdflow.profiles import load_profile
 from sdflow.splits import is_held_out
@@ -78,14 +82,16 @@ def write_caption_stage(workdir: Path, shards: list[list[dict]]) -> Manifest:
     )
 
 
-def write_train_stage(workdir: Path, config: RunConfig, captions: list[str]) -> Manifest:
-    """A scratch 'trained' pipeline: the tiny-test components, UNet seeded differently from the
-    baseline's, so trained and baseline samples differ as they would after training."""
-    build = StageBuild(workdir, "train", "fixture")
+def write_train_stage(
+    workdir: Path, config: RunConfig, captions: list[str], key: str = "fixture", offset: int = 1
+) -> Manifest:
+    """A scratch 'trained' pipeline: the tiny-test components, UNet seeded differently (model.seed
+    + offset) from the baseline's, so trained and baseline samples differ as after training."""
+    build = StageBuild(workdir, "train", key)
     build.path.mkdir(parents=True)
     model = config.model
     tokenizer = train_tokenizer(captions, model, workdir / "tokenizer")
-    unet = build_unet(model.model_copy(update={"seed": model.seed + 1}))
+    unet = build_unet(model.model_copy(update={"seed": model.seed + offset}))
     scheduler = DDPMScheduler(
         beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False
     )
@@ -136,13 +142,25 @@ def test_evaluate_writes_samples_grid_and_metrics(upstream) -> None:
     assert metrics["prompts"] == distinct[:3]  # distinct held-out captions, in shard order
     assert metrics["num_generated"] == 6 and metrics["num_real"] == 6
     assert metrics["trained"]["fid"] != metrics["baseline"]["fid"]  # two UNets, two scores
+    label = "random-cnn (offline; not comparable to published FID)"
     for name in ("trained", "baseline"):
         scores = metrics[name]
         assert math.isfinite(scores["fid"]) and scores["fid"] > 0  # noise is far from shapes
-        assert (
-            scores["clip_score"] is None
-            and scores["clip_score_reason"] == "eval.clip_model not set"
-        )
+        assert math.isfinite(scores["kid"])
+        for key in ("precision", "recall", "coverage"):
+            assert 0.0 <= scores[key] <= 1.0
+        assert scores["density"] >= 0.0
+        for key in ("fid", "kid", "precision", "recall", "density", "coverage"):
+            detail = scores["metrics"][key]
+            assert detail["value"] == scores[key] and detail["reason"] is None
+            assert detail["features"] == label
+            assert (detail["num_generated"], detail["num_real"]) == (6, 6)
+        assert scores["metrics"]["kid"]["details"]["subset_size"] == 6  # adapted to 6 samples
+        assert scores["metrics"]["precision"]["details"] == {"k": 5}
+        for key in ("clip_score", "cmmd"):  # no CLIP model: null with the reason
+            assert scores[key] is None
+            assert scores["metrics"][key]["reason"] == "eval.clip_model not set"
+        assert scores["clip_score_per_prompt"] == []
         assert name in scores["name"]
     assert metrics["trained"]["fid"] != metrics["baseline"]["fid"]
     assert metrics["training_helped"] == (metrics["trained"]["fid"] < metrics["baseline"]["fid"])
@@ -189,7 +207,7 @@ def test_samples_use_the_documented_seeds(upstream) -> None:
         output_type="np",
     ).images
     saved = np.asarray(Image.open(out / f"samples/trained/p{i:03d}-{j}.png"))
-    assert np.abs(ev.to_uint8(image)[0].permute(1, 2, 0).numpy().astype(int) - saved).max() <= 1
+    assert np.abs(to_uint8(image)[0].permute(1, 2, 0).numpy().astype(int) - saved).max() <= 1
 
 
 def test_baseline_is_the_untrained_seeded_unet(upstream) -> None:
@@ -201,7 +219,7 @@ def test_baseline_is_the_untrained_seeded_unet(upstream) -> None:
         baseline.unet.state_dict().items(), fresh.state_dict().values(), strict=True
     ):
         assert torch.equal(got, want), name
-    assert isinstance(baseline.scheduler, ev.DDIMScheduler)
+    assert isinstance(baseline.scheduler, DDIMScheduler)
 
 
 def test_explicit_prompts_no_baseline_and_few_real_images(upstream) -> None:
@@ -229,13 +247,13 @@ def test_fid_prompts_cycle_the_held_out_captions_with_distinct_seeds() -> None:
 
 def test_every_scheduler_samples(upstream) -> None:
     workdir, manifests = upstream
-    for name, cls in ev.SCHEDULERS.items():
+    for name, cls in sampling.SCHEDULERS.items():
         config = make_config(scheduler=name)
         pipe = ev.load_trained(config, manifests["train"], str(workdir))
         assert isinstance(pipe.scheduler, cls)
         [(batch, images)] = list(ev.generate(pipe, [("a red circle", 0, None)], config))
         assert images.shape == (1, 3, 32, 32) and images.dtype == torch.uint8
-    assert ev.SCHEDULERS["euler"] is EulerDiscreteScheduler
+    assert sampling.SCHEDULERS["euler"] is EulerDiscreteScheduler
 
 
 def test_an_exported_v_prediction_sampler_keeps_its_prediction_type(upstream) -> None:
@@ -271,7 +289,7 @@ def test_an_exported_v_prediction_sampler_keeps_its_prediction_type(upstream) ->
     ],
 )
 def test_pipelines_sample_in_the_training_precision_on_a_gpu(precision, device, dtype) -> None:
-    assert ev.pipeline_dtype(precision, torch.device(device)) is dtype
+    assert sampling.pipeline_dtype(precision, torch.device(device)) is dtype
 
 
 def test_a_cpu_samples_in_float32_whatever_the_training_precision(upstream) -> None:
@@ -306,8 +324,22 @@ def test_clip_score_with_a_local_model(upstream, tmp_path) -> None:
     metrics = ev.evaluate(config, manifests, str(workdir))["info"]
     score = metrics["trained"]["clip_score"]
     assert isinstance(score, float) and math.isfinite(score) and 0.0 <= score <= 100.0
-    assert metrics["trained"]["clip_score_reason"] is None
-    assert metrics["trained"]["clip_score_num_images"] == 3 * 2 + 6
+    clip = metrics["trained"]["metrics"]["clip_score"]
+    assert clip["reason"] is None and clip["num_generated"] == 3 * 2 + 6
+    rows = metrics["trained"]["clip_score_per_prompt"]
+    assert [r["clip_score"] for r in rows] == sorted(r["clip_score"] for r in rows)  # worst first
+    assert [r["prompt"] for r in rows] != [] and {r["prompt"] for r in rows} == set(
+        metrics["prompts"]
+    )  # the evaluation prompts, each with its grid images and its FID-set images
+    fid_captions = [r["caption"] for r in held_out_rows()[:6]]
+    for row in rows:
+        assert row["num_images"] == 2 * metrics["prompts"].count(
+            row["prompt"]
+        ) + fid_captions.count(row["prompt"])
+    cmmd = metrics["trained"]["metrics"]["cmmd"]
+    assert cmmd["reason"] is None and math.isfinite(cmmd["value"]) and cmmd["value"] >= 0
+    assert (cmmd["num_generated"], cmmd["num_real"]) == (6, 6)
+    assert cmmd["details"] == {"sigma": 10.0, "scale": 1000.0}
 
 
 def test_missing_clip_directory_is_a_user_error(upstream, tmp_path) -> None:
@@ -318,11 +350,11 @@ def test_missing_clip_directory_is_a_user_error(upstream, tmp_path) -> None:
 
 
 def test_inception_without_weights_fails_before_sampling(upstream, tmp_path, monkeypatch) -> None:
-    from sdflow import metrics
+    from sdflow.evaluation import features
 
     workdir, manifests = upstream
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    monkeypatch.setattr(metrics, "INCEPTION_URL", "http://127.0.0.1:9/weights.pth")
+    monkeypatch.setattr(features, "INCEPTION_URL", "http://127.0.0.1:9/weights.pth")
     monkeypatch.setattr(ev, "load_trained", lambda *a: pytest.fail("sampled before the check"))
     with pytest.raises(UserError, match="eval.fid_features"):
         ev.evaluate(make_config(fid_features="inception"), manifests, str(workdir))
@@ -433,3 +465,120 @@ def test_grid_upscales_with_nearest_and_labels_every_column() -> None:
     for x in (int(green[0][1]), int(green[-1][1])):
         above = pixels[top - 40 : top, x : x + 90]
         assert (above.sum(-1) < 200).any()
+
+
+def test_baseline_is_scored_once_for_two_trained_models(upstream, monkeypatch) -> None:
+    workdir, manifests = upstream
+    captions = [r["caption"] for r in caption_rows(30)]
+    other = write_train_stage(workdir, make_config(), captions, key="fixture-2", offset=2)
+    config = make_config(num_prompts=2, images_per_prompt=1, seed=11)  # a baseline of its own
+    loads: list[str] = []
+    load_baseline = ev.load_baseline
+
+    def counted(*args):
+        loads.append("baseline")
+        return load_baseline(*args)
+
+    monkeypatch.setattr(ev, "load_baseline", counted)
+    first = ev.evaluate(config, manifests, str(workdir))
+    second = ev.evaluate(config, {**manifests, "train": other}, str(workdir))
+    assert loads == ["baseline"]  # one pipeline load for two trained models
+    assert first["key"] != second["key"]
+    a, b = first["info"], second["info"]
+    assert a["trained"]["fid"] != b["trained"]["fid"]  # two different trained models ...
+    assert a["baseline"] == b["baseline"]  # ... against the same baseline scores
+    assert a["baseline"]["fid"] != a["trained"]["fid"]
+    key = ev.baseline_key(config, manifests, str(workdir))
+    assert key == ev.baseline_key(config, {**manifests, "train": other}, str(workdir))
+    assert (workdir / "stages" / "baseline" / key / "scores.json").is_file()
+    for manifest in (first, second):  # each evaluate output holds the baseline's grid samples
+        samples = output_dir(workdir, manifest) / "samples" / "baseline"
+        assert sorted(p.name for p in samples.iterdir()) == ["p000-0.png", "p001-0.png"]
+    shared = workdir / "stages" / "baseline" / key / "samples" / "baseline" / "p000-0.png"
+    assert shared.read_bytes() == (samples / "p000-0.png").read_bytes()
+
+
+def test_baseline_key_follows_base_settings_and_reference_set(upstream) -> None:
+    workdir, manifests = upstream
+    config, train = make_config(), manifests["train"]
+    key = ev.baseline_key(config, manifests, str(workdir))
+    same = [make_config(checkpoints="all"), make_config(baseline=False)]  # not the baseline's
+    assert all(ev.baseline_key(c, manifests, str(workdir)) == key for c in same)
+    assert key != ev.baseline_key(make_config(guidance_scale=2.0), manifests, str(workdir))
+    assert key != ev.baseline_key(make_config(fid_samples=8), manifests, str(workdir))
+    recaptioned = {**manifests, "caption": {**manifests["caption"], "fingerprint": "other"}}
+    assert key != ev.baseline_key(config, recaptioned, str(workdir))  # prompts and real images
+    reseeded = config.model_copy(
+        update={"model": config.model.model_copy(update={"seed": config.model.seed + 7})}
+    )
+    assert key != ev.baseline_key(reseeded, manifests, str(workdir))  # another scratch UNet
+    # another VAE in the trained pipeline: another starting model
+    build = StageBuild(workdir, "train", "other-vae")
+    shutil.copytree(output_dir(workdir, train) / "pipeline", build.path / "pipeline")
+    vae = build.path / "pipeline" / "vae" / "diffusion_pytorch_model.safetensors"
+    vae.write_bytes(vae.read_bytes()[:-4] + b"\0\0\0\0")
+    other = build.finish(counts={}, files={"pipeline": "pipeline"}, info={"mode": "full"})
+    assert key != ev.baseline_key(config, {**manifests, "train": other}, str(workdir))
+
+
+def test_checkpoints_all_scores_every_kept_checkpoint(upstream) -> None:
+    """Checkpoint 1 holds the baseline's UNet, 2 and 3 the trained one: their scores must equal
+    the baseline's and the trained model's, which are computed on other paths."""
+    from sdflow.checkpoints import save_checkpoint
+
+    workdir, manifests = upstream
+    config = make_config(num_prompts=1, images_per_prompt=1, checkpoints="all", seed=21)
+    trained_dir = output_dir(workdir, manifests["train"]) / "pipeline"
+    build = StageBuild(workdir, "train", "checkpoints-fixture")
+    shutil.copytree(trained_dir, build.path / "pipeline")
+    trained = UNet2DConditionModel.from_pretrained(trained_dir / "unet").state_dict()
+    weights = {1: build_unet(config.model).state_dict(), 2: trained, 3: trained}
+    for step, state in weights.items():
+        save_checkpoint(build.path / "checkpoints", step, {"model": state}, keep=5)
+    files = {"pipeline": "pipeline", "checkpoints": "checkpoints"}
+    train = build.finish(counts={"steps": 3}, files=files, info={"mode": "full"})
+
+    manifest = ev.evaluate(config, {**manifests, "train": train}, str(workdir))
+    metrics = manifest["info"]
+    rows = metrics["checkpoints"]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[0]["fid"] == pytest.approx(metrics["baseline"]["fid"], rel=1e-6)
+    assert rows[1]["fid"] == pytest.approx(metrics["trained"]["fid"], rel=1e-6)
+    assert rows[1]["recall"] == metrics["trained"]["recall"] and rows[2] == {
+        "step": 3,
+        **{k: metrics["trained"][k] for k in rows[2] if k != "step"},
+    }
+    assert metrics["checkpoints_note"] == "scored 3 kept checkpoint(s) of the train stage"
+    assert manifest["files"]["metric_curve"] == "metric_curve.png"
+    curve = Image.open(output_dir(workdir, manifest) / "metric_curve.png")
+    assert curve.width == 640 and curve.height >= 2 * 180  # fid, kid, precision, recall, coverage
+
+
+def test_checkpoints_all_says_when_checkpoints_are_not_kept(upstream, caplog) -> None:
+    workdir, manifests = upstream  # the fixture's train stage kept no checkpoint
+    config = make_config(num_prompts=1, images_per_prompt=1, checkpoints="all", baseline=False)
+    metrics = ev.evaluate(config, manifests, str(workdir))["info"]
+    assert metrics["checkpoints"] == []
+    assert "only 0 checkpoint(s) kept" in metrics["checkpoints_note"]
+    assert "eval.checkpoints is 'all'" in caplog.text
+
+
+def test_each_image_goes_through_the_feature_network_once(upstream, monkeypatch) -> None:
+    """Six metrics from one pass: 6 real + 6 generated images, not 6 x 12."""
+    from sdflow.evaluation.features import FeatureNet
+
+    workdir, manifests = upstream
+    seen: list[int] = []
+    forward = FeatureNet.__call__
+
+    def counted(self, images):
+        seen.append(len(images))
+        return forward(self, images)
+
+    monkeypatch.setattr(FeatureNet, "__call__", counted)
+    config = make_config(num_prompts=1, images_per_prompt=1, baseline=False, seed=31)
+    metrics = ev.evaluate(config, manifests, str(workdir))["info"]
+    assert sum(seen) == 6 + 6  # the grid image is CLIP-scored only; no CLIP model here
+    for name in ("fid", "kid", "precision", "recall", "density", "coverage"):
+        assert metrics["trained"][name] is not None
+        assert metrics["trained"]["metrics"][name]["num_generated"] == 6

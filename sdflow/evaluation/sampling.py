@@ -1,0 +1,156 @@
+"""Sampling for the evaluate stage: the models it scores, loaded as pipelines, and seeded batches.
+
+- `load_trained`: the train stage's pipeline, or its base model with the LoRA weights loaded.
+- `load_baseline`: the model training started from (the seeded scratch UNet, or the pretrained base).
+- `load_checkpoint_pipeline`: the trained pipeline with one checkpoint's UNet (`eval.checkpoints`).
+- `generate`: (prompt, seed) jobs in batches of `eval.batch_size`, each image from its own seeded CPU
+  generator, so a sample does not depend on the batch it was drawn in or on the device.
+
+Every pipeline samples with `eval.scheduler`, on the GPU when there is one, in the training
+precision there (float32 on a CPU), without progress bars.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+)
+
+from sdflow.config import RunConfig
+from sdflow.errors import UserError
+from sdflow.evaluation.features import to_uint8
+from sdflow.gpuslots import torch_device
+from sdflow.models import (
+    ComponentSources,
+    absolute_source,
+    build_unet,
+    component_sources,
+    is_hub_name,
+    load_component,
+)
+from sdflow.stageio import Manifest, output_dir
+
+SCHEDULERS = {
+    "ddim": DDIMScheduler,
+    "ddpm": DDPMScheduler,
+    "euler": EulerDiscreteScheduler,
+    "dpm": DPMSolverMultistepScheduler,
+}
+SEED_STRIDE = 1000  # seed of image j of prompt i: eval.seed + i * SEED_STRIDE + j
+
+
+def load_trained(config: RunConfig, train: Manifest, workdir: str) -> StableDiffusionPipeline:
+    """The train stage's pipeline, or its base model with the LoRA weights loaded."""
+    base = output_dir(workdir, train)
+    files = train["files"]
+    if "pipeline" in files:
+        return _prepare(StableDiffusionPipeline.from_pretrained(base / files["pipeline"]), config)
+    if "lora" not in files:
+        raise UserError(f"The train stage output {base} has neither a pipeline nor LoRA weights.")
+    pipe = load_base(config, train)
+    pipe.load_lora_weights(str(base / files["lora"]))
+    return pipe
+
+
+def load_baseline(config: RunConfig, train: Manifest, workdir: str) -> StableDiffusionPipeline:
+    """The model training started from: the seeded scratch UNet, or the pretrained base."""
+    if config.model.init == "scratch":
+        pipe = load_trained(config, train, workdir)
+        pipe.unet = build_unet(config.model).to(pipe.device, pipe.dtype)
+        return pipe
+    return load_base(config, train)
+
+
+def base_source(config: RunConfig, train: Manifest) -> str:
+    source = train.get("info", {}).get("base_model") or config.model.pretrained
+    if not source:
+        raise UserError("Evaluating this model needs model.pretrained (its base model) to be set.")
+    return source
+
+
+def load_base(config: RunConfig, train: Manifest) -> StableDiffusionPipeline:
+    model = config.model
+    source = base_source(config, train)
+    if not is_hub_name(source) and not Path(source).expanduser().is_dir():
+        raise UserError(f"model.pretrained {source!r} is not a directory (the baseline model).")
+    kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
+    if source == model.pretrained:
+        kwargs.update(revision=model.revision, variant=model.variant)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"Could not load the base model {source!r}: {exc}") from exc
+    if model.vae:  # training encoded latents with this VAE, so sampling must decode with it
+        vae, subfolder = component_sources(config, {}, "")[:2]
+        pipe.vae = load_component(vae, subfolder, AutoencoderKL, model)
+    return _prepare(pipe, config)
+
+
+def _prepare(pipe: StableDiffusionPipeline, config: RunConfig) -> StableDiffusionPipeline:
+    """Eval scheduler, device and precision, no progress bars."""
+    scheduler = SCHEDULERS[config.eval.scheduler]
+    pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    device = torch_device()
+    return pipe.to(device, pipeline_dtype(config.train.mixed_precision, device))
+
+
+def pipeline_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """Sample in the training precision on a GPU (half the memory, about twice as fast); a CPU
+    has no fast half-precision kernels, so it samples in float32."""
+    if device.type != "cuda":
+        return torch.float32
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+
+
+def load_checkpoint_pipeline(
+    config: RunConfig, train: Manifest, workdir: str, checkpoint: Path
+) -> StableDiffusionPipeline:
+    """The trained pipeline with the UNet of one checkpoint (EMA weights when `train.ema`)."""
+    from sdflow.training import trained_unet
+
+    model = config.model
+    base = absolute_source(base_source(config, train)) if model.init == "pretrained" else None
+    sources = ComponentSources("", None, None, None, None, None, base, base and "unet", None)
+    unet = trained_unet(config, sources, checkpoint)
+    lora = "lora" in train["files"]
+    pipe = load_base(config, train) if lora else load_trained(config, train, workdir)
+    pipe.unet = unet.to(pipe.device, pipe.dtype)
+    return pipe
+
+
+def fid_sample_jobs(pool: Sequence[str], count: int, seed: int) -> list[tuple]:
+    """FID sample k: caption i = k mod len(pool), image j = k div len(pool); seeds as the grid's."""
+    n = len(pool)
+    return [(pool[k % n], seed + (k % n) * SEED_STRIDE + k // n, None) for k in range(count)]
+
+
+def generate(pipe, jobs: Sequence[tuple], config: RunConfig) -> Iterator[tuple[list, torch.Tensor]]:
+    """Sample (prompt, seed, ...) jobs in batches of `eval.batch_size`; yields uint8 NCHW images."""
+    ev, size = config.eval, config.download.resolution
+    for start in range(0, len(jobs), ev.batch_size):
+        batch = list(jobs[start : start + ev.batch_size])
+        # CPU generators: the same seed gives the same starting noise on every device.
+        generators = [torch.Generator("cpu").manual_seed(seed) for _, seed, _ in batch]
+        with torch.no_grad():
+            out = pipe(
+                prompt=[prompt for prompt, _, _ in batch],
+                generator=generators,
+                num_inference_steps=ev.num_inference_steps,
+                guidance_scale=ev.guidance_scale,
+                height=size,
+                width=size,
+                output_type="np",
+            )
+        yield batch, to_uint8(np.asarray(out.images))
