@@ -105,7 +105,11 @@ def _build(
     lineage = train_lineage(config, upstream)
     origin = continue_from_predecessor(build.path, checkpoints, lineage, config.train.max_steps)
     summary = run_training(config, upstream, workdir, build.path)
-    prune_checkpoints(checkpoints, keep=1)  # the last one stays, for inspection or training on
+    # The last one stays, for inspection or training on; `eval.checkpoints: all` scores every one
+    # `train.keep_checkpoints` kept, so they stay too.
+    prune_checkpoints(
+        checkpoints, keep=1 if config.eval.checkpoints != "all" else config.train.keep_checkpoints
+    )
     sources = component_sources(config, upstream, workdir)
     unet = trained_unet(config, sources, checkpoints / step_name(summary.steps))
     scheduler = noise_scheduler(config, sources)

@@ -689,3 +689,13 @@ def test_lora_run_interrupted_by_an_error_resumes_to_the_same_adapter(
     b = load_file(stage_path(tmp_path / "crashed", resumed) / name)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert reference["fingerprint"] == resumed["fingerprint"]
+
+
+def test_scoring_every_checkpoint_keeps_them(tmp_path, components):
+    steps = ["train.max_steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=3"]
+    final, _ = run_train(scratch_config(components, *steps), tmp_path / "final", components)
+    every, _ = run_train(
+        scratch_config(components, *steps, "eval.checkpoints=all"), tmp_path / "all", components
+    )
+    assert list_checkpoints(stage_path(tmp_path / "final", final) / "checkpoints") == [6]
+    assert list_checkpoints(stage_path(tmp_path / "all", every) / "checkpoints") == [2, 4, 6]
