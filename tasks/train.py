@@ -107,9 +107,8 @@ def _build(
     summary = run_training(config, upstream, workdir, build.path)
     # The last one stays, for inspection or training on; `eval.checkpoints: all` scores every one
     # `train.keep_checkpoints` kept, so they stay too.
-    prune_checkpoints(
-        checkpoints, keep=1 if config.eval.checkpoints != "all" else config.train.keep_checkpoints
-    )
+    keep = config.train.keep_checkpoints if config.eval.checkpoints == "all" else 1
+    prune_checkpoints(checkpoints, keep=keep)
     sources = component_sources(config, upstream, workdir)
     unet = trained_unet(config, sources, checkpoints / step_name(summary.steps))
     scheduler = noise_scheduler(config, sources)
@@ -119,7 +118,7 @@ def _build(
         output = {"pipeline": _save_full(unet, config, sources, scheduler, build.path / "pipeline")}
     write_atomic(build.path / LOSS_CURVE, draw_loss_curve(summary.history))
     if not config.train.keep_optimizer_state:
-        drop_optimizer_state(checkpoints, summary.steps)
+        drop_optimizer_state(checkpoints, summary.steps, keep)
     return build.finish(
         counts={
             "steps": summary.steps,
@@ -170,14 +169,14 @@ def _save_lora(unet, out_dir: Path) -> str:
     return out_dir.name
 
 
-def drop_optimizer_state(checkpoints: Path, step: int) -> None:
+def drop_optimizer_state(checkpoints: Path, step: int, keep: int) -> None:
     """Rewrite the kept checkpoint without the optimizer moments (`train.keep_optimizer_state`).
 
     Rewritten as a new checkpoint of the same step, so a crash keeps either the old or the new one.
     """
     _, values = load_checkpoint(checkpoints / step_name(step))
     values.pop("optimizer", None)
-    save_checkpoint(checkpoints, step, values, keep=1)
+    save_checkpoint(checkpoints, step, values, keep=keep)
 
 
 def _info(
