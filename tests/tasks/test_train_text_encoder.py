@@ -136,3 +136,25 @@ def test_the_exported_text_encoder_is_the_trained_one(tmp_path, components, mode
     groups = state["optimizer"]["param_groups"]
     assert [g["lr"] for g in groups] == [0.01, 0.02]
     assert len(groups[1]["params"]) == len(state["text_encoder"])
+
+
+def test_the_text_encoder_runs_under_the_unets_autocast(tmp_path, components, monkeypatch):
+    import sdflow.training as training
+
+    seen: list[torch.dtype] = []
+    real = training.build_trainable_text_encoder
+
+    def with_hook(*args, **kwargs):
+        encoder = real(*args, **kwargs)
+        attention = next(m for n, m in encoder.named_modules() if n.endswith("q_proj"))
+        attention.register_forward_hook(lambda module, inputs, out: seen.append(out.dtype))
+        return encoder
+
+    monkeypatch.setattr(training, "build_trainable_text_encoder", with_hook)
+    config = pretrained_config(
+        components, "train.text_encoder=full", "train.mixed_precision=bf16", "train.max_steps=2"
+    )
+    manifest, _ = run_train(config, tmp_path, components)
+    assert manifest["counts"]["steps"] == 2
+    # the training steps ran it in bf16 (fp32 weights); the export rebuilt it once more, in fp32
+    assert seen[:2] == [torch.bfloat16, torch.bfloat16] and seen[2:] == []
