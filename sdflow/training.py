@@ -144,10 +144,6 @@ def train_unet(
 
 def make_trainer(accelerator: Accelerator, config: RunConfig, sources) -> Trainer:
     train = config.train
-    # The global RNG (saved in checkpoints, for anything that draws from it) starts from the seed,
-    # not from what the calling process drew before: a resumed run then restores the very state a
-    # straight run has at that step, and the checkpoints (and fingerprint) match bitwise.
-    torch.manual_seed(train.seed + accelerator.process_index)
     weight_dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
     unet = build_trainable_unet(config, sources, weight_dtype)
     params = [p for p in unet.parameters() if p.requires_grad]
