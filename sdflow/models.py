@@ -11,6 +11,7 @@ import inspect
 import io
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -388,6 +389,31 @@ def drop_load_paths(directory: Path) -> None:
         if isinstance(values, dict) and "_name_or_path" in values:
             del values["_name_or_path"]
             config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+
+
+def sort_safetensors_metadata(path: Path) -> None:
+    """Rewrite a safetensors header with its `__metadata__` keys sorted, in place.
+
+    safetensors writes the metadata in a random order (a Rust HashMap): a file with two keys, such
+    as diffusers' LoRA file (`format`, `lora_adapter_metadata`), differs between two saves of the
+    same tensors, and so would the stage fingerprint. The header keeps its length (the same keys and
+    values, reordered), so the tensor data stays where it is.
+    """
+    with open(path, "r+b") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        raw = fh.read(size)
+        header = json.loads(raw)
+        metadata = header.get("__metadata__")
+        if not metadata or len(metadata) < 2:
+            return
+        header["__metadata__"] = dict(sorted(metadata.items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:  # another JSON spelling than the writer's: leave the file alone
+            return
+        fh.seek(8)
+        fh.write(text.ljust(size))  # safetensors pads its header with spaces
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 # ------------------------------------------------------------------------------------ fingerprints

@@ -5,7 +5,8 @@ process or, for `train.processes` > 1, in supervised `accelerate launch` workers
 into the stage's partial directory, so a retried or rerun task resumes from the newest complete
 checkpoint and reaches the same weights as an uninterrupted run. Output: `pipeline/` (a diffusers
 StableDiffusionPipeline, EMA weights when `train.ema`, sampling with the base model's scheduler or,
-from scratch, DDIM) or, for LoRA, `lora/` (load it with `pipe.load_lora_weights`); `loss.png`,
+from scratch, DDIM; the trained text encoder with `train.text_encoder: full`) or, for LoRA, `lora/`
+(load it with `pipe.load_lora_weights`; with `train.text_encoder: lora` it holds both adapters); `loss.png`,
 TensorBoard `logs/`, and the last checkpoint (without the optimizer moments unless
 `train.keep_optimizer_state`).
 
@@ -39,6 +40,7 @@ from sdflow.models import (
     load_component,
     noise_scheduler,
     save_pipeline,
+    sort_safetensors_metadata,
     weights_hash,
 )
 from sdflow.orchestration import stage_task
@@ -54,6 +56,7 @@ from sdflow.training import (
 )
 
 LOSS_CURVE = "loss.png"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name diffusers' save_lora_weights gives
 # Settings that change no weight of the steps done: editing them never retrains. `max_steps` only
 # says how many steps there are; it enters the key beside the lineage (see `train_lineage`).
 NOT_IN_KEY = {"data_workers", "keep_checkpoints", "checkpoint_every", "log_every", "max_steps"}
@@ -173,6 +176,7 @@ def _save_lora(unet, out_dir: Path, text_encoder: CLIPTextModel | None = None) -
         parts["text_encoder_lora_adapter_metadata"] = text_encoder.peft_config["default"].to_dict()
     with atomic_dir(out_dir) as tmp:
         StableDiffusionPipeline.save_lora_weights(tmp, safe_serialization=True, **parts)
+        sort_safetensors_metadata(Path(tmp) / LORA_WEIGHTS)  # the same bytes at every save
     return out_dir.name
 
 
