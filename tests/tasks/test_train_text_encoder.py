@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DDPMScheduler, StableDiffusionPipeline
 from peft import LoraConfig, inject_adapter_in_model
 from safetensors.torch import load_file
 from test_train import (  # components: test_train's tiny pipeline fixture, used as is
+    CAPTIONS,
     components,
     make_latents,
     pretrained_config,
@@ -158,3 +159,25 @@ def test_the_text_encoder_runs_under_the_unets_autocast(tmp_path, components, mo
     assert manifest["counts"]["steps"] == 2
     # the training steps ran it in bf16 (fp32 weights); the export rebuilt it once more, in fp32
     assert seen[:2] == [torch.bfloat16, torch.bfloat16] and seen[2:] == []
+
+
+def test_caption_dropout_swaps_in_the_empty_prompts_token_ids(tmp_path, components):
+    from sdflow.config import TrainConfig
+    from sdflow.schedules import CachedBatches, collate
+    from sdflow.training import draw_inputs
+
+    manifest = make_latents(tmp_path, components, tokens=True)
+    source = CachedBatches(str(tmp_path), manifest, "input_ids")
+    batch = collate([source.dataset[i] for i in range(len(source.dataset))])
+    scheduler = DDPMScheduler()
+    train = TrainConfig(caption_dropout=0.5)
+    inputs = draw_inputs(scheduler, source, batch, torch.Generator().manual_seed(1), train)
+    tokenizer = components["tokenizer"]
+
+    def ids(caption: str) -> list[int]:
+        return tokenizer(caption, padding="max_length", max_length=16).input_ids
+
+    captions = {f"s{i}-{j}": CAPTIONS[(i + j) % 4] for i, n in enumerate((7, 5)) for j in range(n)}
+    assert 0 < int(inputs.drop.sum()) < len(batch["id"])
+    for row, sample_id, dropped in zip(inputs.text, batch["id"], inputs.drop, strict=True):
+        assert row.tolist() == (ids("") if dropped else ids(captions[sample_id]))
