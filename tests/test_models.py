@@ -357,7 +357,8 @@ def test_safetensors_metadata_is_written_in_one_order(tmp_path):
     from safetensors.torch import load_file, save_file
 
     tensors = {"up": torch.arange(6.0).reshape(2, 3), "down": torch.ones(3)}
-    metadata = {"format": "pt", "lora_adapter_metadata": json.dumps({"r": 2, "ü": "/x"})}
+    adapter = json.dumps({"r": 2, "ü": "/x", "q": 'a "b"'}, indent=2)  # as diffusers writes it
+    metadata = {"format": "pt", "lora_adapter_metadata": adapter}
     written, normalised = set(), set()
     for i in range(16):
         path = tmp_path / f"{i}.safetensors"
