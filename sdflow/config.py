@@ -367,6 +367,15 @@ class TrainConfig(Section):
     lora_rank: int = Field(4, ge=1)
     lora_alpha: float | None = Field(None, gt=0, description="default: equal to lora_rank")
     lora_targets: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    text_encoder: Literal["frozen", "lora", "full"] = Field(
+        "frozen",
+        description="fine-tunes only: frozen (its embeddings are cached), lora (rank lora_rank on "
+        "its attention projections; needs mode lora) or full (needs mode full); a trained encoder "
+        "runs at every step on cached token ids",
+    )
+    text_encoder_lr: float | None = Field(
+        None, gt=0, le=1, description="the text encoder's lr when it trains; default: train.lr"
+    )
     adam_weight_decay: float = Field(1e-2, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     seed: int = 0
@@ -530,8 +539,35 @@ class RunConfig(Section):
             raise ValueError("runner.task_runner is 'dask' but runner.dask_address is not set")
         if self.train.mode == "lora" and self.model.init == "scratch":
             raise ValueError("train.mode 'lora' needs model.init 'pretrained': LoRA adapts a model")
+        _check_text_encoder(self)
         return self
 
     def needs_autoencoder(self) -> bool:
         """The VAE is trained only when neither a pretrained pipeline nor a VAE is given."""
         return self.model.init == "scratch" and self.model.vae is None
+
+
+def _check_text_encoder(config: RunConfig) -> None:
+    """`train.text_encoder` trains only a pretrained encoder, exported the way its UNet is."""
+    train = config.train
+    choice = train.text_encoder
+    if choice == "frozen":
+        return
+    if config.model.init == "scratch":
+        raise ValueError(
+            f"train.text_encoder is {choice!r} but model.init is 'scratch': a from-scratch run's "
+            "text encoder stays frozen at its seeded initialisation (its embeddings are cached); "
+            "allowed with scratch: 'frozen'. Train it in a fine-tune (model.init: pretrained)."
+        )
+    if choice != train.mode:
+        raise ValueError(
+            f"train.text_encoder is {choice!r} but train.mode is {train.mode!r}: the export is one "
+            "pipeline directory (mode full) or one LoRA file (mode lora), so allowed with mode "
+            f"{train.mode!r}: 'frozen' or {train.mode!r}"
+        )
+    if not train.cache_latents:
+        raise ValueError(
+            f"train.text_encoder is {choice!r} but train.cache_latents is false: a trained text "
+            "encoder reads the token ids the latents stage caches; allowed with cache_latents "
+            "false: 'frozen'"
+        )

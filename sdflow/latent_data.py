@@ -2,7 +2,8 @@
 
 A latents shard is one safetensors file: tensors `mean`, `std` [N, C, h, w] (the VAE's latent
 distribution, unscaled), optionally `mean_flip`, `std_flip` (the horizontally flipped image) and
-`text` [N, L, D] (the caption's embedding), with the N sample ids in the metadata (`ids`, a JSON
+`text` [N, L, D] (the caption's embedding) or, for a run that trains the text encoder,
+`input_ids` [N, L] (the caption's token ids, int64), with the N sample ids in the metadata (`ids`, a JSON
 list) in row order. Ids travel with every row, so a latent is never paired with another sample's
 caption however the rows are shuffled. Writer and readers live here together so the format is
 defined once.
@@ -26,12 +27,19 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
+from sdflow.config import TrainConfig
 from sdflow.models import image_to_tensor
 from sdflow.splits import is_held_out
 from sdflow.stageio import Manifest, output_dir, shard_paths
 
-LATENT_KEYS = ("mean", "std", "mean_flip", "std_flip", "text")
+LATENT_KEYS = ("mean", "std", "mean_flip", "std_flip", "text", "input_ids")
 EMPTY_PROMPT = "empty_prompt.safetensors"
+
+
+def caption_key(train: TrainConfig) -> str:
+    """What a row caches of its caption: the embedding `text` while the text encoder is frozen,
+    the token ids `input_ids` when it trains (it must see them at every step)."""
+    return "text" if train.text_encoder == "frozen" else "input_ids"
 
 
 def latent_shard_name(index: int) -> str:
@@ -75,14 +83,16 @@ def read_shard_ids(path: str | Path) -> list[str]:
         return json.loads(fh.metadata()["ids"])
 
 
-def load_empty_prompt(workdir: str | Path, manifest: Manifest) -> Tensor:
-    """The embedding [L, D] of the empty caption, used for caption dropout."""
+def load_empty_prompt(workdir: str | Path, manifest: Manifest, key: str = "text") -> Tensor:
+    """The empty caption's embedding [L, D] (or, key `input_ids`, its token ids [L]), used for
+    caption dropout."""
     path = output_dir(workdir, manifest) / manifest["files"]["empty_prompt"]
-    return load_file(str(path))["text"]
+    return load_file(str(path))[key]
 
 
 class CachedLatents(Dataset):
-    """The latents stage's shards as one dataset of rows {id, mean, std, mean_flip, std_flip, text}.
+    """The latents stage's shards as one dataset of rows {id, mean, std, mean_flip, std_flip, text,
+    input_ids} (None where the cache has no such tensor).
 
     Shards are opened lazily (memory-mapped, a row is read on demand) and the few most recently
     used stay open, so sequential or shard-local access costs no reopening.

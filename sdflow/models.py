@@ -317,15 +317,20 @@ def encode_prompts(
     tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompts: list[str]
 ) -> Tensor:
     """Text embeddings [B, L, D] exactly as StableDiffusionPipeline computes them for a prompt."""
-    ids = tokenizer(
+    ids = tokenize_prompts(tokenizer, prompts)
+    device = next(text_encoder.parameters()).device
+    return text_encoder(ids.to(device))[0]
+
+
+def tokenize_prompts(tokenizer: CLIPTokenizer, prompts: list[str]) -> Tensor:
+    """Token ids [B, L] as StableDiffusionPipeline feeds them to the text encoder (no mask)."""
+    return tokenizer(
         list(prompts),
         padding="max_length",
         max_length=tokenizer.model_max_length,
         truncation=True,
         return_tensors="pt",
     ).input_ids
-    device = next(text_encoder.parameters()).device
-    return text_encoder(ids.to(device))[0]
 
 
 def image_to_tensor(data: bytes, resolution: int) -> Tensor:

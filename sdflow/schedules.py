@@ -28,6 +28,7 @@ from sdflow.latent_data import (
     CachedLatents,
     CaptionedImages,
     ShardShuffleSampler,
+    caption_key,
     load_empty_prompt,
 )
 from sdflow.models import ComponentSources, encode_images, encode_prompts, load_component
@@ -103,13 +104,22 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class CachedBatches:
-    """Latent distributions and text embeddings cached by the latents stage (the fast path)."""
+    """Latent distributions and text embeddings cached by the latents stage (the fast path), or
+    with `captions="input_ids"` (a trained text encoder) the captions' token ids."""
 
-    def __init__(self, workdir: str, manifest: Manifest):
+    def __init__(self, workdir: str, manifest: Manifest, captions: str = "text"):
         self.dataset = CachedLatents(workdir, manifest)
         if len(self.dataset) == 0:
             raise UserError("The latents stage cached no training samples: nothing to train on.")
-        self.empty_prompt = load_empty_prompt(workdir, manifest).float()
+        cached = manifest["info"].get("captions", "text")
+        if cached != captions:
+            raise UserError(
+                f"The latents stage {manifest.get('path')} cached caption {cached!r} but this run "
+                f"needs {captions!r} (train.text_encoder): rerun the latents stage with this config."
+            )
+        self.captions = captions
+        empty = load_empty_prompt(workdir, manifest, captions)
+        self.empty_prompt = empty.float() if captions == "text" else empty
         self.scaling_factor = float(manifest["info"]["scaling_factor"])
 
     def order(self, seed: int) -> EpochOrder:
@@ -123,6 +133,9 @@ class CachedBatches:
         return mean, torch.where(chosen, batch["std_flip"], batch["std"])
 
     def text(self, batch: dict[str, Any]) -> Tensor:
+        """Embeddings [B, L, D] (float32), or token ids [B, L] for a trained text encoder."""
+        if self.captions == "input_ids":
+            return batch["input_ids"]
         return batch["text"].float()
 
 
@@ -173,7 +186,7 @@ def make_batches(
 ) -> CachedBatches | EncodedBatches:
     """The cached latents, or (`train.cache_latents: false`) the caption stage's images."""
     if config.train.cache_latents:
-        return CachedBatches(workdir, upstream["latents"])
+        return CachedBatches(workdir, upstream["latents"], caption_key(config.train))
     if not upstream.get("caption"):
         raise UserError("train.cache_latents is false but there is no caption stage output.")
     return EncodedBatches(config, upstream["caption"], workdir, sources, device, dtype)

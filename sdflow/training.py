@@ -10,7 +10,8 @@ as one process x B. Only rank 0 writes checkpoints and the summary.
 
 It reads the latents stage's cached latents and text embeddings (`train.cache_latents: false` encodes
 images and captions at every step instead, for comparison), and checkpoints into `out_dir/checkpoints`
-every `train.checkpoint_every` steps.
+every `train.checkpoint_every` steps. With `train.text_encoder` lora or full the cache holds token ids
+and the step runs the trained text encoder on them (`sdflow.text_training`).
 
 Exact resume: one torch.Generator (seeded by `train.seed`) draws everything random in the order
 written in `diffusion_loss`, and the data order is a function of (seed, epoch) and the step alone
@@ -58,6 +59,12 @@ from sdflow.models import (
 from sdflow.models import noise_scheduler as make_noise_scheduler
 from sdflow.schedules import StepBatches, collate, make_batches
 from sdflow.stageio import Manifest, write_json
+from sdflow.text_training import (
+    CHECKPOINT_GROUP,
+    build_trainable_text_encoder,
+    param_groups,
+    trained_parameters,
+)
 
 CHECKPOINTS = "checkpoints"
 LOGS = "logs"
@@ -103,6 +110,8 @@ class Trainer:
     ema: EMAModel | None
     generator: torch.Generator  # the one source of randomness of the loop
     progress: Progress
+    text_encoder: torch.nn.Module | None = None  # None: frozen, its embeddings are cached
+    text_params: list[torch.nn.Parameter] = field(default_factory=list)  # its trained ones
 
 
 def train_unet(
@@ -118,7 +127,12 @@ def train_unet(
         restore(trainer, found[1])
         log.info("Resuming training from the checkpoint of step %d", trainer.progress.step)
     resumed_from = trainer.progress.step
-    trainer.unet, trainer.optimizer = accelerator.prepare(trainer.unet, trainer.optimizer)
+    if trainer.text_encoder is None:
+        trainer.unet, trainer.optimizer = accelerator.prepare(trainer.unet, trainer.optimizer)
+    else:  # prepared together: the same autocast, device and (several processes) DDP wrapping
+        trainer.unet, trainer.text_encoder, trainer.optimizer = accelerator.prepare(
+            trainer.unet, trainer.text_encoder, trainer.optimizer
+        )
     if trainer.ema:
         trainer.ema.to(accelerator.device)
     dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
@@ -130,9 +144,14 @@ def train_unet(
 
 def make_trainer(accelerator: Accelerator, config: RunConfig, sources) -> Trainer:
     train = config.train
-    unet = build_trainable_unet(config, sources, WEIGHT_DTYPES[accelerator.mixed_precision])
+    weight_dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
+    unet = build_trainable_unet(config, sources, weight_dtype)
     params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.adam_weight_decay)
+    text_encoder = build_trainable_text_encoder(config, sources, weight_dtype)
+    text_params = trained_parameters(text_encoder)
+    optimizer = torch.optim.AdamW(
+        param_groups(train, params, text_params), lr=train.lr, weight_decay=train.adam_weight_decay
+    )
     lr_scheduler = get_scheduler(
         train.lr_scheduler,
         optimizer,
@@ -144,7 +163,17 @@ def make_trainer(accelerator: Accelerator, config: RunConfig, sources) -> Traine
     ema = EMAModel(params, decay=train.ema_decay) if train.ema else None
     generator = torch.Generator().manual_seed(train.seed + accelerator.process_index)
     return Trainer(
-        accelerator, train, unet, params, optimizer, lr_scheduler, ema, generator, Progress()
+        accelerator,
+        train,
+        unet,
+        params,
+        optimizer,
+        lr_scheduler,
+        ema,
+        generator,
+        Progress(),
+        text_encoder,
+        text_params,
     )
 
 
@@ -185,15 +214,26 @@ def run_step(trainer: Trainer, source, scheduler, batches) -> float:
     """One optimizer step over `gradient_accumulation` micro-batches; returns the mean loss."""
     accelerator, train = trainer.accelerator, trainer.train
     total = torch.zeros(())
+    text_encoder = trainer.text_encoder
+    models = [trainer.unet] if text_encoder is None else [trainer.unet, text_encoder]
     for _ in range(train.gradient_accumulation):
         batch = next(batches)
-        with accelerator.accumulate(trainer.unet):
+        with accelerator.accumulate(*models):
             loss = diffusion_loss(
-                trainer.unet, scheduler, source, batch, trainer.generator, train, accelerator.device
+                trainer.unet,
+                scheduler,
+                source,
+                batch,
+                trainer.generator,
+                train,
+                accelerator.device,
+                text_encoder=text_encoder,
             )
             accelerator.backward(loss)  # divides by gradient_accumulation
             if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(trainer.params, train.max_grad_norm)
+                accelerator.clip_grad_norm_(
+                    trainer.params + trainer.text_params, train.max_grad_norm
+                )
             trainer.optimizer.step()  # a no-op until the last micro-batch
             trainer.optimizer.zero_grad(set_to_none=True)
         total += loss.detach().float().cpu()
@@ -219,7 +259,8 @@ class StepInputs:
     latents: Tensor  # [B, C, h, w] a fresh sample of the latent distribution, scaled
     noise: Tensor  # [B, C, h, w] the added noise (offset included)
     timesteps: Tensor  # [B]
-    text: Tensor  # [B, L, D] caption embeddings (the empty prompt where dropped)
+    text: Tensor  # [B, L, D] caption embeddings, or [B, L] token ids when the text encoder
+    # trains (the empty prompt's where dropped)
 
 
 def draw_inputs(scheduler, source, batch, generator, train: TrainConfig) -> StepInputs:
@@ -239,7 +280,8 @@ def draw_inputs(scheduler, source, batch, generator, train: TrainConfig) -> Step
         noise = noise + train.noise_offset * offset
     steps = scheduler.config.num_train_timesteps
     timesteps = torch.randint(0, steps, (size,), generator=generator)
-    text = torch.where(drop[:, None, None], source.empty_prompt, source.text(batch).cpu())
+    dropped = drop.view(-1, *[1] * source.empty_prompt.dim())
+    text = torch.where(dropped, source.empty_prompt, source.text(batch).cpu())
     return StepInputs(flip, drop, latents, noise, timesteps, text)
 
 
@@ -250,14 +292,21 @@ def prediction_target(scheduler, latents: Tensor, noise: Tensor, timesteps: Tens
     return scheduler.get_velocity(latents, noise, timesteps)
 
 
-def diffusion_loss(unet, scheduler, source, batch, generator, train: TrainConfig, device) -> Tensor:
-    """The diffusion training step written out; every random draw comes from `generator`, in order."""
+def diffusion_loss(
+    unet, scheduler, source, batch, generator, train: TrainConfig, device, text_encoder=None
+) -> Tensor:
+    """The diffusion training step written out; every random draw comes from `generator`, in order.
+
+    `text_encoder` (when it trains) turns the drawn token ids into the UNet's conditioning."""
     inputs = draw_inputs(scheduler, source, batch, generator, train)
     latents, noise = inputs.latents.to(device), inputs.noise.to(device)
     timesteps = inputs.timesteps.to(device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     target = prediction_target(scheduler, latents, noise, timesteps)
-    pred = unet(noisy, timesteps, inputs.text.to(device)).sample
+    text = inputs.text.to(device)
+    if text_encoder is not None:
+        text = text_encoder(text)[0]
+    pred = unet(noisy, timesteps, text).sample
     return weighted_mse(pred.float(), target.float(), scheduler, timesteps, train.snr_gamma)
 
 
@@ -361,6 +410,9 @@ def state(trainer: Trainer, generators: Tensor) -> dict[str, Any]:
         "rng": {"generators": generators, "torch": torch.get_rng_state()},
         "progress": asdict(trainer.progress),
     }
+    if trainer.text_encoder is not None:
+        encoder = trainer.accelerator.unwrap_model(trainer.text_encoder)
+        values[CHECKPOINT_GROUP] = {n: p for n, p in encoder.named_parameters() if p.requires_grad}
     if trainer.ema:
         values["ema"] = trainer.ema.state_dict()
     if trainer.accelerator.scaler is not None:  # fp16 loss scale and its growth counter
@@ -371,6 +423,8 @@ def state(trainer: Trainer, generators: Tensor) -> dict[str, Any]:
 def restore(trainer: Trainer, values: dict[str, Any]) -> None:
     """Load a checkpoint into the freshly built trainer (before `accelerator.prepare`)."""
     load_trained_weights(trainer.unet, values["model"])
+    if trainer.text_encoder is not None:
+        load_trained_weights(trainer.text_encoder, values[CHECKPOINT_GROUP], "text encoder")
     if "optimizer" in values:  # after the scheduler set initial_lr
         trainer.optimizer.load_state_dict(values["optimizer"])
     else:  # a finished stage's checkpoint (train.keep_optimizer_state: false)
@@ -386,13 +440,15 @@ def restore(trainer: Trainer, values: dict[str, Any]) -> None:
     trainer.progress = Progress(**values["progress"])
 
 
-def load_trained_weights(unet: torch.nn.Module, weights: dict[str, Tensor]) -> None:
+def load_trained_weights(
+    unet: torch.nn.Module, weights: dict[str, Tensor], what: str = "UNet"
+) -> None:
     trained = {n for n, p in unet.named_parameters() if p.requires_grad}
     result = unet.load_state_dict(weights, strict=False)
     missing = trained & set(result.missing_keys)
     if missing or result.unexpected_keys:
         raise UserError(
-            f"The checkpoint does not fit this UNet: {len(missing)} trained weights missing, "
+            f"The checkpoint does not fit this {what}: {len(missing)} trained weights missing, "
             f"{len(result.unexpected_keys)} unexpected (e.g. {sorted(missing)[:1]}"
             f"{result.unexpected_keys[:1]}). Was the checkpoint made with another config?"
         )
@@ -424,6 +480,17 @@ def trained_unet(config: RunConfig, sources: ComponentSources, checkpoint: Path)
     return unet.eval()
 
 
+def trained_text_encoder(config: RunConfig, sources: ComponentSources, checkpoint: Path):
+    """The trained text encoder (fp32, CPU, LoRA adapter attached) from a checkpoint directory;
+    None when it is frozen. No EMA: EMA averages the UNet only."""
+    encoder = build_trainable_text_encoder(config, sources)
+    if encoder is not None:
+        _, values = load_checkpoint(checkpoint)
+        load_trained_weights(encoder, values[CHECKPOINT_GROUP], "text encoder")
+        encoder.eval()
+    return encoder
+
+
 def summarize(trainer: Trainer, resumed_from: int) -> TrainSummary:
     """Final loss = mean over the last `log_every` steps (one step's loss is too noisy)."""
     progress = trainer.progress
@@ -431,7 +498,7 @@ def summarize(trainer: Trainer, resumed_from: int) -> TrainSummary:
     return TrainSummary(
         steps=progress.step,
         samples_seen=progress.samples_seen,
-        trainable_params=sum(p.numel() for p in trainer.params),
+        trainable_params=sum(p.numel() for p in trainer.params + trainer.text_params),
         final_loss=sum(window) / max(1, len(window)),
         samples_per_second=progress.samples_seen / progress.seconds if progress.seconds else 0.0,
         resumed_from=resumed_from,

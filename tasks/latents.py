@@ -5,11 +5,14 @@ skipped. Each caption shard becomes one or more `latents-XXXXX.safetensors` (at 
 `latents.shard_size` rows) holding the latent distribution (`mean`, `std`, and with `latents.flip`
 the flipped image's `mean_flip`, `std_flip`) and the caption embedding `text`, with the row ids in
 the metadata. `empty_prompt.safetensors` holds the empty caption's embedding for caption dropout.
+A run that trains the text encoder (`train.text_encoder` lora or full) caches the captions' token ids
+`input_ids` instead (and the empty caption's), since its embeddings change at every step.
 For scratch models the tokenizer is trained here on the training captions and the (frozen, seeded)
 text encoder is built here; both are saved beside the shards for the train and evaluate stages.
 
 The stage key holds the weights hashes of the VAE and text encoder, the resolution, the held-out
-fraction and this section: swapping an encoder or the resolution re-encodes, never reuses.
+fraction and this section (and, when the text encoder trains, that token ids are cached): swapping
+an encoder or the resolution re-encodes, never reuses.
 """
 
 from __future__ import annotations
@@ -37,7 +40,13 @@ from sdflow.config import RunConfig
 from sdflow.errors import UserError
 from sdflow.fingerprint import code_version
 from sdflow.gpuslots import torch_device
-from sdflow.latent_data import EMPTY_PROMPT, latent_shard_name, save_tensors, write_latent_shard
+from sdflow.latent_data import (
+    EMPTY_PROMPT,
+    caption_key,
+    latent_shard_name,
+    save_tensors,
+    write_latent_shard,
+)
 from sdflow.models import (
     absolute_source,
     build_text_encoder,
@@ -47,6 +56,7 @@ from sdflow.models import (
     image_to_tensor,
     load_component,
     save_component,
+    tokenize_prompts,
     train_tokenizer,
     weights_hash,
 )
@@ -99,6 +109,8 @@ def latents_key(config: RunConfig, upstream: dict[str, Manifest | None]) -> str:
         "held_out_fraction": config.eval.held_out_fraction,
         "encoders": _encoder_identity(config, upstream),
     }
+    if caption_key(config.train) == "input_ids":  # embeddings: the key stays as it was
+        settings["captions"] = "input_ids"
     inputs = [upstream.get("caption"), upstream.get("autoencoder")]
     return stage_key("latents", settings, inputs, code_version(__name__))
 
@@ -203,10 +215,21 @@ def _training_captions(workdir: str, caption: Manifest, fraction: float) -> Iter
 
 def _save_empty_prompt(build: StageBuild, config: RunConfig, encoders: Encoders) -> str:
     if not build.has(EMPTY_PROMPT):
-        with torch.no_grad():
-            text = encode_prompts(encoders.tokenizer, encoders.text_encoder, [""])[0]
-        save_tensors(build.path / EMPTY_PROMPT, {"text": _stored(text, config)}, {})
+        empty = {k: v[0] for k, v in _encode_captions(config, encoders, [""]).items()}
+        save_tensors(
+            build.path / EMPTY_PROMPT, {k: _stored(v, config) for k, v in empty.items()}, {}
+        )
     return EMPTY_PROMPT
+
+
+def _encode_captions(
+    config: RunConfig, encoders: Encoders, captions: list[str]
+) -> dict[str, Tensor]:
+    """{"text": embeddings [B, L, D]}, or {"input_ids": [B, L]} when the run trains the encoder."""
+    if caption_key(config.train) == "input_ids":
+        return {"input_ids": tokenize_prompts(encoders.tokenizer, captions)}
+    with torch.no_grad():
+        return {"text": encode_prompts(encoders.tokenizer, encoders.text_encoder, captions).float()}
 
 
 # ----------------------------------------------------------------------------------------- encode
@@ -258,9 +281,7 @@ def _encode_batch(
         return [], {}, failures
     with torch.no_grad():
         tensors = _encode_pixels(config, encoders, torch.stack(pixels))
-        tensors["text"] = encode_prompts(
-            encoders.tokenizer, encoders.text_encoder, captions
-        ).float()
+    tensors |= _encode_captions(config, encoders, captions)
     finite = torch.stack([t.flatten(1).isfinite().all(1) for t in tensors.values()]).all(0)
     if not finite.all():
         bad = set((~finite).nonzero().flatten().tolist())
@@ -301,6 +322,9 @@ def _encode_views(
 
 
 def _stored(tensor: Tensor, config: RunConfig) -> Tensor:
+    """Floats in `latents.dtype`; token ids as they are."""
+    if not tensor.is_floating_point():
+        return tensor.detach().cpu()
     return tensor.detach().to("cpu", DTYPES[config.latents.dtype])
 
 
@@ -350,9 +374,14 @@ def _shape_info(build, config, encoders, shards, stats) -> dict[str, Any]:
     first = next(name for name, s in zip(shards, stats, strict=True) if s["encoded"])
     with safe_open(str(build.path / first), framework="pt") as fh:
         _, channels, size, _ = fh.get_slice("mean").get_shape()
-        _, seq_len, dim = fh.get_slice("text").get_shape()
+        if caption_key(config.train) == "text":
+            _, seq_len, dim = fh.get_slice("text").get_shape()
+        else:
+            _, seq_len = fh.get_slice("input_ids").get_shape()
+            dim = encoders.text_encoder.config.hidden_size
     vae_config = encoders.vae.config
-    return {
+    info = {"captions": "input_ids"} if caption_key(config.train) == "input_ids" else {}
+    return info | {
         "latent_channels": channels,
         "latent_size": size,
         "text_seq_len": seq_len,

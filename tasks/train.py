@@ -5,7 +5,8 @@ process or, for `train.processes` > 1, in supervised `accelerate launch` workers
 into the stage's partial directory, so a retried or rerun task resumes from the newest complete
 checkpoint and reaches the same weights as an uninterrupted run. Output: `pipeline/` (a diffusers
 StableDiffusionPipeline, EMA weights when `train.ema`, sampling with the base model's scheduler or,
-from scratch, DDIM) or, for LoRA, `lora/` (load it with `pipe.load_lora_weights`); `loss.png`,
+from scratch, DDIM; the trained text encoder with `train.text_encoder: full`) or, for LoRA, `lora/`
+(load it with `pipe.load_lora_weights`; with `train.text_encoder: lora` it holds both adapters); `loss.png`,
 TensorBoard `logs/`, and the last checkpoint (without the optimizer moments unless
 `train.keep_optimizer_state`).
 
@@ -51,10 +52,12 @@ from sdflow.training import (
     TrainSummary,
     resolve_processes,
     run_training,
+    trained_text_encoder,
     trained_unet,
 )
 
 LOSS_CURVE = "loss.png"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name diffusers' save_lora_weights gives
 # Settings that change no weight of the steps done: editing them never retrains. `max_steps` only
 # says how many steps there are; it enters the key beside the lineage (see `train_lineage`).
 NOT_IN_KEY = {"data_workers", "keep_checkpoints", "checkpoint_every", "log_every", "max_steps"}
@@ -111,11 +114,13 @@ def _build(
     prune_checkpoints(checkpoints, keep=keep)
     sources = component_sources(config, upstream, workdir)
     unet = trained_unet(config, sources, checkpoints / step_name(summary.steps))
+    text_encoder = trained_text_encoder(config, sources, checkpoints / step_name(summary.steps))
     scheduler = noise_scheduler(config, sources)
     if config.train.mode == "lora":
-        output = {"lora": _save_lora(unet, build.path / "lora")}
+        output = {"lora": _save_lora(unet, build.path / "lora", text_encoder)}
     else:
-        output = {"pipeline": _save_full(unet, config, sources, scheduler, build.path / "pipeline")}
+        pipeline = build.path / "pipeline"
+        output = {"pipeline": _save_full(unet, config, sources, scheduler, pipeline, text_encoder)}
     write_atomic(build.path / LOSS_CURVE, draw_loss_curve(summary.history))
     if not config.train.keep_optimizer_state:
         drop_optimizer_state(checkpoints, summary.steps, keep)
@@ -135,37 +140,47 @@ def _build(
 
 
 def _save_full(
-    unet, config: RunConfig, sources: ComponentSources, trained: DDPMScheduler, out_dir: Path
+    unet,
+    config: RunConfig,
+    sources: ComponentSources,
+    trained: DDPMScheduler,
+    out_dir: Path,
+    text_encoder: CLIPTextModel | None = None,
 ) -> str:
-    """The trained UNet with the run's VAE, text encoder, tokenizer and a sampling scheduler
-    (`inference_scheduler`: never the training DDPM one, which needs ~1000 steps to sample)."""
+    """The trained UNet with the run's VAE, text encoder (the trained one when
+    `train.text_encoder: full`), tokenizer and a sampling scheduler (`inference_scheduler`: never
+    the training DDPM one, which needs ~1000 steps to sample)."""
     model = config.model
     vae = load_component(sources.vae, sources.vae_subfolder, AutoencoderKL, model)
-    text_encoder = load_component(
-        sources.text_encoder, sources.text_encoder_subfolder, CLIPTextModel, model
-    )
+    if text_encoder is None:
+        text_encoder = load_component(
+            sources.text_encoder, sources.text_encoder_subfolder, CLIPTextModel, model
+        )
     tokenizer = load_component(sources.tokenizer, sources.tokenizer_subfolder, CLIPTokenizer, model)
     scheduler = inference_scheduler(config, sources, trained)
     save_pipeline(out_dir, unet, vae, text_encoder, tokenizer, scheduler)
     return out_dir.name
 
 
-def _save_lora(unet, out_dir: Path) -> str:
-    """`pytorch_lora_weights.safetensors` in the diffusers format that `load_lora_weights` reads.
+def _save_lora(unet, out_dir: Path, text_encoder: CLIPTextModel | None = None) -> str:
+    """`pytorch_lora_weights.safetensors` in the diffusers format that `load_lora_weights` reads:
+    the UNet's adapter and, with `train.text_encoder: lora`, the text encoder's (`text_encoder.`
+    prefix), so one `load_lora_weights` call loads both.
 
-    The adapter's LoraConfig goes into the file's metadata: without it `load_lora_weights` takes
+    Each adapter's LoraConfig goes into the file's metadata: without it `load_lora_weights` takes
     lora_alpha = rank, and a run with `train.lora_alpha` != `train.lora_rank` loads mis-scaled.
     """
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    parts: dict[str, Any] = {
+        "unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+        "unet_lora_adapter_metadata": unet.peft_config["default"].to_dict(),
+    }
+    if text_encoder is not None:
+        layers = get_peft_model_state_dict(text_encoder)
+        parts["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(layers)
+        parts["text_encoder_lora_adapter_metadata"] = text_encoder.peft_config["default"].to_dict()
     with atomic_dir(out_dir) as tmp:
-        StableDiffusionPipeline.save_lora_weights(
-            tmp,
-            unet_lora_layers=layers,
-            safe_serialization=True,
-            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
-        )
-        for weights in tmp.glob("*.safetensors"):
-            canonical_safetensors(weights)
+        StableDiffusionPipeline.save_lora_weights(tmp, safe_serialization=True, **parts)
+        canonical_safetensors(Path(tmp) / LORA_WEIGHTS)  # the same bytes at every save
     return out_dir.name
 
 
@@ -190,6 +205,7 @@ def _info(
     return {
         "final_loss": summary.final_loss,
         "mode": mode,
+        "text_encoder": config.train.text_encoder,
         "prediction_type": scheduler.config.prediction_type,
         "base_prediction_type": base.get("prediction_type", "epsilon") if base else None,
         "skipped_steps": summary.skipped_steps,

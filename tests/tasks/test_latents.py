@@ -241,14 +241,13 @@ def test_vae_directory_weights_decide_the_key(setup, tmp_path):
     assert keys[0] != keys[1]
 
 
-def test_pretrained_encoders_come_from_the_pipeline(setup, tmp_path):
+def pretrained_setup(setup, path: Path):
+    """A tiny pipeline saved at `path`, and the setup's config fine-tuning it."""
     workdir, config, upstream, _ = setup
-    tokenizer = models.train_tokenizer(
-        [r["caption"] for r in samples()], config.model, tmp_path / "t"
-    )
+    tokenizer = models.train_tokenizer([r["caption"] for r in samples()], config.model, path / "t")
     sources = models.component_sources(config, upstream, str(workdir))
     models.save_pipeline(
-        tmp_path / "sd",
+        path / "sd",
         unet=models.build_unet(config.model),
         vae=models.build_vae(config.model),
         text_encoder=models.build_text_encoder(config.model, len(tokenizer)),
@@ -257,8 +256,14 @@ def test_pretrained_encoders_come_from_the_pipeline(setup, tmp_path):
     )
     pretrained = config.model_copy(deep=True)
     pretrained.model = pretrained.model.model_copy(
-        update={"init": "pretrained", "pretrained": str(tmp_path / "sd")}
+        update={"init": "pretrained", "pretrained": str(path / "sd")}
     )
+    return pretrained
+
+
+def test_pretrained_encoders_come_from_the_pipeline(setup, tmp_path):
+    workdir, _, upstream, _ = setup
+    pretrained = pretrained_setup(setup, tmp_path)
     caption_only = {"caption": upstream["caption"], "autoencoder": None}
     manifest = cache_latents(pretrained, caption_only, str(workdir))
     assert "tokenizer" not in manifest["files"] and "text_encoder" not in manifest["files"]
@@ -269,6 +274,34 @@ def test_pretrained_encoders_come_from_the_pipeline(setup, tmp_path):
         text.final_layer_norm.bias.add_(1.0)
     models.save_component(text, tmp_path / "sd" / "text_encoder")
     assert latents_key(pretrained, caption_only) != manifest["key"]
+
+
+def test_a_trained_text_encoder_gets_token_ids_instead_of_embeddings(setup, tmp_path):
+    workdir, _, upstream, _ = setup
+    frozen = pretrained_setup(setup, tmp_path)
+    trained = frozen.model_copy(deep=True)
+    trained.train = trained.train.model_copy(update={"mode": "lora", "text_encoder": "lora"})
+    caption_only = {"caption": upstream["caption"], "autoencoder": None}
+    assert latents_key(trained, caption_only) != latents_key(frozen, caption_only)
+    embeddings = cache_latents(frozen, caption_only, str(workdir))
+    manifest = cache_latents(trained, caption_only, str(workdir))
+    assert not manifest["reused"] and manifest["key"] != embeddings["key"]
+    assert manifest["info"]["captions"] == "input_ids" and "captions" not in embeddings["info"]
+    assert (manifest["info"]["text_seq_len"], manifest["info"]["text_dim"]) == (16, 32)
+    tokenizer = CLIPTokenizer.from_pretrained(tmp_path / "sd" / "tokenizer")
+
+    def ids(caption: str) -> torch.Tensor:
+        return torch.tensor(tokenizer(caption, padding="max_length", max_length=16).input_ids)
+
+    captions = {r["id"]: r["caption"] for r in samples()}
+    rows, same = CachedLatents(workdir, manifest), CachedLatents(workdir, embeddings)
+    assert len(rows) == len(same) > 0
+    for i in range(len(rows)):
+        row = rows[i]
+        assert row["text"] is None and row["input_ids"].dtype == torch.int64
+        assert torch.equal(row["input_ids"], ids(captions[row["id"]]))
+        assert torch.equal(row["mean"], same[i]["mean"])  # the images are cached as before
+    assert torch.equal(load_empty_prompt(workdir, manifest, "input_ids"), ids(""))
 
 
 RESUME_SCRIPT = """

@@ -89,13 +89,19 @@ def v_base(components) -> Path:
     return root / "v-base"
 
 
-def make_latents(workdir: Path, components: dict, rows: tuple[int, ...] = (7, 5)) -> dict:
-    """A latents-stage output: random latent distributions, real caption embeddings, ids."""
+def make_latents(
+    workdir: Path, components: dict, rows: tuple[int, ...] = (7, 5), tokens: bool = False
+) -> dict:
+    """A latents-stage output: random latent distributions, real caption embeddings (or, `tokens`,
+    the captions' token ids, as for a trained text encoder), ids."""
     generator = torch.Generator().manual_seed(0)
     tokenizer, text_encoder = components["tokenizer"], components["text_encoder"]
+    key = "input_ids" if tokens else "text"
 
     def embed(prompts: list[str]) -> torch.Tensor:
         ids = tokenizer(prompts, padding="max_length", max_length=16, truncation=True)
+        if tokens:
+            return torch.tensor(ids.input_ids)
         with torch.no_grad():
             return text_encoder(torch.tensor(ids.input_ids))[0]
 
@@ -108,11 +114,11 @@ def make_latents(workdir: Path, components: dict, rows: tuple[int, ...] = (7, 5)
                 "std": torch.rand(shape, generator=generator) * 0.1,
                 "mean_flip": torch.randn(shape, generator=generator),
                 "std_flip": torch.rand(shape, generator=generator) * 0.1,
-                "text": embed([CAPTIONS[(i + j) % 4] for j in range(n)]),
+                key: embed([CAPTIONS[(i + j) % 4] for j in range(n)]),
             }
             names.append(latent_shard_name(i))
             write_latent_shard(build.path / names[-1], tensors, [f"s{i}-{j}" for j in range(n)])
-        save_tensors(build.path / EMPTY_PROMPT, {"text": embed([""])[0]}, {})
+        save_tensors(build.path / EMPTY_PROMPT, {key: embed([""])[0]}, {})
         for part in ("tokenizer", "text_encoder"):
             (build.path / part).symlink_to(components["root"] / part)
         return build.finish(
@@ -123,10 +129,11 @@ def make_latents(workdir: Path, components: dict, rows: tuple[int, ...] = (7, 5)
                 "tokenizer": "tokenizer",
                 "text_encoder": "text_encoder",
             },
-            info={"scaling_factor": 0.5, "rows_per_shard": list(rows)},
+            info={"scaling_factor": 0.5, "rows_per_shard": list(rows)}
+            | ({"captions": "input_ids"} if tokens else {}),
         )
 
-    return build_stage(workdir, "latents", "fixture", work)
+    return build_stage(workdir, "latents", "fixture-tokens" if tokens else "fixture", work)
 
 
 def make_captions(workdir: Path, count: int = 12) -> dict:
@@ -164,7 +171,9 @@ def pretrained_config(components: dict, *overrides: str):
 
 
 def run_train(config, workdir: Path, components: dict, upstream_extra: dict | None = None):
-    upstream = {"latents": make_latents(workdir, components), "autoencoder": None, "caption": None}
+    tokens = config.train.text_encoder != "frozen"  # what the latents stage caches for it
+    latents = make_latents(workdir, components, tokens=tokens)
+    upstream = {"latents": latents, "autoencoder": None, "caption": None}
     upstream.update(upstream_extra or {})
     return train(config, upstream, str(workdir)), upstream
 
@@ -664,12 +673,15 @@ def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, co
     assert reference["fingerprint"] == resumed["fingerprint"]  # timings and logs stay out of it
 
 
+@pytest.mark.parametrize("text_encoder", ["frozen", "lora"])
 def test_lora_run_interrupted_by_an_error_resumes_to_the_same_adapter(
-    tmp_path, components, monkeypatch
+    tmp_path, components, monkeypatch, text_encoder
 ):
     import sdflow.training as training
 
-    config = pretrained_config(components, "train.mode=lora", "train.ema=true")
+    config = pretrained_config(
+        components, "train.mode=lora", "train.ema=true", f"train.text_encoder={text_encoder}"
+    )
     reference, _ = run_train(config, tmp_path / "straight", components)
     real = training.save_checkpoint
 
@@ -688,6 +700,8 @@ def test_lora_run_interrupted_by_an_error_resumes_to_the_same_adapter(
     a = load_file(stage_path(tmp_path / "straight", reference) / name)
     b = load_file(stage_path(tmp_path / "crashed", resumed) / name)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the text encoder's adapter is in the file (and resumed bitwise) exactly when it trains
+    assert any(k.startswith("text_encoder.") for k in a) == (text_encoder == "lora")
     assert reference["fingerprint"] == resumed["fingerprint"]
 
 
