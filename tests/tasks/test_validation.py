@@ -293,3 +293,33 @@ def test_cpu_ema_averages_device_weights_on_the_cpu():
     expected = 3.0 + (1 - decay) * (5.0 - 3.0)
     assert ema.shadow_params[0].tolist() == pytest.approx([expected] * 3)
     assert not math.isclose(expected, 1.0)
+
+
+def test_lora_run_validates_and_exports_the_best_adapter_beside_the_last(tmp_path, components):
+    config = test_train.pretrained_config(
+        components,
+        "train.mode=lora",
+        "train.lr=0.01",
+        "train.max_steps=6",
+        "train.validate_every=2",
+        "train.keep_best=true",
+        "train.validation_images=2",
+        "train.validation_inference_steps=1",
+    )
+    manifest = train(config, upstream_with_held_out(tmp_path, components, rows=(4,)), str(tmp_path))
+    out = stage_path(tmp_path, manifest)
+    validation = manifest["info"]["validation"]
+    assert [s for s, _ in validation["curve"]] == [2, 4, 6]
+    best = validation["best_step"]
+    assert manifest["files"]["lora"] == "lora"
+    assert manifest["files"]["final_lora"] == ("lora" if best == 6 else "final-lora")
+    saved = load_file(out / "lora" / "pytorch_lora_weights.safetensors")
+    _, state = load_checkpoint(out / "checkpoints" / step_name(best))
+
+    # the best step's adapter (under diffusers' names: compared by the tensors' values)
+    def values(tensors) -> list:
+        return sorted((tuple(t.shape), float(t.double().sum())) for t in tensors.values())
+
+    assert values(saved) == values(state["model"])
+    with Image.open(out / manifest["files"]["validation_grid"]) as grid:
+        assert grid.width > 2 * 96  # two prompts side by side
