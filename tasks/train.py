@@ -36,6 +36,7 @@ from sdflow.checkpoints import load_checkpoint, prune_checkpoints, save_checkpoi
 from sdflow.config import RunConfig
 from sdflow.continuation import continue_from_predecessor
 from sdflow.fingerprint import code_version
+from sdflow.memory import check_memory_options
 from sdflow.models import (
     ComponentSources,
     atomic_dir,
@@ -125,6 +126,7 @@ train_task = stage_task("train", train_key)(train)
 def _build(
     build: StageBuild, config: RunConfig, upstream: dict[str, Manifest | None], workdir: str
 ) -> Manifest:
+    check_memory_options(config.train)  # before anything is written
     checkpoints = build.path / CHECKPOINTS
     lineage = train_lineage(config, upstream)
     origin = continue_from_predecessor(build.path, checkpoints, lineage, config.train.max_steps)
