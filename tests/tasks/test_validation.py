@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -11,6 +12,7 @@ import test_train
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_train import make_latents, scratch_config, stage_path
 
 import sdflow.memory as memory
@@ -295,7 +297,9 @@ def test_cpu_ema_averages_device_weights_on_the_cpu():
     assert not math.isclose(expected, 1.0)
 
 
-def test_lora_run_validates_and_exports_the_best_adapter_beside_the_last(tmp_path, components):
+def test_lora_run_validates_and_exports_the_best_adapter_beside_the_last(
+    tmp_path, components, caplog
+):
     config = test_train.pretrained_config(
         components,
         "train.mode=lora",
@@ -306,10 +310,20 @@ def test_lora_run_validates_and_exports_the_best_adapter_beside_the_last(tmp_pat
         "train.validation_images=2",
         "train.validation_inference_steps=1",
     )
-    manifest = train(config, upstream_with_held_out(tmp_path, components, rows=(4,)), str(tmp_path))
+    upstream = upstream_with_held_out(tmp_path, components, rows=(4,))
+    with caplog.at_level(logging.INFO, logger="sdflow.train"):
+        manifest = train(config, upstream, str(tmp_path))
     out = stage_path(tmp_path, manifest)
     validation = manifest["info"]["validation"]
     assert [s for s, _ in validation["curve"]] == [2, 4, 6]
+    # the curve in the run log and in TensorBoard
+    for step, loss in validation["curve"]:
+        assert f"validation at step {step}: loss {loss:.5f}" in caplog.text
+    (events,) = (out / "logs" / "train").glob("events.out.tfevents.*")
+    logged = EventAccumulator(str(events)).Reload().Scalars("validation_loss")
+    assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in logged] == [
+        (s, v) for s, v in validation["curve"]
+    ]
     best = validation["best_step"]
     assert manifest["files"]["lora"] == "lora"
     assert manifest["files"]["final_lora"] == ("lora" if best == 6 else "final-lora")
@@ -323,3 +337,18 @@ def test_lora_run_validates_and_exports_the_best_adapter_beside_the_last(tmp_pat
     assert values(saved) == values(state["model"])
     with Image.open(out / manifest["files"]["validation_grid"]) as grid:
         assert grid.width > 2 * 96  # two prompts side by side
+
+
+def test_validating_changes_no_weight(tmp_path, components):
+    """Validation draws from neither the training generator nor the global RNG (the lineage
+    leaves it out): the same run with and without it ends with the same weights, bitwise."""
+    extra = ["train.max_steps=6", "train.caption_dropout=0.3", "train.noise_offset=0.05"]
+    ends = []
+    for name, options in (("plain", []), ("validated", ["train.validate_every=2"])):
+        config = scratch_config(components, *extra, *options)
+        manifest = train(
+            config, upstream_with_held_out(tmp_path / name, components), str(tmp_path / name)
+        )
+        ends.append(load_file(stage_path(tmp_path / name, manifest) / "pipeline" / UNET))
+        assert ("validation" in manifest["info"]) is bool(options)
+    assert all(torch.equal(ends[0][k], ends[1][k]) for k in ends[0])
