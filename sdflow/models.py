@@ -414,24 +414,3 @@ def _size_mtime(path: Path) -> tuple[int, int]:
 @lru_cache(maxsize=64)
 def _hash_weights_cached(path: str, signature: tuple) -> str:
     return hash_weights(path)
-
-
-def canonical_safetensors(path: Path) -> None:
-    """Rewrite a safetensors file's header with sorted keys (`__metadata__` first), in place.
-
-    safetensors writes the metadata dict in no fixed order, so two identical saves with more than
-    one metadata key (a LoRA file's `format` and `lora_adapter_metadata`) differ in bytes, and so
-    would the stage fingerprint. The tensor data and offsets are unchanged.
-    """
-    data = Path(path).read_bytes()
-    size = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + size])
-    ordered: dict[str, Any] = {}
-    if "__metadata__" in header:
-        ordered["__metadata__"] = dict(sorted(header.pop("__metadata__").items()))
-    ordered.update(sorted(header.items()))
-    text = json.dumps(ordered, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # safetensors pads the header to a multiple of 8 bytes
-    tmp = Path(path).with_name(f".{Path(path).name}.canonical.tmp")
-    tmp.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + size :])
-    tmp.replace(path)

@@ -41,7 +41,6 @@ from sdflow.models import (
     ComponentSources,
     atomic_dir,
     base_scheduler_config,
-    canonical_safetensors,
     component_sources,
     inference_scheduler,
     load_component,
@@ -210,7 +209,6 @@ def _save_lora(unet, out_dir: Path) -> str:
             safe_serialization=True,
             unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
         )
-        canonical_safetensors(tmp / "pytorch_lora_weights.safetensors")  # same bytes every time
     return out_dir.name
 
 

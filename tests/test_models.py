@@ -349,21 +349,3 @@ def test_saved_components_do_not_record_where_they_were_loaded_from(pipeline_dir
         saved.append((out / "config.json").read_bytes())
     assert saved[0] == saved[1]
     assert "_name_or_path" not in json.loads(saved[0])
-
-
-def test_canonical_safetensors_makes_saves_with_metadata_byte_identical(tmp_path):
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    tensors = {"b": torch.arange(3.0), "a": torch.ones(2, 2, dtype=torch.float16)}
-    metadata = {"format": "pt", "lora_adapter_metadata": json.dumps({"r": 2, "lora_alpha": 8})}
-    contents = set()
-    for i in range(12):  # unsorted, safetensors writes the two metadata keys in either order
-        path = tmp_path / f"w{i}.safetensors"
-        save_file(tensors, path, metadata=metadata)
-        models.canonical_safetensors(path)
-        contents.add(path.read_bytes())
-    assert len(contents) == 1
-    with safe_open(str(path), framework="pt") as fh:
-        assert fh.metadata() == metadata
-        assert all(torch.equal(fh.get_tensor(k), v) for k, v in tensors.items())
