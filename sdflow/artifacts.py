@@ -231,10 +231,6 @@ def metric_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _rounded(value: Any) -> Any:
-    return round(value, 4) if isinstance(value, float) else value
-
-
 def publish_validation(profile: str, validation: dict[str, Any]) -> None:
     """The train stage's held-out validation loss per validation step, the best one marked."""
     from prefect.artifacts import create_table_artifact
@@ -255,6 +251,10 @@ def validation_rows(validation: dict[str, Any]) -> list[dict[str, Any]]:
         {"step": int(step), "validation_loss": _rounded(loss), "best": int(step) == best}
         for step, loss in validation.get("curve", [])
     ]
+
+
+def _rounded(value: Any) -> Any:
+    return round(value, 4) if isinstance(value, float) else value
 
 
 def publish_image(profile: str, name: str, path: Path, description: str) -> None:
