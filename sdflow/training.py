@@ -407,6 +407,7 @@ def restore(trainer: Trainer, values: dict[str, Any]) -> None:
     trainer.progress = Progress(**values["progress"])
     if "validation" in values:
         trainer.validation = ValidationState(**values["validation"])
+        trainer.validation.reconsider(trainer.train.early_stop_patience)
 
 
 def load_trained_weights(unet: torch.nn.Module, weights: dict[str, Tensor]) -> None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate.utils import broadcast
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 from PIL import Image
 from torch import Tensor
@@ -52,6 +53,14 @@ class ValidationState:
     best_loss: float | None = None
     since_best: int = 0  # validations since the lowest loss
     stopped_at: int | None = None  # the step early stopping ended the run
+
+    def reconsider(self, patience: int | None) -> None:
+        """On resume: an early stop holds only if this run's patience would have made it (a run
+        continued with a larger `train.early_stop_patience` trains on)."""
+        if self.stopped_at is not None and (patience is None or self.since_best < patience):
+            log.info("Early stop at step %d lifted: train.early_stop_patience is now %s",
+                     self.stopped_at, patience)  # fmt: skip
+            self.stopped_at = None
 
     def record(self, step: int, loss: float) -> bool:
         """Add a validation; True when its loss is the lowest so far."""
@@ -196,7 +205,7 @@ class Validator:
         with torch.random.fork_rng(devices=[]), _averaged(trainer):
             unet.eval()
             try:
-                loss = self.loss(unet, accelerator)
+                loss = _same_on_every_process(self.loss(unet, accelerator), accelerator)
                 grid = self.save_grid(unet, accelerator, step, loss)
             finally:
                 unet.train()
@@ -249,6 +258,14 @@ class _averaged:
     def __exit__(self, *exc) -> None:
         if self.ema:
             self.ema.restore(self.params)
+
+
+def _same_on_every_process(loss: float, accelerator) -> float:
+    """Process 0's loss everywhere, so every process takes the same best / early-stop decision."""
+    if accelerator.num_processes == 1:
+        return loss
+    value = torch.tensor([loss], dtype=torch.float64, device=accelerator.device)
+    return float(broadcast(value, from_process=0)[0])
 
 
 def _distinct(captions: list[str]) -> list[str]:

@@ -20,7 +20,7 @@ from sdflow.checkpoints import list_checkpoints, load_checkpoint, step_name
 from sdflow.errors import UserError
 from sdflow.models import build_unet, component_sources, noise_scheduler
 from sdflow.profiles import ConfigError, load_profile
-from sdflow.validation import Validator, spread_timesteps
+from sdflow.validation import ValidationState, Validator, spread_timesteps
 from tasks.evaluate import describe_model
 from tasks.train import train, train_key, train_lineage
 
@@ -352,3 +352,17 @@ def test_validating_changes_no_weight(tmp_path, components):
         ends.append(load_file(stage_path(tmp_path / name, manifest) / "pipeline" / UNET))
         assert ("validation" in manifest["info"]) is bool(options)
     assert all(torch.equal(ends[0][k], ends[1][k]) for k in ends[0])
+
+
+def test_best_patience_and_a_lifted_early_stop():
+    state = ValidationState()
+    decisions = [
+        state.record(step, loss) for step, loss in [(2, 0.5), (4, 0.4), (6, 0.45), (8, 0.4)]
+    ]
+    assert decisions == [True, True, False, False]  # equal to the best is no improvement
+    assert (state.best_step, state.best_loss, state.since_best) == (4, 0.4, 2)
+    state.stopped_at = 8  # early_stop_patience 2 ended the run here
+    state.reconsider(2)
+    assert state.stopped_at == 8  # resumed with the same patience: still stopped
+    state.reconsider(5)
+    assert state.stopped_at is None  # continued with more patience: trains on
