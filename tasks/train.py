@@ -105,11 +105,10 @@ def train_lineage(config: RunConfig, upstream: dict[str, Manifest | None]) -> st
 def train_key(config: RunConfig, upstream: dict[str, Manifest | None]) -> str:
     """The lineage and the number of steps: another step count is another output."""
     lineage = train_lineage(config, upstream)
-    validation = config.train.model_dump(include=VALIDATION_KEYS)
-    if config.train.validate_every:  # the grid's sampler settings
-        validation["eval"] = [config.eval.guidance_scale, config.download.resolution]
-    settings = {"lineage": lineage, "max_steps": config.train.max_steps}
+    settings: dict[str, Any] = {"lineage": lineage, "max_steps": config.train.max_steps}
     if config.train.validate_every:  # keys of runs without validation stay what they were
+        validation = config.train.model_dump(include=VALIDATION_KEYS)
+        validation["grid"] = [config.eval.guidance_scale, config.download.resolution]
         settings["validation"] = validation
     return stage_key("train", settings)
 
