@@ -129,6 +129,7 @@ class Validator:
             or _distinct(self.held.captions)[: train.validation_images]
         )
         self.sources = sources
+        self.vae: AutoencoderKL | None = None
         self.embeddings = self._embed(self.prompts) if self.prompts else None
 
     def _embed(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
@@ -169,9 +170,12 @@ class Validator:
     def images(self, unet, accelerator) -> list[Image.Image]:
         """One image per prompt, seed `train.seed + i`, with the exported pipeline's sampler."""
         config, sources = self.config, self.sources
-        vae = load_component(sources.vae, sources.vae_subfolder, AutoencoderKL, config.model)
+        if self.vae is None:  # loaded once; on the device only while sampling
+            self.vae = load_component(
+                sources.vae, sources.vae_subfolder, AutoencoderKL, config.model
+            )
         pipe = StableDiffusionPipeline(
-            vae=vae.to(accelerator.device).eval(),
+            vae=self.vae.to(accelerator.device).eval(),
             text_encoder=None,
             tokenizer=None,
             unet=unet,
@@ -196,6 +200,7 @@ class Validator:
                     generator=torch.Generator().manual_seed(config.train.seed + i),
                 )
             out.append(result.images[0])
+        self.vae.to("cpu")
         return out
 
     def run(self, trainer, state: ValidationState) -> bool:
