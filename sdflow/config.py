@@ -438,6 +438,13 @@ class TrainConfig(Section):
                     f"train.{key} is {getattr(self, key)!r} but train.validate_every is 0: both "
                     "act on validations, so set validate_every to a number of steps"
                 )
+        text_encoder = getattr(self, "text_encoder", "frozen")  # train.text_encoder (issue 8 §5)
+        if self.validate_every and text_encoder != "frozen":
+            raise ValueError(
+                f"train.validate_every is {self.validate_every} but train.text_encoder is "
+                f"{text_encoder!r}: validation reads the frozen encoder's cached caption embeddings, "
+                "so it is not available yet while the text encoder trains; set validate_every 0"
+            )
         if self.validate_every and not self.cache_latents:
             raise ValueError(
                 f"train.validate_every is {self.validate_every} but train.cache_latents is false: "
