@@ -1,12 +1,15 @@
 """Training-step throughput and peak GPU memory of a profile, on the real UNet architecture.
 
     python bench/gpu_step.py --profile sd15-lora-12gb [--steps 20] [--batch-size N]
+    python bench/gpu_step.py --profile sd15-finetune-24gb --memory-options
 
 Builds the UNet of the profile's base model FROM CONFIG with random weights (no download: the SD 1.5
 and SD 2.1 architectures are written out below), applies the profile's training mode (LoRA or full),
 mixed precision, gradient checkpointing and EMA, and runs sdflow's own training step
 (`sdflow.training.diffusion_loss`) on latent-shaped random inputs at the profile's resolution. Prints
-images/s and the peak GPU memory, also as one JSON line. On a machine without a GPU it runs on the
+images/s and the peak GPU memory, also as one JSON line. `--memory-options` measures each
+combination of the memory options (`train.optimizer` adamw / adamw8bit, `train.ema_on_cpu`, EMA
+on) one after another, one line each; the 8-bit optimizer only where CUDA is present. On a machine without a GPU it runs on the
 CPU (`--resolution 64 --steps 2 --set train.mixed_precision=no` smoke-tests the code path).
 """
 
@@ -19,8 +22,8 @@ from types import SimpleNamespace
 
 import torch
 from diffusers import DDPMScheduler
-from diffusers.training_utils import EMAModel
 
+from sdflow.memory import check_memory_options, make_ema, make_optimizer
 from sdflow.profiles import load_profile
 from sdflow.training import (
     WEIGHT_DTYPES,
@@ -85,10 +88,42 @@ class RandomLatents:
 
 def main() -> None:
     args = _arguments()
-    config = load_profile(args.profile, args.overrides)
+    variants = {"as configured": []}
+    if args.memory_options:
+        variants = memory_variants(torch.cuda.is_available())
+    results = []
+    for name, overrides in variants.items():
+        variant = load_profile(args.profile, [*args.overrides, *overrides])
+        result = measure(variant, args)
+        result["variant"] = name
+        results.append(result)
+        _print(result)
+    if len(results) > 1 and not torch.cuda.is_available():
+        print("(no CUDA: adamw8bit variants skipped, peak GPU memory not measured)")
+
+
+def memory_variants(cuda: bool) -> dict[str, list[str]]:
+    """The memory options on and off (EMA on in all, so its placement is what differs)."""
+    variants = {
+        "adamw, EMA on the GPU": ["train.ema=true"],
+        "adamw, EMA on the CPU": ["train.ema=true", "train.ema_on_cpu=true"],
+    }
+    if cuda:  # bitsandbytes' 8-bit AdamW needs CUDA
+        variants["adamw8bit, EMA on the GPU"] = ["train.ema=true", "train.optimizer=adamw8bit"]
+        variants["adamw8bit, EMA on the CPU"] = [
+            "train.ema=true",
+            "train.optimizer=adamw8bit",
+            "train.ema_on_cpu=true",
+        ]
+    return variants
+
+
+def measure(config, args) -> dict:
+    """Images/s and peak GPU memory of `args.steps` training steps of the profile's UNet."""
     train = config.train
     batch_size = args.batch_size or train.batch_size
     resolution = args.resolution or config.download.resolution
+    check_memory_options(train)
     accelerator = make_accelerator(train, _scratch_dir())
     architecture = unet_config(config)
     # sdflow's own UNet set-up (LoRA adapters, frozen weights in the compute dtype, checkpointing),
@@ -96,12 +131,15 @@ def main() -> None:
     config.model.unet = architecture
     config.model.text_encoder = {"hidden_size": architecture["cross_attention_dim"]}
     dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     unet = build_trainable_unet(config, SimpleNamespace(unet=None), dtype)
     params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=train.lr)
+    optimizer = make_optimizer(train, params)
     unet, optimizer = accelerator.prepare(unet, optimizer)
-    ema = EMAModel(params, decay=train.ema_decay) if train.ema else None
-    if ema:
+    ema = make_ema(train, params)
+    if ema and not train.ema_on_cpu:
         ema.to(accelerator.device)
     # unset means the base model's own; the bench builds its UNet from config, so epsilon
     prediction = train.prediction_type or "epsilon"
@@ -110,8 +148,6 @@ def main() -> None:
         architecture["in_channels"], resolution // 8, architecture["cross_attention_dim"]
     )
     generator = torch.Generator().manual_seed(0)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
 
     def step() -> float:
         loss = diffusion_loss(
@@ -132,17 +168,21 @@ def main() -> None:
         loss = step()
     _sync()
     seconds = time.perf_counter() - started
-    _report(args, config, batch_size, resolution, params, seconds, loss)
+    result = _report(args, config, batch_size, resolution, params, seconds, loss)
+    accelerator.free_memory()  # the next variant measures its own peak
+    return result
 
 
-def _report(args, config, batch_size, resolution, params, seconds, loss) -> None:
-    result = {
+def _report(args, config, batch_size, resolution, params, seconds, loss) -> dict:
+    return {
         "profile": args.profile,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "mode": config.train.mode,
         "mixed_precision": config.train.mixed_precision,
         "gradient_checkpointing": config.train.gradient_checkpointing,
         "ema": config.train.ema,
+        "ema_on_cpu": config.train.ema_on_cpu,
+        "optimizer": config.train.optimizer,
         "resolution": resolution,
         "batch_size": batch_size,
         "trainable_params": sum(p.numel() for p in params),
@@ -155,9 +195,13 @@ def _report(args, config, batch_size, resolution, params, seconds, loss) -> None
         ),
         "final_loss": round(loss, 4),
     }
+
+
+def _print(result: dict) -> None:
     print(
-        f"{args.profile}: {result['images_per_second']} images/s at {resolution} px, batch {batch_size}, "
-        f"peak GPU memory {result['peak_gpu_memory_gib']} GiB on {result['device']}"
+        f"{result['profile']} ({result.get('variant')}): {result['images_per_second']} images/s "
+        f"at {result['resolution']} px, batch {result['batch_size']}, peak GPU memory "
+        f"{result['peak_gpu_memory_gib']} GiB on {result['device']}"
     )
     print(json.dumps(result))
 
@@ -181,6 +225,10 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=None, help="default: the profile's")
     parser.add_argument("--resolution", type=int, default=None, help="default: the profile's")
+    parser.add_argument(
+        "--memory-options", action="store_true",
+        help="measure with and without 8-bit AdamW and EMA on the CPU (EMA on in each)",
+    )  # fmt: skip
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="K=V",
         help="override the profile, e.g. --set train.mixed_precision=no on a CPU",

@@ -15,6 +15,7 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.tracking import RunTracker
+from sdflow.memory import check_memory_options
 from sdflow.profiles import load_profile
 from tasks.autoencoder import train_autoencoder_task
 from tasks.caption import caption_task
@@ -35,6 +36,8 @@ def pipeline(
 ) -> str:
     """download → filter → caption → (autoencoder) → latents → train → evaluate; returns the run dir."""
     config = load_profile(profile, overrides or [])
+    if not only or "train" in only:  # e.g. 8-bit AdamW on a host without CUDA: before any stage
+        check_memory_options(config.train)
     run = RunTracker(config, profile, workdir, only, refresh)
 
     images = run.stage(download_task)

@@ -118,7 +118,14 @@ class RunTracker:
             _best_effort(artifacts.publish_failures, profile, counts)
         if name == "train" and "loss_curve" in files:
             path = base / files["loss_curve"]
-            _best_effort(artifacts.publish_image, profile, "loss-curve", path, "Training loss")
+            validation = manifest.get("info", {}).get("validation")
+            what = "Training loss" + (" and held-out validation loss" if validation else "")
+            _best_effort(artifacts.publish_image, profile, "loss-curve", path, what)
+            if validation:
+                _best_effort(artifacts.publish_validation, profile, validation)
+        if name == "train" and "validation_grid" in files:
+            path, what = base / files["validation_grid"], "Newest validation grid"
+            _best_effort(artifacts.publish_image, profile, "validation-grid", path, what)
         if name == "evaluate":
             _best_effort(artifacts.publish_metrics, profile, manifest.get("info", {}))
             _best_effort(artifacts.publish_prompt_scores, profile, manifest.get("info", {}))
@@ -133,8 +140,13 @@ class RunTracker:
         base = output_dir(self.workdir, manifest)
         files = manifest.get("files", {})
         if name == "train":
+            # with train.keep_best: the best checkpoint's model, and the last step's beside it
             product = files.get("pipeline") or files.get("lora")
+            final = files.get("final_pipeline") or files.get("final_lora") or product
             self.summary["model_dir"] = str(base / product) if product else None
+            self.summary["final_model_dir"] = str(base / final) if final else None
+            if "validation" in manifest.get("info", {}):
+                self.summary["validation"] = manifest["info"]["validation"]
         if name == "evaluate":
             self.summary["metrics"] = manifest.get("info", {})
             if "grid" in files:

@@ -258,6 +258,28 @@ def prompt_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def publish_validation(profile: str, validation: dict[str, Any]) -> None:
+    """The train stage's held-out validation loss per validation step, the best one marked."""
+    from prefect.artifacts import create_table_artifact
+
+    stopped = validation.get("stopped_early_at")
+    create_table_artifact(
+        validation_rows(validation),
+        key=artifact_key(profile, "validation"),
+        description=f"Held-out validation loss every {validation.get('every')} steps; best at "
+        f"step {validation.get('best_step')}"
+        + (f", stopped early at {stopped}" if stopped else ""),
+    )
+
+
+def validation_rows(validation: dict[str, Any]) -> list[dict[str, Any]]:
+    best = validation.get("best_step")
+    return [
+        {"step": int(step), "validation_loss": _rounded(loss), "best": int(step) == best}
+        for step, loss in validation.get("curve", [])
+    ]
+
+
 def _rounded(value: Any) -> Any:
     return round(value, 4) if isinstance(value, float) else value
 

@@ -9,6 +9,7 @@ Layout under a checkpoint root (a stage's partial dir `checkpoints/`):
 .tmp-step-000008/   being written; never read, removed by the next save
 step-000004/        complete: <group>.safetensors ... + state.json (written last: sizes, sha256)
 LATEST              "step-000004", replaced atomically after the rename
+BEST                "step-000002": the lowest validation loss (`train.keep_best`), never pruned
 ```
 A directory is renamed into place only after every file in it is written and fsynced, and LATEST moves
 only after that, so a crash at any moment leaves the previous checkpoint intact. Loading checks each
@@ -37,6 +38,7 @@ from sdflow.stageio import fsync_dir, write_atomic
 
 FORMAT_VERSION = 2  # 1: sizes only (still readable); 2: sizes and content hashes
 LATEST = "LATEST"
+BEST = "BEST"
 STATE = "state.json"
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
@@ -134,18 +136,33 @@ def list_checkpoints(root: str | Path) -> list[int]:
     return sorted(int(m.group(1)) for m in steps if m)
 
 
+def mark_best(root: str | Path, step: int) -> None:
+    """Point BEST at checkpoint `step` (which must exist): pruning keeps it from now on."""
+    root = Path(root)
+    if not (root / step_name(step)).is_dir():
+        raise CheckpointError(f"no checkpoint of step {step} to mark as the best one")
+    write_atomic(root / BEST, step_name(step) + "\n")
+    fsync_dir(root)
+
+
+def best_step(root: str | Path) -> int | None:
+    """The step BEST points to, or None."""
+    name = _read_pointer(Path(root), BEST)
+    return int(name.split("-")[1]) if name else None
+
+
 def prune_checkpoints(root: str | Path, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoints; the one LATEST points to always stays."""
+    """Delete all but the newest `keep` checkpoints; the ones LATEST and BEST point to stay."""
     for path in stale_checkpoints(root, keep):
         _remove_dir(path)
 
 
 def stale_checkpoints(root: str | Path, keep: int) -> list[Path]:
-    """The checkpoint directories beyond the newest `keep`, never the one LATEST points to."""
+    """The checkpoint directories beyond the newest `keep`, never one LATEST or BEST points to."""
     root = Path(root)
-    pointed = _read_pointer(root)
+    pointed = {_read_pointer(root), _read_pointer(root, BEST)}
     old = list_checkpoints(root)[:-keep]
-    return [root / step_name(s) for s in old if step_name(s) != pointed]
+    return [root / step_name(s) for s in old if step_name(s) not in pointed]
 
 
 def _write_contents(directory: Path, step: int, state: Mapping[str, Any]) -> None:
@@ -213,9 +230,9 @@ def _candidates(root: Path) -> list[Path]:
     return ordered
 
 
-def _read_pointer(root: Path) -> str | None:
+def _read_pointer(root: Path, pointer: str = LATEST) -> str | None:
     try:
-        name = (root / LATEST).read_text().strip()
+        name = (root / pointer).read_text().strip()
     except OSError:
         return None
     return name if STEP_DIR.match(name) else None

@@ -389,6 +389,38 @@ class TrainConfig(Section):
         0, ge=0, le=64, description="DataLoader worker processes; 0 loads in the training process"
     )
 
+    validate_every: int = Field(
+        0,
+        ge=0,
+        description="steps between validations (held-out loss and sample grid); 0: none. Needs "
+        "held-out samples (eval.held_out_fraction > 0) and cache_latents",
+    )
+    validation_samples: int = Field(
+        64, ge=1, description="held-out rows (in cache order) the validation loss averages over"
+    )
+    validation_prompts: list[str] = Field(
+        default_factory=list, description="prompts of the validation grid; empty: held-out captions"
+    )
+    validation_images: int = Field(
+        4, ge=0, description="held-out captions in the grid when validation_prompts is empty"
+    )
+    validation_inference_steps: int = Field(
+        10, ge=1, description="sampler steps per validation image (kept low: it runs often)"
+    )
+    keep_best: bool = Field(
+        False,
+        description="keep the checkpoint of the lowest validation loss and export it as the "
+        "model (the last one is exported beside it)",
+    )
+    early_stop_patience: int | None = Field(
+        None, ge=1, description="stop after this many validations without a lower loss"
+    )
+    optimizer: Literal["adamw", "adamw8bit"] = Field(
+        "adamw", description="adamw8bit: bitsandbytes' 8-bit AdamW, CUDA only (extra 'gpu')"
+    )
+    ema_on_cpu: bool = Field(
+        False, description="keep the EMA weights in CPU memory (saves GPU memory, costs copies)"
+    )
     keep_optimizer_state: bool = Field(
         False,
         description="false: the finished stage's checkpoint keeps weights, EMA, step, lr schedule "
@@ -408,6 +440,24 @@ class TrainConfig(Section):
                 f"train.lr_scheduler 'constant' has no warmup, but train.warmup_steps is "
                 f"{self.warmup_steps}: use lr_scheduler 'constant_with_warmup' (or another of "
                 f"{', '.join(get_args(LrSchedule)[1:])}), or warmup_steps 0"
+            )
+        for key in ("keep_best", "early_stop_patience"):
+            if getattr(self, key) not in (None, False) and not self.validate_every:
+                raise ValueError(
+                    f"train.{key} is {getattr(self, key)!r} but train.validate_every is 0: both "
+                    "act on validations, so set validate_every to a number of steps"
+                )
+        text_encoder = getattr(self, "text_encoder", "frozen")  # train.text_encoder (issue 8 §5)
+        if self.validate_every and text_encoder != "frozen":
+            raise ValueError(
+                f"train.validate_every is {self.validate_every} but train.text_encoder is "
+                f"{text_encoder!r}: validation reads the frozen encoder's cached caption embeddings, "
+                "so it is not available yet while the text encoder trains; set validate_every 0"
+            )
+        if self.validate_every and not self.cache_latents:
+            raise ValueError(
+                f"train.validate_every is {self.validate_every} but train.cache_latents is false: "
+                "validation reads the held-out rows the latents stage caches; set cache_latents"
             )
         if self.lr_scheduler == "polynomial" and self.lr <= POLYNOMIAL_LR_END:
             raise ValueError(
@@ -540,6 +590,11 @@ class RunConfig(Section):
         if self.train.mode == "lora" and self.model.init == "scratch":
             raise ValueError("train.mode 'lora' needs model.init 'pretrained': LoRA adapts a model")
         _check_text_encoder(self)
+        if self.train.validate_every and self.eval.held_out_fraction == 0:
+            raise ValueError(
+                f"train.validate_every is {self.train.validate_every} but eval.held_out_fraction "
+                "is 0: there is no held-out split to validate on; raise it (e.g. 0.05)"
+            )
         return self
 
     def needs_autoencoder(self) -> bool:

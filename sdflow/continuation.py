@@ -17,7 +17,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdflow.checkpoints import LATEST, list_checkpoints, step_name
+from sdflow.checkpoints import LATEST, best_step, list_checkpoints, mark_best, step_name
 from sdflow.stageio import load_manifest, write_atomic, write_json
 
 CONTINUED = "continued_from.json"  # in the partial directory: where a continued run started
@@ -53,18 +53,30 @@ def find_predecessor(stage_root: Path, lineage: str, max_steps: int) -> Predeces
 
 def seed_checkpoints(checkpoints: Path, predecessor: Predecessor) -> None:
     """Make the predecessor's last checkpoint the newest one under `checkpoints` (hard links,
-    or a copy across file systems), written as a temporary directory renamed into place."""
-    name = step_name(predecessor.steps)
+    or a copy across file systems), written as a temporary directory renamed into place; its
+    best one (`train.keep_best`) comes along, still marked best."""
     checkpoints.mkdir(parents=True, exist_ok=True)
+    best = best_step(predecessor.checkpoint.parent)
+    if best is not None and best != predecessor.steps:
+        _link_checkpoint(predecessor.checkpoint.parent / step_name(best), checkpoints)
+        mark_best(checkpoints, best)
+    name = _link_checkpoint(predecessor.checkpoint, checkpoints)
+    write_atomic(checkpoints / LATEST, name + "\n")
+    if best == predecessor.steps:
+        mark_best(checkpoints, best)
+
+
+def _link_checkpoint(source: Path, checkpoints: Path) -> str:
+    name = source.name
     tmp = checkpoints / f".tmp-{name}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        shutil.copytree(predecessor.checkpoint, tmp, copy_function=os.link)
+        shutil.copytree(source, tmp, copy_function=os.link)
     except OSError:  # another file system: hard links cannot cross it
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(predecessor.checkpoint, tmp)
+        shutil.copytree(source, tmp)
     os.replace(tmp, checkpoints / name)
-    write_atomic(checkpoints / LATEST, name + "\n")
+    return name
 
 
 def continue_from_predecessor(

@@ -77,6 +77,23 @@ def write_latent_shard(path: str | Path, tensors: Mapping[str, Tensor], ids: lis
     save_tensors(path, tensors, {"ids": json.dumps(ids)})
 
 
+def captions_path(shard: str | Path) -> Path:
+    """A held-out shard's sidecar of captions (`captions-XXXXX.json`, one per row, in order).
+
+    Not in the shard's metadata: safetensors writes metadata keys in no fixed order, and a second
+    key would make the file's bytes (and the stage fingerprint) differ between identical runs.
+    """
+    shard = Path(shard)
+    return shard.with_name(
+        shard.name.replace("latents-", "captions-").replace(".safetensors", ".json")
+    )
+
+
+def read_shard_captions(path: str | Path) -> list[str]:
+    """The captions of a held-out shard's rows."""
+    return json.loads(captions_path(path).read_text())
+
+
 def read_shard_ids(path: str | Path) -> list[str]:
     """The ids of a shard's rows, from its header only (no tensor data is read)."""
     with safe_open(str(path), framework="pt") as fh:
@@ -142,6 +159,18 @@ class CachedLatents(Dataset):
     def __getstate__(self) -> dict[str, Any]:
         # open file handles do not cross into DataLoader worker processes; each reopens its own
         return {**self.__dict__, "_open": OrderedDict()}
+
+
+def held_out_latents(workdir: str | Path, manifest: Manifest) -> CachedLatents | None:
+    """The held-out split the latents stage cached under `files["validation"]`, or None."""
+    folder = manifest.get("files", {}).get("validation")
+    if not folder:
+        return None
+    base = output_dir(workdir, manifest)
+    names = sorted(
+        p.relative_to(base).as_posix() for p in (base / folder).glob("latents-*.safetensors")
+    )
+    return CachedLatents(workdir, {**manifest, "shards": names, "info": {}})
 
 
 class CaptionedImages(Dataset):

@@ -17,6 +17,12 @@ Exact resume: one torch.Generator (seeded by `train.seed`) draws everything rand
 written in `diffusion_loss`, and the data order is a function of (seed, epoch) and the step alone
 (`StepBatches`). A checkpoint holds that generator's state with the weights, optimizer, lr schedule
 and EMA, so a run killed at any point and resumed reaches the same weights as one never interrupted.
+
+Validation (`train.validate_every`, `sdflow.validation`) runs between steps on fixed held-out
+inputs; its state (curve, best step, patience) is checkpointed too. With `train.keep_best`, a step
+with a new lowest validation loss is checkpointed and marked BEST (never pruned); with
+`train.early_stop_patience` the run ends, checkpointed, after that many validations without one.
+Memory options: `train.optimizer: adamw8bit` (bitsandbytes, CUDA only) and `train.ema_on_cpu`.
 """
 
 from __future__ import annotations
@@ -45,11 +51,12 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from sdflow.artifacts import report_progress
-from sdflow.checkpoints import load_checkpoint, load_latest, save_checkpoint
+from sdflow.checkpoints import load_checkpoint, load_latest, mark_best, save_checkpoint
 from sdflow.config import RunConfig, TrainConfig
 from sdflow.errors import UserError, as_user_error
 from sdflow.gpuslots import gpu_count, held_device
 from sdflow.launch import LaunchFailed, accelerate_command, exit_with_supervisor, supervise
+from sdflow.memory import check_memory_options, make_ema, make_optimizer
 from sdflow.models import (
     ComponentSources,
     build_unet,
@@ -65,6 +72,7 @@ from sdflow.text_training import (
     param_groups,
     trained_parameters,
 )
+from sdflow.validation import ValidationState, Validator, validation_info
 
 CHECKPOINTS = "checkpoints"
 LOGS = "logs"
@@ -95,6 +103,7 @@ class TrainSummary:
     resumed_from: int
     history: list[list[float]]
     skipped_steps: int = 0
+    validation: dict[str, Any] | None = None  # `validation_info`, with `train.validate_every`
 
 
 @dataclass
@@ -112,6 +121,8 @@ class Trainer:
     progress: Progress
     text_encoder: torch.nn.Module | None = None  # None: frozen, its embeddings are cached
     text_params: list[torch.nn.Parameter] = field(default_factory=list)  # its trained ones
+    validator: Validator | None = None
+    validation: ValidationState = field(default_factory=ValidationState)
 
 
 def train_unet(
@@ -119,9 +130,13 @@ def train_unet(
 ) -> TrainSummary:
     """Train to `train.max_steps`, resuming from the newest checkpoint in `out_dir/checkpoints`."""
     out_dir = Path(out_dir)
+    check_memory_options(config.train)
     accelerator = make_accelerator(config.train, out_dir)
     sources = component_sources(config, upstream, workdir)
     trainer = make_trainer(accelerator, config, sources)
+    scheduler = make_noise_scheduler(config, sources)
+    if config.train.validate_every:
+        trainer.validator = Validator(config, upstream, workdir, sources, scheduler, out_dir)
     found = load_latest(out_dir / CHECKPOINTS)
     if found:
         restore(trainer, found[1])
@@ -133,11 +148,11 @@ def train_unet(
         trainer.unet, trainer.text_encoder, trainer.optimizer = accelerator.prepare(
             trainer.unet, trainer.text_encoder, trainer.optimizer
         )
-    if trainer.ema:
+    if trainer.ema and not config.train.ema_on_cpu:
         trainer.ema.to(accelerator.device)
     dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
     source = make_batches(config, upstream, workdir, sources, accelerator.device, dtype)
-    fit(trainer, source, make_noise_scheduler(config, sources), out_dir / CHECKPOINTS)
+    fit(trainer, source, scheduler, out_dir / CHECKPOINTS)
     accelerator.end_training()
     return summarize(trainer, resumed_from)
 
@@ -149,9 +164,7 @@ def make_trainer(accelerator: Accelerator, config: RunConfig, sources) -> Traine
     params = [p for p in unet.parameters() if p.requires_grad]
     text_encoder = build_trainable_text_encoder(config, sources, weight_dtype)
     text_params = trained_parameters(text_encoder)
-    optimizer = torch.optim.AdamW(
-        param_groups(train, params, text_params), lr=train.lr, weight_decay=train.adam_weight_decay
-    )
+    optimizer = make_optimizer(train, param_groups(train, params, text_params))
     lr_scheduler = get_scheduler(
         train.lr_scheduler,
         optimizer,
@@ -160,7 +173,7 @@ def make_trainer(accelerator: Accelerator, config: RunConfig, sources) -> Traine
         num_cycles=train.lr_cycles,
         power=train.lr_power,
     )
-    ema = EMAModel(params, decay=train.ema_decay) if train.ema else None
+    ema = make_ema(train, params)
     generator = torch.Generator().manual_seed(train.seed + accelerator.process_index)
     return Trainer(
         accelerator,
@@ -194,7 +207,7 @@ def fit(trainer: Trainer, source, scheduler, checkpoints: Path) -> None:
     )
     batches = iter(loader)
     trainer.unet.train()
-    while progress.step < train.max_steps:
+    while progress.step < train.max_steps and trainer.validation.stopped_at is None:
         started = time.monotonic()
         lr = trainer.lr_scheduler.get_last_lr()[0]
         loss = run_step(trainer, source, scheduler, batches)
@@ -206,7 +219,11 @@ def fit(trainer: Trainer, source, scheduler, checkpoints: Path) -> None:
         if progress.step % train.log_every == 0 or progress.step == train.max_steps:
             accelerator.log({"loss": loss, "lr": lr}, step=progress.step)
             log.info("step %d/%d loss %.5f lr %.3g", progress.step, train.max_steps, loss, lr)
-        if progress.step % train.checkpoint_every == 0 or progress.step == train.max_steps:
+        keep = progress.step % train.checkpoint_every == 0 or progress.step == train.max_steps
+        best = False
+        if trainer.validator and progress.step % train.validate_every == 0:
+            best = trainer.validator.run(trainer, trainer.validation) and train.keep_best
+        if keep or best or trainer.validation.stopped_at is not None:
             save(trainer, checkpoints)
 
 
@@ -415,6 +432,8 @@ def state(trainer: Trainer, generators: Tensor) -> dict[str, Any]:
         values[CHECKPOINT_GROUP] = {n: p for n, p in encoder.named_parameters() if p.requires_grad}
     if trainer.ema:
         values["ema"] = trainer.ema.state_dict()
+    if trainer.validator:
+        values["validation"] = asdict(trainer.validation)
     if trainer.accelerator.scaler is not None:  # fp16 loss scale and its growth counter
         values["grad_scaler"] = trainer.accelerator.scaler.state_dict()
     return values
@@ -438,6 +457,9 @@ def restore(trainer: Trainer, values: dict[str, Any]) -> None:
     trainer.generator.set_state(own.clone())  # a row view (storage offset > 0) crashes set_state
     torch.set_rng_state(values["rng"]["torch"])
     trainer.progress = Progress(**values["progress"])
+    if "validation" in values:
+        trainer.validation = ValidationState(**values["validation"])
+        trainer.validation.reconsider(trainer.train.early_stop_patience)
 
 
 def load_trained_weights(
@@ -463,6 +485,8 @@ def save(trainer: Trainer, checkpoints: Path) -> None:
         step = trainer.progress.step
         values = state(trainer, generators)
         save_checkpoint(checkpoints, step, values, keep=trainer.train.keep_checkpoints)
+        if trainer.train.keep_best and trainer.validation.best_step is not None:
+            mark_best(checkpoints, trainer.validation.best_step)  # again after a crash: idempotent
         log.info("Saved checkpoint of step %d", step)
     accelerator.wait_for_everyone()
 
@@ -504,7 +528,15 @@ def summarize(trainer: Trainer, resumed_from: int) -> TrainSummary:
         resumed_from=resumed_from,
         history=progress.history,
         skipped_steps=progress.skipped_steps,
+        validation=validation_summary(trainer),
     )
+
+
+def validation_summary(trainer: Trainer) -> dict[str, Any] | None:
+    if trainer.validator is None:
+        return None
+    grid = trainer.validator.newest_grid(trainer.validation)
+    return validation_info(trainer.validation, trainer.train.validate_every, grid)
 
 
 # ------------------------------------------------------------------------------- several processes

@@ -283,7 +283,12 @@ def describe_model(name: str, config: RunConfig, train: Manifest) -> str:
     if name == "trained":
         mode = "LoRA" if "lora" in train["files"] else "full"
         steps = train.get("counts", {}).get("steps", config.train.max_steps)
-        return f"trained: {base}, {mode}, {steps} steps (train {train['key'][:8]})"
+        best = train.get("info", {}).get("validation", {}).get("best_step")
+        if "final_pipeline" in train["files"] or "final_lora" in train["files"]:
+            steps = f"best validation loss at step {best} of {steps}"  # train.keep_best
+        else:
+            steps = f"{steps} steps"
+        return f"trained: {base}, {mode}, {steps} (train {train['key'][:8]})"
     if model.init == "scratch":
         return f"baseline: scratch UNet untrained (model.seed {model.seed})"
     return f"baseline: {base} (before training)"

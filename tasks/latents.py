@@ -1,7 +1,9 @@
 """Latents stage: encode every training image (VAE) and caption (text encoder) once, into shards.
 
-Run it with `sdflow run tiny-cpu --only latents`. Held-out samples (`eval.held_out_fraction`) are
-skipped. Each caption shard becomes one or more `latents-XXXXX.safetensors` (at most
+Run it with `sdflow run tiny-cpu --only latents`. Held-out samples (`eval.held_out_fraction`) never
+enter the training shards: they are cached apart, in `validation/latents-XXXXX.safetensors` (the
+same format, plus the captions in the metadata), for the train stage's validation loss and grid.
+Each caption shard becomes one or more `latents-XXXXX.safetensors` (at most
 `latents.shard_size` rows) holding the latent distribution (`mean`, `std`, and with `latents.flip`
 the flipped image's `mean_flip`, `std_flip`) and the caption embedding `text`, with the row ids in
 the metadata. `empty_prompt.safetensors` holds the empty caption's embedding for caption dropout.
@@ -43,6 +45,7 @@ from sdflow.gpuslots import torch_device
 from sdflow.latent_data import (
     EMPTY_PROMPT,
     caption_key,
+    captions_path,
     latent_shard_name,
     save_tensors,
     write_latent_shard,
@@ -79,6 +82,7 @@ log = logging.getLogger(__name__)
 # per-shard counts and seconds, so a resumed build reports the same numbers; under logs/, which
 # holds run history and stays out of the fingerprint (the seconds differ between runs)
 STATS = "logs/shards"
+VALIDATION = "validation/"  # the held-out split's latents shards, for the train stage's validation
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -148,23 +152,46 @@ def _build(
     files = {"empty_prompt": _save_empty_prompt(build, config, encoders), "failures": FAILURES}
     if config.model.init == "scratch":
         files |= {"tokenizer": "tokenizer", "text_encoder": "text_encoder"}
-    held_out = inputs = 0
+    inputs = held_count = 0
     shards: list[str] = []
+    held_out: list[str] = []  # the held-out split's shards, under validation/
     for path in shard_paths(workdir, caption):
         ids = pq.read_table(path, columns=["id"]).column("id").to_pylist()
-        keep = [r for r, i in enumerate(ids) if not is_held_out(i, config.eval.held_out_fraction)]
-        inputs, held_out = inputs + len(ids), held_out + len(ids) - len(keep)
-        size = config.latents.shard_size
-        table = None  # read only when a shard of this caption shard is still missing
-        for rows in (keep[a : a + size] for a in range(0, len(keep), size)):
-            index = len(shards)  # numbered in input order, so a rerun finds the same names
-            if not build.has(latent_shard_name(index)):
-                if table is None:
-                    table = pq.read_table(path, columns=["id", "image", "caption", "source"])
-                _encode_shard(build, config, encoders, table.take(rows).to_pylist(), index)
-            shards.append(latent_shard_name(index))
+        held = [is_held_out(i, config.eval.held_out_fraction) for i in ids]
+        inputs, held_count = inputs + len(ids), held_count + sum(held)
+        reader = _TableReader(path)
+        splits = ((_rows(held, False), shards, ""), (_rows(held, True), held_out, VALIDATION))
+        for rows, names, folder in splits:
+            size = config.latents.shard_size
+            for chunk in (rows[a : a + size] for a in range(0, len(rows), size)):
+                # numbered in input order, so a rerun finds the same names
+                name = f"{folder}{latent_shard_name(len(names))}"
+                if not build.has(name):
+                    _encode_shard(build, config, encoders, reader.rows(chunk), name)
+                names.append(name)
         report_progress("latents", inputs, caption["counts"].get("kept"), "images")
-    return _finish(build, config, encoders, shards, {"input": inputs, "held_out": held_out}, files)
+    if held_out:
+        files["validation"] = VALIDATION.rstrip("/")
+    counts = {"input": inputs, "held_out": held_count}
+    counts["validation"] = sum(_read_stats(build, name)["encoded"] for name in held_out)
+    return _finish(build, config, encoders, shards, counts, files)
+
+
+def _rows(held: list[bool], value: bool) -> list[int]:
+    return [r for r, h in enumerate(held) if h is value]
+
+
+class _TableReader:
+    """A caption shard's rows, read only when a latents shard of it is still missing."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.table = None
+
+    def rows(self, rows: list[int]) -> list[dict]:
+        if self.table is None:
+            self.table = pq.read_table(self.path, columns=["id", "image", "caption", "source"])
+        return self.table.take(rows).to_pylist()
 
 
 def _load_encoders(
@@ -236,10 +263,14 @@ def _encode_captions(
 
 
 def _encode_shard(
-    build: StageBuild, config: RunConfig, encoders: Encoders, samples: list[dict], index: int
+    build: StageBuild, config: RunConfig, encoders: Encoders, samples: list[dict], name: str
 ) -> None:
-    """Encode one shard's samples; failures and stats first, the shard last (its existence = done)."""
+    """Encode one shard's samples; failures and stats first, the shard last (its existence = done).
+
+    A held-out shard (under validation/) keeps its captions too, for the validation grid.
+    """
     started = time.monotonic()
+    captions = {s["id"]: s["caption"] or "" for s in samples}
     ids: list[str] = []
     parts: dict[str, list[Tensor]] = {}
     failures: list[dict[str, str]] = []
@@ -250,16 +281,20 @@ def _encode_shard(
         failures += failed
         for key, value in tensors.items():
             parts.setdefault(key, []).append(_stored(value, config))
-    name = latent_shard_name(index)
-    build.write_table(f"{FAILURES}/{shard_name(index)}", failures_table(failures))
+    index = int(name.rsplit("-", 1)[1].split(".")[0])
+    failures_name = shard_name(index) if "/" not in name else f"validation-{shard_name(index)}"
+    build.write_table(f"{FAILURES}/{failures_name}", failures_table(failures))
     stats = {
         "encoded": len(ids),
         "failed_by_reason": dict(Counter(f["reason"] for f in failures)),
         "seconds": time.monotonic() - started,
     }
-    (build.path / STATS).mkdir(parents=True, exist_ok=True)
+    (build.path / STATS / name).parent.mkdir(parents=True, exist_ok=True)
     write_json(build.path / STATS / f"{name}.json", stats)
     tensors = {k: torch.cat(v) for k, v in parts.items()} if ids else {"text": torch.empty(0)}
+    if name.startswith(VALIDATION):
+        (build.path / VALIDATION).mkdir(exist_ok=True)
+        write_json(captions_path(build.path / name), [captions[i] for i in ids])
     write_latent_shard(build.path / name, tensors, ids)
     log.info("latents %s: %d encoded, %d failed", name, len(ids), len(failures))
 
@@ -348,7 +383,7 @@ def _finish(
     counts: dict[str, int],
     files: dict[str, str],
 ) -> Manifest:
-    stats = [_read_json(build.path / STATS / f"{name}.json") for name in shards]
+    stats = [_read_stats(build, name) for name in shards]
     encoded = sum(s["encoded"] for s in stats)
     reasons: Counter[str] = Counter()
     for s in stats:
@@ -395,5 +430,5 @@ def _shape_info(build, config, encoders, shards, stats) -> dict[str, Any]:
     }
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text())
+def _read_stats(build: StageBuild, name: str) -> dict[str, Any]:
+    return json.loads((build.path / STATS / f"{name}.json").read_text())

@@ -10,6 +10,12 @@ from scratch, DDIM; the trained text encoder with `train.text_encoder: full`) or
 TensorBoard `logs/`, and the last checkpoint (without the optimizer moments unless
 `train.keep_optimizer_state`).
 
+Validation (`train.validate_every`): the held-out loss curve goes into the manifest's info
+(`validation`), TensorBoard and `loss.png`; a sample grid per validation into `logs/validation/`.
+With `train.keep_best` the model exported as `pipeline/` (or `lora/`) is the checkpoint of the lowest
+validation loss, and the last step's is exported beside it as `final-pipeline/` (`final-lora/`);
+the manifest's `files` name both (`pipeline` / `final_pipeline`), and evaluate scores the best.
+
 Continue training: the key is the run's lineage (`train_lineage`) plus `train.max_steps`, so a run
 asked for more steps is a new output that starts from the last checkpoint of the longest finished
 run of its lineage (`sdflow.continuation`) instead of from step 0.
@@ -31,6 +37,7 @@ from sdflow.checkpoints import load_checkpoint, prune_checkpoints, save_checkpoi
 from sdflow.config import RunConfig
 from sdflow.continuation import continue_from_predecessor
 from sdflow.fingerprint import code_version
+from sdflow.memory import check_memory_options
 from sdflow.models import (
     ComponentSources,
     atomic_dir,
@@ -58,9 +65,22 @@ from sdflow.training import (
 
 LOSS_CURVE = "loss.png"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name diffusers' save_lora_weights gives
+VALIDATION_COLOUR = "#e07b00"
 # Settings that change no weight of the steps done: editing them never retrains. `max_steps` only
 # says how many steps there are; it enters the key beside the lineage (see `train_lineage`).
 NOT_IN_KEY = {"data_workers", "keep_checkpoints", "checkpoint_every", "log_every", "max_steps"}
+# Settings that change what is validated and exported but no weight of any step (validation draws
+# nothing from the training generator): out of the lineage, so a run continues across them, but in
+# the key, since the outputs differ. Early stop ends a run sooner: its steps are still the lineage's.
+VALIDATION_KEYS = {
+    "validate_every",
+    "validation_samples",
+    "validation_prompts",
+    "validation_images",
+    "validation_inference_steps",
+    "keep_best",
+    "early_stop_patience",
+}
 # lr schedules whose value at step t does not depend on the total number of steps: a longer run of
 # these repeats the shorter one's steps exactly, so it can continue from it.
 STEP_FREE_SCHEDULES = {"constant", "constant_with_warmup"}
@@ -71,7 +91,7 @@ def train_lineage(config: RunConfig, upstream: dict[str, Manifest | None]) -> st
     steps there are (unless the lr schedule's shape depends on it): runs of one lineage agree on
     every step they share, so a longer one continues a finished shorter one."""
     model = config.model
-    train = config.train.model_dump(exclude=NOT_IN_KEY)
+    train = config.train.model_dump(exclude=NOT_IN_KEY | VALIDATION_KEYS)
     if config.train.lr_scheduler not in STEP_FREE_SCHEDULES:  # e.g. cosine: lr(t) needs the total
         train["max_steps"] = config.train.max_steps
     # "auto" counts this host's GPUs: the world size, not the word, decides the weights
@@ -90,7 +110,12 @@ def train_lineage(config: RunConfig, upstream: dict[str, Manifest | None]) -> st
 def train_key(config: RunConfig, upstream: dict[str, Manifest | None]) -> str:
     """The lineage and the number of steps: another step count is another output."""
     lineage = train_lineage(config, upstream)
-    return stage_key("train", {"lineage": lineage, "max_steps": config.train.max_steps})
+    settings: dict[str, Any] = {"lineage": lineage, "max_steps": config.train.max_steps}
+    if config.train.validate_every:  # keys of runs without validation stay what they were
+        validation = config.train.model_dump(include=VALIDATION_KEYS)
+        validation["grid"] = [config.eval.guidance_scale, config.download.resolution]
+        settings["validation"] = validation
+    return stage_key("train", settings)
 
 
 def train(config: RunConfig, upstream: dict[str, Manifest | None], workdir: str) -> Manifest:
@@ -104,24 +129,23 @@ train_task = stage_task("train", train_key)(train)
 def _build(
     build: StageBuild, config: RunConfig, upstream: dict[str, Manifest | None], workdir: str
 ) -> Manifest:
+    check_memory_options(config.train)  # before anything is written
     checkpoints = build.path / CHECKPOINTS
     lineage = train_lineage(config, upstream)
     origin = continue_from_predecessor(build.path, checkpoints, lineage, config.train.max_steps)
     summary = run_training(config, upstream, workdir, build.path)
-    # The last one stays, for inspection or training on; `eval.checkpoints: all` scores every one
-    # `train.keep_checkpoints` kept, so they stay too.
+    # The last one stays, for inspection or training on, and the best one (BEST), if marked;
+    # `eval.checkpoints: all` scores every one `train.keep_checkpoints` kept, so they stay too.
     keep = config.train.keep_checkpoints if config.eval.checkpoints == "all" else 1
     prune_checkpoints(checkpoints, keep=keep)
     sources = component_sources(config, upstream, workdir)
-    unet = trained_unet(config, sources, checkpoints / step_name(summary.steps))
-    text_encoder = trained_text_encoder(config, sources, checkpoints / step_name(summary.steps))
     scheduler = noise_scheduler(config, sources)
-    if config.train.mode == "lora":
-        output = {"lora": _save_lora(unet, build.path / "lora", text_encoder)}
-    else:
-        pipeline = build.path / "pipeline"
-        output = {"pipeline": _save_full(unet, config, sources, scheduler, pipeline, text_encoder)}
-    write_atomic(build.path / LOSS_CURVE, draw_loss_curve(summary.history))
+    output = _export_models(config, sources, scheduler, build.path, summary)
+    validation = summary.validation or {}
+    curve = validation.get("curve")
+    write_atomic(build.path / LOSS_CURVE, draw_loss_curve(summary.history, validation=curve))
+    if validation.get("grid"):
+        output["validation_grid"] = validation["grid"]
     if not config.train.keep_optimizer_state:
         drop_optimizer_state(checkpoints, summary.steps, keep)
     return build.finish(
@@ -135,8 +159,32 @@ def _build(
             **_info(config, sources, summary, scheduler),
             "lineage": lineage,
             "continued_from": origin,
+            **({"validation": summary.validation} if summary.validation else {}),
         },
     )
+
+
+def _export_models(
+    config: RunConfig, sources: ComponentSources, scheduler, out: Path, summary: TrainSummary
+) -> dict[str, str]:
+    """The model (`pipeline` or `lora`): the best checkpoint's with `train.keep_best`, else the
+    last one's; with `train.keep_best` the last one's also as `final_pipeline` / `final_lora`."""
+    kind = "lora" if config.train.mode == "lora" else "pipeline"
+    best = (summary.validation or {}).get("best_step") if config.train.keep_best else None
+
+    def export(step: int, name: str) -> str:
+        checkpoint = out / CHECKPOINTS / step_name(step)
+        unet = trained_unet(config, sources, checkpoint)
+        text_encoder = trained_text_encoder(config, sources, checkpoint)
+        if kind == "lora":
+            return _save_lora(unet, out / name, text_encoder)
+        return _save_full(unet, config, sources, scheduler, out / name, text_encoder)
+
+    if best is None:
+        return {kind: export(summary.steps, kind)}
+    model = export(best, kind)
+    final = model if best == summary.steps else export(summary.steps, f"final-{kind}")
+    return {kind: model, f"final_{kind}": final}
 
 
 def _save_full(
@@ -221,19 +269,27 @@ def _info(
 # ------------------------------------------------------------------------------------ loss curve
 
 
-def draw_loss_curve(history: list[list[float]], size: tuple[int, int] = (640, 360)) -> bytes:
-    """PNG of the loss per step (grey) and its moving average (blue), with labelled axes."""
+def draw_loss_curve(
+    history: list[list[float]],
+    size: tuple[int, int] = (640, 360),
+    validation: list[list[float]] | None = None,
+) -> bytes:
+    """PNG of the loss per step (grey) and its moving average (blue), with labelled axes; and the
+    held-out validation loss (orange, one dot per validation) when given."""
     width, height = size
     left, right, top, bottom = 64, 16, 28, 40
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
-    draw.text((left, 8), "training loss", fill="black")
+    title = "training loss" + (" (blue), validation loss (orange)" if validation else "")
+    draw.text((left, 8), title, fill="black")
     box = (left, top, width - right, height - bottom)
     draw.rectangle(box, outline="black")
     steps = [h[0] for h in history]
     losses = [h[1] for h in history]
+    validation = validation or []
     if losses:
-        low, high = min(losses), max(losses)
+        low = min(losses + [v for _, v in validation])
+        high = max(losses + [v for _, v in validation])
         span = (high - low) or 1.0
         first, last = steps[0], steps[-1]
 
@@ -247,6 +303,12 @@ def draw_loss_curve(history: list[list[float]], size: tuple[int, int] = (640, 36
         draw.line(
             [point(s, v) for s, v in zip(steps, smooth, strict=True)], fill="#1f5fbf", width=2
         )
+        if validation:
+            dots = [point(s, v) for s, v in validation]
+            if len(dots) > 1:
+                draw.line(dots, fill=VALIDATION_COLOUR, width=2)
+            for x, y in dots:
+                draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=VALIDATION_COLOUR)
         draw.text((4, box[1]), f"{high:.4g}", fill="black")
         draw.text((4, box[3] - 10), f"{low:.4g}", fill="black")
         draw.text((box[0], box[3] + 6), str(int(first)), fill="black")

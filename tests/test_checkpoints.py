@@ -12,9 +12,12 @@ from safetensors.torch import load_file
 
 from sdflow.checkpoints import (
     LATEST,
+    CheckpointError,
+    best_step,
     list_checkpoints,
     load_checkpoint,
     load_latest,
+    mark_best,
     prune_checkpoints,
     save_checkpoint,
     step_name,
@@ -149,6 +152,23 @@ def test_prune_never_deletes_the_pointed_checkpoint(tmp_path):
     (tmp_path / LATEST).write_text(step_name(2))
     prune_checkpoints(tmp_path, keep=1)
     assert list_checkpoints(tmp_path) == [2, 6]
+
+
+def test_the_best_checkpoint_survives_saves_and_prunes_until_another_is_marked(tmp_path):
+    assert best_step(tmp_path) is None
+    save_checkpoint(tmp_path, 2, make_state(2), keep=1)
+    mark_best(tmp_path, 2)
+    for step in (4, 6, 8):
+        save_checkpoint(tmp_path, step, make_state(step), keep=1)
+    assert list_checkpoints(tmp_path) == [2, 8] and best_step(tmp_path) == 2
+    prune_checkpoints(tmp_path, keep=1)  # what the train stage does at the end, and `sdflow gc`
+    assert list_checkpoints(tmp_path) == [2, 8]
+    assert_same(load_checkpoint(tmp_path / step_name(2))[1], make_state(2))
+    mark_best(tmp_path, 8)
+    save_checkpoint(tmp_path, 10, make_state(10), keep=1)
+    assert list_checkpoints(tmp_path) == [8, 10]
+    with pytest.raises(CheckpointError, match="no checkpoint of step 3"):
+        mark_best(tmp_path, 3)
 
 
 def test_state_json_lists_sizes_hashes_and_step(tmp_path):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from sdflow.checkpoints import list_checkpoints, load_latest, save_checkpoint
+from sdflow.checkpoints import best_step, list_checkpoints, load_latest, mark_best, save_checkpoint
 from sdflow.continuation import CONTINUED, continue_from_predecessor, find_predecessor
 from sdflow.stageio import StageBuild, build_stage
 
@@ -69,3 +69,25 @@ def test_a_build_with_checkpoints_of_its_own_is_not_seeded(tmp_path):
     save_checkpoint(checkpoints, 4, {"model": {"w": torch.zeros(2)}}, keep=1)
     assert continue_from_predecessor(build.path, checkpoints, "L", 60) is None
     assert list_checkpoints(checkpoints) == [4]
+
+
+def test_the_best_checkpoint_of_the_predecessor_comes_along_still_marked(tmp_path):
+    def work(build: StageBuild) -> dict:
+        for step in (10, 30):
+            state = {"model": {"w": torch.full((2,), float(step))}, "progress": {"step": step}}
+            save_checkpoint(build.path / "checkpoints", step, state, keep=1)
+            if step == 10:
+                mark_best(build.path / "checkpoints", 10)  # train.keep_best: step 10 was the best
+        return build.finish(
+            counts={"steps": 30}, files={"checkpoints": "checkpoints"}, info={"lineage": "L"}
+        )
+
+    build_stage(tmp_path, "train", "a30", work)
+    build = StageBuild(tmp_path, "train", "a60")
+    build.path.mkdir(parents=True)
+    checkpoints = build.path / "checkpoints"
+    continue_from_predecessor(build.path, checkpoints, "L", 60)
+    assert list_checkpoints(checkpoints) == [10, 30] and best_step(checkpoints) == 10
+    assert load_latest(checkpoints)[0] == 30  # training goes on from the last one
+    save_checkpoint(checkpoints, 40, {"model": {"w": torch.zeros(2)}}, keep=1)
+    assert list_checkpoints(checkpoints) == [10, 40]  # the best one is never pruned

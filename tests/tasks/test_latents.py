@@ -21,7 +21,13 @@ from stage_fixtures import fresh_fingerprint
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from sdflow import models
-from sdflow.latent_data import CachedLatents, ShardShuffleSampler, load_empty_prompt
+from sdflow.latent_data import (
+    CachedLatents,
+    ShardShuffleSampler,
+    held_out_latents,
+    load_empty_prompt,
+    read_shard_captions,
+)
 from sdflow.profiles import load_profile
 from sdflow.splits import is_held_out
 from sdflow.stageio import build_stage, output_dir, read_failures, stage_dir
@@ -383,3 +389,26 @@ def test_non_finite_encodings_become_failures(setup, monkeypatch):
     data = CachedLatents(workdir, manifest)
     assert poisoned["id"] not in {data[i]["id"] for i in range(len(data))}
     assert manifest["counts"]["encoded"] == len(training_ids(0.25)) - 2
+
+
+def test_held_out_rows_are_cached_apart_with_their_captions(setup):
+    workdir, config, upstream, manifest = setup
+    by_id = {r["id"]: r for r in samples()}
+    held = [r["id"] for r in samples() if is_held_out(r["id"], 0.25)]
+    assert held and manifest["counts"]["validation"] == len(held)
+    assert manifest["files"]["validation"] == "validation"
+    data = held_out_latents(workdir, manifest)
+    assert [data[i]["id"] for i in range(len(data))] == held  # input order, none trained on
+    assert not set(held) & {CachedLatents(workdir, manifest)[i]["id"] for i in range(5)}
+    base = output_dir(workdir, manifest)
+    paths = sorted((base / "validation").glob("latents-*.safetensors"))
+    captions = [c for p in paths for c in read_shard_captions(p)]
+    assert captions == [by_id[i]["caption"] for i in held]
+    vae, tokenizer, text_encoder = encoders(workdir, config, upstream, manifest)
+    with torch.no_grad():
+        pixels = torch.stack([models.image_to_tensor(by_id[i]["image"], 32) for i in held])
+        mean, _ = models.encode_images(vae, pixels)
+        text = models.encode_prompts(tokenizer, text_encoder, captions)
+    for k in range(len(held)):
+        torch.testing.assert_close(data[k]["mean"], mean[k], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(data[k]["text"], text[k], atol=1e-5, rtol=1e-4)

@@ -26,7 +26,13 @@ from safetensors.torch import load_file
 
 from sdflow.checkpoints import list_checkpoints, load_checkpoint, load_latest, step_name
 from sdflow.errors import UserError
-from sdflow.latent_data import EMPTY_PROMPT, latent_shard_name, save_tensors, write_latent_shard
+from sdflow.latent_data import (
+    EMPTY_PROMPT,
+    captions_path,
+    latent_shard_name,
+    save_tensors,
+    write_latent_shard,
+)
 from sdflow.models import (
     build_text_encoder,
     build_unet,
@@ -90,10 +96,15 @@ def v_base(components) -> Path:
 
 
 def make_latents(
-    workdir: Path, components: dict, rows: tuple[int, ...] = (7, 5), tokens: bool = False
+    workdir: Path,
+    components: dict,
+    rows: tuple[int, ...] = (7, 5),
+    tokens: bool = False,
+    held_out: int = 0,
 ) -> dict:
     """A latents-stage output: random latent distributions, real caption embeddings (or, `tokens`,
-    the captions' token ids, as for a trained text encoder), ids."""
+    the captions' token ids, as for a trained text encoder), ids; and `held_out` rows more in
+    `validation/`, as the stage caches the held-out split."""
     generator = torch.Generator().manual_seed(0)
     tokenizer, text_encoder = components["tokenizer"], components["text_encoder"]
     key = "input_ids" if tokens else "text"
@@ -121,14 +132,28 @@ def make_latents(
         save_tensors(build.path / EMPTY_PROMPT, {key: embed([""])[0]}, {})
         for part in ("tokenizer", "text_encoder"):
             (build.path / part).symlink_to(components["root"] / part)
+        files = {
+            "empty_prompt": EMPTY_PROMPT,
+            "tokenizer": "tokenizer",
+            "text_encoder": "text_encoder",
+        }
+        if held_out:
+            shape = (held_out, 4, 8, 8)
+            captions = [CAPTIONS[j % 4] for j in range(held_out)]
+            tensors = {
+                "mean": torch.randn(shape, generator=generator),
+                "std": torch.rand(shape, generator=generator) * 0.1,
+                "text": embed(captions),
+            }
+            (build.path / "validation").mkdir()
+            shard = build.path / "validation" / latent_shard_name(0)
+            write_latent_shard(shard, tensors, [f"held-{j}" for j in range(held_out)])
+            captions_path(shard).write_text(json.dumps(captions))
+            files["validation"] = "validation"
         return build.finish(
             counts={"encoded": sum(rows)},
             shards=names,
-            files={
-                "empty_prompt": EMPTY_PROMPT,
-                "tokenizer": "tokenizer",
-                "text_encoder": "text_encoder",
-            },
+            files=files,
             info={"scaling_factor": 0.5, "rows_per_shard": list(rows)}
             | ({"captions": "input_ids"} if tokens else {}),
         )
