@@ -74,14 +74,26 @@ def _run_dir(workdir: Path, flow_run_id: str) -> Path | None:
 def _outcome(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
     stages = summary.get("stages", {})
     trained = (summary.get("metrics") or {}).get("trained") or {}
+    metrics = {k: v for k, v in trained.items() if isinstance(v, int | float)}
+    validation = _train_info(stages).get("validation") or {}
+    if isinstance(validation.get("best_loss"), int | float):
+        metrics["val_loss"] = validation["best_loss"]  # the lowest held-out loss of the run
     return {
         "run_dir": str(run_dir),
-        "metrics": {k: v for k, v in trained.items() if isinstance(v, int | float)},
+        "metrics": metrics,
         "model_dir": summary.get("model_dir"),
         "train_seconds": (stages.get("train") or {}).get("seconds"),
         "cached": {name: stage.get("cached") for name, stage in stages.items()},
         "outputs": {name: stage.get("output") for name, stage in stages.items()},
     }
+
+
+def _train_info(stages: dict[str, Any]) -> dict[str, Any]:
+    output = (stages.get("train") or {}).get("output")
+    manifest = Path(output) / "MANIFEST.json" if output else None
+    return (
+        json.loads(manifest.read_text()).get("info", {}) if manifest and manifest.is_file() else {}
+    )
 
 
 def summarize(profile: str, metric: str, grid: dict, results: list[dict]) -> dict[str, Any]:
