@@ -75,10 +75,12 @@ def test_a_failing_setting_is_recorded_and_the_others_go_on(
 ):
     empty = tmp_path / "empty"
     empty.mkdir()
-    summary = sweep(  # the working setting is one the 2x2 sweep built: cache hits
-        workdir, demo_folder, "--grid", f"source.path={empty},{demo_folder}", "--metric", "fid"
-    )
+    grid = ["--grid", f"source.path={empty},{demo_folder}"]
+    validated = ["--set", "train.validate_every=2", "--metric", "val_loss"]
+    summary = sweep(workdir, demo_folder, *grid, *validated)  # upstream: the 2x2 sweep's stages
     failed, finished = summary["settings"]
     assert failed["status"] == "failed" and "No images found" in failed["error"]
-    assert finished["status"] == "completed" and finished["metrics"]["fid"] > 0
+    assert finished["status"] == "completed" and finished["cached"]["latents"]
+    train = json.loads((Path(finished["outputs"]["train"]) / "MANIFEST.json").read_text())
+    assert finished["metrics"]["val_loss"] == train["info"]["validation"]["best_loss"] > 0
     assert summary["best"]["index"] == 1 and summary["table"][0]["model_dir"] == failed["error"]
