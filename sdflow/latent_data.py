@@ -30,7 +30,7 @@ from torch.utils.data import Dataset, Sampler
 from sdflow.config import TrainConfig
 from sdflow.models import image_to_tensor
 from sdflow.splits import is_held_out
-from sdflow.stageio import Manifest, output_dir, shard_paths
+from sdflow.stageio import Manifest, output_dir, publish, shard_paths
 
 LATENT_KEYS = ("mean", "std", "mean_flip", "std_flip", "text", "input_ids")
 EMPTY_PROMPT = "empty_prompt.safetensors"
@@ -53,7 +53,7 @@ def save_tensors(path: str | Path, tensors: Mapping[str, Tensor], metadata: dict
     save_file(_unshared(tensors), str(tmp), metadata=metadata)
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    publish(tmp, path)
 
 
 def _unshared(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -92,6 +92,11 @@ def captions_path(shard: str | Path) -> Path:
 def read_shard_captions(path: str | Path) -> list[str]:
     """The captions of a held-out shard's rows."""
     return json.loads(captions_path(path).read_text())
+
+
+def read_latent_shard(path: str | Path) -> tuple[list[str], dict[str, Tensor]]:
+    """A whole shard: its ids and tensors (one row per id)."""
+    return read_shard_ids(path), load_file(str(path))
 
 
 def read_shard_ids(path: str | Path) -> list[str]:

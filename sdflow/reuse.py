@@ -81,11 +81,17 @@ class Memo:
         self._lock = threading.Lock()
 
     def outcomes(
-        self, keys: Sequence[bytes], compute: Callable[[list[int]], list[Outcome]]
+        self,
+        keys: Sequence[bytes | None],
+        compute: Callable[[list[int]], list[Outcome]],
+        read: Callable[[str], Any] | None = None,
     ) -> tuple[list[Outcome], int]:
         """Every row's outcome, in input order: earlier results where recorded, else from
         `compute(rows)` (called once, with the indices of the rows nobody computed yet; it returns
-        their outcomes in that order). Also returns how many rows were computed."""
+        their outcomes in that order). Also returns how many rows were computed.
+
+        `read(path)` opens a kept file of an earlier output as a sequence of row dicts (default:
+        a parquet shard); failures are always parquet."""
         found = self._find(keys)
         todo = [row for row in range(len(keys)) if row not in found]
         computed = compute(todo) if todo else []
@@ -94,7 +100,7 @@ class Memo:
         outcomes: list[Outcome | None] = [None] * len(keys)
         for row, outcome in zip(todo, computed, strict=True):
             outcomes[row] = outcome
-        for row, outcome in _read(found).items():
+        for row, outcome in _read(found, read or ParquetRows).items():
             outcomes[row] = outcome
         return outcomes, len(todo)  # type: ignore[return-value]
 
@@ -139,19 +145,29 @@ def _records_of(path: Path, base: Path, newest: int) -> pa.Table:
     return part.append_column("newest", pa.array([newest] * part.num_rows, pa.int32()))
 
 
-def _read(found: dict[int, dict[str, Any]]) -> dict[int, Outcome]:
+def _read(found: dict[int, dict[str, Any]], read: Callable[[str], Any]) -> dict[int, Outcome]:
     """The earlier results `found` points to, one read per file."""
     by_file: dict[str, list[int]] = {}
     for row, record in found.items():
         by_file.setdefault(record["file"], []).append(row)
     outcomes = {}
     for path, rows in by_file.items():
-        table = pq.read_table(path)
         failed = Path(path).parent.name == FAILURES
+        values = ParquetRows(path) if failed else read(path)
         for row in rows:
-            values = table.slice(found[row]["position"], 1).to_pylist()[0]
-            outcomes[row] = Outcome(kept=not failed, row=values, extra=_extra(found[row]))
+            record = found[row]
+            outcomes[row] = Outcome(not failed, values[record["position"]], _extra(record))
     return outcomes
+
+
+class ParquetRows:
+    """A parquet file's rows as dicts, by position."""
+
+    def __init__(self, path: str | Path):
+        self.table = pq.read_table(path)
+
+    def __getitem__(self, position: int) -> dict[str, Any]:
+        return self.table.slice(position, 1).to_pylist()[0]
 
 
 def _extra(record: dict[str, Any]) -> dict[str, Any]:
@@ -183,14 +199,16 @@ def record_rows(
     kept: Sequence[bool],
     facts: dict[str, list[Any]] | None = None,
     types: dict[str, pa.DataType] | None = None,
+    names: tuple[str, str] | None = None,
 ) -> None:
-    """Write `rows/<shard>.parquet` for shard `index`, before the shard itself: each input row's
-    key (None: not to be reused), where its result is (kept shard or failures table, position in
-    it, in input order) and its `facts`."""
+    """Write the record of shard `index`, before the shard itself: each input row's key (None:
+    not to be reused), where its result is (kept shard or failures table, position in it, in
+    input order) and its `facts`. `names`: the kept and failures files, if not the shard's."""
     name = shard_name(index)
+    kept_file, failed_file = names or (name, f"{FAILURES}/{name}")
     files, positions, counts = [], [], [0, 0]
     for is_kept in kept:
-        files.append(name if is_kept else f"{FAILURES}/{name}")
+        files.append(kept_file if is_kept else failed_file)
         positions.append(counts[0 if is_kept else 1])
         counts[0 if is_kept else 1] += 1
     columns = {
@@ -200,7 +218,8 @@ def record_rows(
     }
     for column, values in (facts or {}).items():
         columns[column] = pa.array(values, (types or {}).get(column))
-    build.write_table(f"{ROWS}/{name}", pa.table(columns))
+    record = Path(kept_file.replace("/", "-")).with_suffix(".parquet").name
+    build.write_table(f"{ROWS}/{record}", pa.table(columns))
 
 
 def _newest_outputs(root: Path, exclude: str | None) -> list[Path]:

@@ -47,6 +47,7 @@ from sdflow.latent_data import (
     caption_key,
     captions_path,
     latent_shard_name,
+    read_latent_shard,
     save_tensors,
     write_latent_shard,
 )
@@ -64,6 +65,7 @@ from sdflow.models import (
     weights_hash,
 )
 from sdflow.orchestration import stage_task
+from sdflow.reuse import Outcome, record_rows, row_keys, shared_memo
 from sdflow.splits import is_held_out
 from sdflow.stageio import (
     FAILURES,
@@ -82,6 +84,7 @@ log = logging.getLogger(__name__)
 # per-shard counts and seconds, so a resumed build reports the same numbers; under logs/, which
 # holds run history and stays out of the fingerprint (the seconds differ between runs)
 STATS = "logs/shards"
+TEXT_PARTS = ("tokenizer", "text_encoder")  # a scratch run's, trained and saved by this stage
 VALIDATION = "validation/"  # the held-out split's latents shards, for the train stage's validation
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -106,7 +109,7 @@ def _encoder_identity(config: RunConfig, upstream: dict[str, Manifest | None]) -
     return identity
 
 
-def latents_key(config: RunConfig, upstream: dict[str, Manifest | None]) -> str:
+def latents_settings(config: RunConfig, upstream: dict[str, Manifest | None]) -> dict[str, Any]:
     settings = {
         "latents": config.latents.model_dump(),
         "resolution": config.download.resolution,
@@ -115,8 +118,24 @@ def latents_key(config: RunConfig, upstream: dict[str, Manifest | None]) -> str:
     }
     if caption_key(config.train) == "input_ids":  # embeddings: the key stays as it was
         settings["captions"] = "input_ids"
+    return settings
+
+
+def latents_key(config: RunConfig, upstream: dict[str, Manifest | None]) -> str:
     inputs = [upstream.get("caption"), upstream.get("autoencoder")]
-    return stage_key("latents", settings, inputs, code_version(__name__))
+    return stage_key("latents", latents_settings(config, upstream), inputs, code_version(__name__))
+
+
+def rows_salt(config: RunConfig, upstream: dict[str, Manifest | None], build: StageBuild) -> str:
+    """What a latents row's key holds besides its id, image and caption: the settings that shape
+    the tensors (not how rows are grouped into shards), the trained VAE, and the tokenizer and
+    text encoder this build uses (a scratch run's are trained on the captions, so they change
+    when captions are added), and the code."""
+    settings = latents_settings(config, upstream)
+    settings["latents"].pop("shard_size")
+    if config.model.init == "scratch":
+        settings["built"] = [weights_hash(str(build.path / p), None) for p in TEXT_PARTS]
+    return stage_key("latents", settings, [upstream.get("autoencoder")], code_version(__name__))
 
 
 def cache_latents(
@@ -151,8 +170,9 @@ def _build(
     encoders = _load_encoders(build, config, upstream, workdir)
     files = {"empty_prompt": _save_empty_prompt(build, config, encoders), "failures": FAILURES}
     if config.model.init == "scratch":
-        files |= {"tokenizer": "tokenizer", "text_encoder": "text_encoder"}
-    inputs = held_count = 0
+        files |= {part: part for part in TEXT_PARTS}
+    salt = rows_salt(config, upstream, build)
+    inputs = held_count = computed = 0
     shards: list[str] = []
     held_out: list[str] = []  # the held-out split's shards, under validation/
     for path in shard_paths(workdir, caption):
@@ -167,14 +187,16 @@ def _build(
                 # numbered in input order, so a rerun finds the same names
                 name = f"{folder}{latent_shard_name(len(names))}"
                 if not build.has(name):
-                    _encode_shard(build, config, encoders, reader.rows(chunk), name)
+                    samples = reader.rows(chunk)
+                    computed += _encode_shard(build, config, encoders, samples, name, salt)
                 names.append(name)
         report_progress("latents", inputs, caption["counts"].get("kept"), "images")
     if held_out:
         files["validation"] = VALIDATION.rstrip("/")
     counts = {"input": inputs, "held_out": held_count}
     counts["validation"] = sum(_read_stats(build, name)["encoded"] for name in held_out)
-    return _finish(build, config, encoders, shards, counts, files)
+    manifest_info = {"rows_computed": computed}  # this build; the other rows came from earlier ones
+    return _finish(build, config, encoders, shards, counts, files, manifest_info)
 
 
 def _rows(held: list[bool], value: bool) -> list[int]:
@@ -263,26 +285,31 @@ def _encode_captions(
 
 
 def _encode_shard(
-    build: StageBuild, config: RunConfig, encoders: Encoders, samples: list[dict], name: str
-) -> None:
-    """Encode one shard's samples; failures and stats first, the shard last (its existence = done).
-
-    A held-out shard (under validation/) keeps its captions too, for the validation grid.
+    build: StageBuild,
+    config: RunConfig,
+    encoders: Encoders,
+    samples: list[dict],
+    name: str,
+    salt: str,
+) -> int:
+    """Encode one shard's samples, reusing the rows an earlier build encoded (`sdflow.reuse`);
+    the record, failures and stats first, the shard last (its existence = done). Returns how many
+    rows were encoded now. A held-out shard (under validation/) keeps its captions too.
     """
     started = time.monotonic()
     captions = {s["id"]: s["caption"] or "" for s in samples}
-    ids: list[str] = []
-    parts: dict[str, list[Tensor]] = {}
-    failures: list[dict[str, str]] = []
-    size = config.latents.batch_size
-    for batch in (samples[a : a + size] for a in range(0, len(samples), size)):
-        batch_ids, tensors, failed = _encode_batch(config, encoders, batch)
-        ids += batch_ids
-        failures += failed
-        for key, value in tensors.items():
-            parts.setdefault(key, []).append(_stored(value, config))
+    keys = row_keys([{k: s[k] for k in ("id", "image", "caption")} for s in samples], salt)
+    memo = shared_memo(build.workdir, "latents", build.key)
+    outcomes, encoded = memo.outcomes(
+        keys, lambda todo: _encode_rows(config, encoders, [samples[i] for i in todo]), LatentRows
+    )
+    kept = [o.row for o in outcomes if o.kept]
+    ids = [row["id"] for row in kept]
+    failures = [o.row for o in outcomes if not o.kept]
     index = int(name.rsplit("-", 1)[1].split(".")[0])
     failures_name = shard_name(index) if "/" not in name else f"validation-{shard_name(index)}"
+    names = (name, f"{FAILURES}/{failures_name}")
+    record_rows(build, index, keys, [o.kept for o in outcomes], names=names)
     build.write_table(f"{FAILURES}/{failures_name}", failures_table(failures))
     stats = {
         "encoded": len(ids),
@@ -291,12 +318,41 @@ def _encode_shard(
     }
     (build.path / STATS / name).parent.mkdir(parents=True, exist_ok=True)
     write_json(build.path / STATS / f"{name}.json", stats)
-    tensors = {k: torch.cat(v) for k, v in parts.items()} if ids else {"text": torch.empty(0)}
+    tensors = {k: torch.cat([row[k] for row in kept]) for k in kept[0] if k != "id"} if kept else {}
+    tensors = tensors or {"text": torch.empty(0)}
     if name.startswith(VALIDATION):
         (build.path / VALIDATION).mkdir(exist_ok=True)
         write_json(captions_path(build.path / name), [captions[i] for i in ids])
     write_latent_shard(build.path / name, tensors, ids)
-    log.info("latents %s: %d encoded, %d failed", name, len(ids), len(failures))
+    log.info(
+        "latents %s: %d kept (%d encoded now), %d failed", name, len(ids), encoded, len(failures)
+    )
+    return encoded
+
+
+def _encode_rows(config: RunConfig, encoders: Encoders, samples: list[dict]) -> list[Outcome]:
+    """Each sample's outcome, in order: its stored tensors (one row each), or its failure."""
+    results: dict[str, Outcome] = {}
+    size = config.latents.batch_size
+    for batch in (samples[a : a + size] for a in range(0, len(samples), size)):
+        ids, tensors, failed = _encode_batch(config, encoders, batch)
+        stored = {key: _stored(value, config) for key, value in tensors.items()}
+        for j, sample_id in enumerate(ids):
+            row = {key: value[j : j + 1] for key, value in stored.items()}
+            results[sample_id] = Outcome(True, {"id": sample_id, **row})
+        results |= {failure["id"]: Outcome(False, failure) for failure in failed}
+    return [results[s["id"]] for s in samples]
+
+
+class LatentRows:
+    """An earlier latents shard's rows ({id, tensor name: one-row tensor}), by position."""
+
+    def __init__(self, path: str | Path):
+        self.ids, self.tensors = read_latent_shard(path)
+
+    def __getitem__(self, position: int) -> dict[str, Any]:
+        row = {key: value[position : position + 1] for key, value in self.tensors.items()}
+        return {"id": self.ids[position], **row}
 
 
 def _encode_batch(
@@ -382,6 +438,7 @@ def _finish(
     shards: list[str],
     counts: dict[str, int],
     files: dict[str, str],
+    extra_info: dict[str, Any],
 ) -> Manifest:
     stats = [_read_stats(build, name) for name in shards]
     encoded = sum(s["encoded"] for s in stats)
@@ -402,6 +459,7 @@ def _finish(
     }
     info = _shape_info(build, config, encoders, shards, stats)
     info["images_per_second"] = round(encoded / seconds, 2) if seconds > 0 else None
+    info |= extra_info
     return build.finish(counts=counts, shards=shards, files=files, info=info)
 
 

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from stage_fixtures import fresh_fingerprint
 from transformers import CLIPTextModel, CLIPTokenizer
 
+import tasks.latents as latents_stage
 from sdflow import models
 from sdflow.latent_data import (
     CachedLatents,
@@ -412,3 +413,55 @@ def test_held_out_rows_are_cached_apart_with_their_captions(setup):
     for k in range(len(held)):
         torch.testing.assert_close(data[k]["mean"], mean[k], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(data[k]["text"], text[k], atol=1e-5, rtol=1e-4)
+
+
+def test_a_grown_dataset_encodes_only_its_new_and_edited_images(setup, tmp_path, monkeypatch):
+    workdir, _, upstream, _ = setup
+    pretrained = pretrained_setup(setup, tmp_path)
+    pretrained.eval.held_out_fraction = 0.0  # every row is a training row
+    first = cache_latents(
+        pretrained, {"caption": upstream["caption"], "autoencoder": None}, str(workdir)
+    )
+
+    rows = samples(26)  # two new rows
+    rows[3] = {**rows[3], "image": png(COLOURS["red"], BACKGROUNDS["black"], 9)}  # an edited image
+    grown = {"caption": caption_stage(workdir, rows), "autoencoder": None}
+    encoded: list[str] = []
+    real = latents_stage._encode_batch
+
+    def counting(config, encoders, batch):
+        encoded.extend(sample["id"] for sample in batch)
+        return real(config, encoders, batch)
+
+    monkeypatch.setattr(latents_stage, "_encode_batch", counting)
+    second = cache_latents(pretrained, grown, str(workdir))
+    assert sorted(encoded) == ["s003", "s024", "s025"] and second["info"]["rows_computed"] == 3
+    assert second["counts"]["encoded"] == first["counts"]["encoded"] + 2
+
+    before, after = (CachedLatents(workdir, m) for m in (first, second))
+    old = {before[i]["id"]: before[i] for i in range(len(before))}
+    for i in range(len(after)):
+        row = after[i]
+        if row["id"] in old and row["id"] != "s003":  # reused: the very same tensors
+            assert all(torch.equal(row[k], old[row["id"]][k]) for k in ("mean", "std", "text"))
+    edited = next(after[i] for i in range(len(after)) if after[i]["id"] == "s003")
+    assert not torch.equal(edited["mean"], old["s003"]["mean"])  # nothing stale
+
+
+def test_encoding_one_image_at_a_time_makes_a_grown_output_byte_identical(setup, tmp_path):
+    """Batched kernels round differently with batch composition; one image per batch does not."""
+    workdir, _, upstream, _ = setup
+    config = pretrained_setup(setup, tmp_path)
+    config.eval.held_out_fraction, config.latents.batch_size = 0.0, 1
+    cache_latents(config, {"caption": upstream["caption"], "autoencoder": None}, str(workdir))
+    rows = samples(26)
+    rows[3] = {**rows[3], "image": png(COLOURS["red"], BACKGROUNDS["black"], 9)}
+    grown = cache_latents(
+        config, {"caption": caption_stage(workdir, rows), "autoencoder": None}, str(workdir)
+    )
+    scratch = tmp_path / "scratch"
+    fresh = cache_latents(
+        config, {"caption": caption_stage(scratch, rows), "autoencoder": None}, str(scratch)
+    )
+    assert grown["info"]["rows_computed"] == 3 and fresh["info"]["rows_computed"] == 26
+    assert grown["fingerprint"] == fresh["fingerprint"]
