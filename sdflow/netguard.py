@@ -19,9 +19,11 @@ and signed query parameters never reach the failures table, logs or reports.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import socket
+import ssl
 import time
 import zlib
 from collections.abc import Callable, Iterable
@@ -172,6 +174,13 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
         await self.inner.sleep(seconds)
 
 
+@functools.cache
+def shared_ssl_context() -> ssl.SSLContext:
+    """httpx's default verifying TLS context, built once per process (each build loads the CA bundle,
+    ~80 ms: a Fetcher per shard with eight transports spent half a second on it)."""
+    return httpx.create_ssl_context()
+
+
 def guarded_transport(
     limits: httpx.Limits,
     policy: AddressPolicy | None = is_public_address,
@@ -183,7 +192,7 @@ def guarded_transport(
     Use it with `httpx.AsyncClient(trust_env=False)`: through an environment proxy the guard would
     only see the proxy's address.
     """
-    transport = httpx.AsyncHTTPTransport(limits=limits)
+    transport = httpx.AsyncHTTPTransport(limits=limits, verify=shared_ssl_context())
     if policy is None and observer is None:
         return transport
     pool = transport._pool  # httpx exposes no network_backend option; httpcore's pool does

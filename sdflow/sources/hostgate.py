@@ -10,8 +10,12 @@ host be in flight in this process (every shard's event loop shares it), with `li
   that doubles with each such round (failures during a pause belong to its round; at most
   MAX_PAUSE_S); the row waits and tries again;
 - a connect that succeeds but takes longer than STALL_S (a SYN was dropped and retransmitted) halves
-  the limit too, without a pause;
-- every `limit` requests that connect cleanly raise the limit by one, up to the cap.
+  the limit too, without a pause, unless it started before the last halving (one burst of dropped
+  SYNs is one signal, like one round of failures);
+- every `limit` requests that connect cleanly raise the limit by one, up to a ceiling: each halving
+  sets the ceiling to 3/4 of the limit that struggled, so the limit settles just below what the host
+  takes instead of overflowing it again and again; every PROBE x ceiling clean connects raise the
+  ceiling by one (a host that recovers gets its connections back), never above the cap.
 
 After GIVE_UP rounds of failed connects with no success between them (about 7 s of back-off at the
 default `download.backoff_s`), the host counts as down for DOWN_S: its rows fail at once (`connection_error`) instead of each waiting out the back-off. Other hosts go on
@@ -28,6 +32,7 @@ from collections import deque
 STALL_S = 0.9  # Linux retransmits a dropped SYN after 1 s: a connect this slow lost one
 MAX_PAUSE_S = 8.0
 GIVE_UP = 4
+PROBE = 8
 DOWN_S = 60.0
 
 
@@ -39,12 +44,14 @@ class HostGate:
     """At most `limit` requests in flight to one host; `limit` adapts between 1 and `cap`."""
 
     def __init__(self, cap: int, backoff_s: float):
-        self.cap, self.limit, self.backoff_s = cap, cap, backoff_s
+        self.cap, self.limit, self.ceiling, self.backoff_s = cap, cap, cap, backoff_s
         self.active = 0  # requests in flight
         self.clean = 0  # clean connects since the limit last changed
+        self.probe = 0  # clean connects since the ceiling last changed
         self.rounds = 0  # back-off rounds of failed connects, in a row
         self.shrinks = 0  # how often the limit was halved (reported by the stage)
         self.resume_at = 0.0  # monotonic time before which nothing starts
+        self.shrunk_at = float("-inf")  # monotonic time of the last halving
         self.down_until = 0.0
         self.lock = threading.Lock()
         self.waiters: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = deque()
@@ -84,14 +91,17 @@ class HostGate:
         with self.lock:
             self.rounds = 0
             if seconds > STALL_S:
-                self._shrink()
+                now = time.monotonic()
+                if now - seconds >= self.shrunk_at:  # started after the last halving
+                    self._shrink()
                 return
             self.clean += 1
-            if self.clean >= self.limit and self.limit < self.cap:
+            self.probe += 1
+            if self.probe >= PROBE * self.ceiling and self.ceiling < self.cap:
+                self.ceiling, self.probe = self.ceiling + 1, 0
+            grew = self.clean >= self.limit and self.limit < self.ceiling
+            if grew:
                 self.limit, self.clean = self.limit + 1, 0
-                grew = True
-            else:
-                grew = False
         if grew:
             self._wake()
 
@@ -108,8 +118,10 @@ class HostGate:
                 self.down_until, self.rounds = now + DOWN_S, 0
 
     def _shrink(self) -> None:
-        self.limit, self.clean = max(1, self.limit // 2), 0
+        self.ceiling = max(1, self.limit - max(1, self.limit // 4))
+        self.limit, self.clean, self.probe = max(1, self.limit // 2), 0, 0
         self.shrinks += 1
+        self.shrunk_at = time.monotonic()
 
     def _wake(self) -> None:
         """Wake as many waiters as there are free slots (each re-checks under the lock)."""

@@ -12,7 +12,8 @@ import pytest
 
 from sdflow.config import DownloadConfig
 from sdflow.imaging import Rejected
-from sdflow.sources.hostgate import GIVE_UP, HostDown, HostGate, HostGates
+from sdflow.sources import hostgate
+from sdflow.sources.hostgate import GIVE_UP, PROBE, HostDown, HostGate, HostGates
 from sdflow.sources.urls import Fetcher
 
 BODY = b"\x89PNG fake image body " * 50
@@ -135,20 +136,28 @@ def test_without_connect_retries_a_refused_row_fails_as_connection_error():
     assert isinstance(result, Rejected) and result.reason == "connection_error"
 
 
-def test_limit_halves_on_stalls_and_grows_back_by_one_per_window():
+def test_limit_halves_on_stalls_settles_below_them_and_recovers_slowly(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(hostgate.time, "monotonic", lambda: clock[0])
     gate = HostGate(16, 0.01)
-    gate.connected(2.0)  # a retransmitted SYN
-    gate.connected(2.0)
-    assert gate.limit == 4  # 16 -> 8 -> 4
+    gate.connected(2.0)  # a retransmitted SYN at 16: limit 8, ceiling 16 - 16 // 4 = 12
+    gate.connected(1.5)  # same burst (started before the halving): no second halving
+    assert (gate.limit, gate.ceiling) == (8, 12)
+    clock[0] += 5
+    gate.connected(2.0)  # a new stall, at 8: limit 4, ceiling 8 - 8 // 4 = 6
+    assert (gate.limit, gate.ceiling) == (4, 6)
     for _ in range(4):  # one window of clean connects at limit 4
         gate.connected(0.001)
     assert gate.limit == 5
-    for _ in range(sum(range(5, 16)) - 1):  # windows of 5, 6, ... 15 to reach 16, less one
+    for _ in range(20):  # 5 more reach 6; the ceiling holds it there
         gate.connected(0.001)
-    assert gate.limit == 15
-    for _ in range(100):
+    assert gate.limit == 6
+    for _ in range(PROBE * 6 - 24):  # the ceiling's probe: PROBE x 6 clean connects since the stall
         gate.connected(0.001)
-    assert gate.limit == 16  # never above the cap
+    assert gate.ceiling == 7
+    for _ in range(5000):
+        gate.connected(0.001)
+    assert gate.limit == gate.ceiling == 16  # back at the cap, never above it
 
 
 def test_a_host_failing_round_after_round_is_given_up_others_go_on():
