@@ -40,7 +40,9 @@ def _env(code: Path, **extra: str) -> dict[str, str]:
 
 def timed(command: list[str], env: dict[str, str], cwd: Path) -> float:
     started = time.perf_counter()
-    subprocess.run(command, env=env, cwd=cwd, check=True, capture_output=True, timeout=600)
+    done = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[2:])} failed:\n{done.stderr[-4000:]}")
     return time.perf_counter() - started
 
 
@@ -48,13 +50,18 @@ def sdflow(*args: str) -> list[str]:
     return [sys.executable, "-m", "sdflow.cli", *args]
 
 
-def import_cost(code: Path) -> tuple[float, list[str]]:
+def import_cost(code: Path, cwd: Path) -> tuple[float, list[str]]:
     probe = (
         "import sys, time; t = time.perf_counter(); import flows.pipeline; "
         f"print(time.perf_counter() - t, [m for m in {HEAVY!r} if m in sys.modules])"
     )
     out = subprocess.run(
-        [sys.executable, "-c", probe], env=_env(code), capture_output=True, text=True, check=True
+        [sys.executable, "-c", probe],
+        env=_env(code),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=True,  # cwd: `-c` puts the working directory first on sys.path
     ).stdout.split(" ", 1)
     return float(out[0]), eval(out[1])  # noqa: S307 - our own probe's list literal
 
@@ -115,7 +122,7 @@ def measure(code: Path, repeat: int, ephemeral: bool) -> dict:
                 for _ in range(repeat)
             ),
         }
-        imports = [import_cost(code) for _ in range(repeat)]
+        imports = [import_cost(code, tmp) for _ in range(repeat)]
         result["import_pipeline_s"] = median(seconds for seconds, _ in imports)
         result["import_pipeline_loads"] = imports[0][1]
         server, url = start_server(code, tmp)

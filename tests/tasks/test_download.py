@@ -527,3 +527,11 @@ def test_kill_9_resumes_and_gives_byte_identical_shards(tmp_path, http_server):
             assert a == b, f"{sub}{name} differs"
     assert resumed["counts"] == clean["counts"]
     assert load_manifest(final)["counts"]["failed_by_reason"] == {"http_404": 1}
+
+
+def test_speed_knobs_keep_the_key_retry_budgets_change_it(tmp_path):
+    """per_host_connections changes only how fast rows arrive; connect_retries changes which fail."""
+    source = {"kind": "urls", "path": url_list(tmp_path, ["http://127.0.0.1:9/a.png"])}
+    key = download_key(config_for(source), {})
+    assert download_key(config_for(source, per_host_connections=2), {}) == key
+    assert download_key(config_for(source, connect_retries=0), {}) != key
