@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 QUALITY = 95
+PNG_LEVEL = 1  # img2dataset reads quality as the PNG compression level; sdflow writes level 1
 SMALL_BACKLOG = 5
 I2D_FORMATS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
 SIZES = [(256, 256), (320, 256), (384, 288), (448, 336), (512, 384), (384, 512), (300, 400)]
@@ -83,11 +84,13 @@ def serve(count: int, ready: mp.Queue, small_host: bool) -> None:
     server.serve_forever()
 
 
-def thread_mapper(workers: int):
-    """Shard jobs on `workers` threads, results in job order (what runner.max_workers does)."""
+def pool_mapper(workers: int, processes: bool):
+    """Shard jobs on `workers` threads (what runner.max_workers does) or processes (what a Dask
+    runner with that many worker processes does), results in job order."""
 
     def mapper(fn, jobs):
-        with ThreadPoolExecutor(workers) as pool:
+        pool = ProcessPoolExecutor(workers) if processes else ThreadPoolExecutor(workers)
+        with pool:
             yield from pool.map(fn, jobs)
 
     return mapper
@@ -114,7 +117,9 @@ def run_sdflow(args: argparse.Namespace, listing: Path, tmp: str) -> dict:
         }
     )
     cpu0, wall0 = _cpu_seconds(), time.perf_counter()
-    manifest = download(config, {}, os.path.join(tmp, "sdflow"), thread_mapper(args.processes))
+    manifest = download(
+        config, {}, os.path.join(tmp, "sdflow"), pool_mapper(args.processes, args.shard_processes)
+    )
     wall, cpu = time.perf_counter() - wall0, _cpu_seconds() - cpu0
     kept = manifest["counts"]["kept"]
     return {"kept": kept, "failed": manifest["counts"]["failed"], "seconds": round(wall, 2),
@@ -147,7 +152,7 @@ def run_img2dataset(args: argparse.Namespace, listing: Path, tmp: str) -> dict |
         "output_folder": os.path.join(tmp, "img2dataset"), "processes_count": args.processes,
         "thread_count": args.threads, "image_size": args.resolution,
         "resize_mode": "center_crop", "encode_format": I2D_FORMATS[args.format],
-        "encode_quality": QUALITY, "number_sample_per_shard": args.shard_size,
+        "encode_quality": PNG_LEVEL if args.format == "png" else QUALITY, "number_sample_per_shard": args.shard_size,
         "distributor": "multiprocessing", "retries": 0, "timeout": 10, "enable_wandb": False,
     }  # fmt: skip
     done = subprocess.run(
@@ -178,6 +183,7 @@ def run(args: argparse.Namespace) -> dict:
     ratio = round(ours["images_per_second"] / peer["images_per_second"], 2) if peer else None
     return {
         "images": args.images, "small_host": args.small_host, "format": args.format,
+        "sdflow_shards_in": "processes" if args.shard_processes else "threads",
         "resolution": args.resolution, "budget": f"{args.processes}x{args.threads}",
         "mean_source_kib": round(total_bytes / args.images / 1024, 1),
         "sdflow": ours, "img2dataset": peer, "ratio": ratio,
@@ -208,6 +214,11 @@ def main() -> None:
         "--img2dataset-python", default=sys.executable, help="a Python with img2dataset"
     )
     parser.add_argument("--no-img2dataset", action="store_true", help="sdflow alone")
+    parser.add_argument(
+        "--shard-processes",
+        action="store_true",
+        help="sdflow's shards in processes (as on a Dask runner), not threads (the default runner)",
+    )
     result = run(parser.parse_args())
     ours, peer = result["sdflow"], result["img2dataset"]
     where = "small host" if result["small_host"] else "keep-alive host"
