@@ -18,8 +18,10 @@ host be in flight in this process (every shard's event loop shares it), with `li
   ceiling by one (a host that recovers gets its connections back), never above the cap.
 
 After GIVE_UP rounds of failed connects with no success between them (about 7 s of back-off at the
-default `download.backoff_s`), the host counts as down for DOWN_S: its rows fail at once (`connection_error`) instead of each waiting out the back-off. Other hosts go on
-untouched. The gates are shared by thread-safe bookkeeping; each waiter is woken on its own loop.
+default `download.backoff_s`), the host counts as down for DOWN_S: its rows fail at once
+(`connection_error`) instead of each waiting out the back-off. Other hosts go on untouched. The
+gates are shared by thread-safe bookkeeping; each waiter is woken on its own event loop. A
+redirect's hops count against the first host's slot; their connects teach their own hosts' gates.
 """
 
 from __future__ import annotations
