@@ -1,12 +1,16 @@
-"""Download-stage throughput: N generated JPEGs served from 127.0.0.1, fetched, resized, stored.
+"""Download throughput, sdflow's stage vs img2dataset, on the same loopback URL list and budget.
 
-    .venv/bin/python bench/download.py --images 2000
+    .venv/bin/python bench/download.py [--images 2000] [--small-host] [--img2dataset-python PY]
 
-A separate process serves the images (256x256 to 512x384 JPEGs, generated in memory) with a threaded
-stdlib HTTP server; this process runs the real stage function (`tasks.download.download`) at
-resolution 256 with center_crop, like a LAION fetch. Prints a readable line and a JSON line:
-images/s, and two per-core views: images/s divided by the usable cores (the server shares them), and
-images per CPU-second spent by the stage process itself. img2dataset reports ~100 images/s per core.
+A separate process serves N generated JPEGs (256x256 to 512x384, photo-like) from 127.0.0.1 with a
+threaded stdlib HTTP server: keep-alive HTTP/1.1 with a deep listen backlog, or with `--small-host`
+HTTP/1.0 (a connection per image) and a listen backlog of 5 (socketserver's default), like a small
+image host. Both downloaders get the same list, output size (`--resolution`, center crop), format and
+quality, shard size and processes x threads budget: img2dataset's `processes_count` x `thread_count`
+(run in `--img2dataset-python`, the optional `bench` extra), sdflow's stage function with
+`runner.max_workers` = processes shards in parallel and `download.concurrency` = threads per shard.
+Each is timed around its download call (imports and server start-up excluded for both). Prints
+images/s for each, the ratio, and a JSON line.
 """
 
 from __future__ import annotations
@@ -17,8 +21,11 @@ import json
 import multiprocessing as mp
 import os
 import resource
+import subprocess
+import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -27,6 +34,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+QUALITY = 95
+PNG_LEVEL = 1  # img2dataset reads quality as the PNG compression level; sdflow writes level 1
+SMALL_BACKLOG = 5
+I2D_FORMATS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
 SIZES = [(256, 256), (320, 256), (384, 288), (448, 336), (512, 384), (384, 512), (300, 400)]
 
 
@@ -46,11 +57,12 @@ def make_jpeg(index: int) -> bytes:
     return buffer.getvalue()
 
 
-def serve(count: int, ready: mp.Queue) -> None:
+def serve(count: int, ready: mp.Queue, small_host: bool) -> None:
     images = [make_jpeg(i) for i in range(count)]
 
     class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"  # keep-alive, as real image hosts do
+        # keep-alive, as real image hosts do; the small host closes every connection (HTTP/1.0)
+        protocol_version = "HTTP/1.0" if small_host else "HTTP/1.1"
 
         def log_message(self, *args) -> None:
             pass
@@ -63,61 +75,119 @@ def serve(count: int, ready: mp.Queue) -> None:
             self.end_headers()
             self.wfile.write(body)
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
+    class Server(ThreadingHTTPServer):
+        request_queue_size = SMALL_BACKLOG if small_host else 1024
+        daemon_threads = True
+
+    server = Server(("127.0.0.1", 0), Handler)
     ready.put((server.server_address[1], sum(map(len, images))))
     server.serve_forever()
 
 
-def run(args: argparse.Namespace) -> dict:
-    from sdflow.config import RunConfig
-    from tasks.download import available_cpus, download
+def pool_mapper(workers: int, processes: bool):
+    """Shard jobs on `workers` threads (what runner.max_workers does) or processes (what a Dask
+    runner with that many worker processes does), results in job order."""
 
+    def mapper(fn, jobs):
+        pool = ProcessPoolExecutor(workers) if processes else ThreadPoolExecutor(workers)
+        with pool:
+            yield from pool.map(fn, jobs)
+
+    return mapper
+
+
+def run_sdflow(args: argparse.Namespace, listing: Path, tmp: str) -> dict:
+    from sdflow.config import RunConfig
+    from tasks.download import download
+
+    config = RunConfig.model_validate(
+        {
+            "source": {"kind": "urls", "path": str(listing)},
+            "download": {
+                "resolution": args.resolution,
+                "resize_mode": "center_crop",
+                "image_format": args.format,
+                "quality": QUALITY,
+                "allow_private_network": True,
+                "concurrency": args.threads,
+                "shard_size": args.shard_size,
+                "retries": 0,
+            },
+            "runner": {"max_workers": args.processes},
+        }
+    )
+    cpu0, wall0 = _cpu_seconds(), time.perf_counter()
+    manifest = download(
+        config, {}, os.path.join(tmp, "sdflow"), pool_mapper(args.processes, args.shard_processes)
+    )
+    wall, cpu = time.perf_counter() - wall0, _cpu_seconds() - cpu0
+    kept = manifest["counts"]["kept"]
+    return {"kept": kept, "failed": manifest["counts"]["failed"], "seconds": round(wall, 2),
+            "images_per_second": round(kept / wall, 1), "cpu_seconds": round(cpu, 2)}  # fmt: skip
+
+
+I2D_SCRIPT = """
+import glob, json, sys, time
+import pyarrow.parquet as pq
+from img2dataset import download
+options = json.loads(sys.argv[1])
+started = time.perf_counter()
+download(**options)
+seconds = time.perf_counter() - started
+files = glob.glob(options["output_folder"] + "/*.parquet")
+kept = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+print(json.dumps({"kept": kept, "seconds": seconds}))
+"""
+
+
+def run_img2dataset(args: argparse.Namespace, listing: Path, tmp: str) -> dict | None:
+    """img2dataset on the same list and budget in `--img2dataset-python`, or None if missing."""
+    python = args.img2dataset_python
+    probe = subprocess.run([python, "-c", "import img2dataset"], capture_output=True)
+    if probe.returncode != 0:
+        return None
+    options = {
+        "url_list": str(listing), "input_format": "parquet", "url_col": "url",
+        "caption_col": "caption", "output_format": "parquet",
+        "output_folder": os.path.join(tmp, "img2dataset"), "processes_count": args.processes,
+        "thread_count": args.threads, "image_size": args.resolution,
+        "resize_mode": "center_crop", "encode_format": I2D_FORMATS[args.format],
+        "encode_quality": PNG_LEVEL if args.format == "png" else QUALITY, "number_sample_per_shard": args.shard_size,
+        "distributor": "multiprocessing", "retries": 0, "timeout": 10, "enable_wandb": False,
+    }  # fmt: skip
+    done = subprocess.run(
+        [python, "-c", I2D_SCRIPT, json.dumps(options)], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"img2dataset failed:\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return {**result, "seconds": round(result["seconds"], 2),
+            "images_per_second": round(result["kept"] / result["seconds"], 1)}  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> dict:
     ready: mp.Queue = mp.Queue()
-    server = mp.Process(target=serve, args=(args.images, ready), daemon=True)
+    server = mp.Process(target=serve, args=(args.images, ready, args.small_host), daemon=True)
     server.start()
     port, total_bytes = ready.get(timeout=600)
     try:
         with tempfile.TemporaryDirectory(prefix="sdflow-bench-") as tmp:
             listing = Path(tmp) / "urls.parquet"
             urls = [f"http://127.0.0.1:{port}/{i}.jpg" for i in range(args.images)]
-            pq.write_table(
-                pa.table({"url": urls, "caption": [f"image {i}" for i in urls]}), listing
-            )
-            config = RunConfig.model_validate(
-                {
-                    "source": {"kind": "urls", "path": str(listing)},
-                    "download": {
-                        "resolution": 256,
-                        "resize_mode": "center_crop",
-                        "image_format": args.format,
-                        "allow_private_network": True,
-                        "concurrency": args.concurrency,
-                        "decode_workers": args.workers,
-                        "shard_size": args.shard_size,
-                    },
-                }
-            )
-            cpu0, wall0 = _cpu_seconds(), time.perf_counter()
-            manifest = download(config, {}, os.path.join(tmp, "work"))
-            wall, cpu = time.perf_counter() - wall0, _cpu_seconds() - cpu0
+            captions = [f"image {i}" for i in range(args.images)]
+            pq.write_table(pa.table({"url": urls, "caption": captions}), listing)
+            peer = None if args.no_img2dataset else run_img2dataset(args, listing, tmp)
+            ours = run_sdflow(args, listing, tmp)
     finally:
         server.terminate()
-    cores = available_cpus()
-    kept = manifest["counts"]["kept"]
+    ratio = round(ours["images_per_second"] / peer["images_per_second"], 2) if peer else None
     return {
-        "images": args.images,
-        "kept": kept,
-        "failed": manifest["counts"]["failed"],
-        "format": args.format,
+        "images": args.images, "small_host": args.small_host, "format": args.format,
+        "sdflow_shards_in": "processes" if args.shard_processes else "threads",
+        "resolution": args.resolution, "budget": f"{args.processes}x{args.threads}",
         "mean_source_kib": round(total_bytes / args.images / 1024, 1),
-        "seconds": round(wall, 2),
-        "images_per_second": round(kept / wall, 1),
-        "cores": cores,
-        "images_per_second_per_core": round(kept / wall / cores, 1),
-        "stage_cpu_seconds": round(cpu, 2),
-        "images_per_stage_cpu_second": round(kept / cpu, 1),
-    }
+        "sdflow": ours, "img2dataset": peer, "ratio": ratio,
+    }  # fmt: skip
 
 
 def _cpu_seconds() -> float:
@@ -128,16 +198,44 @@ def _cpu_seconds() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2000)
-    parser.add_argument("--format", choices=["png", "jpeg", "webp"], default="png")
-    parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=0, help="decode threads; 0 = one per core")
-    parser.add_argument("--shard-size", type=int, default=500)
-    result = run(parser.parse_args())
-    print(
-        f"{result['kept']}/{result['images']} images in {result['seconds']} s: "
-        f"{result['images_per_second']} images/s, {result['images_per_second_per_core']} per core "
-        f"({result['cores']} cores), {result['images_per_stage_cpu_second']} per stage CPU-second"
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--format", choices=sorted(I2D_FORMATS), default="jpeg")
+    parser.add_argument(
+        "--processes", type=int, default=2, help="img2dataset processes; shards in parallel"
     )
+    parser.add_argument(
+        "--threads", type=int, default=64, help="img2dataset threads; connections per shard"
+    )
+    parser.add_argument("--shard-size", type=int, default=1000)
+    parser.add_argument(
+        "--small-host", action="store_true", help=f"HTTP/1.0, listen backlog {SMALL_BACKLOG}"
+    )
+    parser.add_argument(
+        "--img2dataset-python", default=sys.executable, help="a Python with img2dataset"
+    )
+    parser.add_argument("--no-img2dataset", action="store_true", help="sdflow alone")
+    parser.add_argument(
+        "--shard-processes",
+        action="store_true",
+        help="sdflow's shards in processes (as on a Dask runner), not threads (the default runner)",
+    )
+    result = run(parser.parse_args())
+    ours, peer = result["sdflow"], result["img2dataset"]
+    where = "small host" if result["small_host"] else "keep-alive host"
+    print(f"{result['images']} images, {where}, {result['format']} {result['resolution']} px, "
+          f"budget {result['budget']}")  # fmt: skip
+    print(
+        f"  sdflow      {ours['images_per_second']:>8} images/s ({ours['kept']} kept, {ours['seconds']} s)"
+    )
+    if peer is None:
+        print(
+            "  img2dataset  not installed here (pip install -e '.[bench]'); sdflow's figure alone"
+        )
+    else:
+        print(
+            f"  img2dataset {peer['images_per_second']:>8} images/s ({peer['kept']} kept, {peer['seconds']} s)"
+        )
+        print(f"  ratio        {result['ratio']}x")
     print(json.dumps(result))
 
 

@@ -8,22 +8,38 @@ caption) each shard is a task on the runner the profile's `runner` section selec
 `runner.max_workers`, or the Dask cluster at `runner.dask_address` (`sdflow.orchestration`). The
 runner comes from the profile loaded in the body, so `sdflow run`, a deployment and a retried run
 all use it; the flow's own task runner is not involved.
+
+Each stage's module is imported when the flow reaches that stage (`stage_task`), not when this
+module loads: torch, diffusers and transformers take seconds to import, and the download and filter
+stages need none of them, so a run starts working as soon as Prefect is up.
 """
 
 from __future__ import annotations
 
-from prefect import flow
+import importlib
+
+from prefect import Task, flow
 
 from flows.tracking import RunTracker
 from sdflow.memory import check_memory_options
 from sdflow.profiles import load_profile
-from tasks.autoencoder import train_autoencoder_task
-from tasks.caption import caption_task
-from tasks.download import download_task
-from tasks.evaluate import evaluate_task
-from tasks.filter import filter_task
-from tasks.latents import cache_latents_task
-from tasks.train import train_task
+
+# stage -> (module, task attribute); imported on first use
+STAGE_TASKS = {
+    "download": ("tasks.download", "download_task"),
+    "filter": ("tasks.filter", "filter_task"),
+    "caption": ("tasks.caption", "caption_task"),
+    "autoencoder": ("tasks.autoencoder", "train_autoencoder_task"),
+    "latents": ("tasks.latents", "cache_latents_task"),
+    "train": ("tasks.train", "train_task"),
+    "evaluate": ("tasks.evaluate", "evaluate_task"),
+}
+
+
+def stage_task(stage: str) -> Task:
+    """The Prefect task of `stage`, its module imported now (see the module docstring)."""
+    module, attribute = STAGE_TASKS[stage]
+    return getattr(importlib.import_module(module), attribute)
 
 
 @flow(name="sdflow-pipeline", persist_result=True, result_serializer="json", log_prints=True)
@@ -40,14 +56,16 @@ def pipeline(
         check_memory_options(config.train)
     run = RunTracker(config, profile, workdir, only, refresh)
 
-    images = run.stage(download_task)
-    kept = run.stage(filter_task, download=images)
-    captioned = run.stage(caption_task, filter=kept)
+    images = run.stage(stage_task("download"))
+    kept = run.stage(stage_task("filter"), download=images)
+    captioned = run.stage(stage_task("caption"), filter=kept)
     vae = (
-        run.stage(train_autoencoder_task, caption=captioned) if config.needs_autoencoder() else None
+        run.stage(stage_task("autoencoder"), caption=captioned)
+        if config.needs_autoencoder()
+        else None
     )
-    latents = run.stage(cache_latents_task, caption=captioned, autoencoder=vae)
-    model = run.stage(train_task, caption=captioned, autoencoder=vae, latents=latents)
-    run.stage(evaluate_task, train=model, caption=captioned)
+    latents = run.stage(stage_task("latents"), caption=captioned, autoencoder=vae)
+    model = run.stage(stage_task("train"), caption=captioned, autoencoder=vae, latents=latents)
+    run.stage(stage_task("evaluate"), train=model, caption=captioned)
 
     return run.finish()

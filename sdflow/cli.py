@@ -20,9 +20,12 @@ import os
 import sys
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sdflow.config import STAGES, RunConfig
 from sdflow.errors import UserError
+
+if TYPE_CHECKING:
+    from sdflow.config import RunConfig
 
 LIBRARY_LOGGERS = "sdflow,tasks,diffusers,accelerate,transformers"
 DEFAULT_WORKDIR = "./sdflow-work"
@@ -112,6 +115,8 @@ def _add_profile_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _stage_list(text: str) -> list[str]:
+    from sdflow.config import STAGES  # the schema (pydantic) only when a stage list is given
+
     stages = [s.strip() for s in text.split(",") if s.strip()]
     unknown = [s for s in stages if s not in STAGES]
     if unknown:

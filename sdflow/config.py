@@ -104,6 +104,16 @@ class DownloadConfig(Section):
         "decoding (at most Pillow's own limit, 89,478,485)",
     )
     concurrency: int = Field(64, ge=1, le=4096, description="simultaneous HTTP connections")
+    per_host_connections: int = Field(
+        16,
+        ge=1,
+        le=4096,
+        description="most requests in flight to one host, across all shards of this process; "
+        "halved while the host refuses or stalls connects",
+    )
+    connect_retries: int = Field(
+        3, ge=0, le=20, description="tries again after a refused or timed-out connect, per row"
+    )
     decode_workers: int = Field(0, ge=0, le=256, description="0 = one per CPU core")
     shard_size: int = Field(1000, ge=1, le=1_000_000, description="samples per output shard")
     image_format: Literal["jpeg", "png", "webp"] = "png"

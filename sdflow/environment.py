@@ -1,7 +1,12 @@
-"""What `sdflow check` reports about the machine, and the problems it can see before any work."""
+"""What `sdflow check` reports about the machine, and the problems it can see before any work.
+
+torch is imported only where a GPU driver is installed (`cuda_available`): on a CPU-only machine its
+1-2 s import would be most of what `sdflow check` costs, to learn what the missing driver says.
+"""
 
 from __future__ import annotations
 
+import os
 import platform
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -23,11 +28,23 @@ def describe_environment(config: RunConfig) -> list[str]:
     return lines
 
 
-def profile_warnings(config: RunConfig) -> list[str]:
+# Present wherever a CUDA (NVIDIA) or ROCm (AMD) driver is loaded; torch sees no GPU without them.
+GPU_DRIVER_FILES = ("/dev/nvidiactl", "/proc/driver/nvidia", "/dev/kfd")
+
+
+def cuda_available() -> bool:
+    """torch.cuda.is_available(), without importing torch where no GPU driver or device is visible."""
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1")
+    if hidden or not any(Path(p).exists() for p in GPU_DRIVER_FILES):
+        return False
     import torch
 
+    return torch.cuda.is_available()
+
+
+def profile_warnings(config: RunConfig) -> list[str]:
     warnings = []
-    if not torch.cuda.is_available():
+    if not cuda_available():
         for key, value in (
             ("train.mixed_precision", config.train.mixed_precision),
             ("latents.mixed_precision", config.latents.mixed_precision),
@@ -46,10 +63,10 @@ def _looks_local(name: str) -> bool:
 
 
 def _devices() -> list[str]:
+    if not cuda_available():
+        return ["device: CPU only (no CUDA GPU visible)"]
     import torch
 
-    if not torch.cuda.is_available():
-        return ["device: CPU only (no CUDA GPU visible)"]
     lines = []
     for index in range(torch.cuda.device_count()):
         props = torch.cuda.get_device_properties(index)

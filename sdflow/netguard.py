@@ -7,7 +7,9 @@ at cloud metadata endpoints, admin interfaces on localhost or the private networ
 - `GuardedBackend`: an httpcore network backend that resolves the host itself, refuses if ANY of its
   addresses is private, loopback, link-local, multicast, reserved or unspecified, and then connects to
   the exact address it checked (no second DNS lookup an attacker could answer differently). Every
-  connection goes through it, including those for redirect hops, so each hop is re-checked.
+  connection goes through it, including those for redirect hops, so each hop is re-checked. It also
+  tells an observer how each host's connects went (`ConnectObserver`: seconds, or None on failure),
+  which the downloader's per-host gates (`sdflow.sources.hostgate`) adapt to.
 
 And what a response may do: `ContentDecoder` undoes `Content-Encoding` layers with a bound on what
 each layer produces, checked as it decodes (a few KB of `gzip, gzip` can decode to gigabytes). What
@@ -17,9 +19,12 @@ and signed query parameters never reach the failures table, logs or reports.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import socket
+import ssl
+import time
 import zlib
 from collections.abc import Callable, Iterable
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -30,6 +35,7 @@ import httpx
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 AddressPolicy = Callable[[IPAddress], bool]
+ConnectObserver = Callable[[str, int, "float | None"], None]  # host, port, seconds (None: failed)
 
 ALLOWED_SCHEMES = ("http", "https")
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052: embeds an IPv4 address in the low bits
@@ -123,26 +129,43 @@ def check_addresses(host: str, addresses: Iterable[str], policy: AddressPolicy) 
 
 
 class GuardedBackend(httpcore.AsyncNetworkBackend):
-    """Resolve, check every address, then connect to a checked address only."""
+    """Resolve, check every address (unless `policy` is None), then connect to a checked address
+    only; `observer` hears how long each host's connect took, or that it failed."""
 
-    def __init__(self, policy: AddressPolicy = is_public_address, inner=None):
+    def __init__(
+        self,
+        policy: AddressPolicy | None = is_public_address,
+        inner=None,
+        observer: ConnectObserver | None = None,
+    ):
         self.policy = policy
         self.inner = inner or httpcore.AnyIOBackend()
+        self.observer = observer
 
     async def connect_tcp(
         self, host, port, timeout=None, local_address=None, socket_options=None
     ) -> httpcore.AsyncNetworkStream:
         addresses = await resolve(host, port, timeout)
-        check_addresses(host, addresses, self.policy)
+        if self.policy is not None:
+            check_addresses(host, addresses, self.policy)
         error: Exception = httpcore.ConnectError(f"{host} has no addresses")
         for address in addresses:
+            started = time.monotonic()
             try:
-                return await self.inner.connect_tcp(
+                stream = await self.inner.connect_tcp(
                     address, port, timeout, local_address, socket_options
                 )
-            except httpcore.ConnectError as exc:
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
                 error = exc
+                continue
+            self._observe(host, port, time.monotonic() - started)
+            return stream
+        self._observe(host, port, None)
         raise error
+
+    def _observe(self, host: str, port: int, seconds: float | None) -> None:
+        if self.observer is not None:
+            self.observer(host, port, seconds)
 
     async def connect_unix_socket(self, path, timeout=None, socket_options=None):
         raise Refused("refused_address", f"unix socket {path}")
@@ -151,16 +174,26 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
         await self.inner.sleep(seconds)
 
 
+@functools.cache
+def shared_ssl_context() -> ssl.SSLContext:
+    """httpx's default verifying TLS context, built once per process (each build loads the CA bundle,
+    ~80 ms: a Fetcher per shard with eight transports spent half a second on it)."""
+    return httpx.create_ssl_context()
+
+
 def guarded_transport(
-    limits: httpx.Limits, policy: AddressPolicy | None = is_public_address
+    limits: httpx.Limits,
+    policy: AddressPolicy | None = is_public_address,
+    observer: ConnectObserver | None = None,
 ) -> httpx.AsyncHTTPTransport:
-    """An httpx transport whose every connection is checked by `policy` (None: no check).
+    """An httpx transport whose every connection is checked by `policy` (None: no check) and
+    reported to `observer`.
 
     Use it with `httpx.AsyncClient(trust_env=False)`: through an environment proxy the guard would
     only see the proxy's address.
     """
-    transport = httpx.AsyncHTTPTransport(limits=limits)
-    if policy is None:
+    transport = httpx.AsyncHTTPTransport(limits=limits, verify=shared_ssl_context())
+    if policy is None and observer is None:
         return transport
     pool = transport._pool  # httpx exposes no network_backend option; httpcore's pool does
     if not isinstance(pool, httpcore.AsyncConnectionPool):
@@ -170,7 +203,7 @@ def guarded_transport(
         max_connections=limits.max_connections,
         max_keepalive_connections=limits.max_keepalive_connections,
         keepalive_expiry=limits.keepalive_expiry,
-        network_backend=GuardedBackend(policy),
+        network_backend=GuardedBackend(policy, observer=observer),
     )
     return transport
 

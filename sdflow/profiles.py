@@ -1,15 +1,22 @@
-"""Load run profiles by name or path, apply `--set key=value` overrides, report every problem at once."""
+"""Load run profiles by name or path, apply `--set key=value` overrides, report every problem at once.
+
+The config schema (pydantic) is imported only where a profile is validated: `sdflow profiles` lists
+names and descriptions without it.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
-from pydantic import BaseModel, ValidationError
 
-from sdflow.config import RunConfig
 from sdflow.errors import UserError
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
+    from sdflow.config import RunConfig
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 
@@ -40,6 +47,10 @@ def profile_path(name_or_path: str) -> Path:
 
 def load_profile(name_or_path: str, overrides: list[str] = ()) -> RunConfig:
     """Read a profile, apply overrides, validate; raises ConfigError listing every problem."""
+    from pydantic import ValidationError
+
+    from sdflow.config import RunConfig
+
     path = profile_path(name_or_path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -103,6 +114,10 @@ def describe_errors(exc: ValidationError) -> list[str]:
 
 
 def allowed_keys(loc: tuple) -> list[str]:
+    from pydantic import BaseModel
+
+    from sdflow.config import RunConfig
+
     model: type[BaseModel] = RunConfig
     for part in loc:
         field = model.model_fields.get(str(part))

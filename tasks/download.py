@@ -44,7 +44,7 @@ from sdflow.stageio import FAILURES, Manifest, StageBuild, build_stage, shard_na
 
 STAGE = "download"
 # Knobs that change speed, not output: changing them must not invalidate a finished download.
-SPEED_ONLY = {"concurrency", "decode_workers"}
+SPEED_ONLY = {"concurrency", "decode_workers", "per_host_connections"}
 INPUTS = "inputs"  # each unfinished shard's source rows, staged for its job
 INPUT_SCHEMA = pa.schema(
     [

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import os
 import subprocess
 import sys
 
@@ -53,3 +55,30 @@ def test_check_prints_resolved_config_and_environment(demo_folder, capsys):
     out = capsys.readouterr().out
     assert '"resolution": 32' in out
     assert "torch " in out and "device:" in out
+
+
+HEAVY = ("torch", "diffusers", "transformers", "prefect")
+
+
+def _heavy_modules_after(code: str, heavy: tuple[str, ...] = HEAVY) -> list[str]:
+    """The heavy libraries a fresh interpreter has loaded after running `code` (no GPU visible)."""
+    probe = f"{code}\nimport sys\nprint(sorted(m for m in {heavy!r} if m in sys.modules))"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # a GPU driver would rightly import torch
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    return ast.literal_eval(result.stdout.strip().splitlines()[-1])
+
+
+def test_profiles_and_check_import_no_heavy_library(demo_folder):
+    listing = "from sdflow.cli import main\nassert main(['profiles']) == 0"
+    assert _heavy_modules_after(listing, (*HEAVY, "pydantic")) == []  # not even the schema
+    check = f"from sdflow.cli import main\nassert main(['check', 'tiny-test', '--set', 'source.path={demo_folder}']) == 0"
+    assert _heavy_modules_after(check) == []
+
+
+def test_pipeline_module_defers_the_model_libraries():
+    """The flow starts its first stage before torch / diffusers / transformers are imported."""
+    loaded = _heavy_modules_after("import flows.pipeline")
+    assert loaded == ["prefect"]

@@ -7,6 +7,9 @@ time, retries with exponential backoff on 5xx / 429 / timeouts, redirects follow
 five, every hop re-checked by `sdflow.netguard`), and a byte limit checked before and while reading,
 on the decoded bytes (`netguard.ContentDecoder`; identity is asked for, gzip / deflate undone with a
 bound). Cookies are never stored, so no row's response can change what another row's request sends.
+Requests to one host pass its `HostGate` (`download.per_host_connections`, shrunk and paused while
+the host refuses or stalls connects; a refused connect is tried again `download.connect_retries`
+times after the host's pause).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from sdflow.sources import (
     pick_column,
     row_id,
 )
+from sdflow.sources.hostgate import HostDown, HostGates, shared_gates
 
 FORMATS = {
     ".parquet": "parquet",
@@ -64,6 +68,7 @@ BATCH_ROWS = 8192
 MAX_REDIRECTS = 5
 REDIRECT_CODES = {301, 302, 303, 307, 308}
 RETRY_CODES = {429, 500, 502, 503, 504}
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def list_files(source: SourceConfig) -> list[Path]:
@@ -242,6 +247,10 @@ class Retryable(Rejected):
     """A failure worth another try (5xx, 429, timeouts)."""
 
 
+class ConnectFailed(Rejected):
+    """A connect refused, reset or timed out: tried again after the host's pause."""
+
+
 class Fetcher:
     """Downloads URLs with a few shared async clients; use as `async with Fetcher(cfg) as f:`.
 
@@ -253,9 +262,15 @@ class Fetcher:
 
     CLIENT_CONNECTIONS = 8
 
-    def __init__(self, settings: DownloadConfig, policy: AddressPolicy | None = is_public_address):
+    def __init__(
+        self,
+        settings: DownloadConfig,
+        policy: AddressPolicy | None = is_public_address,
+        gates: HostGates | None = None,
+    ):
         self.settings = settings
         self.policy = None if settings.allow_private_network else policy
+        self.gates = gates or shared_gates(settings.per_host_connections, settings.backoff_s)
         self.clients: list[httpx.AsyncClient] = []
         self.busy: list[int] = []
 
@@ -265,7 +280,7 @@ class Fetcher:
         limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
         for _ in range(count):
             client = httpx.AsyncClient(
-                transport=guarded_transport(limits, self.policy),
+                transport=guarded_transport(limits, self.policy, self._observe),
                 timeout=httpx.Timeout(self.settings.timeout_s),
                 headers={"User-Agent": self.settings.user_agent, "Accept-Encoding": "identity"},
                 cookies=no_cookies(),
@@ -286,18 +301,40 @@ class Fetcher:
             target = parse_url(url)
         except Refused as exc:
             raise Rejected(exc.reason, exc.detail) from None
+        gate = self.gates.gate(_host_key(target), target.port or DEFAULT_PORTS[target.scheme])
         # a slow-drip server would dodge the per-read timeout; cap the whole attempt as well
         deadline = self.settings.timeout_s * 3
-        for attempt in range(self.settings.retries + 1):
+        attempt = connects = 0
+        while True:
+            try:
+                await gate.acquire()
+            except HostDown as exc:
+                raise Rejected("connection_error", f"{_host_key(target)}: {exc}") from None
             try:
                 return await asyncio.wait_for(self._follow(target), deadline)
             except asyncio.TimeoutError:
                 failure = Retryable("timeout", f"no complete answer within {deadline:g}s")
+            except ConnectFailed as exc:  # the gate paused the host: that is the back-off
+                connects += 1
+                if connects > self.settings.connect_retries:
+                    raise Rejected(exc.reason, exc.detail) from None
+                continue
             except Retryable as exc:
                 failure = exc
-            if attempt < self.settings.retries:
-                await asyncio.sleep(self.settings.backoff_s * 2**attempt)
-        raise Rejected(failure.reason, failure.detail)
+            finally:
+                gate.release()
+            if attempt >= self.settings.retries:
+                raise Rejected(failure.reason, failure.detail)
+            await asyncio.sleep(self.settings.backoff_s * 2**attempt)
+            attempt += 1
+
+    def _observe(self, host: str, port: int, seconds: float | None) -> None:
+        """How a connect went, from the transport: the host's gate adapts to it."""
+        gate = self.gates.gate(host, port)
+        if seconds is None:
+            gate.connect_failed()
+        else:
+            gate.connected(seconds)
 
     async def _follow(self, url: httpx.URL) -> bytes:
         """GET with redirects followed by hand, so every hop's URL and address are checked."""
@@ -356,13 +393,22 @@ def failure_of(exc: Exception, url: httpx.URL) -> Rejected:
     detail = f"{type(exc).__name__}: {exc}"
     if isinstance(exc, Refused):
         return Rejected(exc.reason, exc.detail)
+    if isinstance(exc, httpx.ConnectTimeout):
+        return ConnectFailed("timeout", f"{type(exc).__name__} from {url}")
     if isinstance(exc, httpx.TimeoutException):
         return Retryable("timeout", f"{type(exc).__name__} from {url}")
     if isinstance(exc, (httpx.InvalidURL, UnicodeError)):  # e.g. a host that is not valid IDNA
         return Rejected("bad_url", detail)
+    if isinstance(exc, httpx.ConnectError) and not _caused_by_dns(exc):
+        return ConnectFailed("connection_error", detail)
     if isinstance(exc, (httpx.TransportError, httpx.DecodingError)):
         return Rejected("dns_error" if _caused_by_dns(exc) else "connection_error", detail)
     return Rejected("fetch_error", detail)
+
+
+def _host_key(url: httpx.URL) -> str:
+    """The host as the transport sees it (IDNA-encoded ASCII), so gate keys match on both sides."""
+    return url.raw_host.decode("ascii").lower()
 
 
 def _caused_by_dns(exc: BaseException | None) -> bool:

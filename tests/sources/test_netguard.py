@@ -8,12 +8,14 @@ import socket
 import zlib
 
 import httpcore
+import httpx
 import pytest
 
 from sdflow.netguard import (
     ContentDecoder,
     GuardedBackend,
     Refused,
+    guarded_transport,
     is_public_address,
     parse_url,
     redact_text,
@@ -198,3 +200,10 @@ def test_content_decoder_refusals(header, body, reason):
     with pytest.raises(Refused) as caught:
         decode_all(ContentDecoder(header, 4096), body)
     assert caught.value.reason == reason
+
+
+def test_transports_share_one_tls_context():
+    """Building a TLS context loads the CA bundle (~80 ms); every transport reuses one."""
+    first = guarded_transport(httpx.Limits(max_connections=2))
+    second = guarded_transport(httpx.Limits(max_connections=2), policy=None)
+    assert first._pool._ssl_context is second._pool._ssl_context

@@ -547,3 +547,11 @@ def test_a_grown_url_list_requests_only_its_new_rows(tmp_path, http_server):
     fresh = download(second, {}, str(tmp_path / "scratch"))
     assert incremental["counts"] == fresh["counts"]
     assert incremental["fingerprint"] == fresh["fingerprint"]  # the same bytes as from scratch
+
+
+def test_speed_knobs_keep_the_key_retry_budgets_change_it(tmp_path):
+    """per_host_connections changes only how fast rows arrive; connect_retries changes which fail."""
+    source = {"kind": "urls", "path": url_list(tmp_path, ["http://127.0.0.1:9/a.png"])}
+    key = download_key(config_for(source), {})
+    assert download_key(config_for(source, per_host_connections=2), {}) == key
+    assert download_key(config_for(source, connect_retries=0), {}) != key
