@@ -175,8 +175,11 @@ class RunTracker:
         return str(self.run_dir)
 
     def _dataset_report(self) -> None:
-        """The data stages' report in the run directory and the UI; it never fails the run."""
-        if not any(stage in self.manifests for stage in DATA_STAGES):
+        """The data stages' report in the run directory and the UI, when a data stage took part in
+        the run (ran or came from the cache; not when --only left them all out). It never fails
+        the run."""
+        stages = self.summary["stages"]
+        if not any(stages.get(s, {}).get("status") == "completed" for s in DATA_STAGES):
             return
         try:
             html = build_report(self.workdir, self.manifests, self.run_dir)

@@ -17,6 +17,7 @@ from flows import tracking
 from sdflow.config import RunConfig
 from sdflow.profiles import load_profile
 from sdflow.report import ASSETS, build_report
+from sdflow.report.collect import funnel
 from sdflow.stageio import Manifest, read_shards
 from tasks.caption import caption_samples
 from tasks.download import download
@@ -145,6 +146,10 @@ def test_a_run_writes_the_report_and_a_report_failure_never_fails_it(report, tmp
     monkeypatch.setattr(tracking, "get_run_logger", lambda: WarningLog(warnings))
     tracker = tracking.RunTracker(load_profile("tiny-test"), "tiny-test", str(workdir))
     tracker.manifests = dict(manifests)
+    tracker.summary["stages"] = {stage: {"status": "skipped"} for stage in manifests}
+    tracker._dataset_report()  # --only train: the data stages are only looked up
+    assert not tracker.run_dir.exists() and not published
+    tracker.summary["stages"]["caption"]["status"] = "completed"
     tracker._dataset_report()
     html = tracker.run_dir / "dataset-report.html"
     assert html.is_file() and published == [("tiny-test", html)]
@@ -165,3 +170,22 @@ class WarningLog:
 
     def warning(self, message: str, *args) -> None:
         self.sink.append(message % args)
+
+
+def test_the_funnel_ends_with_the_images_the_latents_stage_encoded():
+    counts = {
+        "download": {"input": 100, "kept": 90},
+        "filter": {"input": 90, "kept": 70},
+        "caption": {"input": 70, "kept": 68},
+        "latents": {"input": 68, "held_out": 6, "validation": 6, "encoded": 61},
+    }
+    manifests = {stage: {"counts": c} for stage, c in counts.items()}
+    assert funnel(manifests) == [
+        ("rows in", "download", 100),
+        ("downloaded", "download", 90),
+        ("kept by filter", "filter", 70),
+        ("captioned", "caption", 68),
+        ("encoded", "latents", 61),
+    ]
+    del manifests["download"]  # steps only for the stages given
+    assert [step for step, _, _ in funnel(manifests)][0] == "kept by filter"

@@ -222,10 +222,14 @@ def images_by_id(
         return found
     ids = pa.array(sorted(wanted), pa.string())
     for path in shard_paths(workdir, manifest):
+        if not pc.any(pc.is_in(pq.read_table(path, columns=["id"]).column("id"), ids)).as_py():
+            continue  # a shard's image column is read only when it holds a wanted row
         table = pq.read_table(path, columns=["id", "image"], filters=pc.field("id").isin(ids))
         found.update(
             zip(table.column("id").to_pylist(), table.column("image").to_pylist(), strict=True)
         )
+        if len(found) == len(wanted):
+            break
     return found
 
 
