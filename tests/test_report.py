@@ -17,8 +17,8 @@ from flows import tracking
 from sdflow.config import RunConfig
 from sdflow.profiles import load_profile
 from sdflow.report import ASSETS, build_report
-from sdflow.report.collect import funnel
-from sdflow.stageio import Manifest, read_shards
+from sdflow.report.collect import duplicate_clusters, funnel, measured_scores
+from sdflow.stageio import Manifest, failures_table, read_shards
 from tasks.caption import caption_samples
 from tasks.download import download
 from tasks.filter import filter_samples
@@ -189,3 +189,34 @@ def test_the_funnel_ends_with_the_images_the_latents_stage_encoded():
     ]
     del manifests["download"]  # steps only for the stages given
     assert [step for step, _, _ in funnel(manifests)][0] == "kept by filter"
+
+
+def test_clusters_and_scores_from_curation_filter_details():
+    """Details as the curation filters write them: a duplicate names its kept twin, alone or with
+    the distance measured; a threshold rejection names the measured value and the bound."""
+    rows = [
+        ("d1", "duplicate", "k0"),
+        ("n1", "near_duplicate", "k0 at Hamming distance 3"),
+        ("n2", "near_duplicate", "a photo at sea.jpg at Hamming distance 5"),
+        ("s1", "semantic_duplicate", "k9 at cosine 0.991234"),
+        ("m1", "metadata:pwatermark", "pwatermark=0.75 > max 0.5"),
+        ("c1", "clip_score", "clip_score 0.2100 < min 0.28"),
+        ("c2", "clip_score", "clip_score 0.1500 < min 0.28"),
+        ("t1", "too_small", "8x8 original, shorter side < 16"),
+    ]
+    failures = failures_table(
+        [{"id": i, "source": "x", "reason": r, "detail": d} for i, r, d in rows]
+    )
+    clusters = {c.kept: (c.members, c.size) for c in duplicate_clusters(failures)}
+    assert clusters == {
+        "k0": ([("d1", "duplicate"), ("n1", "near_duplicate")], 2),
+        "a photo at sea.jpg": ([("n2", "near_duplicate")], 1),
+        "k9": ([("s1", "semantic_duplicate")], 1),
+    }
+    scores = {title: list(values) for title, values in measured_scores(failures).items()}
+    assert scores == {
+        "rejected (clip_score): clip_score": [0.21, 0.15],
+        "rejected (metadata:pwatermark): pwatermark": [0.75],
+        "rejected (near_duplicate): Hamming distance": [3.0, 5.0],
+        "rejected (semantic_duplicate): cosine": [0.991234],
+    }

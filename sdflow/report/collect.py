@@ -24,7 +24,9 @@ import pyarrow.parquet as pq
 from sdflow.stageio import Manifest, read_failures, read_shards, shard_paths
 
 DATA_STAGES = ("download", "filter", "caption")
-DUPLICATE_REASONS = ("duplicate", "near_duplicate")  # failure detail: the id of the kept twin
+# failure detail: the kept twin's id, alone or as "<id> at <measure> <value>"
+DUPLICATE_REASONS = ("duplicate", "near_duplicate", "semantic_duplicate")
+TWIN = re.compile(r"(?P<id>.+?) at (?P<measure>[A-Za-z ]+?) (?P<value>-?\d+(?:\.\d+)?(?:e-?\d+)?)")
 SAMPLES = 48
 CLUSTERS = 16
 CLUSTER_SIZE = 6
@@ -192,14 +194,24 @@ def metadata_scores(workdir: str | Path, manifest: Manifest) -> dict[str, array]
 
 def measured_scores(failures: pa.Table) -> dict[str, array]:
     """Values the filter measured on the rows it rejected, from details such as
-    "ratio 5.00 > 2.0": one series per reason and measured name."""
+    "ratio 5.00 > 2.0", "similarity=0.2 < min 0.28" or "k00 at Hamming distance 3": one series
+    per reason and measured name."""
     values: dict[str, array] = defaultdict(lambda: array("d"))
     for reason, detail in zip(
         failures.column("reason").to_pylist(), failures.column("detail").to_pylist(), strict=True
     ):
         for name, value in MEASURED.findall(detail or ""):
             values[f"rejected ({reason}): {name}"].append(float(value))
+        twin = TWIN.fullmatch(detail or "") if reason in DUPLICATE_REASONS else None
+        if twin:  # "k00 at Hamming distance 3"
+            values[f"rejected ({reason}): {twin['measure']}"].append(float(twin["value"]))
     return dict(sorted(values.items()))
+
+
+def twin_id(detail: str) -> str:
+    """The kept sample a duplicate's failure detail names."""
+    twin = TWIN.fullmatch(detail)
+    return twin["id"] if twin else detail
 
 
 def duplicate_clusters(failures: pa.Table, limit: int = CLUSTERS) -> list[Cluster]:
@@ -207,7 +219,7 @@ def duplicate_clusters(failures: pa.Table, limit: int = CLUSTERS) -> list[Cluste
     groups: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for row in failures.select(["id", "reason", "detail"]).to_pylist():
         if row["reason"] in DUPLICATE_REASONS and row["detail"]:
-            groups[row["detail"]].append((row["id"], row["reason"]))
+            groups[twin_id(row["detail"])].append((row["id"], row["reason"]))
     largest = sorted(groups.items(), key=lambda item: (-len(item[1]), item[0]))[:limit]
     return [Cluster(kept, members[:CLUSTER_SIZE], len(members)) for kept, members in largest]
 
