@@ -13,7 +13,7 @@ import json
 import re
 from array import array
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +33,7 @@ CLUSTER_SIZE = 6
 TOP_TERMS = 30
 EXAMPLES = 3  # failure examples shown per reason
 PRUNE_AT = 200_000
+BATCH = 10_000  # failure rows turned into Python objects at a time
 WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 # "<name> <measured> <op> [<word>] <threshold>", e.g. "ratio 5.00 > 2.0", "similarity 0.21 < min 0.28"
 MEASURED = re.compile(
@@ -118,12 +119,12 @@ def failure_rows(workdir: str | Path, present: Mapping[str, Manifest]) -> list[d
         reasons = counts.get("failed_by_reason") or {}
         if not reasons:
             continue
-        examples: dict[str, list[tuple[str, str]]] = defaultdict(list)
+        examples: dict[str, list[tuple[str, str]]] = {}
         if "failures" in manifest.get("files", {}):
-            table = read_failures(workdir, manifest).select(["id", "reason", "detail"])
-            for row in table.to_pylist():
-                if len(examples[row["reason"]]) < EXAMPLES:
-                    examples[row["reason"]].append((row["id"], row["detail"] or ""))
+            table = read_failures(workdir, manifest)
+            for reason in reasons:
+                first = table.filter(pc.equal(table.column("reason"), reason)).slice(0, EXAMPLES)
+                examples[reason] = [(r["id"], r["detail"] or "") for r in first.to_pylist()]
         total = counts.get("input") or 0
         for reason, count in sorted(reasons.items(), key=lambda item: (-item[1], item[0])):
             share = f"{100 * count / total:.1f}%" if total else "-"
@@ -197,15 +198,18 @@ def measured_scores(failures: pa.Table) -> dict[str, array]:
     "ratio 5.00 > 2.0", "similarity=0.2 < min 0.28" or "k00 at Hamming distance 3": one series
     per reason and measured name."""
     values: dict[str, array] = defaultdict(lambda: array("d"))
-    for reason, detail in zip(
-        failures.column("reason").to_pylist(), failures.column("detail").to_pylist(), strict=True
-    ):
+    for reason, detail in _reasons_and_details(failures):
         for name, value in MEASURED.findall(detail or ""):
             values[f"rejected ({reason}): {name}"].append(float(value))
         twin = TWIN.fullmatch(detail or "") if reason in DUPLICATE_REASONS else None
         if twin:  # "k00 at Hamming distance 3"
             values[f"rejected ({reason}): {twin['measure']}"].append(float(twin["value"]))
     return dict(sorted(values.items()))
+
+
+def _reasons_and_details(failures: pa.Table) -> Iterator[tuple[str, str | None]]:
+    for batch in failures.select(["reason", "detail"]).to_batches(BATCH):
+        yield from zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True)
 
 
 def twin_id(detail: str) -> str:
@@ -216,12 +220,17 @@ def twin_id(detail: str) -> str:
 
 def duplicate_clusters(failures: pa.Table, limit: int = CLUSTERS) -> list[Cluster]:
     """The largest groups of samples dropped as duplicates of the same kept sample."""
-    groups: dict[str, list[tuple[str, str]]] = defaultdict(list)
-    for row in failures.select(["id", "reason", "detail"]).to_pylist():
-        if row["reason"] in DUPLICATE_REASONS and row["detail"]:
-            groups[twin_id(row["detail"])].append((row["id"], row["reason"]))
-    largest = sorted(groups.items(), key=lambda item: (-len(item[1]), item[0]))[:limit]
-    return [Cluster(kept, members[:CLUSTER_SIZE], len(members)) for kept, members in largest]
+    groups: dict[str, Cluster] = {}
+    duplicates = failures.filter(pc.is_in(failures.column("reason"), pa.array(DUPLICATE_REASONS)))
+    for batch in duplicates.select(["id", "reason", "detail"]).to_batches(BATCH):
+        for row in batch.to_pylist():
+            if row["detail"]:
+                twin = twin_id(row["detail"])
+                cluster = groups.setdefault(twin, Cluster(twin, [], 0))
+                cluster.size += 1
+                if len(cluster.members) < CLUSTER_SIZE:  # memory: a count per kept sample
+                    cluster.members.append((row["id"], row["reason"]))
+    return sorted(groups.values(), key=lambda c: (-c.size, c.kept))[:limit]
 
 
 def images_by_id(
