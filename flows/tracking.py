@@ -21,6 +21,7 @@ from sdflow import artifacts
 from sdflow.config import RunConfig
 from sdflow.errors import UserError
 from sdflow.orchestration import result_storage
+from sdflow.report import DATA_STAGES, build_report, publish_report
 from sdflow.stageio import Manifest, discard_stage, load_manifest, output_dir, stage_dir, write_json
 
 
@@ -44,6 +45,7 @@ class RunTracker:
         self.only = set(only or [])
         self.refresh = set(refresh or [])
         self.summary: dict[str, Any] = {"profile": profile, "stages": {}}
+        self.manifests: dict[str, Manifest] = {}  # the outputs this run produced or looked up
         self.failure: BaseException | None = None
         self.run_dir = Path(self.workdir) / "runs" / run_id()
         self.summary["run_id"] = self.run_dir.name
@@ -97,6 +99,7 @@ class RunTracker:
     def _record(self, name, status, manifest, seconds, cached, error=None) -> Manifest | None:
         entry: dict[str, Any] = {"status": status, "cached": cached, "seconds": round(seconds, 3)}
         if manifest is not None:
+            self.manifests[name] = manifest
             entry["output"] = str(output_dir(self.workdir, manifest))
             entry["counts"] = manifest.get("counts", {})
             self._note_products(name, manifest)
@@ -158,6 +161,7 @@ class RunTracker:
         self.summary["status"] = "failed" if self.failure else "completed"
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._dataset_report()
             write_json(self.run_dir / "summary.json", self.summary, sort_keys=False)  # DAG order
         except OSError as exc:  # a full or read-only disk: the stage's own error matters more
             if self.failure is None:
@@ -169,6 +173,21 @@ class RunTracker:
         if self.failure is not None:
             raise StageFailed(f"{self.failure} (summary: {self.run_dir / 'summary.json'})")
         return str(self.run_dir)
+
+    def _dataset_report(self) -> None:
+        """The data stages' report in the run directory and the UI, when a data stage took part in
+        the run (ran or came from the cache; not when --only left them all out). It never fails
+        the run."""
+        stages = self.summary["stages"]
+        if not any(stages.get(s, {}).get("status") == "completed" for s in DATA_STAGES):
+            return
+        try:
+            html = build_report(self.workdir, self.manifests, self.run_dir)
+        except Exception as exc:
+            get_run_logger().warning("The dataset report could not be built: %r", exc)
+            return
+        self.summary["dataset_report"] = str(html)
+        _best_effort(publish_report, self.summary["profile"], html)
 
 
 def run_id() -> str:

@@ -312,16 +312,26 @@ def image_data_url(path: Path) -> str:
     from PIL import Image
 
     with Image.open(path) as image:
-        image = image.convert("RGB")
-        image.thumbnail((MAX_IMAGE_SIDE, MAX_IMAGE_SIDE))
+        return pil_data_url(image, MAX_IMAGE_SIDE)
+
+
+def pil_data_url(image: Any, max_side: int, max_png_bytes: int = MAX_PNG_BYTES) -> str:
+    """A PIL image as a data URL, downscaled to `max_side`: PNG, or JPEG above `max_png_bytes`."""
+    image = image.convert("RGB")
+    image.thumbnail((max_side, max_side))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=True)
+    mime = "image/png"
+    if buffer.tell() > max_png_bytes:
         buffer = io.BytesIO()
-        image.save(buffer, format="PNG", optimize=True)
-        mime = "image/png"
-        if buffer.tell() > MAX_PNG_BYTES:
-            buffer = io.BytesIO()
-            image.save(buffer, format="JPEG", quality=85)
-            mime = "image/jpeg"
-    return f"data:{mime};base64,{base64.b64encode(buffer.getvalue()).decode('ascii')}"
+        image.save(buffer, format="JPEG", quality=85)
+        mime = "image/jpeg"
+    return bytes_data_url(buffer.getvalue(), mime)
+
+
+def bytes_data_url(data: bytes, mime: str) -> str:
+    """`data:<mime>;base64,...` of encoded image bytes, as they are."""
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
 def artifact_key(profile: str, name: str) -> str:

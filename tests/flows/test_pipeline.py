@@ -101,6 +101,10 @@ def test_data_stages_rerun_exactly_what_changed(prefect_server, source, tmp_path
         "train": ("skipped", False),
         "evaluate": ("skipped", False),
     }
+    report = Path(first["dataset_report"])  # the run's dataset report (tests/test_report.py)
+    assert report.parent.name == first["run_id"]
+    kept = first["stages"]["filter"]["counts"]["kept"]
+    assert f'<td>kept by filter</td><td>filter</td><td class="n">{kept}</td>' in report.read_text()
 
     shutil.rmtree(first["stages"]["filter"]["output"])  # deleting an output reruns that stage only
     again = _run(workdir, source, *only)

@@ -58,7 +58,13 @@ def test_deployment_run_shows_its_artifacts(served_prefect, completed_run):
         progress = by_key[f"sdflow-{stage}-progress"]
         assert progress["type"] == "progress" and float(progress["data"]) == 100.0
 
-    for name in ("sample-grid", "loss-curve"):
+    report = by_key["sdflow-tiny-test-dataset-report"]  # tests/test_report.py checks the HTML
+    assert report["type"] == "markdown"
+    encoded = summary["stages"]["latents"]["counts"]["encoded"]
+    assert f"| encoded | latents | {encoded} |" in report["data"]
+    assert summary["dataset_report"] in report["data"]
+
+    for name in ("sample-grid", "loss-curve", "dataset-width", "dataset-caption-length"):
         artifact = by_key[f"sdflow-tiny-test-{name}"]
         assert artifact["type"] == "image"
         prefix = "data:image/png;base64,"

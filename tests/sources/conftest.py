@@ -4,17 +4,15 @@ WebDataset tar shards built with `tarfile`."""
 from __future__ import annotations
 
 import io
-import json
 import struct
-import tarfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
+from webdataset_shards import Sample, write_tar
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
@@ -58,24 +56,6 @@ def bomb_png() -> bytes:
         + chunk(b"IDAT", zlib.compress(b"\0" * 64))
         + chunk(b"IEND", b"")
     )
-
-
-Sample = tuple[str, dict[str, Any]]  # (key, {extension: bytes, text, or a dict written as JSON})
-
-
-def write_tar(path: Path, samples: list[Sample]) -> Path:
-    """A WebDataset shard: each sample's members `<key>.<extension>`, consecutive, in order."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w") as tar:
-        for key, members in samples:
-            for extension, value in members.items():
-                if isinstance(value, dict):
-                    value = json.dumps(value)
-                data = value.encode() if isinstance(value, str) else value
-                info = tarfile.TarInfo(f"{key}.{extension}")
-                info.size, info.mtime = len(data), 0
-                tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 @pytest.fixture
