@@ -137,6 +137,14 @@ class ClassifierFilter(Bounds):
     batch_size: int = Field(32, ge=1, description="images per forward pass")
 
 
+class AestheticFilter(Bounds):
+    """The LAION aesthetic predictor: a linear head on the normalized CLIP image embedding."""
+
+    weights: str = Field(
+        ..., min_length=1, description="safetensors file with the head's weight (1 x dim) and bias"
+    )
+
+
 class FilterConfig(Section):
     """Which downloaded samples are good enough to train on."""
 
@@ -167,6 +175,27 @@ class FilterConfig(Section):
         default_factory=list,
         description="image-classification models as filters: [{model, label, max or min}]",
     )
+    clip_model: str | None = Field(
+        None,
+        min_length=1,
+        description="CLIPModel (hub name or local directory) whose one embedding pass serves "
+        "clip_score and aesthetic",
+    )
+    clip_score: Bounds | None = Field(
+        None, description="bounds on the cosine of image and caption embeddings, e.g. {min: 0.28}"
+    )
+    aesthetic: AestheticFilter | None = Field(
+        None, description="LAION aesthetic predictor: {weights: head.safetensors, min: 5.0}"
+    )
+
+    @model_validator(mode="after")
+    def _clip_model_given(self) -> FilterConfig:
+        for name in ("clip_score", "aesthetic"):
+            if getattr(self, name) is not None and self.clip_model is None:
+                raise ValueError(
+                    f"filter.{name} needs filter.clip_model (a CLIPModel hub name or directory)"
+                )
+        return self
 
     @model_validator(mode="after")
     def _caption_bounds(self) -> FilterConfig:

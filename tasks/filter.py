@@ -40,6 +40,13 @@ from sdflow.filters import (
     per_row,
 )
 from sdflow.filters.classifier import classifier_identity
+from sdflow.filters.clip import (
+    attach_embeddings,
+    clip_embeddings,
+    clip_identity,
+    clip_needed,
+    embeddings_shard,
+)
 from sdflow.filters.phash import NearDuplicates, phash_hex
 from sdflow.fingerprint import code_version
 from sdflow.orchestration import mapped_shards, stage_task
@@ -72,6 +79,7 @@ def filter_settings(config: RunConfig) -> dict[str, Any]:
             settings.pop(name)
     for spec, dumped in zip(config.filter.classifiers, settings["classifiers"], strict=True):
         dumped["weights"] = classifier_identity(spec)
+    settings.update(clip_identity(config.filter))
     return settings
 
 
@@ -192,6 +200,9 @@ def check_one_shard(job: ShardJob) -> Checked:
     checks = sample_checks(job.config.filter, not captions_supplied(job.config.caption))
     hashing = job.config.filter.near_dup_distance is not None
     rows = table.take(pa.array(todo, pa.int64())).to_pylist()
+    if clip_needed(job.config.filter):
+        shard = embeddings_shard(job.config, job.source, job.index, job.build.workdir)
+        rows = attach_embeddings(rows, todo, shard)
     fresh = dict(zip(todo, check_rows(rows, checks, hashing), strict=True))
     results = [fresh[row] if row in fresh else _verdict(known[row]) for row in range(len(keys))]
     return keys, [r[0] for r in results], [r[1] for r in results]
@@ -269,6 +280,9 @@ def _build(
     reasons: Counter[str] = Counter()
     names = []
     paths = shard_paths(build.workdir, upstream["download"])
+    clip = None
+    if clip_needed(config.filter):  # the one CLIP pass, before the shard jobs read it
+        clip = clip_embeddings(config, upstream["download"], build.workdir)
     done = {i for i in range(len(paths)) if build.has(shard_name(i))}  # kept from before a crash
     jobs = [ShardJob(build, config, i, str(p)) for i, p in enumerate(paths) if i not in done]
     with (
@@ -295,6 +309,7 @@ def _build(
             "caption_rules": not captions_supplied(config.caption),
             "dedup": config.filter.dedup,
             "near_dup_distance": config.filter.near_dup_distance,
+            "clip_embeddings": clip["path"] if clip else None,
         },
     )
 

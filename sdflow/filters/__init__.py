@@ -4,11 +4,11 @@ A filter is one function of the filter settings (`FilterConfig`) that returns th
 configures (none when it is off). A batch check takes the rows that passed every check before it and
 returns one verdict per row: None where the row passes, else a `Rejection` whose `reason` names the
 filter and whose `detail` holds the measured value. `tasks/filter.py` runs the built-in checks
-(decode, size, aspect ratio, caption rules) and then every registered filter, in registration order,
+(decode, size, aspect ratio, caption rules) and then every registered filter, cheapest first,
 and records each row's verdict so a later build reuses it (`sdflow.reuse`). Checks that need the
 whole dataset (exact and near duplicates) run after these, in dataset order, in the stage itself.
 
-Register a filter family in its own module with `@register("name")` and import it below.
+Register a filter family in its own module with `@register("name", cost)` and import it below.
 """
 
 from __future__ import annotations
@@ -33,16 +33,16 @@ Check = Callable[[Row], Rejection | None]
 BatchCheck = Callable[[list[Row]], list[Rejection | None]]
 Filter = Callable[["FilterConfig"], list[BatchCheck]]
 
-FILTERS: dict[str, Filter] = {}
+FILTERS: dict[str, tuple[int, Filter]] = {}
 
 
-def register(name: str) -> Callable[[Filter], Filter]:
-    """Add a filter family under `name` (unique)."""
+def register(name: str, cost: int) -> Callable[[Filter], Filter]:
+    """Add a filter family under `name` (unique); cheaper families (lower `cost`) run first."""
 
     def add(build: Filter) -> Filter:
         if name in FILTERS:
             raise ValueError(f"filter {name!r} is registered twice")
-        FILTERS[name] = build
+        FILTERS[name] = (cost, build)
         return build
 
     return add
@@ -54,8 +54,9 @@ def per_row(check: Check) -> BatchCheck:
 
 
 def configured_checks(cfg: FilterConfig) -> list[BatchCheck]:
-    """The batch checks of every registered filter, in registration order."""
-    return [check for build in FILTERS.values() for check in build(cfg)]
+    """The batch checks of every registered filter, cheapest family first."""
+    ordered = sorted(FILTERS.items(), key=lambda item: (item[1][0], item[0]))
+    return [check for _, (_, build) in ordered for check in build(cfg)]
 
 
 def first_rejections(rows: list[Row], checks: list[BatchCheck]) -> list[Rejection | None]:
@@ -71,4 +72,4 @@ def first_rejections(rows: list[Row], checks: list[BatchCheck]) -> list[Rejectio
     return verdicts
 
 
-from sdflow.filters import classifier, metadata  # noqa: E402,F401  (register the families)
+from sdflow.filters import classifier, clip, metadata  # noqa: E402,F401  (register the families)

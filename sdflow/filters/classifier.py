@@ -25,7 +25,7 @@ DECIMALS = 6
 _LOCK = threading.Lock()  # shard jobs on threads share one pipeline
 
 
-@register("classifiers")
+@register("classifiers", cost=2)
 def classifier_filters(cfg: FilterConfig) -> list[BatchCheck]:
     return [lambda rows, spec=spec: check_classifier(rows, spec) for spec in cfg.classifiers]
 

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from sdflow.config import FilterConfig
 
 
-@register("metadata")
+@register("metadata", cost=0)
 def metadata_filter(cfg: FilterConfig) -> list[BatchCheck]:
     if not cfg.metadata:
         return []

@@ -10,13 +10,22 @@ import re
 from pathlib import Path
 
 import imagehash
+import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw, ImageEnhance
 from pydantic import ValidationError
+from safetensors.numpy import save_file
 from stage_fixtures import fresh_fingerprint, write_stage
 from test_filter import fates, make_config, sample
-from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+from test_metrics import clip_dir, pair_cosines  # noqa: F401  (a tiny CLIP saved locally)
+from transformers import (
+    CLIPModel,
+    CLIPProcessor,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTImageProcessor,
+)
 
 import tasks.filter as filter_stage
 from sdflow.config import RunConfig
@@ -123,6 +132,8 @@ def test_metadata_thresholds_are_in_the_key(tmp_path: Path) -> None:
         ({"classifiers": [{"model": "m", "label": "nsfw", "max": 1.5}]}, "less than or equal to 1"),
         ({"classifiers": [{"model": "m", "label": "nsfw"}]}, "give min, max or both"),
         ({"classifiers": [{"label": "nsfw", "max": 0.5}]}, "model"),
+        ({"clip_score": {"min": 0.28}}, "clip_score needs filter.clip_model"),
+        ({"clip_model": "m", "aesthetic": {"min": 5}}, "weights"),
     ],
 )
 def test_bad_filter_settings_name_key_and_value(section: dict, message: str) -> None:
@@ -437,3 +448,140 @@ def test_grown_dataset_classifies_only_new_rows(
     assert fates(tmp_path, incremental) == fates(scratch, fresh)
     assert "classifier:nsfw" in fates(scratch, fresh).values()
     assert incremental["fingerprint"] == fresh["fingerprint"]
+
+
+# ------------------------------------------------------------ CLIP score and aesthetic predictor
+
+WORDS = ["red", "blue", "green", "yellow"], ["circle", "square", "triangle"]
+CLIP_ROWS = {
+    f"k{i}": (picture(200 + i), f"a {WORDS[0][i % 4]} {WORDS[1][i % 3]}") for i in range(8)
+}
+CLIP_SHARDS = [
+    [
+        sample(s, (i, 5, 5), caption, data=encoded(im))
+        for i, (s, (im, caption)) in enumerate(CLIP_ROWS.items())
+        if i < 5
+    ],
+    [
+        sample(s, (i, 5, 5), caption, data=encoded(im))
+        for i, (s, (im, caption)) in enumerate(CLIP_ROWS.items())
+        if i >= 5
+    ],
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(clip_dir: Path) -> Path:  # noqa: F811  (test_metrics' tiny CLIPModel + processor)
+    return clip_dir
+
+
+def clip_reference(tiny_clip: Path) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Cosine of each row's image and caption, and each image embedding, from CLIPModel.forward."""
+    model = CLIPModel.from_pretrained(tiny_clip).eval()
+    processor = CLIPProcessor.from_pretrained(tiny_clip)
+    images = [
+        torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1) for im, _ in CLIP_ROWS.values()
+    ]
+    cosines = pair_cosines(
+        model, processor, torch.stack(images), [c for _, c in CLIP_ROWS.values()]
+    )
+    inputs = processor(images=images, return_tensors="pt")
+    with torch.no_grad():
+        embeds = model(
+            **inputs, input_ids=torch.ones(len(images), 2, dtype=torch.long)
+        ).image_embeds
+    return dict(zip(CLIP_ROWS, cosines.tolist(), strict=True)), dict(
+        zip(CLIP_ROWS, embeds.tolist(), strict=True)
+    )
+
+
+def midpoint(values: dict[str, float]) -> float:
+    ordered = sorted(values.values())
+    assert ordered[4] - ordered[3] > 1e-3
+    return (ordered[3] + ordered[4]) / 2
+
+
+@pytest.fixture(scope="module")
+def aesthetic_head(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray, float]:
+    rng = np.random.default_rng(0)
+    weight, bias = rng.normal(size=(1, 16)).astype(np.float32), np.array([5.0], np.float32)
+    path = tmp_path_factory.mktemp("aesthetic") / "head.safetensors"
+    save_file({"weight": weight, "bias": bias}, str(path))
+    return path, weight[0].astype(np.float64), 5.0
+
+
+def test_clip_score_and_aesthetic_share_one_embedding_pass(
+    tmp_path: Path, tiny_clip: Path, aesthetic_head, one_torch_thread
+) -> None:
+    cosines, embeds = clip_reference(tiny_clip)
+    head, weight, bias = aesthetic_head
+    scores = {s: float(np.dot(weight, e) + bias) for s, e in embeds.items()}
+    min_cos, min_score = midpoint(cosines), midpoint(scores)
+    config = curation_config(
+        clip_model=str(tiny_clip),
+        clip_score={"min": min_cos},
+        aesthetic={"weights": str(head), "min": min_score},
+    )
+    download = write_stage(tmp_path, "download", CLIP_SHARDS)
+    manifest = filter_samples(config, {"download": download}, str(tmp_path))
+    expected = {
+        s: "clip_score"
+        if cosines[s] < min_cos
+        else "aesthetic"
+        if scores[s] < min_score
+        else "kept"
+        for s in CLIP_ROWS
+    }
+    assert fates(tmp_path, manifest) == expected
+    assert {"clip_score", "aesthetic", "kept"} <= set(expected.values())
+    for failure in read_failures(tmp_path, manifest).to_pylist():
+        name, reference = (
+            ("cosine", cosines) if failure["reason"] == "clip_score" else ("score", scores)
+        )
+        shown = re.fullmatch(rf"{name} (-?[0-9.]+) < min \S+", failure["detail"])
+        assert shown and float(shown[1]) == pytest.approx(reference[failure["id"]], abs=1e-5)
+    outputs = list((tmp_path / "stages" / "clip").glob("*/MANIFEST.json"))
+    assert (
+        len(outputs) == 1
+        and manifest["info"]["clip_embeddings"] == f"stages/clip/{outputs[0].parent.name}"
+    )
+    assert json.loads(outputs[0].read_text())["info"]["rows_computed"] == 8
+
+
+def test_a_grown_dataset_embeds_only_its_new_rows(
+    tmp_path: Path, tiny_clip: Path, one_torch_thread
+) -> None:
+    cosines, _ = clip_reference(tiny_clip)
+    config = curation_config(clip_model=str(tiny_clip), clip_score={"min": midpoint(cosines)})
+    first = [CLIP_SHARDS[0], CLIP_SHARDS[1][:1]]
+    filter_samples(
+        config, {"download": write_stage(tmp_path, "download", first, "n1")}, str(tmp_path)
+    )
+    grown = filter_samples(
+        config, {"download": write_stage(tmp_path, "download", CLIP_SHARDS, "n2")}, str(tmp_path)
+    )
+    clip = json.loads((tmp_path / grown["info"]["clip_embeddings"] / "MANIFEST.json").read_text())
+    assert clip["info"]["rows_computed"] == 2 and clip["counts"]["input"] == 8
+    assert {s for s, f in fates(tmp_path, grown).items() if f == "clip_score"} == {
+        s for s, c in cosines.items() if c < midpoint(cosines)
+    }
+
+
+def test_an_aesthetic_head_that_is_not_one_linear_layer_is_refused(
+    tmp_path: Path, tiny_clip: Path
+) -> None:
+    head = tmp_path / "mlp.safetensors"
+    save_file(
+        {"a.weight": np.ones((4, 16), np.float32), "a.bias": np.ones(4, np.float32)}, str(head)
+    )
+    config = curation_config(clip_model=str(tiny_clip), aesthetic={"weights": str(head), "min": 5})
+    download = write_stage(tmp_path, "download", CLIP_SHARDS)
+    with pytest.raises(UserError, match=r"one linear layer.*'a.weight': \[4, 16\]"):
+        filter_samples(config, {"download": download}, str(tmp_path))
+    (tmp_path / "pickled.pt").write_bytes(b"\x80\x04K\x01.")
+    bad = curation_config(
+        clip_model=str(tiny_clip), aesthetic={"weights": str(tmp_path / "pickled.pt"), "min": 5}
+    )
+    with pytest.raises(UserError, match="is not a safetensors file"):
+        filter_samples(bad, {"download": download}, str(tmp_path))
+    assert not (tmp_path / "stages" / "clip").exists()  # refused before the embedding pass
