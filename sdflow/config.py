@@ -145,6 +145,14 @@ class AestheticFilter(Bounds):
     )
 
 
+class SemanticDedup(Section):
+    """Semantic deduplication on CLIP image embeddings (`filter.semantic_dedup`)."""
+
+    epsilon: float = Field(
+        ..., ge=0.0, lt=1.0, description="rows with cosine >= 1 - epsilon to a kept row are dropped"
+    )
+
+
 class FilterConfig(Section):
     """Which downloaded samples are good enough to train on."""
 
@@ -187,10 +195,13 @@ class FilterConfig(Section):
     aesthetic: AestheticFilter | None = Field(
         None, description="LAION aesthetic predictor: {weights: head.safetensors, min: 5.0}"
     )
+    semantic_dedup: SemanticDedup | None = Field(
+        None, description="drop near-identical images by CLIP embedding: {epsilon: 0.05}"
+    )
 
     @model_validator(mode="after")
     def _clip_model_given(self) -> FilterConfig:
-        for name in ("clip_score", "aesthetic"):
+        for name in ("clip_score", "aesthetic", "semantic_dedup"):
             if getattr(self, name) is not None and self.clip_model is None:
                 raise ValueError(
                     f"filter.{name} needs filter.clip_model (a CLIPModel hub name or directory)"

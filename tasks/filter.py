@@ -47,7 +47,9 @@ from sdflow.filters.clip import (
     clip_needed,
     embeddings_shard,
 )
-from sdflow.filters.phash import NearDuplicates, phash_hex
+from sdflow.filters.dedup import Deduplicator
+from sdflow.filters.phash import phash_hex
+from sdflow.filters.semantic import semantic_index
 from sdflow.fingerprint import code_version
 from sdflow.orchestration import mapped_shards, stage_task
 from sdflow.reuse import ROWS, record_rows, row_keys, shared_memo
@@ -66,7 +68,11 @@ from sdflow.stageio import (
 Row = dict[str, Any]
 Checked = tuple[list[bytes], list[Rejection | None], list[str | None]]
 """One shard's per-row results: keys, verdicts (None: passes) and pHashes (None: not computed)."""
-DATASET_PASS = ("dedup", "near_dup_distance")  # settings of the whole-dataset pass, not of a row
+DATASET_PASS = (
+    "dedup",
+    "near_dup_distance",
+    "semantic_dedup",
+)  # settings of the whole-dataset pass, not of a row
 
 
 def filter_settings(config: RunConfig) -> dict[str, Any]:
@@ -161,31 +167,6 @@ def check_caption(row: Row, cfg: FilterConfig) -> Rejection | None:
     return Rejection(reason, describe_caption(row.get("caption"))) if reason else None
 
 
-class Deduplicator:
-    """Exact duplicates by original content hash, then near-duplicates by perceptual hash when
-    `near_distance` is set; only kept samples count as seen."""
-
-    def __init__(self, enabled: bool, near_distance: int | None = None):
-        self.enabled = enabled
-        self.seen: dict[str, str] = {}  # content_hash -> id of the kept sample
-        self.near = NearDuplicates(near_distance) if near_distance is not None else None
-
-    def check(self, row: Row, phash: str | None = None) -> Rejection | None:
-        twin = self.seen.get(row.get("content_hash") or "") if self.enabled else None
-        if twin is not None:
-            return Rejection("duplicate", twin)
-        near = self.near.twin(phash) if self.near and phash else None
-        if near is not None:
-            return Rejection("near_duplicate", f"{near[0]} at Hamming distance {near[1]}")
-        return None
-
-    def add(self, content_hash: str | None, sample_id: str, phash: str | None = None) -> None:
-        if self.enabled and content_hash:
-            self.seen.setdefault(content_hash, sample_id)
-        if self.near and phash:
-            self.near.add(phash, sample_id)
-
-
 def check_one_shard(job: ShardJob) -> Checked:
     """The per-sample checks of one input shard: each row's key, verdict (None where it passes)
     and, with near-duplicate removal on, the pHash of each row that passes.
@@ -239,19 +220,21 @@ def filter_shard(
     verdicts: list[Rejection | None],
     dedup: Deduplicator,
     phashes: list[str | None] | None = None,
+    embeds: list[list[float] | None] | None = None,
 ) -> tuple[pa.Table, list[dict[str, str]], list[bool]]:
     """Kept rows (copied, not re-encoded), one failure record per rejected row, and which input
-    rows were kept."""
+    rows were kept; `phashes` and `embeds` (CLIP image embeddings) serve the duplicate pass."""
     kept: list[int] = []
     failures: list[dict[str, str]] = []
     fields = [name for name in ("id", "content_hash", "source") if name in table.column_names]
     phashes = phashes or [None] * table.num_rows
+    embeds = embeds or [None] * table.num_rows
     for index, row in enumerate(table.select(fields).to_pylist()):
         # last: the kept twin is a kept sample
-        rejection = verdicts[index] or dedup.check(row, phashes[index])
+        rejection = verdicts[index] or dedup.check(row, phashes[index], embeds[index])
         if rejection is None:
             kept.append(index)
-            dedup.add(row.get("content_hash"), row["id"], phashes[index])
+            dedup.add(row.get("content_hash"), row["id"], phashes[index], embeds[index])
         else:
             failures.append(_failure(row, rejection))
     mask = [False] * table.num_rows
@@ -275,7 +258,6 @@ def _build(
     upstream: dict[str, Manifest | None],
     mapper: ShardMapper,
 ) -> Manifest:
-    dedup = Deduplicator(config.filter.dedup, config.filter.near_dup_distance)
     counts = {"input": 0, "kept": 0}
     reasons: Counter[str] = Counter()
     names = []
@@ -283,6 +265,9 @@ def _build(
     clip = None
     if clip_needed(config.filter):  # the one CLIP pass, before the shard jobs read it
         clip = clip_embeddings(config, upstream["download"], build.workdir)
+    semantic = semantic_index(config.filter, clip, build.workdir)
+    dedup = Deduplicator(config.filter.dedup, config.filter.near_dup_distance, semantic)
+    embeds = partial(_image_embeds, build.workdir, clip) if semantic else lambda index: None
     done = {i for i in range(len(paths)) if build.has(shard_name(i))}  # kept from before a crash
     jobs = [ShardJob(build, config, i, str(p)) for i, p in enumerate(paths) if i not in done]
     with (
@@ -292,9 +277,10 @@ def _build(
         for index, path in enumerate(paths):
             name = shard_name(index)
             if index in done:  # keep it, but remember its hashes
-                kept, failed = _read_finished(build, name, dedup)
+                kept, failed = _read_finished(build, name, dedup, embeds(index))
             else:
-                kept, failed = _write_filtered(build, index, path, next(verdicts), dedup)
+                checked = next(verdicts)
+                kept, failed = _write_filtered(build, index, path, checked, dedup, embeds(index))
             counts["input"] += kept + len(failed)
             counts["kept"] += kept
             reasons.update(failed)
@@ -309,6 +295,7 @@ def _build(
             "caption_rules": not captions_supplied(config.caption),
             "dedup": config.filter.dedup,
             "near_dup_distance": config.filter.near_dup_distance,
+            "semantic_clusters": len(semantic.centroids) if semantic else None,
             "clip_embeddings": clip["path"] if clip else None,
         },
     )
@@ -320,12 +307,14 @@ def _write_filtered(
     path: Path,
     checked: Checked,
     dedup: Deduplicator,
+    embeds: list[list[float] | None] | None = None,
 ) -> tuple[int, list[str]]:
-    """Deduplicate shard `index` given its rows' keys, verdicts and pHashes, write it (the rows'
-    record with their per-row results first, see `sdflow.reuse`): (kept, failure reasons)."""
+    """Deduplicate shard `index` given its rows' keys, verdicts and pHashes (and CLIP image
+    embeddings), write it (the rows' record with their per-row results first, see
+    `sdflow.reuse`): (kept, failure reasons)."""
     keys, verdicts, phashes = checked
     table = pq.read_table(path)
-    kept_table, failures, kept = filter_shard(table, verdicts, dedup, phashes)
+    kept_table, failures, kept = filter_shard(table, verdicts, dedup, phashes, embeds)
     facts = {
         "check": [v.reason if v else None for v in verdicts],
         "check_detail": [v.detail if v else None for v in verdicts],
@@ -336,18 +325,27 @@ def _write_filtered(
     return kept_table.num_rows, [f["reason"] for f in failures]
 
 
-def _read_finished(build: StageBuild, name: str, dedup: Deduplicator) -> tuple[int, list[str]]:
-    """Counts of a shard finished before a crash, and its kept hashes (content and perceptual,
-    from the shard's row record) fed back into `dedup`."""
+def _read_finished(
+    build: StageBuild, name: str, dedup: Deduplicator, embeds: list | None = None
+) -> tuple[int, list[str]]:
+    """Counts of a shard finished before a crash, and its kept rows' hashes (content and
+    perceptual, from the shard's row record) and embeddings fed back into `dedup`."""
     kept = pq.read_table(build.path / name, columns=["id", "content_hash"])
     record = pq.read_table(build.path / ROWS / name, columns=["file", "phash"]).to_pylist()
-    phashes = [r["phash"] for r in record if r["file"] == name]
-    for sample_id, content_hash, phash in zip(
-        kept.column("id").to_pylist(), kept.column("content_hash").to_pylist(), phashes, strict=True
+    rows = [i for i, r in enumerate(record) if r["file"] == name]  # kept input rows, in order
+    for position, sample_id, content_hash in zip(
+        rows, kept.column("id").to_pylist(), kept.column("content_hash").to_pylist(), strict=True
     ):
-        dedup.add(content_hash, sample_id, phash)
+        embed = embeds[position] if embeds else None
+        dedup.add(content_hash, sample_id, record[position]["phash"], embed)
     failed = pq.read_table(build.path / FAILURES / name, columns=["reason"])
     return kept.num_rows, failed.column("reason").to_pylist()
+
+
+def _image_embeds(workdir: Path, clip: Manifest, index: int) -> list[list[float] | None]:
+    """Each row's CLIP image embedding in download shard `index` (None: undecodable)."""
+    table = pq.read_table(shard_paths(workdir, clip)[index], columns=["image_embed"])
+    return table.column(0).to_pylist()
 
 
 def _require_survivors(counts: dict[str, int], reasons: Counter[str], cfg: FilterConfig) -> None:

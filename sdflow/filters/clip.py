@@ -57,7 +57,8 @@ IMAGE, TEXT = "clip_image", "clip_text"  # the row fields the filter stage attac
 
 
 def clip_needed(cfg: FilterConfig) -> bool:
-    return cfg.clip_model is not None and (cfg.clip_score or cfg.aesthetic) is not None
+    wanted = (cfg.clip_score, cfg.aesthetic, cfg.semantic_dedup)
+    return cfg.clip_model is not None and any(w is not None for w in wanted)
 
 
 def clip_identity(cfg: FilterConfig) -> dict[str, str]:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import imagehash
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image, ImageDraw, ImageEnhance
@@ -31,6 +33,7 @@ import tasks.filter as filter_stage
 from sdflow.config import RunConfig
 from sdflow.errors import UserError
 from sdflow.filters.phash import NearDuplicates
+from sdflow.filters.semantic import SemanticDuplicates, fit_centroids
 from sdflow.stageio import read_failures
 from tasks.filter import filter_key, filter_samples
 
@@ -304,11 +307,8 @@ def test_grown_dataset_hashes_only_new_rows_and_a_new_distance_hashes_none(
     assert fates(nightly, looser)["v0"] == "kept"  # 2 bits from p0
 
 
-def test_resume_keeps_the_finished_shards_perceptual_hashes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    config = curation_config(near_dup_distance=2)
-    up = {"download": write_stage(tmp_path, "download", NEAR_SHARDS)}
+def crash_on_second_shard(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The filter stage dies writing its second shard (once); returns the list of calls."""
     real, calls = filter_stage.filter_shard, []
 
     def crash_on_second(*args, **kwargs):
@@ -318,6 +318,15 @@ def test_resume_keeps_the_finished_shards_perceptual_hashes(
         return real(*args, **kwargs)
 
     monkeypatch.setattr(filter_stage, "filter_shard", crash_on_second)
+    return calls
+
+
+def test_resume_keeps_the_finished_shards_perceptual_hashes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = curation_config(near_dup_distance=2)
+    up = {"download": write_stage(tmp_path, "download", NEAR_SHARDS)}
+    calls = crash_on_second_shard(monkeypatch)
     with pytest.raises(RuntimeError, match="killed"):
         filter_samples(config, up, str(tmp_path))
     manifest = filter_samples(config, up, str(tmp_path))
@@ -585,3 +594,88 @@ def test_an_aesthetic_head_that_is_not_one_linear_layer_is_refused(
     with pytest.raises(UserError, match="is not a safetensors file"):
         filter_samples(bad, {"download": download}, str(tmp_path))
     assert not (tmp_path / "stages" / "clip").exists()  # refused before the embedding pass
+
+
+def image_embeds(clip: Path, images: list[Image.Image]) -> np.ndarray:
+    """Reference: normalised image embeddings from CLIPModel.forward."""
+    model = CLIPModel.from_pretrained(clip).eval()
+    inputs = CLIPProcessor.from_pretrained(clip)(images=images, return_tensors="pt")
+    with torch.no_grad():
+        out = model(**inputs, input_ids=torch.ones(len(images), 2, dtype=torch.long))
+    return out.image_embeds.double().numpy()
+
+
+def greedy(ids: list[str], embeds: np.ndarray, bound: float) -> dict[str, tuple[str, float]]:
+    """Reference: in order, each row against every kept row; rejected id -> (twin, cosine)."""
+    kept: list[int] = []
+    rejected = {}
+    for row in range(len(ids)):
+        cosines = [(float(embeds[row] @ embeds[k]), -k) for k in kept]
+        best = max(cosines, default=(-2.0, 0))
+        if best[0] >= bound:
+            rejected[ids[row]] = (ids[-best[1]], best[0])
+        else:
+            kept.append(row)
+    return rejected
+
+
+@pytest.mark.parametrize("resumed", [False, True])
+def test_semantic_duplicates_keep_the_first(
+    tmp_path: Path,
+    tiny_clip: Path,
+    resumed: bool,
+    monkeypatch: pytest.MonkeyPatch,
+    one_torch_thread,
+) -> None:
+    extra = {"k0v": variant(picture(200)), "k3v": variant(picture(203))}
+    shards = [
+        *CLIP_SHARDS,
+        [sample(s, (i, 4, 4), data=encoded(im)) for i, (s, im) in enumerate(extra.items())],
+    ]
+    ids = [row["id"] for shard in shards for row in shard]
+    images = {**{s: im for s, (im, _) in CLIP_ROWS.items()}, **extra}
+    expected = greedy(ids, image_embeds(tiny_clip, [images[s] for s in ids]), 0.99)
+    assert {s: t for s, (t, _) in expected.items()} == {"k0v": "k0", "k3v": "k3"}
+    config = curation_config(clip_model=str(tiny_clip), semantic_dedup={"epsilon": 0.01})
+    up = {"download": write_stage(tmp_path, "download", shards)}
+    if resumed:  # shard 0 (with k0, k3) was finished before a crash: its embeddings come back
+        crash_on_second_shard(monkeypatch)
+        with pytest.raises(RuntimeError, match="killed"):
+            filter_samples(config, up, str(tmp_path))
+    manifest = filter_samples(config, up, str(tmp_path))
+    assert fates(tmp_path, manifest) == {
+        s: "semantic_duplicate" if s in expected else "kept" for s in ids
+    }
+    for failure in read_failures(tmp_path, manifest).to_pylist():
+        shown = re.fullmatch(r"(\S+) at cosine ([0-9.]+)", failure["detail"])
+        twin, cosine = expected[failure["id"]]
+        assert shown and shown[1] == twin and float(shown[2]) == pytest.approx(cosine, abs=1e-5)
+    assert manifest["info"]["semantic_clusters"] == 1
+
+
+@pytest.mark.parametrize("rows_per_cluster", [10_000, 25])
+def test_semantic_index_against_a_full_scan(tmp_path: Path, rows_per_cluster: int) -> None:
+    rng = np.random.default_rng(rows_per_cluster)
+    base = rng.normal(size=(200, 16))
+    copies = base[rng.integers(0, 200, 100)] + rng.normal(scale=0.01, size=(100, 16))
+    vectors = np.concatenate([base, copies])
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = [f"r{i}" for i in range(len(vectors))]
+    path = tmp_path / "clip.parquet"
+    pq.write_table(pa.table({"image_embed": vectors.astype(np.float32).tolist()}), path)
+    centroids = fit_centroids([path], len(vectors), rows_per_cluster)
+    assert len(centroids) == max(1, len(vectors) // rows_per_cluster)
+    index, got = SemanticDuplicates(0.02, centroids), {}
+    for sample_id, vector in zip(ids, vectors.astype(np.float32).tolist(), strict=True):
+        twin = index.twin(vector)
+        if twin is None:
+            index.add(vector, sample_id)
+        else:
+            got[sample_id] = twin[0]
+    expected = {s: t for s, (t, _) in greedy(ids, vectors, 0.98).items()}
+    assert len(expected) >= 100  # every planted copy
+    if len(centroids) == 1:
+        assert got == expected
+    else:  # clusters: a copy is compared within its original's cluster, as SemDeDup does
+        assert len(set(got.items()) & set(expected.items())) >= 0.95 * len(expected)
+        assert set(got) <= set(expected)
