@@ -2,12 +2,13 @@
 
 Run it with `sdflow run tiny-cpu --only filter`. Each sample passes, in order: a full decode of the
 stored bytes, the minimum original size, the maximum original aspect ratio and the caption rules
-(skipped when the caption stage will supply captions itself), then the registered curation
-filters (`sdflow.filters`: metadata thresholds, image classifiers); the survivors are then
-deduplicated by the content hash of their original bytes and, with `filter.near_dup_distance`, by
-perceptual hash (`sdflow.filters.phash`), first occurrence in shard order wins. Every rejected
-sample is recorded with its reason and the measured value. Output shards have the download schema and hold the kept rows,
-copied without re-encoding, one output shard per input shard; finished shards survive a crash.
+(skipped when the caption stage will supply captions itself), then the registered curation filters
+(`sdflow.filters`: metadata thresholds, CLIP score and aesthetic head on the one CLIP embedding
+pass, image classifiers). The survivors then go through the whole-dataset duplicate pass
+(`sdflow.filters.dedup`: content hash, perceptual hash, CLIP embedding), first occurrence in shard
+order wins. Every rejected sample is recorded with its reason and the measured value. Output shards
+have the download schema and hold the kept rows, copied without re-encoding, one output shard per
+input shard; finished shards survive a crash.
 
 The per-sample checks (decoding is the expensive part) run per shard on the task runner
 (`check_one_shard`, see `sdflow.shardmap`); deduplication then takes their verdicts in shard order
@@ -68,11 +69,8 @@ from sdflow.stageio import (
 Row = dict[str, Any]
 Checked = tuple[list[bytes], list[Rejection | None], list[str | None]]
 """One shard's per-row results: keys, verdicts (None: passes) and pHashes (None: not computed)."""
-DATASET_PASS = (
-    "dedup",
-    "near_dup_distance",
-    "semantic_dedup",
-)  # settings of the whole-dataset pass, not of a row
+# settings of the whole-dataset pass, not of a row: a new value re-checks no row
+DATASET_PASS = ("dedup", "near_dup_distance", "semantic_dedup")
 
 
 def filter_settings(config: RunConfig) -> dict[str, Any]:
