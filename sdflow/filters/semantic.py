@@ -77,7 +77,7 @@ class SemanticDuplicates:
     def __init__(self, epsilon: float, centroids: np.ndarray):
         self.bound = 1.0 - epsilon
         self.centroids = centroids
-        self.members: dict[int, tuple[list[str], list[np.ndarray]]] = {}
+        self.members: dict[int, _Rows] = {}
 
     def _cluster(self, vector: np.ndarray) -> int:
         return int((self.centroids @ vector).argmax()) if len(self.centroids) else 0
@@ -85,15 +85,30 @@ class SemanticDuplicates:
     def twin(self, embed: list[float]) -> tuple[str, float] | None:
         """The most similar kept row of the cluster (earliest on a tie), if within the bound."""
         vector = np.asarray(embed, dtype=np.float64)
-        ids, vectors = self.members.get(self._cluster(vector), ([], []))
-        if not ids:
+        rows = self.members.get(self._cluster(vector))
+        if rows is None:
             return None
-        cosines = np.round(np.stack(vectors) @ vector, DECIMALS)
+        cosines = np.round(rows.matrix[: len(rows.ids)] @ vector, DECIMALS)
         best = int(cosines.argmax())
-        return (ids[best], float(cosines[best])) if cosines[best] >= self.bound else None
+        return (rows.ids[best], float(cosines[best])) if cosines[best] >= self.bound else None
 
     def add(self, embed: list[float], sample_id: str) -> None:
         vector = np.asarray(embed, dtype=np.float64)
-        ids, vectors = self.members.setdefault(self._cluster(vector), ([], []))
-        ids.append(sample_id)
-        vectors.append(vector)
+        cluster = self._cluster(vector)
+        if cluster not in self.members:
+            self.members[cluster] = _Rows(len(vector))
+        self.members[cluster].append(vector, sample_id)
+
+
+class _Rows:
+    """A cluster's kept ids and embeddings (a matrix that doubles as it fills)."""
+
+    def __init__(self, dim: int):
+        self.ids: list[str] = []
+        self.matrix = np.empty((16, dim))
+
+    def append(self, vector: np.ndarray, sample_id: str) -> None:
+        if len(self.ids) == len(self.matrix):
+            self.matrix = np.concatenate([self.matrix, np.empty_like(self.matrix)])
+        self.matrix[len(self.ids)] = vector
+        self.ids.append(sample_id)
