@@ -55,7 +55,7 @@ def check_classifier(rows: list[Row], spec: ClassifierFilter) -> list[Rejection 
 
 
 def _verdict(probability: float, spec: ClassifierFilter) -> Rejection | None:
-    shown = f"p({spec.label})={probability:.{DECIMALS}f}"
+    shown = f"{spec.label}={probability:.{DECIMALS}f}"
     if spec.max is not None and probability > spec.max:
         return Rejection(f"classifier:{spec.label}", f"{shown} > max {spec.max:g} ({spec.model})")
     if spec.min is not None and probability < spec.min:

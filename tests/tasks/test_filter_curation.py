@@ -404,7 +404,7 @@ def test_classifier_rejects_by_probability(
     }
     for failure in read_failures(tmp_path, manifest).to_pylist():
         shown = re.fullmatch(
-            rf"p\(nsfw\)=([0-9.]+) [<>] {bound} {threshold:g} \({classifier_dir}\)",
+            rf"nsfw=([0-9.]+) [<>] {bound} {threshold:g} \({classifier_dir}\)",
             failure["detail"],
         )
         assert shown and float(shown[1]) == pytest.approx(expected[failure["id"]], abs=2e-6)
