@@ -33,20 +33,23 @@ def classifier_filters(cfg: FilterConfig) -> list[BatchCheck]:
 def classifier_identity(spec: ClassifierFilter) -> str:
     """What names the model's weights (a content hash, or the hub commit); refuses a label the
     model does not have, before any work."""
-    from transformers import AutoConfig
-
     from sdflow.models import absolute_source, weights_hash
 
     source = absolute_source(spec.model)
     identity = weights_hash(source, None)
-    try:
-        labels = [str(v) for v in AutoConfig.from_pretrained(source).id2label.values()]
-    except (OSError, ValueError) as exc:
-        raise UserError(
-            f"filter.classifiers: could not read {spec.model!r}'s config: {exc}"
-        ) from None
-    _require_label(labels, spec)
+    _require_label(list(_config_labels(source, identity)), spec)
     return identity
+
+
+@lru_cache(maxsize=16)
+def _config_labels(source: str, identity: str) -> tuple[str, ...]:
+    """The model's label names, read from its config once per weights identity."""
+    from transformers import AutoConfig
+
+    try:
+        return tuple(str(v) for v in AutoConfig.from_pretrained(source).id2label.values())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"filter.classifiers: could not read {source!r}'s config: {exc}") from None
 
 
 def check_classifier(rows: list[Row], spec: ClassifierFilter) -> list[Rejection | None]:
