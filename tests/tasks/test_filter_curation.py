@@ -30,8 +30,10 @@ from transformers import (
 )
 
 import tasks.filter as filter_stage
-from sdflow.config import RunConfig
+from sdflow.config import Bounds, RunConfig
 from sdflow.errors import UserError
+from sdflow.filters import Rejection
+from sdflow.filters.clip import check_clip_score
 from sdflow.filters.phash import NearDuplicates
 from sdflow.filters.semantic import SemanticDuplicates, fit_centroids
 from sdflow.stageio import read_failures
@@ -679,3 +681,10 @@ def test_semantic_index_against_a_full_scan(tmp_path: Path, rows_per_cluster: in
     else:  # clusters: a copy is compared within its original's cluster, as SemDeDup does
         assert len(set(got.items()) & set(expected.items())) >= 0.95 * len(expected)
         assert set(got) <= set(expected)
+
+
+def test_rows_without_a_caption_embedding_are_not_clip_scored() -> None:
+    bounds = Bounds(min=0.5)
+    assert check_clip_score({"clip_image": [1.0, 0.0], "clip_text": None}, bounds) is None
+    rejected = check_clip_score({"clip_image": [1.0, 0.0], "clip_text": [0.6, 0.8]}, bounds)
+    assert rejected == Rejection("clip_score", "cosine 0.600000 < min 0.5")
