@@ -684,7 +684,7 @@ def test_semantic_index_against_a_full_scan(tmp_path: Path, rows_per_cluster: in
 
 
 def test_rows_without_a_caption_embedding_are_not_clip_scored() -> None:
-    bounds = Bounds(min=0.5)
+    bounds = Bounds(min=0.7)
     assert check_clip_score({"clip_image": [1.0, 0.0], "clip_text": None}, bounds) is None
     rejected = check_clip_score({"clip_image": [1.0, 0.0], "clip_text": [0.6, 0.8]}, bounds)
-    assert rejected == Rejection("clip_score", "cosine 0.600000 < min 0.5")
+    assert rejected == Rejection("clip_score", "cosine 0.600000 < min 0.7")
