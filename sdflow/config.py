@@ -121,6 +121,48 @@ class DownloadConfig(Section):
     user_agent: str = "sdflow/0.1 (+https://github.com/sdflow/sdflow)"
 
 
+class Bounds(Section):
+    """Inclusive bounds on a measured value: rows below `min` or above `max` are rejected."""
+
+    min: float | None = Field(None, description="lowest value kept")
+    max: float | None = Field(None, description="highest value kept")
+
+    @model_validator(mode="after")
+    def _some_bound(self) -> Bounds:
+        if self.min is None and self.max is None:
+            raise ValueError("give min, max or both")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min}) must not exceed max ({self.max})")
+        return self
+
+
+class ClassifierFilter(Bounds):
+    """A transformers image-classification model whose probability for `label` must lie within
+    [min, max] (`filter.classifiers` entries)."""
+
+    model: str = Field(..., min_length=1, description="hub name or local model directory")
+    label: str = Field(..., min_length=1, description="one of the model's id2label names")
+    min: float | None = Field(None, ge=0.0, le=1.0, description="lowest probability kept")
+    max: float | None = Field(None, ge=0.0, le=1.0, description="highest probability kept")
+    batch_size: int = Field(32, ge=1, description="images per forward pass")
+
+
+class AestheticFilter(Bounds):
+    """The LAION aesthetic predictor: a linear head on the normalized CLIP image embedding."""
+
+    weights: str = Field(
+        ..., min_length=1, description="safetensors file with the head's weight (1 x dim) and bias"
+    )
+
+
+class SemanticDedup(Section):
+    """Semantic deduplication on CLIP image embeddings (`filter.semantic_dedup`)."""
+
+    epsilon: float = Field(
+        ..., ge=0.0, lt=1.0, description="rows with cosine >= 1 - epsilon to a kept row are dropped"
+    )
+
+
 class FilterConfig(Section):
     """Which downloaded samples are good enough to train on."""
 
@@ -132,6 +174,49 @@ class FilterConfig(Section):
     )
     min_caption_chars: int = Field(1, ge=0, description="shorter captions are rejected")
     max_caption_chars: int = Field(1000, ge=1, description="longer captions are rejected")
+    metadata: dict[str, Bounds] = Field(
+        default_factory=dict,
+        description="bounds on fields of the source's metadata column, e.g. "
+        "{similarity: {min: 0.28}, punsafe: {max: 0.5}}",
+    )
+    metadata_missing: Literal["keep", "reject"] = Field(
+        "keep", description="rows without a numeric value for a bounded metadata field"
+    )
+    near_dup_distance: int | None = Field(
+        None,
+        ge=0,
+        le=16,
+        description="reject near-duplicates whose 64-bit perceptual hashes differ in at most this "
+        "many bits (first in dataset order kept); unset: off",
+    )
+    classifiers: list[ClassifierFilter] = Field(
+        default_factory=list,
+        description="image-classification models as filters: [{model, label, max or min}]",
+    )
+    clip_model: str | None = Field(
+        None,
+        min_length=1,
+        description="CLIPModel (hub name or local directory) whose one embedding pass serves "
+        "clip_score and aesthetic",
+    )
+    clip_score: Bounds | None = Field(
+        None, description="bounds on the cosine of image and caption embeddings, e.g. {min: 0.28}"
+    )
+    aesthetic: AestheticFilter | None = Field(
+        None, description="LAION aesthetic predictor: {weights: head.safetensors, min: 5.0}"
+    )
+    semantic_dedup: SemanticDedup | None = Field(
+        None, description="drop near-identical images by CLIP embedding: {epsilon: 0.05}"
+    )
+
+    @model_validator(mode="after")
+    def _clip_model_given(self) -> FilterConfig:
+        for name in ("clip_score", "aesthetic", "semantic_dedup"):
+            if getattr(self, name) is not None and self.clip_model is None:
+                raise ValueError(
+                    f"filter.{name} needs filter.clip_model (a CLIPModel hub name or directory)"
+                )
+        return self
 
     @model_validator(mode="after")
     def _caption_bounds(self) -> FilterConfig:
