@@ -140,11 +140,11 @@ def draw_shape(
         draw.rectangle((x0, y0, x1, y1), fill=fill)
     elif shape == "triangle":  # upright, spanning the whole box
         draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) / 2, y0)], fill=fill)
-    elif shape == "cross":  # a plus sign whose arms are a third of the side wide
-        a, b = x0 + round(side / 3), x0 + round(2 * side / 3) - 1
-        c, d = y0 + round(side / 3), y0 + round(2 * side / 3) - 1
-        draw.rectangle((a, y0, b, y1), fill=fill)
-        draw.rectangle((x0, c, x1, d), fill=fill)
+    elif shape == "cross":  # a plus sign whose centred arms are a third of the side wide
+        arm = round(side / 3)
+        a, c = x0 + (side - arm) // 2, y0 + (side - arm) // 2
+        draw.rectangle((a, y0, a + arm - 1, y1), fill=fill)
+        draw.rectangle((x0, c, x1, c + arm - 1), fill=fill)
     else:
         raise ValueError(f"unknown demo shape {shape!r}")
     return image
