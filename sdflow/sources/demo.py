@@ -38,6 +38,11 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "yellow": (240, 210, 30),
 }
 NEW_COLORS: dict[str, tuple[int, int, int]] = {"purple": (140, 40, 200), "orange": (245, 130, 20)}
+# What `sdflow demo --finetune` adds to the demo's concepts (make_demo_dataset keyword arguments).
+FINETUNE_EXTRAS: dict = {
+    "extra_shapes": ("cross",),
+    "extra_colors": {"purple": NEW_COLORS["purple"]},
+}
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {"white": (255, 255, 255), "black": (0, 0, 0)}
 MIN_FRACTION, MAX_FRACTION = 0.35, 0.80  # shape side as a share of the image side
 MARKER = "demo.json"
