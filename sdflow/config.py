@@ -305,10 +305,17 @@ class AugmentConfig(Section):
         description="hue rotated by a uniform amount in [-hue, hue] turns (0.5: every hue)",
     )
     saturation: float = Field(
-        0.5, ge=0, lt=1, description="saturation scaled by a uniform factor in [1 - s, 1 + s]"
+        0.0, ge=0, lt=1, description="saturation scaled by a uniform factor in [1 - s, 1 + s]"
     )
     brightness: float = Field(
-        0.3, ge=0, lt=1, description="brightness scaled by a uniform factor in [1 - b, 1 + b]"
+        0.0, ge=0, lt=1, description="brightness scaled by a uniform factor in [1 - b, 1 + b]"
+    )
+    probability: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="share of training images that are changed; the rest keep the data's own "
+        "colours, which the autoencoder then learns as fast as without augmentation",
     )
 
 

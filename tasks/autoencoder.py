@@ -166,15 +166,20 @@ def fit_vae(
 
 
 def augment_colours(pixels: Tensor, generator: torch.Generator, augment: AugmentConfig) -> Tensor:
-    """Per image: hue rotated by U(-hue, hue) turns, saturation and brightness scaled by
-    U(1 - s, 1 + s) and U(1 - b, 1 + b). Pixels in [-1, 1]; the draws come from `generator`."""
+    """Each image with `probability`: hue rotated by U(-hue, hue) turns, saturation and
+    brightness scaled by U(1 - s, 1 + s) and U(1 - b, 1 + b). Pixels in [-1, 1]; the draws
+    (hue, saturation, brightness, whether) come from `generator`, in that order."""
     size = len(pixels)
     hue = (torch.rand(size, generator=generator) * 2 - 1) * augment.hue
     saturation = 1 + (torch.rand(size, generator=generator) * 2 - 1) * augment.saturation
     brightness = 1 + (torch.rand(size, generator=generator) * 2 - 1) * augment.brightness
+    changed = torch.rand(size, generator=generator) < augment.probability
     images = (pixels + 1) / 2
     out = []
     for i, image in enumerate(images):
+        if not changed[i]:
+            out.append(image)
+            continue
         if augment.hue:
             image = TF.adjust_hue(image, float(hue[i]))
         if augment.saturation:

@@ -155,7 +155,9 @@ def test_colour_augmentation_matches_hsv_and_torchvision_definitions():
     hue, sat, bright = (torch.rand(4, generator=draws) * 2 - 1 for _ in range(3))
 
     only_hue = autoencoder.augment_colours(
-        pixels, torch.Generator().manual_seed(7), AugmentConfig(hue=0.5, saturation=0, brightness=0)
+        pixels,
+        torch.Generator().manual_seed(7),
+        AugmentConfig(hue=0.5, saturation=0, brightness=0, probability=1),
     )
     for i, rgb in enumerate(colours):
         h, s, v = colorsys.rgb_to_hsv(*(c / 255 for c in rgb))
@@ -167,7 +169,7 @@ def test_colour_augmentation_matches_hsv_and_torchvision_definitions():
     both = autoencoder.augment_colours(
         pixels,
         torch.Generator().manual_seed(7),
-        AugmentConfig(hue=0, saturation=0.5, brightness=0.3),
+        AugmentConfig(hue=0, saturation=0.5, brightness=0.3, probability=1),
     )
     for i, rgb in enumerate(colours):
         x = torch.tensor(rgb) / 255
@@ -176,6 +178,17 @@ def test_colour_augmentation_matches_hsv_and_torchvision_definitions():
         expected = (saturated * (1 + 0.3 * float(bright[i]))).clamp(0, 1)
         got = (both[i, :, 0, 0] + 1) / 2
         assert got.tolist() == pytest.approx(expected.tolist(), abs=1e-5), rgb
+    # with probability 0.5, the images whose fourth draw is below 0.5 are changed, the rest not
+    draws = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        torch.rand(4, generator=draws)
+    changed = torch.rand(4, generator=draws) < 0.5
+    assert changed.tolist() == [False, True, True, True]  # red kept, green and yellow rotated
+    half = autoencoder.augment_colours(
+        pixels, torch.Generator().manual_seed(1), AugmentConfig(hue=0.5, probability=0.5)
+    )
+    for i in range(3):  # (white has no hue to rotate)
+        assert torch.allclose(half[i], pixels[i], atol=1e-6) != bool(changed[i]), i
     # switched off, the images pass through unchanged
     off = AugmentConfig(hue=0, saturation=0, brightness=0)
     assert torch.allclose(autoencoder.augment_colours(pixels, draws, off), pixels, atol=1e-6)
