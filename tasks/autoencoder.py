@@ -9,12 +9,12 @@ and reaches the same weights. Output `vae/` (diffusers AutoencoderKL, safetensor
 (SD's 0.18215 was found the same way); info `held_out_mse` is the reconstruction error on held-out
 images (`eval.held_out_fraction`), which are never trained on.
 
-Colour augmentation (`autoencoder.augment`): each training image gets a random hue rotation and
-saturation and brightness factors, drawn from the stage's seeded generator (so a resumed run draws
-the same ones), so the VAE reconstructs colours its data never shows and a later fine-tune can
-teach them. Info `unseen_colour_mse` / `unseen_shape_mse` measure that: the reconstruction error on
-generated demo shapes in colours the demo set lacks (purple, orange) and on a shape it lacks (a
-cross), in the same units as `held_out_mse`.
+Colour augmentation (`autoencoder.augment`, off by default): a share of the training images gets
+a random hue rotation and saturation and brightness factors, drawn from the stage's seeded
+generator (so a resumed run draws the same ones), so the VAE can learn colours its data never
+shows and a later fine-tune can teach them. Info `unseen_colour_mse` / `unseen_shape_mse` measure
+that: the reconstruction error on generated demo shapes in colours the demo set lacks (purple,
+orange) and on a shape it lacks (a cross), in the same units as `held_out_mse`.
 """
 
 from __future__ import annotations

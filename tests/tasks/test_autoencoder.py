@@ -28,6 +28,7 @@ OVERRIDES = [
     "autoencoder.checkpoint_every=2",
     "autoencoder.held_out=50",
     "eval.held_out_fraction=0.25",
+    "autoencoder.augment.hue=0.5",  # its draws come from the checkpointed generator: resume is exact
 ]
 COLORS = ["red", "green", "blue", "yellow", "white", "purple"]
 
