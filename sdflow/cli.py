@@ -182,13 +182,16 @@ def _demo(args: argparse.Namespace) -> int:
     if args.finetune:
         profile = args.profile or FINETUNE_PROFILE
         base = demo_model(workdir)  # first: without a first demo there is nothing to fine-tune
-        data = make_demo_dataset(workdir / "demo-finetune-data", seed=1, **FINETUNE_EXTRAS)
+        data = workdir / "demo-finetune-data"
         overrides = [f"source.path={data}", f"model.pretrained={base}", *args.overrides]
+        config = _validated(profile, overrides)  # a bad --set fails before any images are drawn
+        make_demo_dataset(data, seed=1, **FINETUNE_EXTRAS)
     else:
         profile = args.profile or DEMO_PROFILE
-        data = make_demo_dataset(workdir / "demo-data")
+        data = workdir / "demo-data"
         overrides = [f"source.path={data}", *args.overrides]
-    config = _validated(profile, overrides)
+        config = _validated(profile, overrides)
+        make_demo_dataset(data)
     run_dir = _run_flow(profile, overrides, workdir, None, None, config)
     print(run_dir)
     return 0

@@ -91,3 +91,11 @@ def test_finetune_demo_starts_from_the_newest_completed_demo_model(tmp_path):
     _summary(tmp_path, "d", "tiny-cpu-finetune", "completed", "2026-01-04T10:00:00")
     _summary(tmp_path, "e", "tiny-cpu", "completed", "2026-01-05T10:00:00", model=False)
     assert demo_model(tmp_path) == newest
+
+
+def test_finetune_demo_checks_its_overrides_before_drawing_images(tmp_path, capsys):
+    _summary(tmp_path, "a", "tiny-cpu", "completed", "2026-01-01T10:00:00")
+    args = ["demo", "--finetune", "--workdir", str(tmp_path), "--set", "train.max_steps=0"]
+    assert main(args) == 2
+    assert "train.max_steps = 0" in capsys.readouterr().err
+    assert not (tmp_path / "demo-finetune-data").exists()
