@@ -296,8 +296,9 @@ class ModelConfig(Section):
 class AugmentConfig(Section):
     """Random colour changes of autoencoder training images, so the VAE can learn to reconstruct
     colours, not only the few of its data (a later fine-tune may need purple). Drawn from the
-    autoencoder's seeded generator; 0 switches a change off. Off by default: with the demo's 600
-    autoencoder steps, hue 0.5 left even the data's own red and green reconstructed off-hue."""
+    autoencoder's seeded generator; 0 switches a change off. Off by default: it needs more steps
+    (tiny-cpu: hue 0.5 on half the images needs 1000 steps; at 600 even the data's own red and
+    green came back off-hue)."""
 
     hue: float = Field(
         0.0,
