@@ -3,7 +3,7 @@
     sdflow run PROFILE [--workdir DIR] [--set K=V]... [--only STAGE,...] [--refresh STAGE,...]
     sdflow check PROFILE [--set K=V]...
     sdflow profiles
-    sdflow demo [--workdir DIR]
+    sdflow demo [--workdir DIR] [--finetune]
     sdflow deploy [--pool NAME] [--pool-type process|kubernetes] [--workdir DIR] [--gpus N]
     sdflow server [--workdir DIR] [--port PORT]
     sdflow gc [--keep-runs N] [--dry-run] [--workdir DIR]
@@ -15,6 +15,7 @@ A user error (bad config, missing path, unwritable workdir) ends with one paragr
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -26,6 +27,8 @@ from sdflow.errors import UserError
 
 if TYPE_CHECKING:
     from sdflow.config import RunConfig
+
+DEMO_PROFILE, FINETUNE_PROFILE = "tiny-cpu", "tiny-cpu-finetune"
 
 LIBRARY_LOGGERS = "sdflow,tasks,diffusers,accelerate,transformers"
 DEFAULT_WORKDIR = "./sdflow-work"
@@ -72,7 +75,16 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="build the demo dataset and run tiny-cpu on it")
     demo.add_argument("--workdir", default=DEFAULT_WORKDIR)
-    demo.add_argument("--profile", default="tiny-cpu", help="profile to run on the demo data")
+    demo.add_argument(
+        "--finetune",
+        action="store_true",
+        help="the second demo: fine-tune the model `sdflow demo` trained on a new shape and colour",
+    )
+    demo.add_argument(
+        "--profile",
+        default=None,
+        help="profile to run on the demo data (default: tiny-cpu, or tiny-cpu-finetune)",
+    )
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
     demo.set_defaults(handler=_demo)
 
@@ -208,15 +220,47 @@ def _profiles(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from sdflow.sources.demo import make_demo_dataset
+    from sdflow.sources.demo import FINETUNE_EXTRAS, make_demo_dataset
 
     workdir = _ready_workdir(args.workdir)
-    data = make_demo_dataset(workdir / "demo-data")
-    overrides = [f"source.path={data}", *args.overrides]
-    config = _validated(args.profile, overrides)
-    run_dir = _run_flow(args.profile, overrides, workdir, None, None, config)
+    if args.finetune:
+        profile = args.profile or FINETUNE_PROFILE
+        base = demo_model(workdir)  # first: without a first demo there is nothing to fine-tune
+        data = workdir / "demo-finetune-data"
+        overrides = [f"source.path={data}", f"model.pretrained={base}", *args.overrides]
+        config = _validated(profile, overrides)  # a bad --set fails before any images are drawn
+        make_demo_dataset(data, seed=1, **FINETUNE_EXTRAS)
+    else:
+        profile = args.profile or DEMO_PROFILE
+        data = workdir / "demo-data"
+        overrides = [f"source.path={data}", *args.overrides]
+        config = _validated(profile, overrides)
+        make_demo_dataset(data)
+    run_dir = _run_flow(profile, overrides, workdir, None, None, config)
     print(run_dir)
     return 0
+
+
+def demo_model(workdir: Path) -> str:
+    """The exported pipeline of the newest completed `sdflow demo` run (profile tiny-cpu) in
+    `workdir`, whose model the fine-tune demo starts from."""
+    from sdflow.gc import newest_runs
+
+    for path in newest_runs(workdir, keep_runs=sys.maxsize):
+        summary = json.loads(path.read_text())
+        model_dir = summary.get("model_dir")
+        if (
+            summary.get("profile") == DEMO_PROFILE
+            and summary.get("status") == "completed"
+            and model_dir
+            and (Path(model_dir) / "model_index.json").is_file()
+        ):
+            return model_dir
+    raise UserError(
+        f"No completed `sdflow demo` run (profile {DEMO_PROFILE}) with its model in {workdir}: "
+        f"the fine-tune demo fine-tunes the model that demo trains. Run `sdflow demo --workdir "
+        f"{workdir}` first, then `sdflow demo --finetune --workdir {workdir}`."
+    )
 
 
 def _deploy(args: argparse.Namespace) -> int:

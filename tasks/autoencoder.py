@@ -8,6 +8,13 @@ and reaches the same weights. Output `vae/` (diffusers AutoencoderKL, safetensor
 `scaling_factor` = 1 / std of the latent means of training images, so latents have unit variance
 (SD's 0.18215 was found the same way); info `held_out_mse` is the reconstruction error on held-out
 images (`eval.held_out_fraction`), which are never trained on.
+
+Colour augmentation (`autoencoder.augment`, off by default): a share of the training images gets
+a random hue rotation and saturation and brightness factors, drawn from the stage's seeded
+generator (so a resumed run draws the same ones), so the VAE can learn colours its data never
+shows and a later fine-tune can teach them. Info `unseen_colour_mse` / `unseen_shape_mse` measure
+that: the reconstruction error on generated demo shapes in colours the demo set lacks (purple,
+orange) and on a shape it lacks (a cross), in the same units as `held_out_mse`.
 """
 
 from __future__ import annotations
@@ -24,16 +31,19 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from torch import Tensor
 from torch.utils.data import DataLoader
+from torchvision.transforms.v2 import functional as TF
 
 from sdflow.checkpoints import load_latest, prune_checkpoints, save_checkpoint
-from sdflow.config import AutoencoderConfig, RunConfig
+from sdflow.config import AugmentConfig, AutoencoderConfig, RunConfig
 from sdflow.errors import UserError
 from sdflow.fingerprint import code_version
 from sdflow.gpuslots import torch_device
+from sdflow.imaging import encode_image
 from sdflow.latent_data import CaptionedImages
 from sdflow.models import build_vae, image_to_tensor, save_component
 from sdflow.orchestration import stage_task
 from sdflow.schedules import EpochOrder, StepBatches, collate
+from sdflow.sources.demo import unseen_samples
 from sdflow.splits import is_held_out
 from sdflow.stageio import Manifest, StageBuild, build_stage, read_shards, stage_key
 
@@ -89,6 +99,10 @@ def _build(
     vae.eval()
     held_out = held_out_batches(workdir, caption, config)
     held_out_mse, held_out_count = reconstruction_mse(vae, held_out)
+    unseen = {
+        f"unseen_{kind}_mse": reconstruction_mse(vae, probe_batches(kind, config))[0]
+        for kind in ("colour", "shape")
+    }
     scaling = latent_scaling(vae, images, config.autoencoder)
     vae.register_to_config(scaling_factor=scaling)
     save_component(vae.to("cpu"), build.path / "vae")
@@ -102,6 +116,7 @@ def _build(
         files={"vae": "vae", "checkpoints": CHECKPOINTS},
         info={
             "held_out_mse": held_out_mse,
+            **unseen,
             "scaling_factor": scaling,
             "seconds_training": round(progress.seconds, 3),
             "final_loss": progress.losses[-1] if progress.losses else None,
@@ -130,7 +145,8 @@ def fit_vae(
     vae.train()
     for batch in DataLoader(images, batch_sampler=sampler, collate_fn=collate):
         started = time.monotonic()
-        loss = vae_loss(vae, batch["pixels"].to(device), generator, ae)
+        pixels = augment_colours(batch["pixels"], generator, ae.augment)
+        loss = vae_loss(vae, pixels.to(device), generator, ae)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -147,6 +163,31 @@ def fit_vae(
             save_checkpoint(root, progress.step, state, keep=keep)
             log.info("autoencoder step %d/%d loss %.5f", progress.step, ae.steps, loss.item())
     return progress
+
+
+def augment_colours(pixels: Tensor, generator: torch.Generator, augment: AugmentConfig) -> Tensor:
+    """Each image with `probability`: hue rotated by U(-hue, hue) turns, saturation and
+    brightness scaled by U(1 - s, 1 + s) and U(1 - b, 1 + b). Pixels in [-1, 1]; the draws
+    (hue, saturation, brightness, whether) come from `generator`, in that order."""
+    size = len(pixels)
+    hue = (torch.rand(size, generator=generator) * 2 - 1) * augment.hue
+    saturation = 1 + (torch.rand(size, generator=generator) * 2 - 1) * augment.saturation
+    brightness = 1 + (torch.rand(size, generator=generator) * 2 - 1) * augment.brightness
+    changed = torch.rand(size, generator=generator) < augment.probability
+    images = (pixels + 1) / 2
+    out = []
+    for i, image in enumerate(images):
+        if not changed[i]:
+            out.append(image)
+            continue
+        if augment.hue:
+            image = TF.adjust_hue(image, float(hue[i]))
+        if augment.saturation:
+            image = TF.adjust_saturation(image, float(saturation[i]))
+        if augment.brightness:
+            image = TF.adjust_brightness(image, float(brightness[i]))
+        out.append(image)
+    return torch.stack(out) * 2 - 1
 
 
 def vae_loss(vae: AutoencoderKL, pixels: Tensor, generator: torch.Generator, ae) -> Tensor:
@@ -176,6 +217,16 @@ def held_out_batches(workdir: str, caption: Manifest, config: RunConfig) -> Iter
     stream = islice(images(), limit)
     while batch := list(islice(stream, config.autoencoder.batch_size)):
         yield torch.stack(batch)
+
+
+def probe_batches(kind: str, config: RunConfig) -> Iterator[Tensor]:
+    """`autoencoder.unseen_samples` generated images of an unseen colour or shape, in [-1, 1]:
+    drawn at twice the resolution and resized as training images are, in batches."""
+    resolution, ae = config.download.resolution, config.autoencoder
+    images = unseen_samples(kind, ae.unseen_samples, max(16, 2 * resolution), seed=ae.seed)
+    tensors = [image_to_tensor(encode_image(image, "png"), resolution) for image in images]
+    for start in range(0, len(tensors), ae.batch_size):
+        yield torch.stack(tensors[start : start + ae.batch_size])
 
 
 @torch.no_grad()

@@ -82,3 +82,49 @@ def test_pipeline_module_defers_the_model_libraries():
     """The flow starts its first stage before torch / diffusers / transformers are imported."""
     loaded = _heavy_modules_after("import flows.pipeline")
     assert loaded == ["prefect"]
+
+
+def _summary(workdir, run, profile, status, started, model=True) -> str:
+    """A run's summary.json as the pipeline writes it, with an exported pipeline directory."""
+    import json
+
+    model_dir = workdir / "stages" / "train" / run / "pipeline"
+    if model:
+        model_dir.mkdir(parents=True)
+        (model_dir / "model_index.json").write_text("{}")
+    summary = {
+        "profile": profile,
+        "status": status,
+        "started_at": started,
+        "model_dir": str(model_dir),
+    }
+    (workdir / "runs" / run).mkdir(parents=True)
+    (workdir / "runs" / run / "summary.json").write_text(json.dumps(summary))
+    return str(model_dir)
+
+
+def test_finetune_demo_without_a_first_demo_says_to_run_it(tmp_path, capsys):
+    _summary(tmp_path, "r1", "tiny-test", "completed", "2026-01-01T00:00:00")
+    assert main(["demo", "--finetune", "--workdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "No completed `sdflow demo` run" in err and "Run `sdflow demo --workdir" in err
+    assert not (tmp_path / "demo-finetune-data").exists()  # nothing built before the check
+
+
+def test_finetune_demo_starts_from_the_newest_completed_demo_model(tmp_path):
+    from sdflow.cli import demo_model
+
+    _summary(tmp_path, "a", "tiny-cpu", "completed", "2026-01-01T10:00:00")
+    newest = _summary(tmp_path, "b", "tiny-cpu", "completed", "2026-01-02T10:00:00")
+    _summary(tmp_path, "c", "tiny-cpu", "failed", "2026-01-03T10:00:00")
+    _summary(tmp_path, "d", "tiny-cpu-finetune", "completed", "2026-01-04T10:00:00")
+    _summary(tmp_path, "e", "tiny-cpu", "completed", "2026-01-05T10:00:00", model=False)
+    assert demo_model(tmp_path) == newest
+
+
+def test_finetune_demo_checks_its_overrides_before_drawing_images(tmp_path, capsys):
+    _summary(tmp_path, "a", "tiny-cpu", "completed", "2026-01-01T10:00:00")
+    args = ["demo", "--finetune", "--workdir", str(tmp_path), "--set", "train.max_steps=0"]
+    assert main(args) == 2
+    assert "train.max_steps = 0" in capsys.readouterr().err
+    assert not (tmp_path / "demo-finetune-data").exists()

@@ -122,3 +122,30 @@ def test_dask_on_the_network_needs_an_explicit_allow(address):
     assert "tls://HOST:PORT" in message and "runner.allow_insecure_dask: true" in message
     allowed = load_profile("tiny-test", [*overrides, "runner.allow_insecure_dask=true"])
     assert allowed.runner.dask_address == address
+
+
+def test_finetune_demo_prompts_fit_the_demo_tokenizer_uncut(tmp_path):
+    """The fine-tune demo's new words are spelled in bytes by the tokenizer tiny-cpu trains on the
+    demo captions; every prompt of its grid and caption of its data must fit tiny-cpu's context,
+    uncut, with no special token inside (at 16 tokens "a purple cross ..." lost its last word)."""
+    from itertools import product
+
+    from sdflow.models import train_tokenizer
+    from sdflow.sources.demo import BACKGROUNDS, COLORS, FINETUNE_EXTRAS, SHAPES, demo_caption
+
+    demo = load_profile("tiny-cpu")
+    captions = [demo_caption(c, s, b) for s, c, b in product(SHAPES, COLORS, BACKGROUNDS)]
+    tokenizer = train_tokenizer(captions * 10, demo.model, tmp_path / "tokenizer")
+    colours = [*COLORS, *FINETUNE_EXTRAS["extra_colors"]]
+    shapes = [*SHAPES, *FINETUNE_EXTRAS["extra_shapes"]]
+    new = [demo_caption(c, s, b) for s, c, b in product(shapes, colours, BACKGROUNDS)]
+    prompts = load_profile("tiny-cpu-finetune").eval.prompts
+    assert any("purple cross" in p for p in prompts) and any("red circle" in p for p in prompts)
+    longest = 0
+    for text in [*new, *prompts]:
+        ids = tokenizer(text).input_ids
+        longest = max(longest, len(ids))
+        inner = ids[1:-1]
+        assert tokenizer.decode(inner) == text, text
+        assert not set(inner) & set(tokenizer.all_special_ids), text
+    assert 16 < longest <= demo.model.max_token_length

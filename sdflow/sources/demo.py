@@ -6,8 +6,12 @@ Each image holds one shape (circle, square or triangle) in red, green, blue or y
 black background, captioned exactly "a {color} {shape} on a {background} background". Every
 combination appears equally often (up to one), so a tiny model can learn all of them; the shape
 spans 35-80 % of the side so it stays recognisable at 32 px, and no image repeats another. The same
-(count, seed, size) always gives byte-identical files; the directory appears atomically and is
-reused when already complete.
+(count, seed, size, extras) always gives byte-identical files; the directory appears atomically and
+is reused when already complete.
+
+`extra_shapes` (from `NEW_SHAPES`: a cross) and `extra_colors` (name -> RGB, e.g. `NEW_COLORS`'
+purple) add concepts the default set lacks, for the fine-tune demo; every combination of old and
+new still appears equally often. `unseen_samples` draws such images for the autoencoder's probe.
 """
 
 from __future__ import annotations
@@ -26,11 +30,18 @@ from sdflow.errors import UserError
 
 DEMO_VERSION = 1  # bump when the drawing changes, so old directories are regenerated
 SHAPES = ("circle", "square", "triangle")
+NEW_SHAPES = ("cross",)  # drawn on request only (extra_shapes, probes)
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
     "green": (30, 170, 60),
     "blue": (30, 70, 220),
     "yellow": (240, 210, 30),
+}
+NEW_COLORS: dict[str, tuple[int, int, int]] = {"purple": (140, 40, 200), "orange": (245, 130, 20)}
+# What `sdflow demo --finetune` adds to the demo's concepts (make_demo_dataset keyword arguments).
+FINETUNE_EXTRAS: dict = {
+    "extra_shapes": ("cross",),
+    "extra_colors": {"purple": NEW_COLORS["purple"]},
 }
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {"white": (255, 255, 255), "black": (0, 0, 0)}
 MIN_FRACTION, MAX_FRACTION = 0.35, 0.80  # shape side as a share of the image side
@@ -39,26 +50,38 @@ METADATA = "metadata.jsonl"
 
 Combo = tuple[str, str, str]  # (shape, color, background)
 Geometry = tuple[int, int, int]  # (side, x0, y0)
+RGB = tuple[int, int, int]
 
 
 def demo_caption(color: str, shape: str, background: str) -> str:
     return f"a {color} {shape} on a {background} background"
 
 
-def make_demo_dataset(out_dir: Path, count: int = 2400, seed: int = 0, size: int = 64) -> Path:
+def make_demo_dataset(
+    out_dir: Path,
+    count: int = 2400,
+    seed: int = 0,
+    size: int = 64,
+    extra_shapes: tuple[str, ...] = (),
+    extra_colors: dict[str, RGB] | None = None,
+) -> Path:
     """Write (or reuse) the demo dataset in `out_dir` and return `out_dir`."""
     if count < 1 or size < 16:
         raise UserError(f"The demo dataset needs count >= 1 and size >= 16 (got {count}, {size}).")
+    shapes, colors = concepts(extra_shapes, extra_colors or {})
     out_dir = Path(out_dir)
     params = {"generator": __name__, "version": DEMO_VERSION, "count": count, "seed": seed}
     params["size"] = size
+    if extra_shapes or extra_colors:  # the default set keeps its marker (and its bytes)
+        params["extra_shapes"] = list(extra_shapes)
+        params["extra_colors"] = {name: list(rgb) for name, rgb in (extra_colors or {}).items()}
     if _is_complete(out_dir, params):
         return out_dir
     _check_replaceable(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        _write_dataset(tmp, count, seed, size)
+        _write_dataset(tmp, count, seed, size, shapes, colors)
         (tmp / MARKER).write_text(json.dumps(params, sort_keys=True) + "\n")  # last: "complete"
         _install(tmp, out_dir, params)
     finally:
@@ -66,9 +89,32 @@ def make_demo_dataset(out_dir: Path, count: int = 2400, seed: int = 0, size: int
     return out_dir
 
 
-def plan_samples(count: int, seed: int) -> list[Combo]:
-    """`count` combinations, each of the 24 equally often (up to one), in a seeded random order."""
-    combos = list(product(SHAPES, COLORS, BACKGROUNDS))
+def concepts(
+    extra_shapes: tuple[str, ...], extra_colors: dict[str, RGB]
+) -> tuple[tuple[str, ...], dict[str, RGB]]:
+    """The demo's shapes and colours plus the extras, checked: known shapes, new one-word names."""
+    for shape in extra_shapes:
+        if shape not in NEW_SHAPES:
+            raise UserError(
+                f"extra_shapes has {shape!r}; the demo can draw these new shapes: "
+                f"{', '.join(NEW_SHAPES)}"
+            )
+    for name, rgb in extra_colors.items():
+        if name in COLORS or not name.isalpha() or not name.islower():
+            raise UserError(
+                f"extra_colors has {name!r}; a new colour needs a lower-case one-word name that "
+                f"is none of {', '.join(COLORS)}"
+            )
+        if len(rgb) != 3 or not all(isinstance(v, int) and 0 <= v <= 255 for v in rgb):
+            raise UserError(f"extra_colors[{name!r}] is {rgb!r}; expected three ints 0-255")
+    return SHAPES + tuple(extra_shapes), {**COLORS, **extra_colors}
+
+
+def plan_samples(
+    count: int, seed: int, shapes: tuple[str, ...] = SHAPES, colors: dict[str, RGB] = COLORS
+) -> list[Combo]:
+    """`count` combinations, each equally often (up to one), in a seeded random order."""
+    combos = list(product(shapes, colors, BACKGROUNDS))
     plan = [combos[i % len(combos)] for i in range(count)]
     random.Random(seed).shuffle(plan)
     return plan
@@ -86,36 +132,66 @@ def pick_geometry(size: int, rng: random.Random, used: set[Geometry]) -> Geometr
 
 
 def draw_shape(
-    shape: str, color: str, background: str, size: int, geometry: Geometry
+    shape: str, fill: RGB, background: RGB, size: int, geometry: Geometry
 ) -> Image.Image:
-    image = Image.new("RGB", (size, size), BACKGROUNDS[background])
+    """One shape in `fill` on a `background` image; `geometry` is its box (side, x0, y0)."""
+    image = Image.new("RGB", (size, size), background)
     side, x0, y0 = geometry
-    box = (x0, y0, x0 + side - 1, y0 + side - 1)
+    x1, y1 = x0 + side - 1, y0 + side - 1
     draw = ImageDraw.Draw(image)
-    fill = COLORS[color]
     if shape == "circle":
-        draw.ellipse(box, fill=fill)
+        draw.ellipse((x0, y0, x1, y1), fill=fill)
     elif shape == "square":
-        draw.rectangle(box, fill=fill)
-    else:  # an upright triangle spanning the whole box
-        draw.polygon(
-            [(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) / 2, box[1])], fill=fill
-        )
+        draw.rectangle((x0, y0, x1, y1), fill=fill)
+    elif shape == "triangle":  # upright, spanning the whole box
+        draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) / 2, y0)], fill=fill)
+    elif shape == "cross":  # a plus sign whose centred arms are a third of the side wide
+        arm = round(side / 3)
+        a, c = x0 + (side - arm) // 2, y0 + (side - arm) // 2
+        draw.rectangle((a, y0, a + arm - 1, y1), fill=fill)
+        draw.rectangle((x0, c, x1, c + arm - 1), fill=fill)
+    else:
+        raise ValueError(f"unknown demo shape {shape!r}")
     return image
 
 
-def _write_dataset(root: Path, count: int, seed: int, size: int) -> None:
+def shape_mask(shape: str, size: int, geometry: Geometry) -> Image.Image:
+    """The shape's pixels (255) in a grey-scale image: the template that `draw_shape` fills."""
+    return draw_shape(shape, (255, 255, 255), (0, 0, 0), size, geometry).convert("L")
+
+
+def unseen_samples(kind: str, count: int, size: int, seed: int = 0) -> list[Image.Image]:
+    """Probe images of what the default demo set never shows: its shapes in `NEW_COLORS`
+    (kind "colour"), or `NEW_SHAPES` in its colours (kind "shape"); seeded, balanced."""
+    if kind == "colour":
+        shapes, colors = SHAPES, NEW_COLORS
+    elif kind == "shape":
+        shapes, colors = NEW_SHAPES, COLORS
+    else:
+        raise ValueError(f"kind must be 'colour' or 'shape', not {kind!r}")
+    rng = random.Random(f"{seed}-unseen-{kind}")
+    images = []
+    for shape, color, background in plan_samples(count, seed, shapes, colors):
+        geometry = pick_geometry(size, rng, set())
+        images.append(draw_shape(shape, colors[color], BACKGROUNDS[background], size, geometry))
+    return images
+
+
+def _write_dataset(
+    root: Path, count: int, seed: int, size: int, shapes: tuple[str, ...], colors: dict[str, RGB]
+) -> None:
     (root / "images").mkdir(parents=True)
     rng = random.Random(f"{seed}-geometry")  # separate stream: geometry independent of the plan
     used: dict[Combo, set[Geometry]] = {}
     digits = max(5, len(str(count - 1)))
     lines = []
-    for index, combo in enumerate(plan_samples(count, seed)):
+    for index, combo in enumerate(plan_samples(count, seed, shapes, colors)):
         shape, color, background = combo
         geometry = pick_geometry(size, rng, used.setdefault(combo, set()))
         used[combo].add(geometry)
         name = f"images/{index:0{digits}d}.png"
-        draw_shape(shape, color, background, size, geometry).save(root / name, format="PNG")
+        image = draw_shape(shape, colors[color], BACKGROUNDS[background], size, geometry)
+        image.save(root / name, format="PNG")
         caption = demo_caption(color, shape, background)
         lines.append(json.dumps({"file_name": name, "caption": caption}))
     (root / METADATA).write_text("\n".join(lines) + "\n")

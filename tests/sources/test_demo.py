@@ -12,13 +12,26 @@ import pytest
 from PIL import Image
 
 from sdflow.errors import UserError
-from sdflow.sources.demo import BACKGROUNDS, COLORS, SHAPES, make_demo_dataset
+from sdflow.sources.demo import (
+    BACKGROUNDS,
+    COLORS,
+    NEW_COLORS,
+    SHAPES,
+    make_demo_dataset,
+    unseen_samples,
+)
 
 CAPTION = re.compile(
     r"^a (red|green|blue|yellow) (circle|square|triangle) on a (white|black) background$"
 )
-# share of the shape's bounding box it fills: tells the three shapes apart
-FILL_RANGE = {"square": (0.99, 1.0), "circle": (0.72, 0.83), "triangle": (0.45, 0.58)}
+ANY_CAPTION = re.compile(r"^a (\w+) (\w+) on a (white|black) background$")
+# share of the shape's bounding box it fills: tells the shapes apart (a cross fills 5/9)
+FILL_RANGE = {
+    "square": (0.99, 1.0),
+    "circle": (0.72, 0.83),
+    "triangle": (0.45, 0.58),
+    "cross": (0.48, 0.62),
+}
 
 
 def read_metadata(root: Path) -> list[dict]:
@@ -29,14 +42,14 @@ def all_files(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
-def check_image(path: Path, caption: str, size: int) -> None:
+def check_image(path: Path, caption: str, size: int, palette: dict = COLORS) -> None:
     """Exactly two colours (shape and background), the shape inside the image, sized as promised."""
-    color, shape, background = CAPTION.match(caption).groups()
+    color, shape, background = ANY_CAPTION.match(caption).groups()
     pixels = np.asarray(Image.open(path).convert("RGB"))
     assert pixels.shape == (size, size, 3)
     colours = {tuple(int(v) for v in c) for c in np.unique(pixels.reshape(-1, 3), axis=0)}
-    assert colours == {COLORS[color], BACKGROUNDS[background]}, (path, caption)
-    ys, xs = np.nonzero((pixels == COLORS[color]).all(axis=2))
+    assert colours == {palette[color], BACKGROUNDS[background]}, (path, caption)
+    ys, xs = np.nonzero((pixels == palette[color]).all(axis=2))
     assert xs.min() >= 1 and ys.min() >= 1 and xs.max() <= size - 2 and ys.max() <= size - 2
     width, height = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
     for side in (width, height):
@@ -125,3 +138,65 @@ def test_loads_as_hf_imagefolder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert ds.num_rows == 24
     assert ds[0]["caption"] == read_metadata(root)[0]["caption"]
     assert ds[0]["image"].size == (64, 64)
+
+
+def test_extra_shape_and_colour_join_every_combination(tmp_path: Path) -> None:
+    purple = {"purple": NEW_COLORS["purple"]}
+    root = make_demo_dataset(
+        tmp_path / "ft", count=120, seed=1, size=32, extra_shapes=("cross",), extra_colors=purple
+    )
+    rows = read_metadata(root)
+    combos = Counter(ANY_CAPTION.match(r["caption"]).groups() for r in rows)
+    expected = {(c, s, b) for c in [*COLORS, "purple"] for s in [*SHAPES, "cross"] for b in "wb"}
+    assert {(c, s, b[0]) for c, s, b in combos} == expected  # 5 colours x 4 shapes x 2 grounds
+    assert set(combos.values()) == {3}
+    for row in rows:
+        check_image(root / row["file_name"], row["caption"], 32, {**COLORS, **purple})
+    marker = json.loads((root / "demo.json").read_text())
+    assert marker["extra_shapes"] == ["cross"] and marker["extra_colors"] == {
+        "purple": [140, 40, 200]
+    }
+    # the default set is untouched by the option: same bytes as before extras existed
+    plain = all_files(make_demo_dataset(tmp_path / "plain", count=24, seed=1, size=32))
+    assert "extra_shapes" not in json.loads(plain["demo.json"])
+
+
+@pytest.mark.parametrize(
+    ("extras", "message"),
+    [
+        ({"extra_shapes": ("star",)}, "extra_shapes has 'star'"),
+        ({"extra_colors": {"red": (1, 2, 3)}}, "extra_colors has 'red'"),
+        ({"extra_colors": {"dark violet": (1, 2, 3)}}, "one-word"),
+        ({"extra_colors": {"violet": (1, 2, 300)}}, "three ints 0-255"),
+    ],
+)
+def test_bad_extras_are_refused_before_writing(tmp_path: Path, extras, message) -> None:
+    with pytest.raises(UserError, match=message):
+        make_demo_dataset(tmp_path / "x", count=8, **extras)
+    assert not (tmp_path / "x").exists()
+
+
+def test_unseen_samples_show_only_what_the_default_set_lacks() -> None:
+    for kind, allowed in (("colour", NEW_COLORS), ("shape", COLORS)):
+        images = unseen_samples(kind, 12, 32)
+        assert len(images) == 12
+        fills = Counter()
+        for image in images:
+            pixels = np.asarray(image).reshape(-1, 3)
+            colours = {tuple(int(v) for v in c) for c in np.unique(pixels, axis=0)}
+            fill = colours - set(BACKGROUNDS.values())
+            assert len(fill) == 1 and fill <= set(allowed.values()), (kind, colours)
+            fills[fill.pop()] += 1
+        assert len(fills) == len(allowed)  # every unseen colour, or the cross in every colour
+    for image in unseen_samples("shape", 6, 64):  # a plus sign: centre filled, box corners not
+        pixels = np.asarray(image)
+        ground = pixels[0, 0]
+        ys, xs = np.nonzero((pixels != ground).any(axis=2))
+        box = pixels[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+        filled = (box != ground).any(axis=2)
+        low, high = FILL_RANGE["cross"]
+        assert low <= filled.mean() <= high
+        assert (
+            filled[len(box) // 2, len(box) // 2]
+            and not filled[[0, 0, -1, -1], [0, -1, 0, -1]].any()
+        )

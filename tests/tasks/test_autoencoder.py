@@ -28,6 +28,7 @@ OVERRIDES = [
     "autoencoder.checkpoint_every=2",
     "autoencoder.held_out=50",
     "eval.held_out_fraction=0.25",
+    "autoencoder.augment.hue=0.5",  # its draws come from the checkpointed generator: resume is exact
 ]
 COLORS = ["red", "green", "blue", "yellow", "white", "purple"]
 
@@ -138,3 +139,83 @@ def test_autoencoder_without_training_images_is_a_user_error(tmp_path):
     caption = make_captions(tmp_path, count=3)
     with pytest.raises(UserError, match="held out"):
         train_autoencoder(config, {"caption": caption}, str(tmp_path))
+
+
+def test_colour_augmentation_matches_hsv_and_torchvision_definitions():
+    """Hue rotation (checked with colorsys), saturation as a blend with the image's grey (ITU-R
+    601 luma, torchvision's definition) and brightness as a clamped factor; per image, with
+    factors drawn from the generator in that order."""
+    import colorsys
+
+    from sdflow.config import AugmentConfig
+
+    colours = [(220, 30, 30), (30, 170, 60), (240, 210, 30), (255, 255, 255)]
+    pixels = torch.tensor(colours, dtype=torch.float32)[:, :, None, None].expand(4, 3, 2, 2)
+    pixels = pixels / 127.5 - 1
+    draws = torch.Generator().manual_seed(7)
+    hue, sat, bright = (torch.rand(4, generator=draws) * 2 - 1 for _ in range(3))
+
+    only_hue = autoencoder.augment_colours(
+        pixels,
+        torch.Generator().manual_seed(7),
+        AugmentConfig(hue=0.5, saturation=0, brightness=0, probability=1),
+    )
+    for i, rgb in enumerate(colours):
+        h, s, v = colorsys.rgb_to_hsv(*(c / 255 for c in rgb))
+        expected = colorsys.hsv_to_rgb((h + 0.5 * float(hue[i])) % 1.0, s, v)
+        got = (only_hue[i, :, 0, 0] + 1) / 2
+        assert got.tolist() == pytest.approx(expected, abs=2e-3), (rgb, float(hue[i]))
+        assert torch.equal(only_hue[i], only_hue[i, :, :1, :1].expand(3, 2, 2))
+
+    both = autoencoder.augment_colours(
+        pixels,
+        torch.Generator().manual_seed(7),
+        AugmentConfig(hue=0, saturation=0.5, brightness=0.3, probability=1),
+    )
+    for i, rgb in enumerate(colours):
+        x = torch.tensor(rgb) / 255
+        grey = 0.2989 * x[0] + 0.587 * x[1] + 0.114 * x[2]
+        saturated = ((1 + 0.5 * float(sat[i])) * x + (0.5 * -float(sat[i])) * grey).clamp(0, 1)
+        expected = (saturated * (1 + 0.3 * float(bright[i]))).clamp(0, 1)
+        got = (both[i, :, 0, 0] + 1) / 2
+        assert got.tolist() == pytest.approx(expected.tolist(), abs=1e-5), rgb
+    # with probability 0.5, the images whose fourth draw is below 0.5 are changed, the rest not
+    draws = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        torch.rand(4, generator=draws)
+    changed = torch.rand(4, generator=draws) < 0.5
+    assert changed.tolist() == [False, True, True, True]  # red kept, green and yellow rotated
+    half = autoencoder.augment_colours(
+        pixels, torch.Generator().manual_seed(1), AugmentConfig(hue=0.5, probability=0.5)
+    )
+    for i in range(3):  # (white has no hue to rotate)
+        assert torch.allclose(half[i], pixels[i], atol=1e-6) != bool(changed[i]), i
+    # switched off, the images pass through unchanged
+    off = AugmentConfig(hue=0, saturation=0, brightness=0)
+    assert torch.allclose(autoencoder.augment_colours(pixels, draws, off), pixels, atol=1e-6)
+
+
+def test_unseen_colour_and_shape_errors_are_this_vaes_on_the_probe_images(tmp_path):
+    from sdflow.sources.demo import unseen_samples
+
+    config = load_profile("tiny-test", [*OVERRIDES, "autoencoder.unseen_samples=6"])
+    manifest = train_autoencoder(config, {"caption": make_captions(tmp_path)}, str(tmp_path))
+    vae = AutoencoderKL.from_pretrained(tmp_path / manifest["path"] / manifest["files"]["vae"])
+    for kind in ("colour", "shape"):
+        images = []
+        for image in unseen_samples(kind, 6, 64):  # drawn at 2x, resized like training images
+            out = io.BytesIO()
+            image.save(out, format="PNG")
+            images.append(image_to_tensor(out.getvalue(), 32))
+        pixels = torch.stack(images)
+        with torch.no_grad():
+            recon = vae(pixels, sample_posterior=False).sample
+        expected = torch.nn.functional.mse_loss(recon, pixels).item()
+        assert manifest["info"][f"unseen_{kind}_mse"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_augment_settings_are_checked():
+    from sdflow.errors import UserError
+
+    with pytest.raises(UserError, match="autoencoder.augment.hue"):
+        load_profile("tiny-test", ["autoencoder.augment.hue=0.7"])
