@@ -21,7 +21,6 @@ import importlib
 from prefect import Task, flow
 
 from flows.tracking import RunTracker
-from sdflow.memory import check_memory_options
 from sdflow.profiles import load_profile
 
 # stage -> (module, task attribute); imported on first use
@@ -34,6 +33,15 @@ STAGE_TASKS = {
     "train": ("tasks.train", "train_task"),
     "evaluate": ("tasks.evaluate", "evaluate_task"),
 }
+
+
+def check_memory_options(train) -> None:
+    """A memory option this host cannot run (8-bit AdamW without CUDA) stops the run before any
+    stage; torch is imported for the check only when such an option is set."""
+    if train.optimizer != "adamw":
+        from sdflow.memory import check_memory_options as check
+
+        check(train)
 
 
 def stage_task(stage: str) -> Task:
