@@ -37,3 +37,18 @@ def fresh_fingerprint(workdir: str | Path, manifest: Manifest, rebuild) -> str:
     fresh = rebuild()
     assert fresh["reused"] is False
     return fresh["fingerprint"]
+
+
+def crash_on_second_call(monkeypatch, module, name: str) -> list[int]:
+    """Patch `module.name` so its second call raises RuntimeError("killed") (a stage dying in its
+    second shard); returns the list that counts the calls."""
+    real, calls = getattr(module, name), []
+
+    def crash_on_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, crash_on_second)
+    return calls

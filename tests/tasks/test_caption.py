@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from stage_fixtures import fresh_fingerprint, write_stage
+from stage_fixtures import crash_on_second_call, fresh_fingerprint, write_stage
 
 import tasks.caption as caption_stage
 from sdflow.captioners.random_init import save_random_blip, tiny_blip_config
@@ -360,15 +360,7 @@ def test_resume_keeps_finished_shards(
     tmp_path: Path, filtered: Manifest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = make_config(on_missing="template")
-    real, calls = caption_stage.caption_outcomes, []
-
-    def crash_on_second(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("killed")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(caption_stage, "caption_outcomes", crash_on_second)
+    calls = crash_on_second_call(monkeypatch, caption_stage, "caption_outcomes")
     with pytest.raises(RuntimeError, match="killed"):
         caption_samples(config, {"filter": filtered}, str(tmp_path))
     partial = (

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from stage_fixtures import fresh_fingerprint, write_stage
+from stage_fixtures import crash_on_second_call, fresh_fingerprint, write_stage
 
 import tasks.filter as filter_stage
 from sdflow.captions import caption_problem, captions_supplied
@@ -163,15 +163,7 @@ def test_resume_keeps_finished_shards_and_their_hashes(
     tmp_path: Path, download: Manifest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = make_config()
-    real, calls = filter_stage.filter_shard, []
-
-    def crash_on_second(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("killed")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(filter_stage, "filter_shard", crash_on_second)
+    calls = crash_on_second_call(monkeypatch, filter_stage, "filter_shard")
     with pytest.raises(RuntimeError, match="killed"):
         filter_samples(config, {"download": download}, str(tmp_path))
     key = filter_key(config, {"download": download})

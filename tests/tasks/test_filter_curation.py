@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageDraw, ImageEnhance
 from pydantic import ValidationError
 from safetensors.numpy import save_file
-from stage_fixtures import fresh_fingerprint, write_stage
+from stage_fixtures import crash_on_second_call, fresh_fingerprint, write_stage
 from test_filter import fates, make_config, sample
 from test_metrics import clip_dir, pair_cosines  # noqa: F401  (a tiny CLIP saved locally)
 from transformers import (
@@ -311,16 +311,7 @@ def test_grown_dataset_hashes_only_new_rows_and_a_new_distance_hashes_none(
 
 def crash_on_second_shard(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The filter stage dies writing its second shard (once); returns the list of calls."""
-    real, calls = filter_stage.filter_shard, []
-
-    def crash_on_second(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("killed")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(filter_stage, "filter_shard", crash_on_second)
-    return calls
+    return crash_on_second_call(monkeypatch, filter_stage, "filter_shard")
 
 
 def test_resume_keeps_the_finished_shards_perceptual_hashes(
