@@ -42,7 +42,10 @@ def make_optimizer(train: TrainConfig, params: list[torch.nn.Parameter]) -> torc
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(params, lr=train.lr, weight_decay=train.adam_weight_decay)
-    return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.adam_weight_decay)
+    # fused: one kernel over all weights (`train.fused_adamw`); else foreach (batched over weights,
+    # torch's own choice on CUDA), never the per-weight Python loop torch picks on a CPU.
+    fused = {"fused": True} if train.fused_adamw else {"foreach": True}
+    return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.adam_weight_decay, **fused)
 
 
 class CpuEMA(EMAModel):
@@ -67,4 +70,4 @@ def make_ema(train: TrainConfig, params: list[torch.nn.Parameter]) -> EMAModel |
     if not train.ema:
         return None
     cls = CpuEMA if train.ema_on_cpu else EMAModel
-    return cls(params, decay=train.ema_decay)
+    return cls(params, decay=train.ema_decay, foreach=True)  # batched over weights, no Python loop
