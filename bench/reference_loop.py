@@ -14,7 +14,7 @@ per-step work on the same pretrained pipeline folder, in the same order:
   step, `zero_grad`; then EMA when on, the progress bar, `accelerator.log` (TensorBoard) and the
   bar's postfix with the step loss (another `.item()`).
 
-Returns steps per second of the loop (model set-up excluded; no checkpoint falls in a short run).
+Returns the time at the end of each step (model set-up excluded; no checkpoint falls in a short run).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def collate_fn(examples: list[dict]) -> dict:
     return {"pixel_values": pixels, "input_ids": torch.stack([e["input_ids"] for e in examples])}
 
 
-def reference_steps_per_second(
+def reference_step_ends(
     pipeline: Path,
     data: Path,
     out_dir: Path,
@@ -86,8 +86,8 @@ def reference_steps_per_second(
     resolution: int,
     ema: bool = False,
     seed: int = 0,
-) -> float:
-    """Run `steps` steps of the reference loop; steps per second of the loop."""
+) -> list[float]:
+    """Run `steps` steps of the reference loop; `time.perf_counter()` at the end of each."""
     torch.manual_seed(seed)
     project = ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / "logs"))
     accelerator = Accelerator(log_with="tensorboard", project_config=project)
@@ -117,8 +117,7 @@ def reference_steps_per_second(
         ema_unet.to(accelerator.device)
     accelerator.init_trackers("text2image-fine-tune", config={"steps": steps})
     progress_bar = tqdm(range(steps), file=io.StringIO())  # drawn, but not onto the terminal
-    global_step, train_loss = 0, 0.0
-    started = time.perf_counter()
+    global_step, train_loss, ends = 0, 0.0, []
     while global_step < steps:
         for batch in loader:
             with accelerator.accumulate(unet):
@@ -149,8 +148,8 @@ def reference_steps_per_second(
                 train_loss = 0.0
             logs = {"step_loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
             progress_bar.set_postfix(**logs)
+            ends.append(time.perf_counter())
             if global_step >= steps:
                 break
-    seconds = time.perf_counter() - started
     accelerator.end_training()
-    return steps / seconds
+    return ends

@@ -9,8 +9,9 @@ alternates sdflow's train loop (`train_unet`, cached latents, 32 px, batch 16) w
 `bench/reference_loop.py` (a minimal equivalent of diffusers'
 `examples/text_to_image/train_text_to_image.py`, which encodes every batch with the VAE and text
 encoder) for `--repeats` rounds and prints the median steps/s of each and their ratio. sdflow's
-figure is the wall time of its whole loop (`fit`: data, step, logging, progress, the final
-checkpoint); the reference's of its loop. `--cprofile` prints the top entries of a cProfile of one
+figures are steady rates of the whole loop (data, step, logging, progress, checkpoints) from the
+end of step `--warmup` to the end of the last step, so one-off costs (first allocations, a
+`train.compile` build) stay out of both. `--cprofile` prints the top entries of a cProfile of one
 sdflow loop.
 
 Without `--vs-reference`:
@@ -35,7 +36,7 @@ from pathlib import Path
 from unittest import mock
 
 from diffusers import DDPMScheduler
-from reference_loop import reference_steps_per_second  # bench/, beside this script
+from reference_loop import reference_step_ends  # bench/, beside this script
 
 from sdflow import training
 from sdflow.models import build_text_encoder, build_unet, build_vae, save_pipeline
@@ -88,26 +89,36 @@ def tiny_pipeline(data: Path, out: Path) -> Path:
     return out / "pipeline"
 
 
-def sdflow_loop(config, upstream, workdir: Path, run: int, profile: bool = False) -> float:
-    """Steps per second of sdflow's whole loop (`fit`) in a fresh train output folder."""
-    seconds: list[float] = []
-    fit = training.fit
+def steady_rate(ends: list[float], warmup: int) -> float:
+    """Steps per second between the end of step `warmup` and the end of the last step."""
+    return (len(ends) - warmup) / (ends[-1] - ends[warmup - 1])
 
-    def timed(*args, **kwargs) -> None:
-        profiler = cProfile.Profile() if profile else None
-        started = time.perf_counter()
-        if profiler:
-            profiler.runcall(fit, *args, **kwargs)
-        else:
-            fit(*args, **kwargs)
-        seconds.append(time.perf_counter() - started)
-        if profiler:
-            pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+
+def sdflow_loop(config, upstream, workdir: Path, run: int, warmup: int, profile: bool) -> float:
+    """Steady steps/s of sdflow's whole loop (`fit`: data, step, logging, progress, checkpoint
+    cadence), from the end of step `warmup` on, in a fresh train output folder."""
+    ends: list[float] = []
+    fit, run_step = training.fit, training.run_step
+
+    def timed_step(*args, **kwargs):
+        loss = run_step(*args, **kwargs)
+        ends.append(time.perf_counter())
+        return loss
+
+    def profiled(*args, **kwargs) -> None:
+        if not profile:
+            return fit(*args, **kwargs)
+        profiler = cProfile.Profile()
+        profiler.runcall(fit, *args, **kwargs)
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
 
     upstream = {k: upstream[k] for k in ("caption", "autoencoder", "latents")}
-    with mock.patch.object(training, "fit", timed):
+    with (
+        mock.patch.object(training, "fit", profiled),
+        mock.patch.object(training, "run_step", timed_step),
+    ):
         training.train_unet(config, upstream, str(workdir), workdir / f"sdflow-run-{run}")
-    return config.train.max_steps / seconds[0]
+    return steady_rate(ends, warmup)
 
 
 def versus_reference(args) -> dict:
@@ -127,18 +138,20 @@ def versus_reference(args) -> dict:
     config, upstream = prepare(workdir, "tiny-test", data, overrides)
     ours, theirs = [], []
     for run in range(args.repeats):
-        ours.append(sdflow_loop(config, upstream, workdir, run, args.cprofile and run == 0))
-        theirs.append(
-            reference_steps_per_second(
-                pipeline, data, workdir / f"reference-{run}", args.steps, 16, 32, ema=args.ema
-            )
+        profile = args.cprofile and run == 0
+        ours.append(sdflow_loop(config, upstream, workdir, run, args.warmup, profile))
+        ends = reference_step_ends(
+            pipeline, data, workdir / f"reference-{run}", args.steps, 16, 32, ema=args.ema
         )
+        theirs.append(steady_rate(ends, args.warmup))
     result = {
         "bench": "train_step vs diffusers train_text_to_image.py",
         "steps": args.steps,
         "batch_size": 16,
         "resolution": 32,
         "ema": args.ema,
+        "overrides": args.overrides,
+        "warmup_steps": args.warmup,
         "sdflow_steps_per_second": [round(v, 2) for v in ours],
         "reference_steps_per_second": [round(v, 2) for v in theirs],
         "ratio": round(statistics.median(ours) / statistics.median(theirs), 2),
@@ -158,6 +171,7 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
     parser.add_argument("--vs-reference", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=5, help="steps left out of the rate")
     parser.add_argument("--ema", action="store_true", help="--vs-reference: EMA on in both")
     parser.add_argument("--cprofile", action="store_true", help="--vs-reference: profile sdflow")
     args = parser.parse_args()

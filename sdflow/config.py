@@ -409,8 +409,10 @@ class TrainConfig(Section):
         description="UNet attention processor: default (as loaded), sdpa (PyTorch "
         "scaled_dot_product_attention, AttnProcessor2_0) or eager (plain matmul and softmax)",
     )
-    fused_adamw: bool = Field(
-        False, description="torch's fused AdamW kernel (one kernel for all weights); adamw only"
+    fused_adamw: bool | None = Field(
+        None,
+        description="torch's fused AdamW kernel (one kernel over all weights); unset: fused where "
+        "torch has the kernel for the device, else foreach; true: fused or refuse; adamw only",
     )
     tf32: bool = Field(
         False, description="TF32 matmuls and convolutions on CUDA (Ampere or newer); no-op on CPU"

@@ -5,9 +5,10 @@
 - `train.attention`: `sdpa` sets diffusers' `AttnProcessor2_0` (PyTorch's
   `scaled_dot_product_attention`, flash / memory-efficient kernels on a GPU), `eager` the plain
   matmul-softmax `AttnProcessor`; `default` keeps the processor the model loads with.
-- `train.fused_adamw`: torch's fused AdamW (one kernel over all weights) where torch supports it for
-  the device; refused before any work where it does not. Otherwise AdamW runs `foreach` (batched
-  over weights), which is what torch picks on CUDA anyway and spares the CPU a Python loop.
+- `train.fused_adamw`: torch's fused AdamW (one kernel over all weights). Unset, it is used where
+  torch has the kernel for the device (CPU and CUDA in torch 2.x); true refuses, before any work, a
+  device without one; false (or no kernel) runs AdamW `foreach` (batched over weights, torch's own
+  choice on CUDA), never the per-weight Python loop torch picks on a CPU.
 - `train.tf32`: TF32 matmuls and cuDNN convolutions; only on CUDA (a no-op elsewhere, and the run
   records whether it applied).
 - `train.compile`: `torch.compile` of the UNet in place (`nn.Module.compile`, so parameter names and
@@ -26,9 +27,16 @@ from sdflow.config import TrainConfig
 from sdflow.errors import UserError
 
 
+def fused_adamw(train: TrainConfig, device: torch.device) -> bool:
+    """Whether AdamW runs torch's fused kernel on `device` (see the module doc)."""
+    if train.optimizer != "adamw" or train.fused_adamw is False:
+        return False
+    return device.type in _get_fused_kernels_supported_devices()
+
+
 def check_speed_options(train: TrainConfig, device: torch.device) -> None:
     """Refuse, before any work, a speed option this host cannot run."""
-    if train.fused_adamw and device.type not in _get_fused_kernels_supported_devices():
+    if train.fused_adamw and not fused_adamw(train, device):
         raise UserError(
             f"train.fused_adamw is true but torch {torch.__version__} has no fused AdamW for "
             f"{device.type!r} (it has: {', '.join(_get_fused_kernels_supported_devices())}): "

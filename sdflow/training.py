@@ -65,7 +65,14 @@ from sdflow.models import (
 )
 from sdflow.models import noise_scheduler as make_noise_scheduler
 from sdflow.schedules import StepBatches, collate, make_batches
-from sdflow.speed import apply_tf32, check_speed_options, compile_unet, memory_format, prepare_unet
+from sdflow.speed import (
+    apply_tf32,
+    check_speed_options,
+    compile_unet,
+    fused_adamw,
+    memory_format,
+    prepare_unet,
+)
 from sdflow.stageio import Manifest, write_json
 from sdflow.text_training import (
     CHECKPOINT_GROUP,
@@ -171,7 +178,8 @@ def make_trainer(accelerator: Accelerator, config: RunConfig, sources) -> Traine
     params = [p for p in unet.parameters() if p.requires_grad]
     text_encoder = build_trainable_text_encoder(config, sources, weight_dtype)
     text_params = trained_parameters(text_encoder)
-    optimizer = make_optimizer(train, param_groups(train, params, text_params))
+    fused = fused_adamw(train, accelerator.device)
+    optimizer = make_optimizer(train, param_groups(train, params, text_params), fused)
     lr_scheduler = get_scheduler(
         train.lr_scheduler,
         optimizer,

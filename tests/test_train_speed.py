@@ -16,7 +16,7 @@ from sdflow.errors import UserError
 from sdflow.memory import make_optimizer
 from sdflow.models import build_unet
 from sdflow.profiles import load_profile
-from sdflow.speed import apply_tf32, check_speed_options, prepare_unet
+from sdflow.speed import apply_tf32, check_speed_options, fused_adamw, prepare_unet
 from sdflow.training import diffusion_loss
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -66,15 +66,15 @@ def test_sdpa_and_eager_attention_give_the_same_output():
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_fused_adamw_runs_on_this_cpu_and_matches_foreach_adamw(source):
+def test_fused_adamw_is_the_default_on_this_cpu_and_matches_foreach_adamw(source):
     results = []
-    for fused in (False, True):
-        train = TrainConfig(fused_adamw=fused, lr=1e-3)
-        check_speed_options(train, CPU)  # torch supports the fused kernel on CPU
+    for setting in (False, None):  # foreach, then unset: fused where torch has the kernel
+        train = TrainConfig(fused_adamw=setting, lr=1e-3)
+        check_speed_options(train, CPU)
         unet = tiny_unet()
-        optimizer = make_optimizer(train, list(unet.parameters()))
-        assert optimizer.defaults["fused"] is (True if fused else None)
-        assert optimizer.defaults["foreach"] is (None if fused else True)
+        optimizer = make_optimizer(train, list(unet.parameters()), fused_adamw(train, CPU))
+        assert optimizer.defaults["fused"] is (None if setting is False else True)
+        assert optimizer.defaults["foreach"] is (True if setting is False else None)
         for _ in range(3):
             loss_and_grads(unet, source, train)
             optimizer.step()
@@ -82,15 +82,17 @@ def test_fused_adamw_runs_on_this_cpu_and_matches_foreach_adamw(source):
         results.append([p.detach().clone() for p in unet.parameters()])
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
-    assert not all(
-        torch.equal(a, p) for a, p in zip(results[0], tiny_unet().parameters(), strict=True)
-    )
+    start = tiny_unet().parameters()
+    assert not all(torch.equal(a, p) for a, p in zip(results[0], start, strict=True))
 
 
-def test_fused_adamw_is_refused_where_torch_has_no_kernel(monkeypatch):
+def test_fused_adamw_is_refused_or_skipped_where_torch_has_no_kernel(monkeypatch):
     monkeypatch.setattr(speed, "_get_fused_kernels_supported_devices", lambda: ["cuda"])
     with pytest.raises(UserError, match=r"train.fused_adamw .* no fused AdamW for 'cpu'"):
         check_speed_options(TrainConfig(fused_adamw=True), CPU)
+    check_speed_options(TrainConfig(), CPU)  # unset: foreach instead, no error
+    assert fused_adamw(TrainConfig(), CPU) is False
+    assert fused_adamw(TrainConfig(), torch.device("cuda")) is True
 
 
 def test_compile_is_refused_on_a_cpu_without_a_compiler(monkeypatch):
