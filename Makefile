@@ -35,6 +35,7 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/download.py
+	OMP_NUM_THREADS=1 $(BIN)/python bench/train_step.py --vs-reference --repeats 5
 
 clean:
 	rm -rf $(VENV) $(WORKDIR) .pytest_cache
