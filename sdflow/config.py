@@ -494,6 +494,12 @@ class TrainConfig(Section):
                 f"train.prefetch_factor is {self.prefetch_factor} but train.data_workers is 0: "
                 "only worker processes load ahead; set data_workers >= 1 or unset prefetch_factor"
             )
+        if self.fused_adamw and self.mixed_precision == "fp16":
+            raise ValueError(
+                "train.fused_adamw is true but train.mixed_precision is 'fp16': the fused kernel "
+                "skips inf/NaN steps out of accelerate's sight, so the lr schedule and EMA would "
+                "not wait; leave fused_adamw unset (foreach under fp16) or use bf16"
+            )
         if self.fused_adamw and self.optimizer != "adamw":
             raise ValueError(
                 f"train.fused_adamw is true but train.optimizer is {self.optimizer!r}: the fused "

@@ -8,7 +8,8 @@
 - `train.fused_adamw`: torch's fused AdamW (one kernel over all weights). Unset, it is used where
   torch has the kernel for the device (CPU and CUDA in torch 2.x); true refuses, before any work, a
   device without one; false (or no kernel) runs AdamW `foreach` (batched over weights, torch's own
-  choice on CUDA), never the per-weight Python loop torch picks on a CPU.
+  choice on CUDA), never the per-weight Python loop torch picks on a CPU. Under fp16's GradScaler it
+  is foreach too (accelerate cannot see a step the fused kernel skips; `true` is refused there).
 - `train.tf32`: TF32 matmuls and cuDNN convolutions; only on CUDA (a no-op elsewhere, and the run
   records whether it applied).
 - `train.compile`: `torch.compile` of the UNet in place (`nn.Module.compile`, so parameter names and

@@ -178,7 +178,9 @@ def make_trainer(accelerator: Accelerator, config: RunConfig, sources) -> Traine
     params = [p for p in unet.parameters() if p.requires_grad]
     text_encoder = build_trainable_text_encoder(config, sources, weight_dtype)
     text_params = trained_parameters(text_encoder)
-    fused = fused_adamw(train, accelerator.device)
+    # Not under fp16's GradScaler: the fused kernel skips an inf/NaN step itself, unseen by
+    # accelerate, so the lr schedule and EMA would not wait for the next real update.
+    fused = fused_adamw(train, accelerator.device) and accelerator.scaler is None
     optimizer = make_optimizer(train, param_groups(train, params, text_params), fused)
     lr_scheduler = get_scheduler(
         train.lr_scheduler,

@@ -113,6 +113,7 @@ def test_tf32_is_a_no_op_on_the_cpu():
         ({"prefetch_factor": 4}, "train.prefetch_factor is 4 but train.data_workers is 0"),
         ({"fused_adamw": True, "optimizer": "adamw8bit"}, "fused_adamw is true but train.optim"),
         ({"attention": "flash"}, "attention"),
+        ({"fused_adamw": True, "mixed_precision": "fp16"}, "fused_adamw is true but train.mixed"),
     ],
 )
 def test_bad_speed_settings_fail_validation(values, message):
