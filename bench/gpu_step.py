@@ -2,6 +2,7 @@
 
     python bench/gpu_step.py --profile sd15-lora-12gb [--steps 20] [--batch-size N]
     python bench/gpu_step.py --profile sd15-finetune-24gb --memory-options
+    python bench/gpu_step.py --profile sd15-finetune-24gb --speed-options [--with-compile]
 
 Builds the UNet of the profile's base model FROM CONFIG with random weights (no download: the SD 1.5
 and SD 2.1 architectures are written out below), applies the profile's training mode (LoRA or full),
@@ -9,8 +10,12 @@ mixed precision, gradient checkpointing and EMA, and runs sdflow's own training 
 (`sdflow.training.diffusion_loss`) on latent-shaped random inputs at the profile's resolution. Prints
 images/s and the peak GPU memory, also as one JSON line. `--memory-options` measures each
 combination of the memory options (`train.optimizer` adamw / adamw8bit, `train.ema_on_cpu`, EMA
-on) one after another, one line each; the 8-bit optimizer only where CUDA is present. On a machine without a GPU it runs on the
-CPU (`--resolution 64 --steps 2 --set train.mixed_precision=no` smoke-tests the code path).
+on) one after another, one line each; the 8-bit optimizer only where CUDA is present.
+`--speed-options` measures the speed keys one at a time and all together (`train.channels_last`,
+`train.attention: sdpa`, `train.fused_adamw: false` (foreach, against the fused default),
+`train.tf32`; `train.compile` with `--with-compile`,
+or on CUDA). On a machine without a GPU it runs on the CPU (`--profile tiny-test --resolution 32
+--steps 2 --set train.mixed_precision=no` smoke-tests the code path).
 """
 
 from __future__ import annotations
@@ -25,6 +30,13 @@ from diffusers import DDPMScheduler
 
 from sdflow.memory import check_memory_options, make_ema, make_optimizer
 from sdflow.profiles import load_profile
+from sdflow.speed import (
+    apply_tf32,
+    check_speed_options,
+    compile_unet,
+    fused_adamw,
+    prepare_unet,
+)
 from sdflow.training import (
     WEIGHT_DTYPES,
     build_trainable_unet,
@@ -91,6 +103,8 @@ def main() -> None:
     variants = {"as configured": []}
     if args.memory_options:
         variants = memory_variants(torch.cuda.is_available())
+    elif args.speed_options:
+        variants = speed_variants(torch.cuda.is_available() or args.with_compile)
     results = []
     for name, overrides in variants.items():
         variant = load_profile(args.profile, [*args.overrides, *overrides])
@@ -118,6 +132,19 @@ def memory_variants(cuda: bool) -> dict[str, list[str]]:
     return variants
 
 
+def speed_variants(compile_too: bool) -> dict[str, list[str]]:
+    """Each speed key alone, then all of them (compile only where it is wanted: slow on a CPU)."""
+    keys = {
+        "channels_last": "train.channels_last=true",
+        "sdpa attention": "train.attention=sdpa",
+        "foreach AdamW": "train.fused_adamw=false",
+        "tf32": "train.tf32=true",
+    }
+    if compile_too:
+        keys["compile"] = "train.compile=true"
+    return {"baseline": [], **{k: [v] for k, v in keys.items()}, "all": list(keys.values())}
+
+
 def measure(config, args) -> dict:
     """Images/s and peak GPU memory of `args.steps` training steps of the profile's UNet."""
     train = config.train
@@ -125,6 +152,8 @@ def measure(config, args) -> dict:
     resolution = args.resolution or config.download.resolution
     check_memory_options(train)
     accelerator = make_accelerator(train, _scratch_dir())
+    check_speed_options(train, accelerator.device)
+    apply_tf32(train, accelerator.device)
     architecture = unet_config(config)
     # sdflow's own UNet set-up (LoRA adapters, frozen weights in the compute dtype, checkpointing),
     # with the architecture built from config instead of loaded: random weights, no download.
@@ -134,9 +163,10 @@ def measure(config, args) -> dict:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    unet = build_trainable_unet(config, SimpleNamespace(unet=None), dtype)
+    unet = prepare_unet(build_trainable_unet(config, SimpleNamespace(unet=None), dtype), train)
+    compile_unet(unet, train)
     params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = make_optimizer(train, params)
+    optimizer = make_optimizer(train, params, fused_adamw(train, accelerator.device))
     unet, optimizer = accelerator.prepare(unet, optimizer)
     ema = make_ema(train, params)
     if ema and not train.ema_on_cpu:
@@ -183,6 +213,10 @@ def _report(args, config, batch_size, resolution, params, seconds, loss) -> dict
         "ema": config.train.ema,
         "ema_on_cpu": config.train.ema_on_cpu,
         "optimizer": config.train.optimizer,
+        "speed": {
+            key: getattr(config.train, key)
+            for key in ("channels_last", "attention", "fused_adamw", "tf32", "compile")
+        },
         "resolution": resolution,
         "batch_size": batch_size,
         "trainable_params": sum(p.numel() for p in params),
@@ -229,6 +263,13 @@ def _arguments() -> argparse.Namespace:
         "--memory-options", action="store_true",
         help="measure with and without 8-bit AdamW and EMA on the CPU (EMA on in each)",
     )  # fmt: skip
+    parser.add_argument(
+        "--speed-options", action="store_true",
+        help="measure each speed key (channels_last, sdpa, foreach AdamW, TF32) and all together",
+    )  # fmt: skip
+    parser.add_argument(
+        "--with-compile", action="store_true", help="--speed-options: torch.compile too (CPU)"
+    )
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="K=V",
         help="override the profile, e.g. --set train.mixed_precision=no on a CPU",

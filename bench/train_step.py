@@ -1,6 +1,20 @@
-"""Training throughput from cached latents vs encoding on the fly, as a ratio.
+"""Training throughput: sdflow's loop against diffusers' reference script, and cached vs on the fly.
 
+    python bench/train_step.py --vs-reference [--steps 60] [--repeats 3] [--ema] [--cprofile]
     python bench/train_step.py [--profile tiny-cpu] [--steps 60] [--images 600]
+
+`--vs-reference` builds a tiny pretrained pipeline (the tiny-test architectures, saved with
+`save_pipeline`) and the demo images, runs the data stages and the latents stage on them, then
+alternates sdflow's train loop (`train_unet`, cached latents, 32 px, batch 16) with
+`bench/reference_loop.py` (a minimal equivalent of diffusers'
+`examples/text_to_image/train_text_to_image.py`, which encodes every batch with the VAE and text
+encoder) for `--repeats` rounds and prints the median steps/s of each and their ratio. sdflow's
+figures are steady rates of the whole loop (data, step, logging, progress, checkpoints) from the
+end of step `--warmup` to the end of the last step, so one-off costs (first allocations, a
+`train.compile` build) stay out of both. `--cprofile` prints the top entries of a cProfile of one
+sdflow loop.
+
+Without `--vs-reference`:
 
 Builds the demo dataset, runs the data stages, the autoencoder (briefly) and the latents stage with
 the profile's architectures, then trains the same UNet for `--steps` steps twice: from the latents
@@ -12,12 +26,23 @@ the ratio grows with the VAE's share of the step.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
+import statistics
 import tempfile
+import time
 from pathlib import Path
+from unittest import mock
 
+from diffusers import DDPMScheduler
+from reference_loop import reference_step_ends  # bench/, beside this script
+
+from sdflow import training
+from sdflow.models import build_text_encoder, build_unet, build_vae, save_pipeline
 from sdflow.profiles import load_profile
 from sdflow.sources.demo import make_demo_dataset
+from sdflow.tokenizer import train_tokenizer
 from tasks.autoencoder import train_autoencoder
 from tasks.caption import caption_samples
 from tasks.download import download
@@ -26,8 +51,7 @@ from tasks.latents import cache_latents
 from tasks.train import train
 
 
-def prepare(workdir: Path, profile: str, images: int, overrides: list[str]) -> tuple:
-    data = make_demo_dataset(workdir / "demo-data", count=images)
+def prepare(workdir: Path, profile: str, data: Path, overrides: list[str]) -> tuple:
     config = load_profile(profile, [f"source.path={data}", "autoencoder.steps=50", *overrides])
     up: dict = {}
     up["download"] = download(config, {}, str(workdir))
@@ -52,15 +76,111 @@ def samples_per_second(config, upstream, workdir: Path, steps: int, cached: bool
     return float(manifest["info"]["samples_per_second"])
 
 
+def tiny_pipeline(data: Path, out: Path) -> Path:
+    """The tiny-test architectures as a pretrained pipeline folder, tokenizer trained on `data`."""
+    model = load_profile("tiny-test").model
+    rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()]
+    tokenizer = train_tokenizer([r["caption"] for r in rows], model, out / "tokenizer")
+    text_encoder = build_text_encoder(model, len(tokenizer))
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    save_pipeline(
+        out / "pipeline", build_unet(model), build_vae(model), text_encoder, tokenizer, scheduler
+    )
+    return out / "pipeline"
+
+
+def steady_rate(ends: list[float], warmup: int) -> float:
+    """Steps per second between the end of step `warmup` and the end of the last step."""
+    return (len(ends) - warmup) / (ends[-1] - ends[warmup - 1])
+
+
+def sdflow_loop(config, upstream, workdir: Path, run: int, warmup: int, profile: bool) -> float:
+    """Steady steps/s of sdflow's whole loop (`fit`: data, step, logging, progress, checkpoint
+    cadence), from the end of step `warmup` on, in a fresh train output folder."""
+    ends: list[float] = []
+    fit, run_step = training.fit, training.run_step
+
+    def timed_step(*args, **kwargs):
+        loss = run_step(*args, **kwargs)
+        ends.append(time.perf_counter())
+        return loss
+
+    def profiled(*args, **kwargs) -> None:
+        if not profile:
+            return fit(*args, **kwargs)
+        profiler = cProfile.Profile()
+        profiler.runcall(fit, *args, **kwargs)
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+
+    upstream = {k: upstream[k] for k in ("caption", "autoencoder", "latents")}
+    with (
+        mock.patch.object(training, "fit", profiled),
+        mock.patch.object(training, "run_step", timed_step),
+    ):
+        training.train_unet(config, upstream, str(workdir), workdir / f"sdflow-run-{run}")
+    return steady_rate(ends, warmup)
+
+
+def versus_reference(args) -> dict:
+    workdir = Path(tempfile.mkdtemp(prefix="sdflow-bench-ref-"))
+    data = make_demo_dataset(workdir / "demo-data", count=args.images, size=32)
+    pipeline = tiny_pipeline(data, workdir)
+    overrides = [
+        "model.init=pretrained",
+        f"model.pretrained={pipeline}",
+        "train.batch_size=16",
+        f"train.max_steps={args.steps}",
+        f"train.checkpoint_every={args.steps}",
+        "train.log_every=10",
+        f"train.ema={str(args.ema).lower()}",
+        *args.overrides,
+    ]
+    config, upstream = prepare(workdir, "tiny-test", data, overrides)
+    ours, theirs = [], []
+    for run in range(args.repeats):
+        profile = args.cprofile and run == 0
+        ours.append(sdflow_loop(config, upstream, workdir, run, args.warmup, profile))
+        ends = reference_step_ends(
+            pipeline, data, workdir / f"reference-{run}", args.steps, 16, 32, ema=args.ema
+        )
+        theirs.append(steady_rate(ends, args.warmup))
+    result = {
+        "bench": "train_step vs diffusers train_text_to_image.py",
+        "steps": args.steps,
+        "batch_size": 16,
+        "resolution": 32,
+        "ema": args.ema,
+        "overrides": args.overrides,
+        "warmup_steps": args.warmup,
+        "sdflow_steps_per_second": [round(v, 2) for v in ours],
+        "reference_steps_per_second": [round(v, 2) for v in theirs],
+        "ratio": round(statistics.median(ours) / statistics.median(theirs), 2),
+    }
+    print(
+        f"sdflow {statistics.median(ours):.1f} steps/s, reference {statistics.median(theirs):.1f} "
+        f"steps/s (medians of {args.repeats}) -> {result['ratio']}x"
+    )
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--profile", default="tiny-cpu")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--images", type=int, default=600)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
+    parser.add_argument("--vs-reference", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=5, help="steps left out of the rate")
+    parser.add_argument("--ema", action="store_true", help="--vs-reference: EMA on in both")
+    parser.add_argument("--cprofile", action="store_true", help="--vs-reference: profile sdflow")
     args = parser.parse_args()
+    if args.vs_reference:
+        print(json.dumps(versus_reference(args)))
+        return
     workdir = Path(tempfile.mkdtemp(prefix="sdflow-bench-train-"))
-    config, upstream = prepare(workdir, args.profile, args.images, args.overrides)
+    data = make_demo_dataset(workdir / "demo-data", count=args.images)
+    config, upstream = prepare(workdir, args.profile, data, args.overrides)
     cached = samples_per_second(config, upstream, workdir, args.steps, cached=True)
     on_the_fly = samples_per_second(config, upstream, workdir, args.steps, cached=False)
     result = {

@@ -450,6 +450,9 @@ class LatentsConfig(Section):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     mixed_precision: Precision = "no"
     shard_size: int = Field(1000, ge=1)
+    channels_last: bool = Field(
+        False, description="the VAE and its pixel batches in channels-last memory format (GPU)"
+    )
 
 
 LrSchedule = Literal[
@@ -519,6 +522,33 @@ class TrainConfig(Section):
     data_workers: int = Field(
         0, ge=0, le=64, description="DataLoader worker processes; 0 loads in the training process"
     )
+    pin_memory: bool = Field(
+        False, description="DataLoader pinned host memory (faster copies to a GPU; none on CPU)"
+    )
+    prefetch_factor: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="batches each DataLoader worker loads ahead; needs data_workers",
+    )
+    channels_last: bool = Field(
+        False,
+        description="UNet weights and inputs in channels-last memory format (GPU tensor cores)",
+    )
+    attention: Literal["default", "sdpa", "eager"] = Field(
+        "default",
+        description="UNet attention processor: default (as loaded), sdpa (PyTorch "
+        "scaled_dot_product_attention, AttnProcessor2_0) or eager (plain matmul and softmax)",
+    )
+    fused_adamw: bool | None = Field(
+        None,
+        description="torch's fused AdamW kernel (one kernel over all weights); unset: fused where "
+        "torch has the kernel for the device, else foreach; true: fused or refuse; adamw only",
+    )
+    tf32: bool = Field(
+        False, description="TF32 matmuls and convolutions on CUDA (Ampere or newer); no-op on CPU"
+    )
+    compile: bool = Field(False, description="torch.compile the UNet (inductor; slow first steps)")
 
     validate_every: int = Field(
         0,
@@ -589,6 +619,22 @@ class TrainConfig(Section):
             raise ValueError(
                 f"train.validate_every is {self.validate_every} but train.cache_latents is false: "
                 "validation reads the held-out rows the latents stage caches; set cache_latents"
+            )
+        if self.prefetch_factor is not None and not self.data_workers:
+            raise ValueError(
+                f"train.prefetch_factor is {self.prefetch_factor} but train.data_workers is 0: "
+                "only worker processes load ahead; set data_workers >= 1 or unset prefetch_factor"
+            )
+        if self.fused_adamw and self.mixed_precision == "fp16":
+            raise ValueError(
+                "train.fused_adamw is true but train.mixed_precision is 'fp16': the fused kernel "
+                "skips inf/NaN steps out of accelerate's sight, so the lr schedule and EMA would "
+                "not wait; leave fused_adamw unset (foreach under fp16) or use bf16"
+            )
+        if self.fused_adamw and self.optimizer != "adamw":
+            raise ValueError(
+                f"train.fused_adamw is true but train.optimizer is {self.optimizer!r}: the fused "
+                "kernel is torch's AdamW; use optimizer 'adamw' or fused_adamw false"
             )
         if self.lr_scheduler == "polynomial" and self.lr <= POLYNOMIAL_LR_END:
             raise ValueError(

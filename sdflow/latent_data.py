@@ -117,7 +117,8 @@ class CachedLatents(Dataset):
     input_ids} (None where the cache has no such tensor).
 
     Shards are opened lazily (memory-mapped, a row is read on demand) and the few most recently
-    used stay open, so sequential or shard-local access costs no reopening.
+    used stay open with their tensors' slice handles, so shard-local access costs no reopening and
+    a row is one read per tensor.
     """
 
     def __init__(self, workdir: str | Path, manifest: Manifest, open_shards: int = 4):
@@ -129,7 +130,7 @@ class CachedLatents(Dataset):
         for n in rows:
             self.starts.append(self.starts[-1] + n)
         self.open_shards = open_shards
-        self._open: OrderedDict[int, tuple[Any, list[str]]] = OrderedDict()
+        self._open: OrderedDict[int, tuple[dict[str, Any], list[str]]] = OrderedDict()
 
     def __len__(self) -> int:
         return self.starts[-1]
@@ -142,20 +143,21 @@ class CachedLatents(Dataset):
         if not 0 <= index < len(self):
             raise IndexError(f"row {index} out of range for {len(self)} cached latents")
         shard = bisect_right(self.starts, index) - 1
-        handle, ids = self._shard(shard)
+        slices, ids = self._shard(shard)
         row = index - self.starts[shard]
-        names = set(handle.keys())
         item: dict[str, Any] = {"id": ids[row]}
         for key in LATENT_KEYS:
-            item[key] = handle.get_slice(key)[row : row + 1][0] if key in names else None
+            item[key] = slices[key][row : row + 1][0] if key in slices else None
         return item
 
-    def _shard(self, shard: int) -> tuple[Any, list[str]]:
+    def _shard(self, shard: int) -> tuple[dict[str, Any], list[str]]:
+        """The shard's slice handle per tensor (the file stays open through them), and its ids."""
         if shard in self._open:
             self._open.move_to_end(shard)
             return self._open[shard]
         handle = safe_open(str(self.paths[shard]), framework="pt")
-        entry = (handle, json.loads(handle.metadata()["ids"]))
+        slices = {key: handle.get_slice(key) for key in handle.keys()}  # noqa: SIM118
+        entry = (slices, json.loads(handle.metadata()["ids"]))
         self._open[shard] = entry
         while len(self._open) > self.open_shards:
             self._open.popitem(last=False)

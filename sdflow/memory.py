@@ -36,13 +36,19 @@ def check_memory_options(train: TrainConfig) -> None:
         )
 
 
-def make_optimizer(train: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def make_optimizer(
+    train: TrainConfig, params: list[torch.nn.Parameter], fused: bool = False
+) -> torch.optim.Optimizer:
+    """AdamW (fused: torch's fused kernel, see `sdflow.speed.fused_adamw`) or 8-bit AdamW."""
     if train.optimizer == "adamw8bit":
         check_memory_options(train)
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(params, lr=train.lr, weight_decay=train.adam_weight_decay)
-    return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.adam_weight_decay)
+    # else foreach (batched over weights, torch's own choice on CUDA), never the per-weight Python
+    # loop torch picks on a CPU
+    kernel = {"fused": True} if fused else {"foreach": True}
+    return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.adam_weight_decay, **kernel)
 
 
 class CpuEMA(EMAModel):
@@ -67,4 +73,4 @@ def make_ema(train: TrainConfig, params: list[torch.nn.Parameter]) -> EMAModel |
     if not train.ema:
         return None
     cls = CpuEMA if train.ema_on_cpu else EMAModel
-    return cls(params, decay=train.ema_decay)
+    return cls(params, decay=train.ema_decay, foreach=True)  # batched over weights, no Python loop

@@ -65,6 +65,14 @@ from sdflow.models import (
 )
 from sdflow.models import noise_scheduler as make_noise_scheduler
 from sdflow.schedules import StepBatches, collate, make_batches
+from sdflow.speed import (
+    apply_tf32,
+    check_speed_options,
+    compile_unet,
+    fused_adamw,
+    memory_format,
+    prepare_unet,
+)
 from sdflow.stageio import Manifest, write_json
 from sdflow.text_training import (
     CHECKPOINT_GROUP,
@@ -104,6 +112,7 @@ class TrainSummary:
     history: list[list[float]]
     skipped_steps: int = 0
     validation: dict[str, Any] | None = None  # `validation_info`, with `train.validate_every`
+    tf32: bool = False  # train.tf32 applied (on CUDA only)
 
 
 @dataclass
@@ -123,6 +132,8 @@ class Trainer:
     text_params: list[torch.nn.Parameter] = field(default_factory=list)  # its trained ones
     validator: Validator | None = None
     validation: ValidationState = field(default_factory=ValidationState)
+    tf32: bool = False
+    pending: list[tuple[int, Tensor, float]] = field(default_factory=list)  # losses not yet read
 
 
 def train_unet(
@@ -132,6 +143,7 @@ def train_unet(
     out_dir = Path(out_dir)
     check_memory_options(config.train)
     accelerator = make_accelerator(config.train, out_dir)
+    check_speed_options(config.train, accelerator.device)
     sources = component_sources(config, upstream, workdir)
     trainer = make_trainer(accelerator, config, sources)
     scheduler = make_noise_scheduler(config, sources)
@@ -150,6 +162,8 @@ def train_unet(
         )
     if trainer.ema and not config.train.ema_on_cpu:
         trainer.ema.to(accelerator.device)
+    trainer.tf32 = apply_tf32(config.train, accelerator.device)
+    compile_unet(accelerator.unwrap_model(trainer.unet), config.train)
     dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
     source = make_batches(config, upstream, workdir, sources, accelerator.device, dtype)
     fit(trainer, source, scheduler, out_dir / CHECKPOINTS)
@@ -160,11 +174,14 @@ def train_unet(
 def make_trainer(accelerator: Accelerator, config: RunConfig, sources) -> Trainer:
     train = config.train
     weight_dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
-    unet = build_trainable_unet(config, sources, weight_dtype)
+    unet = prepare_unet(build_trainable_unet(config, sources, weight_dtype), train)
     params = [p for p in unet.parameters() if p.requires_grad]
     text_encoder = build_trainable_text_encoder(config, sources, weight_dtype)
     text_params = trained_parameters(text_encoder)
-    optimizer = make_optimizer(train, param_groups(train, params, text_params))
+    # Not under fp16's GradScaler: the fused kernel skips an inf/NaN step itself, unseen by
+    # accelerate, so the lr schedule and EMA would not wait for the next real update.
+    fused = fused_adamw(train, accelerator.device) and accelerator.scaler is None
+    optimizer = make_optimizer(train, param_groups(train, params, text_params), fused)
     lr_scheduler = get_scheduler(
         train.lr_scheduler,
         optimizer,
@@ -203,7 +220,12 @@ def fit(trainer: Trainer, source, scheduler, checkpoints: Path) -> None:
         rank=accelerator.process_index,
     )
     loader = DataLoader(
-        source.dataset, batch_sampler=sampler, collate_fn=collate, num_workers=train.data_workers
+        source.dataset,
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=train.data_workers,
+        pin_memory=train.pin_memory and accelerator.device.type == "cuda",
+        prefetch_factor=train.prefetch_factor,
     )
     batches = iter(loader)
     trainer.unet.train()
@@ -214,9 +236,10 @@ def fit(trainer: Trainer, source, scheduler, checkpoints: Path) -> None:
         progress.step += 1
         progress.samples_seen += per_step
         progress.seconds += time.monotonic() - started
-        progress.history.append([progress.step, loss, lr])
+        trainer.pending.append((progress.step, loss, lr))  # read at the next log or checkpoint
         report_progress("train", progress.step, train.max_steps, "steps")  # no-op in a worker
         if progress.step % train.log_every == 0 or progress.step == train.max_steps:
+            loss = read_losses(trainer)
             accelerator.log({"loss": loss, "lr": lr}, step=progress.step)
             log.info("step %d/%d loss %.5f lr %.3g", progress.step, train.max_steps, loss, lr)
         keep = progress.step % train.checkpoint_every == 0 or progress.step == train.max_steps
@@ -224,13 +247,30 @@ def fit(trainer: Trainer, source, scheduler, checkpoints: Path) -> None:
         if trainer.validator and progress.step % train.validate_every == 0:
             best = trainer.validator.run(trainer, trainer.validation) and train.keep_best
         if keep or best or trainer.validation.stopped_at is not None:
+            read_losses(trainer)
             save(trainer, checkpoints)
+    read_losses(trainer)
 
 
-def run_step(trainer: Trainer, source, scheduler, batches) -> float:
-    """One optimizer step over `gradient_accumulation` micro-batches; returns the mean loss."""
+def read_losses(trainer: Trainer) -> float:
+    """Move the pending step losses into the history as numbers; the newest one's value.
+
+    One device-to-host read per log line instead of one per step: a step never waits for the
+    GPU to finish the previous one just to print its loss."""
+    pending, trainer.pending = trainer.pending, []
+    if pending:
+        values = torch.stack([loss for _, loss, _ in pending]).tolist()
+        trainer.progress.history += [
+            [step, value, lr] for (step, _, lr), value in zip(pending, values, strict=True)
+        ]
+    return trainer.progress.history[-1][1]
+
+
+def run_step(trainer: Trainer, source, scheduler, batches) -> Tensor:
+    """One optimizer step over `gradient_accumulation` micro-batches; returns the mean loss (a
+    0-d tensor on the device, not read yet)."""
     accelerator, train = trainer.accelerator, trainer.train
-    total = torch.zeros(())
+    total = torch.zeros((), device=accelerator.device)
     text_encoder = trainer.text_encoder
     models = [trainer.unet] if text_encoder is None else [trainer.unet, text_encoder]
     for _ in range(train.gradient_accumulation):
@@ -253,7 +293,7 @@ def run_step(trainer: Trainer, source, scheduler, batches) -> float:
                 )
             trainer.optimizer.step()  # a no-op until the last micro-batch
             trainer.optimizer.zero_grad(set_to_none=True)
-        total += loss.detach().float().cpu()
+        total += loss.detach().float()
     if accelerator.optimizer_step_was_skipped:
         # The GradScaler found inf/NaN gradients and left the weights alone: the lr schedule and
         # EMA wait for a real update too (as diffusers' AcceleratedScheduler does).
@@ -263,8 +303,7 @@ def run_step(trainer: Trainer, source, scheduler, batches) -> float:
         trainer.lr_scheduler.step()
         if trainer.ema:
             trainer.ema.step(trainer.params)
-    mean = accelerator.reduce(total.to(accelerator.device) / train.gradient_accumulation, "mean")
-    return float(mean)
+    return accelerator.reduce(total / train.gradient_accumulation, "mean").float()
 
 
 @dataclass
@@ -318,7 +357,7 @@ def diffusion_loss(
     inputs = draw_inputs(scheduler, source, batch, generator, train)
     latents, noise = inputs.latents.to(device), inputs.noise.to(device)
     timesteps = inputs.timesteps.to(device)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
+    noisy = scheduler.add_noise(latents, noise, timesteps).to(memory_format=memory_format(train))
     target = prediction_target(scheduler, latents, noise, timesteps)
     text = inputs.text.to(device)
     if text_encoder is not None:
@@ -529,6 +568,7 @@ def summarize(trainer: Trainer, resumed_from: int) -> TrainSummary:
         history=progress.history,
         skipped_steps=progress.skipped_steps,
         validation=validation_summary(trainer),
+        tf32=trainer.tf32,
     )
 
 

@@ -234,6 +234,8 @@ def _load_encoders(
     device = torch_device()
     for module in (vae, text_encoder):
         module.requires_grad_(False).eval().to(device)
+    if config.latents.channels_last:
+        vae.to(memory_format=torch.channels_last)
     return Encoders(vae, tokenizer, text_encoder, device)
 
 
@@ -402,12 +404,14 @@ def _encode_views(
     config: RunConfig, encoders: Encoders, pixels: Tensor, precision: torch.dtype | None
 ) -> dict[str, Tensor]:
     device = encoders.device
+    layout = torch.channels_last if config.latents.channels_last else torch.contiguous_format
     autocast = torch.autocast(device.type, dtype=precision) if precision else nullcontext()
     with autocast:
-        mean, std = encode_images(encoders.vae, pixels.to(device))
+        mean, std = encode_images(encoders.vae, pixels.to(device, memory_format=layout))
         out = {"mean": mean.float(), "std": std.float()}
         if config.latents.flip:
-            mean, std = encode_images(encoders.vae, torch.flip(pixels, dims=[-1]).to(device))
+            flipped = torch.flip(pixels, dims=[-1]).to(device, memory_format=layout)
+            mean, std = encode_images(encoders.vae, flipped)
             out |= {"mean_flip": mean.float(), "std_flip": std.float()}
     return out
 

@@ -68,7 +68,15 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name diffusers' save_lo
 VALIDATION_COLOUR = "#e07b00"
 # Settings that change no weight of the steps done: editing them never retrains. `max_steps` only
 # says how many steps there are; it enters the key beside the lineage (see `train_lineage`).
-NOT_IN_KEY = {"data_workers", "keep_checkpoints", "checkpoint_every", "log_every", "max_steps"}
+NOT_IN_KEY = {
+    "data_workers",
+    "pin_memory",
+    "prefetch_factor",
+    "keep_checkpoints",
+    "checkpoint_every",
+    "log_every",
+    "max_steps",
+}
 # Settings that change what is validated and exported but no weight of any step (validation draws
 # nothing from the training generator): out of the lineage, so a run continues across them, but in
 # the key, since the outputs differ. Early stop ends a run sooner: its steps are still the lineage's.
@@ -263,6 +271,7 @@ def _info(
         "base_commit": hub_commit(config.model),  # what a hub name resolved to for this run
         "resumed_from_step": summary.resumed_from,
         "processes": resolve_processes(config.train),
+        "tf32": summary.tf32,  # train.tf32 applied (CUDA only)
     }
 
 

@@ -465,3 +465,27 @@ def test_encoding_one_image_at_a_time_makes_a_grown_output_byte_identical(setup,
     )
     assert grown["info"]["rows_computed"] == 3 and fresh["info"]["rows_computed"] == 26
     assert grown["fingerprint"] == fresh["fingerprint"]
+
+
+def test_channels_last_encodes_the_same_latents(setup, monkeypatch):
+    """`latents.channels_last`: the VAE sees channels-last pixel batches; the cache holds the same
+    latents as the default layout (within float tolerance)."""
+    workdir, config, upstream, manifest = setup
+    layouts: list[bool] = []
+    encode = latents_stage.encode_images
+
+    def spy(vae, pixels):
+        layouts.append(pixels.is_contiguous(memory_format=torch.channels_last))
+        return encode(vae, pixels)
+
+    monkeypatch.setattr(latents_stage, "encode_images", spy)
+    last = config.model_copy(deep=True)
+    last.latents.channels_last = True
+    other = cache_latents(last, upstream, str(workdir))
+    assert layouts and all(layouts)
+    a, b = CachedLatents(workdir, manifest), CachedLatents(workdir, other)
+    assert len(a) == len(b)
+    for i in range(len(a)):
+        assert a[i]["id"] == b[i]["id"]
+        for key in ("mean", "std", "mean_flip", "std_flip"):
+            torch.testing.assert_close(b[i][key], a[i][key], rtol=1e-3, atol=1e-4)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -738,3 +739,56 @@ def test_scoring_every_checkpoint_keeps_them(tmp_path, components):
     )
     assert list_checkpoints(stage_path(tmp_path / "final", final) / "checkpoints") == [6]
     assert list_checkpoints(stage_path(tmp_path / "all", every) / "checkpoints") == [2, 4, 6]
+
+
+# ------------------------------------------------------------------------------ speed options
+
+
+def unet_weights(workdir: Path, manifest: dict) -> dict[str, torch.Tensor]:
+    return load_file(
+        stage_path(workdir, manifest) / "pipeline/unet/diffusion_pytorch_model.safetensors"
+    )
+
+
+def test_two_data_workers_with_prefetch_train_bitwise_like_none(tmp_path, components):
+    """Worker processes (pinned memory asked for, ignored without CUDA; prefetch 3) load the same
+    batches in the same order: the weights are bitwise those of loading in the training process."""
+    base = scratch_config(components, "train.caption_dropout=0.3", "train.tf32=true")
+    workers = scratch_config(
+        components,
+        "train.caption_dropout=0.3",
+        "train.tf32=true",
+        "train.data_workers=2",
+        "train.pin_memory=true",
+        "train.prefetch_factor=3",
+    )
+    plain, upstream = run_train(base, tmp_path / "plain", components)
+    loaded, _ = run_train(workers, tmp_path / "workers", components)
+    a, b = unet_weights(tmp_path / "plain", plain), unet_weights(tmp_path / "workers", loaded)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert plain["info"]["final_loss"] == loaded["info"]["final_loss"]
+    assert plain["info"]["tf32"] is False  # asked for, recorded as not applied: no CUDA here
+    assert train_key(base, upstream) == train_key(workers, upstream)  # loading options: same key
+
+
+@pytest.mark.skipif(
+    not os.environ.get("SDFLOW_TEST_COMPILE"),
+    reason="inductor builds the UNet's C++ kernels for ~5 minutes on a cold 2-core CPU; "
+    "set SDFLOW_TEST_COMPILE=1 to run it",
+)
+def test_compiled_unet_trains_and_exports_like_the_eager_one(tmp_path, components):
+    """`train.compile` (inductor on the CPU) runs real steps: the first step's loss (same weights,
+    same inputs) is the eager one's; names and weights stay exportable, two Adam steps of lr 1e-3
+    (each moves a weight by at most about lr) apart at most."""
+    eager, _ = run_train(
+        scratch_config(components, "train.max_steps=2"), tmp_path / "e", components
+    )
+    config = scratch_config(components, "train.max_steps=2", "train.compile=true")
+    compiled, _ = run_train(config, tmp_path / "c", components)
+    a, b = unet_weights(tmp_path / "e", eager), unet_weights(tmp_path / "c", compiled)
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=4e-3) for k in a)
+    _, first = load_checkpoint(stage_path(tmp_path / "e", eager) / "checkpoints" / "step-000002")
+    _, other = load_checkpoint(stage_path(tmp_path / "c", compiled) / "checkpoints" / "step-000002")
+    losses = [v["progress"]["history"][0][1] for v in (first, other)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
