@@ -19,9 +19,9 @@ import multiprocessing as mp
 import subprocess
 import sys
 import tempfile
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from download import serve_images  # bench/ is on sys.path when run as a script
 from PIL import Image
 
 
@@ -38,29 +38,7 @@ def image(index: int) -> bytes:
 
 
 def serve(ready: mp.Queue, counter) -> None:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args) -> None:
-            pass
-
-        def do_GET(self) -> None:
-            with counter.get_lock():
-                counter.value += 1
-            body = image(int(self.path.rsplit("/", 1)[1].split(".")[0]))
-            self.send_response(200)
-            self.send_header("Content-Type", "image/jpeg")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-    class Server(ThreadingHTTPServer):
-        request_queue_size = 1024
-        daemon_threads = True
-
-    server = Server(("127.0.0.1", 0), Handler)
-    ready.put(server.server_address[1])
-    server.serve_forever()
+    serve_images(image, lambda port: port, ready, counter=counter)
 
 
 CHILD = """

@@ -59,6 +59,12 @@ def make_jpeg(index: int) -> bytes:
 
 def serve(count: int, ready: mp.Queue, small_host: bool) -> None:
     images = [make_jpeg(i) for i in range(count)]
+    serve_images(images.__getitem__, lambda port: (port, sum(map(len, images))), ready, small_host)
+
+
+def serve_images(body, announce, ready: mp.Queue, small_host: bool = False, counter=None) -> None:
+    """Serve `body(index)` as image/jpeg at `/<index>.jpg` on 127.0.0.1 until killed; puts
+    `announce(port)` on `ready` once listening; counts requests in `counter` (a shared int) if given."""
 
     class Handler(BaseHTTPRequestHandler):
         # keep-alive, as real image hosts do; the small host closes every connection (HTTP/1.0)
@@ -68,19 +74,22 @@ def serve(count: int, ready: mp.Queue, small_host: bool) -> None:
             pass
 
         def do_GET(self) -> None:
-            body = images[int(self.path.rsplit("/", 1)[1].split(".")[0])]
+            if counter is not None:
+                with counter.get_lock():
+                    counter.value += 1
+            data = body(int(self.path.rsplit("/", 1)[1].split(".")[0]))
             self.send_response(200)
             self.send_header("Content-Type", "image/jpeg")
-            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            self.wfile.write(body)
+            self.wfile.write(data)
 
     class Server(ThreadingHTTPServer):
         request_queue_size = SMALL_BACKLOG if small_host else 1024
         daemon_threads = True
 
     server = Server(("127.0.0.1", 0), Handler)
-    ready.put((server.server_address[1], sum(map(len, images))))
+    ready.put(announce(server.server_address[1]))
     server.serve_forever()
 
 
