@@ -12,18 +12,25 @@ caller asks for its result, so a crash leaves every earlier shard finished. The 
 `sdflow.orchestration` runs them as Prefect tasks on the runner `config.runner` selects.
 Stages never depend on the order in which jobs finish, only on the order results are handed back,
 so their outputs are byte-identical whichever mapper runs them.
+
+A job also hands back its `Span` (wall-clock start and end, `time.time()`, comparable across the
+processes of a host), and the stage records `ShardTimes.info()` in its manifest's `info` (never in
+a fingerprinted file): how long its shard work took, to tell it from orchestration overhead.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from sdflow.config import RunConfig
 from sdflow.stageio import StageBuild
 
 R = TypeVar("R")
+Span = tuple[float, float]
+"""A shard job's wall-clock (start, end) in `time.time()` seconds."""
 
 
 @dataclass(frozen=True)
@@ -68,3 +75,39 @@ def windowed(
     finally:
         for future in pending:
             future.wait()
+
+
+def span_since(started: float) -> Span:
+    """The span of a job that started at `started` (`time.time()`) and ends now."""
+    return (started, time.time())
+
+
+def busy_seconds(spans: Iterable[Span]) -> float:
+    """Seconds during which at least one of `spans` ran: the length of their union."""
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted(spans):
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total
+
+
+@dataclass
+class ShardTimes:
+    """The spans of the shard jobs one build ran (shards finished before a crash are not timed)."""
+
+    spans: list[Span] = field(default_factory=list)
+
+    def add(self, span: Span) -> float:
+        """Record a job's span; returns its seconds."""
+        self.spans.append((float(span[0]), float(span[1])))
+        return span[1] - span[0]
+
+    def info(self) -> dict[str, float | int]:
+        """For the manifest's `info`: shards timed, their summed seconds, and the seconds during
+        which at least one ran (`shard_busy_seconds`, at most the stage's wall time)."""
+        return {
+            "shards_timed": len(self.spans),
+            "shard_seconds": round(sum(stop - start for start, stop in self.spans), 3),
+            "shard_busy_seconds": round(busy_seconds(self.spans), 3),
+        }

@@ -52,7 +52,7 @@ from sdflow.errors import UserError
 from sdflow.fingerprint import code_version
 from sdflow.orchestration import mapped_shards, stage_task
 from sdflow.reuse import Outcome, row_keys, shared_memo, write_outcomes
-from sdflow.shardmap import ShardJob, ShardMapper, in_order
+from sdflow.shardmap import ShardJob, ShardMapper, ShardTimes, Span, in_order, span_since
 from sdflow.stageio import (
     FAILURES,
     Manifest,
@@ -255,7 +255,7 @@ def _build(
     jobs = [ShardJob(build, config, i, str(p)) for i, p in enumerate(paths) if i not in done]
     totals: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
-    names, seconds, captioned, computed = [], 0.0, 0, 0
+    names, seconds, captioned, computed, times = [], 0.0, 0, 0, ShardTimes()
     try:
         with (
             tqdm(total=manifest["counts"].get("kept"), desc="caption", unit="img") as progress,
@@ -265,8 +265,8 @@ def _build(
                 if index in done:
                     stats = _read_stats(build, index)
                 else:
-                    stats, took = next(results)
-                    seconds, captioned = seconds + took, captioned + stats["input"]
+                    stats, span = next(results)
+                    seconds, captioned = seconds + times.add(span), captioned + stats["input"]
                     computed += stats["computed"]
                 progress.update(stats["input"])
                 totals.update({k: stats[k] for k in ("input", "kept", "generated", "templated")})
@@ -281,22 +281,23 @@ def _build(
     # None when every shard was finished before a crash: nothing was timed in this run
     info["images_per_second"] = round(captioned / seconds, 1) if seconds > 0 else None
     info["rows_computed"] = computed  # this build; the other rows came from earlier builds
+    info.update(times.info())
     if cfg.backend not in SOURCE_BACKENDS:
         info["model"] = cfg.model
     return build.finish(counts=counts, shards=names, files={"failures": FAILURES}, info=info)
 
 
-def caption_one_shard(job: ShardJob) -> tuple[dict[str, Any], float]:
-    """Caption shard `job.index` (input `job.source`) into the partial directory: (stats, seconds).
+def caption_one_shard(job: ShardJob) -> tuple[dict[str, Any], Span]:
+    """Caption shard `job.index` (input `job.source`) into the partial directory: (stats, span).
 
     Runs wherever the mapper puts it (a thread, a Dask worker); the stage reports progress per shard.
     """
-    started = time.monotonic()
+    started = time.time()
     captioner, finish = shared_captioner(job.config, Path(job.build.workdir) / "cache")
     with tqdm(disable=True) as quiet:
         table = pq.read_table(job.source)
         stats = _caption_one(job.build, job.index, table, captioner, finish, job.config, quiet)
-    return stats, time.monotonic() - started
+    return stats, span_since(started)
 
 
 _SHARED: dict[str, tuple[LazyCaptioner, Callable[[str], str]]] = {}

@@ -38,7 +38,7 @@ from sdflow.fingerprint import code_version
 from sdflow.imaging import ImageSpec, Rejected, process_image
 from sdflow.orchestration import mapped_shards, stage_task
 from sdflow.reuse import Outcome, row_keys, shared_memo, write_outcomes
-from sdflow.shardmap import ShardJob, ShardMapper, in_order
+from sdflow.shardmap import ShardJob, ShardMapper, ShardTimes, in_order, span_since
 from sdflow.sources import SAMPLE_SCHEMA, SourceRow, folder, hf, row_id, urls, webdataset
 from sdflow.stageio import FAILURES, Manifest, StageBuild, build_stage, shard_name
 
@@ -117,6 +117,7 @@ def _build(build: StageBuild, config: RunConfig, mapper: ShardMapper) -> Manifes
     started = time.monotonic()
     names: list[str] = []  # every shard, finished or not, in order: filled as jobs are staged
     kept = fetched = 0  # by this run (not by an earlier, interrupted one)
+    times = ShardTimes()
     with progress_bar(
         STAGE, total=rows.total, unit="img", desc=STAGE, mininterval=1.0, disable=None
     ) as bar:
@@ -125,6 +126,7 @@ def _build(build: StageBuild, config: RunConfig, mapper: ShardMapper) -> Manifes
             for result in results:
                 kept += result["kept"]
                 fetched += result["fetched"]
+                times.add(result["span"])
                 bar.update(result["rows"])
     if not names:
         raise UserError(f"Source {config.source.path} ({config.source.kind}) has no rows.")
@@ -143,6 +145,7 @@ def _build(build: StageBuild, config: RunConfig, mapper: ShardMapper) -> Manifes
         "seconds_this_run": round(seconds, 3),
         "images_per_second": round(kept / seconds, 2) if kept else 0.0,
         "rows_fetched": fetched,  # this build; the other rows came from earlier builds
+        **times.info(),
     }
     return build.finish(counts=counts, shards=names, files={"failures": FAILURES}, info=info)
 
@@ -196,13 +199,15 @@ def _row_fields(row: SourceRow) -> dict[str, Any]:
     return {name: getattr(row, name) for name in SourceRow.__slots__}
 
 
-def download_shard(job: ShardJob) -> dict[str, int]:
+def download_shard(job: ShardJob) -> dict[str, Any]:
     """Download and process the staged rows of shard `job.index` into the partial directory.
 
     Rows an earlier build of the stage already fetched (same id, URL or file bytes, caption and
     download settings; `sdflow.reuse`) are copied from its output: a grown URL list or folder
     fetches only its new or changed rows. Failures that may pass (timeouts, 5xx, 429) are tried again.
+    Returns its row counts and its `span` (`sdflow.shardmap`).
     """
+    started = time.time()
     staged = pq.read_table(job.source).to_pylist()
     duplicates = {row["index"] for row in staged if row.pop("duplicate")}
     rows = [SourceRow(**row) for row in staged]
@@ -217,7 +222,8 @@ def download_shard(job: ShardJob) -> dict[str, int]:
             keys, lambda todo: run_async(lambda: run.some([rows[i] for i in todo], duplicates))
         )
     kept = write_outcomes(job.build, job.index, keys, outcomes, SAMPLE_SCHEMA)
-    return {"rows": len(rows), "kept": kept.num_rows, "fetched": fetched}
+    counts = {"rows": len(rows), "kept": kept.num_rows, "fetched": fetched}
+    return {**counts, "span": span_since(started)}
 
 
 def rows_salt(config: RunConfig) -> str:

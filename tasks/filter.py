@@ -18,6 +18,7 @@ here, and writes each shard.
 from __future__ import annotations
 
 import io
+import time
 from collections import Counter
 from contextlib import closing
 from functools import partial
@@ -54,7 +55,7 @@ from sdflow.filters.semantic import semantic_index
 from sdflow.fingerprint import code_version
 from sdflow.orchestration import mapped_shards, stage_task
 from sdflow.reuse import ROWS, record_rows, row_keys, shared_memo
-from sdflow.shardmap import ShardJob, ShardMapper, in_order
+from sdflow.shardmap import ShardJob, ShardMapper, ShardTimes, Span, in_order, span_since
 from sdflow.stageio import (
     FAILURES,
     Manifest,
@@ -67,8 +68,9 @@ from sdflow.stageio import (
 )
 
 Row = dict[str, Any]
-Checked = tuple[list[bytes], list[Rejection | None], list[str | None]]
-"""One shard's per-row results: keys, verdicts (None: passes) and pHashes (None: not computed)."""
+Checked = tuple[list[bytes], list[Rejection | None], list[str | None], Span]
+"""One shard's per-row results: keys, verdicts (None: passes) and pHashes (None: not computed),
+and the span of the job that checked them (`sdflow.shardmap`)."""
 # settings of the whole-dataset pass, not of a row: a new value re-checks no row
 DATASET_PASS = ("dedup", "near_dup_distance", "semantic_dedup")
 
@@ -172,6 +174,7 @@ def check_one_shard(job: ShardJob) -> Checked:
     Rows an earlier build of the stage checked with the same per-row settings and code keep that
     build's verdict and pHash (`sdflow.reuse`); only new or changed rows are decoded and checked.
     """
+    started = time.time()
     table = pq.read_table(job.source)
     keys = row_keys(table.to_pylist(), rows_salt(job.config))
     known = shared_memo(job.build.workdir, "filter", job.build.key).facts(keys)
@@ -184,7 +187,7 @@ def check_one_shard(job: ShardJob) -> Checked:
         rows = attach_embeddings(rows, todo, shard)
     fresh = dict(zip(todo, check_rows(rows, checks, hashing), strict=True))
     results = [fresh[row] if row in fresh else _verdict(known[row]) for row in range(len(keys))]
-    return keys, [r[0] for r in results], [r[1] for r in results]
+    return keys, [r[0] for r in results], [r[1] for r in results], span_since(started)
 
 
 def rows_salt(config: RunConfig) -> str:
@@ -268,6 +271,7 @@ def _build(
     embeds = partial(_image_embeds, build.workdir, clip) if semantic else lambda index: None
     done = {i for i in range(len(paths)) if build.has(shard_name(i))}  # kept from before a crash
     jobs = [ShardJob(build, config, i, str(p)) for i, p in enumerate(paths) if i not in done]
+    times = ShardTimes()
     with (
         tqdm(total=len(paths), desc="filter", unit="shard") as progress,
         closing(mapper(check_one_shard, jobs)) as verdicts,
@@ -278,6 +282,7 @@ def _build(
                 kept, failed = _read_finished(build, name, dedup, embeds(index))
             else:
                 checked = next(verdicts)
+                times.add(checked[3])
                 kept, failed = _write_filtered(build, index, path, checked, dedup, embeds(index))
             counts["input"] += kept + len(failed)
             counts["kept"] += kept
@@ -295,6 +300,7 @@ def _build(
             "near_dup_distance": config.filter.near_dup_distance,
             "semantic_clusters": len(semantic.centroids) if semantic else None,
             "clip_embeddings": clip["path"] if clip else None,
+            **times.info(),
         },
     )
 
@@ -310,7 +316,7 @@ def _write_filtered(
     """Deduplicate shard `index` given its rows' keys, verdicts and pHashes (and CLIP image
     embeddings), write it (the rows' record with their per-row results first, see
     `sdflow.reuse`): (kept, failure reasons)."""
-    keys, verdicts, phashes = checked
+    keys, verdicts, phashes, _ = checked
     table = pq.read_table(path)
     kept_table, failures, kept = filter_shard(table, verdicts, dedup, phashes, embeds)
     facts = {

@@ -62,11 +62,13 @@ def clip_needed(cfg: FilterConfig) -> bool:
 
 
 def clip_identity(cfg: FilterConfig) -> dict[str, str]:
-    """The CLIP model's weights hash and the aesthetic head's file hash (for keys)."""
-    from sdflow.models import absolute_source, weights_hash
-
+    """The CLIP model's weights hash and the aesthetic head's file hash (for keys). Without a CLIP
+    filter nothing is imported: `sdflow.models` brings torch and diffusers (seconds) into a filter
+    stage that needs neither."""
     if not clip_needed(cfg):
         return {}
+    from sdflow.models import absolute_source, weights_hash
+
     found = {"clip_weights": weights_hash(absolute_source(cfg.clip_model), None)}
     if cfg.aesthetic:
         found["aesthetic_weights"] = _file_hash(cfg.aesthetic.weights)

@@ -376,6 +376,8 @@ def test_resume_keeps_finished_shards(
     counts = manifest["counts"]
     assert counts["input"] == 6 and counts["kept"] == 6 and counts["templated"] == 3
     assert len(output_rows(tmp_path, manifest)) == 6
+    assert manifest["info"]["shards_timed"] == 1  # shard 1 alone ran in this build
+    assert 0 < manifest["info"]["shard_busy_seconds"] <= manifest["seconds"]
     rebuild = lambda: caption_samples(config, {"filter": filtered}, str(tmp_path))  # noqa: E731
     assert fresh_fingerprint(tmp_path, manifest, rebuild) == manifest["fingerprint"]
 

@@ -527,6 +527,10 @@ def test_kill_9_resumes_and_gives_byte_identical_shards(tmp_path, http_server):
             assert a == b, f"{sub}{name} differs"
     assert resumed["counts"] == clean["counts"]
     assert load_manifest(final)["counts"]["failed_by_reason"] == {"http_404": 1}
+    # shard timings (manifest info, outside the fingerprint): the shards each build itself ran
+    assert resumed["info"]["shards_timed"] == 4 - len(done) and clean["info"]["shards_timed"] == 4
+    timing = clean["info"]
+    assert 0 < timing["shard_busy_seconds"] <= min(timing["shard_seconds"], clean["seconds"])
 
 
 def test_a_grown_url_list_requests_only_its_new_rows(tmp_path, http_server):

@@ -178,6 +178,8 @@ def test_resume_keeps_finished_shards_and_their_hashes(
     assert fates(tmp_path, manifest) == FATES  # s06 still a duplicate of s00 from the kept shard
     assert manifest["counts"]["input"] == 12 and manifest["counts"]["failed"] == 9
     assert not partial.exists()
+    assert manifest["info"]["shards_timed"] == 2  # the checks of shards 1 and 2 ran in this build
+    assert 0 < manifest["info"]["shard_busy_seconds"] <= manifest["seconds"]
     rebuild = lambda: filter_samples(config, {"download": download}, str(tmp_path))  # noqa: E731
     assert fresh_fingerprint(tmp_path, manifest, rebuild) == manifest["fingerprint"]
 
