@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -93,8 +94,9 @@ def task_runs(database: Path) -> dict[str, int]:
         return {str(state): count for state, count in found.fetchall()}
 
 
-def run_flow(tmp: Path, profile: Path) -> tuple[float, Path]:
-    """`sdflow run` in its own process with its own Prefect database: (seconds, run directory)."""
+def run_flow(tmp: Path, profile: Path) -> tuple[float, float, Path]:
+    """`sdflow run` in its own process with its own Prefect database: (launch time, seconds, run
+    directory)."""
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
@@ -107,7 +109,7 @@ def run_flow(tmp: Path, profile: Path) -> tuple[float, Path]:
     env.pop("PREFECT_API_URL", None)  # the ephemeral API: what a plain `sdflow run` uses
     only = ",".join(STAGES)
     command = [sys.executable, "-m", "sdflow.cli", "run", str(profile), "--only", only]
-    started = time.perf_counter()
+    launched, started = time.time(), time.perf_counter()
     done = subprocess.run(
         [*command, "--workdir", str(tmp / "work")],
         cwd=ROOT,
@@ -118,20 +120,26 @@ def run_flow(tmp: Path, profile: Path) -> tuple[float, Path]:
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(f"sdflow run failed ({done.returncode}):\n{done.stderr[-4000:]}")
-    return seconds, Path(done.stdout.strip().splitlines()[-1])
+    return launched, seconds, Path(done.stdout.strip().splitlines()[-1])
 
 
 def measure(rows: int, shard_size: int, max_workers: int, port: int, tmp: Path) -> dict[str, Any]:
     listing = write_list(tmp / "urls.csv", port, rows)
     profile = tmp / "flow-scale.yaml"
     profile.write_text(profile_text(listing, shard_size, max_workers))
-    seconds, run_dir = run_flow(tmp, profile)
+    launched, seconds, run_dir = run_flow(tmp, profile)
     summary = json.loads((run_dir / "summary.json").read_text())
+    body = [datetime.fromisoformat(summary[k]).timestamp() for k in ("started_at", "finished_at")]
     manifests = {
         name: json.loads((Path(summary["stages"][name]["output"]) / "MANIFEST.json").read_text())
         for name in STAGES
     }
     result = outside_shares(summary, manifests, seconds)
+    # summary.json's started_at / finished_at: when the flow body's tracker starts, and when it
+    # finishes (after the stages, before the dataset report)
+    result["until_flow_body_seconds"] = round(body[0] - launched, 1)  # imports, ephemeral API
+    result["flow_body_seconds"] = round(body[1] - body[0], 1)  # stages and their modules' imports
+    result["after_flow_body_seconds"] = round(launched + seconds - body[1], 1)  # report, shutdown
     result["kept"] = manifests["caption"]["counts"]["kept"]
     result["task_runs"] = task_runs(tmp / "prefect.db")
     result["shard_size"], result["max_workers"] = shard_size, max_workers
@@ -146,6 +154,9 @@ def report(result: dict[str, Any]) -> None:
     for name, stage in result["stages"].items():
         print(f"{name:>9} {stage['seconds']:>8.1f} {stage['shard_busy_seconds']:>12.1f} "
               f"{stage['outside_share']:>8.1%} {stage['shards']:>6}")  # fmt: skip
+    print(f"process: {result['until_flow_body_seconds']} s until the flow body starts (imports, "
+          f"ephemeral API), {result['flow_body_seconds']} s of stages, "
+          f"{result['after_flow_body_seconds']} s after them (dataset report, shutdown)")  # fmt: skip
     print(f"outside shard work: {result['outside_share_stages']:.1%} of the stages' wall time, "
           f"{result['outside_share_process']:.1%} of the whole process "
           f"(start-up and the ephemeral API included)")  # fmt: skip

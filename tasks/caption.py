@@ -31,8 +31,6 @@ from PIL import Image
 from tqdm import tqdm
 
 from sdflow.captioners import captioner_identity, require_backend
-from sdflow.captioners.blip import BlipCaptioner
-from sdflow.captioners.interrogator import InterrogatorCaptioner
 from sdflow.captions import (
     MISSING,
     NOT_GENERATED,
@@ -91,11 +89,23 @@ class KeepCaptioner:
         return list(existing)
 
 
+def blip_captioner(cfg: CaptionConfig, cache_dir: Path | None = None) -> Captioner:
+    from sdflow.captioners.blip import BlipCaptioner  # torch, transformers: only when it captions
+
+    return BlipCaptioner(cfg, cache_dir)
+
+
+def interrogator_captioner(cfg: CaptionConfig, cache_dir: Path) -> Captioner:
+    from sdflow.captioners.interrogator import InterrogatorCaptioner
+
+    return InterrogatorCaptioner(cfg, cache_dir)
+
+
 # A factory gets the caption section and a directory for reusable files (term embeddings).
 CAPTIONERS: dict[str, Callable[[CaptionConfig, Path], Captioner]] = {
     "keep": KeepCaptioner,
-    "blip": BlipCaptioner,
-    "clip-interrogator": InterrogatorCaptioner,
+    "blip": blip_captioner,
+    "clip-interrogator": interrogator_captioner,
 }
 
 

@@ -84,6 +84,20 @@ def test_pipeline_module_defers_the_model_libraries():
     assert loaded == ["prefect"]
 
 
+def test_data_stages_without_a_model_import_no_model_library():
+    """download, filter (no CLIP filter) and caption (`keep`): their modules, keys and checks need
+    no torch, diffusers or transformers (tens of seconds of a run under load)."""
+    code = (
+        "from sdflow.config import RunConfig\n"
+        "import tasks.download, tasks.filter, tasks.caption\n"
+        "config = RunConfig.model_validate({'source': {'kind': 'urls', 'path': 'u.csv'}, 'caption': {'backend': 'keep'}})\n"
+        "tasks.filter.filter_settings(config), tasks.caption.caption_settings(config)\n"
+        "tasks.filter.sample_checks(config.filter, caption_rules=True)\n"
+        "tasks.caption.make_captioner(config.caption, None)\n"
+    )
+    assert _heavy_modules_after(code, HEAVY[:3]) == []
+
+
 def _summary(workdir, run, profile, status, started, model=True) -> str:
     """A run's summary.json as the pipeline writes it, with an exported pipeline directory."""
     import json

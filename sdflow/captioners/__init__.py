@@ -3,20 +3,23 @@
 `blip.py`: BLIP / BLIP-2 through transformers, batched. `interrogator.py`: clip-interrogator on top
 of it (optional `caption` extra, imported only when that backend is built). `random_init.py`:
 randomly initialised models saved like pretrained ones, for offline tests and `bench/caption.py`.
+
+torch and `sdflow.models` (diffusers) are imported only when a model is involved: the caption stage
+with the `keep` backend needs neither, and importing them takes seconds (tens under load).
 """
 
 from __future__ import annotations
 
 from importlib.util import find_spec
-
-import torch
+from typing import TYPE_CHECKING
 
 from sdflow.config import EXTRA_MODULES, CaptionConfig
 from sdflow.errors import UserError
 from sdflow.gpuslots import torch_device
-from sdflow.models import weights_hash
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+if TYPE_CHECKING:
+    import torch
+
 INSTALL_EXTRA = "pip install -e '.[caption]'"
 
 
@@ -26,9 +29,11 @@ def select_device() -> torch.device:
 
 def select_dtype(name: str, device: torch.device) -> torch.dtype:
     """`caption.dtype`; auto: float16 on a GPU (half the memory, tensor cores), float32 on CPU."""
+    import torch
+
     if name == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
 def require_backend(cfg: CaptionConfig) -> None:
@@ -49,6 +54,8 @@ def captioner_identity(cfg: CaptionConfig) -> dict[str, str]:
     """
     if cfg.backend == "keep":
         return {}
+    from sdflow.models import weights_hash
+
     identity = {"model": weights_hash(cfg.model, None, cfg.revision)}
     if cfg.backend == "clip-interrogator":
         from sdflow.captioners.interrogator import clip_identity, terms_identity
