@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/image_format.py
 	OMP_NUM_THREADS=1 $(BIN)/python bench/train_step.py --vs-reference --repeats 5
 	$(BIN)/python bench/data_scale.py --rows 2000 20000
+	$(BIN)/python bench/flow_scale.py --rows 20000
 
 clean:
 	rm -rf $(VENV) $(WORKDIR) .pytest_cache
