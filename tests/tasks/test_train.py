@@ -29,8 +29,10 @@ from sdflow.checkpoints import list_checkpoints, load_checkpoint, load_latest, s
 from sdflow.errors import UserError
 from sdflow.latent_data import (
     EMPTY_PROMPT,
+    IMAGE_KEYS,
     captions_path,
     latent_shard_name,
+    pack_rows,
     save_tensors,
     write_latent_shard,
 )
@@ -102,10 +104,12 @@ def make_latents(
     rows: tuple[int, ...] = (7, 5),
     tokens: bool = False,
     held_out: int = 0,
+    buckets: bool = False,
 ) -> dict:
     """A latents-stage output: random latent distributions, real caption embeddings (or, `tokens`,
     the captions' token ids, as for a trained text encoder), ids; and `held_out` rows more in
-    `validation/`, as the stage caches the held-out split."""
+    `validation/`, as the stage caches the held-out split. With `buckets` the rows take turns in
+    three buckets, 32x32, 32x16 and 16x32 px (latents 8x8, 4x8, 8x4)."""
     generator = torch.Generator().manual_seed(0)
     tokenizer, text_encoder = components["tokenizer"], components["text_encoder"]
     key = "input_ids" if tokens else "text"
@@ -128,6 +132,8 @@ def make_latents(
                 "std_flip": torch.rand(shape, generator=generator) * 0.1,
                 key: embed([CAPTIONS[(i + j) % 4] for j in range(n)]),
             }
+            if buckets:
+                tensors = bucketed(tensors, n, generator)
             names.append(latent_shard_name(i))
             write_latent_shard(build.path / names[-1], tensors, [f"s{i}-{j}" for j in range(n)])
         save_tensors(build.path / EMPTY_PROMPT, {key: embed([""])[0]}, {})
@@ -159,7 +165,25 @@ def make_latents(
             | ({"captions": "input_ids"} if tokens else {}),
         )
 
-    return build_stage(workdir, "latents", "fixture-tokens" if tokens else "fixture", work)
+    name = "fixture-tokens" if tokens else "fixture"
+    return build_stage(workdir, "latents", name + ("-buckets" if buckets else ""), work)
+
+
+def bucketed(tensors: dict, n: int, generator: torch.Generator) -> dict:
+    """Re-lay square fixture rows out in buckets: row j in bucket j % 3 (cropped latents)."""
+    sizes = [(32, 32), (32, 16), (16, 32)]  # (width, height) px; latents are a quarter of it
+    rows = []
+    for j in range(n):
+        width, height = sizes[j % 3]
+        row = {k: v[j : j + 1] for k, v in tensors.items()}
+        row |= {k: row[k][..., : height // 4, : width // 4] for k in IMAGE_KEYS}
+        row |= {
+            "bucket": torch.tensor([[width, height]]),
+            "original_size": torch.tensor([[height * 2, width * 2]]),
+            "crop_top_left": torch.randint(0, 4, (1, 2), generator=generator),
+        }
+        rows.append(row)
+    return pack_rows(rows)
 
 
 def make_captions(workdir: Path, count: int = 12) -> dict:
@@ -196,9 +220,11 @@ def pretrained_config(components: dict, *overrides: str):
     return load_profile("tiny-test", options)
 
 
-def run_train(config, workdir: Path, components: dict, upstream_extra: dict | None = None):
+def run_train(
+    config, workdir: Path, components: dict, upstream_extra: dict | None = None, buckets=False
+):
     tokens = config.train.text_encoder != "frozen"  # what the latents stage caches for it
-    latents = make_latents(workdir, components, tokens=tokens)
+    latents = make_latents(workdir, components, tokens=tokens, buckets=buckets)
     upstream = {"latents": latents, "autoencoder": None, "caption": None}
     upstream.update(upstream_extra or {})
     return train(config, upstream, str(workdir)), upstream
@@ -653,6 +679,7 @@ train(RunConfig.model_validate(spec["config"]), spec["upstream"], spec["workdir"
 
 
 def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, components, caplog):
+    # on latents in three buckets (batches of one shape each, some smaller than train.batch_size)
     config = scratch_config(
         components,
         "train.max_steps=8",
@@ -663,10 +690,11 @@ def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, co
         "train.warmup_steps=5",
         "train.gradient_accumulation=2",
     )
-    reference, _ = run_train(config, tmp_path / "straight", components)
+    reference, _ = run_train(config, tmp_path / "straight", components, buckets=True)
 
     workdir = tmp_path / "killed"
-    upstream = {"latents": make_latents(workdir, components), "autoencoder": None, "caption": None}
+    latents = make_latents(workdir, components, buckets=True)
+    upstream = {"latents": latents, "autoencoder": None, "caption": None}
     spec = tmp_path / "spec.json"
     spec.write_text(
         json.dumps(
