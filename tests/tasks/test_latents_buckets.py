@@ -4,6 +4,7 @@ latents stage into non-square latents, then a short train on them."""
 from __future__ import annotations
 
 import io
+import logging
 
 import torch
 from PIL import Image
@@ -14,7 +15,7 @@ from sdflow.imaging import ImageSpec, process_image
 from sdflow.latent_data import CachedLatents
 from sdflow.profiles import load_profile
 from sdflow.stageio import output_dir
-from tasks.latents import cache_latents
+from tasks.latents import cache_latents, latents_key
 from tasks.train import train
 
 # the source images (width, height): square, 2:1, 1:2 and 4:3; three of each
@@ -68,7 +69,9 @@ def downloaded_rows() -> list[dict]:
     return rows
 
 
-def test_mixed_aspect_folder_caches_non_square_latents_and_trains(tmp_path, one_torch_thread):
+def test_mixed_aspect_folder_caches_non_square_latents_and_trains(
+    tmp_path, one_torch_thread, caplog
+):
     options = [
         "download.resize_mode=max_area",
         GRID,
@@ -112,8 +115,14 @@ def test_mixed_aspect_folder_caches_non_square_latents_and_trains(tmp_path, one_
         seen.append(row["id"])
     assert sorted(seen) == sorted(r["id"] for r in rows)  # every sample once
 
+    other = config.model_copy(deep=True)
+    other.latents.buckets = [(32, 32), (48, 16), (16, 48)]
+    assert latents_key(other, upstream) != manifest["key"]  # the bucket set is in the key
+
     upstream |= {"latents": manifest}
-    trained = train(config, upstream, str(tmp_path))
+    with caplog.at_level(logging.INFO, logger="sdflow.train"):
+        trained = train(config, upstream, str(tmp_path))
+    assert "bucket 24x40: 3 samples, 1 batches per epoch, the last of 3" in caplog.text
     assert trained["counts"]["steps"] == 2
     # 32x32 and 24x40 hold 3 samples, fewer than a batch of 4: kept, as one smaller batch each
     plan = trained["info"]["buckets"]
