@@ -152,6 +152,8 @@ def make_latents(
                 "std": torch.rand(shape, generator=generator) * 0.1,
                 "text": embed(captions),
             }
+            if buckets:
+                tensors = bucketed(tensors, held_out, generator)
             (build.path / "validation").mkdir()
             shard = build.path / "validation" / latent_shard_name(0)
             write_latent_shard(shard, tensors, [f"held-{j}" for j in range(held_out)])
@@ -176,7 +178,7 @@ def bucketed(tensors: dict, n: int, generator: torch.Generator) -> dict:
     for j in range(n):
         width, height = sizes[j % 3]
         row = {k: v[j : j + 1] for k, v in tensors.items()}
-        row |= {k: row[k][..., : height // 4, : width // 4] for k in IMAGE_KEYS}
+        row |= {k: row[k][..., : height // 4, : width // 4] for k in IMAGE_KEYS if k in row}
         row |= {
             "bucket": torch.tensor([[width, height]]),
             "original_size": torch.tensor([[height * 2, width * 2]]),
