@@ -202,10 +202,6 @@ class CachedLatents(Dataset):
     def __len__(self) -> int:
         return self.starts[-1]
 
-    def shard_ranges(self) -> list[range]:
-        """Row index range of each shard."""
-        return [range(a, b) for a, b in zip(self.starts, self.starts[1:], strict=False)]
-
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < len(self):
             raise IndexError(f"row {index} out of range for {len(self)} cached latents")

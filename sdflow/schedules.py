@@ -44,7 +44,8 @@ class EpochOrder:
         if not buckets:
             raise ValueError("no training samples")
         self.names = sorted(set(buckets))
-        self.bucket_of = torch.tensor([self.names.index(b) for b in buckets], dtype=torch.int64)
+        number = {name: i for i, name in enumerate(self.names)}
+        self.bucket_of = torch.tensor([number[b] for b in buckets], dtype=torch.int64)
         self.counts = torch.bincount(self.bucket_of, minlength=len(self.names)).tolist()
         self.batch_size = batch_size
         self.per_epoch = sum(-(-n // batch_size) for n in self.counts)

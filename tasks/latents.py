@@ -12,9 +12,14 @@ A run that trains the text encoder (`train.text_encoder` lora or full) caches th
 For scratch models the tokenizer is trained here on the training captions and the (frozen, seeded)
 text encoder is built here; both are saved beside the shards for the train and evaluate stages.
 
+Images are resized to cover their bucket and centre-cropped (`sdflow.buckets`; with
+`latents.buckets: none` one square bucket at `download.resolution`); every row records its
+`original_size` and `crop_top_left`, and with buckets its `bucket` (the shard layout is in
+`sdflow.latent_data`). The manifest's `info.buckets` counts the training samples per bucket.
+
 The stage key holds the weights hashes of the VAE and text encoder, the resolution, the held-out
-fraction and this section (and, when the text encoder trains, that token ids are cached): swapping
-an encoder or the resolution re-encodes, never reuses.
+fraction and this section with its bucket set (and, when the text encoder trains, that token ids
+are cached): swapping an encoder, the resolution or the buckets re-encodes, never reuses.
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ def test_cached_latents_index_across_shards(tmp_path, rows_info):
     manifest = latents_stage(tmp_path, [3, 0, 5, 2], rows_info=rows_info)
     data = CachedLatents(tmp_path, manifest, open_shards=1)
     assert len(data) == 10
-    assert [r.start for r in data.shard_ranges()] == [0, 3, 3, 8]
+    assert data.starts == [0, 3, 3, 8, 10]
     for k in [9, 0, 4, 3, 8, 2]:  # random order, across shards, with a one-shard cache
         row = data[k]
         assert row["id"] == f"r{k}"
