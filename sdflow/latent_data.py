@@ -44,6 +44,7 @@ IMAGE_KEYS = ("mean", "std", "mean_flip", "std_flip")  # stored per bucket when 
 ROW_KEYS = ("text", "input_ids", "original_size", "crop_top_left")
 LATENT_KEYS = (*IMAGE_KEYS, *ROW_KEYS)
 EMPTY_PROMPT = "empty_prompt.safetensors"
+CACHED_TABLES = 8  # caption shards `CaptionedImages` keeps decoded in memory
 
 
 def caption_key(train: TrainConfig) -> str:
@@ -279,7 +280,7 @@ class CaptionedImages(Dataset):
             self.rows += [
                 (shard, r) for r, i in enumerate(ids) if not is_held_out(i, held_out_fraction)
             ]
-        self._cached: tuple[int, dict[str, list]] | None = None
+        self._cached: OrderedDict[int, dict[str, list]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -294,11 +295,16 @@ class CaptionedImages(Dataset):
         }
 
     def _table(self, shard: int) -> dict[str, list]:
-        """The most recently used shard stays in memory: shard-local access reads each file once."""
-        if self._cached is None or self._cached[0] != shard:
+        """The `CACHED_TABLES` most recently used shards stay in memory: the training order is a
+        global shuffle, so a batch's rows come from several shards."""
+        if shard in self._cached:
+            self._cached.move_to_end(shard)
+        else:
             table = pq.read_table(self.paths[shard], columns=["id", "image", "caption"])
-            self._cached = (shard, table.to_pydict())
-        return self._cached[1]
+            self._cached[shard] = table.to_pydict()
+            while len(self._cached) > CACHED_TABLES:
+                self._cached.popitem(last=False)
+        return self._cached[shard]
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_cached": None}
+        return {**self.__dict__, "_cached": OrderedDict()}
