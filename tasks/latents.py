@@ -506,7 +506,7 @@ def _shape_info(build, config, encoders, shards, stats) -> dict[str, Any]:
     first = next(name for name, s in zip(shards, stats, strict=True) if s["encoded"])
     with safe_open(str(build.path / first), framework="pt") as fh:
         mean = next(k for k in fh.keys() if k.split("@")[0] == "mean")  # noqa: SIM118
-        _, channels, size, _ = fh.get_slice(mean).get_shape()
+        _, channels, height, _ = fh.get_slice(mean).get_shape()
         if caption_key(config.train) == "text":
             _, seq_len, dim = fh.get_slice("text").get_shape()
         else:
@@ -516,7 +516,8 @@ def _shape_info(build, config, encoders, shards, stats) -> dict[str, Any]:
     info = {"captions": "input_ids"} if caption_key(config.train) == "input_ids" else {}
     return info | {
         "latent_channels": channels,
-        "latent_size": size,
+        # one square side without buckets; with them the sizes are those of `buckets`
+        "latent_size": height if config.latents.buckets == "none" else None,
         "text_seq_len": seq_len,
         "text_dim": dim,
         "flip": config.latents.flip,
@@ -533,7 +534,7 @@ def _bucket_counts(buckets: list[Bucket], stats: list[dict[str, Any]]) -> dict[s
     """Training samples per bucket, every bucket of the set listed (0 where none landed)."""
     counts = Counter({bucket_name(b): 0 for b in buckets})
     for s in stats:
-        counts.update(s["buckets"])
+        counts.update(s.get("buckets", {}))
     return dict(counts)
 
 

@@ -96,6 +96,7 @@ def test_mixed_aspect_folder_caches_non_square_latents_and_trains(
         "48x16": 0,  # fmt: skip
     }
 
+    assert manifest["info"]["latent_size"] is None  # no one size: see the buckets
     seen: list[str] = []
     for shard in manifest["shards"]:
         tensors = load_file(output_dir(tmp_path, manifest) / shard)
@@ -114,6 +115,17 @@ def test_mixed_aspect_folder_caches_non_square_latents_and_trains(
         assert row["crop_top_left"].tolist() == crop
         seen.append(row["id"])
     assert sorted(seen) == sorted(r["id"] for r in rows)  # every sample once
+
+    # other shard sizes: a new key, every row reused from the shards above, bucket by bucket
+    regrouped = config.model_copy(deep=True)
+    regrouped.latents.shard_size = 5
+    again = cache_latents(regrouped, upstream, str(tmp_path))
+    assert again["key"] != manifest["key"] and again["info"]["rows_computed"] == 0
+    assert len(again["shards"]) > len(manifest["shards"])
+    reread = CachedLatents(tmp_path, again)
+    for i in range(len(data)):
+        assert reread[i]["id"] == data[i]["id"]
+        assert all(torch.equal(reread[i][k], data[i][k]) for k in ("mean", "std_flip", "text"))
 
     other = config.model_copy(deep=True)
     other.latents.buckets = [(32, 32), (48, 16), (16, 48)]
