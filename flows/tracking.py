@@ -102,6 +102,8 @@ class RunTracker:
             self.manifests[name] = manifest
             entry["output"] = str(output_dir(self.workdir, manifest))
             entry["counts"] = manifest.get("counts", {})
+            if name == "latents" and manifest.get("info", {}).get("buckets"):
+                entry["buckets"] = manifest["info"]["buckets"]  # samples per bucket
             self._note_products(name, manifest)
         if error:
             entry["error"] = error

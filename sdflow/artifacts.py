@@ -166,6 +166,9 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         "|---|---|---|---:|---|",
         *rows,
     ]
+    buckets = {n: s["buckets"] for n, s in stages.items() if len(s.get("buckets", {})) > 1}
+    for name, counts in buckets.items():
+        lines += ["", f"Samples per bucket ({name}): " + _counts_text(counts)]
     errors = [f"- **{n}**: {s['error']}" for n, s in stages.items() if s.get("error")]
     if errors:
         lines += ["", "## Failed", *errors]

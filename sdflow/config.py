@@ -16,7 +16,9 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     field_validator,
     model_validator,
 )
@@ -84,7 +86,12 @@ class DownloadConfig(Section):
     """Fetching, decoding and resizing the source images into shards."""
 
     resolution: int = Field(64, ge=8, le=4096, description="target side length in pixels")
-    resize_mode: Literal["center_crop", "keep_ratio", "none"] = "center_crop"
+    resize_mode: Literal["center_crop", "keep_ratio", "max_area", "none"] = Field(
+        "center_crop",
+        description="center_crop: a resolution-sized square; keep_ratio: longer side at most "
+        "resolution; max_area: at most resolution**2 pixels, aspect kept (for latents.buckets); "
+        "none: as downloaded. keep_ratio and max_area never upscale",
+    )
     allow_private_network: bool = Field(
         False, description="allow URLs that resolve to private, loopback or link-local addresses"
     )
@@ -442,8 +449,96 @@ class AutoencoderConfig(Section):
     )
 
 
+BUCKET_MULTIPLE = 8  # every bucket side divides by the VAE's downsampling (8 in every SD VAE)
+
+
+class BucketGrid(Section):
+    """Buckets generated around a target area (`sdflow.buckets.grid_buckets`)."""
+
+    resolution: int = Field(..., ge=8, le=4096, description="buckets hold at most this**2 pixels")
+    min_side: int | None = Field(None, ge=8, description="shortest side; default resolution / 2")
+    max_side: int | None = Field(None, ge=8, description="longest side; default resolution x 2")
+    step: int = Field(
+        64,
+        ge=8,
+        description="side increment in pixels; 64 = VAE 8x times the UNet's 8x downsampling of "
+        "every Stable Diffusion (small models may use a multiple of 8 that their UNet divides)",
+    )
+
+    @property
+    def min_side_or_default(self) -> int:
+        return self.min_side or max(self.step, self.resolution // 2 // self.step * self.step)
+
+    @property
+    def max_side_or_default(self) -> int:
+        return self.max_side or self.resolution * 2
+
+    @model_validator(mode="after")
+    def _sides(self) -> BucketGrid:
+        if self.step % BUCKET_MULTIPLE:
+            raise ValueError(
+                f"latents.buckets.step = {self.step} is not a multiple of {BUCKET_MULTIPLE} (the "
+                "VAE's downsampling); allowed: 8, 16, ..., 64 (the default)"
+            )
+        for key in ("min_side", "max_side"):
+            value = getattr(self, key)
+            if value is not None and value % self.step:
+                raise ValueError(
+                    f"latents.buckets.{key} = {value} is not a multiple of step {self.step}"
+                )
+        lo, hi = self.min_side_or_default, self.max_side_or_default
+        if lo * lo > self.resolution**2 or lo > hi:
+            raise ValueError(
+                f"latents.buckets: min_side {lo}, max_side {hi} and resolution "
+                f"{self.resolution} leave no bucket; allowed: min_side <= resolution <= max_side"
+            )
+        return self
+
+
+def _check_bucket_list(buckets: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    if not buckets:
+        raise ValueError("latents.buckets is an empty list; allowed: 'none', a grid or [[w, h]]")
+    for width, height in buckets:
+        if width < 8 or height < 8 or width % BUCKET_MULTIPLE or height % BUCKET_MULTIPLE:
+            raise ValueError(
+                f"latents.buckets has [{width}, {height}]; allowed: sides of at least 8 that are "
+                f"multiples of {BUCKET_MULTIPLE} (the VAE's downsampling)"
+            )
+    if len(set(buckets)) != len(buckets):
+        raise ValueError(f"latents.buckets lists a bucket twice: {buckets}")
+    return buckets
+
+
+def _bucket_kind(value: Any) -> str | None:
+    """Which form of `latents.buckets` a value is (one error message per form, not three)."""
+    if isinstance(value, str):
+        return "none"
+    if isinstance(value, dict | BucketGrid):
+        return "grid"
+    return "list" if isinstance(value, list | tuple) else None
+
+
+BucketSpec = Annotated[
+    Annotated[Literal["none"], Tag("none")]
+    | Annotated[BucketGrid, Tag("grid")]
+    | Annotated[list[tuple[int, int]], Tag("list")],
+    Discriminator(
+        _bucket_kind,
+        custom_error_type="bucket_spec",
+        custom_error_message="latents.buckets must be 'none', a grid {resolution, min_side, "
+        "max_side, step} or a list of [width, height]",
+    ),
+]
+
+
 class LatentsConfig(Section):
     """Encoding images and captions once, into safetensors shards."""
+
+    buckets: BucketSpec = Field(
+        "none",
+        description="aspect-ratio buckets: none (square centre crops at download.resolution), "
+        "{resolution, min_side, max_side, step} (generated), or [[width, height], ...]",
+    )
 
     batch_size: int = Field(64, ge=1)
     flip: bool = Field(True, description="also cache the horizontally flipped latents")
@@ -453,6 +548,12 @@ class LatentsConfig(Section):
     channels_last: bool = Field(
         False, description="the VAE and its pixel batches in channels-last memory format (GPU)"
     )
+
+    @model_validator(mode="after")
+    def _bucket_list(self) -> LatentsConfig:
+        if isinstance(self.buckets, list):
+            _check_bucket_list(self.buckets)
+        return self
 
 
 LrSchedule = Literal[
@@ -767,6 +868,7 @@ class RunConfig(Section):
         if self.train.mode == "lora" and self.model.init == "scratch":
             raise ValueError("train.mode 'lora' needs model.init 'pretrained': LoRA adapts a model")
         _check_text_encoder(self)
+        _check_buckets(self)
         if self.train.validate_every and self.eval.held_out_fraction == 0:
             raise ValueError(
                 f"train.validate_every is {self.train.validate_every} but eval.held_out_fraction "
@@ -802,4 +904,21 @@ def _check_text_encoder(config: RunConfig) -> None:
             f"train.text_encoder is {choice!r} but train.cache_latents is false: a trained text "
             "encoder reads the token ids the latents stage caches; allowed with cache_latents "
             "false: 'frozen'"
+        )
+
+
+def _check_buckets(config: RunConfig) -> None:
+    """Buckets need images that kept their aspect ratio, and the latent cache."""
+    if config.latents.buckets == "none":
+        return
+    mode = config.download.resize_mode
+    if mode == "center_crop":
+        raise ValueError(
+            "latents.buckets is set but download.resize_mode is 'center_crop': every image is "
+            "already square; allowed with buckets: 'max_area' (recommended), 'keep_ratio', 'none'"
+        )
+    if not config.train.cache_latents:
+        raise ValueError(
+            "latents.buckets is set but train.cache_latents is false: encoding at every step "
+            "reads square crops only; allowed with cache_latents false: buckets 'none'"
         )

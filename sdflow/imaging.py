@@ -19,7 +19,7 @@ from typing import Literal
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-ResizeMode = Literal["center_crop", "keep_ratio", "none"]
+ResizeMode = Literal["center_crop", "keep_ratio", "max_area", "none"]
 ImageFormat = Literal["jpeg", "png", "webp"]
 
 # Orientations 5-8 swap width and height (https://exiftool.org/TagNames/EXIF.html, tag 0x0112).
@@ -126,8 +126,16 @@ def draft_size(width: int, height: int, resolution: int, mode: ResizeMode) -> tu
     if mode == "center_crop":
         scale = resolution / min(width, height)
     else:
-        scale = min(1.0, resolution / max(width, height))
+        scale = shrink_scale(width, height, resolution, mode)
     return max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))
+
+
+def shrink_scale(width: int, height: int, resolution: int, mode: ResizeMode) -> float:
+    """keep_ratio: the longer side at most `resolution`; max_area: width x height at most
+    `resolution` squared (the aspect ratio kept, for aspect-ratio buckets). Never above 1."""
+    if mode == "max_area":
+        return min(1.0, math.sqrt(resolution * resolution / (width * height)))
+    return min(1.0, resolution / max(width, height))
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -147,7 +155,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def resize_image(image: Image.Image, resolution: int, mode: ResizeMode) -> Image.Image:
     """center_crop: shorter side to `resolution`, then the centre square (one resampling pass);
     keep_ratio: longer side shrunk to at most `resolution`, aspect kept, never enlarged;
-    none: unchanged."""
+    max_area: shrunk to at most `resolution`**2 pixels, aspect kept, never enlarged; none: unchanged."""
     width, height = image.size
     if mode == "none":
         return image
@@ -158,11 +166,25 @@ def resize_image(image: Image.Image, resolution: int, mode: ResizeMode) -> Image
         return image.resize(
             (resolution, resolution), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0
         )
-    scale = resolution / max(width, height)
+    scale = shrink_scale(width, height, resolution, mode)
     if scale >= 1:
         return image
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    if mode == "max_area":  # rounding must not push the area over the bound
+        size = (max(1, math.floor(width * scale)), max(1, math.floor(height * scale)))
     return image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+
+
+def cover_crop(image: Image.Image, width: int, height: int) -> tuple[Image.Image, tuple[int, int]]:
+    """Resize to cover `width` x `height` (aspect kept), then cut out the centre; also returns the
+    crop's (top, left) in the resized image (what SDXL's `crops_coords_top_left` conditions on)."""
+    if image.size == (width, height):
+        return image, (0, 0)
+    scale = max(width / image.width, height / image.height)
+    size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    image = image.resize(size, Image.Resampling.BICUBIC)
+    left, top = (image.width - width) // 2, (image.height - height) // 2
+    return image.crop((left, top, left + width, top + height)), (top, left)
 
 
 def encode_image(image: Image.Image, image_format: ImageFormat, quality: int = 95) -> bytes:

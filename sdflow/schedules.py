@@ -1,10 +1,13 @@
 """What each training step reads: which samples (a pure function of seed, epoch and step) and how.
 
-Resuming needs only the step: micro-batch `m` of process `rank` reads the sample positions
-`[(m * world + rank) * B, ... + B)` of an endless stream made of one permutation per epoch. Each
-epoch's permutation visits shards in random order and rows within a shard in random order (the
-latent-data `ShardShuffleSampler`), so reads stay shard-local, and it is seeded by (seed, epoch),
-never by how many batches an earlier, interrupted process happened to draw.
+Resuming needs only the step: micro-batch `m` of process `rank` is batch `m * world + rank` of an
+endless stream made of one list of batches per epoch. Epoch e's list is seeded by (seed, e), never by
+how many batches an earlier, interrupted process happened to draw: one permutation of all samples
+(a global shuffle across shards and buckets, so a folder sorted by class does not train in long
+single-class runs), cut per bucket into batches of `batch_size` in that order, the batches then
+shuffled. Every batch holds one bucket (one latent shape); a bucket whose count is not a multiple
+of the batch size ends in one smaller batch per epoch (nothing is dropped; `EpochOrder.summary`
+reports it).
 
 A batch source turns collated rows into latent distributions and text embeddings: `CachedBatches`
 reads the latents stage's cache; `EncodedBatches` runs the VAE and text encoder on every batch
@@ -27,7 +30,6 @@ from sdflow.errors import UserError
 from sdflow.latent_data import (
     CachedLatents,
     CaptionedImages,
-    ShardShuffleSampler,
     caption_key,
     load_empty_prompt,
 )
@@ -36,42 +38,72 @@ from sdflow.stageio import Manifest
 
 
 class EpochOrder:
-    """The sample index at every stream position: epoch e is a permutation seeded by (seed, e)."""
+    """The batches of every epoch: epoch e's are a pure function of (seed, e); one bucket each."""
 
-    def __init__(self, ranges: Sequence[range], seed: int):
-        self.ranges = list(ranges)
-        self.size = sum(len(r) for r in self.ranges)
-        self.seed = seed
-        self._epoch: tuple[int, Tensor] | None = None  # the permutation in use
-        if self.size == 0:
+    def __init__(self, buckets: Sequence[str], batch_size: int, seed: int):
+        if not buckets:
             raise ValueError("no training samples")
+        self.names = sorted(set(buckets))
+        number = {name: i for i, name in enumerate(self.names)}
+        self.bucket_of = torch.tensor([number[b] for b in buckets], dtype=torch.int64)
+        self.counts = torch.bincount(self.bucket_of, minlength=len(self.names)).tolist()
+        self.batch_size = batch_size
+        self.per_epoch = sum(-(-n // batch_size) for n in self.counts)
+        self.seed = seed
+        self._epoch: tuple[int, list[list[int]]] | None = None  # the batches in use
 
-    def index(self, position: int) -> int:
-        epoch, offset = divmod(position, self.size)
-        return int(self.permutation(epoch)[offset])
+    def batch(self, index: int) -> list[int]:
+        """Batch `index` of the endless stream (dataset indices)."""
+        epoch, offset = divmod(index, self.per_epoch)
+        return self.batches(epoch)[offset]
 
-    def permutation(self, epoch: int) -> Tensor:
+    def batches(self, epoch: int) -> list[list[int]]:
         if self._epoch is None or self._epoch[0] != epoch:
-            sampler = ShardShuffleSampler(self.ranges, seed=self.seed)
-            sampler.set_epoch(epoch)
-            self._epoch = (epoch, torch.tensor(list(sampler), dtype=torch.int64))
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(len(self.bucket_of), generator=generator)
+            size, batches = self.batch_size, []
+            for bucket in range(len(self.names)):
+                rows = order[self.bucket_of[order] == bucket].tolist()
+                batches += [rows[a : a + size] for a in range(0, len(rows), size)]
+            shuffled = torch.randperm(len(batches), generator=generator).tolist()
+            self._epoch = (epoch, [batches[i] for i in shuffled])
         return self._epoch[1]
+
+    def summary(self) -> dict[str, dict[str, int]]:
+        return bucket_plan(
+            {n.lstrip("@") or "square": c for n, c in zip(self.names, self.counts, strict=True)},
+            self.batch_size,
+        )
+
+
+def bucket_plan(counts: dict[str, int], batch_size: int) -> dict[str, dict[str, int]]:
+    """Per bucket: samples, batches per epoch, and the size of its smaller last batch (0: none)."""
+    return {
+        name: {"samples": n, "batches": -(-n // batch_size), "smaller_batch": n % batch_size}
+        for name, n in counts.items()
+    }
+
+
+def log_bucket_plan(plan: dict[str, dict[str, int]], batch_size: int, log) -> None:
+    """One line per bucket with a smaller batch (kept, not dropped), a summary line otherwise."""
+    for name, entry in plan.items():
+        if entry["smaller_batch"]:
+            log.info(
+                "bucket %s: %d samples, %d batches per epoch, the last of %d (train.batch_size %d)",
+                name,
+                entry["samples"],
+                entry["batches"],
+                entry["smaller_batch"],
+                batch_size,
+            )
+    log.info("buckets: %s", {name: entry["samples"] for name, entry in plan.items()})
 
 
 class StepBatches(Sampler[list[int]]):
     """Micro-batches `start` .. `stop - 1` of one process, as lists of dataset indices."""
 
-    def __init__(
-        self,
-        order: EpochOrder,
-        batch_size: int,
-        start: int,
-        stop: int,
-        world: int = 1,
-        rank: int = 0,
-    ):
+    def __init__(self, order: EpochOrder, start: int, stop: int, world: int = 1, rank: int = 0):
         self.order = order
-        self.batch_size = batch_size
         self.start = start
         self.stop = stop
         self.world = world
@@ -82,8 +114,15 @@ class StepBatches(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         for micro in range(self.start, self.stop):
-            first = (micro * self.world + self.rank) * self.batch_size
-            yield [self.order.index(p) for p in range(first, first + self.batch_size)]
+            yield self.order.batch(micro * self.world + self.rank)
+
+
+def same_shape(tensors: list[Tensor]) -> list[list[int]]:
+    """Indices of the tensors grouped by shape, groups in order of first appearance."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, tensor in enumerate(tensors):
+        groups.setdefault(tuple(tensor.shape), []).append(i)
+    return list(groups.values())
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -122,8 +161,8 @@ class CachedBatches:
         self.empty_prompt = empty.float() if captions == "text" else empty
         self.scaling_factor = float(manifest["info"]["scaling_factor"])
 
-    def order(self, seed: int) -> EpochOrder:
-        return EpochOrder(self.dataset.shard_ranges(), seed)
+    def order(self, seed: int, batch_size: int) -> EpochOrder:
+        return EpochOrder(self.dataset.buckets(), batch_size, seed)
 
     def latent_dist(self, batch: dict[str, Any], flip: Tensor) -> tuple[Tensor, Tensor]:
         if batch["mean_flip"] is None:  # flips were not cached (latents.flip: false)
@@ -161,8 +200,8 @@ class EncodedBatches:
         self.scaling_factor = float(self.vae.config.scaling_factor)
         self.empty_prompt = self.text({"caption": [""]})[0]
 
-    def order(self, seed: int) -> EpochOrder:
-        return EpochOrder(self.dataset.shard_ranges(), seed)
+    def order(self, seed: int, batch_size: int) -> EpochOrder:
+        return EpochOrder([""] * len(self.dataset), batch_size, seed)
 
     @torch.no_grad()
     def latent_dist(self, batch: dict[str, Any], flip: Tensor) -> tuple[Tensor, Tensor]:

@@ -64,7 +64,7 @@ from sdflow.models import (
     load_component,
 )
 from sdflow.models import noise_scheduler as make_noise_scheduler
-from sdflow.schedules import StepBatches, collate, make_batches
+from sdflow.schedules import StepBatches, collate, log_bucket_plan, make_batches
 from sdflow.speed import (
     apply_tf32,
     check_speed_options,
@@ -211,9 +211,10 @@ def fit(trainer: Trainer, source, scheduler, checkpoints: Path) -> None:
     """The loop: one optimizer step per iteration, a checkpoint every `checkpoint_every` steps."""
     train, progress, accelerator = trainer.train, trainer.progress, trainer.accelerator
     per_step = train.batch_size * train.gradient_accumulation * accelerator.num_processes
+    order = source.order(train.seed, train.batch_size)
+    log_bucket_plan(order.summary(), train.batch_size, log)
     sampler = StepBatches(
-        source.order(train.seed),
-        train.batch_size,
+        order,
         start=progress.step * train.gradient_accumulation,
         stop=train.max_steps * train.gradient_accumulation,
         world=accelerator.num_processes,

@@ -36,7 +36,7 @@ from sdflow.errors import UserError
 from sdflow.grids import Block, render_grid, save_png
 from sdflow.latent_data import held_out_latents, read_shard_captions
 from sdflow.models import ComponentSources, encode_prompts, inference_scheduler, load_component
-from sdflow.schedules import collate
+from sdflow.schedules import collate, same_shape
 from sdflow.stageio import Manifest
 
 GRIDS = "logs/validation"  # under the train stage's directory
@@ -79,12 +79,12 @@ def spread_timesteps(count: int, train_timesteps: int) -> Tensor:
 
 @dataclass
 class HeldOut:
-    """The fixed inputs of the validation loss."""
+    """The fixed inputs of the validation loss, one tensor per latent shape (bucket)."""
 
-    latents: Tensor  # [N, C, h, w] scaled VAE means
-    noise: Tensor  # [N, C, h, w]
-    timesteps: Tensor  # [N]
-    text: Tensor  # [N, L, D]
+    latents: list[Tensor]  # [n, C, h, w] scaled VAE means
+    noise: list[Tensor]  # [n, C, h, w]
+    timesteps: list[Tensor]  # [n]
+    text: list[Tensor]  # [n, L, D]
     captions: list[str]
 
 
@@ -97,13 +97,19 @@ def held_out_inputs(
             "train.validate_every is set but the latents stage cached no held-out samples: raise "
             "eval.held_out_fraction (e.g. 0.05) or add data, or set train.validate_every to 0."
         )
-    rows = collate([data[i] for i in range(min(count, len(data)))])
+    rows = [data[i] for i in range(min(count, len(data)))]
     scale = float(latents["info"]["scaling_factor"])
-    mean = rows["mean"].float() * scale
-    noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(seed))
-    captions = [c for p in data.paths for c in read_shard_captions(p)][: len(mean)]
-    timesteps = spread_timesteps(len(mean), train_timesteps)
-    return HeldOut(mean, noise, timesteps, rows["text"].float(), captions)
+    generator = torch.Generator().manual_seed(seed)
+    spread = spread_timesteps(len(rows), train_timesteps)
+    held = HeldOut([], [], [], [], [c for p in data.paths for c in read_shard_captions(p)])
+    held.captions = held.captions[: len(rows)]
+    for members in same_shape([row["mean"] for row in rows]):  # one group without buckets
+        group = collate([rows[i] for i in members])
+        held.latents.append(group["mean"].float() * scale)
+        held.noise.append(torch.randn(group["mean"].shape, generator=generator))
+        held.timesteps.append(spread[members])
+        held.text.append(group["text"].float())
+    return held
 
 
 class Validator:
@@ -151,19 +157,21 @@ class Validator:
         from sdflow.training import prediction_target, weighted_mse
 
         held, train, device = self.held, self.config.train, accelerator.device
-        total, count = 0.0, len(held.latents)
-        for a in range(0, count, train.batch_size):
-            part = slice(a, a + train.batch_size)
-            latents, noise = held.latents[part].to(device), held.noise[part].to(device)
-            timesteps = held.timesteps[part].to(device)
-            noisy = self.scheduler.add_noise(latents, noise, timesteps)
-            target = prediction_target(self.scheduler, latents, noise, timesteps)
-            with accelerator.autocast():
-                pred = unet(noisy, timesteps, held.text[part].to(device)).sample
-            loss = weighted_mse(
-                pred.float(), target.float(), self.scheduler, timesteps, train.snr_gamma
-            )
-            total += float(loss) * len(latents)
+        total, count = 0.0, sum(len(x) for x in held.latents)
+        groups = zip(held.latents, held.noise, held.timesteps, held.text, strict=True)
+        for group_latents, group_noise, group_timesteps, group_text in groups:
+            for a in range(0, len(group_latents), train.batch_size):
+                part = slice(a, a + train.batch_size)
+                latents, noise = group_latents[part].to(device), group_noise[part].to(device)
+                timesteps = group_timesteps[part].to(device)
+                noisy = self.scheduler.add_noise(latents, noise, timesteps)
+                target = prediction_target(self.scheduler, latents, noise, timesteps)
+                with accelerator.autocast():
+                    pred = unet(noisy, timesteps, group_text[part].to(device)).sample
+                loss = weighted_mse(
+                    pred.float(), target.float(), self.scheduler, timesteps, train.snr_gamma
+                )
+                total += float(loss) * len(latents)
         return total / count
 
     @torch.no_grad()

@@ -139,8 +139,8 @@ def fit_vae(
         generator.set_state(state["rng"]["generator"])
         progress = Progress(**state["progress"])
         log.info("Resuming autoencoder training from the checkpoint of step %d", progress.step)
-    order = EpochOrder(images.shard_ranges(), ae.seed)
-    sampler = StepBatches(order, ae.batch_size, start=progress.step, stop=ae.steps)
+    order = EpochOrder([""] * len(images), ae.batch_size, ae.seed)  # one (square) bucket
+    sampler = StepBatches(order, start=progress.step, stop=ae.steps)
     device = next(vae.parameters()).device
     vae.train()
     for batch in DataLoader(images, batch_sampler=sampler, collate_fn=collate):

@@ -12,13 +12,19 @@ A run that trains the text encoder (`train.text_encoder` lora or full) caches th
 For scratch models the tokenizer is trained here on the training captions and the (frozen, seeded)
 text encoder is built here; both are saved beside the shards for the train and evaluate stages.
 
+Images are resized to cover their bucket and centre-cropped (`sdflow.buckets`; with
+`latents.buckets: none` one square bucket at `download.resolution`); every row records its
+`original_size` and `crop_top_left`, and with buckets its `bucket` (the shard layout is in
+`sdflow.latent_data`). The manifest's `info.buckets` counts the training samples per bucket.
+
 The stage key holds the weights hashes of the VAE and text encoder, the resolution, the held-out
-fraction and this section (and, when the text encoder trains, that token ids are cached): swapping
-an encoder or the resolution re-encodes, never reuses.
+fraction and this section with its bucket set (and, when the text encoder trains, that token ids
+are cached): swapping an encoder, the resolution or the buckets re-encodes, never reuses.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import time
@@ -38,16 +44,18 @@ from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from sdflow.artifacts import report_progress
+from sdflow.buckets import Bucket, bucket_name, bucket_pixels, bucket_set, nearest_bucket
 from sdflow.config import RunConfig
 from sdflow.errors import UserError
 from sdflow.fingerprint import code_version
 from sdflow.gpuslots import torch_device
 from sdflow.latent_data import (
     EMPTY_PROMPT,
+    ShardRows,
     caption_key,
     captions_path,
     latent_shard_name,
-    read_latent_shard,
+    pack_rows,
     save_tensors,
     write_latent_shard,
 )
@@ -57,7 +65,6 @@ from sdflow.models import (
     component_sources,
     encode_images,
     encode_prompts,
-    image_to_tensor,
     load_component,
     save_component,
     tokenize_prompts,
@@ -66,6 +73,7 @@ from sdflow.models import (
 )
 from sdflow.orchestration import stage_task
 from sdflow.reuse import Outcome, record_rows, row_keys, shared_memo
+from sdflow.schedules import same_shape
 from sdflow.splits import is_held_out
 from sdflow.stageio import (
     FAILURES,
@@ -86,6 +94,8 @@ log = logging.getLogger(__name__)
 STATS = "logs/shards"
 TEXT_PARTS = ("tokenizer", "text_encoder")  # a scratch run's, trained and saved by this stage
 VALIDATION = "validation/"  # the held-out split's latents shards, for the train stage's validation
+# what a row's tensors are computed from (its reuse key); the original size feeds `original_size`
+ROW_COLUMNS = ("id", "image", "caption", "orig_width", "orig_height")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -118,6 +128,8 @@ def latents_settings(config: RunConfig, upstream: dict[str, Manifest | None]) ->
     }
     if caption_key(config.train) == "input_ids":  # embeddings: the key stays as it was
         settings["captions"] = "input_ids"
+    if config.latents.buckets != "none":
+        settings["bucket_set"] = bucket_set(config.latents, config.download.resolution)
     return settings
 
 
@@ -159,6 +171,7 @@ class Encoders:
     tokenizer: CLIPTokenizer
     text_encoder: CLIPTextModel
     device: torch.device
+    buckets: list[Bucket]  # the bucket set (one square bucket with `latents.buckets: none`)
 
 
 def _build(
@@ -212,7 +225,7 @@ class _TableReader:
 
     def rows(self, rows: list[int]) -> list[dict]:
         if self.table is None:
-            self.table = pq.read_table(self.path, columns=["id", "image", "caption", "source"])
+            self.table = pq.read_table(self.path, columns=[*ROW_COLUMNS, "source"])
         return self.table.take(rows).to_pylist()
 
 
@@ -236,7 +249,8 @@ def _load_encoders(
         module.requires_grad_(False).eval().to(device)
     if config.latents.channels_last:
         vae.to(memory_format=torch.channels_last)
-    return Encoders(vae, tokenizer, text_encoder, device)
+    buckets = bucket_set(config.latents, config.download.resolution)
+    return Encoders(vae, tokenizer, text_encoder, device, buckets)
 
 
 def _scratch_text(
@@ -300,10 +314,10 @@ def _encode_shard(
     """
     started = time.monotonic()
     captions = {s["id"]: s["caption"] or "" for s in samples}
-    keys = row_keys([{k: s[k] for k in ("id", "image", "caption")} for s in samples], salt)
+    keys = row_keys([{k: s.get(k) for k in ROW_COLUMNS} for s in samples], salt)
     memo = shared_memo(build.workdir, "latents", build.key)
     outcomes, encoded = memo.outcomes(
-        keys, lambda todo: _encode_rows(config, encoders, [samples[i] for i in todo]), LatentRows
+        keys, lambda todo: _encode_rows(config, encoders, [samples[i] for i in todo]), ShardRows
     )
     kept = [o.row for o in outcomes if o.kept]
     ids = [row["id"] for row in kept]
@@ -315,13 +329,13 @@ def _encode_shard(
     build.write_table(f"{FAILURES}/{failures_name}", failures_table(failures))
     stats = {
         "encoded": len(ids),
+        "buckets": dict(Counter(_bucket_of(row, encoders.buckets) for row in kept)),
         "failed_by_reason": dict(Counter(f["reason"] for f in failures)),
         "seconds": time.monotonic() - started,
     }
     (build.path / STATS / name).parent.mkdir(parents=True, exist_ok=True)
     write_json(build.path / STATS / f"{name}.json", stats)
-    tensors = {k: torch.cat([row[k] for row in kept]) for k in kept[0] if k != "id"} if kept else {}
-    tensors = tensors or {"text": torch.empty(0)}
+    tensors = pack_rows([{k: v for k, v in row.items() if k != "id"} for row in kept])
     if name.startswith(VALIDATION):
         (build.path / VALIDATION).mkdir(exist_ok=True)
         write_json(captions_path(build.path / name), [captions[i] for i in ids])
@@ -337,54 +351,75 @@ def _encode_rows(config: RunConfig, encoders: Encoders, samples: list[dict]) -> 
     results: dict[str, Outcome] = {}
     size = config.latents.batch_size
     for batch in (samples[a : a + size] for a in range(0, len(samples), size)):
-        ids, tensors, failed = _encode_batch(config, encoders, batch)
-        stored = {key: _stored(value, config) for key, value in tensors.items()}
-        for j, sample_id in enumerate(ids):
-            row = {key: value[j : j + 1] for key, value in stored.items()}
-            results[sample_id] = Outcome(True, {"id": sample_id, **row})
+        kept, failed = _encode_batch(config, encoders, batch)
+        for row in kept:
+            stored = {k: v if k == "id" else _stored(v, config) for k, v in row.items()}
+            results[row["id"]] = Outcome(True, stored)
         results |= {failure["id"]: Outcome(False, failure) for failure in failed}
     return [results[s["id"]] for s in samples]
 
 
-class LatentRows:
-    """An earlier latents shard's rows ({id, tensor name: one-row tensor}), by position."""
-
-    def __init__(self, path: str | Path):
-        self.ids, self.tensors = read_latent_shard(path)
-
-    def __getitem__(self, position: int) -> dict[str, Any]:
-        row = {key: value[position : position + 1] for key, value in self.tensors.items()}
-        return {"id": self.ids[position], **row}
+def _bucket_of(row: dict[str, Any], buckets: list[Bucket]) -> str:
+    """A row's bucket name (the one bucket when there are no others)."""
+    bucket = tuple(row["bucket"][0].tolist()) if "bucket" in row else buckets[0]
+    return bucket_name(bucket)
 
 
 def _encode_batch(
     config: RunConfig, encoders: Encoders, batch: list[dict]
-) -> tuple[list[str], dict[str, Tensor], list[dict[str, str]]]:
-    """Decode, encode and check one batch: (ids kept, their tensors, failure rows)."""
-    ids, pixels, captions, failures = [], [], [], []
+) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """Decode, encode and check one batch: (kept rows {id, tensor name: one-row tensor},
+    failure rows). Images of one bucket are encoded together."""
+    kept, pixels, failures = [], [], []
     for sample in batch:
         try:
-            pixels.append(image_to_tensor(sample["image"], config.download.resolution))
+            image, row = _crop_to_bucket(sample, encoders.buckets)
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             failures.append(_failure(sample, "undecodable_image", exc))
             continue
-        ids.append(sample["id"])
-        captions.append(sample["caption"] or "")
-    if not ids:
-        return [], {}, failures
-    with torch.no_grad():
-        tensors = _encode_pixels(config, encoders, torch.stack(pixels))
-    tensors |= _encode_captions(config, encoders, captions)
-    finite = torch.stack([t.flatten(1).isfinite().all(1) for t in tensors.values()]).all(0)
-    if not finite.all():
-        bad = set((~finite).nonzero().flatten().tolist())
-        rows = {s["id"]: s for s in batch}
-        failures += [
-            _failure(rows[ids[i]], "non_finite_latent", "NaN or inf in the encoding") for i in bad
-        ]
-        ids = [i for n, i in enumerate(ids) if n not in bad]
-        tensors = {k: v[finite] for k, v in tensors.items()}
-    return ids, tensors, failures
+        kept.append(row)
+        pixels.append(image)
+    if not kept:
+        return [], failures
+    for members in same_shape(pixels):
+        with torch.no_grad():
+            views = _encode_pixels(config, encoders, torch.stack([pixels[i] for i in members]))
+        for j, i in enumerate(members):
+            kept[i] |= {key: value[j : j + 1] for key, value in views.items()}
+    texts = _encode_captions(config, encoders, [sample.pop("caption") for sample in kept])
+    for i, row in enumerate(kept):
+        row |= {key: value[i : i + 1] for key, value in texts.items()}
+    finite = [
+        all(t.isfinite().all() for t in row.values() if isinstance(t, Tensor)) for row in kept
+    ]
+    samples = {s["id"]: s for s in batch}
+    failures += [
+        _failure(samples[row["id"]], "non_finite_latent", "NaN or inf in the encoding")
+        for row, ok in zip(kept, finite, strict=True)
+        if not ok
+    ]
+    return [row for row, ok in zip(kept, finite, strict=True) if ok], failures
+
+
+def _crop_to_bucket(sample: dict, buckets: list[Bucket]) -> tuple[Tensor, dict[str, Any]]:
+    """The sample's pixels at its bucket, and its row so far: id, caption, `original_size`
+    [1, 2] (height, width before the download resized it), `crop_top_left` [1, 2] (top, left of the
+    crop in the image resized to cover the bucket) and, with buckets, `bucket` [1, 2] (width,
+    height)."""
+    with Image.open(io.BytesIO(sample["image"])) as image:
+        width, height = image.size
+    original = (sample.get("orig_height") or height, sample.get("orig_width") or width)
+    bucket = nearest_bucket(width, height, buckets)
+    pixels, top_left = bucket_pixels(sample["image"], bucket)
+    row = {
+        "id": sample["id"],
+        "caption": sample["caption"] or "",
+        "original_size": torch.tensor([original], dtype=torch.int64),
+        "crop_top_left": torch.tensor([top_left], dtype=torch.int64),
+    }
+    if len(buckets) > 1:
+        row["bucket"] = torch.tensor([bucket], dtype=torch.int64)
+    return pixels, row
 
 
 def _encode_pixels(config: RunConfig, encoders: Encoders, pixels: Tensor) -> dict[str, Tensor]:
@@ -470,7 +505,8 @@ def _finish(
 def _shape_info(build, config, encoders, shards, stats) -> dict[str, Any]:
     first = next(name for name, s in zip(shards, stats, strict=True) if s["encoded"])
     with safe_open(str(build.path / first), framework="pt") as fh:
-        _, channels, size, _ = fh.get_slice("mean").get_shape()
+        mean = next(k for k in fh.keys() if k.split("@")[0] == "mean")  # noqa: SIM118
+        _, channels, height, _ = fh.get_slice(mean).get_shape()
         if caption_key(config.train) == "text":
             _, seq_len, dim = fh.get_slice("text").get_shape()
         else:
@@ -480,7 +516,8 @@ def _shape_info(build, config, encoders, shards, stats) -> dict[str, Any]:
     info = {"captions": "input_ids"} if caption_key(config.train) == "input_ids" else {}
     return info | {
         "latent_channels": channels,
-        "latent_size": size,
+        # one square side without buckets; with them the sizes are those of `buckets`
+        "latent_size": height if config.latents.buckets == "none" else None,
         "text_seq_len": seq_len,
         "text_dim": dim,
         "flip": config.latents.flip,
@@ -489,7 +526,16 @@ def _shape_info(build, config, encoders, shards, stats) -> dict[str, Any]:
         "dtype": config.latents.dtype,
         "resolution": config.download.resolution,
         "rows_per_shard": [s["encoded"] for s in stats],
+        "buckets": _bucket_counts(encoders.buckets, stats),
     }
+
+
+def _bucket_counts(buckets: list[Bucket], stats: list[dict[str, Any]]) -> dict[str, int]:
+    """Training samples per bucket, every bucket of the set listed (0 where none landed)."""
+    counts = Counter({bucket_name(b): 0 for b in buckets})
+    for s in stats:
+        counts.update(s.get("buckets", {}))
+    return dict(counts)
 
 
 def _read_stats(build: StageBuild, name: str) -> dict[str, Any]:

@@ -52,6 +52,7 @@ from sdflow.models import (
     weights_hash,
 )
 from sdflow.orchestration import stage_task
+from sdflow.schedules import bucket_plan
 from sdflow.stageio import Manifest, StageBuild, build_stage, stage_key, write_atomic
 from sdflow.training import (
     CHECKPOINTS,
@@ -165,6 +166,7 @@ def _build(
         files={**output, "loss_curve": LOSS_CURVE, "logs": LOGS, "checkpoints": CHECKPOINTS},
         info={
             **_info(config, sources, summary, scheduler),
+            **_buckets(config, upstream),
             "lineage": lineage,
             "continued_from": origin,
             **({"validation": summary.validation} if summary.validation else {}),
@@ -273,6 +275,14 @@ def _info(
         "processes": resolve_processes(config.train),
         "tf32": summary.tf32,  # train.tf32 applied (CUDA only)
     }
+
+
+def _buckets(config: RunConfig, upstream: dict[str, Manifest | None]) -> dict[str, Any]:
+    """Per bucket of the cached latents: samples, batches per epoch and the smaller last batch a
+    bucket ends in when its count is not a multiple of `train.batch_size` (kept, not dropped)."""
+    latents = upstream.get("latents") if config.train.cache_latents else None
+    counts = (latents or {}).get("info", {}).get("buckets")
+    return {"buckets": bucket_plan(counts, config.train.batch_size)} if counts else {}
 
 
 # ------------------------------------------------------------------------------------ loss curve

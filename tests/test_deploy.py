@@ -153,11 +153,14 @@ def test_summary_markdown_lists_stages_counts_and_cache_hits():
                          "counts": {"input": 10, "kept": 9, "failed": 1,
                                     "failed_by_reason": {"decode": 1}}},
             "filter": {"status": "failed", "cached": False, "seconds": 1.25, "error": "boom"},
+            "latents": {"status": "completed", "cached": False, "seconds": 2.0, "counts": {},
+                        "buckets": {"24x40": 3, "32x32": 0, "40x24": 6}},
         },
     }  # fmt: skip
     text = artifacts.summary_markdown(summary)
+    assert "Samples per bucket (latents): 24x40 3, 32x32 0, 40x24 6" in text
     assert "| download | completed | yes | 0.5 | input 10, kept 9, failed 1 |" in text
-    assert "failed_by_reason" not in text and "cache hits: 1 of 1" in text
+    assert "failed_by_reason" not in text and "cache hits: 1 of 2" in text
     assert "- **filter**: boom" in text
 
 

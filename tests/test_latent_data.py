@@ -13,8 +13,9 @@ from PIL import Image
 from sdflow.latent_data import (
     CachedLatents,
     CaptionedImages,
-    ShardShuffleSampler,
+    ShardRows,
     latent_shard_name,
+    pack_rows,
     read_shard_ids,
     save_tensors,
     write_latent_shard,
@@ -54,7 +55,7 @@ def test_cached_latents_index_across_shards(tmp_path, rows_info):
     manifest = latents_stage(tmp_path, [3, 0, 5, 2], rows_info=rows_info)
     data = CachedLatents(tmp_path, manifest, open_shards=1)
     assert len(data) == 10
-    assert [r.start for r in data.shard_ranges()] == [0, 3, 3, 8]
+    assert data.starts == [0, 3, 3, 8, 10]
     for k in [9, 0, 4, 3, 8, 2]:  # random order, across shards, with a one-shard cache
         row = data[k]
         assert row["id"] == f"r{k}"
@@ -64,6 +65,41 @@ def test_cached_latents_index_across_shards(tmp_path, rows_info):
         assert torch.equal(row["text"], torch.full((3, 8), float(k)))
     with pytest.raises(IndexError):
         data[10]
+
+
+def test_bucketed_rows_read_back_at_their_own_shapes(tmp_path):
+    # rows 0, 2, 3 in a 16x8 px bucket (latents 4x2 at a 4x VAE), rows 1, 4 in an 8x16 one
+    shapes = {0: (16, 8), 1: (8, 16), 2: (16, 8), 3: (16, 8), 4: (8, 16)}
+    rows = [
+        {
+            "mean": torch.full((1, 4, h // 4, w // 4), float(k)),
+            "text": torch.full((1, 3, 8), float(k)),
+            "original_size": torch.tensor([[100 + k, 200 + k]]),
+            "crop_top_left": torch.tensor([[k, 0]]),
+            "bucket": torch.tensor([[w, h]]),
+        }
+        for k, (w, h) in shapes.items()
+    ]
+    tensors = pack_rows(rows)
+    assert tensors["mean@16x8"].shape == (3, 4, 2, 4) and tensors["mean@8x16"].shape == (2, 4, 4, 2)
+    assert "mean" not in tensors and tensors["text"].shape == (5, 3, 8)
+
+    def work(build):
+        write_latent_shard(build.path / latent_shard_name(0), tensors, [f"r{k}" for k in shapes])
+        return build.finish(counts={}, shards=[latent_shard_name(0)], files={}, info={})
+
+    manifest = build_stage(tmp_path, "latents", "bucketed", work)
+    data = CachedLatents(tmp_path, manifest)
+    assert data.buckets() == ["@16x8", "@8x16", "@16x8", "@16x8", "@8x16"]
+    reread = ShardRows(data.paths[0])
+    for k, (w, h) in shapes.items():
+        row = data[k]
+        assert row["id"] == f"r{k}" and row["std"] is None
+        assert torch.equal(row["mean"], torch.full((4, h // 4, w // 4), float(k)))
+        assert row["original_size"].tolist() == [100 + k, 200 + k]
+        assert row["crop_top_left"].tolist() == [k, 0]
+        assert torch.equal(reread[k]["mean"], rows[k]["mean"])  # what the stage reuses
+        assert reread[k]["bucket"].tolist() == [[w, h]]
 
 
 def test_cached_latents_without_flip_and_across_processes(tmp_path):
@@ -80,19 +116,6 @@ def test_shard_rows_must_match_ids(tmp_path):
     write_latent_shard(tmp_path / "y.safetensors", {"mean": torch.zeros(2, 1)}, ["a", "b"])
     assert read_shard_ids(tmp_path / "y.safetensors") == ["a", "b"]
     assert [p.name for p in tmp_path.iterdir()] == ["y.safetensors"]  # no temp files left
-
-
-def test_shard_shuffle_sampler_is_a_shard_local_permutation():
-    ranges = [range(0, 4), range(4, 4), range(4, 10), range(10, 13)]
-    sampler = ShardShuffleSampler(ranges, seed=7)
-    order = list(sampler)
-    assert sorted(order) == list(range(13)) and len(sampler) == 13
-    shard_of = [next(i for i, r in enumerate(ranges) if k in r) for k in order]
-    runs = [s for i, s in enumerate(shard_of) if i == 0 or s != shard_of[i - 1]]
-    assert sorted(runs) == [0, 2, 3]  # each shard visited in one contiguous run
-    assert list(ShardShuffleSampler(ranges, seed=7)) == order
-    sampler.set_epoch(1)
-    assert list(sampler) != order
 
 
 def caption_stage(workdir, count: int) -> dict:
@@ -121,7 +144,6 @@ def test_captioned_images_are_the_training_split(tmp_path):
     assert 0 < len(expected) < 10
     data = CaptionedImages(tmp_path, manifest, resolution=16, held_out_fraction=0.3)
     assert len(data) == len(expected)
-    assert sum(len(r) for r in data.shard_ranges()) == len(data)
     for k in reversed(range(len(data))):
         row = data[k]
         i = int(row["id"][1:])

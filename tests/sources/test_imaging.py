@@ -27,6 +27,8 @@ def decoded(data: bytes) -> Image.Image:
         ("center_crop", 64, (64, 64)),  # smaller images are enlarged to fill the square
         ("keep_ratio", 32, (32, 27)),  # longer side 48 -> 32, 40 * 32 / 48 = 26.7 -> 27
         ("keep_ratio", 64, (48, 40)),  # never enlarged
+        ("max_area", 32, (35, 29)),  # area 1920 -> at most 1024: x 0.730, floored; 1015 px
+        ("max_area", 64, (48, 40)),  # never enlarged
         ("none", 32, (48, 40)),
     ],
 )

@@ -29,8 +29,10 @@ from sdflow.checkpoints import list_checkpoints, load_checkpoint, load_latest, s
 from sdflow.errors import UserError
 from sdflow.latent_data import (
     EMPTY_PROMPT,
+    IMAGE_KEYS,
     captions_path,
     latent_shard_name,
+    pack_rows,
     save_tensors,
     write_latent_shard,
 )
@@ -102,10 +104,12 @@ def make_latents(
     rows: tuple[int, ...] = (7, 5),
     tokens: bool = False,
     held_out: int = 0,
+    buckets: bool = False,
 ) -> dict:
     """A latents-stage output: random latent distributions, real caption embeddings (or, `tokens`,
     the captions' token ids, as for a trained text encoder), ids; and `held_out` rows more in
-    `validation/`, as the stage caches the held-out split."""
+    `validation/`, as the stage caches the held-out split. With `buckets` the rows take turns in
+    three buckets, 32x32, 32x16 and 16x32 px (latents 8x8, 4x8, 8x4)."""
     generator = torch.Generator().manual_seed(0)
     tokenizer, text_encoder = components["tokenizer"], components["text_encoder"]
     key = "input_ids" if tokens else "text"
@@ -128,6 +132,8 @@ def make_latents(
                 "std_flip": torch.rand(shape, generator=generator) * 0.1,
                 key: embed([CAPTIONS[(i + j) % 4] for j in range(n)]),
             }
+            if buckets:
+                tensors = bucketed(tensors, n, generator)
             names.append(latent_shard_name(i))
             write_latent_shard(build.path / names[-1], tensors, [f"s{i}-{j}" for j in range(n)])
         save_tensors(build.path / EMPTY_PROMPT, {key: embed([""])[0]}, {})
@@ -146,6 +152,8 @@ def make_latents(
                 "std": torch.rand(shape, generator=generator) * 0.1,
                 "text": embed(captions),
             }
+            if buckets:
+                tensors = bucketed(tensors, held_out, generator)
             (build.path / "validation").mkdir()
             shard = build.path / "validation" / latent_shard_name(0)
             write_latent_shard(shard, tensors, [f"held-{j}" for j in range(held_out)])
@@ -159,7 +167,25 @@ def make_latents(
             | ({"captions": "input_ids"} if tokens else {}),
         )
 
-    return build_stage(workdir, "latents", "fixture-tokens" if tokens else "fixture", work)
+    name = "fixture-tokens" if tokens else "fixture"
+    return build_stage(workdir, "latents", name + ("-buckets" if buckets else ""), work)
+
+
+def bucketed(tensors: dict, n: int, generator: torch.Generator) -> dict:
+    """Re-lay square fixture rows out in buckets: row j in bucket j % 3 (cropped latents)."""
+    sizes = [(32, 32), (32, 16), (16, 32)]  # (width, height) px; latents are a quarter of it
+    rows = []
+    for j in range(n):
+        width, height = sizes[j % 3]
+        row = {k: v[j : j + 1] for k, v in tensors.items()}
+        row |= {k: row[k][..., : height // 4, : width // 4] for k in IMAGE_KEYS if k in row}
+        row |= {
+            "bucket": torch.tensor([[width, height]]),
+            "original_size": torch.tensor([[height * 2, width * 2]]),
+            "crop_top_left": torch.randint(0, 4, (1, 2), generator=generator),
+        }
+        rows.append(row)
+    return pack_rows(rows)
 
 
 def make_captions(workdir: Path, count: int = 12) -> dict:
@@ -196,9 +222,11 @@ def pretrained_config(components: dict, *overrides: str):
     return load_profile("tiny-test", options)
 
 
-def run_train(config, workdir: Path, components: dict, upstream_extra: dict | None = None):
+def run_train(
+    config, workdir: Path, components: dict, upstream_extra: dict | None = None, buckets=False
+):
     tokens = config.train.text_encoder != "frozen"  # what the latents stage caches for it
-    latents = make_latents(workdir, components, tokens=tokens)
+    latents = make_latents(workdir, components, tokens=tokens, buckets=buckets)
     upstream = {"latents": latents, "autoencoder": None, "caption": None}
     upstream.update(upstream_extra or {})
     return train(config, upstream, str(workdir)), upstream
@@ -238,18 +266,30 @@ def generate(pipe: StableDiffusionPipeline) -> np.ndarray:
 
 
 def test_data_order_depends_on_step_only_and_covers_each_epoch():
-    order = EpochOrder([range(0, 7), range(7, 12)], seed=3)
-    batches = list(StepBatches(order, 4, start=0, stop=9))
-    resumed = list(StepBatches(EpochOrder([range(0, 7), range(7, 12)], seed=3), 4, start=5, stop=9))
+    buckets = ["@16x8"] * 7 + ["@8x16"] * 5  # 7 and 5 samples, batches of 4: 2 + 2 per epoch
+    order = EpochOrder(buckets, 4, seed=3)
+    batches = list(StepBatches(order, start=0, stop=12))
+    resumed = list(StepBatches(EpochOrder(buckets, 4, seed=3), start=5, stop=12))
     assert resumed == batches[5:]
-    flat = [i for b in batches for i in b]
-    assert sorted(flat[:12]) == list(range(12)) and sorted(flat[12:24]) == list(range(12))
-    assert flat[:12] != flat[12:24]  # a fresh permutation each epoch
-    other = [i for b in StepBatches(EpochOrder([range(0, 7), range(7, 12)], 4), 4, 0, 3) for i in b]
-    assert other != flat[:12]
-    # two processes read disjoint halves of each global batch
-    ranks = [list(StepBatches(order, 2, 0, 2, world=2, rank=r)) for r in (0, 1)]
-    assert ranks[0][0] + ranks[1][0] == batches[0]
+    for epoch in range(3):  # every sample once per epoch, every batch from one bucket
+        part = batches[epoch * 4 : epoch * 4 + 4]
+        assert sorted(i for b in part for i in b) == list(range(12))
+        assert all(len({buckets[i] for i in b}) == 1 for b in part)
+        assert sorted(len(b) for b in part) == [1, 3, 4, 4]  # nothing dropped
+    assert batches[:4] != batches[4:8]  # a fresh order each epoch
+    assert list(StepBatches(EpochOrder(buckets, 4, seed=4), 0, 4)) != batches[:4]
+    assert order.summary()["8x16"] == {"samples": 5, "batches": 2, "smaller_batch": 1}
+    # two processes read alternate batches of the one stream
+    ranks = [list(StepBatches(order, 0, 2, world=2, rank=r)) for r in (0, 1)]
+    assert [ranks[0][0], ranks[1][0], ranks[0][1], ranks[1][1]] == batches[:4]
+
+
+def test_data_order_is_a_global_shuffle_not_shard_by_shard():
+    # rows 0-6 and 7-11 were two shards; an order walking one shard at a time mixes them in at most
+    # one batch per epoch (where it crosses over)
+    order = EpochOrder([""] * 12, 4, seed=0)
+    mixed = [b for e in range(10) for b in order.batches(e) if min(b) < 7 <= max(b)]
+    assert len(mixed) > 10
 
 
 # ------------------------------------------------------------------------------------- outputs
@@ -641,6 +681,7 @@ train(RunConfig.model_validate(spec["config"]), spec["upstream"], spec["workdir"
 
 
 def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, components, caplog):
+    # on latents in three buckets (batches of one shape each, some smaller than train.batch_size)
     config = scratch_config(
         components,
         "train.max_steps=8",
@@ -651,10 +692,11 @@ def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, co
         "train.warmup_steps=5",
         "train.gradient_accumulation=2",
     )
-    reference, _ = run_train(config, tmp_path / "straight", components)
+    reference, _ = run_train(config, tmp_path / "straight", components, buckets=True)
 
     workdir = tmp_path / "killed"
-    upstream = {"latents": make_latents(workdir, components), "autoencoder": None, "caption": None}
+    latents = make_latents(workdir, components, buckets=True)
+    upstream = {"latents": latents, "autoencoder": None, "caption": None}
     spec = tmp_path / "spec.json"
     spec.write_text(
         json.dumps(

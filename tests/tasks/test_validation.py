@@ -58,9 +58,12 @@ def accelerator() -> SimpleNamespace:
     return SimpleNamespace(device=torch.device("cpu"), autocast=nullcontext)
 
 
-def mse_by_hand(unet, x: torch.Tensor, text: torch.Tensor, t: torch.Tensor, seed: int) -> float:
-    """The epsilon-prediction MSE at timesteps `t`, with SD's scaled-linear schedule written out."""
-    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+def mse_by_hand(
+    unet, x: torch.Tensor, text: torch.Tensor, t: torch.Tensor, seed: int, generator=None
+) -> float:
+    """The epsilon-prediction MSE at timesteps `t`, with SD's scaled-linear schedule written out
+    (the noise from `generator`, else a fresh one seeded `seed`)."""
+    eps = torch.randn(x.shape, generator=generator or torch.Generator().manual_seed(seed))
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float32) ** 2
     abar = torch.cumprod(1 - betas, 0)[t].view(-1, 1, 1, 1)
     noisy = abar.sqrt() * x + (1 - abar).sqrt() * eps
@@ -101,6 +104,25 @@ def test_the_validation_loss_is_deterministic_and_is_the_held_out_mse(tmp_path, 
     with torch.no_grad():
         unet.conv_in.bias.add_(0.1)
     assert validator(config, upstream, tmp_path, tmp_path).loss(unet, accelerator()) != first
+
+
+def test_the_validation_loss_covers_held_out_rows_of_several_buckets(tmp_path, components):
+    config = scratch_config(components, "train.validate_every=1", "train.validation_samples=6")
+    latents = make_latents(tmp_path, components, held_out=6, buckets=True)
+    upstream = {"latents": latents, "autoencoder": None, "caption": None}
+    unet = build_unet(config.model).eval()
+    loss = validator(config, upstream, tmp_path, tmp_path).loss(unet, accelerator())
+    # by hand: rows j and j + 3 share a bucket (32x32, 32x16, 16x32 px); each bucket's rows are one
+    # batch, its noise drawn in turn from one generator, the spread timesteps kept per row
+    held = load_file(stage_path(tmp_path, latents) / "validation/latents-00000.safetensors")
+    t = torch.tensor([83, 250, 416, 583, 750, 916])
+    generator = torch.Generator().manual_seed(config.train.seed)
+    by_bucket = [
+        mse_by_hand(unet, held[f"mean@{b}"] * 0.5, held["text"][rows], t[rows], 0, generator)
+        for b, rows in (("32x32", [0, 3]), ("32x16", [1, 4]), ("16x32", [2, 5]))
+    ]
+    assert held["mean@32x16"].shape == (2, 4, 4, 8)
+    assert loss == pytest.approx(sum(by_bucket) / 3, rel=1e-5)
 
 
 @pytest.mark.slow
