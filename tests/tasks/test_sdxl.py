@@ -1,0 +1,113 @@
+"""SDXL through the latents and train stages on the tiny SDXL pipeline (`tiny_sdxl`): the cached
+conditioning equals diffusers' own, LoRA and full fine-tunes export pipelines diffusers loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionXLPipeline
+from test_latents import caption_stage, samples
+
+from sdflow.errors import UserError
+from sdflow.families import family_of
+from sdflow.families.sdxl import batch_time_ids
+from sdflow.latent_data import CachedLatents, load_empty_prompt
+from sdflow.profiles import load_profile
+from sdflow.schedules import collate
+from tasks.latents import Encoders, cache_latents, vae_precision
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def sdxl_config(pipeline: Path, *overrides: str):
+    options = ["model.init=pretrained", f"model.pretrained={pipeline}", *overrides]
+    return load_profile("tiny-test", options)
+
+
+@pytest.fixture(scope="module")
+def sdxl_latents(tiny_sdxl, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("sdxl-work")
+    config = sdxl_config(tiny_sdxl, "eval.held_out_fraction=0.25", "latents.shard_size=8")
+    upstream = {"caption": caption_stage(workdir, samples(16)), "autoencoder": None}
+    return workdir, config, upstream, cache_latents(config, upstream, str(workdir))
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_sdxl) -> StableDiffusionXLPipeline:
+    return StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+
+
+def test_family_comes_from_model_index(tiny_sdxl):
+    assert family_of(sdxl_config(tiny_sdxl)).name == "sdxl"
+    assert family_of(load_profile("tiny-test")).name == "sd"
+    with pytest.raises(UserError, match="model.family is 'sd' but .* is a 'sdxl' pipeline"):
+        family_of(sdxl_config(tiny_sdxl, "model.family=sd"))
+
+
+def test_cached_text_pooled_and_time_ids_equal_the_pipelines(sdxl_latents, reference):
+    workdir, config, _, manifest = sdxl_latents
+    data = CachedLatents(workdir, manifest)
+    rows = [data[i] for i in range(3)]
+    captions = {s["id"]: s["caption"] for s in samples(16)}
+    for row in rows:
+        text, _, pooled, _ = reference.encode_prompt(
+            captions[row["id"]], device="cpu", do_classifier_free_guidance=False
+        )
+        torch.testing.assert_close(row["text"], text[0])
+        torch.testing.assert_close(row["pooled"], pooled[0])
+    empty, _, empty_pooled, _ = reference.encode_prompt(
+        "", device="cpu", do_classifier_free_guidance=False
+    )
+    torch.testing.assert_close(load_empty_prompt(workdir, manifest), empty[0])
+    torch.testing.assert_close(load_empty_prompt(workdir, manifest, "pooled"), empty_pooled[0])
+    # no recorded size or crop: the square crop of the resolution at (0, 0), target 32 x 32
+    batch = collate(rows)
+    expected = reference._get_add_time_ids(
+        (32, 32), (0, 0), (32, 32), torch.float32, text_encoder_projection_dim=32
+    )
+    ids = batch_time_ids(batch, (8, 8), manifest["info"])
+    assert torch.equal(ids, expected.expand(3, 6))
+
+
+def test_time_ids_of_a_cropped_non_square_sample(sdxl_latents, reference):
+    """Rows that record the source size and crop (the buckets' latents) condition on them."""
+    _, _, _, manifest = sdxl_latents
+    batch = {
+        "mean": torch.zeros(2, 4, 6, 8),  # a 24 x 32 px latent
+        "original_size": torch.tensor([[300, 500], [48, 64]]),
+        "crop_top_left": torch.tensor([[0, 70], [6, 0]]),
+    }
+    ids = batch_time_ids(batch, (6, 8), manifest["info"])
+    for i, (size, crop) in enumerate((((300, 500), (0, 70)), ((48, 64), (6, 0)))):
+        expected = reference._get_add_time_ids(
+            size, crop, (24, 32), torch.float32, text_encoder_projection_dim=32
+        )
+        assert torch.equal(ids[i : i + 1], expected)
+
+
+def test_fp16_encoding_upcasts_an_sdxl_vae_that_asks(sdxl_latents, reference):
+    _, config, _, manifest = sdxl_latents
+    family = family_of(config)
+    half = config.model_copy(deep=True)
+    half.latents.mixed_precision = "fp16"
+    vae = reference.vae
+    assert vae.config.force_upcast  # AutoencoderKL's default, and SDXL's VAE config
+    assert vae_precision(half, Encoders(vae, None, family, torch.device("cpu"))) is None
+    vae.register_to_config(force_upcast=False)  # an fp16-safe VAE
+    try:
+        encoders = Encoders(vae, None, family, torch.device("cpu"))
+        assert vae_precision(half, encoders) is torch.float16
+    finally:
+        vae.register_to_config(force_upcast=True)
+    sd = family_of(load_profile("tiny-test"))  # SD ignores the flag, as its pipeline does
+    assert vae_precision(half, Encoders(vae, None, sd, torch.device("cpu"))) is torch.float16
+    assert manifest["info"]["family"] == "sdxl"
+
+
+def test_unsupported_sdxl_options_are_refused(tiny_sdxl, sdxl_latents):
+    workdir, _, upstream, _ = sdxl_latents
+    config = sdxl_config(tiny_sdxl, "train.mode=lora", "train.text_encoder=lora")
+    with pytest.raises(UserError, match="train.text_encoder is 'lora' but the model is SDXL"):
+        cache_latents(config, upstream, str(workdir))
