@@ -98,8 +98,8 @@ def load_base(config: RunConfig, train: Manifest) -> Pipeline:
     except (OSError, ValueError) as exc:
         raise UserError(f"Could not load the base model {source!r}: {exc}") from exc
     if model.vae:  # training encoded latents with this VAE, so sampling must decode with it
-        vae, subfolder = component_sources(config, {}, "")[:2]
-        pipe.vae = load_component(vae, subfolder, AutoencoderKL, model)
+        sources = component_sources(config, {}, "")
+        pipe.vae = load_component(sources.vae, sources.vae_subfolder, AutoencoderKL, model)
     return _prepare(pipe, config)
 
 
