@@ -64,7 +64,9 @@ def test_sdxl_lora_24gb(prefect_server, small_folder, tiny_sdxl, tmp_path):
     assert (profile.train.mode, profile.train.gradient_checkpointing) == ("lora", True)
     vae = f"model.vae={tiny_sdxl / 'vae'}"  # stands in for the fp16-safe VAE
     fp32 = "train.mixed_precision=no"  # fp16 autocast training needs a GPU
-    summary = run_profile("sdxl-lora-24gb", tmp_path, [*sized_down(small_folder, tiny_sdxl), vae, fp32])
+    summary = run_profile(
+        "sdxl-lora-24gb", tmp_path, [*sized_down(small_folder, tiny_sdxl), vae, fp32]
+    )
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
     pipe.load_lora_weights(summary["model_dir"])
     assert generate(pipe).shape == (32, 32, 3)
