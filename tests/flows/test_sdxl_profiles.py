@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 def small_folder(tmp_path_factory) -> Path:
     from sdflow.sources.demo import make_demo_dataset
 
-    return make_demo_dataset(tmp_path_factory.mktemp("sdxl-demo") / "data", count=24, seed=0)
+    return make_demo_dataset(tmp_path_factory.mktemp("sdxl-demo") / "data", count=16, seed=0)
 
 
 def sized_down(folder: Path, pipeline: Path) -> list[str]:
@@ -33,7 +33,7 @@ def sized_down(folder: Path, pipeline: Path) -> list[str]:
         "source.kind=folder", f"source.path={folder}", f"model.pretrained={pipeline}",
         "download.resolution=32", "filter.min_size=16", "latents.batch_size=8",
         "train.max_steps=2", "train.checkpoint_every=2", "train.warmup_steps=1",
-        "train.batch_size=2", "train.gradient_accumulation=2", "eval.held_out_fraction=0.2",
+        "train.batch_size=2", "train.gradient_accumulation=2", "eval.held_out_fraction=0.25",
         "eval.num_prompts=2", "eval.num_inference_steps=2", "eval.fid_features=random-cnn",
         "eval.fid_samples=4", "eval.clip_model=null", "eval.batch_size=4",
     ]  # fmt: skip
@@ -47,7 +47,6 @@ def run_profile(profile: str, workdir: Path, overrides: list[str]) -> dict:
     (run_dir,) = (workdir / "runs").glob("*")
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed", summary["stages"]
-    print({name: round(stage["seconds"], 1) for name, stage in summary["stages"].items()})
     assert summary["metrics"]["trained"]["fid"] is not None
     return summary
 
