@@ -11,6 +11,7 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from test_latents import caption_stage, samples
 
+from flows.pipeline import check_family_options
 from sdflow.errors import UserError
 from sdflow.families import family_of
 from sdflow.families.sdxl import batch_time_ids
@@ -113,6 +114,12 @@ def test_unsupported_sdxl_options_are_refused(tiny_sdxl, sdxl_latents):
     config = sdxl_config(tiny_sdxl, "train.mode=lora", "train.text_encoder=lora")
     with pytest.raises(UserError, match="train.text_encoder is 'lora' but the model is SDXL"):
         cache_latents(config, upstream, str(workdir))
+    with pytest.raises(UserError, match="train.text_encoder is 'lora' but the model is SDXL"):
+        check_family_options(config)  # the pipeline flow's check, before its first stage
+    uncached = sdxl_config(tiny_sdxl, "train.cache_latents=false")
+    with pytest.raises(UserError, match="train.cache_latents is false but the model is SDXL"):
+        check_family_options(uncached)
+    check_family_options(sdxl_config(tiny_sdxl))  # the supported settings pass
 
 
 # ------------------------------------------------------------------------------------------ train
