@@ -83,7 +83,6 @@ SDXL_UNET = dict(  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
     addition_time_embed_dim=256,
     projection_class_embeddings_input_dim=2816,  # 6 time ids x 256 + the 1280-d pooled embedding
 )
-SDXL_POOLED = 1280
 TEXT_LENGTH = 77
 
 
@@ -102,11 +101,11 @@ class RandomLatents:
 
     scaling_factor = 0.18215
 
-    def __init__(self, channels: int, size: int, text_dim: int, sdxl: bool = False):
+    def __init__(self, channels: int, size: int, text_dim: int, pooled_dim: int | None = None):
         self.shape = (channels, size, size)
         self.empty_prompt = torch.zeros(TEXT_LENGTH, text_dim)
         self.text_dim = text_dim
-        self.sdxl = sdxl
+        self.pooled_dim = pooled_dim  # SDXL: the pooled text embedding's size; None for SD
 
     def batch(self, size: int) -> dict:
         return {
@@ -124,12 +123,21 @@ class RandomLatents:
 
     def added_conditioning(self, batch: dict, drop: torch.Tensor) -> dict | None:
         """SDXL: a random pooled embedding and the square crop's size conditioning."""
-        if not self.sdxl:
+        if self.pooled_dim is None:
             return None
         size = len(batch["id"])
         pixels = self.shape[-1] * 8
         ids = torch.tensor([[pixels, pixels, 0, 0, pixels, pixels]], dtype=torch.float32)
-        return {"text_embeds": torch.randn(size, SDXL_POOLED), "time_ids": ids.expand(size, 6)}
+        return {"text_embeds": torch.randn(size, self.pooled_dim), "time_ids": ids.expand(size, 6)}
+
+
+def pooled_dim(architecture: dict) -> int | None:
+    """SDXL-style UNets (`addition_embed_type: text_time`) take a pooled text embedding of this
+    size beside the 6 time ids; None for SD."""
+    if architecture.get("addition_embed_type") != "text_time":
+        return None
+    time_ids = 6 * architecture["addition_time_embed_dim"]
+    return architecture["projection_class_embeddings_input_dim"] - time_ids
 
 
 def parameter_count(architecture: dict) -> int:
@@ -226,7 +234,7 @@ def measure(config, args) -> dict:
         architecture["in_channels"],
         resolution // 8,
         architecture["cross_attention_dim"],
-        sdxl=architecture.get("addition_embed_type") == "text_time",
+        pooled_dim(architecture),
     )
     generator = torch.Generator().manual_seed(0)
 
