@@ -31,7 +31,8 @@ def test_sdxl_profiles_bench_the_sdxl_base_unet():
 def test_an_sdxl_style_unet_steps_with_pooled_and_size_conditioning(monkeypatch, one_torch_thread):
     """The bench's SDXL step path (random pooled embeddings, time ids) on a tiny text_time UNet."""
     bench = load_bench()
-    unet = ("{sample_size: 8, in_channels: 4, out_channels: 4, block_out_channels: [32, 64], layers_per_block: 1, "
+    unet = ("{sample_size: 8, in_channels: 4, out_channels: 4, block_out_channels: [32, 64], "
+            "layers_per_block: 1, "
             "down_block_types: [DownBlock2D, CrossAttnDownBlock2D], "
             "up_block_types: [CrossAttnUpBlock2D, UpBlock2D], attention_head_dim: [2, 4], "
             "cross_attention_dim: 64, norm_num_groups: 8, addition_embed_type: text_time, "
