@@ -364,9 +364,13 @@ def diffusion_loss(
     noisy = scheduler.add_noise(latents, noise, timesteps).to(memory_format=memory_format(train))
     target = prediction_target(scheduler, latents, noise, timesteps)
     text = inputs.text.to(device)
+    added = inputs.added
     if text_encoder is not None:
-        text = text_encoder(text)[0]
-    pred = unet(noisy, timesteps, text, **added_kwargs(inputs.added, device)).sample
+        encoded = text_encoder(text)
+        text = encoded[0]
+        if added is not None:  # SDXL: the trained encoder's pooled projection, not a cached one
+            added = {**added, "text_embeds": encoded[1]}
+    pred = unet(noisy, timesteps, text, **added_kwargs(added, device)).sample
     return weighted_mse(pred.float(), target.float(), scheduler, timesteps, train.snr_gamma)
 
 

@@ -63,7 +63,6 @@ from sdflow.models import (
     image_to_tensor,
     load_component,
     save_component,
-    tokenize_prompts,
     train_tokenizer,
     weights_hash,
 )
@@ -280,7 +279,7 @@ def _encode_captions(
     """The family's cached conditioning ({"text": embeddings [B, L, D]}, SDXL also "pooled"), or
     {"input_ids": [B, L]} when the run trains the encoder."""
     if caption_key(config.train) == "input_ids":
-        return {"input_ids": tokenize_prompts(encoders.text.tokenizers[0], captions)}
+        return {"input_ids": encoders.family.tokenize(encoders.text, captions)}
     with torch.no_grad():
         encoded = encoders.family.encode_prompts(encoders.text, captions)
     return {key: value.float() for key, value in encoded.items()}

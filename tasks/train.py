@@ -209,8 +209,8 @@ def _save_full(
     family = family_of(config)
     vae = load_component(sources.vae, sources.vae_subfolder, AutoencoderKL, config.model)
     text = family.load_text(sources, config)
-    if text_encoder is not None:
-        text.encoders[0] = text_encoder
+    if text_encoder is not None:  # the trained encoder(s) replace the base's
+        text.encoders = family.text_modules(text_encoder)
     scheduler = inference_scheduler(config, sources, trained)
     family.save_pipeline(out_dir, unet, vae, text, scheduler)
     return out_dir.name
@@ -230,12 +230,14 @@ def _save_lora(
         "unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
         "unet_lora_adapter_metadata": unet.peft_config["default"].to_dict(),
     }
-    if text_encoder is not None:
-        layers = get_peft_model_state_dict(text_encoder)
-        parts["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(layers)
-        parts["text_encoder_lora_adapter_metadata"] = text_encoder.peft_config["default"].to_dict()
+    family = family_of(config)
+    encoders = family.text_modules(text_encoder) if text_encoder is not None else []
+    for name, encoder in zip(("text_encoder", "text_encoder_2"), encoders, strict=False):
+        layers = get_peft_model_state_dict(encoder)
+        parts[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(layers)
+        parts[f"{name}_lora_adapter_metadata"] = encoder.peft_config["default"].to_dict()
     with atomic_dir(out_dir) as tmp:
-        family_of(config).pipeline_class.save_lora_weights(tmp, safe_serialization=True, **parts)
+        family.pipeline_class.save_lora_weights(tmp, safe_serialization=True, **parts)
         canonical_safetensors(Path(tmp) / LORA_WEIGHTS)  # the same bytes at every save
     return out_dir.name
 

@@ -51,6 +51,15 @@ class Family(Protocol):
     def encode_prompts(self, text: TextEncoders, prompts: list[str]) -> dict[str, Tensor]:
         """The cached conditioning of each prompt, as the family's pipeline computes it."""
 
+    def tokenize(self, text: TextEncoders, prompts: list[str]) -> Tensor:
+        """Token ids [B, L'] cached for a run that trains the text encoder(s)."""
+
+    def trainable_text(self, encoders: list[Any]) -> Any:
+        """One module of the trained encoders: ids [B, L'] -> (hidden states, pooled embedding)."""
+
+    def text_modules(self, trainable: Any) -> list[Any]:
+        """The trained encoders of `trainable_text`'s module, in pipeline order."""
+
     def added_conditioning(
         self, rows: dict[str, Any], pooled: Tensor | None, latent_hw: tuple[int, int], info: dict
     ) -> dict[str, Tensor] | None:

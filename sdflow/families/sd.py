@@ -16,7 +16,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from sdflow.config import RunConfig
 from sdflow.families import TextEncoders
-from sdflow.models import encode_prompts, load_component, save_pipeline
+from sdflow.models import encode_prompts, load_component, save_pipeline, tokenize_prompts
 
 
 class StableDiffusion:
@@ -41,6 +41,15 @@ class StableDiffusion:
 
     def encode_prompts(self, text: TextEncoders, prompts: list[str]) -> dict[str, Tensor]:
         return {"text": encode_prompts(text.tokenizers[0], text.encoders[0], prompts)}
+
+    def tokenize(self, text: TextEncoders, prompts: list[str]) -> Tensor:
+        return tokenize_prompts(text.tokenizers[0], prompts)
+
+    def trainable_text(self, encoders: list[Any]) -> Any:
+        return encoders[0]
+
+    def text_modules(self, trainable: Any) -> list[Any]:
+        return [trainable]
 
     def added_conditioning(self, rows, pooled, latent_hw, info) -> dict[str, Tensor] | None:
         return None

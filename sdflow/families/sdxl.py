@@ -9,8 +9,11 @@ original size and crop come from the latents rows (`original_size`, `crop_top_le
 latents stage recorded them, else the square crop's (resolution, resolution) and (0, 0); the target
 size is the latent's (h, w) times the VAE's scale factor.
 
-Not supported (refused before any work): training the text encoders (`train.text_encoder`), and
-`train.cache_latents: false`. SDXL is fine-tuned from a pretrained pipeline, not built from scratch.
+A run that trains the text encoders (`train.text_encoder` lora or full: both encoders) caches both
+tokenizers' ids side by side (`input_ids`, [B, 2L]); `DualTextEncoder` splits them and returns the
+concatenated penultimate states and the pooled projection, with gradients. Not supported (refused
+before any work): `train.cache_latents: false`. SDXL is fine-tuned from a pretrained pipeline, not
+built from scratch.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any
 
 import torch
 from diffusers import StableDiffusionXLPipeline
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from sdflow.config import RunConfig
@@ -54,6 +57,22 @@ def batch_time_ids(rows: dict[str, Any], latent_hw: tuple[int, int], info: dict)
     return time_ids(original, crop, target)
 
 
+class DualTextEncoder(nn.Module):
+    """Both trained text encoders as one module: ids [B, 2L] (each tokenizer's L side by side) ->
+    (penultimate states of both, concatenated [B, L, D1 + D2], pooled projection [B, P])."""
+
+    def __init__(self, encoder: nn.Module, encoder_2: nn.Module):
+        super().__init__()
+        self.encoders = nn.ModuleList([encoder, encoder_2])
+
+    def forward(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        first, second = ids.chunk(2, dim=1)
+        out = self.encoders[0](first, output_hidden_states=True)
+        out_2 = self.encoders[1](second, output_hidden_states=True)
+        hidden = torch.cat([out.hidden_states[-2], out_2.hidden_states[-2]], dim=-1)
+        return hidden, out_2[0]
+
+
 class StableDiffusionXL:
     name = "sdxl"
     pipeline_class = StableDiffusionXLPipeline
@@ -62,13 +81,7 @@ class StableDiffusionXL:
     cached_text = ("text", "pooled")
 
     def check(self, config: RunConfig) -> None:
-        train = config.train
-        if train.text_encoder != "frozen":
-            raise UserError(
-                f"train.text_encoder is {train.text_encoder!r} but the model is SDXL: training its "
-                "two text encoders is not supported yet; allowed for SDXL: 'frozen'."
-            )
-        if not train.cache_latents:
+        if not config.train.cache_latents:
             raise UserError(
                 "train.cache_latents is false but the model is SDXL: its pooled embedding and size "
                 "conditioning come from the latents cache; allowed for SDXL: true."
@@ -95,6 +108,15 @@ class StableDiffusionXL:
                 pooled = out[0]
             hidden.append(out.hidden_states[-2])
         return {"text": torch.cat(hidden, dim=-1), "pooled": pooled}
+
+    def tokenize(self, text: TextEncoders, prompts: list[str]) -> Tensor:
+        return torch.cat([tokenize_prompts(t, prompts) for t in text.tokenizers], dim=1)
+
+    def trainable_text(self, encoders: list[Any]) -> DualTextEncoder:
+        return DualTextEncoder(*encoders)
+
+    def text_modules(self, trainable: DualTextEncoder) -> list[Any]:
+        return list(trainable.encoders)
 
     def added_conditioning(self, rows, pooled, latent_hw, info) -> dict[str, Tensor]:
         return {"text_embeds": pooled, "time_ids": batch_time_ids(rows, latent_hw, info)}

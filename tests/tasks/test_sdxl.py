@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
+from safetensors.torch import load_file
 from test_latents import caption_stage, samples
 
 from flows.pipeline import check_family_options
@@ -111,14 +112,11 @@ def test_fp16_encoding_upcasts_an_sdxl_vae_that_asks(sdxl_latents, reference):
 
 def test_unsupported_sdxl_options_are_refused(tiny_sdxl, sdxl_latents):
     workdir, _, upstream, _ = sdxl_latents
-    config = sdxl_config(tiny_sdxl, "train.mode=lora", "train.text_encoder=lora")
-    with pytest.raises(UserError, match="train.text_encoder is 'lora' but the model is SDXL"):
-        cache_latents(config, upstream, str(workdir))
-    with pytest.raises(UserError, match="train.text_encoder is 'lora' but the model is SDXL"):
-        check_family_options(config)  # the pipeline flow's check, before its first stage
     uncached = sdxl_config(tiny_sdxl, "train.cache_latents=false")
     with pytest.raises(UserError, match="train.cache_latents is false but the model is SDXL"):
-        check_family_options(uncached)
+        check_family_options(uncached)  # the pipeline flow's check, before its first stage
+    with pytest.raises(UserError, match="train.cache_latents is false but the model is SDXL"):
+        cache_latents(uncached, upstream, str(workdir))
     check_family_options(sdxl_config(tiny_sdxl))  # the supported settings pass
 
 
@@ -197,4 +195,35 @@ def test_full_finetune_with_validation_exports_an_sdxl_pipeline(
     trained = dict(pipe.unet.named_parameters())
     changed = [n for n, p in reference.unet.named_parameters() if not torch.equal(p, trained[n])]
     assert changed and any("add_embedding" in n for n in changed)  # the size/pooled path trains
+    assert generate(pipe).shape == (32, 32, 3)
+
+
+@pytest.mark.parametrize("choice", ["lora", "full"])
+def test_both_text_encoders_train_and_export(tiny_sdxl, reference, tmp_path, choice):
+    config = sdxl_config(tiny_sdxl, *TRAIN, f"train.mode={choice}", f"train.text_encoder={choice}",
+                         "train.lr=0.01", "eval.held_out_fraction=0")  # fmt: skip
+    rows = samples(8)
+    upstream = {"caption": caption_stage(tmp_path, rows), "autoencoder": None}
+    latents = cache_latents(config, upstream, str(tmp_path))
+    row = CachedLatents(tmp_path, latents)[0]
+    caption = {s["id"]: s["caption"] for s in rows}[row["id"]]
+    ids = [tok(caption, padding="max_length", max_length=16, truncation=True).input_ids
+           for tok in (reference.tokenizer, reference.tokenizer_2)]  # fmt: skip
+    assert row["input_ids"].tolist() == ids[0] + ids[1]  # both tokenizers' ids, side by side
+    manifest = train(config, {**upstream, "latents": latents}, str(tmp_path))
+    out = tmp_path / manifest["path"]
+    if choice == "lora":
+        keys = load_file(out / "lora" / "pytorch_lora_weights.safetensors").keys()
+        assert {k.split(".")[0] for k in keys} == {"unet", "text_encoder", "text_encoder_2"}
+        pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+        pipe.load_lora_weights(str(out / "lora"))
+    else:
+        pipe = StableDiffusionXLPipeline.from_pretrained(out / "pipeline")
+    kwargs = {"device": "cpu", "do_classifier_free_guidance": False}
+    text, _, pooled, _ = pipe.encode_prompt("a red square", **kwargs)
+    base_text, _, base_pooled, _ = reference.encode_prompt("a red square", **kwargs)
+    # each encoder's half of the states, and the pooled projection, moved off the base's
+    assert not torch.allclose(text[..., :32], base_text[..., :32])
+    assert not torch.allclose(text[..., 32:], base_text[..., 32:])
+    assert not torch.allclose(pooled, base_pooled)
     assert generate(pipe).shape == (32, 32, 3)
