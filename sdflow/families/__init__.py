@@ -39,7 +39,6 @@ class Family(Protocol):
     name: str
     pipeline_class: type
     text_parts: tuple[str, ...]  # the pipeline's text subfolders (tokenizers and encoders)
-    cached_text: tuple[str, ...]  # the tensors `encode_prompts` returns, cached per row
     upcast_vae: bool  # fp16 latents encoding runs in float32 when the VAE sets `force_upcast`
 
     def check(self, config: RunConfig) -> None:

@@ -24,7 +24,6 @@ class StableDiffusion:
     pipeline_class = StableDiffusionPipeline
     text_parts = ("tokenizer", "text_encoder")
     upcast_vae = False  # encode latents in float32 when the VAE config says force_upcast
-    cached_text = ("text",)
 
     def check(self, config: RunConfig) -> None:
         """Every sdflow option applies to SD."""

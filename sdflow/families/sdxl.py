@@ -78,7 +78,6 @@ class StableDiffusionXL:
     pipeline_class = StableDiffusionXLPipeline
     text_parts = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
     upcast_vae = True  # encode latents in float32 when the VAE config says force_upcast
-    cached_text = ("text", "pooled")
 
     def check(self, config: RunConfig) -> None:
         if not config.train.cache_latents:
