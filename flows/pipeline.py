@@ -45,7 +45,7 @@ def check_memory_options(train) -> None:
 
 
 def check_family_options(config) -> None:
-    """Options a model family refuses (SDXL: a trained text encoder, no latents cache) stop the run
+    """Options a model family refuses (SDXL: `train.cache_latents: false`) stop the run
     before any stage; the family is looked up (model_index.json) only when such an option is set."""
     train = config.train
     if config.model.init == "pretrained" and (
