@@ -47,10 +47,7 @@ def check_memory_options(train) -> None:
 def check_family_options(config) -> None:
     """Options a model family refuses (SDXL: `train.cache_latents: false`) stop the run
     before any stage; the family is looked up (model_index.json) only when such an option is set."""
-    train = config.train
-    if config.model.init == "pretrained" and (
-        train.text_encoder != "frozen" or not train.cache_latents
-    ):
+    if config.model.init == "pretrained" and not config.train.cache_latents:
         from sdflow.families import family_of
 
         family_of(config).check(config)
