@@ -3,9 +3,13 @@
     python bench/gpu_step.py --profile sd15-lora-12gb [--steps 20] [--batch-size N]
     python bench/gpu_step.py --profile sd15-finetune-24gb --memory-options
     python bench/gpu_step.py --profile sd15-finetune-24gb --speed-options [--with-compile]
+    python bench/gpu_step.py --profile sdxl-lora-24gb        # SDXL UNet, LoRA, 1024 px
+    python bench/gpu_step.py --profile sdxl-finetune-80gb    # SDXL UNet, full + EMA, 1024 px
+    python bench/gpu_step.py --profile sdxl-lora-24gb --build-only   # parameter count, no step
 
-Builds the UNet of the profile's base model FROM CONFIG with random weights (no download: the SD 1.5
-and SD 2.1 architectures are written out below), applies the profile's training mode (LoRA or full),
+Builds the UNet of the profile's base model FROM CONFIG with random weights (no download: the SD 1.5,
+SD 2.1 and SDXL base architectures are written out below; SDXL's takes random pooled embeddings and
+its 1024 px size conditioning), applies the profile's training mode (LoRA or full),
 mixed precision, gradient checkpointing and EMA, and runs sdflow's own training step
 (`sdflow.training.diffusion_loss`) on latent-shaped random inputs at the profile's resolution. Prints
 images/s and the peak GPU memory, also as one JSON line. `--memory-options` measures each
@@ -62,6 +66,23 @@ SD21_UNET = dict(
     attention_head_dim=[5, 10, 20, 20],
     use_linear_projection=True,
 )
+SDXL_UNET = dict(  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=[320, 640, 1280],
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    transformer_layers_per_block=[1, 2, 10],
+    attention_head_dim=[5, 10, 20],
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_embed_type_num_heads=64,
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,  # 6 time ids x 256 + the 1280-d pooled embedding
+)
 TEXT_LENGTH = 77
 
 
@@ -70,6 +91,8 @@ def unet_config(config) -> dict:
     if config.model.init == "scratch":
         return dict(config.model.unet)
     name = (config.model.pretrained or "").lower()
+    if config.model.family == "sdxl" or "xl" in name:
+        return SDXL_UNET
     return SD21_UNET if "2-1" in name or "2.1" in name or "sd21" in name else SD15_UNET
 
 
@@ -78,10 +101,11 @@ class RandomLatents:
 
     scaling_factor = 0.18215
 
-    def __init__(self, channels: int, size: int, text_dim: int):
+    def __init__(self, channels: int, size: int, text_dim: int, pooled_dim: int | None = None):
         self.shape = (channels, size, size)
         self.empty_prompt = torch.zeros(TEXT_LENGTH, text_dim)
         self.text_dim = text_dim
+        self.pooled_dim = pooled_dim  # SDXL: the pooled text embedding's size; None for SD
 
     def batch(self, size: int) -> dict:
         return {
@@ -97,9 +121,41 @@ class RandomLatents:
     def text(self, batch: dict) -> torch.Tensor:
         return batch["text"]
 
+    def added_conditioning(self, batch: dict, drop: torch.Tensor) -> dict | None:
+        """SDXL: a random pooled embedding and the square crop's size conditioning."""
+        if self.pooled_dim is None:
+            return None
+        size = len(batch["id"])
+        pixels = self.shape[-1] * 8
+        ids = torch.tensor([[pixels, pixels, 0, 0, pixels, pixels]], dtype=torch.float32)
+        return {"text_embeds": torch.randn(size, self.pooled_dim), "time_ids": ids.expand(size, 6)}
+
+
+def pooled_dim(architecture: dict) -> int | None:
+    """SDXL-style UNets (`addition_embed_type: text_time`) take a pooled text embedding of this
+    size beside the 6 time ids; None for SD."""
+    if architecture.get("addition_embed_type") != "text_time":
+        return None
+    time_ids = 6 * architecture["addition_time_embed_dim"]
+    return architecture["projection_class_embeddings_input_dim"] - time_ids
+
+
+def parameter_count(architecture: dict) -> int:
+    """The UNet's parameters, built on the meta device (no memory, no weights)."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel(**architecture)
+    return sum(p.numel() for p in unet.parameters())
+
 
 def main() -> None:
     args = _arguments()
+    if args.build_only:
+        architecture = unet_config(load_profile(args.profile, args.overrides))
+        print(json.dumps({"profile": args.profile, "unet_params": parameter_count(architecture)}))
+        return
     variants = {"as configured": []}
     if args.memory_options:
         variants = memory_variants(torch.cuda.is_available())
@@ -175,7 +231,10 @@ def measure(config, args) -> dict:
     prediction = train.prediction_type or "epsilon"
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", prediction_type=prediction)
     source = RandomLatents(
-        architecture["in_channels"], resolution // 8, architecture["cross_attention_dim"]
+        architecture["in_channels"],
+        resolution // 8,
+        architecture["cross_attention_dim"],
+        pooled_dim(architecture),
     )
     generator = torch.Generator().manual_seed(0)
 
@@ -266,6 +325,10 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument(
         "--speed-options", action="store_true",
         help="measure each speed key (channels_last, sdpa, foreach AdamW, TF32) and all together",
+    )  # fmt: skip
+    parser.add_argument(
+        "--build-only", action="store_true",
+        help="only build the profile's UNet architecture on the meta device; print its size",
     )  # fmt: skip
     parser.add_argument(
         "--with-compile", action="store_true", help="--speed-options: torch.compile too (CPU)"

@@ -44,6 +44,15 @@ def check_memory_options(train) -> None:
         check(train)
 
 
+def check_family_options(config) -> None:
+    """Options a model family refuses (SDXL: `train.cache_latents: false`) stop the run
+    before any stage; the family is looked up (model_index.json) only when such an option is set."""
+    if config.model.init == "pretrained" and not config.train.cache_latents:
+        from sdflow.families import family_of
+
+        family_of(config).check(config)
+
+
 def stage_task(stage: str) -> Task:
     """The Prefect task of `stage`, its module imported now (see the module docstring)."""
     module, attribute = STAGE_TASKS[stage]
@@ -62,6 +71,7 @@ def pipeline(
     config = load_profile(profile, overrides or [])
     if not only or "train" in only:  # e.g. 8-bit AdamW on a host without CUDA: before any stage
         check_memory_options(config.train)
+        check_family_options(config)
     run = RunTracker(config, profile, workdir, only, refresh)
 
     images = run.stage(stage_task("download"))

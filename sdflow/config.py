@@ -355,6 +355,11 @@ class ModelConfig(Section):
     """Which model components are trained or fine-tuned."""
 
     init: Literal["scratch", "pretrained"] = "scratch"
+    family: Literal["sd", "sdxl"] | None = Field(
+        None,
+        description="model family (sdflow.families): unset: from the pipeline's model_index.json "
+        "(pretrained), sd from scratch; set with pretrained, it must match the pipeline",
+    )
     pretrained: str | None = Field(None, description="diffusers pipeline directory or hub name")
     revision: str | None = None
     variant: str | None = Field(None, description="weights variant of a hub model, e.g. fp16")
@@ -392,6 +397,11 @@ class ModelConfig(Section):
     def _init_needs_source(self) -> ModelConfig:
         if self.init == "pretrained" and not self.pretrained:
             raise ValueError("model.init is 'pretrained' but model.pretrained is not set")
+        if self.init == "scratch" and self.family == "sdxl":
+            raise ValueError(
+                "model.family is 'sdxl' but model.init is 'scratch': SDXL is fine-tuned from a "
+                "pretrained pipeline (model.init: pretrained); allowed from scratch: 'sd'"
+            )
         return self
 
 

@@ -3,7 +3,8 @@
 A latents shard is one safetensors file: tensors `mean`, `std` [N, C, h, w] (the VAE's latent
 distribution, unscaled), optionally `mean_flip`, `std_flip` (the horizontally flipped image) and
 `text` [N, L, D] (the caption's embedding) or, for a run that trains the text encoder,
-`input_ids` [N, L] (the caption's token ids, int64), with the N sample ids in the metadata (`ids`, a JSON
+`input_ids` [N, L] (the caption's token ids, int64); for SDXL also `pooled` [N, P] (the pooled
+text projection); with the N sample ids in the metadata (`ids`, a JSON
 list) in row order. Ids travel with every row, so a latent is never paired with another sample's
 caption however the rows are shuffled. Every row also has `original_size` [N, 2] (height, width of
 the source image before the download resized it) and `crop_top_left` [N, 2] (top, left of the crop
@@ -41,7 +42,8 @@ from sdflow.splits import is_held_out
 from sdflow.stageio import Manifest, output_dir, publish, shard_paths
 
 IMAGE_KEYS = ("mean", "std", "mean_flip", "std_flip")  # stored per bucket when bucketed
-ROW_KEYS = ("text", "input_ids", "original_size", "crop_top_left")
+# `pooled`: SDXL's pooled text projection [N, P]
+ROW_KEYS = ("text", "input_ids", "pooled", "original_size", "crop_top_left")
 LATENT_KEYS = (*IMAGE_KEYS, *ROW_KEYS)
 EMPTY_PROMPT = "empty_prompt.safetensors"
 CACHED_TABLES = 8  # caption shards `CaptionedImages` keeps decoded in memory
@@ -174,10 +176,15 @@ def read_shard_ids(path: str | Path) -> list[str]:
 
 
 def load_empty_prompt(workdir: str | Path, manifest: Manifest, key: str = "text") -> Tensor:
-    """The empty caption's embedding [L, D] (or, key `input_ids`, its token ids [L]), used for
-    caption dropout."""
+    """The empty caption's embedding [L, D] (or, key `input_ids`, its token ids [L]; `pooled`,
+    SDXL's pooled projection [P]), used for caption dropout."""
+    return load_empty_prompts(workdir, manifest)[key]
+
+
+def load_empty_prompts(workdir: str | Path, manifest: Manifest) -> dict[str, Tensor]:
+    """Every cached tensor of the empty caption."""
     path = output_dir(workdir, manifest) / manifest["files"]["empty_prompt"]
-    return load_file(str(path))[key]
+    return load_file(str(path))
 
 
 class CachedLatents(Dataset):

@@ -372,6 +372,11 @@ def save_pipeline(out_dir: Path, unet, vae, text_encoder, tokenizer, scheduler) 
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    save_pipeline_dir(out_dir, pipeline)
+
+
+def save_pipeline_dir(out_dir: Path, pipeline: Any) -> None:
+    """`pipeline.save_pretrained` into `out_dir` atomically, as safetensors, without load paths."""
     with atomic_dir(out_dir) as tmp:
         pipeline.save_pretrained(tmp, safe_serialization=True)
         drop_load_paths(tmp)

@@ -27,11 +27,12 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from sdflow.config import RunConfig
 from sdflow.errors import UserError
+from sdflow.families import get_family
 from sdflow.latent_data import (
     CachedLatents,
     CaptionedImages,
     caption_key,
-    load_empty_prompt,
+    load_empty_prompts,
 )
 from sdflow.models import ComponentSources, encode_images, encode_prompts, load_component
 from sdflow.stageio import Manifest
@@ -157,9 +158,11 @@ class CachedBatches:
                 f"needs {captions!r} (train.text_encoder): rerun the latents stage with this config."
             )
         self.captions = captions
-        empty = load_empty_prompt(workdir, manifest, captions)
-        self.empty_prompt = empty.float() if captions == "text" else empty
-        self.scaling_factor = float(manifest["info"]["scaling_factor"])
+        empty = load_empty_prompts(workdir, manifest)
+        self.empty_prompt = empty[captions].float() if captions == "text" else empty[captions]
+        self.empty_pooled = empty["pooled"].float() if "pooled" in empty else None
+        self.info = manifest["info"]
+        self.scaling_factor = float(self.info["scaling_factor"])
 
     def order(self, seed: int, batch_size: int) -> EpochOrder:
         return EpochOrder(self.dataset.buckets(), batch_size, seed)
@@ -176,6 +179,21 @@ class CachedBatches:
         if self.captions == "input_ids":
             return batch["input_ids"]
         return batch["text"].float()
+
+    def added_conditioning(self, batch: dict[str, Any], drop: Tensor) -> dict[str, Tensor] | None:
+        """The family's added UNet conditioning (SDXL: pooled projection, the empty prompt's where
+        the caption is dropped, and size/crop time ids); None for SD."""
+        pooled = batch.get("pooled")
+        if pooled is not None:
+            pooled = torch.where(drop[:, None], self.empty_pooled, pooled.float())
+        return added_conditioning(self.info, batch, pooled)
+
+
+def added_conditioning(info: dict, batch: dict[str, Any], pooled: Tensor | None):
+    """The UNet's added conditioning of cached rows, by the family the latents stage recorded
+    in its manifest's `info` (SD: None)."""
+    family = get_family(info.get("family", "sd"))
+    return family.added_conditioning(batch, pooled, tuple(batch["mean"].shape[-2:]), info)
 
 
 class EncodedBatches:
@@ -213,6 +231,9 @@ class EncodedBatches:
     @torch.no_grad()
     def text(self, batch: dict[str, Any]) -> Tensor:
         return encode_prompts(self.tokenizer, self.text_encoder, batch["caption"]).float().cpu()
+
+    def added_conditioning(self, batch: dict[str, Any], drop: Tensor) -> None:
+        return None  # SD only (an SDXL run refuses train.cache_latents: false)
 
 
 def make_batches(

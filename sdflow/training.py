@@ -54,6 +54,7 @@ from sdflow.artifacts import report_progress
 from sdflow.checkpoints import load_checkpoint, load_latest, mark_best, save_checkpoint
 from sdflow.config import RunConfig, TrainConfig
 from sdflow.errors import UserError, as_user_error
+from sdflow.families import family_of
 from sdflow.gpuslots import gpu_count, held_device
 from sdflow.launch import LaunchFailed, accelerate_command, exit_with_supervisor, supervise
 from sdflow.memory import check_memory_options, make_ema, make_optimizer
@@ -144,6 +145,7 @@ def train_unet(
     check_memory_options(config.train)
     accelerator = make_accelerator(config.train, out_dir)
     check_speed_options(config.train, accelerator.device)
+    family_of(config).check(config)
     sources = component_sources(config, upstream, workdir)
     trainer = make_trainer(accelerator, config, sources)
     scheduler = make_noise_scheduler(config, sources)
@@ -318,6 +320,7 @@ class StepInputs:
     timesteps: Tensor  # [B]
     text: Tensor  # [B, L, D] caption embeddings, or [B, L] token ids when the text encoder
     # trains (the empty prompt's where dropped)
+    added: dict[str, Tensor] | None = None  # the UNet's added_cond_kwargs (SDXL), None for SD
 
 
 def draw_inputs(scheduler, source, batch, generator, train: TrainConfig) -> StepInputs:
@@ -339,7 +342,8 @@ def draw_inputs(scheduler, source, batch, generator, train: TrainConfig) -> Step
     timesteps = torch.randint(0, steps, (size,), generator=generator)
     dropped = drop.view(-1, *[1] * source.empty_prompt.dim())
     text = torch.where(dropped, source.empty_prompt, source.text(batch).cpu())
-    return StepInputs(flip, drop, latents, noise, timesteps, text)
+    added = source.added_conditioning(batch, drop)  # nothing random: SD's draws are unchanged
+    return StepInputs(flip, drop, latents, noise, timesteps, text, added)
 
 
 def prediction_target(scheduler, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
@@ -361,10 +365,21 @@ def diffusion_loss(
     noisy = scheduler.add_noise(latents, noise, timesteps).to(memory_format=memory_format(train))
     target = prediction_target(scheduler, latents, noise, timesteps)
     text = inputs.text.to(device)
+    added = inputs.added
     if text_encoder is not None:
-        text = text_encoder(text)[0]
-    pred = unet(noisy, timesteps, text).sample
+        encoded = text_encoder(text)
+        text = encoded[0]
+        if added is not None:  # SDXL: the trained encoder's pooled projection, not a cached one
+            added = {**added, "text_embeds": encoded[1]}
+    pred = unet(noisy, timesteps, text, **added_kwargs(added, device)).sample
     return weighted_mse(pred.float(), target.float(), scheduler, timesteps, train.snr_gamma)
+
+
+def added_kwargs(added: dict[str, Tensor] | None, device) -> dict[str, Any]:
+    """`added_cond_kwargs` for the UNet call on `device` (none for a UNet that takes none)."""
+    if added is None:
+        return {}
+    return {"added_cond_kwargs": {key: value.to(device) for key, value in added.items()}}
 
 
 def weighted_mse(pred, target, scheduler, timesteps, snr_gamma: float | None) -> Tensor:

@@ -26,17 +26,17 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import broadcast
-from diffusers import AutoencoderKL, StableDiffusionPipeline
+from diffusers import AutoencoderKL
 from PIL import Image
 from torch import Tensor
-from transformers import CLIPTextModel, CLIPTokenizer
 
 from sdflow.config import RunConfig
 from sdflow.errors import UserError
+from sdflow.families import family_of
 from sdflow.grids import Block, render_grid, save_png
 from sdflow.latent_data import held_out_latents, read_shard_captions
-from sdflow.models import ComponentSources, encode_prompts, inference_scheduler, load_component
-from sdflow.schedules import collate, same_shape
+from sdflow.models import ComponentSources, inference_scheduler, load_component
+from sdflow.schedules import added_conditioning, collate, same_shape
 from sdflow.stageio import Manifest
 
 GRIDS = "logs/validation"  # under the train stage's directory
@@ -86,6 +86,7 @@ class HeldOut:
     timesteps: list[Tensor]  # [n]
     text: list[Tensor]  # [n, L, D]
     captions: list[str]
+    added: list[dict[str, Tensor] | None] = field(default_factory=list)  # SDXL's, per shape
 
 
 def held_out_inputs(
@@ -109,6 +110,9 @@ def held_out_inputs(
         held.noise.append(torch.randn(group["mean"].shape, generator=generator))
         held.timesteps.append(spread[members])
         held.text.append(group["text"].float())
+        pooled = group.get("pooled")
+        pooled = None if pooled is None else pooled.float()
+        held.added.append(added_conditioning(latents["info"], group, pooled))
     return held
 
 
@@ -135,39 +139,37 @@ class Validator:
             or _distinct(self.held.captions)[: train.validation_images]
         )
         self.sources = sources
+        self.family = family_of(config)
         self.vae: AutoencoderKL | None = None
         self.embeddings = self._embed(self.prompts) if self.prompts else None
 
-    def _embed(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+    def _embed(self, prompts: list[str]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """The prompts' and the empty prompt's embeddings, once (the text encoder is frozen)."""
-        model, sources = self.config.model, self.sources
-        tokenizer = load_component(
-            sources.tokenizer, sources.tokenizer_subfolder, CLIPTokenizer, model
-        )
-        encoder = load_component(
-            sources.text_encoder, sources.text_encoder_subfolder, CLIPTextModel, model
-        )
+        text = self.family.load_text(self.sources, self.config)
         with torch.no_grad():
-            texts = encode_prompts(tokenizer, encoder.eval(), ["", *prompts]).float()
-        return texts[1:], texts[:1]
+            texts = self.family.encode_prompts(text, ["", *prompts])
+        texts = {key: value.float() for key, value in texts.items()}
+        return {k: v[1:] for k, v in texts.items()}, {k: v[:1] for k, v in texts.items()}
 
     @torch.no_grad()
     def loss(self, unet, accelerator) -> float:
         """The mean loss over the held-out rows, in batches of `train.batch_size`."""
-        from sdflow.training import prediction_target, weighted_mse
+        from sdflow.training import added_kwargs, prediction_target, weighted_mse
 
         held, train, device = self.held, self.config.train, accelerator.device
         total, count = 0.0, sum(len(x) for x in held.latents)
-        groups = zip(held.latents, held.noise, held.timesteps, held.text, strict=True)
-        for group_latents, group_noise, group_timesteps, group_text in groups:
+        groups = zip(held.latents, held.noise, held.timesteps, held.text, held.added, strict=True)
+        for group_latents, group_noise, group_timesteps, group_text, group_added in groups:
             for a in range(0, len(group_latents), train.batch_size):
                 part = slice(a, a + train.batch_size)
                 latents, noise = group_latents[part].to(device), group_noise[part].to(device)
                 timesteps = group_timesteps[part].to(device)
                 noisy = self.scheduler.add_noise(latents, noise, timesteps)
                 target = prediction_target(self.scheduler, latents, noise, timesteps)
+                added = group_added and {key: value[part] for key, value in group_added.items()}
                 with accelerator.autocast():
-                    pred = unet(noisy, timesteps, group_text[part].to(device)).sample
+                    text = group_text[part].to(device)
+                    pred = unet(noisy, timesteps, text, **added_kwargs(added, device)).sample
                 loss = weighted_mse(
                     pred.float(), target.float(), self.scheduler, timesteps, train.snr_gamma
                 )
@@ -182,25 +184,20 @@ class Validator:
             self.vae = load_component(
                 sources.vae, sources.vae_subfolder, AutoencoderKL, config.model
             )
-        pipe = StableDiffusionPipeline(
-            vae=self.vae.to(accelerator.device).eval(),
-            text_encoder=None,
-            tokenizer=None,
-            unet=unet,
-            scheduler=inference_scheduler(config, sources, self.scheduler),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        scheduler = inference_scheduler(config, sources, self.scheduler)
+        vae = self.vae.to(accelerator.device).eval()
+        pipe = self.family.pipeline(unet, vae, None, scheduler)
         pipe.set_progress_bar_config(disable=True)
         texts, empty = self.embeddings
+        device = accelerator.device
+        empty = {key: value.to(device) for key, value in empty.items()}
         size = config.download.resolution
         out = []
         for i in range(len(self.prompts)):
             with accelerator.autocast():
+                prompt = {key: value[i : i + 1].to(device) for key, value in texts.items()}
                 result = pipe(
-                    prompt_embeds=texts[i : i + 1].to(accelerator.device),
-                    negative_prompt_embeds=empty.to(accelerator.device),
+                    **self.family.prompt_kwargs(prompt, empty),
                     height=size,
                     width=size,
                     num_inference_steps=config.train.validation_inference_steps,

@@ -158,8 +158,8 @@ def base_identity(config: RunConfig, train: Manifest, workdir: str) -> str:
     revision = model.revision if source == model.pretrained else None
     identity = weights_hash(source, None, revision)
     if model.vae:
-        vae, subfolder = component_sources(config, {}, workdir)[:2]
-        identity += " vae:" + weights_hash(vae, subfolder)
+        sources = component_sources(config, {}, workdir)
+        identity += " vae:" + weights_hash(sources.vae, sources.vae_subfolder)
     return identity
 
 

@@ -5,8 +5,11 @@ enter the training shards: they are cached apart, in `validation/latents-XXXXX.s
 same format, plus the captions in the metadata), for the train stage's validation loss and grid.
 Each caption shard becomes one or more `latents-XXXXX.safetensors` (at most
 `latents.shard_size` rows) holding the latent distribution (`mean`, `std`, and with `latents.flip`
-the flipped image's `mean_flip`, `std_flip`) and the caption embedding `text`, with the row ids in
-the metadata. `empty_prompt.safetensors` holds the empty caption's embedding for caption dropout.
+the flipped image's `mean_flip`, `std_flip`) and the caption embedding `text` (SDXL: both
+encoders' penultimate states, and the pooled projection `pooled`; see `sdflow.families`), with the
+row ids in the metadata. `empty_prompt.safetensors` holds the empty caption's embeddings for caption
+dropout. With `latents.mixed_precision: fp16` an SDXL VAE whose config sets `force_upcast` encodes
+in float32 (an fp16-safe `model.vae` without the flag encodes in fp16).
 A run that trains the text encoder (`train.text_encoder` lora or full) caches the captions' token ids
 `input_ids` instead (and the empty caption's), since its embeddings change at every step.
 For scratch models the tokenizer is trained here on the training captions and the (frozen, seeded)
@@ -47,6 +50,7 @@ from sdflow.artifacts import report_progress
 from sdflow.buckets import Bucket, bucket_name, bucket_pixels, bucket_set, nearest_bucket
 from sdflow.config import RunConfig
 from sdflow.errors import UserError
+from sdflow.families import Family, TextEncoders, family_of
 from sdflow.fingerprint import code_version
 from sdflow.gpuslots import torch_device
 from sdflow.latent_data import (
@@ -64,10 +68,8 @@ from sdflow.models import (
     build_text_encoder,
     component_sources,
     encode_images,
-    encode_prompts,
     load_component,
     save_component,
-    tokenize_prompts,
     train_tokenizer,
     weights_hash,
 )
@@ -109,9 +111,9 @@ def _encoder_identity(config: RunConfig, upstream: dict[str, Manifest | None]) -
         from_pipeline = model.pretrained and sources.vae == absolute_source(model.pretrained)
         revision = model.revision if from_pipeline else None
         identity["vae"] = weights_hash(sources.vae, sources.vae_subfolder, revision)
-    if model.init == "pretrained":
-        identity["text_encoder"] = weights_hash(model.pretrained, "text_encoder", model.revision)
-        identity["tokenizer"] = weights_hash(model.pretrained, "tokenizer", model.revision)
+    if model.init == "pretrained":  # every text part of the family (SDXL: both encoders)
+        for part in family_of(config).text_parts:
+            identity[part] = weights_hash(model.pretrained, part, model.revision)
     else:
         identity["scratch_text"] = model.model_dump(
             include={"text_encoder", "tokenizer_vocab_size", "max_token_length", "seed"}
@@ -168,8 +170,8 @@ class Encoders:
     """The frozen models that turn a sample into its cached row."""
 
     vae: AutoencoderKL
-    tokenizer: CLIPTokenizer
-    text_encoder: CLIPTextModel
+    text: TextEncoders
+    family: Family
     device: torch.device
     buckets: list[Bucket]  # the bucket set (one square bucket with `latents.buckets: none`)
 
@@ -233,24 +235,22 @@ def _load_encoders(
     build: StageBuild, config: RunConfig, upstream: dict[str, Manifest | None], workdir: str
 ) -> Encoders:
     model = config.model
+    family = family_of(config)
+    family.check(config)
     sources = component_sources(config, upstream, workdir)
     vae = load_component(sources.vae, sources.vae_subfolder, AutoencoderKL, model)
     if model.init == "scratch":
         tokenizer, text_encoder = _scratch_text(build, config, upstream["caption"], workdir)
+        text = TextEncoders([tokenizer], [text_encoder])
     else:
-        tokenizer = load_component(
-            sources.tokenizer, sources.tokenizer_subfolder, CLIPTokenizer, model
-        )
-        text_encoder = load_component(
-            sources.text_encoder, sources.text_encoder_subfolder, CLIPTextModel, model
-        )
+        text = family.load_text(sources, config)
     device = torch_device()
-    for module in (vae, text_encoder):
+    for module in (vae, *text.encoders):
         module.requires_grad_(False).eval().to(device)
     if config.latents.channels_last:
         vae.to(memory_format=torch.channels_last)
     buckets = bucket_set(config.latents, config.download.resolution)
-    return Encoders(vae, tokenizer, text_encoder, device, buckets)
+    return Encoders(vae, text, family, device, buckets)
 
 
 def _scratch_text(
@@ -290,11 +290,13 @@ def _save_empty_prompt(build: StageBuild, config: RunConfig, encoders: Encoders)
 def _encode_captions(
     config: RunConfig, encoders: Encoders, captions: list[str]
 ) -> dict[str, Tensor]:
-    """{"text": embeddings [B, L, D]}, or {"input_ids": [B, L]} when the run trains the encoder."""
+    """The family's cached conditioning ({"text": embeddings [B, L, D]}, SDXL also "pooled"), or
+    {"input_ids": [B, L]} when the run trains the encoder."""
     if caption_key(config.train) == "input_ids":
-        return {"input_ids": tokenize_prompts(encoders.tokenizer, captions)}
+        return {"input_ids": encoders.family.tokenize(encoders.text, captions)}
     with torch.no_grad():
-        return {"text": encode_prompts(encoders.tokenizer, encoders.text_encoder, captions).float()}
+        encoded = encoders.family.encode_prompts(encoders.text, captions)
+    return {key: value.float() for key, value in encoded.items()}
 
 
 # ----------------------------------------------------------------------------------------- encode
@@ -428,11 +430,20 @@ def _encode_pixels(config: RunConfig, encoders: Encoders, pixels: Tensor) -> dic
     A half-precision VAE can overflow to NaN (a known SDXL fp16 VAE problem): such a batch is
     encoded again in float32 before any row is given up.
     """
-    precision = AUTOCAST.get(config.latents.mixed_precision)
+    precision = vae_precision(config, encoders)
     out = _encode_views(config, encoders, pixels, precision)
     if precision is not None and not all(t.isfinite().all() for t in out.values()):
         out = _encode_views(config, encoders, pixels, None)
     return out
+
+
+def vae_precision(config: RunConfig, encoders: Encoders) -> torch.dtype | None:
+    """`latents.mixed_precision`'s autocast dtype, but float32 (None) for fp16 when the family
+    honours the VAE's `force_upcast` flag and the VAE sets it (SDXL's VAE overflows in fp16;
+    an fp16-safe replacement VAE, `model.vae`, clears the flag)."""
+    precision = AUTOCAST.get(config.latents.mixed_precision)
+    upcast = encoders.family.upcast_vae and getattr(encoders.vae.config, "force_upcast", False)
+    return None if precision is torch.float16 and upcast else precision
 
 
 def _encode_views(
@@ -511,10 +522,12 @@ def _shape_info(build, config, encoders, shards, stats) -> dict[str, Any]:
             _, seq_len, dim = fh.get_slice("text").get_shape()
         else:
             _, seq_len = fh.get_slice("input_ids").get_shape()
-            dim = encoders.text_encoder.config.hidden_size
+            dim = encoders.text.encoders[0].config.hidden_size
     vae_config = encoders.vae.config
     info = {"captions": "input_ids"} if caption_key(config.train) == "input_ids" else {}
     return info | {
+        "family": encoders.family.name,
+        "vae_scale_factor": 2 ** (len(vae_config.block_out_channels) - 1),
         "latent_channels": channels,
         # one square side without buckets; with them the sizes are those of `buckets`
         "latent_size": height if config.latents.buckets == "none" else None,

@@ -4,7 +4,7 @@ Run it with `sdflow run tiny-cpu --only train`. The loop (`sdflow.training.train
 process or, for `train.processes` > 1, in supervised `accelerate launch` workers) checkpoints
 into the stage's partial directory, so a retried or rerun task resumes from the newest complete
 checkpoint and reaches the same weights as an uninterrupted run. Output: `pipeline/` (a diffusers
-StableDiffusionPipeline, EMA weights when `train.ema`, sampling with the base model's scheduler or,
+StableDiffusionPipeline or StableDiffusionXLPipeline, by the model family, EMA weights when `train.ema`, sampling with the base model's scheduler or,
 from scratch, DDIM; the trained text encoder with `train.text_encoder: full`) or, for LoRA, `lora/`
 (load it with `pipe.load_lora_weights`; with `train.text_encoder: lora` it holds both adapters); `loss.png`,
 TensorBoard `logs/`, and the last checkpoint (without the optimizer moments unless
@@ -27,15 +27,16 @@ import io
 from pathlib import Path
 from typing import Any
 
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
+from diffusers import AutoencoderKL, DDPMScheduler
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft.utils import get_peft_model_state_dict
 from PIL import Image, ImageDraw
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel
 
 from sdflow.checkpoints import load_checkpoint, prune_checkpoints, save_checkpoint, step_name
 from sdflow.config import RunConfig
 from sdflow.continuation import continue_from_predecessor
+from sdflow.families import family_of
 from sdflow.fingerprint import code_version
 from sdflow.memory import check_memory_options
 from sdflow.models import (
@@ -48,7 +49,6 @@ from sdflow.models import (
     inference_scheduler,
     load_component,
     noise_scheduler,
-    save_pipeline,
     weights_hash,
 )
 from sdflow.orchestration import stage_task
@@ -187,7 +187,7 @@ def _export_models(
         unet = trained_unet(config, sources, checkpoint)
         text_encoder = trained_text_encoder(config, sources, checkpoint)
         if kind == "lora":
-            return _save_lora(unet, out / name, text_encoder)
+            return _save_lora(config, unet, out / name, text_encoder)
         return _save_full(unet, config, sources, scheduler, out / name, text_encoder)
 
     if best is None:
@@ -208,19 +208,19 @@ def _save_full(
     """The trained UNet with the run's VAE, text encoder (the trained one when
     `train.text_encoder: full`), tokenizer and a sampling scheduler (`inference_scheduler`: never
     the training DDPM one, which needs ~1000 steps to sample)."""
-    model = config.model
-    vae = load_component(sources.vae, sources.vae_subfolder, AutoencoderKL, model)
-    if text_encoder is None:
-        text_encoder = load_component(
-            sources.text_encoder, sources.text_encoder_subfolder, CLIPTextModel, model
-        )
-    tokenizer = load_component(sources.tokenizer, sources.tokenizer_subfolder, CLIPTokenizer, model)
+    family = family_of(config)
+    vae = load_component(sources.vae, sources.vae_subfolder, AutoencoderKL, config.model)
+    text = family.load_text(sources, config)
+    if text_encoder is not None:  # the trained encoder(s) replace the base's
+        text.encoders = family.text_modules(text_encoder)
     scheduler = inference_scheduler(config, sources, trained)
-    save_pipeline(out_dir, unet, vae, text_encoder, tokenizer, scheduler)
+    family.save_pipeline(out_dir, unet, vae, text, scheduler)
     return out_dir.name
 
 
-def _save_lora(unet, out_dir: Path, text_encoder: CLIPTextModel | None = None) -> str:
+def _save_lora(
+    config: RunConfig, unet, out_dir: Path, text_encoder: CLIPTextModel | None = None
+) -> str:
     """`pytorch_lora_weights.safetensors` in the diffusers format that `load_lora_weights` reads:
     the UNet's adapter and, with `train.text_encoder: lora`, the text encoder's (`text_encoder.`
     prefix), so one `load_lora_weights` call loads both.
@@ -232,12 +232,14 @@ def _save_lora(unet, out_dir: Path, text_encoder: CLIPTextModel | None = None) -
         "unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
         "unet_lora_adapter_metadata": unet.peft_config["default"].to_dict(),
     }
-    if text_encoder is not None:
-        layers = get_peft_model_state_dict(text_encoder)
-        parts["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(layers)
-        parts["text_encoder_lora_adapter_metadata"] = text_encoder.peft_config["default"].to_dict()
+    family = family_of(config)
+    encoders = family.text_modules(text_encoder) if text_encoder is not None else []
+    for name, encoder in zip(("text_encoder", "text_encoder_2"), encoders, strict=False):
+        layers = get_peft_model_state_dict(encoder)
+        parts[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(layers)
+        parts[f"{name}_lora_adapter_metadata"] = encoder.peft_config["default"].to_dict()
     with atomic_dir(out_dir) as tmp:
-        StableDiffusionPipeline.save_lora_weights(tmp, safe_serialization=True, **parts)
+        family.pipeline_class.save_lora_weights(tmp, safe_serialization=True, **parts)
         canonical_safetensors(Path(tmp) / LORA_WEIGHTS)  # the same bytes at every save
     return out_dir.name
 

@@ -47,3 +47,60 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+TINY_SDXL_CAPTIONS = [
+    "a red circle on a white background",
+    "a blue square on a black background",
+    "a green triangle on a grey background",
+    "two yellow squares",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    """A tiny `StableDiffusionXLPipeline` built from config (seeded) and saved: what a pretrained
+    SDXL looks like. UNet with `addition_embed_type: text_time`, `text_encoder` (CLIPTextModel) and
+    `text_encoder_2` (CLIPTextModelWithProjection), tokenizers trained on a few captions (no
+    download), the tiny-test VAE (32 px images, 8 px latents) and SDXL's Euler scheduler."""
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from sdflow.models import build_vae, train_tokenizer
+    from sdflow.profiles import load_profile
+
+    root = tmp_path_factory.mktemp("tiny-sdxl")
+    model = load_profile("tiny-test").model
+    tokenizer = train_tokenizer(TINY_SDXL_CAPTIONS * 4, model, root / "tokenizer")
+    text = dict(vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=1, pad_token_id=1,
+                hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                max_position_embeddings=model.max_token_length, projection_dim=32)  # fmt: skip
+    time_dim = 8
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(
+            sample_size=8,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_dim,
+            projection_class_embeddings_input_dim=6 * time_dim + text["projection_dim"],
+            cross_attention_dim=2 * text["hidden_size"],  # both encoders' states, concatenated
+            norm_num_groups=8,
+        )
+        encoder = CLIPTextModel(CLIPTextConfig(**text))
+        encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text))
+    scheduler = EulerDiscreteScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=build_vae(model), text_encoder=encoder, text_encoder_2=encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer, unet=unet, scheduler=scheduler, add_watermarker=False,
+    )  # fmt: skip
+    pipe.save_pretrained(root / "pipeline")
+    return root / "pipeline"

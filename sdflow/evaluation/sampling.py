@@ -6,6 +6,8 @@
 - `generate`: (prompt, seed) jobs in batches of `eval.batch_size`, each image from its own seeded CPU
   generator, so a sample does not depend on the batch it was drawn in or on the device.
 
+Pipelines are of the run's model family (`sdflow.families`); an SDXL pipeline is size-conditioned
+on the evaluation resolution (original and target size = `download.resolution`, crop (0, 0)).
 Every pipeline samples with `eval.scheduler`, on the GPU when there is one, in the training
 precision there (float32 on a CPU), without progress bars.
 """
@@ -24,12 +26,13 @@ from diffusers import (
     DDPMScheduler,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
-    StableDiffusionPipeline,
 )
+from diffusers import DiffusionPipeline as Pipeline
 
 from sdflow.config import RunConfig
 from sdflow.errors import UserError
 from sdflow.evaluation.features import to_uint8
+from sdflow.families import family_of
 from sdflow.gpuslots import torch_device
 from sdflow.models import (
     ComponentSources,
@@ -50,12 +53,14 @@ SCHEDULERS = {
 SEED_STRIDE = 1000  # seed of image j of prompt i: eval.seed + i * SEED_STRIDE + j
 
 
-def load_trained(config: RunConfig, train: Manifest, workdir: str) -> StableDiffusionPipeline:
+def load_trained(config: RunConfig, train: Manifest, workdir: str) -> Pipeline:
     """The train stage's pipeline, or its base model with the LoRA weights loaded."""
     base = output_dir(workdir, train)
     files = train["files"]
     if "pipeline" in files:
-        return _prepare(StableDiffusionPipeline.from_pretrained(base / files["pipeline"]), config)
+        family = family_of(config)
+        pipe = family.pipeline_class.from_pretrained(base / files["pipeline"])
+        return _prepare(pipe, config)
     if "lora" not in files:
         raise UserError(f"The train stage output {base} has neither a pipeline nor LoRA weights.")
     pipe = load_base(config, train)
@@ -63,7 +68,7 @@ def load_trained(config: RunConfig, train: Manifest, workdir: str) -> StableDiff
     return pipe
 
 
-def load_baseline(config: RunConfig, train: Manifest, workdir: str) -> StableDiffusionPipeline:
+def load_baseline(config: RunConfig, train: Manifest, workdir: str) -> Pipeline:
     """The model training started from: the seeded scratch UNet, or the pretrained base."""
     if config.model.init == "scratch":
         pipe = load_trained(config, train, workdir)
@@ -79,25 +84,26 @@ def base_source(config: RunConfig, train: Manifest) -> str:
     return source
 
 
-def load_base(config: RunConfig, train: Manifest) -> StableDiffusionPipeline:
+def load_base(config: RunConfig, train: Manifest) -> Pipeline:
     model = config.model
     source = base_source(config, train)
     if not is_hub_name(source) and not Path(source).expanduser().is_dir():
         raise UserError(f"model.pretrained {source!r} is not a directory (the baseline model).")
-    kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
+    family = family_of(config)
+    kwargs: dict[str, Any] = family.load_kwargs()
     if source == model.pretrained:
         kwargs.update(revision=model.revision, variant=model.variant)
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(source, **kwargs)
+        pipe = family.pipeline_class.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         raise UserError(f"Could not load the base model {source!r}: {exc}") from exc
     if model.vae:  # training encoded latents with this VAE, so sampling must decode with it
-        vae, subfolder = component_sources(config, {}, "")[:2]
-        pipe.vae = load_component(vae, subfolder, AutoencoderKL, model)
+        sources = component_sources(config, {}, "")
+        pipe.vae = load_component(sources.vae, sources.vae_subfolder, AutoencoderKL, model)
     return _prepare(pipe, config)
 
 
-def _prepare(pipe: StableDiffusionPipeline, config: RunConfig) -> StableDiffusionPipeline:
+def _prepare(pipe: Pipeline, config: RunConfig) -> Pipeline:
     """Eval scheduler, device and precision, no progress bars."""
     scheduler = SCHEDULERS[config.eval.scheduler]
     pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
@@ -116,7 +122,7 @@ def pipeline_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 def load_checkpoint_pipeline(
     config: RunConfig, train: Manifest, workdir: str, checkpoint: Path
-) -> StableDiffusionPipeline:
+) -> Pipeline:
     """The trained pipeline with the UNet of one checkpoint (EMA weights when `train.ema`)."""
     from sdflow.training import trained_unet
 
