@@ -9,8 +9,10 @@ image host. Both downloaders get the same list, output size (`--resolution`, cen
 quality, shard size and processes x threads budget: img2dataset's `processes_count` x `thread_count`
 (run in `--img2dataset-python`, the optional `bench` extra), sdflow's stage function with
 `runner.max_workers` = processes shards in parallel and `download.concurrency` = threads per shard.
-Each is timed around its download call (imports and server start-up excluded for both). Prints
-images/s for each, the ratio, and a JSON line.
+Each is timed around its download call (imports and server start-up excluded for both); with
+`--repeats N` the two alternate N times on the same server and the medians are compared. Prints
+images/s for each, the ratio, and a JSON line, and leaves the comparison for `bench/summary.py`
+(`bench/results.py`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import json
 import multiprocessing as mp
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
+from results import comparison, save  # bench/, beside this script
 
 QUALITY = 95
 PNG_LEVEL = 1  # img2dataset reads quality as the PNG compression level; sdflow writes level 1
@@ -179,24 +183,48 @@ def run(args: argparse.Namespace) -> dict:
     server = mp.Process(target=serve, args=(args.images, ready, args.small_host), daemon=True)
     server.start()
     port, total_bytes = ready.get(timeout=600)
+    ours, peers = [], []
     try:
-        with tempfile.TemporaryDirectory(prefix="sdflow-bench-") as tmp:
-            listing = Path(tmp) / "urls.parquet"
-            urls = [f"http://127.0.0.1:{port}/{i}.jpg" for i in range(args.images)]
-            captions = [f"image {i}" for i in range(args.images)]
-            pq.write_table(pa.table({"url": urls, "caption": captions}), listing)
-            peer = None if args.no_img2dataset else run_img2dataset(args, listing, tmp)
-            ours = run_sdflow(args, listing, tmp)
+        for _ in range(args.repeats):
+            with tempfile.TemporaryDirectory(prefix="sdflow-bench-") as tmp:
+                listing = Path(tmp) / "urls.parquet"
+                urls = [f"http://127.0.0.1:{port}/{i}.jpg" for i in range(args.images)]
+                captions = [f"image {i}" for i in range(args.images)]
+                pq.write_table(pa.table({"url": urls, "caption": captions}), listing)
+                if not args.no_img2dataset:
+                    peers.append(run_img2dataset(args, listing, tmp))
+                ours.append(run_sdflow(args, listing, tmp))
     finally:
         server.terminate()
-    ratio = round(ours["images_per_second"] / peer["images_per_second"], 2) if peer else None
+    peers = [peer for peer in peers if peer is not None]
+    ours_rate = round(statistics.median(r["images_per_second"] for r in ours), 1)
+    peer_rate = (
+        round(statistics.median(r["images_per_second"] for r in peers), 1) if peers else None
+    )
     return {
         "images": args.images, "small_host": args.small_host, "format": args.format,
         "sdflow_shards_in": "processes" if args.shard_processes else "threads",
         "resolution": args.resolution, "budget": f"{args.processes}x{args.threads}",
-        "mean_source_kib": round(total_bytes / args.images / 1024, 1),
-        "sdflow": ours, "img2dataset": peer, "ratio": ratio,
+        "mean_source_kib": round(total_bytes / args.images / 1024, 1), "repeats": args.repeats,
+        "sdflow_images_per_second": ours_rate, "img2dataset_images_per_second": peer_rate,
+        "ratio": round(ours_rate / peer_rate, 2) if peer_rate else None,
+        "sdflow": ours, "img2dataset": peers,
     }  # fmt: skip
+
+
+def save_result(result: dict) -> None:
+    """The comparison row for `bench/summary.py` (goal: 1.5x on a normal host, 1x on a small one)."""
+    host = "small host" if result["small_host"] else "keep-alive host"
+    shards = "" if result["sdflow_shards_in"] == "threads" else ", shards in processes"
+    case = (f"{result['images']:,} JPEGs -> {result['resolution']} px {result['format']}, {host}, "
+            f"{result['budget']}{shards}, median of {result['repeats']}")  # fmt: skip
+    row = comparison(
+        case, "images/s", result["sdflow_images_per_second"], "img2dataset",
+        result["img2dataset_images_per_second"], goal=1.0 if result["small_host"] else 1.5,
+    )  # fmt: skip
+    suffix = ("-small-host" if result["small_host"] else "") + ("-processes" if shards else "")
+    name = f"download-{result['images']}{suffix}"
+    save(name, "download", [row], result)
 
 
 def _cpu_seconds() -> float:
@@ -223,26 +251,27 @@ def main() -> None:
         "--img2dataset-python", default=sys.executable, help="a Python with img2dataset"
     )
     parser.add_argument("--no-img2dataset", action="store_true", help="sdflow alone")
+    parser.add_argument("--repeats", type=int, default=1, help="alternate both N times; medians")
     parser.add_argument(
         "--shard-processes",
         action="store_true",
         help="sdflow's shards in processes (as on a Dask runner), not threads (the default runner)",
     )
     result = run(parser.parse_args())
-    ours, peer = result["sdflow"], result["img2dataset"]
+    save_result(result)
     where = "small host" if result["small_host"] else "keep-alive host"
     print(f"{result['images']} images, {where}, {result['format']} {result['resolution']} px, "
-          f"budget {result['budget']}")  # fmt: skip
-    print(
-        f"  sdflow      {ours['images_per_second']:>8} images/s ({ours['kept']} kept, {ours['seconds']} s)"
-    )
-    if peer is None:
+          f"budget {result['budget']}, median of {result['repeats']}")  # fmt: skip
+    rates = [r["images_per_second"] for r in result["sdflow"]]
+    print(f"  sdflow      {result['sdflow_images_per_second']:>8} images/s (runs: {rates})")
+    if not result["img2dataset"]:
         print(
             "  img2dataset  not installed here (pip install -e '.[bench]'); sdflow's figure alone"
         )
     else:
+        rates = [r["images_per_second"] for r in result["img2dataset"]]
         print(
-            f"  img2dataset {peer['images_per_second']:>8} images/s ({peer['kept']} kept, {peer['seconds']} s)"
+            f"  img2dataset {result['img2dataset_images_per_second']:>8} images/s (runs: {rates})"
         )
         print(f"  ratio        {result['ratio']}x")
     print(json.dumps(result))
