@@ -9,10 +9,12 @@ image host. Both downloaders get the same list, output size (`--resolution`, cen
 quality, shard size and processes x threads budget: img2dataset's `processes_count` x `thread_count`
 (run in `--img2dataset-python`, the optional `bench` extra), sdflow's stage function with
 `runner.max_workers` = processes shards in parallel and `download.concurrency` = threads per shard.
-Each is timed around its download call (imports and server start-up excluded for both); with
-`--repeats N` the two alternate N times on the same server and the medians are compared. Prints
-images/s for each, the ratio, and a JSON line, and leaves the comparison for `bench/summary.py`
-(`bench/results.py`).
+Each is timed around its download call (imports and server start-up excluded for both), in wall
+seconds and in CPU seconds (img2dataset's with its worker processes): on a machine shared with other
+work the wall-clock ratio moves with the load, the CPU per image much less. With `--repeats N` the
+two alternate N times on the same server and the medians are compared. Prints images/s and CPU
+seconds per 1,000 images for each, the ratios, and a JSON line, and leaves the comparisons for
+`bench/summary.py` (`bench/results.py`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import io
 import json
 import multiprocessing as mp
 import os
+import pickle
 import resource
 import statistics
 import subprocess
@@ -61,9 +64,21 @@ def make_jpeg(index: int) -> bytes:
     return buffer.getvalue()
 
 
-def serve(count: int, ready: mp.Queue, small_host: bool) -> None:
-    images = [make_jpeg(i) for i in range(count)]
+def serve(count: int, ready: mp.Queue, small_host: bool, cache: str | None = None) -> None:
+    images = generated(count, cache)
     serve_images(images.__getitem__, lambda port: (port, sum(map(len, images))), ready, small_host)
+
+
+def generated(count: int, cache: str | None) -> list[bytes]:
+    """`make_jpeg(0 .. count - 1)`, read from / kept in `cache/jpegs-<count>.pickle` if given."""
+    path = Path(cache, f"jpegs-{count}.pickle") if cache else None
+    if path is not None and path.exists():
+        return pickle.loads(path.read_bytes())  # noqa: S301 - the bench's own file
+    images = [make_jpeg(i) for i in range(count)]
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(pickle.dumps(images))
+    return images
 
 
 def serve_images(body, announce, ready: mp.Queue, small_host: bool = False, counter=None) -> None:
@@ -140,16 +155,18 @@ def run_sdflow(args: argparse.Namespace, listing: Path, tmp: str) -> dict:
 
 
 I2D_SCRIPT = """
-import glob, json, sys, time
+import glob, json, resource, sys, time
 import pyarrow.parquet as pq
 from img2dataset import download
+def cpu():  # this process and its reaped workers
+    return sum(u.ru_utime + u.ru_stime for u in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
 options = json.loads(sys.argv[1])
-started = time.perf_counter()
+cpu0, started = cpu(), time.perf_counter()
 download(**options)
-seconds = time.perf_counter() - started
+seconds, cpu_seconds = time.perf_counter() - started, cpu() - cpu0
 files = glob.glob(options["output_folder"] + "/*.parquet")
 kept = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-print(json.dumps({"kept": kept, "seconds": seconds}))
+print(json.dumps({"kept": kept, "seconds": seconds, "cpu_seconds": round(cpu_seconds, 2)}))
 """
 
 
@@ -180,7 +197,9 @@ def run_img2dataset(args: argparse.Namespace, listing: Path, tmp: str) -> dict |
 
 def run(args: argparse.Namespace) -> dict:
     ready: mp.Queue = mp.Queue()
-    server = mp.Process(target=serve, args=(args.images, ready, args.small_host), daemon=True)
+    server = mp.Process(
+        target=serve, args=(args.images, ready, args.small_host, args.image_cache), daemon=True
+    )
     server.start()
     port, total_bytes = ready.get(timeout=600)
     ours, peers = [], []
@@ -198,6 +217,10 @@ def run(args: argparse.Namespace) -> dict:
         server.terminate()
     peers = [peer for peer in peers if peer is not None]
     ours_rate = round(statistics.median(r["images_per_second"] for r in ours), 1)
+    ours_cpu = statistics.median(r["cpu_seconds"] / r["kept"] * 1000 for r in ours)
+    peer_cpu = (
+        statistics.median(r["cpu_seconds"] / r["kept"] * 1000 for r in peers) if peers else None
+    )
     peer_rate = (
         round(statistics.median(r["images_per_second"] for r in peers), 1) if peers else None
     )
@@ -208,6 +231,8 @@ def run(args: argparse.Namespace) -> dict:
         "mean_source_kib": round(total_bytes / args.images / 1024, 1), "repeats": args.repeats,
         "sdflow_images_per_second": ours_rate, "img2dataset_images_per_second": peer_rate,
         "ratio": round(ours_rate / peer_rate, 2) if peer_rate else None,
+        "sdflow_cpu_s_per_1000": round(ours_cpu, 2),
+        "img2dataset_cpu_s_per_1000": round(peer_cpu, 2) if peer_cpu else None,
         "sdflow": ours, "img2dataset": peers,
     }  # fmt: skip
 
@@ -224,7 +249,11 @@ def save_result(result: dict) -> None:
     )  # fmt: skip
     suffix = ("-small-host" if result["small_host"] else "") + ("-processes" if shards else "")
     name = f"download-{result['images']}{suffix}"
-    save(name, "download", [row], result)
+    cpu = comparison(
+        f"{case}: CPU seconds per 1,000 images", "CPU-s", result["sdflow_cpu_s_per_1000"],
+        "img2dataset", result["img2dataset_cpu_s_per_1000"], higher_is_better=False,
+    )  # fmt: skip
+    save(name, "download", [row, cpu], result)
 
 
 def _cpu_seconds() -> float:
@@ -252,6 +281,7 @@ def main() -> None:
     )
     parser.add_argument("--no-img2dataset", action="store_true", help="sdflow alone")
     parser.add_argument("--repeats", type=int, default=1, help="alternate both N times; medians")
+    parser.add_argument("--image-cache", help="keep the generated JPEGs in this folder for reuse")
     parser.add_argument(
         "--shard-processes",
         action="store_true",
@@ -274,6 +304,8 @@ def main() -> None:
             f"  img2dataset {result['img2dataset_images_per_second']:>8} images/s (runs: {rates})"
         )
         print(f"  ratio        {result['ratio']}x")
+        print(f"  CPU seconds per 1,000 images: sdflow {result['sdflow_cpu_s_per_1000']}, "
+              f"img2dataset {result['img2dataset_cpu_s_per_1000']}")  # fmt: skip
     print(json.dumps(result))
 
 
