@@ -51,3 +51,21 @@ def test_nothing_is_written_without_the_variable_and_summary_says_so(tmp_path, m
         [sys.executable, str(BENCH / "summary.py"), str(tmp_path)], capture_output=True, text=True
     )
     assert done.returncode == 1 and "no bench results" in done.stderr
+
+
+def test_download_bench_asks_1_5x_of_a_normal_host_and_1x_of_a_small_one(tmp_path, monkeypatch):
+    import download  # bench/download.py
+
+    monkeypatch.setenv(results.RESULTS_ENV, str(tmp_path))
+    for small in (False, True):
+        download.save_result(
+            {"images": 5000, "small_host": small, "format": "jpeg", "resolution": 64,
+             "budget": "2x64", "sdflow_shards_in": "threads", "repeats": 3,
+             "sdflow_images_per_second": 300.0, "img2dataset_images_per_second": 240.0,
+             "sdflow_cpu_s_per_1000": 2.4, "img2dataset_cpu_s_per_1000": 3.6}
+        )  # fmt: skip
+    normal = json.loads((tmp_path / "download-5000.json").read_text())["rows"]
+    small = json.loads((tmp_path / "download-5000-small-host.json").read_text())["rows"]
+    assert [(r["ratio"], r["goal"]) for r in normal] == [(1.25, 1.5), (1.5, None)]
+    assert [(r["ratio"], r["goal"]) for r in small] == [(1.25, 1.0), (1.5, None)]
+    assert small[0]["case"].startswith("5,000 JPEGs -> 64 px jpeg, small host, 2x64")
