@@ -241,7 +241,7 @@ def save_result(result: dict) -> None:
     """The comparison row for `bench/summary.py` (goal: 1.5x on a normal host, 1x on a small one)."""
     host = "small host" if result["small_host"] else "keep-alive host"
     shards = "" if result["sdflow_shards_in"] == "threads" else ", shards in processes"
-    case = (f"{result['images']:,} JPEGs -> {result['resolution']} px {result['format']}, {host}, "
+    case = (f"{result['images']:,} JPEGs → {result['resolution']} px {result['format']}, {host}, "
             f"{result['budget']}{shards}, median of {result['repeats']}")  # fmt: skip
     row = comparison(
         case, "images/s", result["sdflow_images_per_second"], "img2dataset",
@@ -250,7 +250,7 @@ def save_result(result: dict) -> None:
     suffix = ("-small-host" if result["small_host"] else "") + ("-processes" if shards else "")
     name = f"download-{result['images']}{suffix}"
     cpu = comparison(
-        f"{case}: CPU seconds per 1,000 images", "CPU-s", result["sdflow_cpu_s_per_1000"],
+        f"{case}: CPU per 1,000 images", "CPU-s", result["sdflow_cpu_s_per_1000"],
         "img2dataset", result["img2dataset_cpu_s_per_1000"], higher_is_better=False,
     )  # fmt: skip
     save(name, "download", [row, cpu], result)

@@ -34,7 +34,7 @@ def figure(value: float | None, unit: str) -> str:
     if value is None:
         return "—"
     text = f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
-    return f"{text} {unit}"
+    return f"{text} {unit}".strip()
 
 
 def cells(bench: str, row: dict[str, Any]) -> tuple[str, ...]:

@@ -68,4 +68,4 @@ def test_download_bench_asks_1_5x_of_a_normal_host_and_1x_of_a_small_one(tmp_pat
     small = json.loads((tmp_path / "download-5000-small-host.json").read_text())["rows"]
     assert [(r["ratio"], r["goal"]) for r in normal] == [(1.25, 1.5), (1.5, None)]
     assert [(r["ratio"], r["goal"]) for r in small] == [(1.25, 1.0), (1.5, None)]
-    assert small[0]["case"].startswith("5,000 JPEGs -> 64 px jpeg, small host, 2x64")
+    assert small[0]["case"].startswith("5,000 JPEGs → 64 px jpeg, small host, 2x64")
