@@ -36,15 +36,15 @@ format: $(STAMP)
 # The benchmarks that run on a CPU machine; img2dataset (the `bench` extra) is the download peer.
 # Each bench leaves its comparison in $(BENCH_RESULTS) (bench/results.py); bench/summary.py prints
 # them as one table. A new bench joins with a `$(BENCH) bench/<name>.py` line before the summary.
-BENCH_RESULTS ?= bench-results
+BENCH_RESULTS ?= $(CURDIR)/bench-results
 BENCH := SDFLOW_BENCH_RESULTS=$(BENCH_RESULTS) $(BIN)/python
 
 bench: $(STAMP)
 	$(BIN)/pip install --quiet -e ".[bench]"
 	rm -rf $(BENCH_RESULTS)
 	$(BENCH) bench/startup.py
-	$(BENCH) bench/download.py --images 5000 --repeats 3
-	$(BENCH) bench/download.py --images 5000 --repeats 3 --small-host
+	$(BENCH) bench/download.py --images 5000 --repeats 3 --image-cache $(BENCH_RESULTS)/images
+	$(BENCH) bench/download.py --images 5000 --repeats 3 --small-host --image-cache $(BENCH_RESULTS)/images
 	$(BENCH) bench/image_format.py
 	OMP_NUM_THREADS=1 $(BENCH) bench/train_step.py --vs-reference --repeats 5
 	$(BENCH) bench/data_scale.py --rows 2000 20000
