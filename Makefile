@@ -34,15 +34,22 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 # The benchmarks that run on a CPU machine; img2dataset (the `bench` extra) is the download peer.
+# Each bench leaves its comparison in $(BENCH_RESULTS) (bench/results.py); bench/summary.py prints
+# them as one table. A new bench joins with a `$(BENCH) bench/<name>.py` line before the summary.
+BENCH_RESULTS ?= $(CURDIR)/bench-results
+BENCH := SDFLOW_BENCH_RESULTS=$(BENCH_RESULTS) $(BIN)/python
+
 bench: $(STAMP)
 	$(BIN)/pip install --quiet -e ".[bench]"
-	$(BIN)/python bench/startup.py
-	$(BIN)/python bench/download.py --images 2000
-	$(BIN)/python bench/download.py --images 2000 --small-host
-	$(BIN)/python bench/image_format.py
-	OMP_NUM_THREADS=1 $(BIN)/python bench/train_step.py --vs-reference --repeats 5
-	$(BIN)/python bench/data_scale.py --rows 2000 20000
-	$(BIN)/python bench/flow_scale.py --rows 20000
+	rm -rf $(BENCH_RESULTS)
+	$(BENCH) bench/startup.py
+	$(BENCH) bench/download.py --images 5000 --repeats 3 --image-cache $(BENCH_RESULTS)/images
+	$(BENCH) bench/download.py --images 5000 --repeats 3 --small-host --image-cache $(BENCH_RESULTS)/images
+	$(BENCH) bench/image_format.py
+	OMP_NUM_THREADS=1 $(BENCH) bench/train_step.py --vs-reference --repeats 5
+	$(BENCH) bench/data_scale.py --rows 2000 20000
+	$(BENCH) bench/flow_scale.py --rows 20000
+	$(BIN)/python bench/summary.py $(BENCH_RESULTS)
 
 clean:
-	rm -rf $(VENV) $(WORKDIR) .pytest_cache
+	rm -rf $(VENV) $(WORKDIR) .pytest_cache $(BENCH_RESULTS)

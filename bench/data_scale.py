@@ -23,6 +23,7 @@ from pathlib import Path
 
 from download import serve_images  # bench/ is on sys.path when run as a script
 from PIL import Image
+from results import comparison, save
 
 
 def image(index: int) -> bytes:
@@ -131,7 +132,21 @@ def main() -> None:
         print(
             f"peak memory growth {results[0]['rows']} -> {results[-1]['rows']} rows: {growth:+.1%}"
         )
+    save("data-scale", "data_scale", summary_rows(results), results)
     print(json.dumps(results))
+
+
+def summary_rows(results: list[dict]) -> list[dict]:
+    """sdflow's own figures for `bench/summary.py` (no peer): peak memory, and what a 1 % append
+    re-requests per new row (1 = only the new rows)."""
+    rows = [comparison(f"data stages, {r['rows']:,} rows: peak memory", "MiB",
+                       r["first"]["peak_mib"]) for r in results]  # fmt: skip
+    again = results[-1]["append_1pct"]
+    rows.append(
+        comparison(f"1 % append to {results[-1]['rows']:,} rows: requests per new row", "",
+                   round(again["requests"] / again["new_rows"], 2))
+    )  # fmt: skip
+    return rows
 
 
 if __name__ == "__main__":

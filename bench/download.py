@@ -9,8 +9,12 @@ image host. Both downloaders get the same list, output size (`--resolution`, cen
 quality, shard size and processes x threads budget: img2dataset's `processes_count` x `thread_count`
 (run in `--img2dataset-python`, the optional `bench` extra), sdflow's stage function with
 `runner.max_workers` = processes shards in parallel and `download.concurrency` = threads per shard.
-Each is timed around its download call (imports and server start-up excluded for both). Prints
-images/s for each, the ratio, and a JSON line.
+Each is timed around its download call (imports and server start-up excluded for both), in wall
+seconds and in CPU seconds (img2dataset's with its worker processes): on a machine shared with other
+work the wall-clock ratio moves with the load, the CPU per image much less. With `--repeats N` the
+two alternate N times on the same server and the medians are compared. Prints images/s and CPU
+seconds per 1,000 images for each, the ratios, and a JSON line, and leaves the comparisons for
+`bench/summary.py` (`bench/results.py`).
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ import io
 import json
 import multiprocessing as mp
 import os
+import pickle
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,6 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
+from results import comparison, save  # bench/, beside this script
 
 QUALITY = 95
 PNG_LEVEL = 1  # img2dataset reads quality as the PNG compression level; sdflow writes level 1
@@ -57,9 +64,21 @@ def make_jpeg(index: int) -> bytes:
     return buffer.getvalue()
 
 
-def serve(count: int, ready: mp.Queue, small_host: bool) -> None:
-    images = [make_jpeg(i) for i in range(count)]
+def serve(count: int, ready: mp.Queue, small_host: bool, cache: str | None = None) -> None:
+    images = generated(count, cache)
     serve_images(images.__getitem__, lambda port: (port, sum(map(len, images))), ready, small_host)
+
+
+def generated(count: int, cache: str | None) -> list[bytes]:
+    """`make_jpeg(0 .. count - 1)`, read from / kept in `cache/jpegs-<count>.pickle` if given."""
+    path = Path(cache, f"jpegs-{count}.pickle") if cache else None
+    if path is not None and path.exists():
+        return pickle.loads(path.read_bytes())  # noqa: S301 - the bench's own file
+    images = [make_jpeg(i) for i in range(count)]
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(pickle.dumps(images))
+    return images
 
 
 def serve_images(body, announce, ready: mp.Queue, small_host: bool = False, counter=None) -> None:
@@ -136,16 +155,18 @@ def run_sdflow(args: argparse.Namespace, listing: Path, tmp: str) -> dict:
 
 
 I2D_SCRIPT = """
-import glob, json, sys, time
+import glob, json, resource, sys, time
 import pyarrow.parquet as pq
 from img2dataset import download
+def cpu():  # this process and its reaped workers
+    return sum(u.ru_utime + u.ru_stime for u in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
 options = json.loads(sys.argv[1])
-started = time.perf_counter()
+cpu0, started = cpu(), time.perf_counter()
 download(**options)
-seconds = time.perf_counter() - started
+seconds, cpu_seconds = time.perf_counter() - started, cpu() - cpu0
 files = glob.glob(options["output_folder"] + "/*.parquet")
 kept = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-print(json.dumps({"kept": kept, "seconds": seconds}))
+print(json.dumps({"kept": kept, "seconds": seconds, "cpu_seconds": round(cpu_seconds, 2)}))
 """
 
 
@@ -176,27 +197,63 @@ def run_img2dataset(args: argparse.Namespace, listing: Path, tmp: str) -> dict |
 
 def run(args: argparse.Namespace) -> dict:
     ready: mp.Queue = mp.Queue()
-    server = mp.Process(target=serve, args=(args.images, ready, args.small_host), daemon=True)
+    server = mp.Process(
+        target=serve, args=(args.images, ready, args.small_host, args.image_cache), daemon=True
+    )
     server.start()
     port, total_bytes = ready.get(timeout=600)
+    ours, peers = [], []
     try:
-        with tempfile.TemporaryDirectory(prefix="sdflow-bench-") as tmp:
-            listing = Path(tmp) / "urls.parquet"
-            urls = [f"http://127.0.0.1:{port}/{i}.jpg" for i in range(args.images)]
-            captions = [f"image {i}" for i in range(args.images)]
-            pq.write_table(pa.table({"url": urls, "caption": captions}), listing)
-            peer = None if args.no_img2dataset else run_img2dataset(args, listing, tmp)
-            ours = run_sdflow(args, listing, tmp)
+        for _ in range(args.repeats):
+            with tempfile.TemporaryDirectory(prefix="sdflow-bench-") as tmp:
+                listing = Path(tmp) / "urls.parquet"
+                urls = [f"http://127.0.0.1:{port}/{i}.jpg" for i in range(args.images)]
+                captions = [f"image {i}" for i in range(args.images)]
+                pq.write_table(pa.table({"url": urls, "caption": captions}), listing)
+                if not args.no_img2dataset:
+                    peers.append(run_img2dataset(args, listing, tmp))
+                ours.append(run_sdflow(args, listing, tmp))
     finally:
         server.terminate()
-    ratio = round(ours["images_per_second"] / peer["images_per_second"], 2) if peer else None
+    peers = [peer for peer in peers if peer is not None]
+    ours_rate = round(statistics.median(r["images_per_second"] for r in ours), 1)
+    ours_cpu = statistics.median(r["cpu_seconds"] / r["kept"] * 1000 for r in ours)
+    peer_cpu = (
+        statistics.median(r["cpu_seconds"] / r["kept"] * 1000 for r in peers) if peers else None
+    )
+    peer_rate = (
+        round(statistics.median(r["images_per_second"] for r in peers), 1) if peers else None
+    )
     return {
         "images": args.images, "small_host": args.small_host, "format": args.format,
         "sdflow_shards_in": "processes" if args.shard_processes else "threads",
         "resolution": args.resolution, "budget": f"{args.processes}x{args.threads}",
-        "mean_source_kib": round(total_bytes / args.images / 1024, 1),
-        "sdflow": ours, "img2dataset": peer, "ratio": ratio,
+        "mean_source_kib": round(total_bytes / args.images / 1024, 1), "repeats": args.repeats,
+        "sdflow_images_per_second": ours_rate, "img2dataset_images_per_second": peer_rate,
+        "ratio": round(ours_rate / peer_rate, 2) if peer_rate else None,
+        "sdflow_cpu_s_per_1000": round(ours_cpu, 2),
+        "img2dataset_cpu_s_per_1000": round(peer_cpu, 2) if peer_cpu else None,
+        "sdflow": ours, "img2dataset": peers,
     }  # fmt: skip
+
+
+def save_result(result: dict) -> None:
+    """The comparison row for `bench/summary.py` (goal: 1.5x on a normal host, 1x on a small one)."""
+    host = "small host" if result["small_host"] else "keep-alive host"
+    shards = "" if result["sdflow_shards_in"] == "threads" else ", shards in processes"
+    case = (f"{result['images']:,} JPEGs → {result['resolution']} px {result['format']}, {host}, "
+            f"{result['budget']}{shards}, median of {result['repeats']}")  # fmt: skip
+    row = comparison(
+        case, "images/s", result["sdflow_images_per_second"], "img2dataset",
+        result["img2dataset_images_per_second"], goal=1.0 if result["small_host"] else 1.5,
+    )  # fmt: skip
+    suffix = ("-small-host" if result["small_host"] else "") + ("-processes" if shards else "")
+    name = f"download-{result['images']}{suffix}"
+    cpu = comparison(
+        f"{case}: CPU per 1,000 images", "CPU-s", result["sdflow_cpu_s_per_1000"],
+        "img2dataset", result["img2dataset_cpu_s_per_1000"], higher_is_better=False,
+    )  # fmt: skip
+    save(name, "download", [row, cpu], result)
 
 
 def _cpu_seconds() -> float:
@@ -223,28 +280,32 @@ def main() -> None:
         "--img2dataset-python", default=sys.executable, help="a Python with img2dataset"
     )
     parser.add_argument("--no-img2dataset", action="store_true", help="sdflow alone")
+    parser.add_argument("--repeats", type=int, default=1, help="alternate both N times; medians")
+    parser.add_argument("--image-cache", help="keep the generated JPEGs in this folder for reuse")
     parser.add_argument(
         "--shard-processes",
         action="store_true",
         help="sdflow's shards in processes (as on a Dask runner), not threads (the default runner)",
     )
     result = run(parser.parse_args())
-    ours, peer = result["sdflow"], result["img2dataset"]
+    save_result(result)
     where = "small host" if result["small_host"] else "keep-alive host"
     print(f"{result['images']} images, {where}, {result['format']} {result['resolution']} px, "
-          f"budget {result['budget']}")  # fmt: skip
-    print(
-        f"  sdflow      {ours['images_per_second']:>8} images/s ({ours['kept']} kept, {ours['seconds']} s)"
-    )
-    if peer is None:
+          f"budget {result['budget']}, median of {result['repeats']}")  # fmt: skip
+    rates = [r["images_per_second"] for r in result["sdflow"]]
+    print(f"  sdflow      {result['sdflow_images_per_second']:>8} images/s (runs: {rates})")
+    if not result["img2dataset"]:
         print(
             "  img2dataset  not installed here (pip install -e '.[bench]'); sdflow's figure alone"
         )
     else:
+        rates = [r["images_per_second"] for r in result["img2dataset"]]
         print(
-            f"  img2dataset {peer['images_per_second']:>8} images/s ({peer['kept']} kept, {peer['seconds']} s)"
+            f"  img2dataset {result['img2dataset_images_per_second']:>8} images/s (runs: {rates})"
         )
         print(f"  ratio        {result['ratio']}x")
+        print(f"  CPU seconds per 1,000 images: sdflow {result['sdflow_cpu_s_per_1000']}, "
+              f"img2dataset {result['img2dataset_cpu_s_per_1000']}")  # fmt: skip
     print(json.dumps(result))
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from data_scale import serve, write_list  # bench/ is on sys.path when run as a script
+from results import comparison, save
 
 STAGES = ("download", "filter", "caption")
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,6 +181,21 @@ def main() -> None:
     finally:
         server.terminate()
     report(result)
+    save(f"flow-scale-{args.rows}", "flow_scale", summary_rows(result), result)
+
+
+def summary_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """sdflow's own figures for the combined table (no peer runs a Prefect flow here)."""
+    rows = f"{result['rows']:,} URLs through download, filter, caption"
+    return [
+        comparison(f"{rows}: rows/s", "rows/s", result["rows_per_second"]),
+        comparison(
+            f"{rows}: stages' wall time outside shard work",
+            "%",
+            round(100 * result["outside_share_stages"], 1),
+            higher_is_better=False,
+        ),
+    ]
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ one; point it at an older checkout for a before/after):
   temp dir, PREFECT_API_URL set): seconds from launch until the flow body starts its first stage
   (summary.json's `started_at`, written as the download stage begins) and until the command ends;
 - the same run without PREFECT_API_URL (Prefect starts an ephemeral server for the run).
+
+The figures with a target in issue 13 (`check` and `profiles` under a second, the first stage within
+5 s against a running server) go to `bench/summary.py` as comparisons against that target.
 """
 
 from __future__ import annotations
@@ -29,8 +32,15 @@ import urllib.request
 from datetime import datetime
 from pathlib import Path
 
+from results import comparison, save  # bench/, beside this script
+
 HERE = Path(__file__).resolve().parent.parent
 HEAVY = ("torch", "diffusers", "transformers", "prefect")
+TARGETS = {  # key: (what, target seconds)
+    "profiles_s": ("`sdflow profiles`", 1.0),
+    "check_s": ("`sdflow check tiny-test`", 1.0),
+    "server_first_stage_s": ("`sdflow run` to its first stage, running server", 5.0),
+}
 
 
 def _env(code: Path, **extra: str) -> dict[str, str]:
@@ -148,6 +158,12 @@ def main() -> None:
     result = measure(args.code.resolve(), args.repeat, not args.no_ephemeral)
     for key, value in result.items():
         print(f"  {key:<26} {value}")
+    rows = [
+        comparison(f"{what}, median of {args.repeat}", "s", result[key], "target", target,
+                   goal=1.0, higher_is_better=False)
+        for key, (what, target) in TARGETS.items()
+    ]  # fmt: skip
+    save("startup", "startup", rows, result)
     print(json.dumps(result))
 
 

@@ -37,6 +37,7 @@ from unittest import mock
 
 from diffusers import DDPMScheduler
 from reference_loop import reference_step_ends  # bench/, beside this script
+from results import comparison, save
 
 from sdflow import training
 from sdflow.models import build_text_encoder, build_unet, build_vae, save_pipeline
@@ -160,6 +161,14 @@ def versus_reference(args) -> dict:
         f"sdflow {statistics.median(ours):.1f} steps/s, reference {statistics.median(theirs):.1f} "
         f"steps/s (medians of {args.repeats}) -> {result['ratio']}x"
     )
+    extra = ", EMA" if args.ema else ""
+    extra += "".join(f", {o}" for o in args.overrides)
+    row = comparison(
+        f"train step, tiny pipeline, 32 px, batch 16{extra}, median of {args.repeats}",
+        "steps/s", round(statistics.median(ours), 2), "train_text_to_image.py",
+        round(statistics.median(theirs), 2), goal=1.5,
+    )  # fmt: skip
+    save("train-step" + ("-ema" if args.ema else ""), "train_step", [row], result)
     return result
 
 

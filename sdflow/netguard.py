@@ -33,6 +33,8 @@ import anyio
 import httpcore
 import httpx
 
+from sdflow.pooledstream import PooledStream
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 AddressPolicy = Callable[[IPAddress], bool]
 ConnectObserver = Callable[[str, int, "float | None"], None]  # host, port, seconds (None: failed)
@@ -159,7 +161,7 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
                 error = exc
                 continue
             self._observe(host, port, time.monotonic() - started)
-            return stream
+            return PooledStream(stream)
         self._observe(host, port, None)
         raise error
 

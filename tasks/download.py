@@ -8,8 +8,8 @@ deterministic and a rerun after a crash redoes only unfinished shards. The stage
 once, in order, and stages each unfinished shard's rows in the partial directory (`inputs/`, removed
 when done); a shard job (`download_shard`, mapped by the task runner, see `sdflow.shardmap`) reads
 them back, fetches its URLs concurrently on an asyncio event loop (httpx, `download.concurrency`
-connections per shard in flight), decodes, resizes and encodes in a thread pool beside it (Pillow
-releases the GIL), and writes its shard. Every row ends up kept in a shard or in the failures table
+connections per shard in flight), decodes, resizes and encodes in worker threads beside it (Pillow
+releases the GIL; `sdflow.handoff`, one loop wake-up per burst of results), and writes its shard. Every row ends up kept in a shard or in the failures table
 with its reason.
 """
 
@@ -35,6 +35,7 @@ from sdflow.artifacts import progress_bar
 from sdflow.config import RunConfig
 from sdflow.errors import UserError
 from sdflow.fingerprint import code_version
+from sdflow.handoff import ThreadHandoff
 from sdflow.imaging import ImageSpec, Rejected, process_image
 from sdflow.orchestration import mapped_shards, stage_task
 from sdflow.reuse import Outcome, row_keys, shared_memo, write_outcomes
@@ -215,7 +216,7 @@ def download_shard(job: ShardJob) -> dict[str, Any]:
     fields = [_key_fields(r, r.index in duplicates, limit) for r in rows]
     keys = row_keys(fields, rows_salt(job.config))
     workers = job.config.download.decode_workers or available_cpus()
-    with ThreadPoolExecutor(workers, thread_name_prefix="sdflow-decode") as pool:
+    with ThreadHandoff(workers, "sdflow-decode") as pool:
         run = ShardRun(job.build, job.config, pool, workers)
         memo = shared_memo(job.build.workdir, STAGE, job.build.key)
         outcomes, fetched = memo.outcomes(
@@ -261,7 +262,7 @@ class ShardRun:
         self,
         build: StageBuild,
         config: RunConfig,
-        pool: ThreadPoolExecutor,
+        pool: ThreadHandoff,
         workers: int,
     ):
         self.build, self.pool, self.workers = build, pool, workers
@@ -303,12 +304,10 @@ class ShardRun:
         return result
 
     async def _encoded(self, row: SourceRow) -> imaging.Encoded:
-        loop = asyncio.get_running_loop()
         if self.fetcher is not None:
             data = await self.fetcher.fetch(row.url)
-            return await loop.run_in_executor(self.pool, process_image, data, self.spec)
-        limit = self.settings.max_bytes
-        return await loop.run_in_executor(self.pool, load_and_process, row, self.spec, limit)
+            return await self.pool.run(process_image, data, self.spec)
+        return await self.pool.run(load_and_process, row, self.spec, self.settings.max_bytes)
 
 
 def sample(row: SourceRow, encoded: imaging.Encoded) -> dict:

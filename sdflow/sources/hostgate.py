@@ -20,7 +20,8 @@ host be in flight in this process (every shard's event loop shares it), with `li
 After GIVE_UP rounds of failed connects with no success between them (about 7 s of back-off at the
 default `download.backoff_s`), the host counts as down for DOWN_S: its rows fail at once
 (`connection_error`) instead of each waiting out the back-off. Other hosts go on untouched. The
-gates are shared by thread-safe bookkeeping; each waiter is woken on its own event loop. A
+gates are shared by thread-safe bookkeeping; each waiter is woken on its own event loop (directly
+when that is the releasing thread's loop: a cross-thread wake-up costs a self-pipe write and read). A
 redirect's hops count against the first host's slot; their connects teach their own hosts' gates.
 """
 
@@ -130,8 +131,19 @@ class HostGate:
         with self.lock:
             free = self.limit - self.active
             woken = [self.waiters.popleft() for _ in range(min(free, len(self.waiters)))]
+        here = _running_loop()
         for loop, future in woken:
-            loop.call_soon_threadsafe(_resolve, future)
+            if loop is here:  # a waiter on this thread's loop: no self-pipe write, no wake-up
+                _resolve(future)
+            else:
+                loop.call_soon_threadsafe(_resolve, future)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _resolve(future: asyncio.Future) -> None:

@@ -176,3 +176,38 @@ def test_a_host_failing_round_after_round_is_given_up_others_go_on():
     with pytest.raises(HostDown):
         asyncio.run(acquire(down))
     asyncio.run(acquire(gates.gate("up.example", 80)))  # another host is untouched
+
+
+def test_a_waiter_on_the_releasing_loop_is_woken_without_a_cross_thread_call():
+    """Same loop: resolved in place (no self-pipe write); another thread's loop: call_soon_threadsafe."""
+    gate = HostGate(1, 0.01)
+    cross: list[object] = []
+
+    async def same_loop() -> list[str]:
+        loop = asyncio.get_running_loop()
+        real = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *a: (cross.append(a), real(*a))[1]  # type: ignore
+        order: list[str] = []
+
+        async def row(name: str) -> None:
+            await gate.acquire()
+            order.append(name)
+            await asyncio.sleep(0)
+            gate.release()
+
+        await asyncio.gather(row("a"), row("b"), row("c"))
+        return order
+
+    assert asyncio.run(same_loop()) == ["a", "b", "c"]
+    assert cross == [] and gate.active == 0
+
+    async def hold_then_release_elsewhere() -> None:
+        await gate.acquire()
+        releaser = threading.Thread(target=lambda: (time.sleep(0.05), gate.release()))
+        releaser.start()
+        await asyncio.wait_for(gate.acquire(), 5)  # woken from the other thread
+        gate.release()
+        releaser.join()
+
+    asyncio.run(hold_then_release_elsewhere())
+    assert gate.active == 0
