@@ -61,10 +61,12 @@ def generate(pipe: StableDiffusionXLPipeline):
 def test_sdxl_lora_24gb(prefect_server, small_folder, tiny_sdxl, tmp_path):
     profile = load_profile("sdxl-lora-24gb")
     assert (profile.train.mode, profile.train.gradient_checkpointing) == ("lora", True)
+    assert profile.download.resize_mode == "max_area" and profile.latents.buckets.resolution == 1024
     vae = f"model.vae={tiny_sdxl / 'vae'}"  # stands in for the fp16-safe VAE
+    buckets = "latents.buckets={resolution: 32, step: 16}"
     fp32 = "train.mixed_precision=no"  # fp16 autocast training needs a GPU
     summary = run_profile(
-        "sdxl-lora-24gb", tmp_path, [*sized_down(small_folder, tiny_sdxl), vae, fp32]
+        "sdxl-lora-24gb", tmp_path, [*sized_down(small_folder, tiny_sdxl), vae, fp32, buckets]
     )
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
     pipe.load_lora_weights(summary["model_dir"])

@@ -98,15 +98,15 @@ def test_fp16_encoding_upcasts_an_sdxl_vae_that_asks(sdxl_latents, reference):
     half.latents.mixed_precision = "fp16"
     vae = reference.vae
     assert vae.config.force_upcast  # AutoencoderKL's default, and SDXL's VAE config
-    assert vae_precision(half, Encoders(vae, None, family, torch.device("cpu"))) is None
+    assert vae_precision(half, Encoders(vae, None, family, torch.device("cpu"), [])) is None
     vae.register_to_config(force_upcast=False)  # an fp16-safe VAE
     try:
-        encoders = Encoders(vae, None, family, torch.device("cpu"))
+        encoders = Encoders(vae, None, family, torch.device("cpu"), [])
         assert vae_precision(half, encoders) is torch.float16
     finally:
         vae.register_to_config(force_upcast=True)
     sd = family_of(load_profile("tiny-test"))  # SD ignores the flag, as its pipeline does
-    assert vae_precision(half, Encoders(vae, None, sd, torch.device("cpu"))) is torch.float16
+    assert vae_precision(half, Encoders(vae, None, sd, torch.device("cpu"), [])) is torch.float16
     assert manifest["info"]["family"] == "sdxl"
 
 
