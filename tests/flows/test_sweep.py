@@ -94,18 +94,24 @@ def test_a_2x2_sweep_shares_upstream_stages_and_names_the_best(demo_folder, work
 
 @pytest.mark.slow
 def test_a_failing_setting_is_recorded_and_the_others_go_on(
-    prefect_server, demo_folder, workdir, tmp_path
+    demo_folder, workdir, grid_sweep, tmp_path
 ):
     empty = tmp_path / "empty"
     empty.mkdir()
     grid = ["--grid", f"source.path={empty},{demo_folder}"]
     validated = ["--set", "train.validate_every=2", "--metric", "val_loss"]
-    summary = sweep(workdir, demo_folder, *grid, *validated)  # upstream: the 2x2 sweep's stages
+    validated += ["--set", "train.keep_best=true", "--set", "eval.checkpoints=best"]
+    summary = sweep(workdir, demo_folder, *grid, *validated)  # upstream: grid_sweep's stages
     failed, finished = summary["settings"]
     assert failed["status"] == "failed" and "No images found" in failed["error"]
     assert finished["status"] == "completed" and finished["cached"]["latents"]
     train = json.loads((Path(finished["outputs"]["train"]) / "MANIFEST.json").read_text())
     assert finished["metrics"]["val_loss"] == train["info"]["validation"]["best_loss"] > 0
+    # eval.checkpoints: best scored the best checkpoint's model, the one the table names
+    evaluate = json.loads((Path(finished["outputs"]["evaluate"]) / "MANIFEST.json").read_text())
+    best = {"choice": "best", "path": "pipeline", "step": train["info"]["validation"]["best_step"]}
+    assert evaluate["info"]["trained_model"] == best
+    assert finished["model_dir"] == str(Path(finished["outputs"]["train"]) / "pipeline")
     assert summary["best"]["index"] == 1 and summary["table"][0]["model_dir"] == failed["error"]
 
 
