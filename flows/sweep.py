@@ -31,10 +31,11 @@ from prefect.task_runners import ProcessPoolTaskRunner
 from flows.pipeline import pipeline
 from flows.sweep_setting import run_dir_of, run_setting, setting_task
 from sdflow import artifacts, sweeps
+from sdflow.config import STAGES
 from sdflow.stageio import write_json
 
 # The pipeline's stages before train: built once, before the settings fan out.
-UPSTREAM = ["download", "filter", "caption", "autoencoder", "latents"]
+UPSTREAM = list(STAGES[: STAGES.index("train")])
 
 
 @flow(name="sdflow-sweep", persist_result=True, result_serializer="json", log_prints=True)
