@@ -7,20 +7,35 @@ artifacts); the stage cache makes the data and latents stages of the later setti
 a rerun of the sweep a run of cache hits. A setting that fails is recorded with its error and the
 others go on. The sweep writes `WORKDIR/sweeps/<sweep-id>/summary.json` and a comparison table
 artifact, and names the best setting by `metric` in its right direction (`sdflow.sweeps`).
+
+Settings run one at a time, or `parallel` at once: by default one per GPU slot (the `gpu-<i>`
+limits of `sdflow deploy --gpus N`) on a CUDA host, so one at a time on a CPU host. In parallel,
+the first setting's stages before train are built first, once (`upstream` in the summary), then
+each setting runs in a worker process of its own (`sweep-setting` task, its pipeline a subflow of
+it): processes, not threads, since training holds process-wide state (the GPU slot it holds,
+accelerate's state, seeded draws from torch's global generator). Two settings that need the same
+missing stage still build it once: the stage lock (`sdflow.stageio`) makes the second wait for it.
 """
 
 from __future__ import annotations
 
-import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.task_runners import ProcessPoolTaskRunner
 
 from flows.pipeline import pipeline
+from flows.sweep_setting import run_dir_of, run_setting, setting_task
 from sdflow import artifacts, sweeps
+from sdflow.config import STAGES
 from sdflow.stageio import write_json
+
+# The pipeline's stages before train: built once, before the settings fan out.
+UPSTREAM = list(STAGES[: STAGES.index("train")])
 
 
 @flow(name="sdflow-sweep", persist_result=True, result_serializer="json", log_prints=True)
@@ -32,15 +47,25 @@ def sweep(
     workdir: str = "./sdflow-work",
     random: int | None = None,
     seed: int = 0,
+    parallel: int | None = None,
 ) -> str:
-    """Run every setting of `grid` (or `random` draws from it); returns the sweep's summary path."""
+    """Run every setting of `grid` (or `random` draws from it); returns the sweep's summary path.
+
+    `parallel`: settings trained at once (default: one per GPU slot on a CUDA host, else 1)."""
     overrides = list(overrides or [])
     settings = sweeps.plan(profile, grid or {}, metric, overrides, random, seed)
+    workers = min(len(settings), _parallelism(parallel))
     sweep_dir = (
         Path(workdir).resolve() / "sweeps" / sweeps.sweep_id(profile, overrides, settings, metric)
     )
-    results = [run_setting(profile, overrides, setting, workdir) for setting in settings]
+    upstream = None
+    if workers == 1:
+        results = [run_setting(profile, overrides, setting, workdir) for setting in settings]
+    else:
+        upstream = build_upstream(profile, overrides, settings[0], workdir)
+        results = run_in_parallel(profile, overrides, settings, workdir, workers)
     summary = summarize(profile, metric, grid or {}, results)
+    summary.update(parallel=workers, upstream=upstream)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     write_json(sweep_dir / "summary.json", summary, sort_keys=False)
     artifacts.publish_sweep(profile, summary)
@@ -48,52 +73,70 @@ def sweep(
     return str(sweep_dir / "summary.json")
 
 
-def run_setting(profile: str, overrides: list[str], setting: dict, workdir: str) -> dict[str, Any]:
-    """One setting as a pipeline subflow; its outcome, also when it failed."""
+def _parallelism(parallel: int | None) -> int:
+    if parallel is not None:
+        return sweeps.parallelism(parallel, gpu_slots=0, cuda=False)
+    import torch
+
+    from sdflow.gpuslots import device_limits
+
+    return sweeps.parallelism(None, len(device_limits()), torch.cuda.is_available())
+
+
+def build_upstream(profile: str, overrides: list[str], setting: dict, workdir: str) -> dict:
+    """The first setting's stages before train, as a pipeline run of those stages alone."""
     state = pipeline(
         profile=profile,
         overrides=[*overrides, *sweeps.overrides_of(setting)],
         workdir=workdir,
+        only=UPSTREAM,
         return_state=True,
     )
-    result: dict[str, Any] = {"setting": setting, "status": "completed"}
-    if not state.is_completed():
-        result |= {"status": "failed", "error": str(state.result(raise_on_failure=False))}
-    run_dir = _run_dir(Path(workdir).resolve(), str(state.state_details.flow_run_id or ""))
-    if run_dir is not None:
-        result |= _outcome(run_dir, json.loads((run_dir / "summary.json").read_text()))
-    return result
+    run_dir = run_dir_of(Path(workdir).resolve(), str(state.state_details.flow_run_id or ""))
+    if not state.is_completed():  # each setting meets (and records) the failure itself
+        get_run_logger().warning("sweep: the shared stages failed: %s", state.message)
+    return {"status": state.name, "run_dir": str(run_dir) if run_dir else None}
 
 
-def _run_dir(workdir: Path, flow_run_id: str) -> Path | None:
-    """The run directory of pipeline run `flow_run_id` (its name ends with the id's first 8)."""
-    found = sorted((workdir / "runs").glob(f"*-{flow_run_id[:8]}/summary.json"))
-    return found[-1].parent if found and flow_run_id else None
+def run_in_parallel(
+    profile: str, overrides: list[str], settings: list[dict], workdir: str, workers: int
+) -> list[dict[str, Any]]:
+    """Each setting in a worker process, `workers` at a time; a crashed worker is a failed setting."""
+    results = []
+    with _shared_api(), ProcessPoolTaskRunner(max_workers=workers) as runner:
+        futures = [
+            runner.submit(
+                setting_task,
+                {"profile": profile, "overrides": overrides, "setting": s, "workdir": workdir},
+            )
+            for s in settings
+        ]
+        for setting, future in zip(settings, futures, strict=True):
+            try:
+                results.append(future.result())
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+                results.append({"setting": setting, "status": "failed", "error": error})
+    return results
 
 
-def _outcome(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
-    stages = summary.get("stages", {})
-    trained = (summary.get("metrics") or {}).get("trained") or {}
-    metrics = {k: v for k, v in trained.items() if isinstance(v, int | float)}
-    validation = _train_info(stages).get("validation") or {}
-    if isinstance(validation.get("best_loss"), int | float):
-        metrics["val_loss"] = validation["best_loss"]  # the lowest held-out loss of the run
-    return {
-        "run_dir": str(run_dir),
-        "metrics": metrics,
-        "model_dir": summary.get("model_dir"),
-        "train_seconds": (stages.get("train") or {}).get("seconds"),
-        "cached": {name: stage.get("cached") for name, stage in stages.items()},
-        "outputs": {name: stage.get("output") for name, stage in stages.items()},
-    }
+@contextmanager
+def _shared_api() -> Iterator[None]:
+    """Worker processes report to this sweep's API, also the ephemeral one of a plain `sdflow
+    sweep` (which they would otherwise each start anew)."""
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
+    if get_current_settings().api.url:
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
 
-def _train_info(stages: dict[str, Any]) -> dict[str, Any]:
-    output = (stages.get("train") or {}).get("output")
-    manifest = Path(output) / "MANIFEST.json" if output else None
-    return (
-        json.loads(manifest.read_text()).get("info", {}) if manifest and manifest.is_file() else {}
-    )
+    server = SubprocessASGIServer()  # the one this process started
+    if not server.running:
+        yield
+        return
+    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        yield
 
 
 def summarize(profile: str, metric: str, grid: dict, results: list[dict]) -> dict[str, Any]:

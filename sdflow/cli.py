@@ -7,7 +7,7 @@
     sdflow deploy [--pool NAME] [--pool-type process|kubernetes] [--workdir DIR] [--gpus N]
     sdflow server [--workdir DIR] [--port PORT]
     sdflow gc [--keep-runs N] [--dry-run] [--workdir DIR]
-    sdflow sweep PROFILE --grid K=V1,V2 [--grid ...] [--metric M] [--random N] [--set K=V]...
+    sdflow sweep PROFILE --grid K=V1,V2 [--grid ...] [--metric M] [--random N] [--parallel N] [--set K=V]...
 
 A user error (bad config, missing path, unwritable workdir) ends with one paragraph and exit code 2.
 """
@@ -63,6 +63,12 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--metric", default="fid", help="rank the settings by this metric")
     sweep.add_argument("--random", type=_count, default=None, help="draw N settings instead")
     sweep.add_argument("--seed", type=int, default=0, help="seed of the --random draws")
+    sweep.add_argument(
+        "--parallel",
+        type=_count,
+        default=None,
+        help="settings trained at once (default: one per GPU slot on a CUDA host, else 1)",
+    )
     sweep.add_argument("--workdir", default=DEFAULT_WORKDIR)
     sweep.set_defaults(handler=_sweep)
 
@@ -179,6 +185,8 @@ def _sweep(args: argparse.Namespace) -> int:
 
     grid = sweeps.parse_grid(args.grid)
     sweeps.plan(args.profile, grid, args.metric, args.overrides, args.random, args.seed)
+    if args.parallel is not None:
+        sweeps.parallelism(args.parallel, gpu_slots=0, cuda=False)  # 0 refused before any work
     workdir = _ready_workdir(args.workdir)
     _check_source(_validated(args.profile, args.overrides))
     _prepare_flow_logging()
@@ -192,6 +200,7 @@ def _sweep(args: argparse.Namespace) -> int:
         workdir=str(workdir),
         random=args.random,
         seed=args.seed,
+        parallel=args.parallel,
     )
     logging.getLogger("prefect").setLevel(logging.WARNING)
     print(summary)

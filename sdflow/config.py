@@ -788,10 +788,12 @@ class EvalConfig(Section):
     nearest_k: int = Field(
         5, ge=1, description="k of the k-nearest-neighbour precision/recall/density/coverage"
     )
-    checkpoints: Literal["final", "all"] = Field(
+    checkpoints: Literal["final", "best", "all"] = Field(
         "final",
-        description="final: score the trained model; all: also every checkpoint the train stage "
-        "kept, with a metric-vs-step curve",
+        description="final: score the last training step's model (with train.keep_best its "
+        "final-pipeline/final-lora); best: the lowest-validation-loss checkpoint's model "
+        "(needs train.keep_best); all: final and every checkpoint the train stage kept, with a "
+        "metric-vs-step curve",
     )
 
 
@@ -883,6 +885,13 @@ class RunConfig(Section):
             raise ValueError(
                 f"train.validate_every is {self.train.validate_every} but eval.held_out_fraction "
                 "is 0: there is no held-out split to validate on; raise it (e.g. 0.05)"
+            )
+        if self.eval.checkpoints == "best" and not self.train.keep_best:
+            raise ValueError(
+                "eval.checkpoints is 'best' but train.keep_best is false: only a run that "
+                "validates and keeps its best checkpoint has a best model; set train.keep_best: "
+                "true and train.validate_every to a number of steps, or eval.checkpoints to "
+                "'final' or 'all'"
             )
         return self
 

@@ -129,6 +129,18 @@ def sweep_id(
     return hash_json([profile, list(overrides), list(settings), metric])[:12]
 
 
+def parallelism(requested: int | None, gpu_slots: int, cuda: bool) -> int:
+    """Settings trained at once: `requested` (the sweep's `parallel`), else one per GPU slot
+    (the `gpu-<i>` limits of `sdflow deploy --gpus N`) on a CUDA host, else one."""
+    if requested is not None:
+        if requested < 1:
+            raise UserError(
+                f"parallel {requested}: train at least one setting at a time (1: one after another)."
+            )
+        return requested
+    return max(1, gpu_slots) if cuda else 1
+
+
 def check_metric(metric: str) -> str:
     if metric not in DIRECTIONS:
         raise UserError(f"--metric {metric!r} is not one of {', '.join(sorted(DIRECTIONS))}.")

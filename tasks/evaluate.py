@@ -15,8 +15,12 @@ along each row and `metrics.json` says whether training helped (trained FID < ba
   evaluation settings, as its own stage output `stages/baseline/<key>/` (key: the base weights, the
   eval settings, the caption stage that holds the prompts and real images, the code), and reused by
   every trained model evaluated against it.
-- `eval.checkpoints: all`: every checkpoint the train stage kept is scored too (`checkpoints` in
-  metrics.json, `metric_curve.png`); a note says when only the final one was kept.
+- Which trained model (`eval.checkpoints`, `trained_model` in metrics.json names its directory in
+  the train output and its step): `final`, the last step's (with `train.keep_best` the train stage
+  exports it as `final-pipeline/` beside the best); `best`, the lowest validation loss's
+  (`pipeline/`, needs `train.keep_best`); `all`, the last step's and every checkpoint the train
+  stage kept (`checkpoints` in metrics.json, `metric_curve.png`; a note says when only the final
+  one was kept).
 
 Output: `samples/<model>/pXXX-J.png`, `grid.png`, `metrics.json` (also the manifest's info, which
 the flow copies into summary.json). Each model's scores are saved as they finish, so a rerun after
@@ -49,6 +53,7 @@ from sdflow.evaluation.sampling import (
     load_baseline,
     load_checkpoint_pipeline,
     load_trained,
+    scored_model,
 )
 from sdflow.evaluation.scoring import METRICS, Scorer
 from sdflow.fingerprint import code_version, hash_tree
@@ -102,11 +107,12 @@ evaluate_task = stage_task("evaluate", evaluate_key)(evaluate)
 
 def _build(build: StageBuild, config: RunConfig, upstream: dict, workdir: str) -> Manifest:
     ev, train = config.eval, upstream["train"]
+    chosen, step = scored_model(config, train)  # `best` without a best model: before any work
     scorer = Scorer(ev)  # first: a missing Inception file or CLIP dir fails before any sampling
     pool, held_prompts = held_out_prompts(workdir, upstream["caption"], config)
     prompts = list(ev.prompts) or held_prompts
     add_real_images(scorer, workdir, upstream["caption"], config)
-    load = lambda: load_trained(config, train, workdir)  # noqa: E731
+    load = lambda: load_trained(config, train, workdir, chosen)  # noqa: E731
     results = {"trained": _score_once(build, "trained", load, prompts, pool, scorer, config)}
     if ev.baseline:
         results["baseline"] = baseline_scores(
@@ -115,6 +121,12 @@ def _build(build: StageBuild, config: RunConfig, upstream: dict, workdir: str) -
     names = {name: describe_model(name, config, train) for name in results}
     save_png(_draw_grid(build.path, prompts, names, config), build.path / "grid.png")
     metrics = summarise(results, names, prompts, scorer.num_real, config)
+    # which of the train stage's models "trained" is: its directory there, and its step
+    metrics["trained_model"] = {
+        "choice": ev.checkpoints,
+        "path": train["files"][chosen],
+        "step": step,
+    }
     files = {"grid": "grid.png", "metrics": "metrics.json", "samples": "samples"}
     if ev.checkpoints == "all":
         rows, note = score_checkpoints(build, config, train, workdir, scorer, prompts, pool)
@@ -283,9 +295,9 @@ def describe_model(name: str, config: RunConfig, train: Manifest) -> str:
     if name == "trained":
         mode = "LoRA" if "lora" in train["files"] else "full"
         steps = train.get("counts", {}).get("steps", config.train.max_steps)
-        best = train.get("info", {}).get("validation", {}).get("best_step")
-        if "final_pipeline" in train["files"] or "final_lora" in train["files"]:
-            steps = f"best validation loss at step {best} of {steps}"  # train.keep_best
+        step = scored_model(config, train)[1]
+        if config.eval.checkpoints == "best":
+            steps = f"best validation loss at step {step} of {steps}"  # train.keep_best
         else:
             steps = f"{steps} steps"
         return f"trained: {base}, {mode}, {steps} (train {train['key'][:8]})"

@@ -14,7 +14,8 @@ Validation (`train.validate_every`): the held-out loss curve goes into the manif
 (`validation`), TensorBoard and `loss.png`; a sample grid per validation into `logs/validation/`.
 With `train.keep_best` the model exported as `pipeline/` (or `lora/`) is the checkpoint of the lowest
 validation loss, and the last step's is exported beside it as `final-pipeline/` (`final-lora/`);
-the manifest's `files` name both (`pipeline` / `final_pipeline`), and evaluate scores the best.
+the manifest's `files` name both (`pipeline` / `final_pipeline`); evaluate scores the last step's
+unless `eval.checkpoints: best`.
 
 Continue training: the key is the run's lineage (`train_lineage`) plus `train.max_steps`, so a run
 asked for more steps is a new output that starts from the last checkpoint of the longest finished

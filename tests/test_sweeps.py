@@ -76,3 +76,12 @@ def test_the_best_setting_follows_the_metrics_direction():
     assert rows[2]["fid"] == 4.0 and rows[0]["clip_score"] == 20.0
     with pytest.raises(UserError, match="not one of"):
         sweeps.check_metric("accuracy")
+
+
+def test_settings_run_one_per_gpu_slot_on_a_cuda_host_and_one_at_a_time_elsewhere():
+    assert sweeps.parallelism(None, gpu_slots=4, cuda=True) == 4  # `sdflow deploy --gpus 4`
+    assert sweeps.parallelism(None, gpu_slots=0, cuda=True) == 1  # no slots: no device each
+    assert sweeps.parallelism(None, gpu_slots=4, cuda=False) == 1  # a CPU host
+    assert sweeps.parallelism(3, gpu_slots=0, cuda=False) == 3  # asked for: as asked
+    with pytest.raises(UserError, match="parallel 0: train at least one setting"):
+        sweeps.parallelism(0, gpu_slots=2, cuda=True)

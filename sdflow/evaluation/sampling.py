@@ -1,5 +1,6 @@
 """Sampling for the evaluate stage: the models it scores, loaded as pipelines, and seeded batches.
 
+- `scored_model`: which of the train stage's models `eval.checkpoints` scores (final or best).
 - `load_trained`: the train stage's pipeline, or its base model with the LoRA weights loaded.
 - `load_baseline`: the model training started from (the seeded scratch UNet, or the pretrained base).
 - `load_checkpoint_pipeline`: the trained pipeline with one checkpoint's UNet (`eval.checkpoints`).
@@ -53,18 +54,43 @@ SCHEDULERS = {
 SEED_STRIDE = 1000  # seed of image j of prompt i: eval.seed + i * SEED_STRIDE + j
 
 
-def load_trained(config: RunConfig, train: Manifest, workdir: str) -> Pipeline:
-    """The train stage's pipeline, or its base model with the LoRA weights loaded."""
+def scored_model(config: RunConfig, train: Manifest) -> tuple[str, int | None]:
+    """(the train manifest's `files` entry, step) of the trained model `eval.checkpoints` scores.
+
+    `best`: the exported model (`pipeline`/`lora`), which with `train.keep_best` is the checkpoint
+    of the lowest validation loss. `final` and `all`: the last step's model, which with
+    `train.keep_best` is exported beside the best as `final_pipeline`/`final_lora`.
+    """
+    files = train["files"]
+    kind = "pipeline" if "pipeline" in files else "lora"
+    steps = train.get("counts", {}).get("steps")
+    if config.eval.checkpoints != "best":
+        return (f"final_{kind}" if f"final_{kind}" in files else kind), steps
+    best = train.get("info", {}).get("validation", {}).get("best_step")
+    if best is None or f"final_{kind}" not in files:
+        raise UserError(
+            f"eval.checkpoints is 'best' but the train stage output {train['path']} has no best "
+            "model: it validated nothing (train.validate_every larger than the steps run?) or ran "
+            "without train.keep_best. Use eval.checkpoints 'final', or validate within the run."
+        )
+    return kind, best
+
+
+def load_trained(
+    config: RunConfig, train: Manifest, workdir: str, model: str | None = None
+) -> Pipeline:
+    """The train stage's pipeline, or its base model with the LoRA weights loaded; `model` names
+    the `files` entry (default: the exported model, `pipeline` or `lora`)."""
     base = output_dir(workdir, train)
     files = train["files"]
-    if "pipeline" in files:
-        family = family_of(config)
-        pipe = family.pipeline_class.from_pretrained(base / files["pipeline"])
+    model = model or ("pipeline" if "pipeline" in files else "lora")
+    if model not in files:
+        raise UserError(f"The train stage output {base} has no {model} (files: {sorted(files)}).")
+    if "pipeline" in model:
+        pipe = family_of(config).pipeline_class.from_pretrained(base / files[model])
         return _prepare(pipe, config)
-    if "lora" not in files:
-        raise UserError(f"The train stage output {base} has neither a pipeline nor LoRA weights.")
     pipe = load_base(config, train)
-    pipe.load_lora_weights(str(base / files["lora"]))
+    pipe.load_lora_weights(str(base / files[model]))
     return pipe
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from sdflow.cli import main
 
 UPSTREAM = ["download", "filter", "caption", "autoencoder", "latents"]
 FAST = ["--set", "train.max_steps=4", "--set", "eval.num_prompts=2", "--set", "eval.fid_samples=4"]
+GRID = ["--grid", "train.lr=1e-3,3e-3", "--grid", "train.ema=true,false"]
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +32,29 @@ def sweep(workdir: Path, source: Path, *args: str) -> dict:
     return json.loads(path.read_text())
 
 
-@pytest.mark.slow
-def test_a_2x2_sweep_shares_upstream_stages_and_names_the_best(
-    prefect_server, demo_folder, workdir
-):
-    grid = ["--grid", "train.lr=1e-3,3e-3", "--grid", "train.ema=true,false"]
-    summary = sweep(workdir, demo_folder, *grid, "--metric", "fid")
+def train_window(setting: dict) -> tuple[float, float]:
+    """When the setting's train stage was built: (end - its seconds, end), the end being when its
+    MANIFEST.json was written (last, as the stage finished)."""
+    manifest = Path(setting["outputs"]["train"]) / "MANIFEST.json"
+    end = manifest.stat().st_mtime
+    return end - json.loads(manifest.read_text())["seconds"], end
 
+
+def fingerprint(setting: dict, stage: str) -> str:
+    return json.loads((Path(setting["outputs"][stage]) / "MANIFEST.json").read_text())[
+        "fingerprint"
+    ]
+
+
+@pytest.fixture(scope="module")
+def grid_sweep(prefect_server, demo_folder, workdir) -> dict:
+    """The 2x2 sweep, with the default parallelism of a CPU host: one setting after another."""
+    return sweep(workdir, demo_folder, *GRID, "--metric", "fid")
+
+
+@pytest.mark.slow
+def test_a_2x2_sweep_shares_upstream_stages_and_names_the_best(demo_folder, workdir, grid_sweep):
+    summary = grid_sweep
     settings = summary["settings"]
     assert [s["setting"] for s in settings] == [
         {"train.lr": "1e-3", "train.ema": "true"},
@@ -52,6 +71,10 @@ def test_a_2x2_sweep_shares_upstream_stages_and_names_the_best(
         True,
     ]
     assert all(all(s["cached"][stage] for stage in UPSTREAM) for s in settings[1:])
+    # no GPU slots, no CUDA: the settings trained one after another
+    assert summary["parallel"] == 1 and summary["upstream"] is None
+    windows = [train_window(s) for s in settings]
+    assert all(end <= start for (_, end), (start, _) in pairwise(windows))
     assert len({s["outputs"]["latents"] for s in settings}) == 1
     models = {s["model_dir"] for s in settings}
     assert len(models) == 4 and all(Path(m, "model_index.json").is_file() for m in models)
@@ -64,23 +87,55 @@ def test_a_2x2_sweep_shares_upstream_stages_and_names_the_best(
     assert table[summary["best"]["index"]]["best"] == "★"
     assert [row["fid"] for row in table] == [round(f, 4) for f in fids]
 
-    again = sweep(workdir, demo_folder, *grid, "--metric", "fid")  # a rerun: all cached
+    again = sweep(workdir, demo_folder, *GRID, "--metric", "fid")  # a rerun: all cached
     assert all(all(s["cached"].values()) for s in again["settings"])
     assert [s["metrics"] for s in again["settings"]] == [s["metrics"] for s in settings]
 
 
 @pytest.mark.slow
 def test_a_failing_setting_is_recorded_and_the_others_go_on(
-    prefect_server, demo_folder, workdir, tmp_path
+    demo_folder, workdir, grid_sweep, tmp_path
 ):
     empty = tmp_path / "empty"
     empty.mkdir()
     grid = ["--grid", f"source.path={empty},{demo_folder}"]
     validated = ["--set", "train.validate_every=2", "--metric", "val_loss"]
-    summary = sweep(workdir, demo_folder, *grid, *validated)  # upstream: the 2x2 sweep's stages
+    validated += ["--set", "train.keep_best=true", "--set", "eval.checkpoints=best"]
+    summary = sweep(workdir, demo_folder, *grid, *validated)  # upstream: grid_sweep's stages
     failed, finished = summary["settings"]
     assert failed["status"] == "failed" and "No images found" in failed["error"]
     assert finished["status"] == "completed" and finished["cached"]["latents"]
     train = json.loads((Path(finished["outputs"]["train"]) / "MANIFEST.json").read_text())
     assert finished["metrics"]["val_loss"] == train["info"]["validation"]["best_loss"] > 0
+    # eval.checkpoints: best scored the best checkpoint's model, the one the table names
+    evaluate = json.loads((Path(finished["outputs"]["evaluate"]) / "MANIFEST.json").read_text())
+    best = {"choice": "best", "path": "pipeline", "step": train["info"]["validation"]["best_step"]}
+    assert evaluate["info"]["trained_model"] == best
+    assert finished["model_dir"] == str(Path(finished["outputs"]["train"]) / "pipeline")
     assert summary["best"]["index"] == 1 and summary["table"][0]["model_dir"] == failed["error"]
+
+
+@pytest.mark.slow
+def test_parallel_settings_train_at_once_and_match_the_sequential_ones(
+    demo_folder, workdir, grid_sweep, tmp_path
+):
+    """`--parallel 2` on a CPU host: two settings of the 2x2 grid, in a workdir holding only its
+    stages before train, train at the same time and reach the same weights and metrics."""
+    fresh = tmp_path / "work"
+    for stage in UPSTREAM:
+        shutil.copytree(workdir / "stages" / stage, fresh / "stages" / stage)
+    grid = ["--grid", "train.lr=1e-3,3e-3", "--set", "train.ema=true"]
+    summary = sweep(fresh, demo_folder, *grid, "--metric", "fid", "--parallel", "2")
+
+    assert summary["parallel"] == 2 and summary["upstream"]["status"] == "Completed"
+    settings = summary["settings"]
+    assert [s["status"] for s in settings] == ["completed", "completed"]
+    assert all(s["cached"]["latents"] and not s["cached"]["train"] for s in settings)
+    (start_a, end_a), (start_b, end_b) = (train_window(s) for s in settings)
+    assert start_a < end_b and start_b < end_a  # the two trainings overlapped in time
+    sequential = [grid_sweep["settings"][i] for i in (0, 2)]  # train.ema true, lr 1e-3 and 3e-3
+    for stage in ("train", "evaluate"):
+        assert [fingerprint(s, stage) for s in settings] == [
+            fingerprint(s, stage) for s in sequential
+        ]
+    assert [s["metrics"] for s in settings] == [s["metrics"] for s in sequential]

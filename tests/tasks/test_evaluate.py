@@ -582,3 +582,38 @@ def test_each_image_goes_through_the_feature_network_once(upstream, monkeypatch)
     for name in ("fid", "kid", "precision", "recall", "density", "coverage"):
         assert metrics["trained"][name] is not None
         assert metrics["trained"]["metrics"][name]["num_generated"] == 6
+
+
+def test_checkpoints_best_scores_the_best_model_and_final_the_last(upstream) -> None:
+    """A keep_best train output: `pipeline/` holds the fixture's trained UNet (best, step 2),
+    `final-pipeline/` the untrained one (last, step 3). `best` must score like the fixture's
+    trained model, `final` like the baseline; both are computed on other paths."""
+    workdir, manifests = upstream
+    settings = dict(num_prompts=1, images_per_prompt=1, seed=31)
+    reference = ev.evaluate(make_config(**settings), manifests, str(workdir))["info"]
+    build = StageBuild(workdir, "train", "keep-best-fixture")
+    shutil.copytree(output_dir(workdir, manifests["train"]) / "pipeline", build.path / "pipeline")
+    shutil.copytree(build.path / "pipeline", build.path / "final-pipeline")
+    untrained = build_unet(make_config().model)
+    shutil.rmtree(build.path / "final-pipeline" / "unet")
+    untrained.save_pretrained(build.path / "final-pipeline" / "unet")
+    files = {"pipeline": "pipeline", "final_pipeline": "final-pipeline"}
+    info = {"mode": "full", "validation": {"best_step": 2, "best_loss": 0.1}}
+    train = build.finish(counts={"steps": 3}, files=files, info=info)
+
+    scored = {
+        choice: ev.evaluate(make_config(**settings, checkpoints=choice), {**manifests, "train": train}, str(workdir))["info"]
+        for choice in ("best", "final")
+    }  # fmt: skip
+    assert scored["best"]["trained_model"] == {"choice": "best", "path": "pipeline", "step": 2}
+    assert scored["best"]["trained"]["fid"] == pytest.approx(reference["trained"]["fid"], rel=1e-6)
+    assert "best validation loss at step 2 of 3" in scored["best"]["trained"]["name"]
+    final = scored["final"]
+    assert final["trained_model"] == {"choice": "final", "path": "final-pipeline", "step": 3}
+    assert final["trained"]["fid"] == pytest.approx(reference["baseline"]["fid"], rel=1e-6)
+    assert reference["trained"]["fid"] != reference["baseline"]["fid"]
+    # a train output without a best model, and a config that cannot have one, are refused
+    with pytest.raises(UserError, match="has no best model"):
+        ev.evaluate(make_config(**settings, checkpoints="best"), manifests, str(workdir))
+    with pytest.raises(UserError, match="eval.checkpoints is 'best' but train.keep_best is false"):
+        load_profile("tiny-test", ["eval.checkpoints=best"])

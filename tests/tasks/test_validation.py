@@ -174,7 +174,12 @@ def test_overfitting_run_exports_the_minimum_and_stops_early(tmp_path, component
     assert manifest["files"]["validation_grid"] == f"logs/validation/{step_name(steps[-1])}.png"
     with Image.open(grids[-1]) as grid:
         assert grid.format == "PNG" and len(set(grid.convert("RGB").get_flattened_data())) > 10
-    assert "best validation loss at step" in describe_model("trained", config, manifest)
+    # evaluate scores the last step's model unless eval.checkpoints is best
+    assert f"{lowest + 30} steps" in describe_model("trained", config, manifest)
+    best = config.model_copy(
+        update={"eval": config.eval.model_copy(update={"checkpoints": "best"})}
+    )
+    assert f"best validation loss at step {lowest} of" in describe_model("trained", best, manifest)
 
 
 def test_a_resumed_run_validates_and_exports_as_an_uninterrupted_one(
