@@ -52,3 +52,19 @@ def crash_on_second_call(monkeypatch, module, name: str) -> list[int]:
 
     monkeypatch.setattr(module, name, crash_on_second)
     return calls
+
+
+def crash_at_checkpoint(monkeypatch, step: int):
+    """Patch `sdflow.training.save_checkpoint` so saving the checkpoint of `step` raises
+    OSError("node lost") (a training process dying there); returns `undo`, which restores it."""
+    import sdflow.training as training
+
+    real = training.save_checkpoint
+
+    def crash(root, at, state, keep):
+        if at == step:
+            raise OSError("node lost")
+        return real(root, at, state, keep)
+
+    monkeypatch.setattr(training, "save_checkpoint", crash)
+    return lambda: monkeypatch.setattr(training, "save_checkpoint", real)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 from safetensors.torch import load_file
+from stage_fixtures import crash_at_checkpoint
 from test_latents import caption_stage, samples
 
 from flows.pipeline import check_family_options
@@ -148,25 +149,16 @@ def generate(pipe: StableDiffusionXLPipeline):
 def test_lora_with_ema_min_snr_v_prediction_resumes_exactly_and_loads(
     tiny_sdxl, sdxl_latents, reference, tmp_path, monkeypatch
 ):
-    import sdflow.training as training
-
     root, _, _, latents = sdxl_latents
     options = ["train.mode=lora", "train.ema=true", "train.snr_gamma=5.0", "train.lr=0.05",
                "train.prediction_type=v_prediction", "train.caption_dropout=0.3"]  # fmt: skip
     config = sdxl_config(tiny_sdxl, *TRAIN, *options)
     upstream = {"latents": latents, "autoencoder": None, "caption": None}
     straight = train(config, upstream, workdir_with(root, tmp_path / "straight"))
-    real = training.save_checkpoint
-
-    def crash_at_4(root, step, state, keep):
-        if step == 4:
-            raise OSError("node lost")
-        return real(root, step, state, keep)
-
-    monkeypatch.setattr(training, "save_checkpoint", crash_at_4)
+    undo = crash_at_checkpoint(monkeypatch, 4)
     with pytest.raises(OSError):
         train(config, upstream, workdir_with(root, tmp_path / "crashed"))
-    monkeypatch.setattr(training, "save_checkpoint", real)
+    undo()
     resumed = train(config, upstream, str(tmp_path / "crashed"))
     assert resumed["info"]["resumed_from_step"] == 2
     assert resumed["fingerprint"] == straight["fingerprint"]  # the same adapter, bitwise

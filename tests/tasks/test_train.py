@@ -24,6 +24,7 @@ from diffusers import (
 from peft import LoraConfig
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
+from stage_fixtures import crash_at_checkpoint
 
 from sdflow.checkpoints import list_checkpoints, load_checkpoint, load_latest, step_name
 from sdflow.errors import UserError
@@ -745,23 +746,14 @@ def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, co
 def test_lora_run_interrupted_by_an_error_resumes_to_the_same_adapter(
     tmp_path, components, monkeypatch, text_encoder
 ):
-    import sdflow.training as training
-
     config = pretrained_config(
         components, "train.mode=lora", "train.ema=true", f"train.text_encoder={text_encoder}"
     )
     reference, _ = run_train(config, tmp_path / "straight", components)
-    real = training.save_checkpoint
-
-    def crash_at_4(root, step, state, keep):
-        if step == 4:
-            raise OSError("node lost")
-        return real(root, step, state, keep)
-
-    monkeypatch.setattr(training, "save_checkpoint", crash_at_4)
+    undo = crash_at_checkpoint(monkeypatch, 4)
     with pytest.raises(OSError):
         run_train(config, tmp_path / "crashed", components)
-    monkeypatch.setattr(training, "save_checkpoint", real)
+    undo()
     resumed, _ = run_train(config, tmp_path / "crashed", components)
     assert resumed["info"]["resumed_from_step"] == 2
     name = "lora/pytorch_lora_weights.safetensors"

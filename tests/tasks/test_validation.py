@@ -12,6 +12,7 @@ import test_train
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from stage_fixtures import crash_at_checkpoint
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_train import make_latents, scratch_config, stage_path
 
@@ -185,8 +186,6 @@ def test_overfitting_run_exports_the_minimum_and_stops_early(tmp_path, component
 def test_a_resumed_run_validates_and_exports_as_an_uninterrupted_one(
     tmp_path, components, monkeypatch
 ):
-    import sdflow.training as training
-
     config = scratch_config(
         components,
         "train.max_steps=24",
@@ -200,14 +199,7 @@ def test_a_resumed_run_validates_and_exports_as_an_uninterrupted_one(
     reference = train(
         config, upstream_with_held_out(tmp_path / "a", components), str(tmp_path / "a")
     )
-    real = training.save_checkpoint
-
-    def crash_at_16(root, step, state, keep):
-        if step == 16:
-            raise OSError("node lost")
-        return real(root, step, state, keep)
-
-    monkeypatch.setattr(training, "save_checkpoint", crash_at_16)
+    undo = crash_at_checkpoint(monkeypatch, 16)
     workdir = tmp_path / "b"
     upstream = upstream_with_held_out(workdir, components)
     with pytest.raises(OSError):
@@ -221,7 +213,7 @@ def test_a_resumed_run_validates_and_exports_as_an_uninterrupted_one(
         key=lambda found: found[0],
     )
     assert step < 16 and [s for s, _ in saved["validation"]["curve"]] == list(range(4, step + 1, 4))
-    monkeypatch.setattr(training, "save_checkpoint", real)
+    undo()
     resumed = train(config, upstream, str(workdir))
     assert resumed["info"]["resumed_from_step"] == step
     assert resumed["info"]["validation"] == reference["info"]["validation"]  # curve, best, bitwise
