@@ -6,6 +6,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 WORKDIR ?= ./sdflow-work
 PYTEST_ARGS ?=
+# Test processes: the tests are single-threaded (one torch thread each), so one per core; a file's
+# tests stay in one process, where its module fixtures (a trained run, a sweep) are built once.
+TEST_WORKERS ?= 2
 
 .PHONY: install demo test lint format bench clean ui
 
@@ -23,7 +26,7 @@ ui: $(STAMP)
 	$(BIN)/sdflow server --workdir $(WORKDIR)
 
 test: $(STAMP)
-	DO_NOT_TRACK=1 $(BIN)/pytest $(PYTEST_ARGS)
+	DO_NOT_TRACK=1 $(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
