@@ -7,9 +7,11 @@ plain `pipe(prompt)`) are read back by pixels (`sdflow.demo_analysis`: colour by
 mask overlap with the generator's own templates): the fine-tuned model draws the new shape and the
 new colour in most samples and still the old ones, while the base model draws neither new one.
 
-What makes this learnable in a minute of CPU: 16 px images with large shapes (60-80 % of the
-side), an autoencoder that halves the side only (8x8x4 latents) and sees random hues, so purple
-survives it, a full fine-tune at a high constant lr, DDIM sampling.
+What makes this learnable in a few minutes of one core: 16 px images with large shapes (60-80 %
+of the side), an autoencoder that halves the side only (8x8x4 latents) and sees random hues, so
+purple survives it (400 steps: held-out MSE 0.018; at 200 steps, 0.13, nothing new is drawn), a
+full fine-tune at a high constant lr, and DDIM sampling (the exported scheduler). The shape needs
+the steps: after 300 fine-tune steps purple shows, the cross not yet.
 """
 
 from __future__ import annotations
