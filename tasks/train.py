@@ -228,9 +228,12 @@ def _save_lora(
 
     Each adapter's LoraConfig goes into the file's metadata: without it `load_lora_weights` takes
     lora_alpha = rank, and a run with `train.lora_alpha` != `train.lora_rank` loads mis-scaled.
+    The UNet's adapter stays in PEFT's key format: converted to the old diffusers format, only
+    the attention layers change names, and `load_lora_weights` then dropped them beside the
+    PEFT-named keys of other `train.lora_targets` (proj_in, ff.net.2, ...).
     """
     parts: dict[str, Any] = {
-        "unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+        "unet_lora_layers": get_peft_model_state_dict(unet),
         "unet_lora_adapter_metadata": unet.peft_config["default"].to_dict(),
     }
     family = family_of(config)

@@ -64,10 +64,18 @@ def make_demo_dataset(
     size: int = 64,
     extra_shapes: tuple[str, ...] = (),
     extra_colors: dict[str, RGB] | None = None,
+    min_fraction: float = MIN_FRACTION,
 ) -> Path:
-    """Write (or reuse) the demo dataset in `out_dir` and return `out_dir`."""
+    """Write (or reuse) the demo dataset in `out_dir` and return `out_dir`.
+
+    `min_fraction` is the smallest shape side as a share of the image side (the largest is
+    `MAX_FRACTION`): larger shapes stay readable at 16 px."""
     if count < 1 or size < 16:
         raise UserError(f"The demo dataset needs count >= 1 and size >= 16 (got {count}, {size}).")
+    if not 0 < min_fraction <= MAX_FRACTION:
+        raise UserError(
+            f"The demo dataset's min_fraction is {min_fraction}; it must be in (0, {MAX_FRACTION}]."
+        )
     shapes, colors = concepts(extra_shapes, extra_colors or {})
     out_dir = Path(out_dir)
     params = {"generator": __name__, "version": DEMO_VERSION, "count": count, "seed": seed}
@@ -75,13 +83,15 @@ def make_demo_dataset(
     if extra_shapes or extra_colors:  # the default set keeps its marker (and its bytes)
         params["extra_shapes"] = list(extra_shapes)
         params["extra_colors"] = {name: list(rgb) for name, rgb in (extra_colors or {}).items()}
+    if min_fraction != MIN_FRACTION:  # likewise
+        params["min_fraction"] = min_fraction
     if _is_complete(out_dir, params):
         return out_dir
     _check_replaceable(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        _write_dataset(tmp, count, seed, size, shapes, colors)
+        _write_dataset(tmp, count, seed, size, shapes, colors, min_fraction)
         (tmp / MARKER).write_text(json.dumps(params, sort_keys=True) + "\n")  # last: "complete"
         _install(tmp, out_dir, params)
     finally:
@@ -120,11 +130,13 @@ def plan_samples(
     return plan
 
 
-def pick_geometry(size: int, rng: random.Random, used: set[Geometry]) -> Geometry:
+def pick_geometry(
+    size: int, rng: random.Random, used: set[Geometry], min_fraction: float = MIN_FRACTION
+) -> Geometry:
     """Side and top-left corner of a shape fully inside a 1 px margin, unused for this combination
     when possible: exact duplicates would only be removed again by the filter's dedup."""
     for _ in range(100):
-        side = rng.randint(round(MIN_FRACTION * size), round(MAX_FRACTION * size))
+        side = rng.randint(round(min_fraction * size), round(MAX_FRACTION * size))
         geometry = (side, rng.randint(1, size - 1 - side), rng.randint(1, size - 1 - side))
         if geometry not in used:
             break
@@ -178,7 +190,13 @@ def unseen_samples(kind: str, count: int, size: int, seed: int = 0) -> list[Imag
 
 
 def _write_dataset(
-    root: Path, count: int, seed: int, size: int, shapes: tuple[str, ...], colors: dict[str, RGB]
+    root: Path,
+    count: int,
+    seed: int,
+    size: int,
+    shapes: tuple[str, ...],
+    colors: dict[str, RGB],
+    min_fraction: float,
 ) -> None:
     (root / "images").mkdir(parents=True)
     rng = random.Random(f"{seed}-geometry")  # separate stream: geometry independent of the plan
@@ -187,7 +205,7 @@ def _write_dataset(
     lines = []
     for index, combo in enumerate(plan_samples(count, seed, shapes, colors)):
         shape, color, background = combo
-        geometry = pick_geometry(size, rng, used.setdefault(combo, set()))
+        geometry = pick_geometry(size, rng, used.setdefault(combo, set()), min_fraction)
         used[combo].add(geometry)
         name = f"images/{index:0{digits}d}.png"
         image = draw_shape(shape, colors[color], BACKGROUNDS[background], size, geometry)

@@ -42,8 +42,11 @@ def all_files(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
-def check_image(path: Path, caption: str, size: int, palette: dict = COLORS) -> None:
-    """Exactly two colours (shape and background), the shape inside the image, sized as promised."""
+def check_image(
+    path: Path, caption: str, size: int, palette: dict = COLORS, min_fraction: float = 0.35
+) -> int:
+    """Exactly two colours (shape and background), the shape inside the image, sized as promised;
+    returns the shape's larger side."""
     color, shape, background = ANY_CAPTION.match(caption).groups()
     pixels = np.asarray(Image.open(path).convert("RGB"))
     assert pixels.shape == (size, size, 3)
@@ -53,9 +56,10 @@ def check_image(path: Path, caption: str, size: int, palette: dict = COLORS) -> 
     assert xs.min() >= 1 and ys.min() >= 1 and xs.max() <= size - 2 and ys.max() <= size - 2
     width, height = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
     for side in (width, height):
-        assert 0.35 * size - 1 <= side <= 0.80 * size + 1, (path, side)
+        assert min_fraction * size - 1 <= side <= 0.80 * size + 1, (path, side)
     low, high = FILL_RANGE[shape]
     assert low <= len(xs) / (width * height) <= high, (path, shape, len(xs) / (width * height))
+    return max(width, height)
 
 
 def test_default_dataset_is_balanced_and_drawn_as_captioned(tmp_path: Path) -> None:
@@ -159,6 +163,23 @@ def test_extra_shape_and_colour_join_every_combination(tmp_path: Path) -> None:
     # the default set is untouched by the option: same bytes as before extras existed
     plain = all_files(make_demo_dataset(tmp_path / "plain", count=24, seed=1, size=32))
     assert "extra_shapes" not in json.loads(plain["demo.json"])
+
+
+def test_min_fraction_draws_only_large_shapes(tmp_path: Path) -> None:
+    large = make_demo_dataset(tmp_path / "large", count=96, size=32, min_fraction=0.6)
+    sides = [
+        check_image(large / r["file_name"], r["caption"], 32, min_fraction=0.6)
+        for r in read_metadata(large)
+    ]
+    assert min(sides) >= 0.6 * 32 - 1
+    assert json.loads((large / "demo.json").read_text())["min_fraction"] == 0.6
+    plain = make_demo_dataset(tmp_path / "plain", count=96, size=32)  # the default is smaller
+    assert (
+        min(check_image(plain / r["file_name"], r["caption"], 32) for r in read_metadata(plain))
+        < 18
+    )
+    with pytest.raises(UserError, match="min_fraction is 0.9; it must be in"):
+        make_demo_dataset(tmp_path / "x", count=8, min_fraction=0.9)
 
 
 @pytest.mark.parametrize(

@@ -545,8 +545,16 @@ def unet_inputs(unet) -> tuple:
     return sample, torch.tensor([500]), text
 
 
-def test_lora_alpha_survives_the_export(tmp_path, components):
-    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+@pytest.mark.parametrize(
+    "targets",
+    [
+        ["to_q", "to_k", "to_v", "to_out.0"],
+        # beyond attention: converted to the old diffusers format, the attention part was
+        # silently dropped by load_lora_weights next to the conv layers' PEFT-format keys
+        ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in", "proj_out", "ff.net.2"],
+    ],
+)
+def test_lora_alpha_survives_the_export(tmp_path, components, targets):
     config = pretrained_config(
         components,
         "train.mode=lora",
