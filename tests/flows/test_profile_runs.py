@@ -209,7 +209,6 @@ def test_clip_interrogator_fast(run, tiny_blip, tiny_clip, term_lists, caption_w
                   "filter.min_size=16", "caption.batch_size=8", only="download,filter,caption")  # fmt: skip
     manifest, rows = captions(summary)
     assert manifest["info"]["backend"] == "clip-interrogator"
-    terms = {t for f in term_lists.glob("*.txt") for t in f.read_text().splitlines()}
     for row in rows:  # a BLIP caption, then CLIP-ranked terms
         base, *ranked = row["caption"].split(", ")
         assert set(base.split(" ")) <= set(caption_words) and ranked, row
