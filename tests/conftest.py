@@ -129,7 +129,10 @@ def save_tiny_sd(root: Path, v_prediction: bool) -> Path:
             encoder = CLIPTextModel(encoder.config)
     betas = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     if v_prediction:
-        scheduler = DDIMScheduler(**betas, prediction_type="v_prediction", steps_offset=1)
+        scheduler = DDIMScheduler(
+            **betas, prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=False,
+            steps_offset=1,
+        )
     else:
         scheduler = PNDMScheduler(**betas, skip_prk_steps=True, steps_offset=1)
     pipe = StableDiffusionPipeline(
