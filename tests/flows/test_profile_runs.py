@@ -166,7 +166,7 @@ def test_scratch_small(run):
         "model.vae_config.block_out_channels=[32, 32, 32, 32]", "model.vae_config.layers_per_block=1",
         "model.vae_config.sample_size=32", "model.text_encoder.hidden_size=32",
         "model.text_encoder.intermediate_size=64", "model.text_encoder.num_hidden_layers=1",
-        "model.text_encoder.num_attention_heads=2", "model.tokenizer_vocab_size=300",
+        "model.text_encoder.num_attention_heads=2", "model.tokenizer_vocab_size=768",
     ]  # fmt: skip
     summary = run("scratch-small", *tiny, *FROM_SCRATCH, *TWO_PROMPTS)
     assert generate(StableDiffusionPipeline.from_pretrained(summary["model_dir"])) == (32, 32, 3)
