@@ -185,7 +185,7 @@ def captions(summary: dict) -> tuple[dict, list[dict]]:
     """The caption stage's manifest and rows, as `sdflow run --only ...,caption` left them."""
     output = Path(summary["stages"]["caption"]["output"])
     manifest = load_manifest(output)
-    workdir = output.parents[1]
+    workdir = output.parents[2]  # <workdir>/stages/caption/<key>
     rows = [r for t in read_shards(workdir, manifest) for r in t.to_pylist()]
     assert len(rows) == manifest["counts"]["kept"] == 16
     return manifest, rows
