@@ -194,6 +194,17 @@ def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_clip_77(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`tiny_clip` with ViT-L-14's 77-token text context: room for a 32-token BLIP caption and
+    the terms clip-interrogator appends (a profile's own caption length)."""
+    from sdflow.captioners.random_init import save_random_open_clip
+
+    text_cfg = TINY_CLIP["text_cfg"] | {"context_length": 77}
+    out = tmp_path_factory.mktemp("captioners") / "clip-77"
+    return save_random_open_clip(out, TINY_CLIP | {"text_cfg": text_cfg})
+
+
+@pytest.fixture(scope="session")
 def term_lists(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("terms")
     for name, terms in TERMS.items():

@@ -202,9 +202,9 @@ def test_laion_blip_caption(run, tiny_blip, caption_words):
         assert row["source_caption"]
 
 
-def test_clip_interrogator_fast(run, tiny_blip, tiny_clip, term_lists, caption_words):
+def test_clip_interrogator_fast(run, tiny_blip, tiny_clip_77, term_lists, caption_words):
     summary = run("clip-interrogator-fast", f"caption.model={tiny_blip}",
-                  f"caption.interrogator.clip_model={tiny_clip}",
+                  f"caption.interrogator.clip_model={tiny_clip_77}",
                   f"caption.interrogator.data_path={term_lists}", "download.resolution=32",
                   "filter.min_size=16", "caption.batch_size=8", only="download,filter,caption")  # fmt: skip
     manifest, rows = captions(summary)
