@@ -106,7 +106,6 @@ def tiny_sdxl(tmp_path_factory) -> Path:
     return root / "pipeline"
 
 
-
 def save_tiny_sd(root: Path, v_prediction: bool) -> Path:
     """A tiny `StableDiffusionPipeline` from the tiny-test components (seeded), saved: what a
     pretrained SD 1.5 (PNDM, epsilon) or, with `v_prediction`, SD 2.1 (DDIM predicting v, a gelu
@@ -130,7 +129,10 @@ def save_tiny_sd(root: Path, v_prediction: bool) -> Path:
     betas = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     if v_prediction:
         scheduler = DDIMScheduler(
-            **betas, prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=False,
+            **betas,
+            prediction_type="v_prediction",
+            clip_sample=False,
+            set_alpha_to_one=False,
             steps_offset=1,
         )
     else:
@@ -210,5 +212,3 @@ def term_lists(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name, terms in TERMS.items():
         (out / name).write_text("\n".join(terms) + "\n")
     return out
-
-

@@ -11,6 +11,7 @@ from PIL import Image
 
 from sdflow.captioners.random_init import save_random_blip2
 
+
 @pytest.fixture(scope="session")
 def color_images() -> list[Image.Image]:
     """Six 32 px images: noise, so that a random model sees different inputs."""

@@ -38,7 +38,11 @@ SIZES = [
     "eval.clip_model=null", "eval.batch_size=4",
 ]  # fmt: skip
 TWO_PROMPTS = ["eval.num_prompts=2"]
-FROM_SCRATCH = ["autoencoder.steps=2", "autoencoder.batch_size=4", "autoencoder.checkpoint_every=2"]
+FROM_SCRATCH = [
+    "autoencoder.steps=2", "autoencoder.batch_size=4", "autoencoder.checkpoint_every=2",
+    "autoencoder.unseen_samples=4",
+]  # fmt: skip
+CAPTION_ONLY = "download,filter,caption"  # what the caption profiles are run with
 FP32 = ["train.mixed_precision=no"]  # fp16 autocast training needs a GPU
 
 
@@ -163,7 +167,8 @@ def test_scratch_small(run):
     tiny = [  # the profile's block types and depth; 32 px images make 4 px latents
         "model.unet.block_out_channels=[32, 32, 64]", "model.unet.layers_per_block=1",
         "model.unet.sample_size=4", "model.unet.cross_attention_dim=32",
-        "model.vae_config.block_out_channels=[32, 32, 32, 32]", "model.vae_config.layers_per_block=1",
+        "model.vae_config.block_out_channels=[32, 32, 32, 32]",
+        "model.vae_config.layers_per_block=1",
         "model.vae_config.sample_size=32", "model.text_encoder.hidden_size=32",
         "model.text_encoder.intermediate_size=64", "model.text_encoder.num_hidden_layers=1",
         "model.text_encoder.num_attention_heads=2", "model.tokenizer_vocab_size=768",
@@ -175,7 +180,9 @@ def test_scratch_small(run):
 def test_tiny_cpu_then_tiny_cpu_finetune(run):
     base = run("tiny-cpu", *FROM_SCRATCH, *TWO_PROMPTS, workdir="demo")
     assert generate(StableDiffusionPipeline.from_pretrained(base["model_dir"])) == (32, 32, 3)
-    prompts = "eval.prompts=[a purple cross on a black background, a red circle on a white background]"
+    prompts = (
+        "eval.prompts=[a purple cross on a black background, a red circle on a white background]"
+    )
     tuned = run("tiny-cpu-finetune", f"model.pretrained={base['model_dir']}", prompts,
                 "eval.images_per_prompt=1", workdir="finetune")  # fmt: skip
     assert generate(StableDiffusionPipeline.from_pretrained(tuned["model_dir"])) == (32, 32, 3)
@@ -194,7 +201,7 @@ def captions(summary: dict) -> tuple[dict, list[dict]]:
 def test_laion_blip_caption(run, tiny_blip, caption_words):
     assert "--only download,filter,caption" in load_profile("laion-blip-caption").description
     summary = run("laion-blip-caption", f"caption.model={tiny_blip}", "download.resolution=32",
-                  "filter.min_size=16", "caption.batch_size=8", only="download,filter,caption")  # fmt: skip
+                  "filter.min_size=16", "caption.batch_size=8", only=CAPTION_ONLY)  # fmt: skip
     manifest, rows = captions(summary)
     assert manifest["info"]["backend"] == "blip"
     for row in rows:  # BLIP's words, not the alt text's ("a red circle on a white background")
@@ -206,7 +213,7 @@ def test_clip_interrogator_fast(run, tiny_blip, tiny_clip_77, term_lists, captio
     summary = run("clip-interrogator-fast", f"caption.model={tiny_blip}",
                   f"caption.interrogator.clip_model={tiny_clip_77}",
                   f"caption.interrogator.data_path={term_lists}", "download.resolution=32",
-                  "filter.min_size=16", "caption.batch_size=8", only="download,filter,caption")  # fmt: skip
+                  "filter.min_size=16", "caption.batch_size=8", only=CAPTION_ONLY)  # fmt: skip
     manifest, rows = captions(summary)
     assert manifest["info"]["backend"] == "clip-interrogator"
     for row in rows:  # a BLIP caption, then CLIP-ranked terms
