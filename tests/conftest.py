@@ -104,3 +104,111 @@ def tiny_sdxl(tmp_path_factory) -> Path:
     )  # fmt: skip
     pipe.save_pretrained(root / "pipeline")
     return root / "pipeline"
+
+
+def save_tiny_sd(root: Path, v_prediction: bool) -> Path:
+    """A tiny `StableDiffusionPipeline` from the tiny-test components (seeded), saved: what a
+    pretrained SD 1.5 (PNDM, epsilon) or, with `v_prediction`, SD 2.1 (DDIM predicting v, a gelu
+    text encoder) looks like."""
+    import torch
+    from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    from sdflow.models import build_text_encoder, build_unet, build_vae, train_tokenizer
+    from sdflow.profiles import load_profile
+
+    model = load_profile("tiny-test").model
+    tokenizer = train_tokenizer(TINY_SDXL_CAPTIONS * 4, model, root / "tokenizer")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet, vae = build_unet(model), build_vae(model)
+        encoder = build_text_encoder(model, len(tokenizer))
+        if v_prediction:
+            encoder.config.hidden_act = "gelu"  # SD 2.x's OpenCLIP text tower
+            encoder = CLIPTextModel(encoder.config)
+    betas = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    if v_prediction:
+        scheduler = DDIMScheduler(
+            **betas,
+            prediction_type="v_prediction",
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+        )
+    else:
+        scheduler = PNDMScheduler(**betas, skip_prk_steps=True, steps_offset=1)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.save_pretrained(root / "pipeline")
+    return root / "pipeline"
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15(tmp_path_factory) -> Path:
+    return save_tiny_sd(tmp_path_factory.mktemp("tiny-sd15"), v_prediction=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd21(tmp_path_factory) -> Path:
+    return save_tiny_sd(tmp_path_factory.mktemp("tiny-sd21"), v_prediction=True)
+
+
+# Tiny random caption models saved like pretrained ones (tests/captioners, tests/flows).
+WORDS = ["a", "photograph", "of", "zebra", "quartz", "violet", "ember", "lagoon", "maple"]
+TERMS = {
+    "artists.txt": ["Claude Monet", "Pablo Picasso", "Hokusai"],
+    "flavors.txt": ["sharp focus", "highly detailed", "soft light", "blurry", "4k", "grainy"],
+    "mediums.txt": ["oil painting", "charcoal drawing", "watercolor"],
+    "movements.txt": ["impressionism", "cubism", "ukiyo-e"],
+    "negative.txt": ["ugly", "text", "watermark"],
+}
+TINY_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="session")
+def caption_words() -> list[str]:
+    """The tiny caption models' whole vocabulary (special tokens aside)."""
+    return WORDS
+
+
+@pytest.fixture(scope="session")
+def tiny_blip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random BLIP whose captions are words of WORDS (special tokens banned: never empty)."""
+    out = tmp_path_factory.mktemp("captioners") / "blip"
+    from sdflow.captioners.random_init import save_random_blip, tiny_blip_config
+
+    return save_random_blip(out, tiny_blip_config(len(WORDS) + 6), WORDS)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random open_clip model (ViT, 32 px) as a local directory. Its short text context (24
+    tokens) ends clip-interrogator's term chains early: they grow until the prompt fills it."""
+    from sdflow.captioners.random_init import save_random_open_clip
+
+    return save_random_open_clip(tmp_path_factory.mktemp("captioners") / "clip", TINY_CLIP)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_77(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`tiny_clip` with ViT-L-14's 77-token text context: room for a 32-token BLIP caption and
+    the terms clip-interrogator appends (a profile's own caption length)."""
+    from sdflow.captioners.random_init import save_random_open_clip
+
+    text_cfg = TINY_CLIP["text_cfg"] | {"context_length": 77}
+    out = tmp_path_factory.mktemp("captioners") / "clip-77"
+    return save_random_open_clip(out, TINY_CLIP | {"text_cfg": text_cfg})
+
+
+@pytest.fixture(scope="session")
+def term_lists(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("terms")
+    for name, terms in TERMS.items():
+        (out / name).write_text("\n".join(terms) + "\n")
+    return out
