@@ -69,14 +69,7 @@ def measure(count: int) -> list[dict]:
             started = time.perf_counter()
             decoded = [Image.open(io.BytesIO(data)).convert("RGB") for data in encoded]
             decode_ms = (time.perf_counter() - started) * 1000 / count
-            pixel_error = statistics.mean(
-                float(np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).mean())
-                for a, b in zip(decoded, resized, strict=True)
-            )
-            latent_error = statistics.mean(
-                (latents(vae, image) - ref).abs().mean().item() / spread
-                for image, ref in zip(decoded, reference, strict=True)
-            )
+            pixel_error, latent_error = errors(vae, decoded, resized, reference, spread)
             rows.append(
                 {"px": resolution, "format": fmt,
                  "kib": round(statistics.mean(map(len, encoded)) / 1024, 2),
@@ -90,16 +83,23 @@ def measure(count: int) -> list[dict]:
 def yardstick(vae, sources, resized, reference, resolution: int, spread: float) -> dict:
     """The same rows resized with Lanczos instead of bicubic (lossless): a harmless change."""
     other = [_lanczos(image, resolution) for image in sources]
-    pixel_error = statistics.mean(
-        float(np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).mean())
-        for a, b in zip(other, resized, strict=True)
-    )
-    latent_error = statistics.mean(
-        (latents(vae, image) - ref).abs().mean().item() / spread
-        for image, ref in zip(other, reference, strict=True)
-    )
+    pixel_error, latent_error = errors(vae, other, resized, reference, spread)
     return {"px": resolution, "format": "lanczos", "kib": "", "encode_ms": "", "decode_ms": "",
             "pixel_mae": round(pixel_error, 3), "latent_rel_mae": round(latent_error, 5)}  # fmt: skip
+
+
+def errors(vae, images, resized, reference, spread: float) -> tuple[float, float]:
+    """(mean absolute pixel error of `images` against `resized`, mean absolute latent error against
+    `reference` relative to the latents' spread)."""
+    pixel = statistics.mean(
+        float(np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).mean())
+        for a, b in zip(images, resized, strict=True)
+    )
+    latent = statistics.mean(
+        (latents(vae, image) - ref).abs().mean().item() / spread
+        for image, ref in zip(images, reference, strict=True)
+    )
+    return pixel, latent
 
 
 def _lanczos(image: Image.Image, resolution: int) -> Image.Image:
