@@ -104,7 +104,8 @@ def autoencoder_stage(workdir: Path, model, seed: int) -> dict:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # for the module: its subprocess compares bitwise with one thread
     workdir = tmp_path_factory.mktemp("work")
     config = load_profile("tiny-test")
     config.eval.held_out_fraction = 0.25
@@ -115,7 +116,8 @@ def setup(tmp_path_factory):
         "autoencoder": autoencoder_stage(workdir, config.model, seed=0),
     }
     manifest = cache_latents(config, upstream, str(workdir))
-    return workdir, config, upstream, manifest
+    yield workdir, config, upstream, manifest
+    torch.set_num_threads(threads)  # the next module of this test process starts as it would alone
 
 
 def training_ids(fraction: float) -> list[str]:
