@@ -113,8 +113,9 @@ def serve_images(body, announce, ready: mp.Queue, small_host: bool = False, coun
 
 
 def pool_mapper(workers: int, processes: bool):
-    """Shard jobs on `workers` threads (what runner.max_workers does) or processes (what a Dask
-    runner with that many worker processes does), results in job order."""
+    """Shard jobs on `workers` threads (the default `runner.task_runner: threads`) or processes
+    (what `runner.task_runner: processes`, or Dask with that many worker processes, does), results
+    in job order."""
 
     def mapper(fn, jobs):
         pool = ProcessPoolExecutor(workers) if processes else ThreadPoolExecutor(workers)
@@ -257,8 +258,9 @@ def save_result(result: dict) -> None:
 
 
 def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    """This process's CPU seconds and its reaped children's (the shard worker processes)."""
+    usages = map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return sum(usage.ru_utime + usage.ru_stime for usage in usages)
 
 
 def main() -> None:
@@ -285,7 +287,7 @@ def main() -> None:
     parser.add_argument(
         "--shard-processes",
         action="store_true",
-        help="sdflow's shards in processes (as on a Dask runner), not threads (the default runner)",
+        help="sdflow's shards in processes (runner.task_runner: processes), not threads",
     )
     result = run(parser.parse_args())
     save_result(result)

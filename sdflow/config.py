@@ -800,13 +800,17 @@ class EvalConfig(Section):
 class RunnerConfig(Section):
     """How Prefect runs the stages."""
 
-    task_runner: Literal["threads", "dask"] = Field(
+    task_runner: Literal["threads", "processes", "dask"] = Field(
         "threads",
-        description="where the data stages' shard tasks run: threads of the stage's process, or "
-        "the Dask cluster at dask_address (pip install -e '.[dask]')",
+        description="where the data stages' shard tasks run: threads of the stage's process, "
+        "max_workers worker processes of this host (for CPU-bound shards, e.g. long URL lists: "
+        "one interpreter lock each), or the Dask cluster at dask_address (pip install -e '.[dask]')",
     )
     max_workers: int = Field(
-        4, ge=1, le=256, description="threads (threads runner); shards in flight at a time (both)"
+        4,
+        ge=1,
+        le=256,
+        description="threads or processes of this host; shards in flight at a time (all runners)",
     )
     dask_address: str | None = Field(
         None,

@@ -22,7 +22,7 @@ from prefect import Task, task
 from prefect.cache_policies import NO_CACHE, CachePolicy
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.results import get_result_store
-from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
 from sdflow.artifacts import stage_progress
@@ -195,7 +195,8 @@ def shard_mapper(runner: RunnerConfig) -> ShardMapper:
 
 
 def task_runner(runner: RunnerConfig) -> TaskRunner:
-    """A thread pool of `runner.max_workers` threads, or the Dask cluster at `runner.dask_address`.
+    """A pool of `runner.max_workers` threads or processes, or the Dask cluster at
+    `runner.dask_address`.
 
     Made per stage from the profile rather than taken from the flow, so a deployment, a retry and
     `sdflow run` all use the profile's choice without rebuilding the flow.
@@ -209,6 +210,8 @@ def task_runner(runner: RunnerConfig) -> TaskRunner:
                 "pip install -e '.[dask]'."
             ) from None
         return DaskTaskRunner(address=runner.dask_address)
+    if runner.task_runner == "processes":
+        return ProcessPoolTaskRunner(max_workers=runner.max_workers)
     return ThreadPoolTaskRunner(max_workers=runner.max_workers)
 
 

@@ -20,6 +20,7 @@ a fingerprinted file): how long its shard work took, to tell it from orchestrati
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -29,8 +30,8 @@ from sdflow.config import RunConfig
 from sdflow.stageio import StageBuild
 
 R = TypeVar("R")
-Span = tuple[float, float]
-"""A shard job's wall-clock (start, end) in `time.time()` seconds."""
+Span = tuple[float, float, int]
+"""A shard job's wall-clock (start, end) in `time.time()` seconds, and the id of its process."""
 
 
 @dataclass(frozen=True)
@@ -78,11 +79,11 @@ def windowed(
 
 
 def span_since(started: float) -> Span:
-    """The span of a job that started at `started` (`time.time()`) and ends now."""
-    return (started, time.time())
+    """The span of a job that started at `started` (`time.time()`) and ends now, in this process."""
+    return (started, time.time(), os.getpid())
 
 
-def busy_seconds(spans: Iterable[Span]) -> float:
+def busy_seconds(spans: Iterable[tuple[float, float]]) -> float:
     """Seconds during which at least one of `spans` ran: the length of their union."""
     total, end = 0.0, float("-inf")
     for start, stop in sorted(spans):
@@ -96,18 +97,22 @@ def busy_seconds(spans: Iterable[Span]) -> float:
 class ShardTimes:
     """The spans of the shard jobs one build ran (shards finished before a crash are not timed)."""
 
-    spans: list[Span] = field(default_factory=list)
+    spans: list[tuple[float, float]] = field(default_factory=list)
+    processes: set[int] = field(default_factory=set)
 
     def add(self, span: Span) -> float:
         """Record a job's span; returns its seconds."""
         self.spans.append((float(span[0]), float(span[1])))
+        self.processes.add(int(span[2]))
         return span[1] - span[0]
 
     def info(self) -> dict[str, float | int]:
         """For the manifest's `info`: shards timed, their summed seconds, and the seconds during
-        which at least one ran (`shard_busy_seconds`, at most the stage's wall time)."""
+        which at least one ran (`shard_busy_seconds`, at most the stage's wall time), and the
+        number of processes they ran in (`shard_processes`)."""
         return {
             "shards_timed": len(self.spans),
+            "shard_processes": len(self.processes),
             "shard_seconds": round(sum(stop - start for start, stop in self.spans), 3),
             "shard_busy_seconds": round(busy_seconds(self.spans), 3),
         }

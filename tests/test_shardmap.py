@@ -24,8 +24,13 @@ def test_busy_seconds_is_the_length_of_the_union(spans, union):
 
 def test_shard_times_info_sums_and_unites():
     times = ShardTimes()
-    assert times.add((100.0, 104.0)) == pytest.approx(4.0)
-    times.add((102.0, 106.0))
-    times.add((110.0, 111.5))
-    # by hand: 4 + 4 + 1.5 summed; 100..106 and 110..111.5 busy
-    assert times.info() == {"shards_timed": 3, "shard_seconds": 9.5, "shard_busy_seconds": 7.5}
+    assert times.add((100.0, 104.0, 7)) == pytest.approx(4.0)
+    times.add((102.0, 106.0, 8))
+    times.add((110.0, 111.5, 7))
+    # by hand: 4 + 4 + 1.5 summed; 100..106 and 110..111.5 busy; processes 7 and 8
+    assert times.info() == {
+        "shards_timed": 3,
+        "shard_processes": 2,
+        "shard_seconds": 9.5,
+        "shard_busy_seconds": 7.5,
+    }

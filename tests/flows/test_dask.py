@@ -1,4 +1,5 @@
-"""Data stages mapped over shards: a local Dask cluster, the thread pool and a plain call agree.
+"""Data stages mapped over shards: a local Dask cluster, a process pool, the thread pool and a plain
+call agree.
 
 Each shard job reads its inputs from disk and writes its shard into the partial directory, so the
 stage outputs must be byte-identical (same fingerprints) whichever runner ran the jobs.
@@ -75,6 +76,10 @@ def test_dask_threads_and_a_plain_call_write_identical_stage_outputs(
 
     threads = run_flow(tmp_path / "threads", demo_folder)
     assert fingerprints(threads) == expected
+    processes = run_flow(tmp_path / "processes", demo_folder, "runner.task_runner=processes")
+    assert fingerprints(processes) == expected
+    for stage in DATA:  # every shard ran in the threads of one process, or in the 2 workers
+        assert shard_processes(threads, stage) == 1 and shard_processes(processes, stage) == 2
 
     address = dask_cluster.scheduler_address
     on_dask = run_flow(
@@ -92,6 +97,11 @@ def test_dask_threads_and_a_plain_call_write_identical_stage_outputs(
             assert sorted(n for n in names if n.startswith(f"{stage}-shard-")) == [
                 f"{stage}-shard-{i}" for i in range(8)
             ]
+
+
+def shard_processes(summary: dict, stage: str) -> int:
+    manifest = Path(summary["stages"][stage]["output"]) / "MANIFEST.json"
+    return json.loads(manifest.read_text())["info"]["shard_processes"]
 
 
 def shard_runs_of_last_flow_runs(count: int) -> list[list[str]]:
