@@ -19,8 +19,6 @@ missing stage still build it once: the stage lock (`sdflow.stageio`) makes the s
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from flows.pipeline import pipeline
 from flows.sweep_setting import run_dir_of, run_setting, setting_task
 from sdflow import artifacts, sweeps
 from sdflow.config import STAGES
+from sdflow.orchestration import shared_api
 from sdflow.stageio import write_json
 
 # The pipeline's stages before train: built once, before the settings fan out.
@@ -103,7 +102,7 @@ def run_in_parallel(
 ) -> list[dict[str, Any]]:
     """Each setting in a worker process, `workers` at a time; a crashed worker is a failed setting."""
     results = []
-    with _shared_api(), ProcessPoolTaskRunner(max_workers=workers) as runner:
+    with shared_api(), ProcessPoolTaskRunner(max_workers=workers) as runner:
         futures = [
             runner.submit(
                 setting_task,
@@ -118,25 +117,6 @@ def run_in_parallel(
                 error = f"{type(exc).__name__}: {exc}"
                 results.append({"setting": setting, "status": "failed", "error": error})
     return results
-
-
-@contextmanager
-def _shared_api() -> Iterator[None]:
-    """Worker processes report to this sweep's API, also the ephemeral one of a plain `sdflow
-    sweep` (which they would otherwise each start anew)."""
-    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
-
-    if get_current_settings().api.url:
-        yield
-        return
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()  # the one this process started
-    if not server.running:
-        yield
-        return
-    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-        yield
 
 
 def summarize(profile: str, metric: str, grid: dict, results: list[dict]) -> dict[str, Any]:

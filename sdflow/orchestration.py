@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -187,7 +187,8 @@ def shard_mapper(runner: RunnerConfig) -> ShardMapper:
 
     def mapper(fn: Callable[[ShardJob], Any], jobs) -> Any:
         shard = _shard_task(fn)
-        with task_runner(runner) as pool:  # entered in the stage task: shard runs are its children
+        # entered in the stage task: shard runs are its children
+        with shared_api(runner.task_runner == "processes"), task_runner(runner) as pool:
             submit = functools.partial(_submit, pool, shard)
             yield from windowed(submit, jobs, window=2 * runner.max_workers)
 
@@ -213,6 +214,26 @@ def task_runner(runner: RunnerConfig) -> TaskRunner:
     if runner.task_runner == "processes":
         return ProcessPoolTaskRunner(max_workers=runner.max_workers)
     return ThreadPoolTaskRunner(max_workers=runner.max_workers)
+
+
+@contextmanager
+def shared_api(needed: bool = True) -> Iterator[None]:
+    """Worker processes report to this process's Prefect API, also to the ephemeral one a plain
+    `sdflow run` starts (which each of them would otherwise start anew, and keep its runs to
+    itself)."""
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+    if not needed or get_current_settings().api.url:
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the one this process started
+    if not server.running:
+        yield
+        return
+    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        yield
 
 
 @functools.cache

@@ -8,6 +8,9 @@ stage outputs must be byte-identical (same fingerprints) whichever runner ran th
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -97,6 +100,31 @@ def test_dask_threads_and_a_plain_call_write_identical_stage_outputs(
             assert sorted(n for n in names if n.startswith(f"{stage}-shard-")) == [
                 f"{stage}-shard-{i}" for i in range(8)
             ]
+
+
+@pytest.mark.slow
+def test_worker_processes_report_to_the_ephemeral_api_of_a_plain_run(demo_folder, tmp_path):
+    """Without PREFECT_API_URL, `sdflow run` starts one temporary Prefect server: the shard tasks
+    in worker processes report to it instead of each starting (and keeping runs in) its own."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env |= {"PREFECT_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
+    sets = [f"source.path={demo_folder}", "download.shard_size=120", "runner.max_workers=2"]
+    command = [sys.executable, "-m", "sdflow.cli", "run", "tiny-test", "--only", "download"]
+    command += ["--workdir", str(tmp_path / "work"), "--set", "runner.task_runner=processes"]
+    for value in sets:
+        command += ["--set", value]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-3000:]
+    assert log.count("Starting temporary server") == 1, log[-3000:]
+    assert sorted(
+        line.split("'")[1] for line in log.splitlines() if "'download-shard-" in line
+    ) == [
+        "download-shard-0",
+        "download-shard-1",
+    ]
+    (manifest,) = (tmp_path / "work" / "stages" / "download").glob("*/MANIFEST.json")
+    assert json.loads(manifest.read_text())["info"]["shard_processes"] == 2
 
 
 def shard_processes(summary: dict, stage: str) -> int:
