@@ -117,6 +117,12 @@ class StepBatches(Sampler[list[int]]):
         for micro in range(self.start, self.stop):
             yield self.order.batch(micro * self.world + self.rank)
 
+    def samples(self, first: int, count: int) -> int:
+        """Samples in micro-batches `first` .. `first + count - 1` of every process: what one
+        optimizer step sees (a bucket's last batch of an epoch may be smaller than the rest)."""
+        stream = range(first * self.world, (first + count) * self.world)
+        return sum(len(self.order.batch(index)) for index in stream)
+
 
 def same_shape(tensors: list[Tensor]) -> list[list[int]]:
     """Indices of the tensors grouped by shape, groups in order of first appearance."""

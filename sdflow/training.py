@@ -212,7 +212,6 @@ def make_trainer(accelerator: Accelerator, config: RunConfig, sources) -> Traine
 def fit(trainer: Trainer, source, scheduler, checkpoints: Path) -> None:
     """The loop: one optimizer step per iteration, a checkpoint every `checkpoint_every` steps."""
     train, progress, accelerator = trainer.train, trainer.progress, trainer.accelerator
-    per_step = train.batch_size * train.gradient_accumulation * accelerator.num_processes
     order = source.order(train.seed, train.batch_size)
     log_bucket_plan(order.summary(), train.batch_size, log)
     sampler = StepBatches(
@@ -236,8 +235,9 @@ def fit(trainer: Trainer, source, scheduler, checkpoints: Path) -> None:
         started = time.monotonic()
         lr = trainer.lr_scheduler.get_last_lr()[0]
         loss = run_step(trainer, source, scheduler, batches)
+        accumulated = train.gradient_accumulation
+        progress.samples_seen += sampler.samples(progress.step * accumulated, accumulated)
         progress.step += 1
-        progress.samples_seen += per_step
         progress.seconds += time.monotonic() - started
         trainer.pending.append((progress.step, loss, lr))  # read at the next log or checkpoint
         report_progress("train", progress.step, train.max_steps, "steps")  # no-op in a worker

@@ -77,7 +77,7 @@ def test_mixed_aspect_folder_caches_non_square_latents_and_trains(
         GRID,
         "eval.held_out_fraction=0",
         "train.batch_size=4",
-        "train.max_steps=2",
+        "train.max_steps=4",  # one epoch: 4 batches of 12 samples
         "train.checkpoint_every=2",
     ]
     config = load_profile("tiny-test", options)
@@ -135,7 +135,8 @@ def test_mixed_aspect_folder_caches_non_square_latents_and_trains(
     with caplog.at_level(logging.INFO, logger="sdflow.train"):
         trained = train(config, upstream, str(tmp_path))
     assert "bucket 24x40: 3 samples, 1 batches per epoch, the last of 3" in caplog.text
-    assert trained["counts"]["steps"] == 2
+    # one epoch saw each of the 12 samples once (4 steps of batch 4 would be 16)
+    assert trained["counts"]["steps"] == 4 and trained["counts"]["samples_seen"] == 12
     # 32x32 and 24x40 hold 3 samples, fewer than a batch of 4: kept, as one smaller batch each
     plan = trained["info"]["buckets"]
     assert plan["24x40"] == {"samples": 3, "batches": 1, "smaller_batch": 3}

@@ -47,6 +47,7 @@ from sdflow.models import (
 )
 from sdflow.profiles import load_profile
 from sdflow.schedules import EpochOrder, StepBatches
+from sdflow.splits import is_held_out
 from sdflow.stageio import StageBuild, build_stage
 from tasks.train import train, train_key, train_lineage
 
@@ -379,9 +380,13 @@ def test_lora_weights_load_on_the_base_and_change_its_output(tmp_path, component
 
 
 def test_training_without_the_cache_encodes_images_on_the_fly(tmp_path, components):
-    config = pretrained_config(components, "train.cache_latents=false", "train.max_steps=2")
+    config = pretrained_config(components, "train.cache_latents=false")
+    fraction = config.eval.held_out_fraction
+    training = [i for i in range(12) if not is_held_out(f"img-{i}", fraction)]
+    epoch = -(-len(training) // 4)  # batches of 4, the last one smaller
+    config.train.max_steps = epoch
     manifest, _ = run_train(config, tmp_path, components, {"caption": make_captions(tmp_path)})
-    assert manifest["counts"]["samples_seen"] == 8
+    assert len(training) % 4 and manifest["counts"]["samples_seen"] == len(training)
     assert np.isfinite(manifest["info"]["final_loss"])
     assert (stage_path(tmp_path, manifest) / "pipeline" / "model_index.json").is_file()
 

@@ -28,7 +28,8 @@ from tasks.train import train, train_key
 
 STEPS = 30
 WINDOW = 10  # final loss = mean over the last WINDOW steps (train.log_every)
-# Same global batch: one process x 8, or two processes x 4 (train.batch_size is per process).
+# Same global batch: one process x 8, or two processes x 4 (train.batch_size is per process); an
+# epoch's last batch is smaller where the samples do not fill it, and those differ between the two.
 RUN = [f"train.max_steps={STEPS}", f"train.log_every={WINDOW}", "train.checkpoint_every=10"]
 
 
@@ -107,7 +108,11 @@ def test_two_processes_train_resume_after_cancel_and_match_one_process(
     assert f"step {STEPS}/{STEPS} loss" in caplog.text
     assert resumed["info"]["resumed_from_step"] == step
     assert resumed["info"]["processes"] == 2
-    assert resumed["counts"]["samples_seen"] == reference["counts"]["samples_seen"] == STEPS * 8
+    # 12 samples (make_latents: shards of 7 and 5). One process, batches of 8: an epoch is a batch
+    # of 8 and a smaller one of 4, so 30 steps are 15 epochs; two processes, batches of 4: an epoch
+    # is 3 batches, a step takes 2, so 30 steps are 20 epochs
+    assert reference["counts"]["samples_seen"] == 15 * 12
+    assert resumed["counts"]["samples_seen"] == 20 * 12
 
     out = workdir / resumed["path"]
     assert list_checkpoints(out / "checkpoints") == [STEPS]
