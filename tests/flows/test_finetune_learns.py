@@ -8,13 +8,13 @@ mask overlap with the generator's own templates): the fine-tuned model draws the
 new colour in most samples and still the old ones, while the base model draws neither new one.
 
 What makes this learnable in about five minutes of one core: 16 px images with large shapes (70-80 %
-of the side; at 60-80 % even 1,000 + 1,000 UNet steps drew the cross in only 0.62-0.75 of the
-samples), an autoencoder that halves the side only (8x8x4 latents) and sees random hues, so purple
-survives it (400 steps: held-out MSE 0.017, unseen colours 0.027; at 200 steps, 0.13, nothing new
-is drawn), a high constant lr whose weights are exported as an EMA (decay 0.99), enough steps (800
-from scratch, then 800 of full fine-tune: the cross in 1.00 of the samples; 700 + 700: 0.79;
-600 + 600: 0.71) and DDIM sampling at guidance 4 (the exported scheduler). The shape, not the
-colour, needs the steps: purple came out in 0.75-1.00 of the samples in every trial.
+of the side), an autoencoder that halves the side only (8x8x4 latents) and sees random hues, so
+purple survives it (400 steps: held-out MSE 0.017, unseen colours 0.027), a high constant lr whose
+weights are exported as an EMA (decay 0.99), enough UNet steps (800 from scratch, then 800 of full
+fine-tune: the cross in 1.00 of the samples; 700 + 700: 0.79; 600 + 600: 0.71; with shapes 60-80 %
+of the side, 0.75 after 1,000 + 1,000) and DDIM sampling at guidance 4 (the exported scheduler).
+The shape, not the colour, needs the steps: purple came out in 0.75-1.00 of the samples in every
+trial (README, "The fine-tune demo").
 """
 
 from __future__ import annotations
