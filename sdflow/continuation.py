@@ -5,7 +5,9 @@ each step done: data, model, optimizer, schedule; not the number of steps, when 
 does not depend on it) and its step count. A new run of the same lineage with more steps finds the
 longest finished one below it, hard-links its newest checkpoint into the new partial directory
 (checkpoint files are never rewritten in place, so sharing them is safe) and the loop resumes from
-there, reaching the same weights as a run that went straight to the new step count.
+there. With the optimizer state kept (`train.keep_optimizer_state`) it reaches the same weights as
+a run that went straight to the new step count; without it (the default) Adam's moments restart
+from zero, which the log says, and the weights follow another path from the shared step on.
 """
 
 from __future__ import annotations
