@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed
 WORKDIR ?= ./sdflow-work
 PYTEST_ARGS ?=
 # Test processes: the tests are single-threaded (one torch thread each), so one per core; a file's
-# tests stay in one process, where its module fixtures (a trained run, a sweep) are built once.
+# tests stay in one process, where its module fixtures (a trained run, a sweep) are built once, and
+# the files go out in collection order, the longest first (tests/conftest.py: LONGEST_FIRST).
 TEST_WORKERS ?= 2
 
 .PHONY: install demo test lint format bench clean ui
@@ -26,7 +27,7 @@ ui: $(STAMP)
 	$(BIN)/sdflow server --workdir $(WORKDIR)
 
 test: $(STAMP)
-	DO_NOT_TRACK=1 $(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	DO_NOT_TRACK=1 $(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
