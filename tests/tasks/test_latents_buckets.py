@@ -14,7 +14,9 @@ from test_latents import autoencoder_stage, caption_stage
 from sdflow.imaging import ImageSpec, process_image
 from sdflow.latent_data import CachedLatents
 from sdflow.profiles import load_profile
+from sdflow.sources import SourceRow
 from sdflow.stageio import output_dir
+from tasks.download import sample
 from tasks.latents import cache_latents, latents_key
 from tasks.train import train
 
@@ -52,20 +54,9 @@ def downloaded_rows() -> list[dict]:
     for i in range(12):
         kind = list(ORIGINALS)[i % 4]
         encoded = process_image(source_png(ORIGINALS[kind], i), spec)
-        rows.append(
-            {
-                "id": f"{kind}-{i:02d}",
-                "image": encoded.data,
-                "width": encoded.width,
-                "height": encoded.height,
-                "orig_width": encoded.orig_width,
-                "orig_height": encoded.orig_height,
-                "content_hash": encoded.content_hash,
-                "caption": f"a {kind} picture",
-                "source": f"folder/{i}.png",
-                "source_caption": f"a {kind} picture",
-            }
-        )
+        caption = f"a {kind} picture"
+        source = SourceRow(index=i, id=f"{kind}-{i:02d}", caption=caption, source=f"folder/{i}.png")
+        rows.append(sample(source, encoded) | {"source_caption": caption})
     return rows
 
 
