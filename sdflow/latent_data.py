@@ -175,14 +175,9 @@ def read_shard_ids(path: str | Path) -> list[str]:
         return json.loads(fh.metadata()["ids"])
 
 
-def load_empty_prompt(workdir: str | Path, manifest: Manifest, key: str = "text") -> Tensor:
-    """The empty caption's embedding [L, D] (or, key `input_ids`, its token ids [L]; `pooled`,
-    SDXL's pooled projection [P]), used for caption dropout."""
-    return load_empty_prompts(workdir, manifest)[key]
-
-
 def load_empty_prompts(workdir: str | Path, manifest: Manifest) -> dict[str, Tensor]:
-    """Every cached tensor of the empty caption."""
+    """Every cached tensor of the empty caption, for caption dropout: `text` [L, D] (or, when the
+    text encoder trains, `input_ids` [L]) and for SDXL `pooled` [P]."""
     path = output_dir(workdir, manifest) / manifest["files"]["empty_prompt"]
     return load_file(str(path))
 

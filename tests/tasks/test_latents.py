@@ -25,7 +25,7 @@ from sdflow import models
 from sdflow.latent_data import (
     CachedLatents,
     held_out_latents,
-    load_empty_prompt,
+    load_empty_prompts,
     read_shard_captions,
 )
 from sdflow.profiles import load_profile
@@ -206,7 +206,7 @@ def test_scratch_text_encoder_and_empty_prompt(setup):
     _, tokenizer, text_encoder = encoders(workdir, config, upstream, manifest)
     assert tokenizer.model_max_length == 16
     assert text_encoder.config.vocab_size == len(tokenizer)
-    empty = load_empty_prompt(workdir, manifest)
+    empty = load_empty_prompts(workdir, manifest)["text"]
     assert empty.shape == (16, 32)
     with torch.no_grad():
         expected = models.encode_prompts(tokenizer, text_encoder, [""])[0]
@@ -310,7 +310,7 @@ def test_a_trained_text_encoder_gets_token_ids_instead_of_embeddings(setup, tmp_
         assert row["text"] is None and row["input_ids"].dtype == torch.int64
         assert torch.equal(row["input_ids"], ids(captions[row["id"]]))
         assert torch.equal(row["mean"], same[i]["mean"])  # the images are cached as before
-    assert torch.equal(load_empty_prompt(workdir, manifest, "input_ids"), ids(""))
+    assert torch.equal(load_empty_prompts(workdir, manifest)["input_ids"], ids(""))
 
 
 RESUME_SCRIPT = """

@@ -17,7 +17,7 @@ from flows.pipeline import check_family_options
 from sdflow.errors import UserError
 from sdflow.families import family_of
 from sdflow.families.sdxl import batch_time_ids
-from sdflow.latent_data import CachedLatents, load_empty_prompt
+from sdflow.latent_data import CachedLatents, load_empty_prompts
 from sdflow.profiles import load_profile
 from sdflow.schedules import collate
 from tasks.latents import Encoders, cache_latents, vae_precision
@@ -65,8 +65,9 @@ def test_cached_text_pooled_and_time_ids_equal_the_pipelines(sdxl_latents, refer
     empty, _, empty_pooled, _ = reference.encode_prompt(
         "", device="cpu", do_classifier_free_guidance=False
     )
-    torch.testing.assert_close(load_empty_prompt(workdir, manifest), empty[0])
-    torch.testing.assert_close(load_empty_prompt(workdir, manifest, "pooled"), empty_pooled[0])
+    cached = load_empty_prompts(workdir, manifest)
+    torch.testing.assert_close(cached["text"], empty[0])
+    torch.testing.assert_close(cached["pooled"], empty_pooled[0])
     # no recorded size or crop: the square crop of the resolution at (0, 0), target 32 x 32
     batch = collate(rows)
     expected = reference._get_add_time_ids(
