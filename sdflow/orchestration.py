@@ -187,8 +187,10 @@ def shard_mapper(runner: RunnerConfig) -> ShardMapper:
 
     def mapper(fn: Callable[[ShardJob], Any], jobs) -> Any:
         shard = _shard_task(fn)
-        # entered in the stage task: shard runs are its children
-        with shared_api(runner.task_runner == "processes"), task_runner(runner) as pool:
+        # worker processes report to this run's API; entered in the stage task: shard runs are
+        # its children
+        api = shared_api() if runner.task_runner == "processes" else nullcontext()
+        with api, task_runner(runner) as pool:
             submit = functools.partial(_submit, pool, shard)
             yield from windowed(submit, jobs, window=2 * runner.max_workers)
 
@@ -217,13 +219,13 @@ def task_runner(runner: RunnerConfig) -> TaskRunner:
 
 
 @contextmanager
-def shared_api(needed: bool = True) -> Iterator[None]:
+def shared_api() -> Iterator[None]:
     """Worker processes report to this process's Prefect API, also to the ephemeral one a plain
     `sdflow run` starts (which each of them would otherwise start anew, and keep its runs to
     itself)."""
     from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
-    if not needed or get_current_settings().api.url:
+    if get_current_settings().api.url:
         yield
         return
     from prefect.server.api.server import SubprocessASGIServer

@@ -9,8 +9,8 @@ once, in order, and stages each unfinished shard's rows in the partial directory
 when done); a shard job (`download_shard`, mapped by the task runner, see `sdflow.shardmap`) reads
 them back, fetches its URLs concurrently on an asyncio event loop (httpx, `download.concurrency`
 connections per shard in flight), decodes, resizes and encodes in worker threads beside it (Pillow
-releases the GIL; `sdflow.handoff`, one loop wake-up per burst of results), and writes its shard. Every row ends up kept in a shard or in the failures table
-with its reason.
+releases the GIL; `sdflow.handoff`, one loop wake-up per burst of results), and writes its shard.
+Every row ends up kept in a shard or in the failures table with its reason.
 """
 
 from __future__ import annotations
