@@ -4,9 +4,10 @@ Run it with `sdflow run tiny-cpu --only train`. The loop (`sdflow.training.train
 process or, for `train.processes` > 1, in supervised `accelerate launch` workers) checkpoints
 into the stage's partial directory, so a retried or rerun task resumes from the newest complete
 checkpoint and reaches the same weights as an uninterrupted run. Output: `pipeline/` (a diffusers
-StableDiffusionPipeline or StableDiffusionXLPipeline, by the model family, EMA weights when `train.ema`, sampling with the base model's scheduler or,
-from scratch, DDIM; the trained text encoder with `train.text_encoder: full`) or, for LoRA, `lora/`
-(load it with `pipe.load_lora_weights`; with `train.text_encoder: lora` it holds both adapters); `loss.png`,
+StableDiffusionPipeline or StableDiffusionXLPipeline, by the model family, EMA weights when
+`train.ema`, sampling with the base model's scheduler or, from scratch, DDIM; the trained text
+encoder with `train.text_encoder: full`) or, for LoRA, `lora/` (load it with
+`pipe.load_lora_weights`; with `train.text_encoder: lora` it holds both adapters); `loss.png`,
 TensorBoard `logs/`, and the last checkpoint (without the optimizer moments unless
 `train.keep_optimizer_state`).
 
