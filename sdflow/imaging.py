@@ -169,9 +169,8 @@ def resize_image(image: Image.Image, resolution: int, mode: ResizeMode) -> Image
     scale = shrink_scale(width, height, resolution, mode)
     if scale >= 1:
         return image
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    if mode == "max_area":  # rounding must not push the area over the bound
-        size = (max(1, math.floor(width * scale)), max(1, math.floor(height * scale)))
+    rounded = math.floor if mode == "max_area" else round  # max_area: never over the bound
+    size = (max(1, rounded(width * scale)), max(1, rounded(height * scale)))
     return image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
 
 
