@@ -4,12 +4,13 @@ A URL list is untrusted input. Without a guard, a list (or a redirect in it) can
 at cloud metadata endpoints, admin interfaces on localhost or the private network (SSRF). Two checks:
 
 - `parse_url`: only absolute http(s) URLs with a host.
-- `GuardedBackend`: an httpcore network backend that resolves the host itself, refuses if ANY of its
-  addresses is private, loopback, link-local, multicast, reserved or unspecified, and then connects to
-  the exact address it checked (no second DNS lookup an attacker could answer differently). Every
-  connection goes through it, including those for redirect hops, so each hop is re-checked. It also
-  tells an observer how each host's connects went (`ConnectObserver`: seconds, or None on failure),
-  which the downloader's per-host gates (`sdflow.sources.hostgate`) adapt to.
+- `GuardedResolver` (aiohttp's resolver) resolves the host itself and refuses if ANY of its addresses
+  is private, loopback, link-local, multicast, reserved or unspecified; aiohttp then connects to one
+  of the exact addresses checked (no second DNS lookup an attacker could answer differently), and
+  `check_literal` judges IP-literal hosts, which aiohttp does not resolve. The downloader applies
+  both to every request, redirect hops included, so each hop is re-checked. `connect_timer` tells
+  an observer how long each new connection took to connect (`ConnectObserver`), which the
+  downloader's per-host gates (`sdflow.sources.hostgate`) adapt to.
 
 And what a response may do: `ContentDecoder` undoes `Content-Encoding` layers with a bound on what
 each layer produces, checked as it decodes (a few KB of `gzip, gzip` can decode to gigabytes). What
@@ -29,11 +30,11 @@ import zlib
 from collections.abc import Callable, Iterable
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+import aiohttp
 import anyio
-import httpcore
-import httpx
-
-from sdflow.pooledstream import PooledStream
+import certifi
+import yarl
+from aiohttp.abc import AbstractResolver, ResolveResult
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 AddressPolicy = Callable[[IPAddress], bool]
@@ -52,25 +53,33 @@ class Refused(Exception):
         self.detail = detail
 
 
-def parse_url(url: object) -> httpx.URL:
-    """An absolute http(s) URL with a host, or `Refused` (`bad_url` / `unsupported_scheme`)."""
+def parse_url(url: object) -> yarl.URL:
+    """An absolute http(s) URL with a host, or `Refused` (`bad_url` / `unsupported_scheme`).
+
+    yarl (aiohttp's URL type) encodes the host as IDNA, as browsers do, and percent-encodes the rest."""
     if not isinstance(url, str) or not url.strip():
         raise Refused("bad_url", f"not a URL: {url!r}")
     try:
-        parsed = httpx.URL(url.strip())
-    except (httpx.InvalidURL, ValueError, TypeError) as exc:
+        parsed = yarl.URL(url.strip())
+        parsed.host  # noqa: B018 - decodes the IDNA host, which fails for malformed "xn--" labels
+    except (ValueError, TypeError) as exc:  # UnicodeError included
         raise Refused("bad_url", f"{url!r}: {exc}") from None
     if not parsed.scheme:
         raise Refused("bad_url", f"{url!r} has no scheme")
     if parsed.scheme not in ALLOWED_SCHEMES:
         raise Refused("unsupported_scheme", f"{parsed.scheme!r} in {url!r}; only http and https")
-    try:
-        host = parsed.host  # decodes IDNA, which fails for malformed "xn--" labels
-    except UnicodeError as exc:
-        raise Refused("bad_url", f"{url!r}: {exc}") from None
-    if not host:
+    if not parsed.raw_host:
         raise Refused("bad_url", f"{url!r} has no host")
     return parsed
+
+
+def redirect_target(url: yarl.URL, location: str) -> yarl.URL:
+    """Where a redirect from `url` to `location` (absolute or relative) leads, checked as a URL."""
+    try:
+        joined = url.join(yarl.URL(location))
+    except (ValueError, TypeError) as exc:
+        raise Refused("bad_url", f"redirect to {location!r}: {exc}") from None
+    return parse_url(str(joined))
 
 
 def embedded_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:
@@ -130,84 +139,82 @@ def check_addresses(host: str, addresses: Iterable[str], policy: AddressPolicy) 
             raise Refused("refused_address", f"{host} resolves to {address}")
 
 
-class GuardedBackend(httpcore.AsyncNetworkBackend):
-    """Resolve, check every address (unless `policy` is None), then connect to a checked address
-    only; `observer` hears how long each host's connect took, or that it failed."""
+class GuardedResolver(AbstractResolver):
+    """aiohttp's resolver for the downloader: resolve, refuse the host if ANY of its addresses fails
+    `policy` (None: no check), and give aiohttp exactly the checked addresses to connect to.
+
+    aiohttp skips the resolver for IP-literal hosts: `check_literal` covers those."""
 
     def __init__(
-        self,
-        policy: AddressPolicy | None = is_public_address,
-        inner=None,
-        observer: ConnectObserver | None = None,
+        self, policy: AddressPolicy | None = is_public_address, timeout: float | None = None
     ):
-        self.policy = policy
-        self.inner = inner or httpcore.AnyIOBackend()
-        self.observer = observer
+        self.policy, self.timeout = policy, timeout
 
-    async def connect_tcp(
-        self, host, port, timeout=None, local_address=None, socket_options=None
-    ) -> httpcore.AsyncNetworkStream:
-        addresses = await resolve(host, port, timeout)
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        addresses = await resolve(host, port, self.timeout)
         if self.policy is not None:
             check_addresses(host, addresses, self.policy)
-        error: Exception = httpcore.ConnectError(f"{host} has no addresses")
-        for address in addresses:
-            started = time.monotonic()
-            try:
-                stream = await self.inner.connect_tcp(
-                    address, port, timeout, local_address, socket_options
-                )
-            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
-                error = exc
-                continue
-            self._observe(host, port, time.monotonic() - started)
-            return PooledStream(stream)
-        self._observe(host, port, None)
-        raise error
+        return [_result(host, address, port) for address in addresses]
 
-    def _observe(self, host: str, port: int, seconds: float | None) -> None:
-        if self.observer is not None:
-            self.observer(host, port, seconds)
+    async def close(self) -> None:
+        pass
 
-    async def connect_unix_socket(self, path, timeout=None, socket_options=None):
-        raise Refused("refused_address", f"unix socket {path}")
 
-    async def sleep(self, seconds: float) -> None:
-        await self.inner.sleep(seconds)
+def _result(host: str, address: str, port: int) -> ResolveResult:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    flags = socket.AI_NUMERICHOST | socket.AI_NUMERICSERV
+    return {
+        "hostname": host,
+        "host": address,
+        "port": port,
+        "family": family,
+        "proto": 0,
+        "flags": flags,
+    }
+
+
+def check_literal(host: str, policy: AddressPolicy | None) -> None:
+    """Refuse an IP-literal host that fails `policy`; a name is left to `GuardedResolver`."""
+    if policy is None:
+        return
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return
+    if not policy(address):
+        raise Refused("refused_address", f"{host} is not a public address")
+
+
+def connect_timer(observer: ConnectObserver) -> aiohttp.TraceConfig:
+    """An aiohttp trace telling `observer` how long each new connection's connect took (from the
+    end of its DNS lookup, so a slow resolver is not taken for a host that drops SYNs). Failed
+    connects raise in the request; the caller reports those."""
+    trace = aiohttp.TraceConfig()
+
+    async def request(_session, context, params) -> None:
+        context.host, context.port = params.url.raw_host, params.url.port
+
+    async def started(_session, context, _params) -> None:
+        context.started = time.monotonic()
+
+    async def connected(_session, context, _params) -> None:
+        observer(context.host, context.port, time.monotonic() - context.started)
+
+    trace.on_request_start.append(request)
+    trace.on_connection_create_start.append(started)
+    trace.on_dns_resolvehost_end.append(started)
+    trace.on_dns_cache_hit.append(started)
+    trace.on_connection_create_end.append(connected)
+    return trace
 
 
 @functools.cache
 def shared_ssl_context() -> ssl.SSLContext:
-    """httpx's default verifying TLS context, built once per process (each build loads the CA bundle,
-    ~80 ms: a Fetcher per shard with eight transports spent half a second on it)."""
-    return httpx.create_ssl_context()
-
-
-def guarded_transport(
-    limits: httpx.Limits,
-    policy: AddressPolicy | None = is_public_address,
-    observer: ConnectObserver | None = None,
-) -> httpx.AsyncHTTPTransport:
-    """An httpx transport whose every connection is checked by `policy` (None: no check) and
-    reported to `observer`.
-
-    Use it with `httpx.AsyncClient(trust_env=False)`: through an environment proxy the guard would
-    only see the proxy's address.
-    """
-    transport = httpx.AsyncHTTPTransport(limits=limits, verify=shared_ssl_context())
-    if policy is None and observer is None:
-        return transport
-    pool = transport._pool  # httpx exposes no network_backend option; httpcore's pool does
-    if not isinstance(pool, httpcore.AsyncConnectionPool):
-        raise RuntimeError(f"unexpected httpx pool {type(pool).__name__}; cannot guard addresses")
-    transport._pool = httpcore.AsyncConnectionPool(
-        ssl_context=pool._ssl_context,
-        max_connections=limits.max_connections,
-        max_keepalive_connections=limits.max_keepalive_connections,
-        keepalive_expiry=limits.keepalive_expiry,
-        network_backend=GuardedBackend(policy, observer=observer),
-    )
-    return transport
+    """A verifying TLS context on certifi's CA bundle, built once per process (each build loads the
+    bundle, ~80 ms)."""
+    return ssl.create_default_context(cafile=certifi.where())
 
 
 # Query / fragment parameters that carry credentials or signatures (S3, GCS, Azure SAS, CloudFront,
@@ -262,7 +269,7 @@ class ContentDecoder:
     """Undoes a response's Content-Encoding chunk by chunk; no layer may yield more than `limit`.
 
     Each layer's zlib call is given the room left under the limit as `max_length`, so memory stays
-    bounded by the limit however small the compressed body is (httpx's own decoders are unbounded).
+    bounded by the limit however small the compressed body is (aiohttp's own are unbounded).
     `identity` passes through, still counted; other encodings are refused.
     """
 

@@ -7,7 +7,7 @@ in a stable order; shard i holds rows [i * shard_size, (i + 1) * shard_size), so
 deterministic and a rerun after a crash redoes only unfinished shards. The stage reads the source
 once, in order, and stages each unfinished shard's rows in the partial directory (`inputs/`, removed
 when done); a shard job (`download_shard`, mapped by the task runner, see `sdflow.shardmap`) reads
-them back, fetches its URLs concurrently on an asyncio event loop (httpx, `download.concurrency`
+them back, fetches its URLs concurrently on an asyncio event loop (aiohttp, `download.concurrency`
 connections per shard in flight), decodes, resizes and encodes in worker threads beside it (Pillow
 releases the GIL; `sdflow.handoff`, one loop wake-up per burst of results), and writes its shard.
 Every row ends up kept in a shard or in the failures table with its reason.
@@ -40,7 +40,7 @@ from sdflow.imaging import ImageSpec, Rejected, process_image
 from sdflow.orchestration import mapped_shards, stage_task
 from sdflow.reuse import Outcome, row_keys, shared_memo, write_outcomes
 from sdflow.shardmap import ShardJob, ShardMapper, ShardTimes, in_order, span_since
-from sdflow.sources import SAMPLE_SCHEMA, SourceRow, folder, hf, row_id, urls, webdataset
+from sdflow.sources import SAMPLE_SCHEMA, SourceRow, fetcher, folder, hf, row_id, urls, webdataset
 from sdflow.stageio import FAILURES, Manifest, StageBuild, build_stage, shard_name
 
 STAGE = "download"
@@ -75,6 +75,7 @@ HINTS = {
     "connection_error": "check that this machine can reach the hosts",
 }
 _SOURCE_MODULES = (
+    fetcher,
     folder,
     hf,
     urls,
@@ -274,16 +275,26 @@ class ShardRun:
             self.settings.quality,
             self.settings.max_pixels,
         )
-        self.fetcher: urls.Fetcher | None = None
+        self.fetcher: fetcher.Fetcher | None = None
 
     async def some(self, rows: list[SourceRow], duplicates: set[int]) -> list[Outcome]:
-        """Fetch and process `rows` concurrently: their outcomes, in order."""
+        """Fetch and process `rows` concurrently: their outcomes, in order.
+
+        A fixed set of workers takes the rows in turn (`download.concurrency` of them for URLs), so
+        a shard of thousands of rows never holds thousands of waiting coroutines."""
         network = self.source.kind == "urls"
-        self.slots = asyncio.Semaphore(self.settings.concurrency if network else self.workers * 4)
+        results: list[tuple[bool, dict]] = [(False, {})] * len(rows)
+        todo = iter(enumerate(rows))
+
+        async def worker() -> None:
+            for i, row in todo:
+                results[i] = await self._row(row, row.index in duplicates)
+
+        width = min(len(rows), self.settings.concurrency if network else self.workers * 4)
         async with AsyncExitStack() as stack:
             if network:
-                self.fetcher = await stack.enter_async_context(urls.Fetcher(self.settings))
-            results = await asyncio.gather(*(self._row(r, r.index in duplicates) for r in rows))
+                self.fetcher = await stack.enter_async_context(fetcher.Fetcher(self.settings))
+            await asyncio.gather(*(worker() for _ in range(width)))
         return [
             Outcome(ok, value, remember=ok or remembered(value["reason"])) for ok, value in results
         ]
@@ -294,8 +305,7 @@ class ShardRun:
                 raise Rejected("missing_id", f"no {self.source.id_column!r} value")
             if duplicate:
                 raise Rejected("duplicate_id", f"{row.id!r} appeared in an earlier row")
-            async with self.slots:
-                encoded = await self._encoded(row)
+            encoded = await self._encoded(row)
         except Rejected as exc:
             failure = {"reason": exc.reason, "detail": netguard.redact_text(exc.detail)[:500]}
             result = (False, {"id": row.id or row_id(row.index), "source": row.source, **failure})

@@ -2,45 +2,25 @@
 
 The list is read in batches with pyarrow, so a LAION-size file never sits in memory; `path` may also
 be a directory of such files (read in sorted order). Metadata columns (`similarity`, `punsafe`, ...;
-see `source.metadata_columns`) travel to the shards' `metadata` column for the filter stage. `Fetcher` downloads one URL with httpx: bounded
-time, retries with exponential backoff on 5xx / 429 / timeouts, redirects followed by hand (at most
-five, every hop re-checked by `sdflow.netguard`), and a byte limit checked before and while reading,
-on the decoded bytes (`netguard.ContentDecoder`; identity is asked for, gzip / deflate undone with a
-bound). Cookies are never stored, so no row's response can change what another row's request sends.
-Requests to one host pass its `HostGate` (`download.per_host_connections`, shrunk and paused while
-the host refuses or stalls connects; a refused connect is tried again `download.connect_retries`
-times after the host's pause).
+see `source.metadata_columns`) travel to the shards' `metadata` column for the filter stage. The
+rows' URLs are fetched by `sdflow.sources.fetcher.Fetcher`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import math
-import socket
 from collections.abc import Iterator
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.json as pjson
 import pyarrow.parquet as pq
 
-from sdflow.config import DownloadConfig, SourceConfig
+from sdflow.config import SourceConfig
 from sdflow.errors import UserError
-from sdflow.imaging import Rejected
-from sdflow.netguard import (
-    AddressPolicy,
-    ContentDecoder,
-    Refused,
-    guarded_transport,
-    is_public_address,
-    parse_url,
-    redact_url,
-)
+from sdflow.netguard import redact_url
 from sdflow.sources import (
     CAPTION_COLUMNS,
     METADATA_COLUMNS,
@@ -53,7 +33,6 @@ from sdflow.sources import (
     pick_column,
     row_id,
 )
-from sdflow.sources.hostgate import HostDown, HostGates, shared_gates
 
 FORMATS = {
     ".parquet": "parquet",
@@ -65,10 +44,6 @@ FORMATS = {
     ".txt": "txt",
 }
 BATCH_ROWS = 8192
-MAX_REDIRECTS = 5
-REDIRECT_CODES = {301, 302, 303, 307, 308}
-RETRY_CODES = {429, 500, 502, 503, 504}
-DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def list_files(source: SourceConfig) -> list[Path]:
@@ -241,180 +216,3 @@ def _text_batches(path: Path) -> Iterator[dict[str, list]]:
                 batch = []
     if batch:
         yield {"url": batch}
-
-
-class Retryable(Rejected):
-    """A failure worth another try (5xx, 429, timeouts)."""
-
-
-class ConnectFailed(Rejected):
-    """A connect refused, reset or timed out: tried again after the host's pause."""
-
-
-class Fetcher:
-    """Downloads URLs with a few shared async clients; use as `async with Fetcher(cfg) as f:`.
-
-    httpcore's pool scans every connection (with a poll() syscall per idle one) each time a request
-    starts or ends, so one pool of hundreds of connections spends more CPU on bookkeeping than on
-    images. `concurrency` is split over pools of at most CLIENT_CONNECTIONS connections instead, and
-    each request goes to the least busy one.
-    """
-
-    CLIENT_CONNECTIONS = 8
-
-    def __init__(
-        self,
-        settings: DownloadConfig,
-        policy: AddressPolicy | None = is_public_address,
-        gates: HostGates | None = None,
-    ):
-        self.settings = settings
-        self.policy = None if settings.allow_private_network else policy
-        self.gates = gates or shared_gates(settings.per_host_connections, settings.backoff_s)
-        self.clients: list[httpx.AsyncClient] = []
-        self.busy: list[int] = []
-
-    async def __aenter__(self) -> Fetcher:
-        count = math.ceil(self.settings.concurrency / self.CLIENT_CONNECTIONS)
-        size = math.ceil(self.settings.concurrency / count)
-        limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
-        for _ in range(count):
-            client = httpx.AsyncClient(
-                transport=guarded_transport(limits, self.policy, self._observe),
-                timeout=httpx.Timeout(self.settings.timeout_s),
-                headers={"User-Agent": self.settings.user_agent, "Accept-Encoding": "identity"},
-                cookies=no_cookies(),
-                follow_redirects=False,
-                trust_env=False,
-            )
-            self.clients.append(client)
-        self.busy = [0] * count
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        for client in self.clients:
-            await client.aclose()
-
-    async def fetch(self, url: str | None) -> bytes:
-        """The body of `url`, or `Rejected` with the failure reason of the last attempt."""
-        try:
-            target = parse_url(url)
-        except Refused as exc:
-            raise Rejected(exc.reason, exc.detail) from None
-        gate = self.gates.gate(_host_key(target), target.port or DEFAULT_PORTS[target.scheme])
-        # a slow-drip server would dodge the per-read timeout; cap the whole attempt as well
-        deadline = self.settings.timeout_s * 3
-        attempt = connects = 0
-        while True:
-            try:
-                await gate.acquire()
-            except HostDown as exc:
-                raise Rejected("connection_error", f"{_host_key(target)}: {exc}") from None
-            try:
-                return await asyncio.wait_for(self._follow(target), deadline)
-            except asyncio.TimeoutError:
-                failure = Retryable("timeout", f"no complete answer within {deadline:g}s")
-            except ConnectFailed as exc:  # the gate paused the host: that is the back-off
-                connects += 1
-                if connects > self.settings.connect_retries:
-                    raise Rejected(exc.reason, exc.detail) from None
-                continue
-            except Retryable as exc:
-                failure = exc
-            finally:
-                gate.release()
-            if attempt >= self.settings.retries:
-                raise Rejected(failure.reason, failure.detail)
-            await asyncio.sleep(self.settings.backoff_s * 2**attempt)
-            attempt += 1
-
-    def _observe(self, host: str, port: int, seconds: float | None) -> None:
-        """How a connect went, from the transport: the host's gate adapts to it."""
-        gate = self.gates.gate(host, port)
-        if seconds is None:
-            gate.connect_failed()
-        else:
-            gate.connected(seconds)
-
-    async def _follow(self, url: httpx.URL) -> bytes:
-        """GET with redirects followed by hand, so every hop's URL and address are checked."""
-        pick = self.busy.index(min(self.busy))
-        self.busy[pick] += 1
-        try:
-            return await self._get(self.clients[pick], url)
-        finally:
-            self.busy[pick] -= 1
-
-    async def _get(self, client: httpx.AsyncClient, url: httpx.URL) -> bytes:
-        for _hop in range(MAX_REDIRECTS + 1):
-            try:
-                async with client.stream("GET", url) as response:
-                    location = response.headers.get("location")
-                    if response.status_code in REDIRECT_CODES and location:
-                        url = parse_url(str(url.join(location)))
-                        continue
-                    return await self._body(response)
-            except Rejected:
-                raise
-            except Exception as exc:  # untrusted input fails its own row, never the whole stage
-                raise failure_of(exc, url) from None
-        raise Rejected("too_many_redirects", f"more than {MAX_REDIRECTS} redirects")
-
-    async def _body(self, response: httpx.Response) -> bytes:
-        status = response.status_code
-        if status in RETRY_CODES or 500 <= status < 600:
-            raise Retryable(f"http_{status}", str(response.url))
-        if not 200 <= status < 300:
-            raise Rejected(f"http_{status}", str(response.url))
-        limit = self.settings.max_bytes
-        declared = response.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise Rejected("too_large", f"Content-Length {declared} > {limit}")
-        # raw bytes, decoded here with a bound: a missing or lying Content-Length or a small
-        # compressed body stops at the limit, counted on what it decodes to
-        decoder = ContentDecoder(response.headers.get("content-encoding", ""), limit)
-        chunks = [decoder.decode(raw) async for raw in response.aiter_raw()]
-        decoder.finish()
-        body = b"".join(chunks)
-        if not body:
-            raise Rejected("empty_body", str(response.url))
-        return body
-
-
-def no_cookies() -> CookieJar:
-    """A cookie jar that stores nothing: a Set-Cookie from one row never reaches another row.
-
-    Handed to httpx as the jar itself (httpx copies an `httpx.Cookies` into a default jar)."""
-    return CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
-
-
-def failure_of(exc: Exception, url: httpx.URL) -> Rejected:
-    """The failure reason for an exception raised while fetching `url`."""
-    detail = f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, Refused):
-        return Rejected(exc.reason, exc.detail)
-    if isinstance(exc, httpx.ConnectTimeout):
-        return ConnectFailed("timeout", f"{type(exc).__name__} from {url}")
-    if isinstance(exc, httpx.TimeoutException):
-        return Retryable("timeout", f"{type(exc).__name__} from {url}")
-    if isinstance(exc, (httpx.InvalidURL, UnicodeError)):  # e.g. a host that is not valid IDNA
-        return Rejected("bad_url", detail)
-    if isinstance(exc, httpx.ConnectError) and not _caused_by_dns(exc):
-        return ConnectFailed("connection_error", detail)
-    if isinstance(exc, (httpx.TransportError, httpx.DecodingError)):
-        return Rejected("dns_error" if _caused_by_dns(exc) else "connection_error", detail)
-    return Rejected("fetch_error", detail)
-
-
-def _host_key(url: httpx.URL) -> str:
-    """The host as the transport sees it (IDNA-encoded ASCII), so gate keys match on both sides."""
-    return url.raw_host.decode("ascii").lower()
-
-
-def _caused_by_dns(exc: BaseException | None) -> bool:
-    seen = 0
-    while exc is not None and seen < 8:
-        if isinstance(exc, socket.gaierror):
-            return True
-        exc, seen = exc.__cause__ or exc.__context__, seen + 1
-    return False

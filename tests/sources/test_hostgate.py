@@ -13,8 +13,8 @@ import pytest
 from sdflow.config import DownloadConfig
 from sdflow.imaging import Rejected
 from sdflow.sources import hostgate
+from sdflow.sources.fetcher import Fetcher
 from sdflow.sources.hostgate import GIVE_UP, PROBE, HostDown, HostGate, HostGates
-from sdflow.sources.urls import Fetcher
 
 BODY = b"\x89PNG fake image body " * 50
 

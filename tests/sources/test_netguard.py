@@ -7,20 +7,21 @@ import gzip
 import socket
 import zlib
 
-import httpcore
-import httpx
 import pytest
 
+from sdflow.config import DownloadConfig
+from sdflow.imaging import Rejected
 from sdflow.netguard import (
     ContentDecoder,
-    GuardedBackend,
+    GuardedResolver,
     Refused,
-    guarded_transport,
+    check_literal,
     is_public_address,
     parse_url,
     redact_text,
     redact_url,
 )
+from sdflow.sources.fetcher import Fetcher
 
 REFUSED = [
     "127.0.0.1",
@@ -69,7 +70,6 @@ def test_public_addresses_are_allowed(address):
         ("http://", "bad_url"),
         ("http://[::1/a.png", "bad_url"),
         ("http://xn--zz/a.png", "bad_url"),  # not valid IDNA
-        ("http://\u2603.invalid/", "bad_url"),
     ],
 )
 def test_bad_urls_are_refused_with_a_reason(url, reason):
@@ -81,49 +81,54 @@ def test_bad_urls_are_refused_with_a_reason(url, reason):
 def test_http_and_https_urls_parse():
     assert parse_url(" https://example.com/a.png?x=1 ").host == "example.com"
     assert parse_url("HTTP://Example.com/a.png").scheme == "http"
+    assert parse_url("http://b\u00fccher.de/a b.png").raw_host == "xn--bcher-kva.de"  # as browsers
 
 
-def test_guarded_backend_refuses_before_connecting():
-    """`localhost` is resolved and refused; the listening socket never sees a connection."""
+def listening_socket() -> socket.socket:
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
     listener.setblocking(False)
-    port = listener.getsockname()[1]
-    backend = GuardedBackend()
+    return listener
 
-    async def connect(host: str):
-        return await backend.connect_tcp(host, port, timeout=2)
+
+def test_the_fetcher_refuses_private_hosts_before_connecting():
+    """`localhost` is resolved and refused, the literals are judged as they are; the listening
+    socket never sees a connection."""
+    listener = listening_socket()
+    port = listener.getsockname()[1]
+
+    async def fetch(host: str) -> bytes:
+        async with Fetcher(DownloadConfig(timeout_s=2, retries=0)) as fetcher:
+            return await fetcher.fetch(f"http://{host}:{port}/x.png")
 
     try:
-        for host in ("localhost", "127.0.0.1", "::1"):
-            with pytest.raises(Refused) as caught:
-                asyncio.run(connect(host))
-            assert caught.value.reason == "refused_address"
+        for host in ("localhost", "127.0.0.1", "[::1]", "[::ffff:127.0.0.1]"):
+            with pytest.raises(Rejected) as caught:
+                asyncio.run(fetch(host))
+            assert caught.value.reason == "refused_address", host
         with pytest.raises(BlockingIOError):
             listener.accept()  # nothing ever connected
     finally:
         listener.close()
 
 
-def test_guarded_backend_connects_to_the_checked_address():
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    port = listener.getsockname()[1]
-    backend = GuardedBackend(policy=lambda ip: str(ip) == "127.0.0.1")
+def test_the_resolver_gives_aiohttp_only_checked_addresses():
+    resolver = GuardedResolver(policy=lambda ip: str(ip) == "127.0.0.1")
+    (result,) = asyncio.run(resolver.resolve("127.0.0.1", 8080))
+    assert (result["host"], result["port"], result["family"]) == ("127.0.0.1", 8080, socket.AF_INET)
+    with pytest.raises(Refused) as caught:
+        asyncio.run(GuardedResolver().resolve("localhost", 80))
+    assert caught.value.reason == "refused_address"
+    assert asyncio.run(GuardedResolver(policy=None).resolve("localhost", 80))  # no check
 
-    async def connect() -> httpcore.AsyncNetworkStream:
-        stream = await backend.connect_tcp("127.0.0.1", port, timeout=2)
-        await stream.aclose()
-        return stream
 
-    try:
-        asyncio.run(connect())
-        peer, _ = listener.accept()
-        peer.close()
-    finally:
-        listener.close()
+def test_literal_hosts_are_judged_and_names_left_to_the_resolver():
+    with pytest.raises(Refused, match="refused_address"):
+        check_literal("169.254.169.254", is_public_address)
+    check_literal("93.184.216.34", is_public_address)
+    check_literal("localhost", is_public_address)  # a name: GuardedResolver's to judge
+    check_literal("127.0.0.1", None)  # allow_private_network
 
 
 @pytest.mark.parametrize(
@@ -201,10 +206,3 @@ def test_content_decoder_refusals(header, body, reason):
     with pytest.raises(Refused) as caught:
         decode_all(ContentDecoder(header, 4096), body)
     assert caught.value.reason == reason
-
-
-def test_transports_share_one_tls_context():
-    """Building a TLS context loads the CA bundle (~80 ms); every transport reuses one."""
-    first = guarded_transport(httpx.Limits(max_connections=2))
-    second = guarded_transport(httpx.Limits(max_connections=2), policy=None)
-    assert first._pool._ssl_context is second._pool._ssl_context

@@ -27,7 +27,7 @@ from PIL import Image
 
 from sdflow.config import DownloadConfig, RunConfig
 from sdflow.errors import UserError
-from sdflow.sources.urls import Fetcher
+from sdflow.sources.fetcher import Fetcher
 from sdflow.stageio import load_manifest, read_failures, read_shards, stage_dir
 from tasks.download import download, download_key
 
