@@ -57,15 +57,18 @@ def test_download_bench_asks_1_5x_of_a_normal_host_and_1x_of_a_small_one(tmp_pat
     import download  # bench/download.py
 
     monkeypatch.setenv(results.RESULTS_ENV, str(tmp_path))
-    for small in (False, True):
+    for small, cap in ((False, None), (True, None), (False, 16)):
         download.save_result(
             {"images": 5000, "small_host": small, "format": "jpeg", "resolution": 64,
-             "budget": "2x64", "sdflow_shards_in": "threads", "repeats": 3,
+             "budget": "2x64", "sdflow_shards_in": "threads", "repeats": 3, "per_host_cap": cap,
              "sdflow_images_per_second": 300.0, "img2dataset_images_per_second": 240.0,
              "sdflow_cpu_s_per_1000": 2.4, "img2dataset_cpu_s_per_1000": 3.6}
         )  # fmt: skip
     normal = json.loads((tmp_path / "download-5000.json").read_text())["rows"]
     small = json.loads((tmp_path / "download-5000-small-host.json").read_text())["rows"]
+    capped = json.loads((tmp_path / "download-5000-cap16.json").read_text())["rows"]
     assert [(r["ratio"], r["goal"]) for r in normal] == [(1.25, 1.5), (1.5, None)]
     assert [(r["ratio"], r["goal"]) for r in small] == [(1.25, 1.0), (1.5, None)]
+    assert [(r["ratio"], r["goal"]) for r in capped] == [(1.25, None), (1.5, None)]  # no target
+    assert "sdflow per-host cap 16" in capped[0]["case"]
     assert small[0]["case"].startswith("5,000 JPEGs → 64 px jpeg, small host, 2x64")
