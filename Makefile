@@ -52,6 +52,7 @@ bench: $(STAMP)
 	$(BENCH) bench/download.py --images 5000 --repeats 3 --shard-processes --image-cache $(BENCH_RESULTS)/images
 	$(BENCH) bench/download.py --images 5000 --repeats 3 --shard-processes --small-host --image-cache $(BENCH_RESULTS)/images
 	$(BENCH) bench/download.py --images 5000 --repeats 3 --per-host 16 --image-cache $(BENCH_RESULTS)/images
+	$(BENCH) bench/download.py --images 5000 --repeats 3 --per-host 16 --small-host --image-cache $(BENCH_RESULTS)/images
 	$(BENCH) bench/image_format.py
 	OMP_NUM_THREADS=1 $(BENCH) bench/train_step.py --vs-reference --repeats 5
 	$(BENCH) bench/data_scale.py --rows 2000 20000
