@@ -21,7 +21,8 @@ BODY = b"\x89PNG fake image body " * 50
 
 class CountingServer:
     """HTTP/1.0 on 127.0.0.1: listen(`backlog`), one accept per `accept_every` seconds, each
-    connection answered after `hold` seconds in a thread; records the most open at once."""
+    connection answered after `hold` seconds in a thread; records the most requests accepted and
+    not yet answered at once."""
 
     def __init__(self, backlog: int = 128, accept_every: float = 0.0, hold: float = 0.0, port=0):
         self.accept_every, self.hold = accept_every, hold
@@ -55,11 +56,11 @@ class CountingServer:
                     break
                 request += chunk
             time.sleep(self.hold)
+            with self.lock:  # before the answer: the client may start its next request once it
+                self.open -= 1  # has the body, maybe before this thread runs again
+                self.served += 1
             head = f"HTTP/1.0 200 OK\r\nContent-Length: {len(BODY)}\r\nConnection: close\r\n\r\n"
             conn.sendall(head.encode() + BODY)
-            with self.lock:
-                self.open -= 1
-                self.served += 1
 
     def close(self) -> None:
         self.sock.close()
