@@ -16,8 +16,9 @@ from typing import Any
 
 CHUNK = 1 << 20
 # Modules that change no stage output: the config schema is data (the values a stage reads are
-# already in its key, so a description edited in config.py must not invalidate every cache), and
-# the Prefect wiring, UI artifacts and error types decide how a stage runs, not what it writes.
+# already in its key, so a description edited in sdflow/config/ must not invalidate every
+# cache), and the Prefect wiring, UI artifacts and error types decide how a stage runs, not what
+# it writes. A package here covers its modules.
 NOT_CODE = {
     "sdflow.config",
     "sdflow.errors",
@@ -25,6 +26,14 @@ NOT_CODE = {
     "sdflow.orchestration",
     "sdflow.gpuslots",
 }
+
+
+def _not_code(module: str) -> bool:
+    """`module` or a package above it is in NOT_CODE (the config package's modules included)."""
+    parts = module.split(".")
+    return any(".".join(parts[:i]) in NOT_CODE for i in range(1, len(parts) + 1))
+
+
 # Libraries whose new minor release may compute different tensors (import name -> distribution).
 TENSOR_LIBRARIES = {
     "torch": "torch",
@@ -106,7 +115,7 @@ def code_closure(name: str, follow: tuple[str, ...] = ("sdflow",)) -> tuple[dict
     pending = [name]
     while pending:
         current = pending.pop()
-        if current in sources or current in NOT_CODE:
+        if current in sources or _not_code(current):
             continue
         sources[current] = _source(current)
         for imported in _imports(sources[current], current):

@@ -77,4 +77,13 @@ def test_the_real_train_stage_covers_its_helpers_and_libraries():
         sources
     )
     assert "sdflow.orchestration" not in sources  # Prefect wiring writes no tensors
+    assert not [name for name in sources if name.startswith("sdflow.config")]  # schema is data
     assert {"torch", "diffusers", "transformers", "peft"} <= libraries
+
+
+def test_a_module_of_the_config_package_is_data_too():
+    """Importing a config module directly (not through `sdflow.config`) adds no source either."""
+    sources, _ = code_closure("sdflow.profiles")  # imports from sdflow.config
+    assert not [name for name in sources if name.startswith("sdflow.config")]
+    sources, _ = code_closure("sdflow.config.train")
+    assert sources == {}
