@@ -36,6 +36,7 @@ from sdflow.families import family_of
 from sdflow.grids import Block, render_grid, save_png
 from sdflow.latent_data import held_out_latents, read_shard_captions
 from sdflow.models import ComponentSources, inference_scheduler, load_component
+from sdflow.objective import added_kwargs, prediction_target, weighted_mse
 from sdflow.schedules import added_conditioning, collate, same_shape
 from sdflow.stageio import Manifest
 
@@ -154,8 +155,6 @@ class Validator:
     @torch.no_grad()
     def loss(self, unet, accelerator) -> float:
         """The mean loss over the held-out rows, in batches of `train.batch_size`."""
-        from sdflow.training import added_kwargs, prediction_target, weighted_mse
-
         held, train, device = self.held, self.config.train, accelerator.device
         total, count = 0.0, sum(len(x) for x in held.latents)
         groups = zip(held.latents, held.noise, held.timesteps, held.text, held.added, strict=True)

@@ -15,9 +15,9 @@ from sdflow.config import TrainConfig
 from sdflow.errors import UserError
 from sdflow.memory import make_optimizer
 from sdflow.models import build_unet
+from sdflow.objective import diffusion_loss
 from sdflow.profiles import load_profile
 from sdflow.speed import apply_tf32, check_speed_options, fused_adamw, prepare_unet
-from sdflow.training import diffusion_loss
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 latents, source = options.latents, options.source  # the hand-made latents fixture, shared

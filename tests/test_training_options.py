@@ -19,18 +19,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from sdflow.config import TrainConfig
 from sdflow.latent_data import EMPTY_PROMPT, latent_shard_name, save_tensors, write_latent_shard
 from sdflow.models import build_unet, component_sources
+from sdflow.objective import diffusion_loss, draw_inputs, prediction_target, weighted_mse
 from sdflow.profiles import load_profile
 from sdflow.schedules import CachedBatches, collate
 from sdflow.stageio import StageBuild, build_stage
-from sdflow.training import (
-    build_trainable_unet,
-    diffusion_loss,
-    draw_inputs,
-    make_accelerator,
-    prediction_target,
-    train_unet,
-    weighted_mse,
-)
+from sdflow.training import build_trainable_unet, make_accelerator, train_unet
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-)
+from pydantic import BaseModel, BeforeValidator, ConfigDict
 
 # A from-scratch tokenizer's fixed tokens: start and end of text, 256 bytes, 256 word-final bytes.
 TOKENIZER_BASE_VOCAB = 2 + 2 * 256

@@ -6,10 +6,7 @@ import re
 from importlib.util import find_spec
 from typing import Literal
 
-from pydantic import (
-    Field,
-    model_validator,
-)
+from pydantic import Field, model_validator
 
 from sdflow.config.base import Section
 

@@ -163,8 +163,8 @@ def test_the_text_encoder_runs_under_the_unets_autocast(tmp_path, components, mo
 
 def test_caption_dropout_swaps_in_the_empty_prompts_token_ids(tmp_path, components):
     from sdflow.config import TrainConfig
+    from sdflow.objective import draw_inputs
     from sdflow.schedules import CachedBatches, collate
-    from sdflow.training import draw_inputs
 
     manifest = make_latents(tmp_path, components, tokens=True)
     source = CachedBatches(str(tmp_path), manifest, "input_ids")
