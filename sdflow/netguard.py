@@ -180,11 +180,10 @@ def check_literal(host: str, policy: AddressPolicy | None) -> None:
     if policy is None:
         return
     try:
-        address = ipaddress.ip_address(host)
+        ipaddress.ip_address(host)
     except ValueError:
         return
-    if not policy(address):
-        raise Refused("refused_address", f"{host} is not a public address")
+    check_addresses(host, [host], policy)
 
 
 def connect_timer(observer: ConnectObserver) -> aiohttp.TraceConfig:

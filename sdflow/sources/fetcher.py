@@ -12,7 +12,6 @@ refused connect is tried again `download.connect_retries` times after the host's
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import aiohttp
 import yarl
@@ -134,7 +133,7 @@ class Fetcher:
         assert self.session is not None, "use the Fetcher as an async context manager"
         for _hop in range(MAX_REDIRECTS + 1):
             try:
-                check_literal(url.raw_host or "", self.policy)
+                check_literal(url.raw_host, self.policy)
                 async with self.session.get(url, allow_redirects=False) as response:
                     location = response.headers.get("Location")
                     if response.status in REDIRECT_CODES and location:
@@ -182,8 +181,6 @@ def failure_of(exc: Exception, url: yarl.URL) -> Rejected:
         return Retryable("timeout", f"{type(exc).__name__} from {url}")
     if isinstance(exc, (aiohttp.InvalidURL, UnicodeError)):  # e.g. a host that is not valid IDNA
         return Rejected("bad_url", detail)
-    if _caused_by_dns(exc):
-        return Rejected("dns_error", detail)
     if isinstance(exc, aiohttp.ClientConnectorError) and not isinstance(
         exc, aiohttp.ClientSSLError
     ):
@@ -191,12 +188,3 @@ def failure_of(exc: Exception, url: yarl.URL) -> Rejected:
     if isinstance(exc, (aiohttp.ClientError, OSError)):
         return Rejected("connection_error", detail)
     return Rejected("fetch_error", detail)
-
-
-def _caused_by_dns(exc: BaseException | None) -> bool:
-    seen = 0
-    while exc is not None and seen < 8:
-        if isinstance(exc, socket.gaierror):
-            return True
-        exc, seen = exc.__cause__ or exc.__context__, seen + 1
-    return False

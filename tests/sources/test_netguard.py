@@ -9,6 +9,7 @@ import zlib
 
 import pytest
 
+from sdflow import netguard
 from sdflow.config import DownloadConfig
 from sdflow.imaging import Rejected
 from sdflow.netguard import (
@@ -121,6 +122,25 @@ def test_the_resolver_gives_aiohttp_only_checked_addresses():
         asyncio.run(GuardedResolver().resolve("localhost", 80))
     assert caught.value.reason == "refused_address"
     assert asyncio.run(GuardedResolver(policy=None).resolve("localhost", 80))  # no check
+
+
+def test_a_name_that_does_not_resolve_fails_as_dns_error(monkeypatch):
+    """The resolver's refusal reaches the row as it is, through aiohttp (no lookup leaves this
+    machine: the system resolver is replaced by one that knows no name)."""
+
+    async def unknown(host, port, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(netguard.anyio, "getaddrinfo", unknown)
+
+    async def fetch() -> bytes:
+        async with Fetcher(DownloadConfig(timeout_s=2, retries=0)) as fetcher:
+            return await fetcher.fetch("http://images.example.test/x.png")
+
+    with pytest.raises(Rejected) as caught:
+        asyncio.run(fetch())
+    assert caught.value.reason == "dns_error"
+    assert "images.example.test" in caught.value.detail
 
 
 def test_literal_hosts_are_judged_and_names_left_to_the_resolver():
