@@ -268,7 +268,8 @@ class ContentDecoder:
     """Undoes a response's Content-Encoding chunk by chunk; no layer may yield more than `limit`.
 
     Each layer's zlib call is given the room left under the limit as `max_length`, so memory stays
-    bounded by the limit however small the compressed body is (aiohttp's own are unbounded).
+    bounded by the limit however small the compressed body is (the HTTP client's own decoding
+    knows nothing of `download.max_bytes`: it is switched off).
     `identity` passes through, still counted; other encodings are refused.
     """
 
