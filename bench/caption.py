@@ -29,11 +29,11 @@ import torch
 from PIL import Image
 from transformers import BlipConfig
 
-from sdflow.captioners import select_device, select_dtype
-from sdflow.captioners.blip import BlipCaptioner
-from sdflow.captioners.interrogator import TERM_FILES, InterrogatorCaptioner
-from sdflow.captioners.random_init import save_random_blip, save_random_open_clip
 from sdflow.config import CaptionConfig
+from sdflow.data.captioners import select_device, select_dtype
+from sdflow.data.captioners.blip import BlipCaptioner
+from sdflow.data.captioners.interrogator import TERM_FILES, InterrogatorCaptioner
+from sdflow.data.captioners.random_init import save_random_blip, save_random_open_clip
 
 WORDS = [
     "a",

@@ -48,7 +48,7 @@ from sdflow.config import RunConfig
 from tasks.download import download
 from tasks.filter import filter_samples
 from tasks.caption import caption_samples
-from sdflow.orchestration import shard_mapper
+from sdflow.ops.orchestration import shard_mapper
 listing, workdir, shard_size = sys.argv[1], sys.argv[2], int(sys.argv[3])
 config = RunConfig.model_validate({
     "source": {"kind": "urls", "path": listing},

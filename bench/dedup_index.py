@@ -2,9 +2,9 @@
 
     python bench/dedup_index.py [--hashes 100000] [--distances 4,8] [--embeddings 20000] [--dim 512]
 
-Random 64-bit hashes go through the pHash multi-index (`sdflow.filters.phash.NearDuplicates`) at
+Random 64-bit hashes go through the pHash multi-index (`sdflow.data.filters.phash.NearDuplicates`) at
 each Hamming distance, and random unit vectors through spherical k-means and the semantic index
-(`sdflow.filters.semantic`), in dataset order, as the filter stage feeds them; prints seconds.
+(`sdflow.data.filters.semantic`), in dataset order, as the filter stage feeds them; prints seconds.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import time
 
 import numpy as np
 
-from sdflow.filters.phash import NearDuplicates
-from sdflow.filters.semantic import ROWS_PER_CLUSTER, SemanticDuplicates, spherical_kmeans
+from sdflow.data.filters.phash import NearDuplicates
+from sdflow.data.filters.semantic import ROWS_PER_CLUSTER, SemanticDuplicates, spherical_kmeans
 
 
 def bench_phash(count: int, distance: int) -> float:

@@ -8,7 +8,7 @@ bench/download.py, the images of bench/data_scale.py). In a fresh temp workdir, 
 Prefect API whose SQLite database is in the temp dir), on a generated profile: the URL list, 64 px
 JPEG, `caption.backend: keep`, the given shard size and runner threads. Then it reads what the run
 recorded: `summary.json` (each stage's wall time as the flow saw it), each stage's manifest `info`
-(`shard_busy_seconds`: the seconds during which at least one shard job ran, `sdflow.shardmap`) and
+(`shard_busy_seconds`: the seconds during which at least one shard job ran, `sdflow.store.shardmap`) and
 the Prefect database (task runs). It prints, per stage and overall, the share of wall time spent
 outside shard work (orchestration, Prefect, manifests, fingerprints; and overall, process and API
 start-up), rows/s, the task-run count and a JSON line. Nothing leaves 127.0.0.1.

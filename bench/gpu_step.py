@@ -11,7 +11,7 @@ Builds the UNet of the profile's base model FROM CONFIG with random weights (no 
 SD 2.1 and SDXL base architectures are written out below; SDXL's takes random pooled embeddings and
 its 1024 px size conditioning), applies the profile's training mode (LoRA or full),
 mixed precision, gradient checkpointing and EMA, and runs sdflow's own training step
-(`sdflow.objective.diffusion_loss`) on latent-shaped random inputs at the profile's resolution. Prints
+(`sdflow.training.objective.diffusion_loss`) on latent-shaped random inputs at the profile's resolution. Prints
 images/s and the peak GPU memory, also as one JSON line. `--memory-options` measures each
 combination of the memory options (`train.optimizer` adamw / adamw8bit, `train.ema_on_cpu`, EMA
 on) one after another, one line each; the 8-bit optimizer only where CUDA is present.
@@ -32,17 +32,18 @@ from types import SimpleNamespace
 import torch
 from diffusers import DDPMScheduler
 
-from sdflow.memory import check_memory_options, make_ema, make_optimizer
-from sdflow.objective import diffusion_loss
+from sdflow.models.trainable import build_trainable_unet
 from sdflow.profiles import load_profile
-from sdflow.speed import (
+from sdflow.training.loop import WEIGHT_DTYPES, make_accelerator
+from sdflow.training.memory import check_memory_options, make_ema, make_optimizer
+from sdflow.training.objective import diffusion_loss
+from sdflow.training.speed import (
     apply_tf32,
     check_speed_options,
     compile_unet,
     fused_adamw,
     prepare_unet,
 )
-from sdflow.training import WEIGHT_DTYPES, build_trainable_unet, make_accelerator
 
 SD15_UNET = dict(
     sample_size=64,

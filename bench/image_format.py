@@ -3,8 +3,8 @@
     .venv/bin/python bench/image_format.py [--images 16]
 
 Photo-like images (bench/download.py's generator, JPEG sources as on the web) are resized with the
-download stage's own code (`sdflow.imaging`, center crop) to each resolution and stored as PNG,
-WebP and JPEG at `download.quality` 95 with `sdflow.imaging.encode_image`. For each: mean bytes per
+download stage's own code (`sdflow.data.imaging`, center crop) to each resolution and stored as PNG,
+WebP and JPEG at `download.quality` 95 with `sdflow.data.imaging.encode_image`. For each: mean bytes per
 image, encode and decode milliseconds per image, and the effect on latents: each decoded image goes
 through a small randomly initialised `AutoencoderKL` (seeded, 4 latent channels, /8 like SD's) and
 the mean |latent - latent of the PNG| is printed relative to the PNG latents' standard deviation, with
@@ -31,7 +31,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from download import make_jpeg  # noqa: E402
 
-from sdflow.imaging import encode_image, resize_image  # noqa: E402
+from sdflow.data.imaging import encode_image, resize_image  # noqa: E402
 
 FORMATS = ("png", "webp", "jpeg")
 RESOLUTIONS = (32, 64, 512)

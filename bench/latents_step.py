@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from train_step import prepare, tiny_pipeline  # bench/, beside this script
 
-from sdflow.sources.demo import make_demo_dataset
+from sdflow.data.sources.demo import make_demo_dataset
 from tasks.latents import cache_latents
 
 

@@ -121,7 +121,7 @@ def measure(code: Path, repeat: int, ephemeral: bool) -> dict:
     with tempfile.TemporaryDirectory(prefix="sdflow-startup-") as name:
         tmp = Path(name)
         demo = subprocess.run(
-            [sys.executable, "-c", "import sys; from pathlib import Path; from sdflow.sources.demo "
+            [sys.executable, "-c", "import sys; from pathlib import Path; from sdflow.data.sources.demo "
              f"import make_demo_dataset; print(make_demo_dataset(Path({str(tmp / 'demo')!r})))"],
             env=_env(code), capture_output=True, text=True, check=True,
         ).stdout.strip().splitlines()[-1]  # fmt: skip

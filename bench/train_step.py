@@ -39,11 +39,11 @@ from diffusers import DDPMScheduler
 from reference_loop import reference_step_ends  # bench/, beside this script
 from results import comparison, save
 
-from sdflow import training
-from sdflow.models import build_text_encoder, build_unet, build_vae, save_pipeline
+from sdflow.data.sources.demo import make_demo_dataset
+from sdflow.models.components import build_text_encoder, build_unet, build_vae, save_pipeline
+from sdflow.models.tokenizer import train_tokenizer
 from sdflow.profiles import load_profile
-from sdflow.sources.demo import make_demo_dataset
-from sdflow.tokenizer import train_tokenizer
+from sdflow.training import loop as training
 from tasks.autoencoder import train_autoencoder
 from tasks.caption import caption_samples
 from tasks.download import download

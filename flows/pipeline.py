@@ -5,7 +5,7 @@ Run it with `sdflow run tiny-cpu` (cached stages come back at once) or
 
 The stages run one after another in the flow's thread. Inside a data stage (download, filter,
 caption) each shard is a task on the runner the profile's `runner` section selects: a thread pool of
-`runner.max_workers`, or the Dask cluster at `runner.dask_address` (`sdflow.orchestration`). The
+`runner.max_workers`, or the Dask cluster at `runner.dask_address` (`sdflow.ops.orchestration`). The
 runner comes from the profile loaded in the body, so `sdflow run`, a deployment and a retried run
 all use it; the flow's own task runner is not involved.
 
@@ -39,7 +39,7 @@ def check_memory_options(train) -> None:
     """A memory option this host cannot run (8-bit AdamW without CUDA) stops the run before any
     stage; torch is imported for the check only when such an option is set."""
     if train.optimizer != "adamw":
-        from sdflow.memory import check_memory_options as check
+        from sdflow.training.memory import check_memory_options as check
 
         check(train)
 
@@ -48,7 +48,7 @@ def check_family_options(config) -> None:
     """Options a model family refuses (SDXL: `train.cache_latents: false`) stop the run
     before any stage; the family is looked up (model_index.json) only when such an option is set."""
     if config.model.init == "pretrained" and not config.train.cache_latents:
-        from sdflow.families import family_of
+        from sdflow.models.families import family_of
 
         family_of(config).check(config)
 

@@ -6,7 +6,7 @@ Each setting runs the pipeline flow as a subflow (its own run directory, summary
 artifacts); the stage cache makes the data and latents stages of the later settings cache hits, and
 a rerun of the sweep a run of cache hits. A setting that fails is recorded with its error and the
 others go on. The sweep writes `WORKDIR/sweeps/<sweep-id>/summary.json` and a comparison table
-artifact, and names the best setting by `metric` in its right direction (`sdflow.sweeps`).
+artifact, and names the best setting by `metric` in its right direction (`sdflow.ops.sweeps`).
 
 Settings run one at a time, or `parallel` at once: by default one per GPU slot (the `gpu-<i>`
 limits of `sdflow deploy --gpus N`) on a CUDA host, so one at a time on a CPU host. In parallel,
@@ -14,7 +14,7 @@ the first setting's stages before train are built first, once (`upstream` in the
 each setting runs in a worker process of its own (`sweep-setting` task, its pipeline a subflow of
 it): processes, not threads, since training holds process-wide state (the GPU slot it holds,
 accelerate's state, seeded draws from torch's global generator). Two settings that need the same
-missing stage still build it once: the stage lock (`sdflow.stageio`) makes the second wait for it.
+missing stage still build it once: the stage lock (`sdflow.store.stageio`) makes the second wait for it.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from prefect.task_runners import ProcessPoolTaskRunner
 
 from flows.pipeline import pipeline
 from flows.sweep_setting import run_dir_of, run_setting, setting_task
-from sdflow import artifacts, sweeps
 from sdflow.config import STAGES
-from sdflow.orchestration import shared_api
-from sdflow.stageio import write_json
+from sdflow.ops import artifacts, sweeps
+from sdflow.ops.orchestration import shared_api
+from sdflow.store.stageio import write_json
 
 # The pipeline's stages before train: built once, before the settings fan out.
 UPSTREAM = list(STAGES[: STAGES.index("train")])
@@ -77,7 +77,7 @@ def _parallelism(parallel: int | None) -> int:
         return sweeps.parallelism(parallel, gpu_slots=0, cuda=False)
     import torch
 
-    from sdflow.gpuslots import device_limits
+    from sdflow.ops.gpuslots import device_limits
 
     return sweeps.parallelism(None, len(device_limits()), torch.cuda.is_available())
 

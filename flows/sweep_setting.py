@@ -15,7 +15,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from flows.pipeline import pipeline
-from sdflow import sweeps
+from sdflow.ops import sweeps
 
 
 def run_setting(profile: str, overrides: list[str], setting: dict, workdir: str) -> dict[str, Any]:

@@ -17,12 +17,19 @@ from typing import Any
 from prefect import Task, get_run_logger
 from prefect.runtime import flow_run
 
-from sdflow import artifacts
 from sdflow.config import RunConfig
+from sdflow.data.report import DATA_STAGES, build_report, publish_report
 from sdflow.errors import UserError
-from sdflow.orchestration import result_storage
-from sdflow.report import DATA_STAGES, build_report, publish_report
-from sdflow.stageio import Manifest, discard_stage, load_manifest, output_dir, stage_dir, write_json
+from sdflow.ops import artifacts
+from sdflow.ops.orchestration import result_storage
+from sdflow.store.stageio import (
+    Manifest,
+    discard_stage,
+    load_manifest,
+    output_dir,
+    stage_dir,
+    write_json,
+)
 
 
 class StageFailed(Exception):

@@ -181,7 +181,7 @@ def _run_flow(profile, overrides, workdir, only, refresh, config: RunConfig) -> 
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from sdflow import sweeps
+    from sdflow.ops import sweeps
 
     grid = sweeps.parse_grid(args.grid)
     sweeps.plan(args.profile, grid, args.metric, args.overrides, args.random, args.seed)
@@ -210,7 +210,7 @@ def _sweep(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     config = _validated(args.profile, args.overrides)
     _check_source(config)
-    from sdflow.environment import describe_environment
+    from sdflow.ops.environment import describe_environment
 
     print(config.model_dump_json(indent=2))
     for line in describe_environment(config):
@@ -229,7 +229,7 @@ def _profiles(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from sdflow.sources.demo import FINETUNE_EXTRAS, make_demo_dataset
+    from sdflow.data.sources.demo import FINETUNE_EXTRAS, make_demo_dataset
 
     workdir = _ready_workdir(args.workdir)
     if args.finetune:
@@ -253,7 +253,7 @@ def _demo(args: argparse.Namespace) -> int:
 def demo_model(workdir: Path) -> str:
     """The exported pipeline of the newest completed `sdflow demo` run (profile tiny-cpu) in
     `workdir`, whose model the fine-tune demo starts from."""
-    from sdflow.gc import newest_runs
+    from sdflow.store.gc import newest_runs
 
     for path in newest_runs(workdir, keep_runs=sys.maxsize):
         summary = json.loads(path.read_text())
@@ -273,7 +273,7 @@ def demo_model(workdir: Path) -> str:
 
 
 def _deploy(args: argparse.Namespace) -> int:
-    from sdflow.deploy import deploy, plan_deploy
+    from sdflow.ops.deploy import deploy, plan_deploy
 
     plan = plan_deploy(
         args.pool, args.pool_type, args.workdir, args.code_dir, args.gpus, args.pause_schedules
@@ -285,13 +285,13 @@ def _deploy(args: argparse.Namespace) -> int:
 
 
 def _server(args: argparse.Namespace) -> int:
-    from sdflow.server import serve
+    from sdflow.ops.server import serve
 
     return serve(_ready_workdir(args.workdir), args.port)
 
 
 def _gc(args: argparse.Namespace) -> int:
-    from sdflow.gc import collect_garbage
+    from sdflow.store.gc import collect_garbage
 
     workdir = Path(args.workdir).resolve()
     for line in collect_garbage(workdir, args.keep_runs, args.dry_run).lines(workdir):
@@ -340,7 +340,7 @@ def _check_source(config: RunConfig) -> None:
             f"source.path {source.path!r} must be a URL-list file (csv, jsonl, parquet)."
         )
     if source.kind == "webdataset":
-        from sdflow.sources.webdataset import shard_paths
+        from sdflow.data.sources.webdataset import shard_paths
 
         shard_paths(source)  # every pattern must match a tar
 

@@ -33,19 +33,19 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import functional as TF
 
-from sdflow.checkpoints import load_latest, prune_checkpoints, save_checkpoint
 from sdflow.config import AugmentConfig, AutoencoderConfig, RunConfig
+from sdflow.data.imaging import encode_image
+from sdflow.data.sources.demo import unseen_samples
 from sdflow.errors import UserError
-from sdflow.fingerprint import code_version
-from sdflow.gpuslots import torch_device
-from sdflow.imaging import encode_image
-from sdflow.latent_data import CaptionedImages
-from sdflow.models import build_vae, image_to_tensor, save_component
-from sdflow.orchestration import stage_task
-from sdflow.schedules import EpochOrder, StepBatches, collate
-from sdflow.sources.demo import unseen_samples
-from sdflow.splits import is_held_out
-from sdflow.stageio import Manifest, StageBuild, build_stage, read_shards, stage_key
+from sdflow.models.components import build_vae, image_to_tensor, save_component
+from sdflow.ops.gpuslots import torch_device
+from sdflow.ops.orchestration import stage_task
+from sdflow.store.checkpoints import load_latest, prune_checkpoints, save_checkpoint
+from sdflow.store.fingerprint import code_version
+from sdflow.store.splits import is_held_out
+from sdflow.store.stageio import Manifest, StageBuild, build_stage, read_shards, stage_key
+from sdflow.training.latent_data import CaptionedImages
+from sdflow.training.schedules import EpochOrder, StepBatches, collate
 
 CHECKPOINTS = "checkpoints"
 log = logging.getLogger("sdflow.autoencoder")

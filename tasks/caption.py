@@ -30,8 +30,9 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
-from sdflow.captioners import captioner_identity, require_backend
-from sdflow.captions import (
+from sdflow.config import CaptionConfig, RunConfig
+from sdflow.data.captioners import captioner_identity, require_backend
+from sdflow.data.captions import (
     MISSING,
     NOT_GENERATED,
     SOURCE_BACKENDS,
@@ -45,13 +46,12 @@ from sdflow.captions import (
     tokenizer_identity,
     usable_caption,
 )
-from sdflow.config import CaptionConfig, RunConfig
 from sdflow.errors import UserError
-from sdflow.fingerprint import code_version
-from sdflow.orchestration import mapped_shards, stage_task
-from sdflow.reuse import Outcome, row_keys, shared_memo, write_outcomes
-from sdflow.shardmap import ShardJob, ShardMapper, ShardTimes, Span, in_order, span_since
-from sdflow.stageio import (
+from sdflow.ops.orchestration import mapped_shards, stage_task
+from sdflow.store.fingerprint import code_version
+from sdflow.store.reuse import Outcome, row_keys, shared_memo, write_outcomes
+from sdflow.store.shardmap import ShardJob, ShardMapper, ShardTimes, Span, in_order, span_since
+from sdflow.store.stageio import (
     FAILURES,
     Manifest,
     StageBuild,
@@ -90,13 +90,15 @@ class KeepCaptioner:
 
 
 def blip_captioner(cfg: CaptionConfig, cache_dir: Path | None = None) -> Captioner:
-    from sdflow.captioners.blip import BlipCaptioner  # torch, transformers: only when it captions
+    from sdflow.data.captioners.blip import (
+        BlipCaptioner,  # torch, transformers: only when it captions
+    )
 
     return BlipCaptioner(cfg, cache_dir)
 
 
 def interrogator_captioner(cfg: CaptionConfig, cache_dir: Path) -> Captioner:
-    from sdflow.captioners.interrogator import InterrogatorCaptioner
+    from sdflow.data.captioners.interrogator import InterrogatorCaptioner
 
     return InterrogatorCaptioner(cfg, cache_dir)
 
@@ -345,7 +347,7 @@ def _caption_one(
     config: RunConfig,
     progress: tqdm,
 ) -> dict[str, Any]:
-    """Caption one shard, reusing the rows an earlier build captioned (`sdflow.reuse`); its stats
+    """Caption one shard, reusing the rows an earlier build captioned (`sdflow.store.reuse`); its stats
     are written before the shard, whose presence means finished."""
     keys = row_keys(table.to_pylist(), rows_salt(config))
     memo = shared_memo(build.workdir, "caption", build.key)

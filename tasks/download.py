@@ -2,14 +2,14 @@
 
     sdflow run tiny-cpu --only download
 
-Rows come from the configured source (`urls`, `hf`, `folder` or `webdataset`, see `sdflow.sources`)
+Rows come from the configured source (`urls`, `hf`, `folder` or `webdataset`, see `sdflow.data.sources`)
 in a stable order; shard i holds rows [i * shard_size, (i + 1) * shard_size), so the output is
 deterministic and a rerun after a crash redoes only unfinished shards. The stage reads the source
 once, in order, and stages each unfinished shard's rows in the partial directory (`inputs/`, removed
-when done); a shard job (`download_shard`, mapped by the task runner, see `sdflow.shardmap`) reads
+when done); a shard job (`download_shard`, mapped by the task runner, see `sdflow.store.shardmap`) reads
 them back, fetches its URLs concurrently on an asyncio event loop (aiohttp, `download.concurrency`
 connections per shard in flight), decodes, resizes and encodes in worker threads beside it (Pillow
-releases the GIL; `sdflow.handoff`, one loop wake-up per burst of results), and writes its shard.
+releases the GIL; `sdflow.store.handoff`, one loop wake-up per burst of results), and writes its shard.
 Every row ends up kept in a shard or in the failures table with its reason.
 """
 
@@ -30,18 +30,28 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sdflow import imaging, netguard, sources, stageio
-from sdflow.artifacts import progress_bar
 from sdflow.config import RunConfig
+from sdflow.data import imaging, netguard, sources
+from sdflow.data.imaging import ImageSpec, Rejected, process_image
+from sdflow.data.sources import (
+    SAMPLE_SCHEMA,
+    SourceRow,
+    fetcher,
+    folder,
+    hf,
+    row_id,
+    urls,
+    webdataset,
+)
 from sdflow.errors import UserError
-from sdflow.fingerprint import code_version
-from sdflow.handoff import ThreadHandoff
-from sdflow.imaging import ImageSpec, Rejected, process_image
-from sdflow.orchestration import mapped_shards, stage_task
-from sdflow.reuse import Outcome, row_keys, shared_memo, write_outcomes
-from sdflow.shardmap import ShardJob, ShardMapper, ShardTimes, in_order, span_since
-from sdflow.sources import SAMPLE_SCHEMA, SourceRow, fetcher, folder, hf, row_id, urls, webdataset
-from sdflow.stageio import FAILURES, Manifest, StageBuild, build_stage, shard_name
+from sdflow.ops.artifacts import progress_bar
+from sdflow.ops.orchestration import mapped_shards, stage_task
+from sdflow.store import stageio
+from sdflow.store.fingerprint import code_version
+from sdflow.store.handoff import ThreadHandoff
+from sdflow.store.reuse import Outcome, row_keys, shared_memo, write_outcomes
+from sdflow.store.shardmap import ShardJob, ShardMapper, ShardTimes, in_order, span_since
+from sdflow.store.stageio import FAILURES, Manifest, StageBuild, build_stage, shard_name
 
 STAGE = "download"
 # Knobs that change speed, not output: changing them must not invalidate a finished download.
@@ -205,9 +215,9 @@ def download_shard(job: ShardJob) -> dict[str, Any]:
     """Download and process the staged rows of shard `job.index` into the partial directory.
 
     Rows an earlier build of the stage already fetched (same id, URL or file bytes, caption and
-    download settings; `sdflow.reuse`) are copied from its output: a grown URL list or folder
+    download settings; `sdflow.store.reuse`) are copied from its output: a grown URL list or folder
     fetches only its new or changed rows. Failures that may pass (timeouts, 5xx, 429) are tried again.
-    Returns its row counts and its `span` (`sdflow.shardmap`).
+    Returns its row counts and its `span` (`sdflow.store.shardmap`).
     """
     started = time.time()
     staged = pq.read_table(job.source).to_pylist()

@@ -40,11 +40,11 @@ from typing import Any
 import torch
 from PIL import Image
 
-from sdflow.checkpoints import list_checkpoints, step_name
 from sdflow.config import RunConfig
 from sdflow.errors import UserError
 from sdflow.evaluation.curves import draw_metric_curve
 from sdflow.evaluation.features import decode_image, feature_label, feature_note
+from sdflow.evaluation.grids import Block, render_grid, save_png
 from sdflow.evaluation.sampling import (
     SEED_STRIDE,
     base_source,
@@ -56,12 +56,12 @@ from sdflow.evaluation.sampling import (
     scored_model,
 )
 from sdflow.evaluation.scoring import METRICS, Scorer
-from sdflow.fingerprint import code_version, hash_tree
-from sdflow.grids import Block, render_grid, save_png
-from sdflow.models import component_sources, weights_hash
-from sdflow.orchestration import stage_task
-from sdflow.splits import is_held_out
-from sdflow.stageio import (
+from sdflow.models.components import component_sources, weights_hash
+from sdflow.ops.orchestration import stage_task
+from sdflow.store.checkpoints import list_checkpoints, step_name
+from sdflow.store.fingerprint import code_version, hash_tree
+from sdflow.store.splits import is_held_out
+from sdflow.store.stageio import (
     Manifest,
     StageBuild,
     build_stage,

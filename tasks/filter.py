@@ -3,15 +3,15 @@
 Run it with `sdflow run tiny-cpu --only filter`. Each sample passes, in order: a full decode of the
 stored bytes, the minimum original size, the maximum original aspect ratio and the caption rules
 (skipped when the caption stage will supply captions itself), then the registered curation filters
-(`sdflow.filters`: metadata thresholds, CLIP score and aesthetic head on the one CLIP embedding
+(`sdflow.data.filters`: metadata thresholds, CLIP score and aesthetic head on the one CLIP embedding
 pass, image classifiers). The survivors then go through the whole-dataset duplicate pass
-(`sdflow.filters.dedup`: content hash, perceptual hash, CLIP embedding), first occurrence in shard
+(`sdflow.data.filters.dedup`: content hash, perceptual hash, CLIP embedding), first occurrence in shard
 order wins. Every rejected sample is recorded with its reason and the measured value. Output shards
 have the download schema and hold the kept rows, copied without re-encoding, one output shard per
 input shard; finished shards survive a crash.
 
 The per-sample checks (decoding is the expensive part) run per shard on the task runner
-(`check_one_shard`, see `sdflow.shardmap`); deduplication then takes their verdicts in shard order
+(`check_one_shard`, see `sdflow.store.shardmap`); deduplication then takes their verdicts in shard order
 here, and writes each shard.
 """
 
@@ -30,10 +30,9 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
-from sdflow.captions import RULE_FIELDS, caption_problem, captions_supplied, describe_caption
 from sdflow.config import FilterConfig, RunConfig
-from sdflow.errors import UserError
-from sdflow.filters import (
+from sdflow.data.captions import RULE_FIELDS, caption_problem, captions_supplied, describe_caption
+from sdflow.data.filters import (
     BatchCheck,
     Check,
     Rejection,
@@ -41,22 +40,23 @@ from sdflow.filters import (
     first_rejections,
     per_row,
 )
-from sdflow.filters.classifier import classifier_identity
-from sdflow.filters.clip import (
+from sdflow.data.filters.classifier import classifier_identity
+from sdflow.data.filters.clip import (
     attach_embeddings,
     clip_embeddings,
     clip_identity,
     clip_needed,
     embeddings_shard,
 )
-from sdflow.filters.dedup import Deduplicator
-from sdflow.filters.phash import phash_hex
-from sdflow.filters.semantic import semantic_index
-from sdflow.fingerprint import code_version
-from sdflow.orchestration import mapped_shards, stage_task
-from sdflow.reuse import ROWS, record_rows, row_keys, shared_memo
-from sdflow.shardmap import ShardJob, ShardMapper, ShardTimes, Span, in_order, span_since
-from sdflow.stageio import (
+from sdflow.data.filters.dedup import Deduplicator
+from sdflow.data.filters.phash import phash_hex
+from sdflow.data.filters.semantic import semantic_index
+from sdflow.errors import UserError
+from sdflow.ops.orchestration import mapped_shards, stage_task
+from sdflow.store.fingerprint import code_version
+from sdflow.store.reuse import ROWS, record_rows, row_keys, shared_memo
+from sdflow.store.shardmap import ShardJob, ShardMapper, ShardTimes, Span, in_order, span_since
+from sdflow.store.stageio import (
     FAILURES,
     Manifest,
     StageBuild,
@@ -70,7 +70,7 @@ from sdflow.stageio import (
 Row = dict[str, Any]
 Checked = tuple[list[bytes], list[Rejection | None], list[str | None], Span]
 """One shard's per-row results: keys, verdicts (None: passes) and pHashes (None: not computed),
-and the span of the job that checked them (`sdflow.shardmap`)."""
+and the span of the job that checked them (`sdflow.store.shardmap`)."""
 # settings of the whole-dataset pass, not of a row: a new value re-checks no row
 DATASET_PASS = ("dedup", "near_dup_distance", "semantic_dedup")
 
@@ -116,7 +116,7 @@ filter_task = stage_task("filter", filter_key)(mapped_shards(filter_samples))
 
 def sample_checks(cfg: FilterConfig, caption_rules: bool) -> list[BatchCheck]:
     """The per-sample checks in order: the built-in ones, cheapest first, then the registered
-    curation filters (`sdflow.filters`)."""
+    curation filters (`sdflow.data.filters`)."""
     checks: list[Check] = [
         check_decodes,
         partial(check_min_size, min_size=cfg.min_size),
@@ -172,7 +172,7 @@ def check_one_shard(job: ShardJob) -> Checked:
     and, with near-duplicate removal on, the pHash of each row that passes.
 
     Rows an earlier build of the stage checked with the same per-row settings and code keep that
-    build's verdict and pHash (`sdflow.reuse`); only new or changed rows are decoded and checked.
+    build's verdict and pHash (`sdflow.store.reuse`); only new or changed rows are decoded and checked.
     """
     started = time.time()
     table = pq.read_table(job.source)
@@ -315,7 +315,7 @@ def _write_filtered(
 ) -> tuple[int, list[str]]:
     """Deduplicate shard `index` given its rows' keys, verdicts and pHashes (and CLIP image
     embeddings), write it (the rows' record with their per-row results first, see
-    `sdflow.reuse`): (kept, failure reasons)."""
+    `sdflow.store.reuse`): (kept, failure reasons)."""
     keys, verdicts, phashes, _ = checked
     table = pq.read_table(path)
     kept_table, failures, kept = filter_shard(table, verdicts, dedup, phashes, embeds)

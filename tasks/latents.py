@@ -6,7 +6,7 @@ same format, plus the captions in the metadata), for the train stage's validatio
 Each caption shard becomes one or more `latents-XXXXX.safetensors` (at most
 `latents.shard_size` rows) holding the latent distribution (`mean`, `std`, and with `latents.flip`
 the flipped image's `mean_flip`, `std_flip`) and the caption embedding `text` (SDXL: both
-encoders' penultimate states, and the pooled projection `pooled`; see `sdflow.families`), with the
+encoders' penultimate states, and the pooled projection `pooled`; see `sdflow.models.families`), with the
 row ids in the metadata. `empty_prompt.safetensors` holds the empty caption's embeddings for caption
 dropout. With `latents.mixed_precision: fp16` an SDXL VAE whose config sets `force_upcast` encodes
 in float32 (an fp16-safe `model.vae` without the flag encodes in fp16).
@@ -15,10 +15,10 @@ A run that trains the text encoder (`train.text_encoder` lora or full) caches th
 For scratch models the tokenizer is trained here on the training captions and the (frozen, seeded)
 text encoder is built here; both are saved beside the shards for the train and evaluate stages.
 
-Images are resized to cover their bucket and centre-cropped (`sdflow.buckets`; with
+Images are resized to cover their bucket and centre-cropped (`sdflow.data.buckets`; with
 `latents.buckets: none` one square bucket at `download.resolution`); every row records its
 `original_size` and `crop_top_left`, and with buckets its `bucket` (the shard layout is in
-`sdflow.latent_data`). The manifest's `info.buckets` counts the training samples per bucket.
+`sdflow.training.latent_data`). The manifest's `info.buckets` counts the training samples per bucket.
 
 The stage key holds the weights hashes of the VAE and text encoder, the resolution, the held-out
 fraction and this section with its bucket set (and, when the text encoder trains, that token ids
@@ -46,24 +46,10 @@ from safetensors import safe_open
 from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from sdflow.artifacts import report_progress
-from sdflow.buckets import Bucket, bucket_name, bucket_pixels, bucket_set, nearest_bucket
 from sdflow.config import RunConfig
+from sdflow.data.buckets import Bucket, bucket_name, bucket_pixels, bucket_set, nearest_bucket
 from sdflow.errors import UserError
-from sdflow.families import Family, TextEncoders, family_of
-from sdflow.fingerprint import code_version
-from sdflow.gpuslots import torch_device
-from sdflow.latent_data import (
-    EMPTY_PROMPT,
-    ShardRows,
-    caption_key,
-    captions_path,
-    latent_shard_name,
-    pack_rows,
-    save_tensors,
-    write_latent_shard,
-)
-from sdflow.models import (
+from sdflow.models.components import (
     absolute_source,
     build_text_encoder,
     component_sources,
@@ -73,11 +59,14 @@ from sdflow.models import (
     train_tokenizer,
     weights_hash,
 )
-from sdflow.orchestration import stage_task
-from sdflow.reuse import Outcome, record_rows, row_keys, shared_memo
-from sdflow.schedules import same_shape
-from sdflow.splits import is_held_out
-from sdflow.stageio import (
+from sdflow.models.families import Family, TextEncoders, family_of
+from sdflow.ops.artifacts import report_progress
+from sdflow.ops.gpuslots import torch_device
+from sdflow.ops.orchestration import stage_task
+from sdflow.store.fingerprint import code_version
+from sdflow.store.reuse import Outcome, record_rows, row_keys, shared_memo
+from sdflow.store.splits import is_held_out
+from sdflow.store.stageio import (
     FAILURES,
     Manifest,
     StageBuild,
@@ -89,6 +78,17 @@ from sdflow.stageio import (
     stage_key,
     write_json,
 )
+from sdflow.training.latent_data import (
+    EMPTY_PROMPT,
+    ShardRows,
+    caption_key,
+    captions_path,
+    latent_shard_name,
+    pack_rows,
+    save_tensors,
+    write_latent_shard,
+)
+from sdflow.training.schedules import same_shape
 
 log = logging.getLogger(__name__)
 # per-shard counts and seconds, so a resumed build reports the same numbers; under logs/, which
@@ -310,7 +310,7 @@ def _encode_shard(
     name: str,
     salt: str,
 ) -> int:
-    """Encode one shard's samples, reusing the rows an earlier build encoded (`sdflow.reuse`);
+    """Encode one shard's samples, reusing the rows an earlier build encoded (`sdflow.store.reuse`);
     the record, failures and stats first, the shard last (its existence = done). Returns how many
     rows were encoded now. A held-out shard (under validation/) keeps its captions too.
     """

@@ -1,6 +1,6 @@
 """Train stage: the UNet trained on the cached latents, from scratch, fully fine-tuned, or with LoRA.
 
-Run it with `sdflow run tiny-cpu --only train`. The loop (`sdflow.training.train_unet`, in this
+Run it with `sdflow run tiny-cpu --only train`. The loop (`sdflow.training.loop.train_unet`, in this
 process or, for `train.processes` > 1, in supervised `accelerate launch` workers) checkpoints
 into the stage's partial directory, so a retried or rerun task resumes from the newest complete
 checkpoint and reaches the same weights as an uninterrupted run. Output: `pipeline/` (a diffusers
@@ -20,7 +20,7 @@ unless `eval.checkpoints: best`.
 
 Continue training: the key is the run's lineage (`train_lineage`) plus `train.max_steps`, so a run
 asked for more steps is a new output that starts from the last checkpoint of the longest finished
-run of its lineage (`sdflow.continuation`) instead of from step 0.
+run of its lineage (`sdflow.training.continuation`) instead of from step 0.
 """
 
 from __future__ import annotations
@@ -35,13 +35,8 @@ from peft.utils import get_peft_model_state_dict
 from PIL import Image, ImageDraw
 from transformers import CLIPTextModel
 
-from sdflow.checkpoints import load_checkpoint, prune_checkpoints, save_checkpoint, step_name
 from sdflow.config import RunConfig
-from sdflow.continuation import continue_from_predecessor
-from sdflow.families import family_of
-from sdflow.fingerprint import code_version
-from sdflow.memory import check_memory_options
-from sdflow.models import (
+from sdflow.models.components import (
     ComponentSources,
     atomic_dir,
     base_scheduler_config,
@@ -53,18 +48,16 @@ from sdflow.models import (
     noise_scheduler,
     weights_hash,
 )
-from sdflow.orchestration import stage_task
-from sdflow.schedules import bucket_plan
-from sdflow.stageio import Manifest, StageBuild, build_stage, stage_key, write_atomic
-from sdflow.training import (
-    CHECKPOINTS,
-    LOGS,
-    TrainSummary,
-    resolve_processes,
-    run_training,
-    trained_text_encoder,
-    trained_unet,
-)
+from sdflow.models.families import family_of
+from sdflow.models.trainable import trained_text_encoder, trained_unet
+from sdflow.ops.orchestration import stage_task
+from sdflow.store.checkpoints import load_checkpoint, prune_checkpoints, save_checkpoint, step_name
+from sdflow.store.fingerprint import code_version
+from sdflow.store.stageio import Manifest, StageBuild, build_stage, stage_key, write_atomic
+from sdflow.training.continuation import continue_from_predecessor
+from sdflow.training.loop import CHECKPOINTS, LOGS, TrainSummary, resolve_processes, run_training
+from sdflow.training.memory import check_memory_options
+from sdflow.training.schedules import bucket_plan
 
 LOSS_CURVE = "loss.png"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name diffusers' save_lora_weights gives

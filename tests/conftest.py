@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["fixtures.clip"]  # the shared tiny CLIP (`clip_dir`)
+
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="sdflow-test-prefect-")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -60,7 +62,7 @@ def prefect_server():
 @pytest.fixture(scope="session")
 def demo_folder(tmp_path_factory) -> Path:
     """A small demo dataset in the `folder` layout (same generator as `sdflow demo`)."""
-    from sdflow.sources.demo import make_demo_dataset
+    from sdflow.data.sources.demo import make_demo_dataset
 
     return make_demo_dataset(tmp_path_factory.mktemp("demo") / "demo-data", count=240, seed=0)
 
@@ -95,7 +97,7 @@ def tiny_sdxl(tmp_path_factory) -> Path:
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from sdflow.models import build_vae, train_tokenizer
+    from sdflow.models.components import build_vae, train_tokenizer
     from sdflow.profiles import load_profile
 
     root = tmp_path_factory.mktemp("tiny-sdxl")
@@ -142,7 +144,7 @@ def save_tiny_sd(root: Path, v_prediction: bool) -> Path:
     from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextModel
 
-    from sdflow.models import build_text_encoder, build_unet, build_vae, train_tokenizer
+    from sdflow.models.components import build_text_encoder, build_unet, build_vae, train_tokenizer
     from sdflow.profiles import load_profile
 
     model = load_profile("tiny-test").model
@@ -209,7 +211,7 @@ def caption_words() -> list[str]:
 def tiny_blip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random BLIP whose captions are words of WORDS (special tokens banned: never empty)."""
     out = tmp_path_factory.mktemp("captioners") / "blip"
-    from sdflow.captioners.random_init import save_random_blip, tiny_blip_config
+    from sdflow.data.captioners.random_init import save_random_blip, tiny_blip_config
 
     return save_random_blip(out, tiny_blip_config(len(WORDS) + 6), WORDS)
 
@@ -218,7 +220,7 @@ def tiny_blip(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random open_clip model (ViT, 32 px) as a local directory. Its short text context (24
     tokens) ends clip-interrogator's term chains early: they grow until the prompt fills it."""
-    from sdflow.captioners.random_init import save_random_open_clip
+    from sdflow.data.captioners.random_init import save_random_open_clip
 
     return save_random_open_clip(tmp_path_factory.mktemp("captioners") / "clip", TINY_CLIP)
 
@@ -227,7 +229,7 @@ def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_clip_77(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`tiny_clip` with ViT-L-14's 77-token text context: room for a 32-token BLIP caption and
     the terms clip-interrogator appends (a profile's own caption length)."""
-    from sdflow.captioners.random_init import save_random_open_clip
+    from sdflow.data.captioners.random_init import save_random_open_clip
 
     text_cfg = TINY_CLIP["text_cfg"] | {"context_length": 77}
     out = tmp_path_factory.mktemp("captioners") / "clip-77"

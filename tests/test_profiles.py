@@ -130,8 +130,8 @@ def test_finetune_demo_prompts_fit_the_demo_tokenizer_uncut(tmp_path):
     uncut, with no special token inside (at 16 tokens "a purple cross ..." lost its last word)."""
     from itertools import product
 
-    from sdflow.models import train_tokenizer
-    from sdflow.sources.demo import BACKGROUNDS, COLORS, FINETUNE_EXTRAS, SHAPES, demo_caption
+    from sdflow.data.sources.demo import BACKGROUNDS, COLORS, FINETUNE_EXTRAS, SHAPES, demo_caption
+    from sdflow.models.components import train_tokenizer
 
     demo = load_profile("tiny-cpu")
     captions = [demo_caption(c, s, b) for s, c, b in product(SHAPES, COLORS, BACKGROUNDS)]

@@ -15,7 +15,7 @@ class ModelConfig(Section):
     init: Literal["scratch", "pretrained"] = "scratch"
     family: Literal["sd", "sdxl"] | None = Field(
         None,
-        description="model family (sdflow.families): unset: from the pipeline's model_index.json "
+        description="model family (sdflow.models.families): unset: from the pipeline's model_index.json "
         "(pretrained), sd from scratch; set with pretrained, it must match the pipeline",
     )
     pretrained: str | None = Field(None, description="diffusers pipeline directory or hub name")
@@ -121,7 +121,7 @@ BUCKET_MULTIPLE = 8  # every bucket side divides by the VAE's downsampling (8 in
 
 
 class BucketGrid(Section):
-    """Buckets generated around a target area (`sdflow.buckets.grid_buckets`)."""
+    """Buckets generated around a target area (`sdflow.data.buckets.grid_buckets`)."""
 
     resolution: int = Field(..., ge=8, le=4096, description="buckets hold at most this**2 pixels")
     min_side: int | None = Field(None, ge=8, description="shortest side; default resolution / 2")

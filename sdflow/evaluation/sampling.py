@@ -7,7 +7,7 @@
 - `generate`: (prompt, seed) jobs in batches of `eval.batch_size`, each image from its own seeded CPU
   generator, so a sample does not depend on the batch it was drawn in or on the device.
 
-Pipelines are of the run's model family (`sdflow.families`); an SDXL pipeline is size-conditioned
+Pipelines are of the run's model family (`sdflow.models.families`); an SDXL pipeline is size-conditioned
 on the evaluation resolution (original and target size = `download.resolution`, crop (0, 0)).
 Every pipeline samples with `eval.scheduler`, on the GPU when there is one, in the training
 precision there (float32 on a CPU), without progress bars.
@@ -33,9 +33,7 @@ from diffusers import DiffusionPipeline as Pipeline
 from sdflow.config import RunConfig
 from sdflow.errors import UserError
 from sdflow.evaluation.features import to_uint8
-from sdflow.families import family_of
-from sdflow.gpuslots import torch_device
-from sdflow.models import (
+from sdflow.models.components import (
     ComponentSources,
     absolute_source,
     build_unet,
@@ -43,7 +41,9 @@ from sdflow.models import (
     is_hub_name,
     load_component,
 )
-from sdflow.stageio import Manifest, output_dir
+from sdflow.models.families import family_of
+from sdflow.ops.gpuslots import torch_device
+from sdflow.store.stageio import Manifest, output_dir
 
 SCHEDULERS = {
     "ddim": DDIMScheduler,
@@ -150,7 +150,7 @@ def load_checkpoint_pipeline(
     config: RunConfig, train: Manifest, workdir: str, checkpoint: Path
 ) -> Pipeline:
     """The trained pipeline with the UNet of one checkpoint (EMA weights when `train.ema`)."""
-    from sdflow.training import trained_unet
+    from sdflow.models.trainable import trained_unet
 
     model = config.model
     base = absolute_source(base_source(config, train)) if model.init == "pretrained" else None

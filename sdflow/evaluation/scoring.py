@@ -21,10 +21,10 @@ from typing import Any
 import torch
 
 from sdflow.config import EvalConfig
-from sdflow.evaluation.clip import ClipEmbedder, clip_score
 from sdflow.evaluation.distribution import Metric, cmmd, feature_metrics
 from sdflow.evaluation.features import FeatureNet
-from sdflow.gpuslots import torch_device
+from sdflow.models.clip import ClipEmbedder, clip_score
+from sdflow.ops.gpuslots import torch_device
 
 NO_CLIP_REASON = "eval.clip_model not set"
 DISTRIBUTION_METRICS = ("fid", "kid", "precision", "recall", "density", "coverage")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from sdflow.config import STAGES
-from sdflow.stageio import MANIFEST
+from sdflow.store.stageio import MANIFEST
 
 SEED = 20261130
 KILLS = 3

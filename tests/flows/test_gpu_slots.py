@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from sdflow.deploy import ROOT, set_gpu_limit
+from sdflow.ops.deploy import ROOT, set_gpu_limit
 
 pytestmark = pytest.mark.slow
 
@@ -28,9 +28,9 @@ import json, logging, os, sys, time, uuid
 from pathlib import Path
 from prefect import flow
 from prefect.runtime import flow_run
-from sdflow.gpuslots import held_device
-from sdflow.launch import supervise
-from sdflow.orchestration import stage_task
+from sdflow.ops.gpuslots import held_device
+from sdflow.ops.launch import supervise
+from sdflow.ops.orchestration import stage_task
 from sdflow.profiles import load_profile
 
 out, stage = Path(sys.argv[1]), sys.argv[2]

@@ -26,7 +26,7 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from sdflow.cli import main
 from sdflow.profiles import load_profile
-from sdflow.stageio import load_manifest, read_shards
+from sdflow.store.stageio import load_manifest, read_shards
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +53,7 @@ class QuietFiles(SimpleHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def small_folder(tmp_path_factory) -> Path:
-    from sdflow.sources.demo import make_demo_dataset
+    from sdflow.data.sources.demo import make_demo_dataset
 
     root = tmp_path_factory.mktemp("profile-runs") / "data"
     return make_demo_dataset(root, count=16, seed=0, size=32)

@@ -8,7 +8,7 @@ from PIL import Image
 
 from flows import tracking
 from sdflow.profiles import load_profile
-from sdflow.stageio import StageBuild
+from sdflow.store.stageio import StageBuild
 
 
 def test_evaluate_artifacts_include_prompt_scores_and_the_metric_curve(tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from browser import CHROMIUM, Browser
+from fixtures.browser import CHROMIUM, Browser
 from PIL import Image
 
 pytestmark = pytest.mark.slow

@@ -15,11 +15,11 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 import tasks.autoencoder as autoencoder
-from sdflow.checkpoints import list_checkpoints
-from sdflow.models import image_to_tensor
+from sdflow.models.components import image_to_tensor
 from sdflow.profiles import load_profile
-from sdflow.splits import is_held_out
-from sdflow.stageio import StageBuild, build_stage
+from sdflow.store.checkpoints import list_checkpoints
+from sdflow.store.splits import is_held_out
+from sdflow.store.stageio import StageBuild, build_stage
 from tasks.autoencoder import train_autoencoder
 
 OVERRIDES = [
@@ -196,7 +196,7 @@ def test_colour_augmentation_matches_hsv_and_torchvision_definitions():
 
 
 def test_unseen_colour_and_shape_errors_are_this_vaes_on_the_probe_images(tmp_path):
-    from sdflow.sources.demo import unseen_samples
+    from sdflow.data.sources.demo import unseen_samples
 
     config = load_profile("tiny-test", [*OVERRIDES, "autoencoder.unseen_samples=6"])
     manifest = train_autoencoder(config, {"caption": make_captions(tmp_path)}, str(tmp_path))

@@ -13,16 +13,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from fixtures.stages import crash_on_second_call, fresh_fingerprint, write_stage
 from PIL import Image
-from stage_fixtures import crash_on_second_call, fresh_fingerprint, write_stage
 
 import tasks.caption as caption_stage
-from sdflow.captioners.random_init import save_random_blip, tiny_blip_config
 from sdflow.config import CaptionConfig, ModelConfig, RunConfig
+from sdflow.data.captioners.random_init import save_random_blip, tiny_blip_config
+from sdflow.data.sources import SAMPLE_SCHEMA
 from sdflow.errors import UserError
-from sdflow.sources import SAMPLE_SCHEMA
-from sdflow.stageio import Manifest, read_failures, read_shards
-from sdflow.tokenizer import train_tokenizer
+from sdflow.models.tokenizer import train_tokenizer
+from sdflow.store.stageio import Manifest, read_failures, read_shards
 from tasks.caption import CAPTIONERS, caption_key, caption_samples, make_captioner
 from tasks.filter import filter_samples
 
@@ -312,7 +312,7 @@ def test_another_caption_model_recaptions_and_nothing_upstream_reruns(
 KILLED_CHILD = """
 import json, os, signal, sys
 import tasks.caption as stage
-from sdflow.captioners.blip import BlipCaptioner
+from sdflow.data.captioners.blip import BlipCaptioner
 from sdflow.config import RunConfig
 
 real, calls = BlipCaptioner.caption, []

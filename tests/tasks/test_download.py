@@ -26,9 +26,9 @@ import pytest
 from PIL import Image
 
 from sdflow.config import DownloadConfig, RunConfig
+from sdflow.data.sources.fetcher import Fetcher
 from sdflow.errors import UserError
-from sdflow.sources.fetcher import Fetcher
-from sdflow.stageio import load_manifest, read_failures, read_shards, stage_dir
+from sdflow.store.stageio import load_manifest, read_failures, read_shards, stage_dir
 from tasks.download import download, download_key
 
 

@@ -26,10 +26,16 @@ from sdflow.config import EvalConfig, RunConfig
 from sdflow.errors import UserError
 from sdflow.evaluation import sampling
 from sdflow.evaluation.features import to_uint8
-from sdflow.models import build_text_encoder, build_unet, build_vae, save_pipeline, train_tokenizer
+from sdflow.models.components import (
+    build_text_encoder,
+    build_unet,
+    build_vae,
+    save_pipeline,
+    train_tokenizer,
+)
 from sdflow.profiles import load_profile
-from sdflow.splits import is_held_out
-from sdflow.stageio import Manifest, StageBuild, failures_table, output_dir
+from sdflow.store.splits import is_held_out
+from sdflow.store.stageio import Manifest, StageBuild, failures_table, output_dir
 from tasks import evaluate as ev
 
 COLORS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (30, 70, 220)}
@@ -440,7 +446,7 @@ def test_lora_is_loaded_on_the_base_model(upstream, tmp_path) -> None:
 
 
 def test_grid_upscales_with_nearest_and_labels_every_column() -> None:
-    from sdflow.grids import Block, render_grid
+    from sdflow.evaluation.grids import Block, render_grid
 
     red, blue = Image.new("RGB", (16, 16), (255, 0, 0)), Image.new("RGB", (16, 16), (0, 0, 255))
     red.putpixel((0, 0), (0, 255, 0))  # one odd pixel: nearest upscaling keeps it a hard block
@@ -524,7 +530,7 @@ def test_baseline_key_follows_base_settings_and_reference_set(upstream) -> None:
 def test_checkpoints_all_scores_every_kept_checkpoint(upstream) -> None:
     """Checkpoint 1 holds the baseline's UNet, 2 and 3 the trained one: their scores must equal
     the baseline's and the trained model's, which are computed on other paths."""
-    from sdflow.checkpoints import save_checkpoint
+    from sdflow.store.checkpoints import save_checkpoint
 
     workdir, manifests = upstream
     config = make_config(num_prompts=1, images_per_prompt=1, checkpoints="all", seed=21)

@@ -7,15 +7,15 @@ import io
 from pathlib import Path
 
 import pytest
+from fixtures.stages import crash_on_second_call, fresh_fingerprint, write_stage
 from PIL import Image
-from stage_fixtures import crash_on_second_call, fresh_fingerprint, write_stage
 
 import tasks.filter as filter_stage
-from sdflow.captions import caption_problem, captions_supplied
 from sdflow.config import CaptionConfig, FilterConfig, RunConfig
+from sdflow.data.captions import caption_problem, captions_supplied
+from sdflow.data.sources import SAMPLE_SCHEMA
 from sdflow.errors import UserError
-from sdflow.sources import SAMPLE_SCHEMA
-from sdflow.stageio import Manifest, read_failures, read_shards, shard_paths
+from sdflow.store.stageio import Manifest, read_failures, read_shards, shard_paths
 from tasks.filter import check_decodes, filter_key, filter_samples
 
 SCHEMA = SAMPLE_SCHEMA  # the download / filter / caption shard schema

@@ -1,4 +1,4 @@
-"""Curation filters of the filter stage (`sdflow.filters`): metadata thresholds, near-duplicates by
+"""Curation filters of the filter stage (`sdflow.data.filters`): metadata thresholds, near-duplicates by
 perceptual hash, image classifiers; their rejections, their settings, and incremental reuse."""
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from fixtures.clip import pair_cosines
+from fixtures.stages import crash_on_second_call, fresh_fingerprint, write_stage
 from PIL import Image, ImageDraw, ImageEnhance
 from pydantic import ValidationError
 from safetensors.numpy import save_file
-from stage_fixtures import crash_on_second_call, fresh_fingerprint, write_stage
 from test_filter import fates, make_config, sample
-from test_metrics import clip_dir, pair_cosines  # noqa: F401  (a tiny CLIP saved locally)
 from transformers import (
     CLIPModel,
     CLIPProcessor,
@@ -31,12 +31,12 @@ from transformers import (
 
 import tasks.filter as filter_stage
 from sdflow.config import Bounds, RunConfig
+from sdflow.data.filters import Rejection
+from sdflow.data.filters.clip import check_clip_score
+from sdflow.data.filters.phash import NearDuplicates
+from sdflow.data.filters.semantic import SemanticDuplicates, fit_centroids
 from sdflow.errors import UserError
-from sdflow.filters import Rejection
-from sdflow.filters.clip import check_clip_score
-from sdflow.filters.phash import NearDuplicates
-from sdflow.filters.semantic import SemanticDuplicates, fit_centroids
-from sdflow.stageio import read_failures
+from sdflow.store.stageio import read_failures
 from tasks.filter import filter_key, filter_samples
 
 
@@ -420,7 +420,7 @@ def test_classifier_weights_and_label_are_checked_before_work(
 def test_grown_dataset_classifies_only_new_rows(
     tmp_path: Path, classifier_dir: Path, monkeypatch: pytest.MonkeyPatch, one_torch_thread
 ) -> None:
-    import sdflow.filters.classifier as classifier
+    import sdflow.data.filters.classifier as classifier
 
     seen: list[str] = []
     real = classifier.label_probabilities
@@ -473,7 +473,7 @@ CLIP_SHARDS = [
 
 
 @pytest.fixture(scope="module")
-def tiny_clip(clip_dir: Path) -> Path:  # noqa: F811  (test_metrics' tiny CLIPModel + processor)
+def tiny_clip(clip_dir: Path) -> Path:  # the shared tiny CLIPModel + processor (fixtures.clip)
     return clip_dir
 
 

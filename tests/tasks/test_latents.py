@@ -15,22 +15,22 @@ import pyarrow as pa
 import pytest
 import torch
 from diffusers import AutoencoderKL
+from fixtures.stages import fresh_fingerprint
 from PIL import Image
 from safetensors.torch import load_file
-from stage_fixtures import fresh_fingerprint
 from transformers import CLIPTextModel, CLIPTokenizer
 
 import tasks.latents as latents_stage
-from sdflow import models
-from sdflow.latent_data import (
+from sdflow.models import components as models
+from sdflow.profiles import load_profile
+from sdflow.store.splits import is_held_out
+from sdflow.store.stageio import build_stage, output_dir, read_failures, stage_dir
+from sdflow.training.latent_data import (
     CachedLatents,
     held_out_latents,
     load_empty_prompts,
     read_shard_captions,
 )
-from sdflow.profiles import load_profile
-from sdflow.splits import is_held_out
-from sdflow.stageio import build_stage, output_dir, read_failures, stage_dir
 from tasks.latents import cache_latents, latents_key
 
 COLOURS = {

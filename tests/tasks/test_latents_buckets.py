@@ -11,11 +11,11 @@ from PIL import Image
 from safetensors.torch import load_file
 from test_latents import autoencoder_stage, caption_stage
 
-from sdflow.imaging import ImageSpec, process_image
-from sdflow.latent_data import CachedLatents
+from sdflow.data.imaging import ImageSpec, process_image
+from sdflow.data.sources import SourceRow
 from sdflow.profiles import load_profile
-from sdflow.sources import SourceRow
-from sdflow.stageio import output_dir
+from sdflow.store.stageio import output_dir
+from sdflow.training.latent_data import CachedLatents
 from tasks.download import sample
 from tasks.latents import cache_latents, latents_key
 from tasks.train import train

@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
+from fixtures.stages import crash_at_checkpoint
 from safetensors.torch import load_file
-from stage_fixtures import crash_at_checkpoint
 from test_latents import caption_stage, samples
 
 from flows.pipeline import check_family_options
 from sdflow.errors import UserError
-from sdflow.families import family_of
-from sdflow.families.sdxl import batch_time_ids
-from sdflow.latent_data import CachedLatents, load_empty_prompts
+from sdflow.models.families import family_of
+from sdflow.models.families.sdxl import batch_time_ids
 from sdflow.profiles import load_profile
-from sdflow.schedules import collate
+from sdflow.training.latent_data import CachedLatents, load_empty_prompts
+from sdflow.training.schedules import collate
 from tasks.latents import Encoders, cache_latents, vae_precision
 from tasks.train import train
 

@@ -21,23 +21,13 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
+from fixtures.stages import crash_at_checkpoint
 from peft import LoraConfig
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
-from stage_fixtures import crash_at_checkpoint
 
-from sdflow.checkpoints import list_checkpoints, load_checkpoint, load_latest, step_name
 from sdflow.errors import UserError
-from sdflow.latent_data import (
-    EMPTY_PROMPT,
-    IMAGE_KEYS,
-    captions_path,
-    latent_shard_name,
-    pack_rows,
-    save_tensors,
-    write_latent_shard,
-)
-from sdflow.models import (
+from sdflow.models.components import (
     build_text_encoder,
     build_unet,
     build_vae,
@@ -46,9 +36,19 @@ from sdflow.models import (
     train_tokenizer,
 )
 from sdflow.profiles import load_profile
-from sdflow.schedules import EpochOrder, StepBatches
-from sdflow.splits import is_held_out
-from sdflow.stageio import StageBuild, build_stage
+from sdflow.store.checkpoints import list_checkpoints, load_checkpoint, load_latest, step_name
+from sdflow.store.splits import is_held_out
+from sdflow.store.stageio import StageBuild, build_stage
+from sdflow.training.latent_data import (
+    EMPTY_PROMPT,
+    IMAGE_KEYS,
+    captions_path,
+    latent_shard_name,
+    pack_rows,
+    save_tensors,
+    write_latent_shard,
+)
+from sdflow.training.schedules import EpochOrder, StepBatches
 from tasks.train import train, train_key, train_lineage
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -500,7 +500,7 @@ def test_restarts_and_polynomial_schedules_in_a_real_run(tmp_path, components, s
 def test_finetune_of_a_v_prediction_base_stays_v_prediction(
     tmp_path, components, v_base, monkeypatch
 ):
-    import sdflow.training as training
+    import sdflow.training.loop as training
 
     used = []
     real_fit = training.fit
@@ -533,7 +533,7 @@ def test_an_explicit_prediction_type_retargets_the_base_and_says_so(
         "train.max_steps=2",
         "train.prediction_type=epsilon",
     )
-    with caplog.at_level(logging.WARNING, logger="sdflow.models"):
+    with caplog.at_level(logging.WARNING, logger="sdflow.models.components"):
         manifest, _ = run_train(config, tmp_path, components)
     assert "train.prediction_type is 'epsilon'" in caplog.text and "'v_prediction'" in caplog.text
     info = manifest["info"]
@@ -589,7 +589,7 @@ def test_lora_alpha_survives_the_export(tmp_path, components, targets):
 
 
 def test_skipped_fp16_steps_hold_the_lr_schedule_and_ema(tmp_path, components, monkeypatch):
-    import sdflow.training as training
+    import sdflow.training.loop as training
 
     real_accelerator, real_loss = training.make_accelerator, training.diffusion_loss
     calls = []
@@ -639,7 +639,7 @@ def test_skipped_fp16_steps_hold_the_lr_schedule_and_ema(tmp_path, components, m
 
 
 def test_the_kept_checkpoint_drops_the_optimizer_moments_unless_asked(tmp_path, components, caplog):
-    from sdflow.training import train_unet
+    from sdflow.training.loop import train_unet
 
     runs = {}
     for flag in ("false", "true"):
@@ -674,7 +674,7 @@ KILL_SCRIPT = """
 import json, os, signal, sys, torch
 torch.set_num_threads(1)
 sys.path.insert(0, {root!r})
-import sdflow.training as training
+import sdflow.training.loop as training
 from sdflow.config import RunConfig
 from sdflow.errors import UserError
 from tasks.train import train, train_key, train_lineage

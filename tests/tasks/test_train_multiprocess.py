@@ -21,9 +21,9 @@ from test_train import (  # noqa: F401
     scratch_config,
 )
 
-from sdflow.checkpoints import LATEST, list_checkpoints, load_checkpoint, load_latest
 from sdflow.errors import UserError
-from sdflow.launch import SUPERVISOR_ENV
+from sdflow.ops.launch import SUPERVISOR_ENV
+from sdflow.store.checkpoints import LATEST, list_checkpoints, load_checkpoint, load_latest
 from tasks.train import train, train_key
 
 STEPS = 30

@@ -21,9 +21,9 @@ from test_train import (  # components: test_train's tiny pipeline fixture, used
 )
 from transformers import CLIPTextModel
 
-from sdflow.checkpoints import load_checkpoint, step_name
 from sdflow.errors import UserError
 from sdflow.profiles import ConfigError
+from sdflow.store.checkpoints import load_checkpoint, step_name
 from tasks.train import train
 
 PROMPT = "two red circles"
@@ -140,7 +140,7 @@ def test_the_exported_text_encoder_is_the_trained_one(tmp_path, components, mode
 
 
 def test_the_text_encoder_runs_under_the_unets_autocast(tmp_path, components, monkeypatch):
-    import sdflow.training as training
+    import sdflow.training.loop as training
 
     seen: list[torch.dtype] = []
     real = training.build_trainable_text_encoder
@@ -163,8 +163,8 @@ def test_the_text_encoder_runs_under_the_unets_autocast(tmp_path, components, mo
 
 def test_caption_dropout_swaps_in_the_empty_prompts_token_ids(tmp_path, components):
     from sdflow.config import TrainConfig
-    from sdflow.objective import draw_inputs
-    from sdflow.schedules import CachedBatches, collate
+    from sdflow.training.objective import draw_inputs
+    from sdflow.training.schedules import CachedBatches, collate
 
     manifest = make_latents(tmp_path, components, tokens=True)
     source = CachedBatches(str(tmp_path), manifest, "input_ids")

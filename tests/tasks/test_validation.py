@@ -10,18 +10,18 @@ from types import SimpleNamespace
 import pytest
 import test_train
 import torch
+from fixtures.stages import crash_at_checkpoint
 from PIL import Image
 from safetensors.torch import load_file
-from stage_fixtures import crash_at_checkpoint
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_train import make_latents, scratch_config, stage_path
 
-import sdflow.memory as memory
-from sdflow.checkpoints import list_checkpoints, load_checkpoint, step_name
+import sdflow.training.memory as memory
 from sdflow.errors import UserError
-from sdflow.models import build_unet, component_sources, noise_scheduler
+from sdflow.models.components import build_unet, component_sources, noise_scheduler
 from sdflow.profiles import ConfigError, load_profile
-from sdflow.validation import ValidationState, Validator, spread_timesteps
+from sdflow.store.checkpoints import list_checkpoints, load_checkpoint, step_name
+from sdflow.training.validation import ValidationState, Validator, spread_timesteps
 from tasks.evaluate import describe_model
 from tasks.train import train, train_key, train_lineage
 

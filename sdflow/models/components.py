@@ -1,0 +1,465 @@
+"""Stable Diffusion components: built from config (scratch), loaded (pretrained), saved, hashed.
+
+Every stage that touches a model goes through here, so a component is built, loaded and
+fingerprinted the same way everywhere. Scratch components are seeded by `model.seed` inside
+`torch.random.fork_rng`, so building one never disturbs the caller's random state.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import json
+import logging
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import numpy as np
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    SchedulerMixin,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.models.modeling_utils import ModelMixin
+from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+from PIL import Image
+from torch import Tensor
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, PreTrainedModel
+
+from sdflow.config import ModelConfig, RunConfig
+from sdflow.errors import UserError
+from sdflow.models.hub import resolve_commit
+from sdflow.models.tokenizer import train_tokenizer  # noqa: F401  (re-exported: models is the one entry point)
+from sdflow.store.fingerprint import hash_weights
+from sdflow.store.stageio import Manifest, atomic_dir, output_dir, write_atomic
+
+WEIGHTS = (ModelMixin, PreTrainedModel)  # classes with weight files (variants, dtypes)
+HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+log = logging.getLogger("sdflow.models.components")
+
+
+# ---------------------------------------------------------------------------------------- scratch
+
+
+def _seeded(seed: int, build: Any) -> Any:
+    """Call `build()` with torch seeded to `seed`, leaving the global RNG as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def _check_keys(cls: type, config: dict[str, Any], key: str) -> None:
+    """Unknown keys in a component config are typos: say so instead of silently dropping them."""
+    allowed = set(inspect.signature(cls.__init__).parameters) - {"self", "args", "kwargs"}
+    unknown = sorted(set(config) - allowed)
+    if unknown:
+        raise UserError(
+            f"{key} has keys that {cls.__name__} does not know: {', '.join(unknown)}. "
+            f"Allowed keys: {', '.join(sorted(allowed))}."
+        )
+
+
+def text_hidden_size(model: ModelConfig) -> int:
+    """Hidden size of the scratch text encoder (CLIPTextConfig's default when not set)."""
+    return int(model.text_encoder.get("hidden_size", CLIPTextConfig().hidden_size))
+
+
+def build_unet(model: ModelConfig) -> UNet2DConditionModel:
+    """A randomly initialised UNet from `model.unet`, seeded by `model.seed`."""
+    _check_keys(UNet2DConditionModel, model.unet, "model.unet")
+    cross = model.unet.get("cross_attention_dim", 1280)
+    hidden = text_hidden_size(model)
+    if cross != hidden:
+        raise UserError(
+            f"model.unet.cross_attention_dim ({cross}) must equal the text encoder's hidden size "
+            f"model.text_encoder.hidden_size ({hidden}): the UNet attends to its embeddings."
+        )
+    latent = model.vae_config.get("latent_channels")
+    if model.vae is None and latent is not None and model.unet.get("in_channels", 4) != latent:
+        raise UserError(
+            f"model.unet.in_channels ({model.unet.get('in_channels', 4)}) must equal "
+            f"model.vae_config.latent_channels ({latent}): the UNet denoises VAE latents."
+        )
+    return _seeded(model.seed, lambda: UNet2DConditionModel(**model.unet))
+
+
+def build_vae(model: ModelConfig) -> AutoencoderKL:
+    """A randomly initialised VAE from `model.vae_config`, seeded by `model.seed`."""
+    _check_keys(AutoencoderKL, model.vae_config, "model.vae_config")
+    return _seeded(model.seed, lambda: AutoencoderKL(**model.vae_config))
+
+
+def build_text_encoder(model: ModelConfig, vocab_size: int) -> CLIPTextModel:
+    """A randomly initialised CLIP text encoder sized for the trained tokenizer, seeded."""
+    settings = dict(model.text_encoder)
+    for fixed in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"):
+        if fixed in settings:
+            raise UserError(f"model.text_encoder.{fixed} is set by sdflow from the tokenizer.")
+    unknown = sorted(set(settings) - set(CLIPTextConfig().to_dict()))
+    if unknown:  # CLIPTextConfig would keep a misspelt key as a stray attribute
+        raise UserError(f"model.text_encoder has keys CLIPTextConfig does not know: {unknown}.")
+    positions = max(settings.pop("max_position_embeddings", 0), model.max_token_length)
+    # ids 0 and 1 are the tokenizer's start/end tokens (train_tokenizer puts them first).
+    config = CLIPTextConfig(
+        **settings,
+        vocab_size=vocab_size,
+        max_position_embeddings=positions,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    return _seeded(model.seed, lambda: CLIPTextModel(config).eval())
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+
+def is_hub_name(source: str) -> bool:
+    """`org/name` that is not a local path: loaded from the Hugging Face hub (or its cache)."""
+    local = source.startswith(("/", ".", "~")) or Path(source).exists()
+    return not local and bool(HUB_NAME.match(source))
+
+
+def absolute_source(source: str) -> str:
+    """A hub name as it is; a local path made absolute, so it means the same from any cwd."""
+    return source if is_hub_name(source) else str(Path(source).expanduser().resolve())
+
+
+def _same(source: str, configured: str | None) -> bool:
+    return configured is not None and absolute_source(source) == absolute_source(configured)
+
+
+def _config_key(source: str, model: ModelConfig) -> str:
+    if _same(source, model.vae):
+        return "model.vae"
+    if _same(source, model.pretrained):
+        return "model.pretrained"
+    return "an upstream stage output"
+
+
+def load_component(
+    source: str,
+    subfolder: str | None,
+    cls: Any,
+    model: ModelConfig,
+    dtype: torch.dtype | None = None,
+) -> Any:
+    """`cls.from_pretrained` from a local dir or a hub name; errors name the config key."""
+    kwargs: dict[str, Any] = {}
+    if subfolder:
+        kwargs["subfolder"] = subfolder
+    pretrained = _same(source, model.pretrained)
+    if is_hub_name(source):  # exactly the commit the stage keys name
+        kwargs["revision"] = resolve_commit(source, model.revision if pretrained else None)
+    if pretrained and model.variant and issubclass(cls, WEIGHTS):
+        kwargs["variant"] = model.variant
+    if dtype is not None:
+        kwargs["torch_dtype" if issubclass(cls, ModelMixin) else "dtype"] = dtype
+    if is_hub_name(source):
+        try:
+            return cls.from_pretrained(source, **kwargs)
+        except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
+            raise UserError(
+                f"{_config_key(source, model)} is {source!r}: not a local directory, and the hub "
+                f"has no such model or revision ({type(exc).__name__})."
+            ) from None
+    path = Path(source).expanduser()
+    where = path / subfolder if subfolder else path
+    if not where.is_dir():
+        raise UserError(
+            f"{_config_key(source, model)} points to {where}, which is not a directory. "
+            f"Give a diffusers model directory (with {subfolder or 'a config'} inside) "
+            "or a hub name."
+        )
+    try:
+        return cls.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"Could not load {cls.__name__} from {where} ({_config_key(source, model)}): {exc}"
+        ) from None
+
+
+@dataclass
+class ComponentSources:
+    """Where each component of one run comes from: an absolute directory or a hub name."""
+
+    vae: str
+    vae_subfolder: str | None
+    text_encoder: str | None  # None only before the latents stage has built the scratch encoder
+    text_encoder_subfolder: str | None
+    tokenizer: str | None
+    tokenizer_subfolder: str | None
+    unet: str | None  # None: build from model.unet (scratch)
+    unet_subfolder: str | None
+    scheduler: str | None  # None: the standard SD noise schedule
+
+
+def _vae_source(config: RunConfig, upstream: dict[str, Manifest | None], workdir: str):
+    model = config.model
+    trained = upstream.get("autoencoder")
+    if trained:
+        return str(output_dir(workdir, trained) / trained["files"]["vae"]), None
+    if model.vae:
+        # a whole pipeline given as model.vae: use its vae/ folder
+        vae = absolute_source(model.vae)
+        nested = not is_hub_name(vae) and (Path(vae) / "vae" / "config.json").is_file()
+        return vae, "vae" if nested else None
+    if model.pretrained:
+        return absolute_source(model.pretrained), "vae"
+    raise UserError(
+        "No VAE: model.init is 'scratch' with neither model.vae nor a finished autoencoder stage. "
+        "Set model.vae, or run the autoencoder stage first."
+    )
+
+
+def component_sources(
+    config: RunConfig, upstream: dict[str, Manifest | None], workdir: str
+) -> ComponentSources:
+    """Resolve every component's source from the config and the upstream manifests."""
+    model = config.model
+    vae, vae_sub = _vae_source(config, upstream, workdir)
+    if model.init == "pretrained":
+        base = absolute_source(model.pretrained)
+        return ComponentSources(
+            vae, vae_sub, base, "text_encoder", base, "tokenizer", base, "unet", base
+        )
+    latents = upstream.get("latents")
+    text = tok = None
+    if latents:
+        base = output_dir(workdir, latents)
+        text = str(base / latents["files"]["text_encoder"])
+        tok = str(base / latents["files"]["tokenizer"])
+    return ComponentSources(vae, vae_sub, text, None, tok, None, None, None, None)
+
+
+def base_scheduler_config(config: RunConfig, sources: ComponentSources) -> dict[str, Any] | None:
+    """The pretrained model's own `scheduler/scheduler_config.json` (with `_class_name`), or None."""
+    if not sources.scheduler:
+        return None
+    # loading it first checks the source, with errors that name the config key
+    load_component(sources.scheduler, "scheduler", DDPMScheduler, config.model)
+    kwargs = {"subfolder": "scheduler"}
+    if is_hub_name(sources.scheduler) and config.model.revision:
+        kwargs["revision"] = config.model.revision
+    return dict(DDPMScheduler.load_config(sources.scheduler, **kwargs))
+
+
+def prediction_type(config: RunConfig, base: dict[str, Any] | None) -> str:
+    """`train.prediction_type`, or unset: the base scheduler's own (epsilon from scratch)."""
+    inherited = (base or {}).get("prediction_type") or "epsilon"
+    chosen = config.train.prediction_type or inherited
+    if base is not None and chosen != inherited:
+        log.warning(
+            "train.prediction_type is %r but the base model %s predicts %r: the fine-tune is "
+            "re-targeted to %r (recorded in the train manifest).",
+            chosen,
+            config.model.pretrained,
+            inherited,
+            chosen,
+        )
+    return chosen
+
+
+def noise_scheduler(config: RunConfig, sources: ComponentSources) -> DDPMScheduler:
+    """The training noise schedule: the pretrained model's own, or SD's scaled-linear default."""
+    base = base_scheduler_config(config, sources)
+    prediction = prediction_type(config, base)
+    if base is not None:
+        return DDPMScheduler.from_config(base, prediction_type=prediction)
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type=prediction,
+        clip_sample=False,  # SD v1 scheduler settings: latents are not clipped to [-1, 1]
+        steps_offset=1,
+    )
+
+
+def inference_scheduler(config: RunConfig, sources: ComponentSources, trained: DDPMScheduler):
+    """The exported pipeline's sampler: the base model's own scheduler class and config, or (from
+    scratch) DDIM on the training noise schedule; both with the prediction type `trained` used."""
+    base = base_scheduler_config(config, sources)
+    prediction = trained.config.prediction_type
+    if base is None:
+        # SD's own DDIM settings: the final step does not assume alpha_0 = 1
+        return DDIMScheduler.from_config(trained.config, set_alpha_to_one=False)
+    cls = getattr(diffusers, base["_class_name"], None)
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        raise UserError(
+            f"model.pretrained {config.model.pretrained}: its scheduler class "
+            f"{base['_class_name']!r} is not a diffusers scheduler."
+        )
+    return cls.from_config(base, prediction_type=prediction)
+
+
+# ------------------------------------------------------------------------------------ encode, save
+
+
+def encode_images(vae: AutoencoderKL, pixels: Tensor) -> tuple[Tensor, Tensor]:
+    """Latent distribution (mean, std) of images in [-1, 1], before `scaling_factor`."""
+    param = next(vae.parameters())
+    dist = vae.encode(pixels.to(device=param.device, dtype=param.dtype)).latent_dist
+    return dist.mean, dist.std
+
+
+def encode_prompts(
+    tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompts: list[str]
+) -> Tensor:
+    """Text embeddings [B, L, D] exactly as StableDiffusionPipeline computes them for a prompt."""
+    ids = tokenize_prompts(tokenizer, prompts)
+    device = next(text_encoder.parameters()).device
+    return text_encoder(ids.to(device))[0]
+
+
+def tokenize_prompts(tokenizer: CLIPTokenizer, prompts: list[str]) -> Tensor:
+    """Token ids [B, L] as StableDiffusionPipeline feeds them to the text encoder (no mask)."""
+    return tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
+def image_to_tensor(data: bytes, resolution: int) -> Tensor:
+    """Encoded image bytes -> [3, H, W] in [-1, 1], resized and centre-cropped to `resolution`."""
+    with Image.open(io.BytesIO(data)) as image:
+        image = image.convert("RGB")
+        if image.size != (resolution, resolution):
+            scale = resolution / min(image.size)
+            size = (
+                max(resolution, round(image.width * scale)),
+                max(resolution, round(image.height * scale)),
+            )
+            image = image.resize(size, Image.Resampling.BICUBIC)
+            left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+            image = image.crop((left, top, left + resolution, top + resolution))
+        array = np.asarray(image, dtype=np.float32)
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous() / 127.5 - 1.0
+
+
+def save_component(component: Any, out_dir: Path) -> None:
+    """save_pretrained into `out_dir` atomically, as safetensors."""
+    with atomic_dir(out_dir) as tmp:
+        if isinstance(component, (ModelMixin, PreTrainedModel)):
+            component.save_pretrained(tmp, safe_serialization=True)
+        else:
+            component.save_pretrained(tmp)
+        drop_load_paths(tmp)
+
+
+def save_pipeline(out_dir: Path, unet, vae, text_encoder, tokenizer, scheduler) -> None:
+    """A complete diffusers pipeline dir, loadable by `StableDiffusionPipeline.from_pretrained`."""
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    save_pipeline_dir(out_dir, pipeline)
+
+
+def save_pipeline_dir(out_dir: Path, pipeline: Any) -> None:
+    """`pipeline.save_pretrained` into `out_dir` atomically, as safetensors, without load paths."""
+    with atomic_dir(out_dir) as tmp:
+        pipeline.save_pretrained(tmp, safe_serialization=True)
+        drop_load_paths(tmp)
+
+
+def canonical_safetensors(path: Path) -> None:
+    """Rewrite a safetensors file's header with sorted keys (the tensor data is untouched).
+
+    safetensors writes `__metadata__` in hash order, and a LoRA file's adapter config lists its
+    target modules in set order: two saves of the same adapter differ in bytes, and so would the
+    stage fingerprint. Sorted, the same weights and config are always the same file.
+    """
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size])
+    metadata = header.get("__metadata__") or {}
+    for name, value in metadata.items():
+        metadata[name] = _sorted_json(value)
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data section stays 8-byte aligned
+    write_atomic(path, len(text).to_bytes(8, "little") + text + raw[8 + size :])
+
+
+def _sorted_json(value: str) -> str:
+    """A JSON text (an adapter config) with sorted keys and its module lists sorted; else as is."""
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        return value
+    if not isinstance(parsed, dict):
+        return value
+    for name, item in parsed.items():
+        if name.endswith(("target_modules", "exclude_modules")) and isinstance(item, list):
+            parsed[name] = sorted(item)
+    return json.dumps(parsed, sort_keys=True, indent=2)
+
+
+def drop_load_paths(directory: Path) -> None:
+    """Remove `_name_or_path` (where a component was loaded from) from saved diffusers configs.
+
+    It names a local directory, often another stage's output: a saved model that records it differs
+    between two workdirs, and the stage fingerprint would cover a path instead of the content.
+    """
+    for config in Path(directory).rglob("config.json"):
+        values = json.loads(config.read_text())
+        if isinstance(values, dict) and "_name_or_path" in values:
+            del values["_name_or_path"]
+            config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+
+
+# ------------------------------------------------------------------------------------ fingerprints
+
+
+def hub_commit(model: ModelConfig) -> str | None:
+    """The commit `model.pretrained` resolves to, when it is a hub name (recorded in manifests)."""
+    if model.pretrained and is_hub_name(model.pretrained):
+        return resolve_commit(model.pretrained, model.revision)
+    return None
+
+
+def weights_hash(source: str, subfolder: str | None, revision: str | None = None) -> str:
+    """Content hash of a local model directory; `hub:<name>@<commit>` for a hub name (the commit
+    `revision` resolves to now: a new upstream commit is a new key)."""
+    if is_hub_name(source):
+        commit = resolve_commit(source, revision)
+        return f"hub:{source}@{commit}" + (f"/{subfolder}" if subfolder else "")
+    path = Path(source).expanduser() / (subfolder or "")
+    if not path.is_dir():
+        raise UserError(f"Model directory {path} does not exist.")
+    return _hash_weights_cached(str(path.resolve()), _stat_signature(path))
+
+
+def _stat_signature(path: Path) -> tuple:
+    """Cheap (name, size, mtime) listing: re-hashing gigabytes happens only when a file changed."""
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    return tuple((p.relative_to(path).as_posix(), *_size_mtime(p)) for p in files)
+
+
+def _size_mtime(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+@lru_cache(maxsize=64)
+def _hash_weights_cached(path: str, signature: tuple) -> str:
+    return hash_weights(path)

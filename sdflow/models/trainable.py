@@ -1,0 +1,142 @@
+"""The model as trained: the UNet and text encoder(s) with exactly the trained parameters requiring
+grad (all of them, or a LoRA adapter's), and the same modules loaded back from a train checkpoint.
+
+The training loop builds its modules here; evaluation and export load the trained ones here, so neither
+reaches into the loop. LoRA's random init is seeded by `train.seed` (the text encoders' adapters by
+`seed + 1 + index`), never by the global RNG.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.training_utils import EMAModel, cast_training_params
+from peft import LoraConfig, inject_adapter_in_model
+from torch import Tensor
+from transformers import CLIPTextModel
+
+from sdflow.config import RunConfig, TrainConfig
+from sdflow.errors import UserError
+from sdflow.models.components import ComponentSources, build_unet, load_component
+from sdflow.models.families import family_of
+from sdflow.store.checkpoints import load_checkpoint
+
+TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+CHECKPOINT_GROUP = "text_encoder"
+
+
+def build_trainable_unet(
+    config: RunConfig, sources: ComponentSources, weight_dtype: torch.dtype = torch.float32
+) -> UNet2DConditionModel:
+    """The UNet with exactly the trained parameters requiring grad (all, or only LoRA's)."""
+    train = config.train
+    if sources.unet is None:
+        unet = build_unet(config.model)
+    else:
+        unet = load_component(
+            sources.unet, sources.unet_subfolder, UNet2DConditionModel, config.model
+        )
+    if train.mode == "lora":
+        unet.requires_grad_(False)
+        unet.to(dtype=weight_dtype)  # frozen weights in the compute dtype; LoRA weights stay fp32
+        add_lora(unet, train)
+        cast_training_params(unet, dtype=torch.float32)
+    if train.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    return unet
+
+
+def add_lora(unet: UNet2DConditionModel, train: TrainConfig) -> None:
+    lora = LoraConfig(
+        r=train.lora_rank,
+        lora_alpha=train.lora_alpha or train.lora_rank,
+        init_lora_weights="gaussian",
+        target_modules=list(train.lora_targets),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(train.seed)  # LoRA's random init must not depend on the global RNG
+        try:
+            unet.add_adapter(lora)
+        except ValueError as exc:
+            raise UserError(
+                f"train.lora_targets {train.lora_targets} matched no UNet layer ({exc}). Use "
+                "attention projection names such as to_q, to_k, to_v, to_out.0."
+            ) from None
+
+
+def build_trainable_text_encoder(
+    config: RunConfig, sources: ComponentSources, weight_dtype: torch.dtype = torch.float32
+) -> CLIPTextModel | None:
+    """The base text encoder(s) with exactly the trained parameters requiring grad, as the family's
+    one trainable module (SDXL: both encoders); None if frozen."""
+    train = config.train
+    if train.text_encoder == "frozen":
+        return None
+    family = family_of(config)
+    encoders = family.load_text(sources, config).encoders
+    for index, encoder in enumerate(encoders):
+        if train.text_encoder == "lora":
+            encoder.requires_grad_(False)
+            encoder.to(dtype=weight_dtype)  # frozen weights in the compute dtype; LoRA's stay fp32
+            add_text_lora(encoder, train, index)
+            cast_training_params(encoder, dtype=torch.float32)
+        else:
+            encoder.requires_grad_(True)
+    return family.trainable_text(encoders).train()
+
+
+def add_text_lora(encoder: CLIPTextModel, train: TrainConfig, index: int = 0) -> None:
+    lora = LoraConfig(
+        r=train.lora_rank,
+        lora_alpha=train.lora_alpha or train.lora_rank,
+        init_lora_weights="gaussian",
+        target_modules=TEXT_LORA_TARGETS,
+    )
+    with torch.random.fork_rng(devices=[]):
+        # not the UNet adapter's draws (nor the other encoder's); no global RNG either
+        torch.manual_seed(train.seed + 1 + index)
+        # peft's own injection (transformers' `add_adapter` wants a newer peft); it records the
+        # config in `encoder.peft_config["default"]`, which the export writes into the metadata
+        inject_adapter_in_model(lora, encoder, adapter_name="default")
+
+
+def load_trained_weights(
+    unet: torch.nn.Module, weights: dict[str, Tensor], what: str = "UNet"
+) -> None:
+    trained = {n for n, p in unet.named_parameters() if p.requires_grad}
+    result = unet.load_state_dict(weights, strict=False)
+    missing = trained & set(result.missing_keys)
+    if missing or result.unexpected_keys:
+        raise UserError(
+            f"The checkpoint does not fit this {what}: {len(missing)} trained weights missing, "
+            f"{len(result.unexpected_keys)} unexpected (e.g. {sorted(missing)[:1]}"
+            f"{result.unexpected_keys[:1]}). Was the checkpoint made with another config?"
+        )
+
+
+def trained_unet(config: RunConfig, sources: ComponentSources, checkpoint: Path):
+    """The final UNet (fp32, CPU) from a checkpoint directory, with EMA weights when `train.ema`."""
+    unet = build_trainable_unet(config, sources)
+    _, values = load_checkpoint(checkpoint)
+    load_trained_weights(unet, values["model"])
+    if config.train.ema:
+        params = [p for p in unet.parameters() if p.requires_grad]
+        ema = EMAModel(params, decay=config.train.ema_decay)
+        ema.load_state_dict(values["ema"])
+        ema.copy_to(params)
+    return unet.eval()
+
+
+def trained_text_encoder(config: RunConfig, sources: ComponentSources, checkpoint: Path):
+    """The trained text encoder (fp32, CPU, LoRA adapter attached) from a checkpoint directory;
+    None when it is frozen. No EMA: EMA averages the UNet only."""
+    encoder = build_trainable_text_encoder(config, sources)
+    if encoder is not None:
+        _, values = load_checkpoint(checkpoint)
+        load_trained_weights(encoder, values[CHECKPOINT_GROUP], "text encoder")
+        encoder.eval()
+    return encoder

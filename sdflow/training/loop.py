@@ -1,0 +1,516 @@
+"""The UNet training loop: from scratch, full fine-tune or LoRA, with exact resume.
+
+`train_unet(config, upstream, workdir, out_dir)` is a plain function with no Prefect inside. The train
+stage calls `run_training`, which runs it in-process for `train.processes: 1`, and otherwise under
+`accelerate launch -m sdflow.training.loop spec.json` (one process per GPU, or gloo processes on a CPU),
+supervised by `sdflow.ops.launch`: the workers' output streams into the `sdflow.train` log, and a failure
+or cancellation ends them all. `train.batch_size` is per process; process r reads the r-th slice of
+each global batch, and DDP averages the gradients, so N processes x B/N see the same samples per step
+as one process x B. Only rank 0 writes checkpoints and the summary.
+
+It reads the latents stage's cached latents and text embeddings (`train.cache_latents: false` encodes
+images and captions at every step instead, for comparison), and checkpoints into `out_dir/checkpoints`
+every `train.checkpoint_every` steps. With `train.text_encoder` lora or full the cache holds token ids
+and the step runs the trained text encoder on them (`sdflow.training.text_training`).
+
+Exact resume: one torch.Generator (seeded by `train.seed`) draws everything random in the order
+written in `sdflow.training.objective.draw_inputs`, and the data order is a function of (seed, epoch) and
+the step alone (`StepBatches`). A checkpoint holds that generator's state with the weights, optimizer, lr schedule
+and EMA, so a run killed at any point and resumed reaches the same weights as one never interrupted.
+
+Validation (`train.validate_every`, `sdflow.training.validation`) runs between steps on fixed held-out
+inputs; its state (curve, best step, patience) is checkpointed too. With `train.keep_best`, a step
+with a new lowest validation loss is checkpointed and marked BEST (never pruned); with
+`train.early_stop_patience` the run ends, checkpointed, after that many validations without one.
+Memory options: `train.optimizer: adamw8bit` (bitsandbytes, CUDA only) and `train.ema_on_cpu`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import ProjectConfiguration
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from sdflow.config import RunConfig, TrainConfig
+from sdflow.errors import UserError, as_user_error
+from sdflow.models.components import (
+    component_sources,
+)
+from sdflow.models.components import noise_scheduler as make_noise_scheduler
+from sdflow.models.families import family_of
+from sdflow.models.trainable import (
+    CHECKPOINT_GROUP,
+    build_trainable_text_encoder,
+    build_trainable_unet,
+    load_trained_weights,
+)
+from sdflow.ops.artifacts import report_progress
+from sdflow.ops.gpuslots import gpu_count, held_device
+from sdflow.ops.launch import LaunchFailed, accelerate_command, exit_with_supervisor, supervise
+from sdflow.store.checkpoints import load_latest, mark_best, save_checkpoint
+from sdflow.store.stageio import Manifest, write_json
+from sdflow.training.memory import check_memory_options, make_ema, make_optimizer
+from sdflow.training.objective import diffusion_loss
+from sdflow.training.schedules import StepBatches, collate, log_bucket_plan, make_batches
+from sdflow.training.speed import (
+    apply_tf32,
+    check_speed_options,
+    compile_unet,
+    fused_adamw,
+    prepare_unet,
+)
+from sdflow.training.text_training import param_groups, trained_parameters
+from sdflow.training.validation import ValidationState, Validator, validation_info
+
+CHECKPOINTS = "checkpoints"
+LOGS = "logs"
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+STEP_LINE = re.compile(r"step (\d+)/(\d+) loss")
+
+log = logging.getLogger("sdflow.train")
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint (JSON), so the loss curve survives resume."""
+
+    step: int = 0
+    samples_seen: int = 0
+    seconds: float = 0.0  # training time summed over all attempts (no start-up, no checkpointing)
+    history: list[list[float]] = field(default_factory=list)  # [step, loss, lr] per step
+    skipped_steps: int = 0  # optimizer steps the fp16 GradScaler skipped (inf/NaN gradients)
+
+
+@dataclass
+class TrainSummary:
+    steps: int
+    samples_seen: int
+    trainable_params: int
+    final_loss: float
+    samples_per_second: float
+    resumed_from: int
+    history: list[list[float]]
+    skipped_steps: int = 0
+    validation: dict[str, Any] | None = None  # `validation_info`, with `train.validate_every`
+    tf32: bool = False  # train.tf32 applied (on CUDA only)
+
+
+@dataclass
+class Trainer:
+    """The live objects of one training run; `state()` / `restore()` are its checkpoint."""
+
+    accelerator: Accelerator
+    train: TrainConfig
+    unet: torch.nn.Module
+    params: list[torch.nn.Parameter]  # the trained ones: all, or only LoRA's
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    ema: EMAModel | None
+    generator: torch.Generator  # the one source of randomness of the loop
+    progress: Progress
+    text_encoder: torch.nn.Module | None = None  # None: frozen, its embeddings are cached
+    text_params: list[torch.nn.Parameter] = field(default_factory=list)  # its trained ones
+    validator: Validator | None = None
+    validation: ValidationState = field(default_factory=ValidationState)
+    tf32: bool = False
+    pending: list[tuple[int, Tensor, float]] = field(default_factory=list)  # losses not yet read
+
+
+def train_unet(
+    config: RunConfig, upstream: dict[str, Manifest | None], workdir: str, out_dir: str | Path
+) -> TrainSummary:
+    """Train to `train.max_steps`, resuming from the newest checkpoint in `out_dir/checkpoints`."""
+    out_dir = Path(out_dir)
+    check_memory_options(config.train)
+    accelerator = make_accelerator(config.train, out_dir)
+    check_speed_options(config.train, accelerator.device)
+    family_of(config).check(config)
+    sources = component_sources(config, upstream, workdir)
+    trainer = make_trainer(accelerator, config, sources)
+    scheduler = make_noise_scheduler(config, sources)
+    if config.train.validate_every:
+        trainer.validator = Validator(config, upstream, workdir, sources, scheduler, out_dir)
+    found = load_latest(out_dir / CHECKPOINTS)
+    if found:
+        restore(trainer, found[1])
+        log.info("Resuming training from the checkpoint of step %d", trainer.progress.step)
+    resumed_from = trainer.progress.step
+    if trainer.text_encoder is None:
+        trainer.unet, trainer.optimizer = accelerator.prepare(trainer.unet, trainer.optimizer)
+    else:  # prepared together: the same autocast, device and (several processes) DDP wrapping
+        trainer.unet, trainer.text_encoder, trainer.optimizer = accelerator.prepare(
+            trainer.unet, trainer.text_encoder, trainer.optimizer
+        )
+    if trainer.ema and not config.train.ema_on_cpu:
+        trainer.ema.to(accelerator.device)
+    trainer.tf32 = apply_tf32(config.train, accelerator.device)
+    compile_unet(accelerator.unwrap_model(trainer.unet), config.train)
+    dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
+    source = make_batches(config, upstream, workdir, sources, accelerator.device, dtype)
+    fit(trainer, source, scheduler, out_dir / CHECKPOINTS)
+    accelerator.end_training()
+    return summarize(trainer, resumed_from)
+
+
+def make_trainer(accelerator: Accelerator, config: RunConfig, sources) -> Trainer:
+    train = config.train
+    weight_dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
+    unet = prepare_unet(build_trainable_unet(config, sources, weight_dtype), train)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    text_encoder = build_trainable_text_encoder(config, sources, weight_dtype)
+    text_params = trained_parameters(text_encoder)
+    # Not under fp16's GradScaler: the fused kernel skips an inf/NaN step itself, unseen by
+    # accelerate, so the lr schedule and EMA would not wait for the next real update.
+    fused = fused_adamw(train, accelerator.device) and accelerator.scaler is None
+    optimizer = make_optimizer(train, param_groups(train, params, text_params), fused)
+    lr_scheduler = get_scheduler(
+        train.lr_scheduler,
+        optimizer,
+        num_warmup_steps=train.warmup_steps,
+        num_training_steps=train.max_steps,
+        num_cycles=train.lr_cycles,
+        power=train.lr_power,
+    )
+    ema = make_ema(train, params)
+    generator = torch.Generator().manual_seed(train.seed + accelerator.process_index)
+    return Trainer(
+        accelerator,
+        train,
+        unet,
+        params,
+        optimizer,
+        lr_scheduler,
+        ema,
+        generator,
+        Progress(),
+        text_encoder,
+        text_params,
+    )
+
+
+def fit(trainer: Trainer, source, scheduler, checkpoints: Path) -> None:
+    """The loop: one optimizer step per iteration, a checkpoint every `checkpoint_every` steps."""
+    train, progress, accelerator = trainer.train, trainer.progress, trainer.accelerator
+    order = source.order(train.seed, train.batch_size)
+    log_bucket_plan(order.summary(), train.batch_size, log)
+    sampler = StepBatches(
+        order,
+        start=progress.step * train.gradient_accumulation,
+        stop=train.max_steps * train.gradient_accumulation,
+        world=accelerator.num_processes,
+        rank=accelerator.process_index,
+    )
+    loader = DataLoader(
+        source.dataset,
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=train.data_workers,
+        pin_memory=train.pin_memory and accelerator.device.type == "cuda",
+        prefetch_factor=train.prefetch_factor,
+    )
+    batches = iter(loader)
+    trainer.unet.train()
+    while progress.step < train.max_steps and trainer.validation.stopped_at is None:
+        started = time.monotonic()
+        lr = trainer.lr_scheduler.get_last_lr()[0]
+        loss = run_step(trainer, source, scheduler, batches)
+        accumulated = train.gradient_accumulation
+        progress.samples_seen += sampler.samples(progress.step * accumulated, accumulated)
+        progress.step += 1
+        progress.seconds += time.monotonic() - started
+        trainer.pending.append((progress.step, loss, lr))  # read at the next log or checkpoint
+        report_progress("train", progress.step, train.max_steps, "steps")  # no-op in a worker
+        if progress.step % train.log_every == 0 or progress.step == train.max_steps:
+            loss = read_losses(trainer)
+            accelerator.log({"loss": loss, "lr": lr}, step=progress.step)
+            log.info("step %d/%d loss %.5f lr %.3g", progress.step, train.max_steps, loss, lr)
+        keep = progress.step % train.checkpoint_every == 0 or progress.step == train.max_steps
+        best = False
+        if trainer.validator and progress.step % train.validate_every == 0:
+            best = trainer.validator.run(trainer, trainer.validation) and train.keep_best
+        if keep or best or trainer.validation.stopped_at is not None:
+            read_losses(trainer)
+            save(trainer, checkpoints)
+    read_losses(trainer)
+
+
+def read_losses(trainer: Trainer) -> float:
+    """Move the pending step losses into the history as numbers; the newest one's value.
+
+    One device-to-host read per log line instead of one per step: a step never waits for the
+    GPU to finish the previous one just to print its loss."""
+    pending, trainer.pending = trainer.pending, []
+    if pending:
+        values = torch.stack([loss for _, loss, _ in pending]).tolist()
+        trainer.progress.history += [
+            [step, value, lr] for (step, _, lr), value in zip(pending, values, strict=True)
+        ]
+    return trainer.progress.history[-1][1]
+
+
+def run_step(trainer: Trainer, source, scheduler, batches) -> Tensor:
+    """One optimizer step over `gradient_accumulation` micro-batches; returns the mean loss (a
+    0-d tensor on the device, not read yet)."""
+    accelerator, train = trainer.accelerator, trainer.train
+    total = torch.zeros((), device=accelerator.device)
+    text_encoder = trainer.text_encoder
+    models = [trainer.unet] if text_encoder is None else [trainer.unet, text_encoder]
+    for _ in range(train.gradient_accumulation):
+        batch = next(batches)
+        with accelerator.accumulate(*models):
+            loss = diffusion_loss(
+                trainer.unet,
+                scheduler,
+                source,
+                batch,
+                trainer.generator,
+                train,
+                accelerator.device,
+                text_encoder=text_encoder,
+            )
+            accelerator.backward(loss)  # divides by gradient_accumulation
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(
+                    trainer.params + trainer.text_params, train.max_grad_norm
+                )
+            trainer.optimizer.step()  # a no-op until the last micro-batch
+            trainer.optimizer.zero_grad(set_to_none=True)
+        total += loss.detach().float()
+    if accelerator.optimizer_step_was_skipped:
+        # The GradScaler found inf/NaN gradients and left the weights alone: the lr schedule and
+        # EMA wait for a real update too (as diffusers' AcceleratedScheduler does).
+        trainer.progress.skipped_steps += 1
+        log.warning("step %d: inf/NaN gradients, optimizer step skipped", trainer.progress.step + 1)
+    else:
+        trainer.lr_scheduler.step()
+        if trainer.ema:
+            trainer.ema.step(trainer.params)
+    return accelerator.reduce(total / train.gradient_accumulation, "mean").float()
+
+
+# ------------------------------------------------------------------------------------------ setup
+
+
+def make_accelerator(train: TrainConfig, out_dir: Path) -> Accelerator:
+    project = ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / LOGS))
+    options = dict(
+        mixed_precision=train.mixed_precision,
+        gradient_accumulation_steps=train.gradient_accumulation,
+        log_with="tensorboard",
+        project_config=project,
+    )
+    try:
+        accelerator = Accelerator(**options)
+    except ValueError:
+        # An earlier in-process run fixed another mixed precision; only a single process resets it.
+        if AcceleratorState().num_processes > 1:
+            raise
+        AcceleratorState._reset_state()
+        accelerator = Accelerator(**options)
+    accelerator.init_trackers("train", config=tracker_config(train))
+    return accelerator
+
+
+def tracker_config(train: TrainConfig) -> dict[str, Any]:
+    """Scalar hyper-parameters for TensorBoard's hparams view."""
+    values = train.model_dump()
+    return {k: v for k, v in values.items() if isinstance(v, int | float | str | bool)}
+
+
+# ------------------------------------------------------------------------------- state, summary
+
+
+def state(trainer: Trainer, generators: Tensor) -> dict[str, Any]:
+    """Everything a resumed run needs; only the trained parameters (all, or LoRA's) are saved.
+
+    `generators` stacks every process's generator state (row = process index).
+    """
+    unet = trainer.accelerator.unwrap_model(trainer.unet)
+    values = {
+        "model": {n: p for n, p in unet.named_parameters() if p.requires_grad},
+        "optimizer": trainer.optimizer.state_dict(),
+        "lr_scheduler": trainer.lr_scheduler.state_dict(),
+        "rng": {"generators": generators, "torch": torch.get_rng_state()},
+        "progress": asdict(trainer.progress),
+    }
+    if trainer.text_encoder is not None:
+        encoder = trainer.accelerator.unwrap_model(trainer.text_encoder)
+        values[CHECKPOINT_GROUP] = {n: p for n, p in encoder.named_parameters() if p.requires_grad}
+    if trainer.ema:
+        values["ema"] = trainer.ema.state_dict()
+    if trainer.validator:
+        values["validation"] = asdict(trainer.validation)
+    if trainer.accelerator.scaler is not None:  # fp16 loss scale and its growth counter
+        values["grad_scaler"] = trainer.accelerator.scaler.state_dict()
+    return values
+
+
+def restore(trainer: Trainer, values: dict[str, Any]) -> None:
+    """Load a checkpoint into the freshly built trainer (before `accelerator.prepare`)."""
+    load_trained_weights(trainer.unet, values["model"])
+    if trainer.text_encoder is not None:
+        load_trained_weights(trainer.text_encoder, values[CHECKPOINT_GROUP], "text encoder")
+    if "optimizer" in values:  # after the scheduler set initial_lr
+        trainer.optimizer.load_state_dict(values["optimizer"])
+    else:  # a finished stage's checkpoint (train.keep_optimizer_state: false)
+        log.info("The checkpoint holds no optimizer state: Adam's moments start from zero")
+    trainer.lr_scheduler.load_state_dict(values["lr_scheduler"])
+    if trainer.ema:
+        trainer.ema.load_state_dict(values["ema"])
+    if trainer.accelerator.scaler is not None and "grad_scaler" in values:
+        trainer.accelerator.scaler.load_state_dict(values["grad_scaler"])
+    own = values["rng"]["generators"][trainer.accelerator.process_index]
+    trainer.generator.set_state(own.clone())  # a row view (storage offset > 0) crashes set_state
+    torch.set_rng_state(values["rng"]["torch"])
+    trainer.progress = Progress(**values["progress"])
+    if "validation" in values:
+        trainer.validation = ValidationState(**values["validation"])
+        trainer.validation.reconsider(trainer.train.early_stop_patience)
+
+
+def save(trainer: Trainer, checkpoints: Path) -> None:
+    """The main process writes; the other processes only contribute their generator states."""
+    accelerator = trainer.accelerator
+    own = trainer.generator.get_state()[None].to(accelerator.device)
+    generators = accelerator.gather(own).cpu()
+    if accelerator.is_main_process:
+        step = trainer.progress.step
+        values = state(trainer, generators)
+        save_checkpoint(checkpoints, step, values, keep=trainer.train.keep_checkpoints)
+        if trainer.train.keep_best and trainer.validation.best_step is not None:
+            mark_best(checkpoints, trainer.validation.best_step)  # again after a crash: idempotent
+        log.info("Saved checkpoint of step %d", step)
+    accelerator.wait_for_everyone()
+
+
+def summarize(trainer: Trainer, resumed_from: int) -> TrainSummary:
+    """Final loss = mean over the last `log_every` steps (one step's loss is too noisy)."""
+    progress = trainer.progress
+    window = [loss for _, loss, _ in progress.history[-trainer.train.log_every :]]
+    return TrainSummary(
+        steps=progress.step,
+        samples_seen=progress.samples_seen,
+        trainable_params=sum(p.numel() for p in trainer.params + trainer.text_params),
+        final_loss=sum(window) / max(1, len(window)),
+        samples_per_second=progress.samples_seen / progress.seconds if progress.seconds else 0.0,
+        resumed_from=resumed_from,
+        history=progress.history,
+        skipped_steps=progress.skipped_steps,
+        validation=validation_summary(trainer),
+        tf32=trainer.tf32,
+    )
+
+
+def validation_summary(trainer: Trainer) -> dict[str, Any] | None:
+    if trainer.validator is None:
+        return None
+    grid = trainer.validator.newest_grid(trainer.validation)
+    return validation_info(trainer.validation, trainer.train.validate_every, grid)
+
+
+# ------------------------------------------------------------------------------- several processes
+
+
+def resolve_processes(train: TrainConfig) -> int:
+    """`train.processes` as a number: "auto" is one process per visible GPU (one without a GPU)."""
+    if train.processes == "auto":
+        return max(1, torch.cuda.device_count())
+    return train.processes
+
+
+def run_training(
+    config: RunConfig, upstream: dict[str, Manifest | None], workdir: str, out_dir: str | Path
+) -> TrainSummary:
+    """`train_unet` in this process, or in `train.processes` processes under `accelerate launch`."""
+    processes = resolve_processes(config.train)
+    if processes == 1:
+        return train_unet(config, upstream, workdir, out_dir)
+    with tempfile.TemporaryDirectory(prefix="sdflow-train-") as tmp:
+        spec = {
+            "config": config.model_dump(mode="json"),
+            "upstream": upstream,
+            "workdir": str(workdir),
+            "out_dir": str(out_dir),
+            "summary": str(Path(tmp) / "summary.json"),
+            "error": str(Path(tmp) / "error.json"),
+        }
+        write_json(Path(tmp) / "spec.json", spec)
+        cmd, env = launch_command(config.train, processes, Path(tmp) / "spec.json")
+        try:
+            supervise(cmd, log, env={**os.environ, **env}, on_line=report_steps)
+        except LaunchFailed:
+            error = Path(spec["error"])
+            if error.is_file():  # a worker met a user mistake: say so, and do not retry
+                raise UserError(json.loads(error.read_text())["user_error"]) from None
+            raise
+        return TrainSummary(**json.loads(Path(spec["summary"]).read_text()))
+
+
+def report_steps(line: str) -> None:
+    """Progress in the UI from the workers' `step N/M` log lines (they cannot reach the API)."""
+    if match := STEP_LINE.match(line):
+        report_progress("train", int(match[1]), int(match[2]), "steps")
+
+
+def launch_command(train: TrainConfig, processes: int, spec: Path) -> tuple[list[str], dict]:
+    """`accelerate launch` of this module: one process per GPU, or gloo processes on a CPU host."""
+    gpus = gpu_count()  # 1 while the stage holds a GPU slot (a deployment's gpu-<i> limit)
+    if gpus and processes > gpus:
+        have = "its GPU slot gives the stage" if held_device() is not None else "this host has"
+        raise UserError(
+            f"train.processes is {processes} ({train.processes!r}) but {have} {gpus} GPU(s): "
+            f"use at most {gpus}. A deployment with GPU slots trains on one GPU per stage; "
+            "`sdflow run` without slots may use every GPU of the host."
+        )
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return accelerate_command(
+        processes,
+        "sdflow.training.loop",  # this module, also when it runs as __main__
+        [str(spec)],
+        gpu=gpus > 0,
+        mixed_precision=train.mixed_precision,
+        cpu_threads=max(1, (cpus or 1) // processes),
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """A worker of `accelerate launch -m sdflow.training.loop spec.json` (see `run_training`)."""
+    args = sys.argv[1:] if argv is None else argv
+    spec = json.loads(Path(args[0]).read_text())
+    exit_with_supervisor()
+    rank = int(os.environ.get("RANK", "0"))
+    # The supervisor logs what rank 0 says; other ranks only speak up about problems.
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(message)s" if rank == 0 else f"[rank {rank}] %(levelname)s %(message)s",
+    )
+    config = RunConfig.model_validate(spec["config"])
+    try:
+        summary = train_unet(config, spec["upstream"], spec["workdir"], spec["out_dir"])
+    except Exception as exc:  # a user mistake, or out of memory / disk full: no retry will help
+        deterministic = as_user_error(exc, "train")
+        if deterministic is not None and spec.get("error"):
+            write_json(spec["error"], {"user_error": str(deterministic)})
+        raise
+    if rank == 0 and spec.get("summary"):
+        write_json(spec["summary"], asdict(summary))
+
+
+if __name__ == "__main__":
+    main()

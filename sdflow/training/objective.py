@@ -1,0 +1,110 @@
+"""The diffusion objective of one training step: what it draws at random, and the loss.
+
+`draw_inputs` makes every random draw of a step from one generator, in a fixed order (exact resume
+depends on it): horizontal flips, caption dropout, a fresh sample of each image's latent
+distribution, the noise (with `train.noise_offset`) and the timesteps. `diffusion_loss` noises the
+latents, runs the UNet (and a trained text encoder), and compares its output with
+`prediction_target` (epsilon or v) by `weighted_mse` (plain, or min-SNR-gamma weighted).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers.training_utils import compute_snr
+from torch import Tensor
+
+from sdflow.config import TrainConfig
+from sdflow.training.speed import memory_format
+
+
+@dataclass
+class StepInputs:
+    """What one step draws at random: the augmentation choices, the noised sample's parts."""
+
+    flip: Tensor  # [B] bool: the row reads its flipped latents
+    drop: Tensor  # [B] bool: the row's caption is replaced by the empty prompt
+    latents: Tensor  # [B, C, h, w] a fresh sample of the latent distribution, scaled
+    noise: Tensor  # [B, C, h, w] the added noise (offset included)
+    timesteps: Tensor  # [B]
+    text: Tensor  # [B, L, D] caption embeddings, or [B, L] token ids when the text encoder
+    # trains (the empty prompt's where dropped)
+    added: dict[str, Tensor] | None = None  # the UNet's added_cond_kwargs (SDXL), None for SD
+
+
+def draw_inputs(scheduler, source, batch, generator, train: TrainConfig) -> StepInputs:
+    """Every random draw of a step, from `generator`, in this order (exact resume depends on it)."""
+    size = len(batch["id"])
+    flip = (torch.rand(size, generator=generator) < 0.5) & train.use_flipped
+    drop = torch.rand(size, generator=generator) < train.caption_dropout
+    mean, std = source.latent_dist(batch, flip)
+    # A fresh sample from the VAE's latent distribution each step, as if the image were re-encoded.
+    sample = torch.randn(mean.shape, generator=generator)
+    latents = (mean.float() + std.float() * sample) * source.scaling_factor
+    noise = torch.randn(latents.shape, generator=generator)
+    if train.noise_offset:
+        # Offset noise lets the model change an image's mean brightness:
+        # https://www.crosslabs.org/blog/diffusion-with-offset-noise
+        offset = torch.randn((size, latents.shape[1], 1, 1), generator=generator)
+        noise = noise + train.noise_offset * offset
+    steps = scheduler.config.num_train_timesteps
+    timesteps = torch.randint(0, steps, (size,), generator=generator)
+    dropped = drop.view(-1, *[1] * source.empty_prompt.dim())
+    text = torch.where(dropped, source.empty_prompt, source.text(batch).cpu())
+    added = source.added_conditioning(batch, drop)  # nothing random: SD's draws are unchanged
+    return StepInputs(flip, drop, latents, noise, timesteps, text, added)
+
+
+def prediction_target(scheduler, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+    """What the UNet learns to predict: the noise, or v (Salimans & Ho 2022, arXiv 2202.00512)."""
+    if scheduler.config.prediction_type == "epsilon":
+        return noise
+    return scheduler.get_velocity(latents, noise, timesteps)
+
+
+def diffusion_loss(
+    unet, scheduler, source, batch, generator, train: TrainConfig, device, text_encoder=None
+) -> Tensor:
+    """The diffusion training step written out; every random draw comes from `generator`, in order.
+
+    `text_encoder` (when it trains) turns the drawn token ids into the UNet's conditioning."""
+    inputs = draw_inputs(scheduler, source, batch, generator, train)
+    latents, noise = inputs.latents.to(device), inputs.noise.to(device)
+    timesteps = inputs.timesteps.to(device)
+    noisy = scheduler.add_noise(latents, noise, timesteps).to(memory_format=memory_format(train))
+    target = prediction_target(scheduler, latents, noise, timesteps)
+    text = inputs.text.to(device)
+    added = inputs.added
+    if text_encoder is not None:
+        encoded = text_encoder(text)
+        text = encoded[0]
+        if added is not None:  # SDXL: the trained encoder's pooled projection, not a cached one
+            added = {**added, "text_embeds": encoded[1]}
+    pred = unet(noisy, timesteps, text, **added_kwargs(added, device)).sample
+    return weighted_mse(pred.float(), target.float(), scheduler, timesteps, train.snr_gamma)
+
+
+def added_kwargs(added: dict[str, Tensor] | None, device) -> dict[str, Any]:
+    """`added_cond_kwargs` for the UNet call on `device` (none for a UNet that takes none)."""
+    if added is None:
+        return {}
+    return {"added_cond_kwargs": {key: value.to(device) for key, value in added.items()}}
+
+
+def weighted_mse(pred, target, scheduler, timesteps, snr_gamma: float | None) -> Tensor:
+    """MSE, optionally with min-SNR-gamma weights (Hang et al. 2023, arXiv 2303.09556)."""
+    if snr_gamma is None:
+        return F.mse_loss(pred, target)
+    snr = compute_snr(scheduler, timesteps)
+    clipped = torch.clamp(snr, max=snr_gamma)
+    # The paper's weight min(snr, gamma) is for predicting x0; predicting eps divides by snr, and
+    # predicting v (whose loss is (snr + 1) times the x0 loss) divides by snr + 1.
+    if scheduler.config.prediction_type == "v_prediction":
+        weights = clipped / (snr + 1)
+    else:
+        weights = clipped / snr
+    per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
+    return (per_sample * weights).mean()

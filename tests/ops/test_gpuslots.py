@@ -1,0 +1,56 @@
+"""GPU slots without a server: which stages take one, and what a launched process is shown.
+
+The slots themselves (waiting, binding, CUDA_VISIBLE_DEVICES) are tested against a real server in
+tests/flows/test_gpu_slots.py.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import pytest
+
+from sdflow.ops import gpuslots
+from sdflow.ops.orchestration import stage_gpu_slot
+from sdflow.profiles import load_profile
+
+
+@pytest.mark.parametrize(
+    ("stage", "backend", "takes_slot"),
+    [("train", "keep", True), ("latents", "keep", True), ("caption", "blip", True),
+     ("caption", "clip-interrogator", True), ("caption", "keep", False), ("filter", "blip", False)],
+)  # fmt: skip
+def test_gpu_stages_and_model_captioning_take_a_device_slot(stage, backend, takes_slot):
+    config = load_profile("tiny-test", [f"caption.backend={backend}"])
+    assert (not isinstance(stage_gpu_slot(stage, config), nullcontext)) == takes_slot
+
+
+def test_outside_a_prefect_run_there_is_no_slot_and_no_api_call(monkeypatch):
+    def no_api():
+        raise AssertionError("must not ask the server")
+
+    monkeypatch.setattr(gpuslots, "device_limits", no_api)
+    with gpuslots.gpu_slot() as device:
+        assert device is None
+    assert gpuslots.child_visible_devices({}) is None
+    assert str(gpuslots.torch_device()) in ("cpu", "cuda")
+
+
+def test_a_slot_is_the_nth_device_this_process_sees(monkeypatch):
+    monkeypatch.setattr(gpuslots, "_held", [1])
+    assert gpuslots.child_visible_devices({}) == "1"
+    assert gpuslots.child_visible_devices({"CUDA_VISIBLE_DEVICES": "4,6"}) == "6"
+    assert gpuslots.gpu_count() <= 1
+
+
+def test_training_in_a_slot_refuses_more_processes_than_its_one_gpu(monkeypatch, tmp_path):
+    from sdflow.config import TrainConfig
+    from sdflow.errors import UserError
+    from sdflow.training import loop as training
+
+    monkeypatch.setattr(gpuslots, "_held", [0])
+    monkeypatch.setattr(training, "gpu_count", lambda: 1)  # a GPU host, seen from inside the slot
+    with pytest.raises(UserError, match=r"train.processes is 2 \(2\) but its GPU slot gives"):
+        training.launch_command(TrainConfig(processes=2), 2, tmp_path / "spec.json")
+    command, _ = training.launch_command(TrainConfig(processes=1), 1, tmp_path / "spec.json")
+    assert command[command.index("--num_processes") + 1] == "1"

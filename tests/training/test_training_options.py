@@ -1,0 +1,318 @@
+"""Training options checked against references computed by hand on fixed tensors.
+
+Each test fails if its option is switched on but does nothing, or does something else: min-SNR-γ
+weights, the v-prediction target, offset noise, caption dropout, flip sampling, latent resampling,
+bf16 autocast on CPU, gradient checkpointing, and the TensorBoard scalars.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from diffusers import DDPMScheduler
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from sdflow.config import TrainConfig
+from sdflow.models.components import build_unet, component_sources
+from sdflow.models.trainable import build_trainable_unet
+from sdflow.profiles import load_profile
+from sdflow.store.stageio import StageBuild, build_stage
+from sdflow.training.latent_data import (
+    EMPTY_PROMPT,
+    latent_shard_name,
+    save_tensors,
+    write_latent_shard,
+)
+from sdflow.training.loop import make_accelerator, train_unet
+from sdflow.training.objective import diffusion_loss, draw_inputs, prediction_target, weighted_mse
+from sdflow.training.schedules import CachedBatches, collate
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+ROWS = 24
+SCALE = 0.5
+EMPTY_VALUE = 7.0  # the cached empty-prompt embedding is all 7s: no caption embedding is
+
+
+def sd_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
+    return DDPMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        prediction_type=prediction_type,
+    )
+
+
+@pytest.fixture(scope="module")
+def latents(tmp_path_factory) -> tuple[Path, dict]:
+    """A latents-stage output: row i has mean i, flipped mean -i, std 0.1, text embedding i/100."""
+    workdir = tmp_path_factory.mktemp("options")
+
+    def work(build: StageBuild) -> dict:
+        rows = torch.arange(ROWS, dtype=torch.float32)[:, None, None, None]
+        ones = torch.ones(ROWS, 4, 8, 8)
+        tensors = {
+            "mean": rows * ones,
+            "std": 0.1 * ones,
+            "mean_flip": -rows * ones,
+            "std_flip": 0.1 * ones,
+            "text": (rows[:, :, :, 0] / 100) * torch.ones(ROWS, 16, 32),
+        }
+        write_latent_shard(
+            build.path / latent_shard_name(0), tensors, [f"r{i}" for i in range(ROWS)]
+        )
+        save_tensors(build.path / EMPTY_PROMPT, {"text": torch.full((16, 32), EMPTY_VALUE)}, {})
+        return build.finish(
+            counts={"encoded": ROWS},
+            shards=[latent_shard_name(0)],
+            # named as the real stage names them; training from the cache never opens them
+            files={"empty_prompt": EMPTY_PROMPT, "text_encoder": "te", "tokenizer": "tok"},
+            info={"scaling_factor": SCALE, "rows_per_shard": [ROWS]},
+        )
+
+    return workdir, build_stage(workdir, "latents", "fixture", work)
+
+
+@pytest.fixture(scope="module")
+def source(latents) -> CachedBatches:
+    return CachedBatches(str(latents[0]), latents[1])
+
+
+def batch_of(source: CachedBatches, rows: list[int]) -> dict:
+    return collate([source.dataset[i] for i in rows])
+
+
+def all_rows(source: CachedBatches, repeat: int = 1) -> dict:
+    return batch_of(source, list(range(ROWS)) * repeat)
+
+
+def within_binomial(hits: int, n: int, p: float) -> bool:
+    """Within 4 standard deviations of the expected count."""
+    return abs(hits - n * p) <= 4 * math.sqrt(n * p * (1 - p))
+
+
+# ------------------------------------------------------------------------------- loss weighting
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weights_match_the_paper(prediction_type):
+    scheduler = sd_scheduler(prediction_type)
+    timesteps = torch.tensor([0, 10, 100, 400, 999])
+    per_sample = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])  # the MSE of each row
+    target = per_sample.sqrt()[:, None, None, None] * torch.ones(5, 4, 2, 2)
+    pred = torch.zeros_like(target)
+    gamma = 5.0
+    alpha_bar = scheduler.alphas_cumprod[timesteps].double()
+    snr = alpha_bar / (1 - alpha_bar)
+    assert snr[0] > gamma > snr[-1]  # both sides of the clip are exercised
+    if prediction_type == "epsilon":
+        weights = torch.minimum(snr, torch.tensor(gamma)) / snr
+    else:
+        weights = torch.minimum(snr, torch.tensor(gamma)) / (snr + 1)
+    expected = float((per_sample.double() * weights).mean())
+    loss = weighted_mse(pred, target, scheduler, timesteps, gamma)
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    assert float(weighted_mse(pred, target, scheduler, timesteps, None)) == pytest.approx(3.0)
+
+
+def test_v_prediction_target_is_the_closed_form():
+    scheduler = sd_scheduler("v_prediction")
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4, 4, 8, 8, generator=generator)
+    eps = torch.randn(4, 4, 8, 8, generator=generator)
+    t = torch.tensor([0, 250, 600, 999])
+    a = scheduler.alphas_cumprod[t].double()[:, None, None, None]
+    v = a.sqrt() * eps.double() - (1 - a).sqrt() * x0.double()
+    got = prediction_target(scheduler, x0, eps, t)
+    torch.testing.assert_close(got.double(), v, rtol=1e-5, atol=1e-5)
+    assert torch.equal(prediction_target(sd_scheduler("epsilon"), x0, eps, t), eps)
+
+
+def test_the_loss_regresses_the_unet_onto_v(source):
+    """diffusion_loss with a UNet that predicts 0 is the mean square of the hand-made v."""
+    scheduler = sd_scheduler("v_prediction")
+    train = TrainConfig()
+    batch = all_rows(source)
+    generator = torch.Generator().manual_seed(3)
+    state = generator.get_state()
+
+    class Zero(torch.nn.Module):
+        def forward(self, noisy, timesteps, text):
+            self.seen = noisy
+            return type("Out", (), {"sample": torch.zeros_like(noisy)})
+
+    unet = Zero()
+    loss = diffusion_loss(unet, scheduler, source, batch, generator, train, torch.device("cpu"))
+    inputs = draw_inputs(scheduler, source, batch, torch.Generator().set_state(state), train)
+    a = scheduler.alphas_cumprod[inputs.timesteps].double()[:, None, None, None]
+    x0, eps = inputs.latents.double(), inputs.noise.double()
+    v = a.sqrt() * eps - (1 - a).sqrt() * x0
+    assert float(loss) == pytest.approx(float((v**2).mean()), rel=1e-5)
+    noisy = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    torch.testing.assert_close(unet.seen.double(), noisy, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------- random draws
+
+
+@pytest.mark.parametrize("offset", [0.0, 0.5])
+def test_offset_noise_adds_a_per_channel_shift_of_the_right_variance(source, offset):
+    train = TrainConfig(noise_offset=offset)
+    inputs = draw_inputs(
+        sd_scheduler(), source, all_rows(source, 100), torch.Generator().manual_seed(0), train
+    )
+    channel_means = inputs.noise.mean(dim=(2, 3))  # [rows, channels]
+    # mean of 64 unit normals (variance 1/64) plus one offset draw (variance offset^2)
+    assert float(channel_means.var()) == pytest.approx(1 / 64 + offset**2, rel=0.12)
+    within = inputs.noise - channel_means[:, :, None, None]
+    assert float(within.var()) == pytest.approx(63 / 64, rel=0.03)
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.25, 1.0])
+def test_caption_dropout_rate_and_the_empty_prompt(source, rate):
+    train = TrainConfig(caption_dropout=rate)
+    generator = torch.Generator().manual_seed(1)
+    dropped = draws = 0
+    for _ in range(40):
+        inputs = draw_inputs(sd_scheduler(), source, all_rows(source, 4), generator, train)
+        rows = torch.arange(ROWS).repeat(4)
+        text = inputs.text
+        assert torch.equal(text[inputs.drop], torch.full_like(text[inputs.drop], EMPTY_VALUE))
+        own = (rows[~inputs.drop].float() / 100)[:, None, None] * torch.ones(16, 32)
+        assert torch.equal(text[~inputs.drop], own)
+        dropped += int(inputs.drop.sum())
+        draws += len(rows)
+    assert within_binomial(dropped, draws, rate)
+
+
+@pytest.mark.parametrize("use_flipped", [True, False])
+def test_flips_are_sampled_half_the_time_and_read_the_flipped_latents(source, use_flipped):
+    train = TrainConfig(use_flipped=use_flipped)
+    generator = torch.Generator().manual_seed(2)
+    inputs = draw_inputs(sd_scheduler(), source, all_rows(source, 100), generator, train)
+    rows = torch.arange(ROWS).repeat(100).float()
+    # std is 0.1 and rows are integers apart: the sign of the latent tells which mean was read
+    read_flipped = inputs.latents.mean(dim=(1, 2, 3)) / SCALE < rows - 0.5
+    nonzero = rows > 0  # row 0's flipped mean is its mean
+    assert torch.equal(read_flipped[nonzero], inputs.flip[nonzero])
+    if use_flipped:
+        assert within_binomial(int(inputs.flip.sum()), len(rows), 0.5)
+    else:
+        assert not inputs.flip.any()
+
+
+def test_latents_are_resampled_from_mean_and_std(source):
+    train = TrainConfig(use_flipped=False)
+    batch = batch_of(source, [5] * 4000)  # one image seen 4000 times: mean 5, std 0.1
+    inputs = draw_inputs(sd_scheduler(), source, batch, torch.Generator().manual_seed(4), train)
+    unscaled = inputs.latents / SCALE
+    assert float(unscaled.mean()) == pytest.approx(5.0, abs=4 * 0.1 / math.sqrt(unscaled.numel()))
+    assert float(unscaled.std(dim=0).mean()) == pytest.approx(0.1, rel=0.03)
+    # the epsilon is the generator's: drawn after the flip and dropout draws of the batch
+    generator = torch.Generator().manual_seed(4)
+    torch.rand(4000, generator=generator), torch.rand(4000, generator=generator)
+    eps = torch.randn(4000, 4, 8, 8, generator=generator)
+    torch.testing.assert_close(inputs.latents, (5.0 + 0.1 * eps) * SCALE)
+
+
+# -------------------------------------------------------------------------- precision, memory
+
+
+@pytest.fixture()
+def bf16_accelerator(tmp_path):
+    accelerator = make_accelerator(TrainConfig(mixed_precision="bf16"), tmp_path)
+    yield accelerator
+    accelerator.end_training()
+    AcceleratorState._reset_state()
+
+
+def conv_dtypes(unet: torch.nn.Module) -> list[torch.dtype]:
+    seen: list[torch.dtype] = []
+    unet.down_blocks[0].resnets[0].conv1.register_forward_hook(
+        lambda module, args, out: seen.append(out.dtype)
+    )
+    return seen
+
+
+def test_bf16_mixed_precision_runs_the_unet_in_bf16_on_cpu(source, bf16_accelerator):
+    model = load_profile("tiny-test").model
+    train = TrainConfig(mixed_precision="bf16")
+    batch, scheduler = all_rows(source), sd_scheduler()
+    reference = build_unet(model)
+    reference_dtypes = conv_dtypes(reference)
+    expected = diffusion_loss(
+        reference, scheduler, source, batch, torch.Generator().manual_seed(5), train, "cpu"
+    )
+    unet = bf16_accelerator.prepare(build_unet(model))
+    dtypes = conv_dtypes(unet)
+    loss = diffusion_loss(
+        unet, scheduler, source, batch, torch.Generator().manual_seed(5), train, "cpu"
+    )
+    assert reference_dtypes == [torch.float32] and dtypes == [torch.bfloat16]
+    assert loss.dtype == torch.float32
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=0.03)
+    assert float(loss.detach()) != float(expected.detach())  # computed at another precision
+
+
+def test_gradient_checkpointing_recomputes_blocks_and_keeps_the_loss(tmp_path, source):
+    losses, grads, calls = [], [], []
+    for enabled in (False, True):
+        config = load_profile(
+            "tiny-test",
+            [f"model.vae={tmp_path}", f"train.gradient_checkpointing={str(enabled).lower()}"],
+        )
+        sources = component_sources(config, {}, str(tmp_path))
+        unet = build_trainable_unet(config, sources).train()
+        assert unet.is_gradient_checkpointing == enabled
+        count: list[int] = []
+        conv = unet.down_blocks[0].resnets[0].conv1
+        conv.register_forward_hook(lambda *_, count=count: count.append(1))
+        loss = diffusion_loss(
+            unet,
+            sd_scheduler(),
+            source,
+            all_rows(source),
+            torch.Generator().manual_seed(6),
+            config.train,
+            "cpu",
+        )
+        loss.backward()
+        losses.append(float(loss))
+        grads.append(unet.conv_in.weight.grad.clone())
+        calls.append(len(count))
+    assert calls == [1, 2]  # checkpointing runs the block again during backward
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+
+
+# -------------------------------------------------------------------------------- TensorBoard
+
+
+def test_tensorboard_holds_the_logged_loss_and_lr(tmp_path, latents):
+    workdir, manifest = latents
+    overrides = [
+        f"model.vae={tmp_path}",
+        "train.max_steps=5",
+        "train.log_every=2",
+        "train.checkpoint_every=5",
+        "train.batch_size=4",
+        "train.lr=0.002",
+    ]
+    config = load_profile("tiny-test", overrides)
+    upstream = {"latents": manifest, "autoencoder": None}
+    summary = train_unet(config, upstream, str(workdir), tmp_path / "out")
+    # the run's scalars; a sub-directory holds the hyper-parameters
+    (events,) = (tmp_path / "out" / "logs" / "train").glob("events.out.tfevents.*")
+    scalars = EventAccumulator(str(events)).Reload()
+    loss = [(e.step, e.value) for e in scalars.Scalars("loss")]
+    lr = [(e.step, e.value) for e in scalars.Scalars("lr")]
+    logged = [h for h in summary.history if h[0] in (2, 4, 5)]  # every 2nd step and the last
+    assert [s for s, _ in loss] == [2, 4, 5] and [s for s, _ in lr] == [2, 4, 5]
+    assert [v for _, v in loss] == pytest.approx([h[1] for h in logged], rel=1e-6)
+    assert [v for _, v in lr] == pytest.approx([0.002] * 3, rel=1e-6)
+    assert len({round(v, 6) for _, v in loss}) == 3  # real per-step losses, not one constant
