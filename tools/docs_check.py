@@ -1,0 +1,342 @@
+"""Check that the docs name only things that exist: profile keys, files, modules, bench commands.
+
+    python tools/docs_check.py [DOC.md ...]      # default: README.md and docs/*.md; `make docs-check`
+
+Reads the code spans and fenced blocks of each document and reports, with file and line:
+- a profile key (`train.lora_rank`, `--set download.per_host_connections=8`, the keys of a YAML
+  block or of an inline `filter.metadata: {...}`) that the config schema does not have: the pydantic
+  models under `sdflow.config.RunConfig` are walked field by field (dicts take any key, lists and
+  unions are looked through);
+- a repository path (`sdflow/store/stageio.py`, `tests/flows/test_chaos.py`, `profiles/x.yaml`) or
+  module (`sdflow.training.loop`, `sdflow.store.handoff.ThreadHandoff`) that is not in the tree;
+- a `make` target that the Makefile lacks;
+- a `bench/` script that does not run with `--help`, or whose help lacks an option the docs give it.
+
+The `--help` runs are what costs: most benches import torch before parsing their arguments. So this
+process imports every module the named benches import at their top once, then forks one child per
+script that runs it as `__main__` with `--help` (the script's own imports really run there; a broken
+one fails as it would from the shell). Exit status 1 when anything is reported.
+
+It lives in tools/ because it checks the repository, not the library: sdflow/ is what users install,
+tests/ mirrors sdflow/ (tests/test_docs.py runs this script), bench/ measures.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import importlib
+import os
+import re
+import runpy
+import sys
+import tempfile
+import time
+import traceback
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+SECTIONS = ("source", "download", "filter", "caption", "model", "autoencoder", "latents", "train")
+SECTIONS += ("eval", "runner")
+KEY = re.compile(rf"(?<![\w./$-])(?:{'|'.join(SECTIONS)})(?:\.[A-Za-z_]\w*)+(?![\w/-]|\.\w)")
+PATH = re.compile(
+    r"(?<![\w./-])(?:sdflow|tests|bench|flows|tasks|profiles|deployments|tools)/[\w./*-]*"
+)
+MODULE = re.compile(r"(?<![\w./-])(?:sdflow|tasks|flows)(?:\.[A-Za-z_]\w*)+")
+BENCH = re.compile(r"(?<![\w./-])bench/(\w+)\.py([^`#;|)]*)")
+MAKE = re.compile(r"(?<![\w-])make ([a-z][\w-]*)")
+OPTION = re.compile(r"(?<![\w-])--[a-z][\w-]*")
+INLINE_YAML = re.compile(rf"^\s*(?:{'|'.join(SECTIONS)})[\w.]*\s*:\s")
+
+
+@dataclass
+class Found:
+    """What the documents name, each with the places (file:line) that name it."""
+
+    keys: dict[str, list[str]] = field(default_factory=dict)
+    paths: dict[str, list[str]] = field(default_factory=dict)
+    modules: dict[str, list[str]] = field(default_factory=dict)
+    targets: dict[str, list[str]] = field(default_factory=dict)
+    bench: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # script → option → places
+
+
+def code_pieces(text: str) -> list[tuple[int, str, str]]:
+    """(line, language, code) for each fenced block (language '') and each inline code span."""
+    pieces, fence, start, lines = [], None, 0, []
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if fence is None and stripped.startswith("```"):
+            fence, start, lines = stripped[3:].strip() or "text", number, []
+        elif fence is not None and stripped.startswith("```"):
+            pieces.append((start + 1, fence, "\n".join(lines)))
+            fence = None
+        elif fence is not None:
+            lines.append(line)
+        else:
+            pieces += [(number, "", span) for span in re.findall(r"`([^`]+)`", line)]
+    return pieces
+
+
+def flatten(value: object, prefix: str = "") -> list[str]:
+    """Dotted keys of a YAML mapping; a list of mappings adds no segment (`filter.classifiers`)."""
+    if isinstance(value, list):
+        return [key for item in value for key in flatten(item, prefix)]
+    if not isinstance(value, dict):
+        return [prefix] if prefix else []
+    keys = []
+    for name, inner in value.items():
+        path = f"{prefix}.{name}" if prefix else str(name)
+        keys += [path] if isinstance(inner, dict | list) and not inner else []
+        keys += flatten(inner, path)
+    return keys
+
+
+def yaml_keys(code: str) -> list[str]:
+    try:
+        data = yaml.safe_load(code)
+    except yaml.YAMLError:
+        return []
+    return [key for key in flatten(data) if key.split(".")[0] in SECTIONS]
+
+
+def collect(docs: list[Path]) -> Found:
+    found = Found()
+    for doc in docs:
+        name = doc.relative_to(ROOT) if doc.is_relative_to(ROOT) else doc
+        for line, language, code in code_pieces(doc.read_text(encoding="utf-8")):
+            _collect_code(found, f"{name}:{line}", language, code)
+    return found
+
+
+def _collect_code(found: Found, place: str, language: str, code: str) -> None:
+    keys = set(KEY.findall(code))
+    if language in ("yaml", "yml") or (language == "" and INLINE_YAML.match(code)):
+        keys.update(yaml_keys(code))
+    for key in keys:
+        found.keys.setdefault(key, []).append(place)
+    for path in PATH.findall(code):
+        found.paths.setdefault(path.rstrip("."), []).append(place)
+    for module in MODULE.findall(code):
+        found.modules.setdefault(module, []).append(place)
+    for target in MAKE.findall(code):
+        found.targets.setdefault(target, []).append(place)
+    for script, rest in BENCH.findall(code):
+        options = found.bench.setdefault(script, {})
+        for option in OPTION.findall(rest.split("\n")[0]) or [""]:
+            options.setdefault(option, []).append(place)
+
+
+def key_problem(key: str, model: type | None = None) -> str | None:
+    """Why `key` is not a path through the config schema, or None when it is."""
+    if model is None:
+        from sdflow.config import RunConfig
+
+        model = RunConfig
+    kinds: list[object] = [model]
+    walked = []
+    for name in key.split("."):
+        kinds = [inner for kind in kinds for inner in _field_types(kind, name)]
+        if not kinds:
+            where = ".".join(walked) or "the config"
+            return f"{where} has no key {name!r}"
+        walked.append(name)
+    return None
+
+
+def _field_types(kind: object, name: str) -> list[object]:
+    """The types one level below `kind` under `name` (none when `kind` has no such key)."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType, list, tuple, set, typing.Annotated):
+        return [
+            inner
+            for arg in args[: 1 if origin is typing.Annotated else None]
+            for inner in _field_types(arg, name)
+        ]
+    if origin is dict:
+        return [args[1] if args else typing.Any]
+    if kind is typing.Any or kind is dict:
+        return [typing.Any]
+    fields = getattr(kind, "model_fields", None)
+    if fields is not None and name in fields:
+        return [fields[name].annotation]
+    return []
+
+
+def path_problem(path: str) -> str | None:
+    target = path.split("::")[0]
+    if any(char in target for char in "*{}<>"):
+        return (
+            None
+            if any(ROOT.glob(target.replace("{", "*").replace("}", "*")))
+            else "matches no file"
+        )
+    return None if (ROOT / target).exists() else "is not in the tree"
+
+
+def module_problem(dotted: str) -> str | None:
+    """A module path must be a file or package; up to two names after it must be defined there."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        base = ROOT.joinpath(*parts[:cut])
+        source = base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
+        if source.is_file():
+            rest = parts[cut:]
+            if not rest or rest[0] in _top_level_names(source) or len(rest) > 1:
+                return None
+            return f"{'.'.join(parts[:cut])} defines no {rest[0]!r}"
+    return "is no module in the tree"
+
+
+def _top_level_names(source: Path) -> set[str]:
+    names = set()
+    for node in ast.parse(source.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+        elif isinstance(node, ast.ImportFrom | ast.Import):
+            names.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+    return names
+
+
+def make_targets() -> set[str]:
+    text = (ROOT / "Makefile").read_text(encoding="utf-8")
+    return set(re.findall(r"^([a-z][\w-]*):", text, flags=re.MULTILINE))
+
+
+def _imports(script: Path, seen: set[Path]) -> set[str]:
+    """Top-level modules a bench script imports, following its bench/ neighbours."""
+    if script in seen or not script.is_file():
+        return set()
+    seen.add(script)
+    modules = set()
+    for node in ast.parse(script.read_text(encoding="utf-8")).body:
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module]
+        for name in names:
+            local = script.parent / f"{name.split('.')[0]}.py"
+            modules |= _imports(local, seen) if local.is_file() else {name}
+    return modules - {"__future__"}
+
+
+def preload(scripts: list[Path]) -> None:
+    """Import once, before forking, what the scripts import at their top (failures left to them)."""
+    seen: set[Path] = set()
+    for module in sorted(set().union(*(_imports(s, seen) for s in scripts))):
+        with contextlib.suppress(Exception):  # the child running the script reports it
+            importlib.import_module(module)
+
+
+def run_helps(scripts: list[Path]) -> dict[Path, tuple[int, str]]:
+    """Each script run as `python SCRIPT --help`, in forked children, a few at a time."""
+    preload(scripts)
+    results, running = {}, {}
+    pending = list(scripts)
+    while pending or running:
+        while pending and len(running) < (os.cpu_count() or 1):
+            script = pending.pop()
+            output = tempfile.TemporaryFile()  # noqa: SIM115 - closed when its child is reaped
+            sys.stdout.flush(), sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                _child(script, output.fileno())
+            running[pid] = (script, output)
+        pid, status = os.wait()
+        script, output = running.pop(pid)
+        output.seek(0)
+        results[script] = (
+            os.waitstatus_to_exitcode(status),
+            output.read().decode(errors="replace"),
+        )
+        output.close()
+    return results
+
+
+def _child(script: Path, fd: int) -> typing.NoReturn:
+    os.dup2(fd, 1), os.dup2(fd, 2)
+    sys.argv, sys.path[0] = [str(script), "--help"], str(script.parent)
+    code = 0
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    except BaseException:  # noqa: BLE001 - reported to the parent through the exit status
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(code)
+
+
+def bench_problems(bench: dict[str, dict[str, list[str]]]) -> list[str]:
+    scripts = {name: ROOT / "bench" / f"{name}.py" for name in bench}
+    problems = [
+        f"{places[0]}: bench/{name}.py is not in the tree"
+        for name, options in bench.items()
+        for places in list(options.values())[:1]
+        if not scripts[name].is_file()
+    ]
+    results = run_helps([s for s in scripts.values() if s.is_file()])
+    for name, options in sorted(bench.items()):
+        if scripts[name] not in results:
+            continue
+        code, output = results[scripts[name]]
+        first = next(iter(options.values()))[0]
+        if code != 0:
+            tail = "\n    ".join(output.strip().splitlines()[-4:])
+            problems.append(f"{first}: `bench/{name}.py --help` exited {code}:\n    {tail}")
+            continue
+        for option, places in sorted(options.items()):
+            if option and not re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", output):
+                problems.append(f"{places[0]}: bench/{name}.py has no option {option} (see --help)")
+    return problems
+
+
+def check(docs: list[Path]) -> tuple[list[str], Found]:
+    found = collect(docs)
+    problems = []
+    for key, places in sorted(found.keys.items()):
+        if why := key_problem(key):
+            problems.append(f"{places[0]}: profile key `{key}` is not in the schema: {why}")
+    for path, places in sorted(found.paths.items()):
+        if why := path_problem(path):
+            problems.append(f"{places[0]}: `{path}` {why}")
+    for module, places in sorted(found.modules.items()):
+        if why := module_problem(module):
+            problems.append(f"{places[0]}: `{module}` {why}")
+    targets = make_targets()
+    for target, places in sorted(found.targets.items()):
+        if target not in targets:
+            problems.append(f"{places[0]}: `make {target}`: the Makefile has no such target")
+    return problems + bench_problems(found.bench), found
+
+
+def main(argv: list[str]) -> int:
+    started = time.perf_counter()
+    sys.path.insert(0, str(ROOT))  # this tree's sdflow, tasks, flows
+    docs = [Path(a).resolve() for a in argv] or [
+        ROOT / "README.md",
+        *sorted((ROOT / "docs").glob("*.md")),
+    ]
+    problems, found = check(docs)
+    for problem in problems:
+        print(problem)
+    counts = (
+        f"{len(found.keys)} keys, {len(found.paths)} paths, {len(found.modules)} modules, "
+        f"{len(found.bench)} bench scripts"
+    )
+    verdict = f"{len(problems)} problems" if problems else "ok"
+    print(
+        f"docs-check: {len(docs)} documents, {counts}: {verdict} ({time.perf_counter() - started:.1f} s)"
+    )
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
