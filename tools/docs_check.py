@@ -1,6 +1,6 @@
 """Check that the docs name only things that exist: profile keys, files, modules, bench commands.
 
-    python tools/docs_check.py [DOC.md ...]      # default: README.md and docs/*.md; `make docs-check`
+    python tools/docs_check.py [--root DIR] [DOC.md ...]   # default: README.md and docs/*.md
 
 Reads the code spans and fenced blocks of each document and reports, with file and line:
 - a profile key (`train.lora_rank`, `--set download.per_host_connections=8`, the keys of a YAML
@@ -40,7 +40,8 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parent.parent  # whose sdflow.config is the schema
+ROOT = REPO  # where paths, modules, make targets and bench scripts are looked up (--root)
 SECTIONS = ("source", "download", "filter", "caption", "model", "autoencoder", "latents", "train")
 SECTIONS += ("eval", "runner")
 KEY = re.compile(rf"(?<![\w./$-])(?:{'|'.join(SECTIONS)})(?:\.[A-Za-z_]\w*)+(?![\w/-]|\.\w)")
@@ -109,26 +110,26 @@ def collect(docs: list[Path]) -> Found:
     for doc in docs:
         name = doc.relative_to(ROOT) if doc.is_relative_to(ROOT) else doc
         for line, language, code in code_pieces(doc.read_text(encoding="utf-8")):
-            _collect_code(found, f"{name}:{line}", language, code)
+            if language in ("yaml", "yml") or (language == "" and INLINE_YAML.match(code)):
+                _add(found.keys, yaml_keys(code), f"{name}:{line}")
+            for offset, text in enumerate(code.split("\n")):  # a block: each line its own place
+                _collect_line(found, f"{name}:{line + offset}", text)
     return found
 
 
-def _collect_code(found: Found, place: str, language: str, code: str) -> None:
-    keys = set(KEY.findall(code))
-    if language in ("yaml", "yml") or (language == "" and INLINE_YAML.match(code)):
-        keys.update(yaml_keys(code))
-    for key in keys:
-        found.keys.setdefault(key, []).append(place)
-    for path in PATH.findall(code):
-        found.paths.setdefault(path.rstrip("."), []).append(place)
-    for module in MODULE.findall(code):
-        found.modules.setdefault(module, []).append(place)
-    for target in MAKE.findall(code):
-        found.targets.setdefault(target, []).append(place)
+def _add(table: dict[str, list[str]], names: list[str], place: str) -> None:
+    for name in names:
+        table.setdefault(name, []).append(place)
+
+
+def _collect_line(found: Found, place: str, code: str) -> None:
+    _add(found.keys, KEY.findall(code), place)
+    _add(found.paths, [path.rstrip(".") for path in PATH.findall(code)], place)
+    _add(found.modules, MODULE.findall(code), place)
+    _add(found.targets, MAKE.findall(code), place)
     for script, rest in BENCH.findall(code):
         options = found.bench.setdefault(script, {})
-        for option in OPTION.findall(rest.split("\n")[0]) or [""]:
-            options.setdefault(option, []).append(place)
+        _add(options, OPTION.findall(rest) or [""], place)
 
 
 def key_problem(key: str, model: type | None = None) -> str | None:
@@ -179,16 +180,16 @@ def path_problem(path: str) -> str | None:
 
 
 def module_problem(dotted: str) -> str | None:
-    """A module path must be a file or package; up to two names after it must be defined there."""
+    """A module path must be a file or package; the first name after it must be defined there."""
     parts = dotted.split(".")
     for cut in range(len(parts), 0, -1):
         base = ROOT.joinpath(*parts[:cut])
         source = base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
         if source.is_file():
-            rest = parts[cut:]
-            if not rest or rest[0] in _top_level_names(source) or len(rest) > 1:
+            rest = parts[cut:]  # a name defined there (and maybe an attribute of it)
+            if not rest or rest[0] in _top_level_names(source):
                 return None
-            return f"{'.'.join(parts[:cut])} defines no {rest[0]!r}"
+            return f"is no module, nor a name defined in {'.'.join(parts[:cut])}"
     return "is no module in the tree"
 
 
@@ -275,13 +276,8 @@ def _child(script: Path, fd: int) -> typing.NoReturn:
 
 
 def bench_problems(bench: dict[str, dict[str, list[str]]]) -> list[str]:
-    scripts = {name: ROOT / "bench" / f"{name}.py" for name in bench}
-    problems = [
-        f"{places[0]}: bench/{name}.py is not in the tree"
-        for name, options in bench.items()
-        for places in list(options.values())[:1]
-        if not scripts[name].is_file()
-    ]
+    scripts = {name: ROOT / "bench" / f"{name}.py" for name in bench}  # a missing one: a bad path
+    problems = []
     results = run_helps([s for s in scripts.values() if s.is_file()])
     for name, options in sorted(bench.items()):
         if scripts[name] not in results:
@@ -318,12 +314,13 @@ def check(docs: list[Path]) -> tuple[list[str], Found]:
 
 
 def main(argv: list[str]) -> int:
+    global ROOT
     started = time.perf_counter()
-    sys.path.insert(0, str(ROOT))  # this tree's sdflow, tasks, flows
-    docs = [Path(a).resolve() for a in argv] or [
-        ROOT / "README.md",
-        *sorted((ROOT / "docs").glob("*.md")),
-    ]
+    sys.path.insert(0, str(REPO))  # this tree's sdflow, tasks, flows
+    if argv[:1] == ["--root"]:
+        ROOT, argv = Path(argv[1]).resolve(), argv[2:]
+    docs = [Path(a).resolve() for a in argv]
+    docs = docs or [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
     problems, found = check(docs)
     for problem in problems:
         print(problem)
@@ -332,9 +329,8 @@ def main(argv: list[str]) -> int:
         f"{len(found.bench)} bench scripts"
     )
     verdict = f"{len(problems)} problems" if problems else "ok"
-    print(
-        f"docs-check: {len(docs)} documents, {counts}: {verdict} ({time.perf_counter() - started:.1f} s)"
-    )
+    took = time.perf_counter() - started
+    print(f"docs-check: {len(docs)} documents, {counts}: {verdict} ({took:.1f} s)")
     return 1 if problems else 0
 
 
