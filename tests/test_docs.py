@@ -49,6 +49,7 @@ DOC = textwrap.dedent(
     Inline: `filter.semantic_dedup: {epsilon: 0.05, eps: 1}`. Code: `sdflow/store/stageio.py`,
     `sdflow/store/stagio.py`, `sdflow.store.stageio.stage_key`, `sdflow.store.stageio.stage_kee`,
     `sdflow.training.lop`. Run `make demo`, not `make demos`.
+    See [the page](#a-page), not [this](#no-such-heading); ![grid](grid.png), ![gone](gone.png).
     """
 )
 
@@ -64,6 +65,8 @@ EXPECTED = [
     "sdflow.store.stageio",
     "bad.md:24: `sdflow.training.lop` is no module, nor a name defined in sdflow",
     "bad.md:24: `make demos`: the Makefile has no such target",
+    "bad.md:25: link to #no-such-heading: no such heading",
+    "bad.md:25: link to gone.png: no such file",
     "bad.md:10: `bench/gone.py` is not in the tree",
     "bad.md:8: bench/ok.py has no option --no-such-flag (see --help)",
 ]
@@ -75,7 +78,7 @@ def run_check(*args: str) -> subprocess.CompletedProcess:
 
 
 def fake_tree(root: Path) -> None:
-    """A repository of its own: the paths, module, make target and bench scripts the doc names."""
+    """A repository of its own: the paths, module, make target, image and bench scripts the doc names."""
     (root / "sdflow" / "store").mkdir(parents=True)
     (root / "sdflow" / "__init__.py").write_text("")
     (root / "sdflow" / "store" / "__init__.py").write_text("")
@@ -84,6 +87,7 @@ def fake_tree(root: Path) -> None:
     (root / "bench").mkdir()
     (root / "bench" / "ok.py").write_text(BENCH_OK)
     (root / "bench" / "broken.py").write_text("import sdflow_no_such_module  # noqa\n")
+    (root / "grid.png").write_bytes(b"")
 
 
 def test_a_doc_naming_what_does_not_exist_fails_with_each_problem(tmp_path):
@@ -100,7 +104,7 @@ def test_a_doc_naming_what_does_not_exist_fails_with_each_problem(tmp_path):
     assert broken in result.stdout and "No module named 'sdflow_no_such_module'" in result.stdout
     problems = [line for line in lines if line.startswith("bad.md:")]
     assert len(problems) == len(EXPECTED) + 1, result.stdout  # nothing right was reported
-    assert "12 problems" in lines[-1]
+    assert f"{len(EXPECTED) + 1} problems" in lines[-1]
 
 
 def test_the_real_docs_pass_and_name_keys_and_bench_commands():

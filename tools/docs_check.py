@@ -9,7 +9,8 @@ Reads the code spans and fenced blocks of each document and reports, with file a
   unions are looked through);
 - a repository path (`sdflow/store/stageio.py`, `tests/flows/test_chaos.py`, `profiles/x.yaml`) or
   module (`sdflow.training.loop`, `sdflow.store.handoff.ThreadHandoff`) that is not in the tree;
-- a `make` target that the Makefile lacks;
+- a `make` target that the Makefile lacks; a local link to an image that is not there, or to a
+  heading that the page lacks (a missing .md page is let pass: another change may add it);
 - a `bench/` script that does not run with `--help`, or whose help lacks an option the docs give it.
 
 The `--help` runs are what costs: most benches import torch before parsing their arguments. So this
@@ -52,6 +53,7 @@ MODULE = re.compile(r"(?<![\w./-])(?:sdflow|tasks|flows)(?:\.[A-Za-z_]\w*)+")
 BENCH = re.compile(r"(?<![\w./-])bench/(\w+)\.py([^`#;|)]*)")
 MAKE = re.compile(r"(?<![\w-])make ([a-z][\w-]*)")
 OPTION = re.compile(r"(?<![\w-])--[a-z][\w-]*")
+LINK = re.compile(r"\]\(([^)\s]+)\)")
 INLINE_YAML = re.compile(rf"^\s*(?:{'|'.join(SECTIONS)})[\w.]*\s*:\s")
 
 
@@ -206,6 +208,43 @@ def _top_level_names(source: Path) -> set[str]:
     return names
 
 
+def prose_lines(text: str) -> list[tuple[int, str]]:
+    """(line number, line) outside fenced blocks."""
+    lines, fenced = [], False
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip().startswith("```"):
+            fenced = not fenced
+        elif not fenced:
+            lines.append((number, line))
+    return lines
+
+
+def anchors(page: Path) -> set[str]:
+    """GitHub's heading ids: lower case, punctuation dropped, spaces to hyphens."""
+    lines = prose_lines(page.read_text(encoding="utf-8"))
+    headings = [line.lstrip("#").strip() for _, line in lines if line.startswith("#")]
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+
+
+def link_problems(docs: list[Path]) -> list[str]:
+    """Local links: an image or anchor must exist; a missing .md page may come with another change."""
+    problems = []
+    for doc in docs:
+        name = doc.relative_to(ROOT) if doc.is_relative_to(ROOT) else doc
+        for number, line in prose_lines(doc.read_text(encoding="utf-8")):
+            for target in LINK.findall(line):
+                if "://" in target or target.startswith("mailto:"):
+                    continue
+                file, _, anchor = target.partition("#")
+                page = (doc.parent / file) if file else doc
+                if not page.exists():
+                    if page.suffix != ".md":
+                        problems.append(f"{name}:{number}: link to {target}: no such file")
+                elif anchor and page.suffix == ".md" and anchor not in anchors(page):
+                    problems.append(f"{name}:{number}: link to {target}: no such heading")
+    return problems
+
+
 def make_targets() -> set[str]:
     text = (ROOT / "Makefile").read_text(encoding="utf-8")
     return set(re.findall(r"^([a-z][\w-]*):", text, flags=re.MULTILINE))
@@ -310,7 +349,7 @@ def check(docs: list[Path]) -> tuple[list[str], Found]:
     for target, places in sorted(found.targets.items()):
         if target not in targets:
             problems.append(f"{places[0]}: `make {target}`: the Makefile has no such target")
-    return problems + bench_problems(found.bench), found
+    return problems + link_problems(docs) + bench_problems(found.bench), found
 
 
 def main(argv: list[str]) -> int:
