@@ -1,5 +1,6 @@
-"""tools/docs_check.py (`make docs-check`): a doc that names a profile key, file, module, make target
-or bench option that does not exist fails the check; the real docs pass it."""
+"""tools/docs_check.py (`make docs-check`): a doc that names a profile key, file, module, make target,
+link or bench option that does not exist, or a YAML block that does not validate, fails the check;
+the real docs pass it."""
 
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ DOC = textwrap.dedent(
       near_dup: 4
     latents:
       buckets: {resolution: 1024, step: 64}
+    download: {resolution: 4}
     ```
 
     Inline: `filter.semantic_dedup: {epsilon: 0.05, eps: 1}`. Code: `sdflow/store/stageio.py`,
@@ -59,14 +61,16 @@ EXPECTED = [
     "bad.md:14: profile key `filter.metadata.pwatermark.mean` is not in the schema: "
     "filter.metadata.pwatermark has no key 'mean'",
     "bad.md:14: profile key `filter.near_dup` is not in the schema",
-    "bad.md:22: profile key `filter.semantic_dedup.eps` is not in the schema",
-    "bad.md:23: `sdflow/store/stagio.py` is not in the tree",
-    "bad.md:23: `sdflow.store.stageio.stage_kee` is no module, nor a name defined in "
+    "bad.md:14: YAML block does not validate: `download.resolution`: Input should be greater than "
+    "or equal to 8 (got 4)",
+    "bad.md:23: profile key `filter.semantic_dedup.eps` is not in the schema",
+    "bad.md:24: `sdflow/store/stagio.py` is not in the tree",
+    "bad.md:24: `sdflow.store.stageio.stage_kee` is no module, nor a name defined in "
     "sdflow.store.stageio",
-    "bad.md:24: `sdflow.training.lop` is no module, nor a name defined in sdflow",
-    "bad.md:24: `make demos`: the Makefile has no such target",
-    "bad.md:25: link to #no-such-heading: no such heading",
-    "bad.md:25: link to gone.png: no such file",
+    "bad.md:25: `sdflow.training.lop` is no module, nor a name defined in sdflow",
+    "bad.md:25: `make demos`: the Makefile has no such target",
+    "bad.md:26: link to #no-such-heading: no such heading",
+    "bad.md:26: link to gone.png: no such file",
     "bad.md:10: `bench/gone.py` is not in the tree",
     "bad.md:8: bench/ok.py has no option --no-such-flag (see --help)",
 ]

@@ -6,7 +6,7 @@ Reads the code spans and fenced blocks of each document and reports, with file a
 - a profile key (`train.lora_rank`, `--set download.per_host_connections=8`, the keys of a YAML
   block or of an inline `filter.metadata: {...}`) that the config schema does not have: the pydantic
   models under `sdflow.config.RunConfig` are walked field by field (dicts take any key, lists and
-  unions are looked through);
+  unions are looked through); a YAML block's section whose values do not validate as that section;
 - a repository path (`sdflow/store/stageio.py`, `tests/flows/test_chaos.py`, `profiles/x.yaml`) or
   module (`sdflow.training.loop`, `sdflow.store.handoff.ThreadHandoff`) that is not in the tree;
 - a `make` target that the Makefile lacks; a local link to an image that is not there, or to a
@@ -66,6 +66,9 @@ class Found:
     modules: dict[str, list[str]] = field(default_factory=dict)
     targets: dict[str, list[str]] = field(default_factory=dict)
     bench: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # script → option → places
+    sections: list[tuple[str, str, object]] = field(
+        default_factory=list
+    )  # YAML: place, name, value
 
 
 def code_pieces(text: str) -> list[tuple[int, str, str]]:
@@ -107,6 +110,34 @@ def yaml_keys(code: str) -> list[str]:
     return [key for key in flatten(data) if key.split(".")[0] in SECTIONS]
 
 
+def _sections(code: str, place: str) -> list[tuple[str, str, object]]:
+    try:
+        data = yaml.safe_load(code)
+    except yaml.YAMLError:
+        return [(place, "", "not valid YAML")]
+    if not isinstance(data, dict):
+        return []
+    return [(place, key, value) for key, value in data.items() if key in SECTIONS]
+
+
+def section_problem(section: str, value: object) -> str | None:
+    """A YAML block's section must validate as that section (values, bounds; keys reported apart)."""
+    if not section:
+        return str(value)
+    from pydantic import ValidationError
+
+    from sdflow.config import RunConfig
+
+    try:
+        RunConfig.model_fields[section].annotation.model_validate(value)
+    except ValidationError as error:
+        wrong = [e for e in error.errors() if e["type"] != "extra_forbidden"]
+        if wrong:
+            where = ".".join(str(part) for part in (section, *wrong[0]["loc"]))
+            return f"`{where}`: {wrong[0]['msg']} (got {wrong[0]['input']!r})"
+    return None
+
+
 def collect(docs: list[Path]) -> Found:
     found = Found()
     for doc in docs:
@@ -114,6 +145,8 @@ def collect(docs: list[Path]) -> Found:
         for line, language, code in code_pieces(doc.read_text(encoding="utf-8")):
             if language in ("yaml", "yml") or (language == "" and INLINE_YAML.match(code)):
                 _add(found.keys, yaml_keys(code), f"{name}:{line}")
+            if language in ("yaml", "yml"):
+                found.sections += _sections(code, f"{name}:{line}")
             for offset, text in enumerate(code.split("\n")):  # a block: each line its own place
                 _collect_line(found, f"{name}:{line + offset}", text)
     return found
@@ -345,6 +378,9 @@ def check(docs: list[Path]) -> tuple[list[str], Found]:
     for module, places in sorted(found.modules.items()):
         if why := module_problem(module):
             problems.append(f"{places[0]}: `{module}` {why}")
+    for place, section, value in found.sections:
+        if why := section_problem(section, value):
+            problems.append(f"{place}: YAML block does not validate: {why}")
     targets = make_targets()
     for target, places in sorted(found.targets.items()):
         if target not in targets:
