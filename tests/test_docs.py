@@ -28,7 +28,7 @@ DOC = textwrap.dedent(
     """\
     # A page
 
-    Set `train.lora_rank` (not `train.lora_rnk`), or `--set download.per_host_connections=8`.
+    Set `train.lora_rank` (not `train.lora_rnk`), or `--set download.per_host_connections=8`; `model.safetensors`.
 
     ```bash
     sdflow run tiny-cpu --set download.per_host_conections=8 --set model.unet.block_out_channels=[32]

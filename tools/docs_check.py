@@ -53,6 +53,10 @@ MODULE = re.compile(r"(?<![\w./-])(?:sdflow|tasks|flows)(?:\.[A-Za-z_]\w*)+")
 BENCH = re.compile(r"(?<![\w./-])bench/(\w+)\.py([^`#;|)]*)")
 MAKE = re.compile(r"(?<![\w-])make ([a-z][\w-]*)")
 OPTION = re.compile(r"(?<![\w-])--[a-z][\w-]*")
+# `model.safetensors`, `train.py`: file names, not keys (no key of the schema ends so)
+FILE_NAME = re.compile(
+    r"\.(py|json|jsonl|ya?ml|toml|md|txt|html|png|jpe?g|tar|parquet|csv|safetensors|bin|pth?|ckpt)$"
+)
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 INLINE_YAML = re.compile(rf"^\s*(?:{'|'.join(SECTIONS)})[\w.]*\s*:\s")
 
@@ -158,7 +162,7 @@ def _add(table: dict[str, list[str]], names: list[str], place: str) -> None:
 
 
 def _collect_line(found: Found, place: str, code: str) -> None:
-    _add(found.keys, KEY.findall(code), place)
+    _add(found.keys, [key for key in KEY.findall(code) if not FILE_NAME.search(key)], place)
     _add(found.paths, [path.rstrip(".") for path in PATH.findall(code)], place)
     _add(found.modules, MODULE.findall(code), place)
     _add(found.targets, MAKE.findall(code), place)
