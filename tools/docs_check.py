@@ -13,10 +13,8 @@ Reads the code spans and fenced blocks of each document and reports, with file a
   heading that the page lacks (a missing .md page is let pass: another change may add it);
 - a `bench/` script that does not run with `--help`, or whose help lacks an option the docs give it.
 
-The `--help` runs are what costs: most benches import torch before parsing their arguments. So this
-process imports every module the named benches import at their top once, then forks one child per
-script that runs it as `__main__` with `--help` (the script's own imports really run there; a broken
-one fails as it would from the shell). Exit status 1 when anything is reported.
+The `--help` runs are what costs (most benches import torch first): tools/bench_help.py imports what
+they import once and forks a child per script. Exit status 1 when anything is reported.
 
 It lives in tools/ because it checks the repository, not the library: sdflow/ is what users install,
 tests/ mirrors sdflow/ (tests/test_docs.py runs this script), bench/ measures.
@@ -25,20 +23,15 @@ tests/ mirrors sdflow/ (tests/test_docs.py runs this script), bench/ measures.
 from __future__ import annotations
 
 import ast
-import contextlib
-import importlib
-import os
 import re
-import runpy
 import sys
-import tempfile
 import time
-import traceback
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import bench_help  # tools/, beside this script
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent  # whose sdflow.config is the schema
@@ -287,74 +280,10 @@ def make_targets() -> set[str]:
     return set(re.findall(r"^([a-z][\w-]*):", text, flags=re.MULTILINE))
 
 
-def _imports(script: Path, seen: set[Path]) -> set[str]:
-    """Top-level modules a bench script imports, following its bench/ neighbours."""
-    if script in seen or not script.is_file():
-        return set()
-    seen.add(script)
-    modules = set()
-    for node in ast.parse(script.read_text(encoding="utf-8")).body:
-        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module]
-        for name in names:
-            local = script.parent / f"{name.split('.')[0]}.py"
-            modules |= _imports(local, seen) if local.is_file() else {name}
-    return modules - {"__future__"}
-
-
-def preload(scripts: list[Path]) -> None:
-    """Import once, before forking, what the scripts import at their top (failures left to them)."""
-    seen: set[Path] = set()
-    for module in sorted(set().union(*(_imports(s, seen) for s in scripts))):
-        with contextlib.suppress(Exception):  # the child running the script reports it
-            importlib.import_module(module)
-
-
-def run_helps(scripts: list[Path]) -> dict[Path, tuple[int, str]]:
-    """Each script run as `python SCRIPT --help`, in forked children, a few at a time."""
-    preload(scripts)
-    results, running = {}, {}
-    pending = list(scripts)
-    while pending or running:
-        while pending and len(running) < (os.cpu_count() or 1):
-            script = pending.pop()
-            output = tempfile.TemporaryFile()  # noqa: SIM115 - closed when its child is reaped
-            sys.stdout.flush(), sys.stderr.flush()
-            pid = os.fork()
-            if pid == 0:
-                _child(script, output.fileno())
-            running[pid] = (script, output)
-        pid, status = os.wait()
-        script, output = running.pop(pid)
-        output.seek(0)
-        results[script] = (
-            os.waitstatus_to_exitcode(status),
-            output.read().decode(errors="replace"),
-        )
-        output.close()
-    return results
-
-
-def _child(script: Path, fd: int) -> typing.NoReturn:
-    os.dup2(fd, 1), os.dup2(fd, 2)
-    sys.argv, sys.path[0] = [str(script), "--help"], str(script.parent)
-    code = 0
-    try:
-        runpy.run_path(str(script), run_name="__main__")
-    except SystemExit as stop:
-        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
-    except BaseException:  # noqa: BLE001 - reported to the parent through the exit status
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush(), sys.stderr.flush()
-    os._exit(code)
-
-
 def bench_problems(bench: dict[str, dict[str, list[str]]]) -> list[str]:
     scripts = {name: ROOT / "bench" / f"{name}.py" for name in bench}  # a missing one: a bad path
     problems = []
-    results = run_helps([s for s in scripts.values() if s.is_file()])
+    results = bench_help.run_helps([s for s in scripts.values() if s.is_file()])
     for name, options in sorted(bench.items()):
         if scripts[name] not in results:
             continue
