@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # the files go out in collection order, the longest first (tests/conftest.py: LONGEST_FIRST).
 TEST_WORKERS ?= 2
 
-.PHONY: install demo test lint format bench clean ui
+.PHONY: install demo test docs-check lint format bench clean ui
 
 install: $(STAMP)
 
@@ -26,8 +26,13 @@ demo: $(STAMP)
 ui: $(STAMP)
 	$(BIN)/sdflow server --workdir $(WORKDIR)
 
-test: $(STAMP)
+# docs-check first: the docs name only profile keys, files, modules and bench options that exist
+# (tools/docs_check.py; it runs each named bench script with --help).
+test: $(STAMP) docs-check
 	DO_NOT_TRACK=1 $(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
+
+docs-check: $(STAMP)
+	$(BIN)/python tools/docs_check.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
