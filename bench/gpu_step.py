@@ -35,8 +35,9 @@ from diffusers import DDPMScheduler
 from sdflow.models.trainable import build_trainable_unet
 from sdflow.profiles import load_profile
 from sdflow.training.loop import WEIGHT_DTYPES, make_accelerator
-from sdflow.training.memory import check_memory_options, make_ema, make_optimizer
+from sdflow.training.memory import make_ema
 from sdflow.training.objective import diffusion_loss
+from sdflow.training.optimizers import check_optimizer, make_optimizer
 from sdflow.training.speed import (
     apply_tf32,
     check_speed_options,
@@ -203,7 +204,7 @@ def measure(config, args) -> dict:
     train = config.train
     batch_size = args.batch_size or train.batch_size
     resolution = args.resolution or config.download.resolution
-    check_memory_options(train)
+    check_optimizer(train)
     accelerator = make_accelerator(train, _scratch_dir())
     check_speed_options(train, accelerator.device)
     apply_tf32(train, accelerator.device)

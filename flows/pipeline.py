@@ -35,13 +35,13 @@ STAGE_TASKS = {
 }
 
 
-def check_memory_options(train) -> None:
-    """A memory option this host cannot run (8-bit AdamW without CUDA) stops the run before any
-    stage; torch is imported for the check only when such an option is set."""
+def check_optimizer_options(train) -> None:
+    """An optimizer this host cannot run (8-bit AdamW without CUDA, Prodigy without its package)
+    stops the run before any stage; torch is imported for the check only when one is set."""
     if train.optimizer != "adamw":
-        from sdflow.training.memory import check_memory_options as check
+        from sdflow.training.optimizers import check_optimizer
 
-        check(train)
+        check_optimizer(train)
 
 
 def check_family_options(config) -> None:
@@ -70,7 +70,7 @@ def pipeline(
     """download → filter → caption → (autoencoder) → latents → train → evaluate; returns the run dir."""
     config = load_profile(profile, overrides or [])
     if not only or "train" in only:  # e.g. 8-bit AdamW on a host without CUDA: before any stage
-        check_memory_options(config.train)
+        check_optimizer_options(config.train)
         check_family_options(config)
     run = RunTracker(config, profile, workdir, only, refresh)
 

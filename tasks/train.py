@@ -36,6 +36,7 @@ from PIL import Image, ImageDraw
 from transformers import CLIPTextModel
 
 from sdflow.config import RunConfig
+from sdflow.models.adapters import in_diffusers_format, save_peft_adapters
 from sdflow.models.components import ComponentSources, component_sources, load_component
 from sdflow.models.families import family_of
 from sdflow.models.files import canonical_safetensors, hub_commit, weights_hash
@@ -54,7 +55,7 @@ from sdflow.store.stageio import (
 )
 from sdflow.training.continuation import continue_from_predecessor
 from sdflow.training.loop import CHECKPOINTS, LOGS, TrainSummary
-from sdflow.training.memory import check_memory_options
+from sdflow.training.optimizers import check_optimizer
 from sdflow.training.processes import resolve_processes, run_training
 from sdflow.training.schedules import bucket_plan
 
@@ -132,7 +133,7 @@ train_task = stage_task("train", train_key)(train)
 def _build(
     build: StageBuild, config: RunConfig, upstream: dict[str, Manifest | None], workdir: str
 ) -> Manifest:
-    check_memory_options(config.train)  # before anything is written
+    check_optimizer(config.train)  # before anything is written
     checkpoints = build.path / CHECKPOINTS
     lineage = train_lineage(config, upstream)
     origin = continue_from_predecessor(build.path, checkpoints, lineage, config.train.max_steps)
@@ -225,6 +226,14 @@ def _save_lora(
     the attention layers change names, and `load_lora_weights` then dropped them beside the
     PEFT-named keys of other `train.lora_targets` (proj_in, ff.net.2, ...).
     """
+    if not in_diffusers_format(config.train):  # LoKr, LoHa: PEFT's format (sdflow.models.adapters)
+        modules = {"unet": unet}
+        if text_encoder is not None:
+            names = ("text_encoder", "text_encoder_2")
+            modules |= dict(zip(names, family_of(config).text_modules(text_encoder), strict=False))
+        with atomic_dir(out_dir) as tmp:
+            save_peft_adapters(Path(tmp), modules)
+        return out_dir.name
     parts: dict[str, Any] = {
         "unet_lora_layers": get_peft_model_state_dict(unet),
         "unet_lora_adapter_metadata": unet.peft_config["default"].to_dict(),

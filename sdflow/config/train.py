@@ -53,6 +53,12 @@ class TrainConfig(Section):
     cache_latents: bool = Field(True, description="false: encode with VAE/text encoder every step")
     lora_rank: int = Field(4, ge=1)
     lora_alpha: float | None = Field(None, gt=0, description="default: equal to lora_rank")
+    lora_type: Literal["lora", "dora", "lokr", "loha"] = Field(
+        "lora",
+        description="the adapter (PEFT): lora, dora (LoRA with a magnitude vector), lokr "
+        "(Kronecker factors), loha (Hadamard product); lora and dora load with diffusers' "
+        "load_lora_weights, lokr and loha are exported in PEFT's format",
+    )
     lora_targets: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     text_encoder: Literal["frozen", "lora", "full"] = Field(
         "frozen",
@@ -129,8 +135,14 @@ class TrainConfig(Section):
     early_stop_patience: int | None = Field(
         None, ge=1, description="stop after this many validations without a lower loss"
     )
-    optimizer: Literal["adamw", "adamw8bit"] = Field(
-        "adamw", description="adamw8bit: bitsandbytes' 8-bit AdamW, CUDA only (extra 'gpu')"
+    optimizer: Literal["adamw", "adamw8bit", "prodigy", "adafactor"] = Field(
+        "adamw",
+        description="adamw8bit: bitsandbytes' 8-bit AdamW, CUDA only (extra 'gpu'); prodigy: "
+        "Prodigy's step-size estimation (train.lr 1.0 recommended, 0.1-1); adafactor: "
+        "transformers' Adafactor with a fixed lr (factored second moments)",
+    )
+    prodigy_d_coef: float = Field(
+        1.0, gt=0, description="prodigy: scale of its step-size estimate (lower: more cautious)"
     )
     ema_on_cpu: bool = Field(
         False, description="keep the EMA weights in CPU memory (saves GPU memory, costs copies)"
@@ -188,6 +200,17 @@ class TrainConfig(Section):
             raise ValueError(
                 f"train.fused_adamw is true but train.optimizer is {self.optimizer!r}: the fused "
                 "kernel is torch's AdamW; use optimizer 'adamw' or fused_adamw false"
+            )
+        if self.optimizer == "prodigy" and self.lr < 0.1:
+            raise ValueError(
+                f"train.optimizer is 'prodigy' but train.lr is {self.lr}: Prodigy estimates the "
+                "step size itself and train.lr multiplies its estimate; use 1.0 (recommended) or "
+                "down to 0.1, not an AdamW learning rate"
+            )
+        if self.lora_type != "lora" and self.mode != "lora":
+            raise ValueError(
+                f"train.lora_type is {self.lora_type!r} but train.mode is {self.mode!r}: adapter "
+                "types apply to mode 'lora'"
             )
         if self.lr_scheduler == "polynomial" and self.lr <= POLYNOMIAL_LR_END:
             raise ValueError(

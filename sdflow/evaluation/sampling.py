@@ -33,6 +33,7 @@ from diffusers import DiffusionPipeline as Pipeline
 from sdflow.config import RunConfig
 from sdflow.errors import UserError
 from sdflow.evaluation.features import to_uint8
+from sdflow.models.adapters import load_adapters
 from sdflow.models.components import (
     ComponentSources,
     absolute_source,
@@ -89,9 +90,7 @@ def load_trained(
     if "pipeline" in model:
         pipe = family_of(config).pipeline_class.from_pretrained(base / files[model])
         return _prepare(pipe, config)
-    pipe = load_base(config, train)
-    pipe.load_lora_weights(str(base / files[model]))
-    return pipe
+    return load_adapters(load_base(config, train), base / files[model])
 
 
 def load_baseline(config: RunConfig, train: Manifest, workdir: str) -> Pipeline:

@@ -13,12 +13,13 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.training_utils import EMAModel, cast_training_params
-from peft import LoraConfig, inject_adapter_in_model
+from peft import inject_adapter_in_model
 from torch import Tensor
 from transformers import CLIPTextModel
 
 from sdflow.config import RunConfig, TrainConfig
 from sdflow.errors import UserError
+from sdflow.models.adapters import adapter_config
 from sdflow.models.components import ComponentSources, build_unet, load_component
 from sdflow.models.families import family_of
 from sdflow.store.checkpoints import load_checkpoint
@@ -51,12 +52,7 @@ def build_trainable_unet(
 
 
 def add_lora(unet: UNet2DConditionModel, train: TrainConfig) -> None:
-    lora = LoraConfig(
-        r=train.lora_rank,
-        lora_alpha=train.lora_alpha or train.lora_rank,
-        init_lora_weights="gaussian",
-        target_modules=list(train.lora_targets),
-    )
+    lora = adapter_config(train, list(train.lora_targets))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(train.seed)  # LoRA's random init must not depend on the global RNG
         try:
@@ -90,12 +86,7 @@ def build_trainable_text_encoder(
 
 
 def add_text_lora(encoder: CLIPTextModel, train: TrainConfig, index: int = 0) -> None:
-    lora = LoraConfig(
-        r=train.lora_rank,
-        lora_alpha=train.lora_alpha or train.lora_rank,
-        init_lora_weights="gaussian",
-        target_modules=TEXT_LORA_TARGETS,
-    )
+    lora = adapter_config(train, TEXT_LORA_TARGETS)
     with torch.random.fork_rng(devices=[]):
         # not the UNet adapter's draws (nor the other encoder's); no global RNG either
         torch.manual_seed(train.seed + 1 + index)

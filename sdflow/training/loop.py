@@ -53,8 +53,9 @@ from sdflow.models.trainable import (
 from sdflow.ops.artifacts import report_progress
 from sdflow.store.checkpoints import load_latest, mark_best, save_checkpoint
 from sdflow.store.stageio import Manifest
-from sdflow.training.memory import check_memory_options, make_ema, make_optimizer
+from sdflow.training.memory import make_ema
 from sdflow.training.objective import diffusion_loss
+from sdflow.training.optimizers import check_optimizer, make_optimizer
 from sdflow.training.schedules import StepBatches, collate, log_bucket_plan, make_batches
 from sdflow.training.speed import (
     apply_tf32,
@@ -124,7 +125,7 @@ def train_unet(
 ) -> TrainSummary:
     """Train to `train.max_steps`, resuming from the newest checkpoint in `out_dir/checkpoints`."""
     out_dir = Path(out_dir)
-    check_memory_options(config.train)
+    check_optimizer(config.train)
     accelerator = make_accelerator(config.train, out_dir)
     check_speed_options(config.train, accelerator.device)
     family_of(config).check(config)

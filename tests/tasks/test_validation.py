@@ -17,6 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from test_train import make_latents, scratch_config, stage_path
 
 import sdflow.training.memory as memory
+import sdflow.training.optimizers as optimizers
 from sdflow.errors import UserError
 from sdflow.models.components import build_unet, component_sources
 from sdflow.models.schedulers import noise_scheduler
@@ -271,11 +272,11 @@ def test_adamw8bit_without_cuda_is_refused_before_any_work(tmp_path, components,
     assert not list((tmp_path / "stages" / "train").rglob("step-*"))
     # with CUDA but without the package, the message says how to install it
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(memory.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(optimizers.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(
         UserError, match=r"bitsandbytes is not installed: pip install -e '\.\[gpu\]'"
     ):
-        memory.check_memory_options(config.train)
+        optimizers.check_optimizer(config.train)
 
 
 def test_ema_on_cpu_gives_the_same_ema(tmp_path, components):

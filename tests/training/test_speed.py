@@ -15,8 +15,8 @@ from sdflow.errors import UserError
 from sdflow.models.components import build_unet
 from sdflow.profiles import load_profile
 from sdflow.training import speed
-from sdflow.training.memory import make_optimizer
 from sdflow.training.objective import diffusion_loss
+from sdflow.training.optimizers import make_optimizer
 from sdflow.training.speed import apply_tf32, check_speed_options, fused_adamw, prepare_unet
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
