@@ -4,7 +4,6 @@ the real docs pass it."""
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 import textwrap
