@@ -262,7 +262,9 @@ def _save_empty_prompt(build: StageBuild, config: RunConfig, encoders: encoding.
     if not build.has(EMPTY_PROMPT):
         empty = {k: v[0] for k, v in encoding.encode_captions(config, encoders, [""]).items()}
         save_tensors(
-            build.path / EMPTY_PROMPT, {k: encoding.stored(v, config) for k, v in empty.items()}, {}
+            build.path / EMPTY_PROMPT,
+            {k: encoding.to_stored(v, config) for k, v in empty.items()},
+            {},
         )
     return EMPTY_PROMPT
 

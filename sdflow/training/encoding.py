@@ -64,7 +64,7 @@ def encode_rows(config: RunConfig, encoders: Encoders, samples: list[dict]) -> l
     for batch in (samples[a : a + size] for a in range(0, len(samples), size)):
         kept, failed = encode_batch(config, encoders, batch)
         for row in kept:
-            stored = {k: v if k == "id" else stored(v, config) for k, v in row.items()}
+            stored = {k: v if k == "id" else to_stored(v, config) for k, v in row.items()}
             results[row["id"]] = Outcome(True, stored)
         results |= {failure["id"]: Outcome(False, failure) for failure in failed}
     return [results[s["id"]] for s in samples]
@@ -86,7 +86,7 @@ def encode_batch(
         try:
             image, row = crop_to_bucket(sample, encoders.buckets)
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            failures.append(failure(sample, "undecodable_image", exc))
+            failures.append(failure_row(sample, "undecodable_image", exc))
             continue
         kept.append(row)
         pixels.append(image)
@@ -105,7 +105,7 @@ def encode_batch(
     ]
     samples = {s["id"]: s for s in batch}
     failures += [
-        failure(samples[row["id"]], "non_finite_latent", "NaN or inf in the encoding")
+        failure_row(samples[row["id"]], "non_finite_latent", "NaN or inf in the encoding")
         for row, ok in zip(kept, finite, strict=True)
         if not ok
     ]
@@ -171,14 +171,14 @@ def encode_views(
     return out
 
 
-def stored(tensor: Tensor, config: RunConfig) -> Tensor:
+def to_stored(tensor: Tensor, config: RunConfig) -> Tensor:
     """Floats in `latents.dtype`; token ids as they are."""
     if not tensor.is_floating_point():
         return tensor.detach().cpu()
     return tensor.detach().to("cpu", DTYPES[config.latents.dtype])
 
 
-def failure(sample: dict, reason: str, detail: object) -> dict[str, str]:
+def failure_row(sample: dict, reason: str, detail: object) -> dict[str, str]:
     return {
         "id": sample["id"],
         "source": sample.get("source") or "",
