@@ -78,23 +78,44 @@ def export_kohya(path: Path, unet, encoders: list[Any], family: Any, dtype: str)
 # ------------------------------------------------------------------------------------- import
 
 
-def load_adapter(path: Path, pipeline_class: type, unet, encoders: list[Any]) -> None:
-    """Inject the adapter(s) of a LoRA file (diffusers or kohya format) into `unet` and, where the
-    file has them, `encoders`, as adapter `default`; refuse a file that fits none of their modules."""
+def read_adapter(path: Path, pipeline_class: type) -> tuple[dict, Any, Any]:
+    """(state dict in diffusers names, kohya alphas or None, metadata) of a LoRA file."""
     if not path.is_file():
         raise UserError(f"train.init_lora {path} is not a file.")
     try:
-        state, alphas, metadata = pipeline_class.lora_state_dict(
-            str(path), return_lora_metadata=True
-        )
+        return pipeline_class.lora_state_dict(str(path), return_lora_metadata=True)
     except (ValueError, KeyError, OSError) as exc:
-        raise UserError(f"train.init_lora {path} is not a LoRA file diffusers can read: {exc}") from None
+        raise UserError(
+            f"train.init_lora {path} is not a LoRA file diffusers can read ({exc}); give a "
+            "diffusers (pytorch_lora_weights.safetensors) or kohya-format .safetensors LoRA."
+        ) from None
+
+
+def load_unet_adapter(path: Path, pipeline_class: type, unet) -> None:
+    """Inject the UNet adapter of a LoRA file (diffusers or kohya format) into `unet` as adapter
+    `default`, its rank and alpha from the file; refuse a file that fits none of its modules."""
+    state, alphas, metadata = read_adapter(path, pipeline_class)
     _load(path, "unet", lambda: pipeline_class.load_lora_into_unet(
         state, alphas, unet, adapter_name="default", metadata=metadata), unet, state)  # fmt: skip
-    for encoder, part in zip(encoders, TEXT_PARTS, strict=False):
-        if any(k.startswith(f"{part}.") for k in state):
-            _load(path, part, lambda e=encoder, p=part: pipeline_class.load_lora_into_text_encoder(
-                state, alphas, e, prefix=p, adapter_name="default", metadata=metadata), encoder, state)  # fmt: skip
+    _mark_trainable(unet)
+
+
+def load_text_adapter(path: Path, pipeline_class: type, encoder, index: int) -> bool:
+    """Inject the file's adapter of text encoder `index` (if it has one) into `encoder`."""
+    state, alphas, metadata = read_adapter(path, pipeline_class)
+    part = TEXT_PARTS[index]
+    if not any(k.startswith(f"{part}.") for k in state):
+        return False
+    _load(path, part, lambda: pipeline_class.load_lora_into_text_encoder(
+        state, alphas, encoder, prefix=part, adapter_name="default", metadata=metadata),
+        encoder, state)  # fmt: skip
+    _mark_trainable(encoder)
+    return True
+
+
+def _mark_trainable(module) -> None:
+    for name, param in module.named_parameters():
+        param.requires_grad_("lora_" in name)
 
 
 def _load(path: Path, part: str, load, module, state: dict) -> None:
@@ -111,7 +132,11 @@ def _load(path: Path, part: str, load, module, state: dict) -> None:
         load()
     except ValueError as exc:
         raise UserError(_mismatch(path, part, expected, str(exc))) from None
-    loaded = len(get_peft_model_state_dict(module)) if "default" in getattr(module, "peft_config", {}) else 0
+    loaded = (
+        len(get_peft_model_state_dict(module))
+        if "default" in getattr(module, "peft_config", {})
+        else 0
+    )
     if loaded < len(expected):
         raise UserError(_mismatch(path, part, expected, f"{loaded} of {len(expected)} loaded"))
 

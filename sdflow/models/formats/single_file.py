@@ -20,7 +20,6 @@ their own CLIP tokenizers) and any `_name_or_path`.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -34,6 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from sdflow.config.model import CHECKPOINT_SUFFIXES
 from sdflow.errors import UserError
 from sdflow.store.stageio import write_atomic
 
@@ -123,12 +123,18 @@ def _vae_block(name: str, tensor: Tensor, levels: int) -> tuple[str, Tensor]:
             tensor = tensor[:, :, None, None]
         return f"{m[1]}.mid.attn_1.{rest}", tensor
     if m := re.match(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", name):
-        return f"encoder.down.{m[1]}.block.{m[2]}.{m[3].replace('conv_shortcut', 'nin_shortcut')}", tensor
+        return (
+            f"encoder.down.{m[1]}.block.{m[2]}.{m[3].replace('conv_shortcut', 'nin_shortcut')}",
+            tensor,
+        )
     if m := re.match(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.(.+)", name):
         return f"encoder.down.{m[1]}.downsample.{m[2]}", tensor
     if m := re.match(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", name):
         level = levels - 1 - int(m[1])  # the original counts decoder levels from the bottom
-        return f"decoder.up.{level}.block.{m[2]}.{m[3].replace('conv_shortcut', 'nin_shortcut')}", tensor
+        return (
+            f"decoder.up.{level}.block.{m[2]}.{m[3].replace('conv_shortcut', 'nin_shortcut')}",
+            tensor,
+        )
     if m := re.match(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.(.+)", name):
         return f"decoder.up.{levels - 1 - int(m[1])}.upsample.{m[2]}", tensor
     raise UserError(f"The VAE weight {name!r} has no place in the single-file layout.")
@@ -160,7 +166,9 @@ def open_clip_to_ldm(state: dict[str, Tensor]) -> dict[str, Tensor]:
         if name.endswith("position_ids"):
             continue
         if name in direct:
-            out[direct[name]] = tensor.T.contiguous() if name == "text_projection.weight" else tensor
+            out[direct[name]] = (
+                tensor.T.contiguous() if name == "text_projection.weight" else tensor
+            )
         elif m := re.match(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", name):
             fused.setdefault((m[1], m[3]), {})[m[2]] = tensor
         elif m := re.match(r"encoder\.layers\.(\d+)\.(.+)", name):
@@ -285,9 +293,6 @@ def ldm_config(unet: Any, vae: Any, layout: Layout) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------ import
 
 
-CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-
-
 def is_single_file(source: str | None) -> bool:
     """A model given as one weights file rather than a diffusers folder or a hub name."""
     return bool(source) and str(source).endswith(CHECKPOINT_SUFFIXES)
@@ -349,5 +354,40 @@ def _init_names(cls: type) -> set[str]:
     return set(inspect.signature(cls.__init__).parameters)
 
 
-def write_json(path: Path, value: Any) -> None:
-    write_atomic(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
+def detect_family(path: Path, keys: list[str]) -> str:
+    """The family whose single-file layout the keys follow (each family names its text prefix)."""
+    from sdflow.models.families import get_family
+
+    if any(k.startswith(UNET_PREFIX) for k in keys):
+        for name in ("sdxl", "sd"):
+            if any(k.startswith(get_family(name).single_file_marker) for k in keys):
+                return name
+    prefixes = sorted({".".join(k.split(".")[:2]) for k in keys})[:8]
+    raise UserError(
+        f"model.pretrained {path}: its keys match no model family sdflow reads (found prefixes "
+        f"{prefixes}). sdflow reads SD 1.x / 2.x checkpoints (model.diffusion_model.*, "
+        "cond_stage_model.*) and SDXL ones (conditioner.embedders.*); give one of those, or a "
+        "diffusers folder."
+    )
+
+
+def resolve_single_file_base(config: Any, workdir: str) -> Any:
+    """The run's config with a single-file `model.pretrained` replaced by its diffusers folder:
+    converted once per file content into `<workdir>/bases/<sha256>/`, so every stage reads a
+    folder and every stage key holds the file's content hash (the folder is named by it)."""
+    from sdflow.models.families import get_family, pipeline_family
+
+    model = config.model
+    path = Path(model.pretrained).expanduser().resolve()
+    found = detect_family(path, checkpoint_keys(path))
+    described = pipeline_family(model.config)
+    if found != described:
+        raise UserError(
+            f"model.pretrained {path} is a {found!r} checkpoint but model.config {model.config} "
+            f"describes a {described!r} pipeline: name a {found!r} diffusers folder as model.config."
+        )
+    out = Path(workdir).expanduser().resolve() / "bases" / file_hash(path)
+    if not (out / "model_index.json").is_file():
+        single_file_to_folder(path, model.config, get_family(found).pipeline_class, out)
+    folder = model.model_copy(update={"pretrained": str(out), "config": None})
+    return config.model_copy(update={"model": folder})
