@@ -130,8 +130,8 @@ def _load(path: Path, part: str, load, module, state: dict) -> None:
         return
     try:
         load()
-    except ValueError as exc:
-        raise UserError(_mismatch(path, part, expected, str(exc))) from None
+    except (ValueError, RuntimeError) as exc:  # no such module; a module of another shape
+        raise UserError(_mismatch(path, part, expected, str(exc).splitlines()[0])) from None
     loaded = (
         len(get_peft_model_state_dict(module))
         if "default" in getattr(module, "peft_config", {})

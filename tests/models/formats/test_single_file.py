@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import pickle
 from pathlib import Path
 
@@ -30,9 +31,15 @@ CASES = {"sd15": ("sd15_layout", StableDiffusionPipeline, "sd"),
          "sdxl": ("sdxl_layout", StableDiffusionXLPipeline, "sdxl")}  # fmt: skip
 
 
+LOADED: dict = {}
+
+
 def load(cls, folder: Path):
-    kwargs = {"safety_checker": None} if cls is StableDiffusionPipeline else {}
-    return cls.from_pretrained(folder, **kwargs)
+    """A fresh copy of the saved pipeline (loaded once: copies are cheaper than loads)."""
+    if folder not in LOADED:
+        kwargs = {"safety_checker": None} if cls is StableDiffusionPipeline else {}
+        LOADED[folder] = cls.from_pretrained(folder, **kwargs)
+    return copy.deepcopy(LOADED[folder])
 
 
 def encoders_of(pipe) -> list:
@@ -54,7 +61,10 @@ def outputs(pipe) -> dict[str, torch.Tensor]:
     added = None
     if unet.addition_embed_type == "text_time":
         pooled = unet.projection_class_embeddings_input_dim - 6 * unet.addition_time_embed_dim
-        added = {"text_embeds": torch.randn(2, pooled, generator=g), "time_ids": torch.rand(2, 6, generator=g)}
+        added = {
+            "text_embeds": torch.randn(2, pooled, generator=g),
+            "time_ids": torch.rand(2, 6, generator=g),
+        }
     with torch.no_grad():
         out = {
             "unet": pipe.unet(torch.randn(2, 4, 8, 8, generator=g), 500,
@@ -97,9 +107,11 @@ def test_the_v_prediction_yaml_describes_the_unet_as_diffusers_reads_it(sd21_lay
     for key in ("block_out_channels", "layers_per_block", "cross_attention_dim",
                 "down_block_types", "up_block_types", "use_linear_projection",
                 "attention_head_dim"):  # fmt: skip
-        assert list(config[key]) == list(pipe.unet.config[key]) if isinstance(
-            config[key], (list, tuple)
-        ) else config[key] == pipe.unet.config[key], key
+        assert (
+            list(config[key]) == list(pipe.unet.config[key])
+            if isinstance(config[key], (list, tuple))
+            else config[key] == pipe.unet.config[key]
+        ), key
     assert original["model"]["params"]["parameterization"] == "v"
 
 
