@@ -20,10 +20,14 @@ def profile(*overrides: str):
         (["train.export_formats=[onnx]"], r"export_formats"),
         (["train.export_dtype=int8"], r"export_dtype"),
         (["train.init_lora=/x/lora.safetensors"], r"init_lora .* train.mode is 'full'"),
-        (["model.init=pretrained", "model.pretrained=/x/base.safetensors"],
-         r"single file but model.config is not set"),  # fmt: skip
-        (["model.init=pretrained", "model.pretrained=/x/base", "model.config=/x/c"],
-         r"model.config is '/x/c' but model.pretrained is not a single file"),  # fmt: skip
+        (
+            ["model.init=pretrained", "model.pretrained=/x/base.safetensors"],
+            r"single file but model.config is not set",
+        ),
+        (
+            ["model.init=pretrained", "model.pretrained=/x/base", "model.config=/x/c"],
+            r"model.config is '/x/c' but model.pretrained is not a single file",
+        ),
     ],
 )
 def test_bad_interop_settings_are_refused_by_name(overrides, message):
