@@ -62,7 +62,7 @@ def single_file_base(config, workdir: str):
         CHECKPOINT_SUFFIXES
     ):
         return config
-    from sdflow.models.formats.single_file import resolve_single_file_base
+    from sdflow.models.formats.single_file_base import resolve_single_file_base
 
     return resolve_single_file_base(config, workdir)
 

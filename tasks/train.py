@@ -46,7 +46,7 @@ from sdflow.models.families import family_of
 from sdflow.models.files import canonical_safetensors, hub_commit, weights_hash
 from sdflow.models.formats.card import CardFacts, base_license, write_card
 from sdflow.models.formats.exports import write_exports
-from sdflow.models.formats.single_file import file_hash
+from sdflow.models.formats.single_file_base import file_hash
 from sdflow.models.schedulers import base_scheduler_config, inference_scheduler, noise_scheduler
 from sdflow.models.trainable import trained_text_encoder, trained_unet
 from sdflow.ops.orchestration import stage_task

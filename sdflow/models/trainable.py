@@ -46,7 +46,9 @@ def build_trainable_unet(
         if train.init_lora:  # an existing adapter file: its rank, alpha and weights
             from sdflow.models.formats.kohya import load_unet_adapter
 
-            load_unet_adapter(Path(train.init_lora), family_of(config).pipeline_class, unet)
+            pipeline_class = family_of(config).pipeline_class
+            text = train.text_encoder == "lora"
+            load_unet_adapter(Path(train.init_lora), pipeline_class, unet, text)
         else:
             add_lora(unet, train)
         cast_training_params(unet, dtype=torch.float32)

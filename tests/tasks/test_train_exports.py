@@ -14,12 +14,13 @@ from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
 from sdflow.models.families import TextEncoders, get_family
-from sdflow.models.formats.single_file import export_single_file, resolve_single_file_base
+from sdflow.models.formats.single_file import export_single_file
+from sdflow.models.formats.single_file_base import resolve_single_file_base
 from sdflow.profiles import load_profile
 from tasks.train import train, train_key
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-SMALL = ["model.init=pretrained", "train.max_steps=2", "train.checkpoint_every=2",
+SMALL = ["model.init=pretrained", "train.max_steps=1", "train.checkpoint_every=1",
          "train.batch_size=2", "train.log_every=1", "train.export_dtype=float32"]  # fmt: skip
 
 
@@ -56,7 +57,7 @@ def test_a_single_file_base_trains_and_exports_exactly_as_its_folder(sd15_layout
     card = ModelCard.load(folder_out / "pipeline" / "README.md")
     assert card.data.pipeline_tag == "text-to-image" and card.data.library_name == "diffusers"
     assert {"stable-diffusion", "text-to-image"} <= set(card.data.tags)
-    assert "pipeline.safetensors" in card.text and "| steps | 2 |" in card.text
+    assert "pipeline.safetensors" in card.text and "| steps | 1 |" in card.text
 
 
 def test_a_lora_run_exports_kohya_and_a_later_run_continues_from_it(sd15_layout, tmp_path):
@@ -66,7 +67,7 @@ def test_a_lora_run_exports_kohya_and_a_later_run_continues_from_it(sd15_layout,
     assert kohya.name == "lora-kohya.safetensors"
     assert ModelCard.load(first / "lora" / "README.md").data.tags[-1] == "lora"
     # a run from the kohya file, with another rank in its config (the file's wins) and an lr so
-    # small that two steps barely move it: its adapter is the first run's
+    # small that a step barely moves it: its adapter is the first run's
     later = ["train.mode=lora", "train.lora_rank=2", "train.lr=1e-9", f"train.init_lora={kohya}"]
     second, _, config = run(tmp_path / "b", sd15_layout, *later)
     weights = "lora/pytorch_lora_weights.safetensors"

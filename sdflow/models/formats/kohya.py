@@ -91,10 +91,18 @@ def read_adapter(path: Path, pipeline_class: type) -> tuple[dict, Any, Any]:
         ) from None
 
 
-def load_unet_adapter(path: Path, pipeline_class: type, unet) -> None:
+def load_unet_adapter(path: Path, pipeline_class: type, unet, text_trained: bool) -> None:
     """Inject the UNet adapter of a LoRA file (diffusers or kohya format) into `unet` as adapter
-    `default`, its rank and alpha from the file; refuse a file that fits none of its modules."""
+    `default`, its rank and alpha from the file; refuse a file that fits none of its modules, and
+    one with text-encoder adapters a run with frozen text encoders would silently drop."""
     state, alphas, metadata = read_adapter(path, pipeline_class)
+    text = sorted({k.split(".")[0] for k in state if k.startswith(TEXT_PARTS)})
+    if text and not text_trained:
+        raise UserError(
+            f"train.init_lora {path} also adapts the text encoder(s) ({', '.join(text)}), but "
+            "train.text_encoder is not 'lora', so those adapters would be dropped: set "
+            "train.text_encoder: lora to train them too, or give a UNet-only adapter."
+        )
     _load(path, "unet", lambda: pipeline_class.load_lora_into_unet(
         state, alphas, unet, adapter_name="default", metadata=metadata), unet, state)  # fmt: skip
     _mark_trainable(unet)

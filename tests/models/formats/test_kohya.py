@@ -116,20 +116,18 @@ def test_load_lora_weights_on_the_kohya_file_equals_the_diffusers_lora(case, ada
         assert not torch.allclose(plain[name], value), name  # the adapter does change it
 
 
-@pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
-def test_an_adapter_file_read_back_reproduces_its_outputs(fmt, adapters):
+@pytest.mark.parametrize(("fmt", "case"), [("diffusers", "sd15"), ("kohya", "sdxl")])
+def test_an_adapter_file_read_back_reproduces_its_outputs(fmt, case, adapters):
     """`train.init_lora` at 0 steps: the base with the file's adapters is what load_lora_weights
     gives, rank and alpha read from the file."""
-    folder, diffusers_lora, kohya = adapters["sdxl"]
+    folder, diffusers_lora, kohya = adapters[case]
+    cls = CASES[case][1]
     path = kohya if fmt == "kohya" else diffusers_lora / "pytorch_lora_weights.safetensors"
-    reference, ours = (
-        load(StableDiffusionXLPipeline, folder),
-        load(StableDiffusionXLPipeline, folder),
-    )
+    reference, ours = load(cls, folder), load(cls, folder)
     reference.load_lora_weights(str(path))
-    load_unet_adapter(path, StableDiffusionXLPipeline, ours.unet)
+    load_unet_adapter(path, cls, ours.unet, text_trained=True)
     for index, encoder in enumerate(encoders_of(ours)):
-        assert load_text_adapter(path, StableDiffusionXLPipeline, encoder, index)
+        assert load_text_adapter(path, cls, encoder, index)
     config = ours.unet.peft_config["default"]
     assert (config.r, config.lora_alpha) == (RANK, ALPHA)
     trained = {n for n, p in ours.unet.named_parameters() if p.requires_grad}
@@ -143,4 +141,6 @@ def test_a_lora_of_another_base_is_refused(adapters, sd15_layout):
     _, _, kohya = adapters["sdxl"]
     unet = load(StableDiffusionPipeline, sd15_layout).unet
     with pytest.raises(UserError, match=r"kohya.safetensors: its unet adapter does not fit"):
-        load_unet_adapter(kohya, StableDiffusionPipeline, unet)
+        load_unet_adapter(kohya, StableDiffusionPipeline, unet, text_trained=True)
+    with pytest.raises(UserError, match=r"also adapts the text encoder.*text_encoder: lora"):
+        load_unet_adapter(kohya, StableDiffusionXLPipeline, unet, text_trained=False)

@@ -16,11 +16,10 @@ from safetensors.torch import load_file, save_file
 
 from sdflow.errors import UserError
 from sdflow.models.families import TextEncoders, get_family
-from sdflow.models.formats.single_file import (
-    V_PRED_KEY,
+from sdflow.models.formats.single_file import V_PRED_KEY, export_single_file
+from sdflow.models.formats.single_file_base import (
     checkpoint_keys,
     detect_family,
-    export_single_file,
     resolve_single_file_base,
 )
 from sdflow.profiles import load_profile
@@ -132,20 +131,6 @@ def test_the_same_weights_write_the_same_bytes(sd15_layout, tmp_path):
 
 
 # --------------------------------------------------------------------------------- inputs
-
-
-def test_a_single_file_base_becomes_the_same_folder(sdxl_layout, tmp_path):
-    pipe = load(StableDiffusionXLPipeline, sdxl_layout)
-    export(pipe, "sdxl", tmp_path / "base.safetensors")
-    config = load_profile("tiny-test", ["model.init=pretrained",
-                                        f"model.pretrained={tmp_path / 'base.safetensors'}",
-                                        f"model.config={sdxl_layout}"])  # fmt: skip
-    resolved = resolve_single_file_base(config, str(tmp_path / "work"))
-    folder = Path(resolved.model.pretrained)
-    assert folder.parent == tmp_path / "work" / "bases" and resolved.model.config is None
-    back = load(StableDiffusionXLPipeline, folder)
-    for name, value in outputs(pipe).items():
-        assert torch.equal(outputs(back)[name], value), name
 
 
 def test_a_config_folder_of_another_family_is_refused(sd15_layout, sdxl_layout, tmp_path):
