@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils import convert_state_dict_to_diffusers
+from fixtures.sd_layout import component_outputs, encoders_of, load_copy
 from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
@@ -21,21 +21,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CASES = {"sd15": ("sd15_layout", StableDiffusionPipeline, "sd"),
          "sdxl": ("sdxl_layout", StableDiffusionXLPipeline, "sdxl")}  # fmt: skip
 RANK, ALPHA = 2, 3.0  # alpha != rank: a mis-scaled load would show
-
-
-LOADED: dict = {}
-
-
-def load(cls, folder: Path):
-    """A fresh copy of the saved pipeline (loaded once: copies are cheaper than loads)."""
-    if folder not in LOADED:
-        kwargs = {"safety_checker": None} if cls is StableDiffusionPipeline else {}
-        LOADED[folder] = cls.from_pretrained(folder, **kwargs)
-    return copy.deepcopy(LOADED[folder])
-
-
-def encoders_of(pipe) -> list:
-    return [pipe.text_encoder] + ([pipe.text_encoder_2] if hasattr(pipe, "text_encoder_2") else [])
 
 
 def with_adapters(pipe) -> None:
@@ -72,45 +57,30 @@ def save_both(pipe, family: str, root: Path) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def adapters(request, tmp_path_factory) -> dict:
     out = {}
-    for case, (fixture, cls, family) in CASES.items():
+    for case, (fixture, _, family) in CASES.items():
         folder = request.getfixturevalue(fixture)
-        pipe = load(cls, folder)
+        pipe = load_copy(folder)
         with_adapters(pipe)
         out[case] = (folder, *save_both(pipe, family, tmp_path_factory.mktemp(case)))
-    return out
-
-
-def outputs(pipe) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(2, 100, (2, 16), generator=g)
-    config = pipe.unet.config
-    added = None
-    if config.addition_embed_type == "text_time":
-        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-        added = {"text_embeds": torch.randn(2, pooled, generator=g),
-                 "time_ids": torch.rand(2, 6, generator=g)}  # fmt: skip
-    with torch.no_grad():
-        out = {"unet": pipe.unet(torch.randn(2, 4, 8, 8, generator=g), 500,
-                                 torch.randn(2, 16, config.cross_attention_dim, generator=g),
-                                 added_cond_kwargs=added).sample}  # fmt: skip
-        for i, encoder in enumerate(encoders_of(pipe)):
-            out[f"text_encoder_{i}"] = encoder(ids, output_hidden_states=True).hidden_states[-2]
     return out
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_load_lora_weights_on_the_kohya_file_equals_the_diffusers_lora(case, adapters):
     folder, diffusers_lora, kohya = adapters[case]
-    cls = CASES[case][1]
     keys = load_file(kohya)
     names = {k.split("_text_model")[0] for k in keys if k.startswith("lora_te")}
     assert names == ({"lora_te"} if case == "sd15" else {"lora_te1", "lora_te2"})
     alphas = {float(v) for k, v in keys.items() if k.endswith(".alpha")}
     assert alphas == {ALPHA}
-    reference, kohya_pipe, base = load(cls, folder), load(cls, folder), load(cls, folder)
+    reference, kohya_pipe, base = load_copy(folder), load_copy(folder), load_copy(folder)
     reference.load_lora_weights(diffusers_lora)
     kohya_pipe.load_lora_weights(str(kohya))
-    expected, got, plain = outputs(reference), outputs(kohya_pipe), outputs(base)
+    expected, got, plain = (
+        component_outputs(reference, with_vae=False),
+        component_outputs(kohya_pipe, with_vae=False),
+        component_outputs(base, with_vae=False),
+    )
     for name, value in expected.items():
         assert torch.equal(got[name], value), name
         assert not torch.allclose(plain[name], value), name  # the adapter does change it
@@ -123,7 +93,7 @@ def test_an_adapter_file_read_back_reproduces_its_outputs(fmt, case, adapters):
     folder, diffusers_lora, kohya = adapters[case]
     cls = CASES[case][1]
     path = kohya if fmt == "kohya" else diffusers_lora / "pytorch_lora_weights.safetensors"
-    reference, ours = load(cls, folder), load(cls, folder)
+    reference, ours = load_copy(folder), load_copy(folder)
     reference.load_lora_weights(str(path))
     load_unet_adapter(path, cls, ours.unet, text_trained=True)
     for index, encoder in enumerate(encoders_of(ours)):
@@ -132,14 +102,17 @@ def test_an_adapter_file_read_back_reproduces_its_outputs(fmt, case, adapters):
     assert (config.r, config.lora_alpha) == (RANK, ALPHA)
     trained = {n for n, p in ours.unet.named_parameters() if p.requires_grad}
     assert trained and all("lora_" in n for n in trained)
-    expected, got = outputs(reference), outputs(ours)
+    expected, got = (
+        component_outputs(reference, with_vae=False),
+        component_outputs(ours, with_vae=False),
+    )
     for name, value in expected.items():
         assert torch.allclose(got[name], value, atol=1e-6), name
 
 
 def test_a_lora_of_another_base_is_refused(adapters, sd15_layout):
     _, _, kohya = adapters["sdxl"]
-    unet = load(StableDiffusionPipeline, sd15_layout).unet
+    unet = load_copy(sd15_layout).unet
     with pytest.raises(UserError, match=r"kohya.safetensors: its unet adapter does not fit"):
         load_unet_adapter(kohya, StableDiffusionPipeline, unet, text_trained=True)
     with pytest.raises(UserError, match=r"also adapts the text encoder.*text_encoder: lora"):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import pickle
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import torch
 import yaml
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.loaders.single_file_utils import create_unet_diffusers_config_from_ldm
+from fixtures.sd_layout import component_outputs, encoders_of, load_copy
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -30,21 +30,6 @@ CASES = {"sd15": ("sd15_layout", StableDiffusionPipeline, "sd"),
          "sdxl": ("sdxl_layout", StableDiffusionXLPipeline, "sdxl")}  # fmt: skip
 
 
-LOADED: dict = {}
-
-
-def load(cls, folder: Path):
-    """A fresh copy of the saved pipeline (loaded once: copies are cheaper than loads)."""
-    if folder not in LOADED:
-        kwargs = {"safety_checker": None} if cls is StableDiffusionPipeline else {}
-        LOADED[folder] = cls.from_pretrained(folder, **kwargs)
-    return copy.deepcopy(LOADED[folder])
-
-
-def encoders_of(pipe) -> list:
-    return [pipe.text_encoder] + ([pipe.text_encoder_2] if hasattr(pipe, "text_encoder_2") else [])
-
-
 def export(pipe, family: str, path: Path, dtype: str = "float32") -> list[str]:
     encoders = encoders_of(pipe)
     layout = get_family(family).single_file_layout(TextEncoders([pipe.tokenizer], encoders))
@@ -52,41 +37,17 @@ def export(pipe, family: str, path: Path, dtype: str = "float32") -> list[str]:
     return export_single_file(path, layout, (pipe.unet, pipe.vae, encoders), dtype, prediction, "t")
 
 
-def outputs(pipe) -> dict[str, torch.Tensor]:
-    """Every component's output on the same seeded inputs."""
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(2, 100, (2, 16), generator=g)
-    unet = pipe.unet.config
-    added = None
-    if unet.addition_embed_type == "text_time":
-        pooled = unet.projection_class_embeddings_input_dim - 6 * unet.addition_time_embed_dim
-        added = {
-            "text_embeds": torch.randn(2, pooled, generator=g),
-            "time_ids": torch.rand(2, 6, generator=g),
-        }
-    with torch.no_grad():
-        out = {
-            "unet": pipe.unet(torch.randn(2, 4, 8, 8, generator=g), 500,
-                              torch.randn(2, 16, unet.cross_attention_dim, generator=g),
-                              added_cond_kwargs=added).sample,
-            "vae": pipe.vae(torch.rand(1, 3, 64, 64, generator=g) * 2 - 1).sample,
-        }  # fmt: skip
-        for i, encoder in enumerate(encoders_of(pipe)):
-            out[f"text_encoder_{i}"] = encoder(ids, output_hidden_states=True).hidden_states[-2]
-    return out
-
-
 @pytest.mark.parametrize("case", CASES)
 def test_from_single_file_gives_the_diffusers_exports_outputs(case, request, tmp_path):
     fixture, cls, family = CASES[case]
     folder = request.getfixturevalue(fixture)
-    pipe = load(cls, folder)
+    pipe = load_copy(folder)
     written = export(pipe, family, tmp_path / "model.safetensors")
     kwargs = {"safety_checker": None} if cls is StableDiffusionPipeline else {}
     back = cls.from_single_file(
         str(tmp_path / "model.safetensors"), config=str(folder), local_files_only=True, **kwargs
     )
-    expected, got = outputs(pipe), outputs(back)
+    expected, got = component_outputs(pipe), component_outputs(back)
     for name, value in expected.items():
         assert torch.equal(got[name], value), name
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as handle:
@@ -98,7 +59,7 @@ def test_from_single_file_gives_the_diffusers_exports_outputs(case, request, tmp
 
 
 def test_the_v_prediction_yaml_describes_the_unet_as_diffusers_reads_it(sd21_layout, tmp_path):
-    pipe = load(StableDiffusionPipeline, sd21_layout)
+    pipe = load_copy(sd21_layout)
     export(pipe, "sd", tmp_path / "model.safetensors")
     original = yaml.safe_load((tmp_path / "model.yaml").read_text())
     checkpoint = load_file(tmp_path / "model.safetensors")
@@ -115,7 +76,7 @@ def test_the_v_prediction_yaml_describes_the_unet_as_diffusers_reads_it(sd21_lay
 
 
 def test_fp16_export_holds_the_weights_in_half_precision(sd15_layout, tmp_path):
-    pipe = load(StableDiffusionPipeline, sd15_layout)
+    pipe = load_copy(sd15_layout)
     export(pipe, "sd", tmp_path / "half.safetensors", "float16")
     tensors = load_file(tmp_path / "half.safetensors")
     assert {t.dtype for t in tensors.values()} == {torch.float16}
@@ -124,7 +85,7 @@ def test_fp16_export_holds_the_weights_in_half_precision(sd15_layout, tmp_path):
 
 
 def test_the_same_weights_write_the_same_bytes(sd15_layout, tmp_path):
-    pipe = load(StableDiffusionPipeline, sd15_layout)
+    pipe = load_copy(sd15_layout)
     export(pipe, "sd", tmp_path / "a.safetensors")
     export(pipe, "sd", tmp_path / "b.safetensors")
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
@@ -134,7 +95,7 @@ def test_the_same_weights_write_the_same_bytes(sd15_layout, tmp_path):
 
 
 def test_a_config_folder_of_another_family_is_refused(sd15_layout, sdxl_layout, tmp_path):
-    export(load(StableDiffusionPipeline, sd15_layout), "sd", tmp_path / "sd.safetensors")
+    export(load_copy(sd15_layout), "sd", tmp_path / "sd.safetensors")
     config = load_profile("tiny-test", ["model.init=pretrained",
                                         f"model.pretrained={tmp_path / 'sd.safetensors'}",
                                         f"model.config={sdxl_layout}"])  # fmt: skip
