@@ -106,13 +106,15 @@ def train_lineage(config: RunConfig, upstream: dict[str, Manifest | None]) -> st
     every step they share, so a longer one continues a finished shorter one."""
     model = config.model
     train = config.train.model_dump(exclude=NOT_IN_KEY | VALIDATION_KEYS | EXPORT_KEYS)
+    train.pop("init_lora")  # unset: the keys of earlier runs stay what they were
     if config.train.init_lora:  # the adapter's content, not where it lies
         train["init_lora"] = file_hash(Path(config.train.init_lora).expanduser())
     if config.train.lr_scheduler not in STEP_FREE_SCHEDULES:  # e.g. cosine: lr(t) needs the total
         train["max_steps"] = config.train.max_steps
     # "auto" counts this host's GPUs: the world size, not the word, decides the weights
     train["processes"] = resolve_processes(config.train)
-    settings: dict[str, Any] = {"train": train, "model": model.model_dump()}
+    # model.config is unset once a single-file base is its folder (named by the file's hash)
+    settings: dict[str, Any] = {"train": train, "model": model.model_dump(exclude={"config"})}
     if model.init == "pretrained":  # the UNet and scheduler weights come from here
         settings["unet"] = weights_hash(model.pretrained, "unet", model.revision)
         settings["scheduler"] = weights_hash(model.pretrained, "scheduler", model.revision)
