@@ -53,6 +53,20 @@ def check_family_options(config) -> None:
         family_of(config).check(config)
 
 
+def single_file_base(config, workdir: str):
+    """A single-file `model.pretrained` (a .safetensors checkpoint) converted once into a diffusers
+    folder that every stage reads (`sdflow.models.formats.single_file`); torch is imported only then."""
+    from sdflow.config.model import CHECKPOINT_SUFFIXES
+
+    if config.model.init != "pretrained" or not config.model.pretrained.endswith(
+        CHECKPOINT_SUFFIXES
+    ):
+        return config
+    from sdflow.models.formats.single_file_base import resolve_single_file_base
+
+    return resolve_single_file_base(config, workdir)
+
+
 def stage_task(stage: str) -> Task:
     """The Prefect task of `stage`, its module imported now (see the module docstring)."""
     module, attribute = STAGE_TASKS[stage]
@@ -68,7 +82,7 @@ def pipeline(
     refresh: list[str] | None = None,
 ) -> str:
     """download → filter → caption → (autoencoder) → latents → train → evaluate; returns the run dir."""
-    config = load_profile(profile, overrides or [])
+    config = single_file_base(load_profile(profile, overrides or []), workdir)
     if not only or "train" in only:  # e.g. 8-bit AdamW on a host without CUDA: before any stage
         check_optimizer_options(config.train)
         check_family_options(config)

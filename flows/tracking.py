@@ -31,6 +31,8 @@ from sdflow.store.stageio import (
     write_json,
 )
 
+EXPORT_NAMES = ("single_file", "single_file_config", "kohya_lora")
+
 
 class StageFailed(Exception):
     """Raised at the end of a run in which a stage failed, after summary.json is written."""
@@ -157,6 +159,9 @@ class RunTracker:
             final = files.get("final_pipeline") or files.get("final_lora") or product
             self.summary["model_dir"] = str(base / product) if product else None
             self.summary["final_model_dir"] = str(base / final) if final else None
+            exports = {k: str(base / v) for k, v in files.items() if k.endswith(EXPORT_NAMES)}
+            if exports:  # train.export_formats: single_file, kohya_lora (final_ with keep_best)
+                self.summary["exports"] = exports
             if "validation" in manifest.get("info", {}):
                 self.summary["validation"] = manifest["info"]["validation"]
         if name == "evaluate":

@@ -37,9 +37,17 @@ from transformers import CLIPTextModel
 
 from sdflow.config import RunConfig
 from sdflow.models.adapters import in_diffusers_format, save_peft_adapters
-from sdflow.models.components import ComponentSources, component_sources, load_component
+from sdflow.models.components import (
+    ComponentSources,
+    component_sources,
+    is_hub_name,
+    load_component,
+)
 from sdflow.models.families import family_of
 from sdflow.models.files import canonical_safetensors, hub_commit, weights_hash
+from sdflow.models.formats.card import CardFacts, base_license, write_card
+from sdflow.models.formats.exports import write_exports
+from sdflow.models.formats.single_file_base import file_hash
 from sdflow.models.schedulers import base_scheduler_config, inference_scheduler, noise_scheduler
 from sdflow.models.trainable import trained_text_encoder, trained_unet
 from sdflow.ops.orchestration import stage_task
@@ -85,6 +93,9 @@ VALIDATION_KEYS = {
     "keep_best",
     "early_stop_patience",
 }
+# What is written, not how: out of the lineage; in the key when an export beyond diffusers is asked.
+EXPORT_KEYS = {"export_formats", "export_dtype"}
+EXPORT_FILES = ("single_file", "single_file_config", "kohya_lora")  # the manifest's export names
 # lr schedules whose value at step t does not depend on the total number of steps: a longer run of
 # these repeats the shorter one's steps exactly, so it can continue from it.
 STEP_FREE_SCHEDULES = {"constant", "constant_with_warmup"}
@@ -95,12 +106,16 @@ def train_lineage(config: RunConfig, upstream: dict[str, Manifest | None]) -> st
     steps there are (unless the lr schedule's shape depends on it): runs of one lineage agree on
     every step they share, so a longer one continues a finished shorter one."""
     model = config.model
-    train = config.train.model_dump(exclude=NOT_IN_KEY | VALIDATION_KEYS)
+    train = config.train.model_dump(exclude=NOT_IN_KEY | VALIDATION_KEYS | EXPORT_KEYS)
+    train.pop("init_lora")  # unset: the keys of earlier runs stay what they were
+    if config.train.init_lora:  # the adapter's content, not where it lies
+        train["init_lora"] = file_hash(Path(config.train.init_lora).expanduser())
     if config.train.lr_scheduler not in STEP_FREE_SCHEDULES:  # e.g. cosine: lr(t) needs the total
         train["max_steps"] = config.train.max_steps
     # "auto" counts this host's GPUs: the world size, not the word, decides the weights
     train["processes"] = resolve_processes(config.train)
-    settings: dict[str, Any] = {"train": train, "model": model.model_dump()}
+    # model.config is unset once a single-file base is its folder (named by the file's hash)
+    settings: dict[str, Any] = {"train": train, "model": model.model_dump(exclude={"config"})}
     if model.init == "pretrained":  # the UNet and scheduler weights come from here
         settings["unet"] = weights_hash(model.pretrained, "unet", model.revision)
         settings["scheduler"] = weights_hash(model.pretrained, "scheduler", model.revision)
@@ -119,6 +134,10 @@ def train_key(config: RunConfig, upstream: dict[str, Manifest | None]) -> str:
         validation = config.train.model_dump(include=VALIDATION_KEYS)
         validation["grid"] = [config.eval.guidance_scale, config.download.resolution]
         settings["validation"] = validation
+    if config.train.export_formats != [
+        "diffusers"
+    ]:  # keys of diffusers-only runs stay as they were
+        settings["exports"] = config.train.model_dump(include=EXPORT_KEYS)
     return stage_key("train", settings)
 
 
@@ -150,6 +169,7 @@ def _build(
     write_atomic(build.path / LOSS_CURVE, draw_loss_curve(summary.history, validation=curve))
     if validation.get("grid"):
         output["validation_grid"] = validation["grid"]
+    write_cards(config, upstream, build.path, output, summary)
     if not config.train.keep_optimizer_state:
         drop_optimizer_state(checkpoints, summary.steps, keep)
     return build.finish(
@@ -173,23 +193,32 @@ def _export_models(
     config: RunConfig, sources: ComponentSources, scheduler, out: Path, summary: TrainSummary
 ) -> dict[str, str]:
     """The model (`pipeline` or `lora`): the best checkpoint's with `train.keep_best`, else the
-    last one's; with `train.keep_best` the last one's also as `final_pipeline` / `final_lora`."""
+    last one's; with `train.keep_best` the last one's also as `final_pipeline` / `final_lora`.
+    Beside each, the `train.export_formats` (`single_file`, `kohya_lora`; `final_` for the last)."""
     kind = "lora" if config.train.mode == "lora" else "pipeline"
     best = (summary.validation or {}).get("best_step") if config.train.keep_best else None
 
-    def export(step: int, name: str) -> str:
+    def export(step: int, name: str) -> dict[str, str]:
         checkpoint = out / CHECKPOINTS / step_name(step)
         unet = trained_unet(config, sources, checkpoint)
         text_encoder = trained_text_encoder(config, sources, checkpoint)
         if kind == "lora":
-            return _save_lora(config, unet, out / name, text_encoder)
-        return _save_full(unet, config, sources, scheduler, out / name, text_encoder)
+            model = _save_lora(config, unet, out / name, text_encoder)
+        else:
+            model = _save_full(unet, config, sources, scheduler, out / name, text_encoder)
+        family = family_of(config)
+        encoders = family.text_modules(text_encoder) if text_encoder is not None else []
+        formats = config.train.export_formats
+        extra = write_exports(
+            formats, family, out / model, config.train.export_dtype, unet, encoders
+        )
+        return {kind: model, **extra}
 
     if best is None:
-        return {kind: export(summary.steps, kind)}
-    model = export(best, kind)
-    final = model if best == summary.steps else export(summary.steps, f"final-{kind}")
-    return {kind: model, f"final_{kind}": final}
+        return export(summary.steps, kind)
+    files = export(best, kind)
+    final = files if best == summary.steps else export(summary.steps, f"final-{kind}")
+    return {**files, **{f"final_{name}": value for name, value in final.items()}}
 
 
 def _save_full(
@@ -248,6 +277,42 @@ def _save_lora(
         family.pipeline_class.save_lora_weights(tmp, safe_serialization=True, **parts)
         canonical_safetensors(Path(tmp) / LORA_WEIGHTS)  # the same bytes at every save
     return out_dir.name
+
+
+def write_cards(
+    config: RunConfig, upstream: dict, out: Path, files: dict[str, str], summary: TrainSummary
+) -> None:
+    """A Hugging Face model card (README.md) in each exported model directory."""
+    family, train = family_of(config), config.train
+    kind = "lora" if train.mode == "lora" else "pipeline"
+    latents = upstream.get("latents") or {}
+    training = {
+        "mode": train.mode, "steps": summary.steps, "lr": train.lr,
+        "batch size (per process)": train.batch_size, "processes": resolve_processes(train),
+        "resolution": config.download.resolution,
+        "buckets": latents.get("info", {}).get("buckets", "none"),
+        "training samples": latents.get("counts", {}).get("encoded"),
+        "text encoder": train.text_encoder,
+    }  # fmt: skip
+    if kind == "lora":
+        training |= {
+            "lora rank": train.lora_rank,
+            "lora alpha": train.lora_alpha or train.lora_rank,
+        }
+    images = {"training loss": out / LOSS_CURVE}
+    if files.get("validation_grid"):
+        images["validation grid"] = out / files["validation_grid"]
+    base = config.model.pretrained if config.model.init == "pretrained" else None
+    for prefix in ("", "final_"):
+        model = files.get(prefix + kind)
+        if not model or (prefix and model == files[kind]):
+            continue
+        exports = {n: files[prefix + n] for n in EXPORT_FILES if prefix + n in files}
+        facts = CardFacts(
+            family.name, kind, family.pipeline_class.__name__, base, bool(base and is_hub_name(base)),
+            training, (summary.validation or {}).get("curve") or [], exports, images,
+        )  # fmt: skip
+        write_card(out / model, facts, base_license(base))
 
 
 def drop_optimizer_state(checkpoints: Path, step: int, keep: int) -> None:

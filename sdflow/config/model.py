@@ -8,6 +8,8 @@ from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from sdflow.config.base import TOKENIZER_BASE_VOCAB, Precision, Section
 
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")  # a single-file model
+
 
 class ModelConfig(Section):
     """Which model components are trained or fine-tuned."""
@@ -18,7 +20,16 @@ class ModelConfig(Section):
         description="model family (sdflow.models.families): unset: from the pipeline's model_index.json "
         "(pretrained), sd from scratch; set with pretrained, it must match the pipeline",
     )
-    pretrained: str | None = Field(None, description="diffusers pipeline directory or hub name")
+    pretrained: str | None = Field(
+        None,
+        description="diffusers pipeline directory or hub name, or a single .safetensors / .ckpt "
+        "checkpoint in the original layout (then model.config names its configs)",
+    )
+    config: str | None = Field(
+        None,
+        description="with a single-file model.pretrained: the diffusers pipeline folder (or hub "
+        "name) whose configs describe it, e.g. the base it was fine-tuned from",
+    )
     revision: str | None = None
     variant: str | None = Field(None, description="weights variant of a hub model, e.g. fp16")
     vae: str | None = Field(
@@ -55,6 +66,17 @@ class ModelConfig(Section):
     def _init_needs_source(self) -> ModelConfig:
         if self.init == "pretrained" and not self.pretrained:
             raise ValueError("model.init is 'pretrained' but model.pretrained is not set")
+        single = (self.pretrained or "").endswith(CHECKPOINT_SUFFIXES)
+        if single and not self.config:
+            raise ValueError(
+                f"model.pretrained {self.pretrained!r} is a single file but model.config is not "
+                "set: name the diffusers folder (or hub name) whose configs describe it"
+            )
+        if self.config and not single:
+            raise ValueError(
+                f"model.config is {self.config!r} but model.pretrained is not a single file: "
+                "model.config describes a .safetensors checkpoint; unset it for a folder"
+            )
         if self.init == "scratch" and self.family == "sdxl":
             raise ValueError(
                 "model.family is 'sdxl' but model.init is 'scratch': SDXL is fine-tuned from a "

@@ -154,6 +154,49 @@ class TrainConfig(Section):
         "weights); checkpoints during training always hold them, for exact resume",
     )
 
+    export_formats: list[Literal["diffusers", "single_file", "kohya"]] = Field(
+        default_factory=lambda: ["diffusers"],
+        description="exports beside the diffusers folder (always written): single_file (full "
+        "fine-tunes and scratch runs: one .safetensors in the original SD / SDXL key layout for "
+        "A1111, ComfyUI, Forge) and kohya (LoRA runs: the adapter in kohya's lora_unet_/lora_te_ "
+        "names)",
+    )
+    export_dtype: Literal["float16", "float32", "bfloat16"] = Field(
+        "float16", description="dtype of the single_file and kohya exports (diffusers: float32)"
+    )
+    init_lora: str | None = Field(
+        None,
+        description="a LoRA file (diffusers or kohya format) the run starts from instead of a "
+        "fresh adapter; its rank and alpha come from the file (mode lora)",
+    )
+
+    @model_validator(mode="after")
+    def _exports_fit_the_mode(self) -> TrainConfig:
+        wrong = {"single_file": "lora", "kohya": "full"}
+        for name in self.export_formats:
+            if wrong.get(name) == self.mode:
+                allowed = "single_file" if self.mode == "full" else "kohya"
+                raise ValueError(
+                    f"train.export_formats has {name!r} but train.mode is {self.mode!r}; allowed "
+                    f"for {self.mode}: diffusers, {allowed}"
+                )
+        if "diffusers" not in self.export_formats:  # always written; listed so summaries say so
+            self.export_formats = ["diffusers", *self.export_formats]
+        if self.init_lora and self.mode != "lora":
+            raise ValueError(
+                f"train.init_lora is {self.init_lora!r} but train.mode is {self.mode!r}: an "
+                "adapter file starts a LoRA run; set mode lora or unset init_lora"
+            )
+        lora_type = getattr(self, "lora_type", "lora")
+        if lora_type != "lora" and ("kohya" in self.export_formats or self.init_lora):
+            key = "export_formats has 'kohya'" if "kohya" in self.export_formats else "init_lora"
+            raise ValueError(
+                f"train.{key} but train.lora_type is {lora_type!r}: the kohya export and "
+                "init_lora read and write plain LoRA layers; use lora_type 'lora' (a "
+                f"{lora_type} run is exported in its own format, see docs/training.md)"
+            )
+        return self
+
     @model_validator(mode="after")
     def _checkpoint_fits(self) -> TrainConfig:
         if self.warmup_steps > self.max_steps:

@@ -44,7 +44,14 @@ def build_trainable_unet(
     if train.mode == "lora":
         unet.requires_grad_(False)
         unet.to(dtype=weight_dtype)  # frozen weights in the compute dtype; LoRA weights stay fp32
-        add_lora(unet, train)
+        if train.init_lora:  # an existing adapter file: its rank, alpha and weights
+            from sdflow.models.formats.kohya import load_unet_adapter
+
+            pipeline_class = family_of(config).pipeline_class
+            text = train.text_encoder == "lora"
+            load_unet_adapter(Path(train.init_lora), pipeline_class, unet, text)
+        else:
+            add_lora(unet, train)
         cast_training_params(unet, dtype=torch.float32)
     if train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -78,11 +85,22 @@ def build_trainable_text_encoder(
         if train.text_encoder == "lora":
             encoder.requires_grad_(False)
             encoder.to(dtype=weight_dtype)  # frozen weights in the compute dtype; LoRA's stay fp32
-            add_text_lora(encoder, train, index)
+            if not _init_text_lora(config, encoder, index):
+                add_text_lora(encoder, train, index)
             cast_training_params(encoder, dtype=torch.float32)
         else:
             encoder.requires_grad_(True)
     return family.trainable_text(encoders).train()
+
+
+def _init_text_lora(config: RunConfig, encoder, index: int) -> bool:
+    """The adapter of text encoder `index` from `train.init_lora`, when the file has one."""
+    if not config.train.init_lora:
+        return False
+    from sdflow.models.formats.kohya import load_text_adapter
+
+    family = family_of(config)
+    return load_text_adapter(Path(config.train.init_lora), family.pipeline_class, encoder, index)
 
 
 def add_text_lora(encoder: CLIPTextModel, train: TrainConfig, index: int = 0) -> None:

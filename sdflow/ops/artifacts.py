@@ -175,6 +175,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     for label, field in (("Model", "model_dir"), ("Sample grid", "grid")):
         if summary.get(field):
             lines.append(f"\n{label}: `{summary[field]}`")
+    for name, path in summary.get("exports", {}).items():  # train.export_formats
+        lines.append(f"\nExport {name}: `{path}`")
     return "\n".join(lines)
 
 

@@ -18,6 +18,7 @@ from sdflow.config import RunConfig
 from sdflow.models.components import encode_prompts, load_component, tokenize_prompts
 from sdflow.models.families import TextEncoders
 from sdflow.models.files import save_pipeline
+from sdflow.models.formats.single_file import Layout
 
 
 class StableDiffusion:
@@ -25,6 +26,17 @@ class StableDiffusion:
     pipeline_class = StableDiffusionPipeline
     text_parts = ("tokenizer", "text_encoder")
     upcast_vae = False  # encode latents in float32 when the VAE config says force_upcast
+    export_formats = ("diffusers", "single_file", "kohya")
+    single_file_marker = "cond_stage_model."  # the text encoder's prefix in a single file
+    kohya_text = ("lora_te",)  # kohya's names of the text encoders' adapters
+
+    def single_file_layout(self, text: TextEncoders) -> Layout:
+        """LDM names; SD 2.x's text encoder (gelu: OpenCLIP's tower) in OpenCLIP's names."""
+        if text.encoders[0].config.hidden_act == "gelu":
+            return Layout((("cond_stage_model.model.", "open_clip"),), "stable-diffusion-v2",
+                          "diffusers", ldm_yaml=True)  # fmt: skip
+        text_prefix = (("cond_stage_model.transformer.", "clip"),)
+        return Layout(text_prefix, "stable-diffusion-v1", "diffusers", ldm_yaml=True)
 
     def check(self, config: RunConfig) -> None:
         """Every sdflow option applies to SD."""

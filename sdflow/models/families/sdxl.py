@@ -31,6 +31,7 @@ from sdflow.errors import UserError
 from sdflow.models.components import load_component, tokenize_prompts
 from sdflow.models.families import TextEncoders
 from sdflow.models.files import save_pipeline_dir
+from sdflow.models.formats.single_file import Layout
 
 ENCODERS = (("tokenizer", "text_encoder", CLIPTextModel),
             ("tokenizer_2", "text_encoder_2", CLIPTextModelWithProjection))  # fmt: skip
@@ -79,6 +80,17 @@ class StableDiffusionXL:
     pipeline_class = StableDiffusionXLPipeline
     text_parts = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
     upcast_vae = True  # encode latents in float32 when the VAE config says force_upcast
+    export_formats = ("diffusers", "single_file", "kohya")
+    single_file_marker = "conditioner.embedders."  # the text encoders' prefix in a single file
+    kohya_text = ("lora_te1", "lora_te2")  # kohya's names of the text encoders' adapters
+
+    def single_file_layout(self, text: TextEncoders) -> Layout:
+        """SGM names: CLIP ViT-L as `conditioner.embedders.0`, OpenCLIP bigG as `.1` (no LDM
+        `.yaml`: v-prediction is marked by the `v_pred` key and the metadata only)."""
+        text_prefixes = (("conditioner.embedders.0.transformer.", "clip"),
+                         ("conditioner.embedders.1.model.", "open_clip"))  # fmt: skip
+        return Layout(text_prefixes, "stable-diffusion-xl-v1-base",
+                      "https://github.com/Stability-AI/generative-models", ldm_yaml=False)  # fmt: skip
 
     def check(self, config: RunConfig) -> None:
         if not config.train.cache_latents:
