@@ -42,6 +42,7 @@ from sdflow.models.components import (
     load_component,
 )
 from sdflow.models.families import family_of
+from sdflow.models.hub import pinned
 from sdflow.ops.gpuslots import torch_device
 from sdflow.store.stageio import Manifest, output_dir
 
@@ -118,7 +119,7 @@ def load_base(config: RunConfig, train: Manifest) -> Pipeline:
     family = family_of(config)
     kwargs: dict[str, Any] = family.load_kwargs()
     if source == model.pretrained:
-        kwargs.update(revision=model.revision, variant=model.variant)
+        kwargs.update(pinned(source, model.revision, is_hub_name(source)), variant=model.variant)
     try:
         pipe = family.pipeline_class.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
