@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["fixtures.clip"]  # the shared tiny CLIP (`clip_dir`)
+pytest_plugins = ["fixtures.clip", "fixtures.hub"]  # the tiny CLIP (`clip_dir`), a fake hub cache
 
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="sdflow-test-prefect-")
 os.environ.setdefault("DO_NOT_TRACK", "1")

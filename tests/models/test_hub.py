@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from fixtures.hub import cache_download, hub_cache  # noqa: F401 - hub_cache is a fixture
+from fixtures.hub import cache_download
 
 from sdflow.errors import UserError
 from sdflow.models import hub

@@ -4,7 +4,7 @@ fake cache: datasets, captioner, classifier, CLIP and the evaluation's base mode
 from __future__ import annotations
 
 import pytest
-from fixtures.hub import cache_download, hub_cache  # noqa: F401 - hub_cache is a fixture
+from fixtures.hub import cache_download
 
 from sdflow.errors import UserError
 

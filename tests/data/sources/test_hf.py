@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from fixtures.hub import cache_download, hub_cache  # noqa: F401 - hub_cache is a fixture
+from fixtures.hub import cache_download
 from PIL import Image
 
 from sdflow.config import RunConfig, SourceConfig
