@@ -24,15 +24,10 @@ from PIL import Image, ImageDraw
 
 from sdflow.config import EvalConfig, RunConfig
 from sdflow.errors import UserError
-from sdflow.evaluation import sampling
+from sdflow.evaluation import results, sampling
 from sdflow.evaluation.features import to_uint8
-from sdflow.models.components import (
-    build_text_encoder,
-    build_unet,
-    build_vae,
-    save_pipeline,
-    train_tokenizer,
-)
+from sdflow.models.components import build_text_encoder, build_unet, build_vae, train_tokenizer
+from sdflow.models.files import save_pipeline
 from sdflow.profiles import load_profile
 from sdflow.store.splits import is_held_out
 from sdflow.store.stageio import Manifest, StageBuild, failures_table, output_dir
@@ -375,7 +370,7 @@ def test_no_held_out_samples_is_a_user_error(upstream) -> None:
 def test_rerun_after_a_crash_keeps_the_finished_model(upstream, monkeypatch) -> None:
     workdir, manifests = upstream
     config = make_config(num_prompts=2, images_per_prompt=1)
-    real_score = ev.score_model
+    real_score = results.score_model
     calls: list[str] = []
 
     def crash_once_on_baseline(pipe, sample_dir, *args):

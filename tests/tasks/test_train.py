@@ -27,14 +27,8 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 from sdflow.errors import UserError
-from sdflow.models.components import (
-    build_text_encoder,
-    build_unet,
-    build_vae,
-    save_component,
-    save_pipeline,
-    train_tokenizer,
-)
+from sdflow.models.components import build_text_encoder, build_unet, build_vae, train_tokenizer
+from sdflow.models.files import save_component, save_pipeline
 from sdflow.profiles import load_profile
 from sdflow.store.checkpoints import list_checkpoints, load_checkpoint, load_latest, step_name
 from sdflow.store.splits import is_held_out
