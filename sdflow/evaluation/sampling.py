@@ -120,6 +120,7 @@ def load_base(config: RunConfig, train: Manifest) -> Pipeline:
     kwargs: dict[str, Any] = family.load_kwargs()
     if source == model.pretrained:
         kwargs.update(pinned(source, model.revision, is_hub_name(source)), variant=model.variant)
+    kwargs["use_safetensors"] = None if model.allow_pickle_weights else True  # no pickles
     try:
         pipe = family.pipeline_class.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:

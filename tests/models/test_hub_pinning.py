@@ -100,3 +100,22 @@ def test_clip_and_the_base_model_load_their_commits(hub_cache, monkeypatch):
     with pytest.raises(Loaded):
         sampling.load_base(config, {"info": {}})
     assert [kwargs["revision"] for kwargs in seen] == [A, "b" * 40]
+
+
+def test_the_base_scheduler_config_is_read_at_its_commit(hub_cache, monkeypatch):
+    from diffusers import DDPMScheduler
+
+    from sdflow.models import schedulers
+    from sdflow.profiles import load_profile
+
+    seen: list[dict] = []
+    monkeypatch.setattr(schedulers, "load_component", lambda *a, **k: None)
+    monkeypatch.setattr(DDPMScheduler, "load_config", recorder(seen))
+    cache_download(hub_cache, "org/base", "v3", "b" * 40)
+    config = load_profile(
+        "tiny-test", ["model.init=pretrained", "model.pretrained=org/base", "model.revision=v3"]
+    )
+    sources = type("Sources", (), {"scheduler": "org/base"})()
+    with pytest.raises(Loaded):
+        schedulers.base_scheduler_config(config, sources)
+    assert seen == [{"subfolder": "scheduler", "revision": "b" * 40}]
