@@ -94,8 +94,8 @@ def listening_socket() -> socket.socket:
 
 
 def test_the_fetcher_refuses_private_hosts_before_connecting():
-    """`localhost` is resolved and refused, the literals are judged as they are; the listening
-    socket never sees a connection."""
+    """`localhost` is resolved and refused, the literals (in every spelling libc reads) are judged
+    as the addresses they are; the listening socket never sees a connection."""
     listener = listening_socket()
     port = listener.getsockname()[1]
 
@@ -104,7 +104,8 @@ def test_the_fetcher_refuses_private_hosts_before_connecting():
             return await fetcher.fetch(f"http://{host}:{port}/x.png")
 
     try:
-        for host in ("localhost", "127.0.0.1", "[::1]", "[::ffff:127.0.0.1]"):
+        numeric = ("127.1", "2130706433", "0177.0.0.1", "0x7f.1")  # libc: 127.0.0.1 each
+        for host in ("localhost", "127.0.0.1", "[::1]", "[::ffff:127.0.0.1]", *numeric):
             with pytest.raises(Rejected) as caught:
                 asyncio.run(fetch(host))
             assert caught.value.reason == "refused_address", host
@@ -257,25 +258,6 @@ def test_names_are_not_taken_for_numeric_spellings(host):
 def test_site_local_ipv6_is_not_public():
     assert not is_public_address("fec0::1")
     assert not is_public_address("feff:ffff::1")
-
-
-def test_the_fetcher_refuses_numeric_spellings_of_loopback():
-    listener = listening_socket()
-    port = listener.getsockname()[1]
-
-    async def fetch(host: str) -> bytes:
-        async with Fetcher(DownloadConfig(timeout_s=2, retries=0)) as fetcher:
-            return await fetcher.fetch(f"http://{host}:{port}/x.png")
-
-    try:
-        for host in ("127.1", "2130706433", "0177.0.0.1", "0x7f.1"):
-            with pytest.raises(Rejected) as caught:
-                asyncio.run(fetch(host))
-            assert caught.value.reason in ("refused_address", "bad_url"), host
-        with pytest.raises(BlockingIOError):
-            listener.accept()  # nothing ever connected
-    finally:
-        listener.close()
 
 
 def test_content_decoder_refuses_data_after_the_gzip_stream_as_it_arrives():
