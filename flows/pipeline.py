@@ -21,6 +21,7 @@ import importlib
 from prefect import Task, flow
 
 from flows.tracking import RunTracker
+from sdflow.ops.results import PLAIN_JSON
 from sdflow.profiles import load_profile
 
 # stage -> (module, task attribute); imported on first use
@@ -73,7 +74,7 @@ def stage_task(stage: str) -> Task:
     return getattr(importlib.import_module(module), attribute)
 
 
-@flow(name="sdflow-pipeline", persist_result=True, result_serializer="json", log_prints=True)
+@flow(name="sdflow-pipeline", persist_result=True, result_serializer=PLAIN_JSON, log_prints=True)
 def pipeline(
     profile: str = "tiny-cpu",
     overrides: list[str] | None = None,

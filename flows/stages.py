@@ -13,6 +13,7 @@ from prefect import Flow, flow
 
 from flows.pipeline import pipeline
 from sdflow.config import STAGES
+from sdflow.ops.results import PLAIN_JSON
 
 
 def stage_flow(stage: str) -> Flow:
@@ -22,7 +23,7 @@ def stage_flow(stage: str) -> Flow:
         name=f"sdflow-{stage}",
         description=f"Run the {stage} stage alone; earlier stages come from the cache.",
         persist_result=True,
-        result_serializer="json",
+        result_serializer=PLAIN_JSON,
         log_prints=True,
     )
     def run_stage(

@@ -31,13 +31,14 @@ from flows.sweep_setting import run_dir_of, run_setting, setting_task
 from sdflow.config import STAGES
 from sdflow.ops import artifacts, sweeps
 from sdflow.ops.orchestration import shared_api
+from sdflow.ops.results import PLAIN_JSON
 from sdflow.store.stageio import write_json
 
 # The pipeline's stages before train: built once, before the settings fan out.
 UPSTREAM = list(STAGES[: STAGES.index("train")])
 
 
-@flow(name="sdflow-sweep", persist_result=True, result_serializer="json", log_prints=True)
+@flow(name="sdflow-sweep", persist_result=True, result_serializer=PLAIN_JSON, log_prints=True)
 def sweep(
     profile: str = "tiny-cpu",
     grid: dict[str, list[str]] | None = None,

@@ -22,6 +22,7 @@ from sdflow.data.report import DATA_STAGES, build_report, publish_report
 from sdflow.errors import UserError
 from sdflow.ops import artifacts
 from sdflow.ops.orchestration import result_storage
+from sdflow.store.lease import RunLease
 from sdflow.store.stageio import (
     Manifest,
     discard_stage,
@@ -59,6 +60,7 @@ class RunTracker:
         self.run_dir = Path(self.workdir) / "runs" / run_id()
         self.summary["run_id"] = self.run_dir.name
         self.summary["started_at"] = datetime.now(timezone.utc).isoformat()
+        self.lease = RunLease(self.run_dir)  # gc keeps outputs until summary.json names them
         # Cache records beside the stage outputs (or in object storage): a retry on another worker
         # must find them. Set per task, since the flow's own storage is fixed before the profile loads.
         self.storage = result_storage(config.runner.result_storage, self.workdir)
@@ -171,6 +173,12 @@ class RunTracker:
 
     def finish(self) -> str:
         """Write summary.json; raise if a stage failed (so the flow run is Failed and retryable)."""
+        try:
+            return self._finish()
+        finally:
+            self.lease.release()
+
+    def _finish(self) -> str:
         self.summary["finished_at"] = datetime.now(timezone.utc).isoformat()
         self.summary["status"] = "failed" if self.failure else "completed"
         try:

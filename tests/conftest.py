@@ -12,7 +12,11 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["fixtures.clip", "fixtures.sd_layout"]  # tiny CLIP; tiny SD-layout pipelines
+pytest_plugins = [
+    "fixtures.clip",  # the tiny CLIP (`clip_dir`)
+    "fixtures.sd_layout",  # tiny pipelines with SD's own block layout
+    "fixtures.hub",  # a fake hub cache
+]
 
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="sdflow-test-prefect-")
 os.environ.setdefault("DO_NOT_TRACK", "1")

@@ -32,6 +32,11 @@ class ModelConfig(Section):
     )
     revision: str | None = None
     variant: str | None = Field(None, description="weights variant of a hub model, e.g. fp16")
+    allow_pickle_weights: bool = Field(
+        False,
+        description="load model weights stored only as pickles (.bin / .pt / .ckpt); a pickle can "
+        "run code when loaded, so only for models from a source you trust. Off: safetensors only",
+    )
     vae: str | None = Field(
         None, description="a VAE directory or hub name replacing the pipeline's"
     )

@@ -7,13 +7,16 @@ at cloud metadata endpoints, admin interfaces on localhost or the private networ
 - `GuardedResolver` (aiohttp's resolver) resolves the host itself and refuses if ANY of its addresses
   is private, loopback, link-local, multicast, reserved or unspecified; aiohttp then connects to one
   of the exact addresses checked (no second DNS lookup an attacker could answer differently), and
-  `check_literal` judges IP-literal hosts, which aiohttp does not resolve. The downloader applies
+  `check_literal` judges IP-literal hosts, which aiohttp does not resolve: every spelling libc's
+  `inet_aton` takes (`127.1`, `2130706433`, `0`, octal `0177.0.0.1`, hex `0x7f.1`) counts as the
+  literal it stands for, whatever the installed aiohttp makes of it. The downloader applies
   both to every request, redirect hops included, so each hop is re-checked. `connect_timer` tells
   an observer how long each new connection took to connect (`ConnectObserver`), which the
   downloader's per-host gates (`sdflow.data.sources.hostgate`) adapt to.
 
 And what a response may do: `ContentDecoder` undoes `Content-Encoding` layers with a bound on what
-each layer produces, checked as it decodes (a few KB of `gzip, gzip` can decode to gigabytes). What
+each layer produces and on the raw bytes read, checked as it decodes (a few KB of `gzip, gzip` can
+decode to gigabytes), and refuses bytes after the end of a compressed stream. What
 the downloader writes or logs about a URL goes through `redact_url` / `redact_text`: credentials
 and signed query parameters never reach the failures table, logs or reports.
 """
@@ -42,6 +45,8 @@ ConnectObserver = Callable[[str, int, "float | None"], None]  # host, port, seco
 
 ALLOWED_SCHEMES = ("http", "https")
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052: embeds an IPv4 address in the low bits
+# one part of an inet_aton address: hex (0x..., digits optional), octal (leading 0) or decimal
+_INET_PART = re.compile(r"(?:0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)")
 
 
 class Refused(Exception):
@@ -110,6 +115,7 @@ def is_public_address(ip: IPAddress | str) -> bool:
         ip.is_multicast,
         ip.is_reserved,
         ip.is_unspecified,
+        ip.version == 6 and ip.is_site_local,  # fec0::/10: deprecated, still routed inside sites
     )
     return ip.is_global and not any(flags)
 
@@ -179,11 +185,38 @@ def check_literal(host: str, policy: AddressPolicy | None) -> None:
     """Refuse an IP-literal host that fails `policy`; a name is left to `GuardedResolver`."""
     if policy is None:
         return
+    address = literal_address(host)
+    if address is not None:
+        check_addresses(host, [str(address)], policy)
+
+
+def literal_address(host: str) -> IPAddress | None:
+    """The address an IP-literal host stands for (any `inet_aton` spelling), or None for a name."""
     try:
-        ipaddress.ip_address(host)
+        return ipaddress.ip_address(host)
     except ValueError:
-        return
-    check_addresses(host, [host], policy)
+        return inet_aton_address(host)
+
+
+def inet_aton_address(host: str) -> ipaddress.IPv4Address | None:
+    """The IPv4 address libc's `inet_aton` reads `host` as (1 to 4 parts, each decimal, octal or
+    hex; the last part fills the remaining bytes), or None when it is no such spelling."""
+    parts = host.removesuffix(".").split(".")
+    if not 1 <= len(parts) <= 4 or not all(_INET_PART.fullmatch(p) for p in parts):
+        return None
+    values = [_inet_part(p) for p in parts]
+    if any(v > 255 for v in values[:-1]) or values[-1] >= 256 ** (5 - len(parts)):
+        return None
+    number = values[-1]
+    for i, value in enumerate(values[:-1]):
+        number += value << (8 * (3 - i))
+    return ipaddress.IPv4Address(number)
+
+
+def _inet_part(part: str) -> int:
+    if part[:2].lower() == "0x":
+        return int(part[2:], 16)
+    return int(part, 8) if part.startswith("0") else int(part)
 
 
 def connect_timer(observer: ConnectObserver) -> aiohttp.TraceConfig:
@@ -269,8 +302,11 @@ class ContentDecoder:
 
     Each layer's zlib call is given the room left under the limit as `max_length`, so memory stays
     bounded by the limit however small the compressed body is (the HTTP client's own decoding
-    knows nothing of `download.max_bytes`: it is switched off).
-    `identity` passes through, still counted; other encodings are refused.
+    knows nothing of `download.max_bytes`: it is switched off). The raw bytes read count against
+    the same limit, and bytes after the end of a layer's stream (junk, or a second gzip member,
+    which browsers and libraries decode differently) are refused as they arrive, so nothing piles
+    up in zlib's `unused_data`. `identity` passes through, still counted; other encodings are
+    refused.
     """
 
     def __init__(self, header: str, limit: int):
@@ -282,14 +318,22 @@ class ContentDecoder:
         # the last coding listed was applied last, so it is undone first
         self.layers = [zlib.decompressobj(ENCODINGS[c]) for c in reversed(codings)]
         self.produced = [0] * (len(self.layers) + 1)  # per layer, and the final output
+        self.raw = 0
         self.header, self.limit = header, limit
 
     def decode(self, data: bytes) -> bytes:
+        self.raw += len(data)
+        if self.raw > self.limit:
+            raise Refused("too_large", f"body passed {self.limit} bytes as sent")
         for i, layer in enumerate(self.layers):
+            if layer.eof and data:
+                raise Refused("bad_encoding", f"{self.header}: data after the end of the stream")
             try:
                 data = layer.decompress(data, self.limit + 1 - self.produced[i])
             except zlib.error as exc:
                 raise Refused("bad_encoding", f"{self.header}: {exc}") from None
+            if layer.unused_data:
+                raise Refused("bad_encoding", f"{self.header}: data after the end of the stream")
             self._count(i, data)
         self._count(len(self.layers), data)
         return data

@@ -34,8 +34,10 @@ INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_FILE
 )
-# torch hub names checkpoints `<name>-<sha256 prefix>.<ext>` (torch.hub.HASH_REGEX).
-INCEPTION_SHA256_PREFIX = torch.hub.HASH_REGEX.search(INCEPTION_FILE).group(1)
+# The published file's full SHA-256 (95,628,359 bytes). torch hub names checkpoints
+# `<name>-<sha256 prefix>.<ext>`, but 32 bits is no check against a crafted file, and the file is a
+# pickle that torch-fidelity loads: only these exact bytes are loaded.
+INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 INCEPTION_LABEL = "inception-v3 pool3 2048 (torch-fidelity weights, antialias=False)"
 RANDOM_CNN_LABEL = "random-cnn (offline; not comparable to published FID)"
 DOWNLOAD_TIMEOUT_S = 10.0
@@ -153,11 +155,11 @@ def ensure_inception_weights() -> Path:
 
 
 def _check_digest(digest: str, what: str, remedy: str) -> None:
-    """A UserError unless `digest` starts with the hash prefix of the published file's name."""
-    if not digest.startswith(INCEPTION_SHA256_PREFIX):
+    """A UserError unless `digest` is the published file's SHA-256, every digit of it."""
+    if digest != INCEPTION_SHA256:
         raise UserError(
             f"{what} is not the published Inception weights file: its SHA-256 is {digest}, the "
-            f"published one starts with {INCEPTION_SHA256_PREFIX} (the name's hash prefix). It is "
+            f"published one is {INCEPTION_SHA256}. It is "
             f"truncated, corrupted or another file: {remedy} so it is fetched again (from "
             f"{INCEPTION_URL}), or set eval.fid_features: random-cnn."
         )

@@ -43,6 +43,7 @@ from sdflow.models.components import (
     load_component,
 )
 from sdflow.models.families import family_of
+from sdflow.models.hub import pinned
 from sdflow.ops.gpuslots import torch_device
 from sdflow.store.stageio import Manifest, output_dir
 
@@ -117,7 +118,8 @@ def load_base(config: RunConfig, train: Manifest) -> Pipeline:
     family = family_of(config)
     kwargs: dict[str, Any] = family.load_kwargs()
     if source == model.pretrained:
-        kwargs.update(revision=model.revision, variant=model.variant)
+        kwargs.update(pinned(source, model.revision, is_hub_name(source)), variant=model.variant)
+    kwargs["use_safetensors"] = None if model.allow_pickle_weights else True  # no pickles
     try:
         pipe = family.pipeline_class.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:

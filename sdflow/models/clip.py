@@ -20,6 +20,7 @@ from torchmetrics.functional.multimodal.clip_score import _get_features
 from torchmetrics.multimodal.clip_score import CLIPScore
 
 from sdflow.errors import UserError
+from sdflow.models.hub import pinned
 
 
 class _FeatureTensors(nn.Module):
@@ -74,9 +75,10 @@ def load_clip(clip_model: str):
     if _looks_local(clip_model) and not local.is_dir():
         raise UserError(f"eval.clip_model {clip_model!r} is not a directory.")
     source = str(local) if local.is_dir() else clip_model
+    revision = pinned(source, None, not local.is_dir())  # a hub name: its main, as a commit
     try:
-        model = CLIPModel.from_pretrained(source)
-        processor = CLIPProcessor.from_pretrained(source)
+        model = CLIPModel.from_pretrained(source, **revision)
+        processor = CLIPProcessor.from_pretrained(source, **revision)
     except (OSError, ValueError) as exc:
         raise UserError(
             f"eval.clip_model {clip_model!r} could not be loaded ({exc}). Give a local directory "

@@ -29,7 +29,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, PreTraine
 
 from sdflow.config import ModelConfig, RunConfig
 from sdflow.errors import UserError
-from sdflow.models.hub import resolve_commit
+from sdflow.models.hub import pinned
 from sdflow.models.tokenizer import train_tokenizer  # noqa: F401  (re-exported: models is the one entry point)
 from sdflow.store.stageio import Manifest, output_dir
 
@@ -145,15 +145,18 @@ def load_component(
     model: ModelConfig,
     dtype: torch.dtype | None = None,
 ) -> Any:
-    """`cls.from_pretrained` from a local dir or a hub name; errors name the config key."""
-    kwargs: dict[str, Any] = {}
-    if subfolder:
-        kwargs["subfolder"] = subfolder
+    """`cls.from_pretrained` from a local dir or a hub name; errors name the config key.
+
+    Weights load from safetensors only, unless `model.allow_pickle_weights` (a pickle runs code
+    when it is loaded): a local directory holding only pickled weights is refused before anything
+    is read, and a directory with safetensors never falls back to a pickle beside them."""
+    kwargs: dict[str, Any] = {"subfolder": subfolder} if subfolder else {}
     pretrained = _same(source, model.pretrained)
-    if is_hub_name(source):  # exactly the commit the stage keys name
-        kwargs["revision"] = resolve_commit(source, model.revision if pretrained else None)
+    kwargs.update(load_revision(source, model))  # exactly the commit the stage keys name
     if pretrained and model.variant and issubclass(cls, WEIGHTS):
         kwargs["variant"] = model.variant
+    if issubclass(cls, WEIGHTS):
+        kwargs["use_safetensors"] = _use_safetensors(source, subfolder, model)
     if dtype is not None:
         kwargs["torch_dtype" if issubclass(cls, ModelMixin) else "dtype"] = dtype
     if is_hub_name(source):
@@ -178,6 +181,34 @@ def load_component(
         raise UserError(
             f"Could not load {cls.__name__} from {where} ({_config_key(source, model)}): {exc}"
         ) from None
+
+
+def load_revision(source: str, model: ModelConfig) -> dict[str, str]:
+    """The `revision=<commit>` a hub source loads at (`model.revision` for `model.pretrained`,
+    `main` for another hub name), or nothing for a local directory."""
+    revision = model.revision if _same(source, model.pretrained) else None
+    return pinned(source, revision, is_hub_name(source))
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _use_safetensors(source: str, subfolder: str | None, model: ModelConfig) -> bool | None:
+    """True (safetensors or nothing) unless pickles are allowed; then None (the library prefers
+    safetensors) for a hub model, and True for a local one that has safetensors."""
+    where = Path(source).expanduser() / (subfolder or "")
+    local = not is_hub_name(source) and where.is_dir()
+    files = [p.name for p in where.iterdir() if p.is_file()] if local else []
+    has_safetensors = any(name.endswith(".safetensors") for name in files)
+    if model.allow_pickle_weights:
+        return True if has_safetensors else None
+    if local and not has_safetensors and any(n.endswith(PICKLE_SUFFIXES) for n in files):
+        raise UserError(
+            f"{where} holds its weights only as pickles ({', '.join(sorted(files))}); a pickle "
+            "can run code when it is loaded. Convert the model to safetensors, or, for a model "
+            "from a source you trust, set model.allow_pickle_weights: true."
+        )
+    return True
 
 
 @dataclass

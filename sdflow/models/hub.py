@@ -6,6 +6,11 @@ whatever `main` is today; caching on the words would reuse outputs made from las
 key on and load exactly that commit. Offline (HF_HUB_OFFLINE, no network), the commit the local
 cache recorded for the revision (`refs/<revision>`, whose snapshot holds the files) is used; when
 neither knows it, the run stops with a message saying how to pin one.
+
+Every hub load goes through this one resolver with the same revision the stage key used (models,
+schedulers, captioners, classifiers, CLIP, hub datasets): `pinned(source, revision)` gives the
+`revision=<commit>` keyword for a hub name and nothing for a local directory. Nothing falls back to
+`main` or to the bare revision.
 """
 
 from __future__ import annotations
@@ -60,6 +65,14 @@ def resolve_commit(name: str, revision: str | None = None, repo_type: str = "mod
             "commit hash that is in the cache."
         )
     return cached
+
+
+def pinned(
+    source: str, revision: str | None, hub: bool, repo_type: str = "model"
+) -> dict[str, str]:
+    """`{"revision": <commit>}` for a hub repository (`hub`), `{}` for a local one: the keyword to
+    pass to `from_pretrained` / `load_dataset` so the load reads the commit the stage key names."""
+    return {"revision": resolve_commit(source, revision, repo_type)} if hub else {}
 
 
 def cached_commit(name: str, revision: str, repo_type: str = "model") -> str | None:

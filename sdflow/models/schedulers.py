@@ -12,7 +12,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, SchedulerMixin
 
 from sdflow.config import RunConfig
 from sdflow.errors import UserError
-from sdflow.models.components import ComponentSources, is_hub_name, load_component
+from sdflow.models.components import ComponentSources, load_component, load_revision
 
 log = logging.getLogger("sdflow.models.components")
 
@@ -23,10 +23,8 @@ def base_scheduler_config(config: RunConfig, sources: ComponentSources) -> dict[
         return None
     # loading it first checks the source, with errors that name the config key
     load_component(sources.scheduler, "scheduler", DDPMScheduler, config.model)
-    kwargs = {"subfolder": "scheduler"}
-    if is_hub_name(sources.scheduler) and config.model.revision:
-        kwargs["revision"] = config.model.revision
-    return dict(DDPMScheduler.load_config(sources.scheduler, **kwargs))
+    revision = load_revision(sources.scheduler, config.model)  # the commit load_component read
+    return dict(DDPMScheduler.load_config(sources.scheduler, subfolder="scheduler", **revision))
 
 
 def prediction_type(config: RunConfig, base: dict[str, Any] | None) -> str:

@@ -29,6 +29,7 @@ from sdflow.config import RunConfig, RunnerConfig
 from sdflow.errors import UserError, as_user_error
 from sdflow.ops.artifacts import stage_progress
 from sdflow.ops.gpuslots import gpu_slot
+from sdflow.ops.results import PLAIN_JSON
 from sdflow.store.shardmap import ShardJob, ShardMapper, in_order, windowed
 from sdflow.store.stageio import Manifest, load_manifest, stage_dir
 
@@ -91,7 +92,7 @@ def stage_task(
         "tags": [GPU_TAG] if stage in GPU_STAGES else [],
         "cache_policy": StageCache(stage=stage, key_fn=key_fn),
         "persist_result": True,
-        "result_serializer": "json",
+        "result_serializer": PLAIN_JSON,  # plain JSON, no class imports (sdflow.ops.results)
         "retries": retries,
         "retry_delay_seconds": exponential_backoff(backoff_factor=2),
         "retry_jitter_factor": 0.5,

@@ -9,6 +9,12 @@ temporaries) and, inside the kept outputs, every checkpoint but the newest. A st
 lock (`stages/<stage>/.<key>.lock`, held by a running build) is taken is left alone, and gc holds that
 lock while it removes, so no build starts under it. Directories are renamed away before they are
 deleted: a crash in the middle leaves only `.trash-` debris, which the next gc removes.
+
+What gc deletes is confined to the real `stages/` directory: a manifest's path that leads out of
+its output (`files.checkpoints: ../../..`) is refused, symlinked stage folders and outputs are
+never walked (a symlink is removed as itself), and the parent of everything removed is resolved
+and checked just before it goes. While a run holds its lease (`sdflow.store.lease`), no
+unreferenced output is removed: the running run may be using it.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import humanize
 
 from sdflow.errors import UserError
 from sdflow.store.checkpoints import stale_checkpoints
+from sdflow.store.lease import held_leases
 from sdflow.store.stageio import load_manifest, try_stage_lock
 
 CATEGORIES = ("unreferenced outputs", "abandoned partial builds", "old checkpoints", "debris")
@@ -54,6 +61,8 @@ class GcReport:
     freed: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CATEGORIES, 0))
     removed: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CATEGORIES, 0))
     skipped: list[Path] = field(default_factory=list)
+    refused: list[Path] = field(default_factory=list)  # would reach outside stages/
+    leases: list[Path] = field(default_factory=list)  # runs running, so outputs kept
 
     @property
     def total(self) -> int:
@@ -73,6 +82,10 @@ class GcReport:
             lines.append(f"  {category:<{width}}  {amount}  ({self.removed[category]})")
         for path in self.skipped:
             lines.append(f"Skipped (a running build holds it): {path.relative_to(workdir)}")
+        for path in self.leases:
+            lines.append(f"Kept every unreferenced output: run {path.parent.name} is running.")
+        for path in self.refused:
+            lines.append(f"Refused (outside {workdir / 'stages'}): {path}")
         return lines
 
 
@@ -86,6 +99,13 @@ def collect_garbage(workdir: str | Path, keep_runs: int, dry_run: bool = False) 
     keep = set().union(*(_refs(_read_summary(p)) for p in [*runs, *sweeps]))
     report = GcReport(dry_run, [p.parent.name for p in runs], len(sweeps), kept=0)
     for item in plan(workdir, keep):
+        if not _confined(item.path, workdir / "stages"):
+            report.refused.append(item.path)
+            continue
+        if item.category == CATEGORIES[0]:  # leases checked again before each output
+            report.leases = report.leases or held_leases(workdir)
+            if report.leases:
+                continue
         if _dispose(item, dry_run):
             report.freed[item.category] += item.size
             report.removed[item.category] += 1
@@ -104,14 +124,16 @@ def newest_runs(workdir: Path, keep_runs: int) -> list[Path]:
 
 def plan(workdir: Path, keep: set[StageRef]) -> Iterator[Doomed]:
     """Everything under `stages/` that is not a kept output, and the leftovers inside kept ones."""
-    for stage in sorted(p for p in (workdir / "stages").iterdir() if p.is_dir()):
+    stages = [p for p in (workdir / "stages").iterdir() if p.is_dir() and not p.is_symlink()]
+    for stage in sorted(stages):
         for entry in sorted(stage.iterdir()):
             name = entry.name
             if name.endswith(".lock"):
                 continue  # a lock file is shared by builders and must never be replaced
             if not name.startswith("."):
                 if (stage.name, name) in keep:
-                    yield from _inside_kept(entry)
+                    if not entry.is_symlink():  # never walk into a folder elsewhere
+                        yield from _inside_kept(entry)
                 else:
                     yield Doomed(CATEGORIES[0], entry, tree_size(entry), guard=entry)
             elif name.endswith(".partial"):
@@ -140,9 +162,17 @@ def _inside_kept(output: Path) -> Iterator[Doomed]:
         dirs[:] = [d for d in dirs if not DEBRIS.match(d)]
     manifest = load_manifest(output)
     checkpoints = (manifest or {}).get("files", {}).get("checkpoints")
-    if checkpoints:
+    if isinstance(checkpoints, str) and checkpoints and _confined(output / checkpoints, output):
         for path in stale_checkpoints(output / checkpoints, keep=1):
             yield Doomed(CATEGORIES[2], path, tree_size(path), guard=output)
+
+
+def _confined(path: Path, root: Path) -> bool:
+    """Whether `path` lies strictly inside `root` once every symlink above it is resolved
+    (`path` itself may be a symlink: it is removed as itself, never followed)."""
+    base, parent = os.path.realpath(root), os.path.realpath(path.parent)
+    inside = os.path.commonpath([parent, base]) == base
+    return inside and path.name not in ("", ".", "..") and os.path.join(parent, path.name) != base
 
 
 def _dispose(item: Doomed, dry_run: bool) -> bool:

@@ -153,9 +153,11 @@ class StageBuild:
         self.started = time.monotonic()
 
     def clear_debris(self) -> None:
-        """Temp files and directories of writes a crash interrupted (`write_atomic`, `atomic_dir`):
-        never part of the output or its fingerprint."""
-        for temp in sorted(self.path.rglob(".*.tmp"), key=lambda p: len(p.parts)):
+        """Temp files and directories of writes a crash interrupted (`write_atomic`, `atomic_dir`)
+        and trash of replaced ones whose delete it interrupted (`.<name>.trash-*`): never part of
+        the output or its fingerprint. Run when a build starts and again before it is published."""
+        debris = [*self.path.rglob(".*.tmp"), *self.path.rglob(".*.trash-*")]
+        for temp in sorted(debris, key=lambda p: len(p.parts)):
             if temp.is_dir() and not temp.is_symlink():
                 shutil.rmtree(temp, ignore_errors=True)
             else:
@@ -187,6 +189,7 @@ class StageBuild:
         info: Mapping[str, Any] | None = None,
     ) -> Manifest:
         """Fingerprint the content, write MANIFEST.json last, and rename into place."""
+        self.clear_debris()
         manifest: Manifest = {
             "stage": self.stage,
             "key": self.key,
@@ -296,20 +299,38 @@ def discard_stage(workdir: str | Path, stage: str, key: str) -> None:
 
 @contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
-    """Write a directory beside `target`, then rename it into place: never half a model on disk."""
+    """Write a directory beside `target`, then rename it into place: never half a model on disk.
+
+    Every file and directory written is fsynced before the rename (which `publish` makes durable),
+    so a power loss leaves the old directory or the whole new one, never empty files under the new
+    name. A replaced directory is renamed to `.<name>.trash-*` first; a kill during its delete
+    leaves that debris, which `StageBuild.clear_debris` and `sdflow gc` remove."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.mkdir()
     try:
         yield tmp
+        fsync_tree(tmp)
         if target.exists():
             trash = target.with_name(f".{target.name}.trash-{uuid.uuid4().hex[:8]}")
-            os.replace(target, trash)
+            publish(target, trash)
             shutil.rmtree(trash, ignore_errors=True)
         publish(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every regular file below `root`, then every directory, deepest first (symlinks are
+    not followed)."""
+    for folder, _dirs, files in sorted(os.walk(root), key=lambda w: -len(Path(w[0]).parts)):
+        for name in files:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                with open(path, "rb") as fh:
+                    os.fsync(fh.fileno())
+        fsync_dir(folder)
 
 
 def shard_paths(workdir: str | Path, manifest: Manifest) -> list[Path]:

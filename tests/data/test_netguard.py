@@ -94,8 +94,8 @@ def listening_socket() -> socket.socket:
 
 
 def test_the_fetcher_refuses_private_hosts_before_connecting():
-    """`localhost` is resolved and refused, the literals are judged as they are; the listening
-    socket never sees a connection."""
+    """`localhost` is resolved and refused, the literals (in every spelling libc reads) are judged
+    as the addresses they are; the listening socket never sees a connection."""
     listener = listening_socket()
     port = listener.getsockname()[1]
 
@@ -104,7 +104,8 @@ def test_the_fetcher_refuses_private_hosts_before_connecting():
             return await fetcher.fetch(f"http://{host}:{port}/x.png")
 
     try:
-        for host in ("localhost", "127.0.0.1", "[::1]", "[::ffff:127.0.0.1]"):
+        numeric = ("127.1", "2130706433", "0177.0.0.1", "0x7f.1")  # libc: 127.0.0.1 each
+        for host in ("localhost", "127.0.0.1", "[::1]", "[::ffff:127.0.0.1]", *numeric):
             with pytest.raises(Rejected) as caught:
                 asyncio.run(fetch(host))
             assert caught.value.reason == "refused_address", host
@@ -226,3 +227,106 @@ def test_content_decoder_refusals(header, body, reason):
     with pytest.raises(Refused) as caught:
         decode_all(ContentDecoder(header, 4096), body)
     assert caught.value.reason == reason
+
+
+NUMERIC_SPELLINGS = ["127.1", "2130706433", "0", "0177.0.0.1", "0x7f.1", "0x7F000001", "127.0.1"]
+NUMERIC_SPELLINGS += ["0x7f.0.0.1", "017700000001", "10.1", "169.254.43518", "0xa9fea9fe"]
+
+
+@pytest.mark.parametrize("host", NUMERIC_SPELLINGS)
+def test_every_inet_aton_spelling_is_judged_as_the_address_it_is(host):
+    """libc connects `127.1` to 127.0.0.1: whatever aiohttp does with it, the literal check
+    must see the address (the reference is libc's own inet_aton)."""
+    assert netguard.inet_aton_address(host).packed == socket.inet_aton(host)
+    with pytest.raises(Refused, match="refused_address"):
+        check_literal(host, is_public_address)
+
+
+@pytest.mark.parametrize("host", ["8.8.8.8", "134744072", "0x8.0x8.0x8.0x8", "8.8.2056"])
+def test_public_numeric_spellings_pass(host):
+    assert netguard.inet_aton_address(host).packed == socket.inet_aton(host)
+    check_literal(host, is_public_address)
+
+
+@pytest.mark.parametrize("host", ["1.256.1", "08", "1.2.3.4.5", "0x", "1e3", "example.com"])
+def test_names_are_not_taken_for_numeric_spellings(host):
+    with pytest.raises(OSError):
+        socket.inet_aton(host)
+    assert netguard.inet_aton_address(host) is None
+
+
+def test_site_local_ipv6_is_not_public():
+    assert not is_public_address("fec0::1")
+    assert not is_public_address("feff:ffff::1")
+
+
+def test_content_decoder_refuses_data_after_the_gzip_stream_as_it_arrives():
+    member = gzip.compress(b"image" * 100, mtime=0)
+    decoder = ContentDecoder("gzip", 1 << 20)
+    assert decoder.decode(member) == b"image" * 100
+    with pytest.raises(Refused, match="after the end") as caught:
+        decoder.decode(b"\0" * (1 << 16))  # the first chunk of junk, not the 80th
+    assert caught.value.reason == "bad_encoding"
+    second = ContentDecoder("gzip", 1 << 20)  # a second member in the same chunk
+    with pytest.raises(Refused, match="after the end"):
+        second.decode(member + member)
+
+
+def test_content_decoder_counts_raw_bytes_against_the_limit():
+    """Empty flush blocks decode to nothing: only the raw count can stop an endless stream."""
+    header = gzip.compress(b"", mtime=0)[:10]
+    body = header + b"\x00\x00\x00\xff\xff" * 2000  # empty stored blocks, none final
+    decoder = ContentDecoder("gzip", 4096)
+    with pytest.raises(Refused, match="as sent") as caught:
+        for i in range(0, len(body), 512):
+            assert len(decoder.decode(body[i : i + 512])) <= 1
+    assert caught.value.reason == "too_large"
+
+
+def serve_gzip_then_junk(junk_bytes: int) -> tuple[socket.socket, dict[str, int]]:
+    """A loopback server answering one request: one gzip member, then `junk_bytes` of junk."""
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    sent = {"bytes": 0}
+    body = gzip.compress(b"x" * 1000, mtime=0)
+
+    def answer() -> None:
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        head = b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nConnection: close\r\n\r\n"
+        try:
+            conn.sendall(head + body)
+            chunk = b"\0" * (1 << 16)
+            while sent["bytes"] < junk_bytes:
+                conn.sendall(chunk)
+                sent["bytes"] += len(chunk)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    threading.Thread(target=answer, daemon=True).start()
+    return listener, sent
+
+
+def test_the_fetcher_refuses_junk_after_a_gzip_member_without_reading_it():
+    """80 MB after one gzip member under a 1 MB limit: refused on the first junk bytes, so the
+    server gets to write little more than what the socket buffers hold."""
+    listener, sent = serve_gzip_then_junk(80 << 20)
+    port = listener.getsockname()[1]
+    settings = DownloadConfig(allow_private_network=True, max_bytes=1 << 20, timeout_s=5, retries=0)
+
+    async def fetch() -> bytes:
+        async with Fetcher(settings) as fetcher:
+            return await fetcher.fetch(f"http://127.0.0.1:{port}/x.png")
+
+    try:
+        with pytest.raises(Rejected) as caught:
+            asyncio.run(fetch())
+        assert caught.value.reason == "bad_encoding"
+        assert sent["bytes"] < 16 << 20, sent
+    finally:
+        listener.close()

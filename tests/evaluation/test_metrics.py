@@ -218,8 +218,12 @@ def _hub_dir(monkeypatch, path: Path) -> Path:
     return path / "checkpoints" / features.INCEPTION_FILE
 
 
-def test_inception_hash_prefix_is_the_published_one():
-    assert features.INCEPTION_SHA256_PREFIX == "6726825d"
+def test_inception_hash_is_the_published_one_in_full():
+    assert torch.hub.HASH_REGEX.search(features.INCEPTION_FILE).group(1) == "6726825d"
+    assert features.INCEPTION_SHA256.startswith("6726825d") and len(features.INCEPTION_SHA256) == 64
+    features._check_digest(features.INCEPTION_SHA256, "the file", "delete it")
+    with pytest.raises(UserError, match="not the published"):  # the name's prefix is not enough
+        features._check_digest(features.INCEPTION_SHA256[:8] + "0" * 56, "the file", "delete it")
 
 
 def test_inception_without_weights_names_the_setting(tmp_path, monkeypatch):
@@ -245,7 +249,7 @@ def test_inception_loads_weights_from_the_hub_cache(tmp_path, monkeypatch):
     target.parent.mkdir(parents=True)
     torch.save(net.state_dict(), target)
     digest = hashlib.sha256(target.read_bytes()).hexdigest()
-    monkeypatch.setattr(features, "INCEPTION_SHA256_PREFIX", digest[:8])
+    monkeypatch.setattr(features, "INCEPTION_SHA256", digest)
     extractor = features.FeatureNet("inception")
     assert extractor.net.use_antialias is False  # TF-1.x resize, as published FIDs
     out = extractor(draw_shapes(2, seed=0))
@@ -291,7 +295,9 @@ def test_a_corrupted_or_foreign_inception_file_is_refused(tmp_path, monkeypatch,
         features.FeatureNet("inception")
     message = str(info.value)
     assert hashlib.sha256(content).hexdigest() in message
-    assert "starts with 6726825d" in message and "delete it" in message and str(target) in message
+    assert (
+        features.INCEPTION_SHA256 in message and "delete it" in message and str(target) in message
+    )
 
 
 def test_clip_score_from_a_local_directory(clip_dir):

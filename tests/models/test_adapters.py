@@ -126,4 +126,6 @@ def test_adapter_types_are_for_lora_runs():
     with pytest.raises(ConfigError, match=r"train.lora_type.*'lora', 'dora', 'lokr' or 'loha'"):
         load_profile("tiny-test", ["train.lora_type=ia3"])
     with pytest.raises(ConfigError, match="train.export_formats has 'kohya' but train.lora_type"):
-        load_profile("tiny-test", ["train.lora_type=lokr", "train.export_formats=[kohya]"])
+        load_profile(
+            "tiny-test", ["train.mode=lora", "train.lora_type=lokr", "train.export_formats=[kohya]"]
+        )

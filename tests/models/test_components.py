@@ -100,9 +100,9 @@ def test_tokenizer_is_deterministic_across_processes(config, tmp_path):
     """Same captions, another process with another hash seed: byte-identical files."""
     models.train_tokenizer(CAPTIONS, config.model, tmp_path / "here")
     script = (
-        "import sys; from pathlib import Path; from sdflow import models; "
+        "import sys; from pathlib import Path; from sdflow.models.tokenizer import train_tokenizer; "
         "from sdflow.profiles import load_profile; "
-        f"models.train_tokenizer({CAPTIONS!r}, load_profile('tiny-test').model, Path(sys.argv[1]))"
+        f"train_tokenizer({CAPTIONS!r}, load_profile('tiny-test').model, Path(sys.argv[1]))"
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     subprocess.run([sys.executable, "-c", script, str(tmp_path / "there")], check=True, env=env)
@@ -358,6 +358,8 @@ def test_canonical_safetensors_orders_the_header_and_keeps_the_tensors(tmp_path)
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
+    from sdflow.models.files import canonical_safetensors
+
     tensors = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.ones(5, dtype=torch.float16)}
     config = {"r": 4, "target_modules": ["to_v", "to_q", "to_k"], "lora_alpha": 8}
     files = []
@@ -365,7 +367,7 @@ def test_canonical_safetensors_orders_the_header_and_keeps_the_tensors(tmp_path)
         values = {"format": "pt", "adapter": json.dumps(config)}
         path = tmp_path / f"{order[0]}.safetensors"
         save_file(tensors, path, metadata={k: values[k] for k in order})
-        files.canonical_safetensors(path)
+        canonical_safetensors(path)
         files.append(path.read_bytes())
     assert files[0] == files[1]
     loaded = load_file(tmp_path / "format.safetensors")

@@ -3,31 +3,13 @@
 from __future__ import annotations
 
 import pytest
-from huggingface_hub import constants
+from fixtures.hub import cache_download
 
 from sdflow.errors import UserError
 from sdflow.models import hub
 from sdflow.models.files import weights_hash
 
 A, B = "a" * 40, "b" * 40
-
-
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch):
-    """An empty Hugging Face cache, offline (as every test runs)."""
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    hub.resolve_commit.cache_clear()
-    yield tmp_path
-    hub.resolve_commit.cache_clear()
-
-
-def cache_download(root, name: str, revision: str, commit: str) -> None:
-    """What a download leaves in the cache: refs/<revision> -> commit, and the commit's snapshot."""
-    repo = root / f"models--{name.replace('/', '--')}"
-    (repo / "snapshots" / commit / "unet").mkdir(parents=True)
-    (repo / "refs").mkdir(exist_ok=True)
-    (repo / "refs" / revision).write_text(commit)
 
 
 def test_a_branch_is_keyed_by_its_commit_and_a_new_commit_is_a_new_key(hub_cache):

@@ -110,7 +110,7 @@ def test_cache_records_are_json_not_pickles(prefect_server, tmp_path):
     name = cache_key("probe", manifest["key"], manifest["fingerprint"])
     record = Path(os.environ["PREFECT_HOME"]) / "storage" / name
     stored = json.loads(record.read_text())
-    assert stored["metadata"]["serializer"]["type"] == "json"
+    assert stored["metadata"]["serializer"]["type"] == "sdflow-json"  # sdflow.ops.results
     assert json.loads(stored["result"])["fingerprint"] == manifest["fingerprint"]
 
 

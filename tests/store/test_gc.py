@@ -246,3 +246,62 @@ def test_removal_holds_the_lock_and_a_crash_mid_delete_leaves_only_trash(workdir
     assert report.freed["debris"] == size + 300
     assert report.freed["unreferenced outputs"] == 0
     assert not list(orphan.parent.glob(".k-orphan.trash-*"))
+
+
+def test_a_manifest_path_out_of_its_output_deletes_nothing_outside(workdir, tmp_path):
+    """`files.checkpoints: ../../../../outside` named checkpoint folders outside the workdir."""
+    outside = tmp_path / "outside"
+    for step in (1, 2, 3):
+        (outside / f"step-{step:06d}").mkdir(parents=True)
+        (outside / f"step-{step:06d}" / "keep.me").write_text("precious")
+    manifest_path = workdir["new-train"] / stageio.MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"]["checkpoints"] = "../../../../outside"
+    manifest_path.write_text(json.dumps(manifest))
+    assert (workdir["new-train"] / "../../../../outside").resolve() == outside  # the trap is set
+    collect_garbage(workdir["root"], keep_runs=1)
+    assert sorted(p.name for p in outside.iterdir()) == [f"step-{s:06d}" for s in (1, 2, 3)]
+
+
+def test_symlinked_stage_folders_are_not_walked(workdir, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "some-output").mkdir(parents=True)
+    (elsewhere / "some-output" / "data.bin").write_bytes(b"z" * 100)
+    (elsewhere / ".x.trash-1a2b3c4d").mkdir()  # debris-shaped, still not gc's
+    (workdir["root"] / "stages" / "linked").symlink_to(elsewhere, target_is_directory=True)
+    kept_link = workdir["new-data"].parent / "k-link"  # a kept output that is a symlink
+    kept_link.symlink_to(elsewhere, target_is_directory=True)
+    summary = workdir["root"] / "runs" / "20260102-000000-bbbb" / "summary.json"
+    value = json.loads(summary.read_text())
+    value["stages"]["extra"] = {"output": str(kept_link)}
+    summary.write_text(json.dumps(value))
+    collect_garbage(workdir["root"], keep_runs=1)
+    assert sorted(p.name for p in elsewhere.iterdir()) == [".x.trash-1a2b3c4d", "some-output"]
+    assert (elsewhere / "some-output" / "data.bin").read_bytes() == b"z" * 100
+
+
+def test_a_running_run_holds_a_lease_gc_honours(workdir):
+    """The run has no summary.json yet: its finished outputs are unreferenced, and kept."""
+    from sdflow.store.lease import RunLease, held_leases
+
+    lease = RunLease(workdir["root"] / "runs" / "20260103-000000-cccc")
+    assert held_leases(workdir["root"]) == [lease.path]
+    report = collect_garbage(workdir["root"], keep_runs=1)
+    assert workdir["orphan"].is_dir() and workdir["old-data"].is_dir()
+    assert report.removed["unreferenced outputs"] == 0
+    assert not workdir["partial"].exists()  # the rest of gc still happens
+    assert any("20260103-000000-cccc is running" in line for line in report.lines(workdir["root"]))
+    lease.release()
+    assert held_leases(workdir["root"]) == []
+    collect_garbage(workdir["root"], keep_runs=1)
+    assert not workdir["orphan"].exists()
+
+
+def test_a_lease_dies_with_its_process(workdir):
+    """A killed run leaves its LEASE file but no lock on it: gc goes ahead."""
+    run_dir = workdir["root"] / "runs" / "20260103-000000-dddd"
+    code = "import os, sys; from sdflow.store.lease import RunLease; l = RunLease(sys.argv[1]); os._exit(9)"
+    subprocess.run([sys.executable, "-c", code, str(run_dir)], check=False)
+    assert (run_dir / "LEASE").is_file()
+    collect_garbage(workdir["root"], keep_runs=1)
+    assert not workdir["orphan"].exists()

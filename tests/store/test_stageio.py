@@ -235,3 +235,45 @@ def test_two_builders_of_one_key_build_it_once(tmp_path):
     assert len(calls) == 1
     assert second["reused"] is True and results[0]["reused"] is False
     assert second["fingerprint"] == results[0]["fingerprint"]
+
+
+def test_trash_of_a_replaced_export_is_cleared_before_publishing(tmp_path):
+    """A kill while `atomic_dir` deletes the export it replaced leaves `.<name>.trash-*` in the
+    partial directory; the resumed build publishes the same content as a clean one."""
+    clean = stageio.build_stage(tmp_path / "clean", "train", "k", _export_twice)
+    partial = stageio.stage_dir(tmp_path / "killed", "train", "k").with_name(".k.partial")
+    (partial / ".lora.trash-dead0000" / "deep").mkdir(parents=True)
+    (partial / ".lora.trash-dead0000" / "deep" / "w.safetensors").write_bytes(b"old export")
+    resumed = stageio.build_stage(tmp_path / "killed", "train", "k", _export_twice)
+    out = stageio.output_dir(tmp_path / "killed", resumed)
+    assert sorted(p.name for p in out.rglob("*")) == [stageio.MANIFEST, "lora", "w"]
+    assert resumed["fingerprint"] == clean["fingerprint"]
+
+
+def _export_twice(build: stageio.StageBuild) -> stageio.Manifest:
+    for content in (b"first", b"second"):  # a resumed export replaces the previous one
+        with stageio.atomic_dir(build.path / "lora") as tmp:
+            (tmp / "w").write_bytes(content)
+    return build.finish(counts={})
+
+
+def test_atomic_dir_fsyncs_every_file_and_directory_before_the_rename(tmp_path, monkeypatch):
+    synced, renames = [], []
+    real_fsync, real_replace = stageio.os.fsync, stageio.os.replace
+
+    def fsync(fd):
+        synced.append((Path(stageio.os.readlink(f"/proc/self/fd/{fd}")).name, len(renames)))
+        real_fsync(fd)
+
+    monkeypatch.setattr(stageio.os, "fsync", fsync)
+    monkeypatch.setattr(stageio.os, "replace", lambda a, b: renames.append(b) or real_replace(a, b))
+    with stageio.atomic_dir(tmp_path / "model") as tmp:
+        (tmp / "unet").mkdir()
+        (tmp / "unet" / "w.safetensors").write_bytes(b"weights")
+        (tmp / "model_index.json").write_text("{}")
+    monkeypatch.undo()
+    published = [p.name for p in (tmp_path / "model").rglob("*")]
+    before_rename = {name for name, renamed in synced if renamed == 0}
+    assert set(published) <= before_rename  # each file and folder, by name, before the rename
+    assert any(name.endswith(".tmp") for name in before_rename)  # the directory renamed itself
+    assert (tmp_path.name, 1) in synced  # and its parent after the rename

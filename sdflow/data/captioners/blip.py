@@ -26,6 +26,7 @@ from sdflow.config import CaptionConfig
 from sdflow.data.captioners import select_device, select_dtype
 from sdflow.errors import UserError
 from sdflow.models.components import absolute_source, is_hub_name
+from sdflow.models.hub import pinned
 
 MODEL_CLASSES = {"blip": BlipForConditionalGeneration, "blip-2": Blip2ForConditionalGeneration}
 
@@ -49,7 +50,7 @@ class BlipCaptioner:
 def load_blip(cfg: CaptionConfig, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
     """The caption model (eval mode, on `device` in `dtype`) and its processor."""
     source = absolute_source(cfg.model)
-    kwargs = {"revision": cfg.revision} if cfg.revision and is_hub_name(source) else {}
+    kwargs = pinned(source, cfg.revision, is_hub_name(source))
     if not is_hub_name(source) and not Path(source).is_dir():
         raise UserError(
             f"caption.model {cfg.model!r} is not a directory. Give a local BLIP / BLIP-2 model "

@@ -47,8 +47,13 @@ def _config_labels(source: str, identity: str) -> tuple[str, ...]:
     """The model's label names, read from its config once per weights identity."""
     from transformers import AutoConfig
 
+    from sdflow.models.components import is_hub_name
+    from sdflow.models.hub import pinned
+
+    revision = pinned(source, None, is_hub_name(source))  # the commit the identity names
     try:
-        return tuple(str(v) for v in AutoConfig.from_pretrained(source).id2label.values())
+        config = AutoConfig.from_pretrained(source, **revision)
+        return tuple(str(v) for v in config.id2label.values())
     except (OSError, ValueError) as exc:
         raise UserError(f"filter.classifiers: could not read {source!r}'s config: {exc}") from None
 
@@ -101,9 +106,11 @@ def load_classifier(source: str, device: str) -> Any:
     from transformers import pipeline
 
     from sdflow.models.components import is_hub_name
+    from sdflow.models.hub import pinned
 
+    revision = pinned(source, None, is_hub_name(source))
     try:
-        return pipeline("image-classification", model=source, device=device)
+        return pipeline("image-classification", model=source, device=device, **revision)
     except (OSError, ValueError) as exc:
         if is_hub_name(source):
             raise  # network trouble, worth a retry

@@ -8,6 +8,7 @@ so an edited file under an old name is never mistaken for the old one).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib
 import json
@@ -211,16 +212,38 @@ def read_inside(
     reason = unsafe_reason(root, path)
     if reason is not None:
         raise Rejected(reason, f"{path} (source directory {root})")
-    try:  # no blocking on a FIFO swapped in since the check, no symlink swapped in either
-        fd = os.open(os.path.realpath(path), os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        raise Rejected("missing_file", path) from None
-    except OSError as exc:
-        raise Rejected("read_error", f"{path}: {exc}") from None
+    fd = open_below(os.path.realpath(root), os.path.realpath(path), path)
     with os.fdopen(fd, "rb") as fh:
         if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
             raise Rejected("not_a_regular_file", path)
         return _read_span(fh, path, limit, span)
+
+
+def open_below(base: str, real: str, path: str) -> int:
+    """A read-only descriptor of `real`, opened component by component from a descriptor of
+    `base` with `O_NOFOLLOW` at every step: a directory or file swapped for a symlink since the
+    check fails the open instead of leading out of `base` (no time-of-check/time-of-use gap).
+    `O_NONBLOCK`: no hang on a FIFO swapped in."""
+    parts = Path(os.path.relpath(real, base)).parts
+    if not parts or parts[0] == os.pardir:
+        raise Rejected("outside_source", f"{path} (source directory {base})")
+    nofollow = os.O_RDONLY | os.O_NOFOLLOW
+    try:
+        fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for part in parts[:-1]:
+                inner = os.open(part, nofollow | os.O_DIRECTORY, dir_fd=fd)
+                os.close(fd)
+                fd = inner
+            return os.open(parts[-1], nofollow | os.O_NONBLOCK, dir_fd=fd)
+        finally:
+            os.close(fd)
+    except FileNotFoundError:
+        raise Rejected("missing_file", path) from None
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):  # a symlink where a checked name was
+            raise Rejected("outside_source", f"{path} changed while it was read") from None
+        raise Rejected("read_error", f"{path}: {exc}") from None
 
 
 def _read_span(fh, path: str, limit: int, span: tuple[int, int] | None) -> bytes:

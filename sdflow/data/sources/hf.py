@@ -4,7 +4,8 @@ Loaded with `datasets.load_dataset(..., streaming=True)`, so nothing is material
 the datasets cache: rows are read as they are used. The image column is cast to
 `Image(decode=False)`: encoded bytes (or a file path) come out and the download stage decodes them in
 its worker pool like any other image. Hub names should be pinned with `source.revision`; the stage
-key uses the resolved commit when the hub can be asked, the given revision otherwise.
+key and the load both use the commit it resolves to (`sdflow.models.hub`: the hub, or offline the
+local cache), and a revision that resolves to no commit stops the run.
 
 An image given as a file path is read only when it resolves inside the local dataset's directory
 (the directory itself, or the folder of a dataset file): a row naming `../../etc/passwd`, an
@@ -48,17 +49,15 @@ def fingerprint(source: SourceConfig) -> str:
             and not any(part.startswith(".") for part in p.relative_to(path).parts)
         )
         return hash_files(path, files)
-    return f"hub:{source.path}@{hub_commit(source) or source.revision or 'main'}"
+    return f"hub:{source.path}@{hub_commit(source)}"
 
 
-def hub_commit(source: SourceConfig) -> str | None:
-    """The commit a hub revision points at now, or None when the hub cannot be asked (offline)."""
-    try:
-        from huggingface_hub import HfApi
+def hub_commit(source: SourceConfig) -> str:
+    """The commit a hub dataset's revision points at (the hub, or offline the local cache);
+    a UserError when neither knows it."""
+    from sdflow.models.hub import resolve_commit
 
-        return HfApi().dataset_info(source.path, revision=source.revision).sha
-    except Exception:  # offline, no such repo, rate limit: fall back to the revision as given
-        return None
+    return resolve_commit(source.path, source.revision, "dataset")
 
 
 def load(source: SourceConfig):
@@ -77,7 +76,7 @@ def load(source: SourceConfig):
         if path.is_dir():
             return datasets.load_dataset(str(path), split=source.split, streaming=True)
         return datasets.load_dataset(
-            source.path, split=source.split, revision=source.revision, streaming=True
+            source.path, split=source.split, revision=hub_commit(source), streaming=True
         )
     except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as exc:
         raise UserError(

@@ -11,8 +11,10 @@ beside `00000.tar`, rows matched on `key`) overlaid with the sample's `json` mem
 `source.metadata_columns` (default `sources.METADATA_COLUMNS`) travel as the `metadata` JSON column
 of the download shards, for filters.
 
-Tars are read with the standard library's `tarfile`, one member header at a time; nothing is ever
-extracted, and only regular-file members are used. Image bytes are not read here: a row points at
+Tars are read with the standard library's `tarfile`, one member header at a time, each extension
+header checked first (`sdflow.data.sources.tarbounds`: declared sizes bounded before any read, pax
+records well formed); nothing is ever extracted, and only regular-file members are used. A brace
+range may name at most `MAX_SHARD_PATTERNS` shards, counted before it is expanded. Image bytes are not read here: a row points at
 the member (`path`, `offset`, `length`) and the download stage reads it with the same size and pixel
 limits as any image. Compressed tars are not supported (members could not be read by offset).
 """
@@ -26,7 +28,7 @@ import re
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -41,10 +43,12 @@ from sdflow.data.sources import (
     hash_files,
     metadata_json,
 )
+from sdflow.data.sources.tarbounds import UnsafeTar, brace_count, check_headers
 from sdflow.errors import UserError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # preference order when a sample has several
 TEXT_LIMIT = 1 << 20  # txt / json members larger than this are ignored
+MAX_SHARD_PATTERNS = 1_000_000  # names a brace range may expand to (DataComp-12.8B: ~1.3M shards)
 _KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # WebDataset's base_plus_ext: key, extension
 
 
@@ -52,6 +56,12 @@ def shard_paths(source: SourceConfig) -> list[Path]:
     """The tar shards `source.path` names, in order; a pattern matching none is a UserError."""
     from braceexpand import UnbalancedBracesError, braceexpand
 
+    count = brace_count(source.path)
+    if count > MAX_SHARD_PATTERNS:
+        raise UserError(
+            f"source.path {source.path!r} expands to {count} names, more than "
+            f"{MAX_SHARD_PATTERNS}. Give a directory of shards or a glob such as data/*.tar."
+        )
     try:
         patterns = list(braceexpand(source.path))
     except UnbalancedBracesError as exc:
@@ -111,23 +121,32 @@ def iter_rows(source: SourceConfig, shards: list[Path]) -> Iterator[SourceRow]:
 def samples(shard: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """(key, {extension: TarInfo, or the parsed text of txt / json}) per run of equal keys."""
     try:
-        with tarfile.open(shard, "r:") as tar:
-            key, members = None, {}
-            while (member := tar.next()) is not None:
-                tar.members.clear()  # one header at a time, however large the shard
-                match = _KEY.match(member.name)
-                if not member.isfile() or not match:  # links, devices, dirs: never followed
-                    continue
-                if match.group(1) != key:
-                    if key is not None:
-                        yield key, members
-                    key, members = match.group(1), {}
-                extension = match.group(2).lower()
-                members[extension] = _text(tar, member) if extension in ("txt", "json") else member
-            if key is not None:
-                yield key, members
-    except (tarfile.TarError, OSError) as exc:
+        with open(shard, "rb") as raw:
+            yield from _samples(shard, raw)
+    except (tarfile.TarError, OSError, UnsafeTar) as exc:
         raise UserError(f"WebDataset shard {shard} could not be read as a tar: {exc}") from None
+
+
+def _samples(shard: Path, raw: BinaryIO) -> Iterator[tuple[str, dict[str, Any]]]:
+    check_headers(raw, 0)  # tarfile.open reads the first header
+    with tarfile.open(shard, "r:") as tar:
+        key, members = None, {}
+        while True:
+            check_headers(raw, tar.offset)  # the header tar.next() reads
+            if (member := tar.next()) is None:
+                break
+            tar.members.clear()  # one header at a time, however large the shard
+            match = _KEY.match(member.name)
+            if not member.isfile() or not match:  # links, devices, dirs: never followed
+                continue
+            if match.group(1) != key:
+                if key is not None:
+                    yield key, members
+                key, members = match.group(1), {}
+            extension = match.group(2).lower()
+            members[extension] = _text(tar, member) if extension in ("txt", "json") else member
+        if key is not None:
+            yield key, members
 
 
 def _text(tar: tarfile.TarFile, member: tarfile.TarInfo) -> str | None:

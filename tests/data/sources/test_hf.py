@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from fixtures.hub import cache_download
 from PIL import Image
 
 from sdflow.config import RunConfig, SourceConfig
@@ -84,11 +85,13 @@ def test_fingerprint_of_a_local_dataset_follows_its_content(imagefolder, make_im
     assert sources.fingerprint(config) != before
 
 
-def test_fingerprint_of_a_hub_name_includes_the_revision():
+def test_fingerprint_of_a_hub_name_is_its_resolved_commit(hub_cache):
+    for revision, commit in (("v1.0", "1" * 40), ("v2.0", "2" * 40)):
+        cache_download(hub_cache, "someone/some-dataset", revision, commit, "dataset")
     pinned = SourceConfig(kind="hf", path="someone/some-dataset", revision="v1.0")
     other = SourceConfig(kind="hf", path="someone/some-dataset", revision="v2.0")
-    assert "someone/some-dataset@" in sources.fingerprint(pinned)
-    assert sources.fingerprint(pinned) != sources.fingerprint(other)
+    assert sources.fingerprint(pinned) == f"hub:someone/some-dataset@{'1' * 40}"
+    assert sources.fingerprint(other) == f"hub:someone/some-dataset@{'2' * 40}"
 
 
 def test_image_paths_stay_inside_the_dataset_and_reads_are_bounded(tmp_path, make_image):
