@@ -383,7 +383,7 @@ def test_non_finite_encodings_become_failures(setup, monkeypatch):
         hit = (pixels == target).flatten(1).all(1)
         return torch.where(hit[:, None, None, None], torch.nan, mean), std
 
-    monkeypatch.setattr("tasks.latents.encode_images", encode_with_nan)
+    monkeypatch.setattr("sdflow.training.encoding.encode_images", encode_with_nan)
     other = config.model_copy(deep=True)
     other.latents.batch_size = 3  # a key of its own
     manifest = cache_latents(other, upstream, str(workdir))
