@@ -40,10 +40,10 @@ SEED = 0
 class Reservoir:
     """At most `capacity` rows of `width` numbers each, sampled uniformly, and the row count."""
 
-    def __init__(self, width: int = 1, capacity: int = CAPACITY, seed: int = SEED):
+    def __init__(self, width: int = 1, capacity: int | None = None, seed: int = SEED):
         self.count = 0
         self.width = width
-        self.capacity = capacity
+        self.capacity = CAPACITY if capacity is None else capacity
         self._rows = np.empty((16, width), np.float64)  # grown by doubling up to capacity
         self._rng = np.random.default_rng(seed)
 
