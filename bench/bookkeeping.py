@@ -171,15 +171,16 @@ def child_reuse(workdir: Path, rows: int, size: int, lookups: int) -> dict:
     started = time.perf_counter()
     first = memo.facts(wanted(0, size)[0])  # writes the output's key index
     index_seconds = time.perf_counter() - started
-    seconds = []
+    seconds, cpu = [], []
     for shard in lookup_shards(rows, size, lookups):
         keys, recorded = wanted(shard, size)
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         facts = memo.facts(keys)
         seconds.append(time.perf_counter() - started)
+        cpu.append(time.process_time() - cpu_started)
         if len(facts) != recorded:
             raise AssertionError(f"shard {shard}: {len(facts)} found, {recorded} recorded")
-    return {"first_lookup_s": index_seconds, "first_found": len(first), **spread(seconds)}
+    return {"first_lookup_s": index_seconds, "first_found": len(first), **spread(seconds, cpu)}
 
 
 def child_old_join(workdir: Path, rows: int, size: int, lookups: int) -> dict:
@@ -194,19 +195,20 @@ def child_old_join(workdir: Path, rows: int, size: int, lookups: int) -> dict:
         parts.append(part.append_column("newest", pa.array([0] * part.num_rows, pa.int32())))
     records = pa.concat_tables(parts)
     load_seconds = time.perf_counter() - started
-    seconds = []
+    seconds, cpu = [], []
     for shard in lookup_shards(rows, size, lookups):
         keys, recorded = wanted(shard, size)
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         query = pa.table({"key": pa.array(keys, pa.binary(16)), "row": pa.array(range(len(keys)))})
         joined = query.join(records, "key", join_type="inner")
         found: dict = {}
         for record in joined.sort_by([("row", "ascending"), ("newest", "ascending")]).to_pylist():
             found.setdefault(record.pop("row"), record)
         seconds.append(time.perf_counter() - started)
+        cpu.append(time.process_time() - cpu_started)
         if len(found) != recorded:
             raise AssertionError(f"shard {shard}: {len(found)} found, {recorded} recorded")
-    return {"load_s": load_seconds, **spread(seconds)}
+    return {"load_s": load_seconds, **spread(seconds, cpu)}
 
 
 def child_report(workdir: Path) -> dict:
@@ -229,9 +231,12 @@ def child_gc(workdir: Path) -> dict:
     return {"seconds": time.perf_counter() - started, "kept": report.kept}
 
 
-def spread(seconds: list[float]) -> dict:
+def spread(seconds: list[float], cpu: list[float]) -> dict:
+    """Median and worst wall time of the lookups, and their median CPU time (the process's, all
+    threads: on a shared machine the steadier figure)."""
     return {"lookup_ms_median": 1000 * float(np.median(seconds)),
-            "lookup_ms_max": 1000 * max(seconds), "lookups": len(seconds)}  # fmt: skip
+            "lookup_ms_max": 1000 * max(seconds), "lookup_cpu_ms_median": 1000 * float(np.median(cpu)),
+            "lookups": len(seconds)}  # fmt: skip
 
 
 def run_child(part: str, workdir: Path, rows: int, size: int, lookups: int) -> dict:
@@ -282,9 +287,10 @@ def measure(rows: int, args: argparse.Namespace, root: Path) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    head = ("| rows | index build s | lookup ms/shard (max) | reuse peak MiB | old join ms/shard | "
-            "old join peak MiB | report s | report peak MiB | gc s | gc peak MiB |")  # fmt: skip
-    lines = [head, "|" + "---:|" * 10]
+    head = ("| rows | index build s | lookup ms/shard (max) | lookup CPU ms/shard | reuse peak MiB | "
+            "old join ms/shard (CPU) | old join peak MiB | report s | report peak MiB | gc s | "
+            "gc peak MiB |")  # fmt: skip
+    lines = [head, "|" + "---:|" * 11]
     for r in results:
         reuse, old = r.get("reuse"), r.get("old-join")
         report, gc = r.get("report"), r.get("gc")
@@ -292,8 +298,9 @@ def table(results: list[dict]) -> str:
             f"{r['rows']:,}",
             f"{reuse['first_lookup_s']:.1f}" if reuse else "—",
             f"{reuse['lookup_ms_median']:.1f} ({reuse['lookup_ms_max']:.1f})" if reuse else "—",
+            f"{reuse['lookup_cpu_ms_median']:.1f}" if reuse else "—",
             f"{reuse['peak_mib']:.0f}" if reuse else "—",
-            f"{old['lookup_ms_median']:.0f}" if old else "—",
+            f"{old['lookup_ms_median']:.0f} ({old['lookup_cpu_ms_median']:.0f})" if old else "—",
             f"{old['peak_mib']:.0f}" if old else "—",
             f"{report['seconds']:.1f}" if report else "—",
             f"{report['peak_mib']:.0f}" if report else "—",
