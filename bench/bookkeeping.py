@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -243,7 +244,9 @@ def run_child(part: str, workdir: Path, rows: int, size: int, lookups: int) -> d
     """`part` in a fresh process: its result and its peak RSS."""
     command = [sys.executable, __file__, "--child", part, "--workdir", str(workdir),
                "--rows", str(rows), "--shard-size", str(size), "--lookups", str(lookups)]  # fmt: skip
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path}  # this checkout's sdflow, not an installed one
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
     if done.returncode:
         raise RuntimeError(f"{part} at {rows} rows failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
