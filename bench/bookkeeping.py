@@ -34,9 +34,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from results import comparison, save  # bench/, beside this script
 
@@ -55,61 +57,81 @@ PNG = bytes.fromhex(  # a 1x1 PNG
 # --------------------------------------------------------------------------- synthesised workdir
 
 
+def key_bytes(shard: int, size: int) -> bytes:
+    """The keys of input shard `shard`, 16 bytes each (seeded, so a child can recompute them)."""
+    return np.random.default_rng([7, shard]).bytes(16 * size)
+
+
 def shard_keys(shard: int, size: int) -> list[bytes]:
-    """The keys of input shard `shard` (seeded, so a child can recompute them)."""
-    raw = np.random.default_rng([7, shard]).bytes(16 * size)
+    raw = key_bytes(shard, size)
     return [raw[i : i + 16] for i in range(0, len(raw), 16)]
 
 
-def fates(shard: int, size: int) -> tuple[list[str], list[str | None], list[str | None]]:
-    """Each row's id, failure reason (None: kept) and detail."""
-    ids = [f"{shard}-{j}" for j in range(size)]
-    reasons: list[str | None] = [None] * size
-    details: list[str | None] = [None] * size
-    for j in range(0, size, 10):
-        kind = (j // 10) % 3
-        reasons[j] = ("too_small", "aspect_ratio", "duplicate")[kind]
-        details[j] = (f"8x8 original, shorter side < {16 + j % 7}",
-                      f"ratio {2 + (j % 50) / 10:.2f} > 2.0", f"{shard % 50}-1")[kind]  # fmt: skip
-    return ids, reasons, details
+def record_table(shard: int, size: int) -> pa.Table:
+    """Shard `shard`'s row record as the filter writes it (`sdflow.store.reuse.record_rows`), built
+    column-wise: every 10th row failed (too small, too wide, duplicate in turn), the rest kept."""
+    name = f"shard-{shard:05d}.parquet"
+    rows = np.arange(size)
+    failed = rows % 10 == 0
+    kind = (rows // 10) % 3
+    keys = pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(16), size, [None, pa.py_buffer(key_bytes(shard, size))]
+    )
+    positions = np.where(failed, np.cumsum(failed) - 1, np.cumsum(~failed) - 1)
+    checked = ~failed | (kind == 2)  # a duplicate passed its own checks
+    return pa.table({
+        "key": keys,
+        "file": pa.array(np.where(failed, f"failures/{name}", name)),
+        "position": pa.array(positions, pa.int32()),
+        "check": pa.array(np.array(["too_small", "aspect_ratio", ""])[kind], mask=checked),
+        "check_detail": pa.array(np.array(["8x8 original", "ratio 3.00 > 2.0", ""])[kind], mask=checked),
+        "phash": pa.array(shard * size + rows).cast(pa.string()),
+    })  # fmt: skip
+
+
+def text(*parts: Any) -> pa.Array:
+    """Strings joined element-wise from constants and number arrays (column-wise, no Python loop)."""
+    arrays = [
+        pa.array(np.asarray(p)).cast(pa.string()) if isinstance(p, np.ndarray) else p for p in parts
+    ]
+    return pc.binary_join_element_wise(*arrays, "")
 
 
 def write_shard(base: Path, caption: Path, shard: int, size: int, records_only: bool) -> int:
-    """One input shard's record (and, for the report, its kept, failed and captioned rows)."""
+    """One input shard's record (and, for the report, its kept, failed and captioned rows):
+    returns how many rows it kept."""
     name = f"shard-{shard:05d}.parquet"
-    ids, reasons, details = fates(shard, size)
-    kept_pos, failed_pos, files, positions = 0, 0, [], []
-    for reason in reasons:
-        files.append(name if reason is None else f"failures/{name}")
-        positions.append(kept_pos if reason is None else failed_pos)
-        kept_pos, failed_pos = kept_pos + (reason is None), failed_pos + (reason is not None)
-    record = {
-        "key": pa.array(shard_keys(shard, size), pa.binary(16)),
-        "file": pa.array(files, pa.string()),
-        "position": pa.array(positions, pa.int32()),
-        "check": pa.array([r if r != "duplicate" else None for r in reasons], pa.string()),
-        "check_detail": pa.array([d if r != "duplicate" else None for r, d in zip(reasons, details, strict=True)], pa.string()),
-        "phash": pa.array([f"{shard * size + j:016x}" for j in range(size)], pa.string()),
-    }  # fmt: skip
-    pq.write_table(pa.table(record), base / "rows" / name, compression="zstd")
+    pq.write_table(record_table(shard, size), base / "rows" / name, compression="zstd")
+    rows = np.arange(size)
+    failed = rows % 10 == 0
     if records_only:
-        return kept_pos
-    kept = [j for j, r in enumerate(reasons) if r is None]
-    failed = [j for j, r in enumerate(reasons) if r is not None]
-    failures = {"id": [ids[j] for j in failed], "source": ["bench"] * len(failed),
-                "reason": [reasons[j] for j in failed], "detail": [details[j] for j in failed]}  # fmt: skip
+        return int((~failed).sum())
+    ids = text(f"{shard}-", rows)
+    bad, kind = rows[failed], (rows[failed] // 10) % 3
+    reasons = pa.array(np.array(["too_small", "aspect_ratio", "duplicate"])[kind])
+    details = pc.case_when(
+        pc.make_struct(pa.array(kind == 0), pa.array(kind == 1)),
+        text("8x8 original, shorter side < ", 16 + bad % 7),
+        text("ratio ", 2 + (bad % 50) // 10, ".", bad % 10, "0 > 2.0"),
+        pa.array([f"{shard % 50}-1"] * len(bad)),
+    )
+    failures = {"id": ids.filter(pa.array(failed)), "source": pa.array(["bench"] * len(bad)),
+                "reason": reasons, "detail": details}  # fmt: skip
     pq.write_table(pa.table(failures), base / "failures" / name, compression="zstd")
+    kept = rows[~failed]
     images = pa.array([PNG] * len(kept), pa.binary())
-    pq.write_table(pa.table({"id": [ids[j] for j in kept], "image": images}), base / name)
-    rows = {
-        "id": [ids[j] for j in kept],
-        "caption": [f"a {WORDS[j % 16]} {WORDS[(j * 7 + shard) % 16]} photo number {j}" for j in kept],
-        "width": pa.array([64 + j % 900 for j in kept], pa.int32()),
-        "height": pa.array([64 + (j * 3) % 700 for j in kept], pa.int32()),
+    kept_ids = ids.filter(pa.array(~failed))
+    pq.write_table(pa.table({"id": kept_ids, "image": images}), base / name)
+    words = pa.array(WORDS)
+    captioned = {
+        "id": kept_ids,
+        "caption": text("a ", words.take(kept % 16), " ", words.take((kept * 7 + shard) % 16), " photo number ", kept),
+        "width": pa.array(64 + kept % 900, pa.int32()),
+        "height": pa.array(64 + (kept * 3) % 700, pa.int32()),
         "image": images,
     }  # fmt: skip
-    pq.write_table(pa.table(rows), caption / name, compression="zstd")
-    return kept_pos
+    pq.write_table(pa.table(captioned), caption / name, compression="zstd")
+    return len(kept)
 
 
 def synthesise(workdir: Path, rows: int, size: int, records_only: bool) -> dict:
@@ -356,7 +378,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.workdir:
         Path(args.workdir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="sdflow-bookkeeping-", dir=args.workdir) as tmp:
-        results = [measure(rows, args, Path(tmp)) for rows in args.rows]
+        results = []
+        for rows in args.rows:
+            results.append(measure(rows, args, Path(tmp)))
+            print(json.dumps(results[-1]), flush=True)  # each row count's result as it comes
     print(table(results))
     save("bookkeeping", "bookkeeping", summary_rows(results), results)
     print(json.dumps(results))
