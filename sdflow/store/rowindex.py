@@ -57,6 +57,7 @@ class RowIndex:
     """The key index of one published output (built on first use); lookups are thread-safe."""
 
     def __init__(self, base: str | Path):
+        self._fds: list[int] = []
         self.base = Path(base)
         folder = ensure_index(self.base)
         meta = json.loads((folder / "meta.json").read_text())
