@@ -24,22 +24,20 @@ not part of the output's fingerprint (`stageio.DERIVED`).
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
 import shutil
 import struct
 import uuid
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sdflow.store.stageio import ROWS_INDEX, fsync_dir, lock_path, publish
+from sdflow.store.stageio import ROWS_INDEX, fsync_dir, publish, stage_lock
 
 VERSION = 1
 ROWS = "rows"
@@ -111,7 +109,7 @@ def ensure_index(base: Path) -> Path:
     folder = base / ROWS_INDEX
     if _current(folder):
         return folder
-    with _output_lock(base):
+    with stage_lock(base):  # one builder at a time; gc leaves the output alone meanwhile
         if _current(folder):
             return folder
         tmp = base / f".{ROWS_INDEX}.{uuid.uuid4().hex[:8]}.tmp"
@@ -131,17 +129,6 @@ def _current(folder: Path) -> bool:
         return json.loads((folder / "meta.json").read_text()).get("version") == VERSION
     except (OSError, ValueError):
         return False
-
-
-@contextmanager
-def _output_lock(base: Path) -> Iterator[None]:
-    """The output's stage lock: one index builder at a time, and gc keeps out meanwhile."""
-    with open(lock_path(base), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def write_index(rows: Path, folder: Path) -> None:

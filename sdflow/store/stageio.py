@@ -244,6 +244,9 @@ def _stage_lock(final: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+stage_lock = _stage_lock  # also held by the reuse index's builder (`sdflow.store.rowindex`)
+
+
 @contextmanager
 def try_stage_lock(final: Path) -> Iterator[bool]:
     """The stage lock if nobody holds it (True, held until exit), else False at once."""
