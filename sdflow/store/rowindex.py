@@ -19,7 +19,7 @@ partitions are even), then each partition is sorted and appended.
 The index is derived from the output's records, which never change once published, so it is never
 stale. It is written beside its final place and renamed there (a crash leaves `.*.tmp` debris that
 gc removes), under the output's stage lock (so gc leaves the output alone meanwhile), and it is
-not part of the output's fingerprint (`stageio.DERIVED`).
+not part of the output's fingerprint (`stageio.ROWS_INDEX`).
 """
 
 from __future__ import annotations
