@@ -112,6 +112,8 @@ def ensure_index(base: Path) -> Path:
     with stage_lock(base):  # one builder at a time; gc leaves the output alone meanwhile
         if _current(folder):
             return folder
+        for debris in base.glob(f".{ROWS_INDEX}.*.tmp"):  # of a build a crash interrupted
+            shutil.rmtree(debris, ignore_errors=True)
         tmp = base / f".{ROWS_INDEX}.{uuid.uuid4().hex[:8]}.tmp"
         tmp.mkdir()
         try:
