@@ -9,7 +9,10 @@ the key of every input row, where its result went (`file`: the kept shard or the
 A later build of the stage, under any stage key (say 1 % of rows were appended upstream, so every key
 downstream is new), looks its input rows up in the records of the stage's newest complete outputs and
 copies the results of the hits instead of computing them: a rerun costs what was added, removed or
-changed, not the dataset. A reused row is the same bytes a fresh computation gives, and every shard
+changed, not the dataset. The lookup goes through each searched output's key index on disk
+(`sdflow.store.rowindex`, written by the first build that searches it), one shard's keys at a time:
+no per-row state is held in memory, and a shard's lookup costs the same however many rows the
+outputs recorded. A reused row is the same bytes a fresh computation gives, and every shard
 is written the same way whichever way its rows came, so the output and its fingerprint equal those of
 a build from scratch. A row the stage does not want remembered (a timeout that may pass tomorrow) is
 recorded without a key, and is computed again next time.
@@ -28,6 +31,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sdflow.store.rowindex import ROWS, RowIndex
 from sdflow.store.stageio import (
     FAILURES,
     MANIFEST,
@@ -37,7 +41,6 @@ from sdflow.store.stageio import (
     shard_name,
 )
 
-ROWS = "rows"
 KEY = pa.binary(16)
 NEWEST_OUTPUTS = 4  # how many earlier outputs of a stage are searched for rows
 
@@ -73,11 +76,14 @@ def _digestible(value: Any) -> str:
 
 
 class Memo:
-    """The recorded rows of a stage's newest complete outputs (other than `exclude`), by key."""
+    """The recorded rows of a stage's newest complete outputs (other than `exclude`), by key.
+
+    Nothing per row is held: each lookup searches the outputs' on-disk key indexes
+    (`sdflow.store.rowindex`, built on first use) and reads just the records it hits."""
 
     def __init__(self, workdir: str | Path, stage: str, exclude: str | None = None):
         self.outputs = _newest_outputs(Path(workdir) / "stages" / stage, exclude)
-        self._records: pa.Table | None = None
+        self._indexes: list[RowIndex] | None = None
         self._lock = threading.Lock()
 
     def outcomes(
@@ -104,45 +110,53 @@ class Memo:
             outcomes[row] = outcome
         return outcomes, len(todo)  # type: ignore[return-value]
 
-    def facts(self, keys: Sequence[bytes]) -> dict[int, dict[str, Any]]:
+    def facts(self, keys: Sequence[bytes | None]) -> dict[int, dict[str, Any]]:
         """Row index -> the `extra` facts recorded for it, for the keys some output recorded
         (for stages whose per-row work is a verdict, not a new row: the filter's checks)."""
         return {row: _extra(record) for row, record in self._find(keys).items()}
 
-    def _find(self, keys: Sequence[bytes]) -> dict[int, dict[str, Any]]:
-        records = self._all_records()
-        if records is None or not keys:
+    def _find(self, keys: Sequence[bytes | None]) -> dict[int, dict[str, Any]]:
+        """Row index -> its record in the newest output that has its key."""
+        rows_of: dict[bytes, list[int]] = {}
+        for row, key in enumerate(keys):
+            if key is not None:
+                rows_of.setdefault(key, []).append(row)
+        if not rows_of or not self.outputs:
             return {}
-        wanted = pa.table({"key": pa.array(keys, KEY), "row": pa.array(range(len(keys)))})
-        joined = wanted.join(records, "key", join_type="inner")
-        found: dict[int, dict[str, Any]] = {}
-        for record in joined.sort_by([("row", "ascending"), ("newest", "ascending")]).to_pylist():
-            found.setdefault(record.pop("row"), record)  # the newest output that has it
-        return found
+        hits: dict[bytes, tuple[int, str, int]] = {}  # key -> (output, record file, row)
+        for newest, index in enumerate(self._open()):
+            missing = [key for key in rows_of if key not in hits]
+            for key, (record, position) in index.lookup(missing).items():
+                hits[key] = (newest, record, position)
+        return _records(hits, rows_of, self.outputs)
 
-    def _all_records(self) -> pa.Table | None:
-        with self._lock:
-            return self._load()
-
-    def _load(self) -> pa.Table | None:
-        if self._records is None and self.outputs:
-            parts = [
-                _records_of(path, base, newest)
-                for newest, base in enumerate(self.outputs)
-                for path in sorted((base / ROWS).glob("*.parquet"))
-            ]
-            if parts:
-                table = pa.concat_tables(parts, promote_options="default")
-                self._records = table.filter(table.column("key").is_valid())
-        return self._records
+    def _open(self) -> list[RowIndex]:
+        with self._lock:  # the first shard job indexes the outputs; the others wait for it
+            if self._indexes is None:
+                self._indexes = [RowIndex(base) for base in self.outputs]
+            return self._indexes
 
 
-def _records_of(path: Path, base: Path, newest: int) -> pa.Table:
-    """One record file, its `file` column made absolute, tagged with its output's age."""
-    part = pq.read_table(path)
-    files = pa.array([str(base / name) for name in part.column("file").to_pylist()])
-    part = part.set_column(part.schema.get_field_index("file"), "file", files)
-    return part.append_column("newest", pa.array([newest] * part.num_rows, pa.int32()))
+def _records(
+    hits: dict[bytes, tuple[int, str, int]], rows_of: dict[bytes, list[int]], outputs: list[Path]
+) -> dict[int, dict[str, Any]]:
+    """The records `hits` point to, one read per record file, each row's `file` made absolute
+    and tagged with its output's age (`newest`)."""
+    by_file: dict[tuple[int, str], list[bytes]] = {}
+    for key, (newest, record, _) in hits.items():
+        by_file.setdefault((newest, record), []).append(key)
+    found: dict[int, dict[str, Any]] = {}
+    for (newest, record), keys in by_file.items():
+        base = outputs[newest]
+        positions = pa.array([hits[key][2] for key in keys], pa.int64())
+        for key, entry in zip(
+            keys, pq.read_table(base / ROWS / record).take(positions).to_pylist(), strict=True
+        ):
+            entry["file"] = str(base / entry["file"])
+            entry["newest"] = newest
+            for row in rows_of[key]:
+                found[row] = dict(entry)
+    return found
 
 
 def _read(found: dict[int, dict[str, Any]], read: Callable[[str], Any]) -> dict[int, Outcome]:

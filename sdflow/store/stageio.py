@@ -9,7 +9,7 @@ publishes a file or a directory is followed by an fsync of its parent, so it sur
 The manifest's `fingerprint` is what downstream keys are made of, so it covers only the content later
 stages consume: every file of the stage directory except `MANIFEST.json` and the run-history folders
 in `HISTORY` (checkpoints, which record training seconds; TensorBoard logs, which record wall-clock
-times). Timings, attempt counts, hosts and paths go into the manifest's `info`, never into a file
+times) and the reuse index a later build may add (`ROWS_INDEX`). Timings, attempt counts, hosts and paths go into the manifest's `info`, never into a file
 outside `HISTORY`; `counts` hold whole numbers only. So an interrupted-then-resumed stage and an
 uninterrupted one have the same fingerprint, and nothing downstream is rebuilt after a crash.
 """
@@ -39,6 +39,9 @@ FAILURES = "failures"
 ADDRESS = re.compile(r" (?:object )?at 0x[0-9a-fA-F]+")
 # Top-level folders of a stage directory that record how it was built, not what it holds.
 HISTORY = ("checkpoints", "logs")
+# A top-level folder derived from the content after publication (the reuse index of the row records,
+# `sdflow.store.rowindex`, written by the first later build that searches the output): not content.
+ROWS_INDEX = "rows-index"
 FAILURE_SCHEMA = pa.schema(
     [("id", pa.string()), ("source", pa.string()), ("reason", pa.string()), ("detail", pa.string())]
 )
@@ -209,7 +212,7 @@ class StageBuild:
 
 def content_fingerprint(directory: str | Path) -> str:
     """The fingerprint of a stage directory: its content, never its history (see the module doc)."""
-    return hash_tree(directory, skip=(MANIFEST,), skip_dirs=HISTORY)
+    return hash_tree(directory, skip=(MANIFEST,), skip_dirs=(*HISTORY, ROWS_INDEX))
 
 
 def _whole_numbers(counts: Mapping[str, Any]) -> dict[str, Any]:
@@ -242,6 +245,9 @@ def _stage_lock(final: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+stage_lock = _stage_lock  # also held by the reuse index's builder (`sdflow.store.rowindex`)
 
 
 @contextmanager

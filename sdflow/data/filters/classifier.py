@@ -2,8 +2,9 @@
 
 `filter.classifiers: [{model: <hub name or local dir>, label: nsfw, max: 0.5}]`: each image's
 probability for `label` (softmax over the labels; sigmoid for multi-label models, as transformers'
-image-classification pipeline computes it), in batches on the stage's device, must lie within
-`min`/`max`; otherwise the row is rejected as `classifier:<label>` with the probability in its detail.
+image-classification pipeline computes it), in batches on the stage's device (each batch's images
+decoded just before it runs), must lie within `min`/`max`; otherwise the row is rejected as
+`classifier:<label>` with the probability in its detail.
 Probabilities are rounded to 6 decimals before the comparison, so a verdict does not depend on the
 batch a row ran in. The model's weights hash is part of the filter's settings (stage key and row keys).
 """
@@ -73,23 +74,31 @@ def _verdict(probability: float, spec: ClassifierFilter) -> Rejection | None:
 
 
 def label_probabilities(rows: list[Row], spec: ClassifierFilter) -> list[float]:
-    """Each row's probability for `spec.label`, rounded to DECIMALS."""
-    from PIL import Image
-
+    """Each row's probability for `spec.label`, rounded to DECIMALS. Images are decoded one batch
+    (`spec.batch_size` rows) at a time, so at most one batch of decoded images is held."""
     from sdflow.models.components import absolute_source
     from sdflow.ops.gpuslots import torch_device
 
-    if not rows:
-        return []
-    images = [Image.open(io.BytesIO(row["image"])).convert("RGB") for row in rows]
-    with _LOCK:
-        pipe = load_classifier(absolute_source(spec.model), str(torch_device()))
-        _require_label([str(v) for v in pipe.model.config.id2label.values()], spec)
-        results = pipe(images, top_k=None, batch_size=spec.batch_size)
-    return [
-        round(next(r["score"] for r in result if r["label"] == spec.label), DECIMALS)
-        for result in results
-    ]
+    probabilities: list[float] = []
+    size = spec.batch_size
+    for start in range(0, len(rows), size):
+        images = decode_batch(rows[start : start + size])
+        with _LOCK:
+            pipe = load_classifier(absolute_source(spec.model), str(torch_device()))
+            _require_label([str(v) for v in pipe.model.config.id2label.values()], spec)
+            results = pipe(images, top_k=None, batch_size=size)
+        probabilities += [
+            round(next(r["score"] for r in result if r["label"] == spec.label), DECIMALS)
+            for result in results
+        ]
+    return probabilities
+
+
+def decode_batch(rows: list[Row]) -> list[Any]:
+    """The rows' images as RGB PIL images."""
+    from PIL import Image
+
+    return [Image.open(io.BytesIO(row["image"])).convert("RGB") for row in rows]
 
 
 def _require_label(labels: list[str], spec: ClassifierFilter) -> None:

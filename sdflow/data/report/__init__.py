@@ -18,6 +18,7 @@ import io
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 from jinja2 import Environment, PackageLoader, select_autoescape
 from PIL import Image
 
@@ -56,19 +57,25 @@ def build_report(
 def draw_plots(stats: DataStats) -> dict[str, bytes]:
     """name -> PNG; names are artifact-key safe."""
     where = f"{stats.final_stage} output"
-    ratios = [
-        max(w, h) / max(min(w, h), 1) for w, h in zip(stats.widths, stats.heights, strict=True)
-    ]
+    widths, heights = stats.sizes.column(0), stats.sizes.column(1)
+    ratios = np.maximum(widths, heights) / np.maximum(np.minimum(widths, heights), 1)
+    rows = stats.sizes.count
     plots = {
-        "width": histogram(stats.widths, f"Original width, {where}", "pixels"),
-        "height": histogram(stats.heights, f"Original height, {where}", "pixels"),
-        "aspect-ratio": histogram(ratios, f"Aspect ratio, {where}", "longer / shorter side"),
+        "width": histogram(widths, f"Original width, {where}", "pixels", count=rows),
+        "height": histogram(heights, f"Original height, {where}", "pixels", count=rows),
+        "aspect-ratio": histogram(
+            ratios, f"Aspect ratio, {where}", "longer / shorter side", count=rows
+        ),
         "caption-length": histogram(
-            stats.caption_words, f"Caption length, {where}", "words", bins=30
+            stats.caption_words.column(),
+            f"Caption length, {where}",
+            "words",
+            bins=30,
+            count=stats.caption_words.count,
         ),
     }
     for title, values in stats.scores.items():
-        plots[score_plot(title)] = histogram(values, title, "value")
+        plots[score_plot(title)] = histogram(values.column(), title, "value", count=values.count)
     return plots
 
 
@@ -77,7 +84,7 @@ def score_plot(title: str) -> str:
 
 
 def score_counts(stats: DataStats) -> dict[str, int]:
-    return {score_plot(title): len(values) for title, values in stats.scores.items()}
+    return {score_plot(title): values.count for title, values in stats.scores.items()}
 
 
 def render_html(stats: DataStats, plots: Mapping[str, bytes]) -> str:
@@ -86,7 +93,7 @@ def render_html(stats: DataStats, plots: Mapping[str, bytes]) -> str:
     )
     template = environment.get_template("template.html")
     images = stats.cluster_images
-    counts = {**dict.fromkeys(plots, len(stats.widths)), **score_counts(stats)}
+    counts = {**dict.fromkeys(plots, stats.sizes.count), **score_counts(stats)}
     return template.render(
         stats=stats,
         plots=[

@@ -1,44 +1,49 @@
 """What the dataset report shows, read from the data stages' manifests and shards.
 
-Counts come from the manifests; everything else from the shards, one shard at a time and only the
-columns a figure needs. Per row the report keeps a few numbers (original width and height, caption
-length, metadata scores: 4 or 8 bytes each); the word and bigram counters are pruned to their most
-frequent entries when they pass `PRUNE_AT` distinct keys; thumbnails are bounded (`SAMPLES` samples,
-`CLUSTERS` duplicate clusters of at most `CLUSTER_SIZE` members).
+Counts come from the manifests; everything else from the shards and failure tables, one shard at a
+time and only the columns a figure needs, so the memory the report needs does not grow with the
+rows (the aggregates are in `aggregate`): the numbers a histogram is drawn from (original width and
+height, caption length, metadata scores, values the filter measured) are a uniform sample of at
+most `aggregate.CAPACITY` rows per figure with the exact row count, at most `aggregate.MAX_SERIES`
+score series; the word and bigram counters are pruned to their most frequent entries when they
+pass `PRUNE_AT` distinct keys, the duplicate clusters to the largest when they pass
+`aggregate.CLUSTER_PRUNE_AT` kept samples (so, on a dataset with more clusters than that, a shown
+cluster's size can be short); failure examples are the first `EXAMPLES` per reason; thumbnails are
+bounded (`SAMPLES` samples, `CLUSTERS` duplicate clusters of at most `CLUSTER_SIZE` members).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from array import array
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from sdflow.store.stageio import Manifest, read_failures, read_shards, shard_paths
+from sdflow.data.report.aggregate import (
+    CLUSTERS,
+    Cluster,
+    DuplicateClusters,
+    MeasuredScores,
+    Reservoir,
+    ScoreSeries,
+    duplicate_clusters,  # noqa: F401  (re-exported: the report's API)
+    measured_scores,  # noqa: F401
+)
+from sdflow.store.stageio import FAILURES, Manifest, output_dir, read_shards, shard_paths
 
 DATA_STAGES = ("download", "filter", "caption")
-# failure detail: the kept twin's id, alone or as "<id> at <measure> <value>"
-DUPLICATE_REASONS = ("duplicate", "near_duplicate", "semantic_duplicate")
-TWIN = re.compile(r"(?P<id>.+?) at (?P<measure>[A-Za-z ]+?) (?P<value>-?\d+(?:\.\d+)?(?:e-?\d+)?)")
 SAMPLES = 48
-CLUSTERS = 16
-CLUSTER_SIZE = 6
 TOP_TERMS = 30
 EXAMPLES = 3  # failure examples shown per reason
 PRUNE_AT = 200_000
-BATCH = 10_000  # failure rows turned into Python objects at a time
 WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
-# "<name> <measured> <op> [<word>] <threshold>", e.g. "ratio 5.00 > 2.0", "similarity 0.21 < min 0.28"
-MEASURED = re.compile(
-    r"([A-Za-z_][\w.]*)[ =:]+(-?\d+(?:\.\d+)?(?:e-?\d+)?)\s*[<>]=?\s*(?:[A-Za-z_]+\s+)?-?\d"
-)
 STOPWORD_TEXT = (
     "a an the and or of in on at to for with by from as is are was were be been it its this that "
     "these those there their his her he she they them we you i my our your into over under up "
@@ -50,25 +55,15 @@ Funnel = list[tuple[str, str, int]]  # (step, stage, rows)
 
 
 @dataclass
-class Cluster:
-    """A kept sample and the samples the filter dropped as its (near-)duplicates."""
-
-    kept: str
-    members: list[tuple[str, str]]  # (id, reason)
-    size: int  # all members, also those not shown
-
-
-@dataclass
 class DataStats:
     funnel: Funnel
     failures: list[dict]  # stage, reason, count, share, examples [(id, detail)]
     final_stage: str
-    widths: array = field(default_factory=lambda: array("i"))
-    heights: array = field(default_factory=lambda: array("i"))
-    caption_words: array = field(default_factory=lambda: array("i"))
+    sizes: Reservoir = field(default_factory=lambda: Reservoir(width=2))  # original width, height
+    caption_words: Reservoir = field(default_factory=Reservoir)
     words: Counter[str] = field(default_factory=Counter)
     bigrams: Counter[str] = field(default_factory=Counter)
-    scores: dict[str, array] = field(default_factory=dict)  # title -> values
+    scores: dict[str, Reservoir] = field(default_factory=dict)  # title -> values
     clusters: list[Cluster] = field(default_factory=list)
     cluster_images: dict[str, bytes] = field(default_factory=dict)  # id -> image bytes
     samples: list[dict] = field(default_factory=list)  # id, caption, image (bytes)
@@ -83,9 +78,12 @@ def collect(workdir: str | Path, manifests: Mapping[str, Manifest | None]) -> Da
     if "download" in present:
         stats.scores.update(metadata_scores(workdir, present["download"]))
     if "filter" in present:
-        failures = read_failures(workdir, present["filter"])
-        stats.scores.update(measured_scores(failures))
-        clusters = duplicate_clusters(failures)
+        measured, duplicates = MeasuredScores(), DuplicateClusters()
+        for failures in failure_shards(workdir, present["filter"]):
+            measured.add(failures)
+            duplicates.add(failures)
+        stats.scores.update(measured.series())
+        clusters = duplicates.largest(CLUSTERS)
         images = images_by_id(workdir, present.get("download") or present["filter"], clusters)
         stats.clusters = [c for c in clusters if c.kept in images]
         for cluster in stats.clusters:
@@ -121,10 +119,7 @@ def failure_rows(workdir: str | Path, present: Mapping[str, Manifest]) -> list[d
             continue
         examples: dict[str, list[tuple[str, str]]] = {}
         if "failures" in manifest.get("files", {}):
-            table = read_failures(workdir, manifest)
-            for reason in reasons:
-                first = table.filter(pc.equal(table.column("reason"), reason)).slice(0, EXAMPLES)
-                examples[reason] = [(r["id"], r["detail"] or "") for r in first.to_pylist()]
+            examples = failure_examples(workdir, manifest, reasons)
         total = counts.get("input") or 0
         for reason, count in sorted(reasons.items(), key=lambda item: (-item[1], item[0])):
             share = f"{100 * count / total:.1f}%" if total else "-"
@@ -135,20 +130,47 @@ def failure_rows(workdir: str | Path, present: Mapping[str, Manifest]) -> list[d
     return rows
 
 
+def failure_shards(
+    workdir: str | Path, manifest: Manifest, columns: Iterable[str] = ("id", "reason", "detail")
+) -> Iterator[pa.Table]:
+    """A stage's failure tables, one shard at a time."""
+    for path in sorted((output_dir(workdir, manifest) / FAILURES).glob("shard-*.parquet")):
+        yield pq.read_table(path, columns=list(columns))
+
+
+def failure_examples(
+    workdir: str | Path, manifest: Manifest, reasons: Iterable[str]
+) -> dict[str, list[tuple[str, str]]]:
+    """The first `EXAMPLES` failures (id, detail) of each reason, reading shards until found."""
+    examples: dict[str, list[tuple[str, str]]] = {reason: [] for reason in reasons}
+    for table in failure_shards(workdir, manifest):
+        for reason, found in examples.items():
+            if len(found) < EXAMPLES:
+                rows = table.filter(pc.equal(table.column("reason"), reason))
+                rows = rows.slice(0, EXAMPLES - len(found)).to_pylist()
+                found.extend((r["id"], r["detail"] or "") for r in rows)
+        if all(len(found) >= EXAMPLES for found in examples.values()):
+            break
+    return examples
+
+
 def add_rows(stats: DataStats, workdir: str | Path, manifest: Manifest) -> None:
     """Original sizes, caption lengths, words and bigrams of the rows of `manifest`."""
     for table in read_shards(workdir, manifest, columns=_present_columns(workdir, manifest)):
-        stats.widths.extend(_original(table, "width").to_pylist())
-        stats.heights.extend(_original(table, "height").to_pylist())
+        widths = _original(table, "width").to_numpy(zero_copy_only=False)
+        heights = _original(table, "height").to_numpy(zero_copy_only=False)
+        stats.sizes.extend(np.column_stack([widths, heights]))
+        lengths = []
         for caption in table.column("caption").to_pylist():
             words = caption_words(caption)
-            stats.caption_words.append(len(words))
+            lengths.append(len(words))
             stats.words.update(w for w in words if w not in STOPWORDS)
             stats.bigrams.update(
                 f"{a} {b}"
                 for a, b in zip(words, words[1:], strict=False)
                 if a not in STOPWORDS and b not in STOPWORDS
             )
+        stats.caption_words.extend(lengths)
         _prune(stats.words)
         _prune(stats.bigrams)
 
@@ -179,58 +201,20 @@ def _prune(counter: Counter[str]) -> None:
         counter.update(dict(kept))
 
 
-def metadata_scores(workdir: str | Path, manifest: Manifest) -> dict[str, array]:
+def metadata_scores(workdir: str | Path, manifest: Manifest) -> dict[str, Reservoir]:
     """Numeric fields of the shards' `metadata` JSON column (similarity, pwatermark, ...)."""
     paths = shard_paths(workdir, manifest)
     if not paths or "metadata" not in pq.read_schema(paths[0]).names:
         return {}
-    values: dict[str, array] = defaultdict(lambda: array("d"))
+    scores = ScoreSeries()
     for table in read_shards(workdir, manifest, columns=["metadata"]):
+        values: dict[str, list[float]] = defaultdict(list)
         for text in table.column("metadata").drop_null().to_pylist():
             for name, value in json.loads(text).items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     values[f"metadata: {name}"].append(float(value))
-    return dict(sorted(values.items()))
-
-
-def measured_scores(failures: pa.Table) -> dict[str, array]:
-    """Values the filter measured on the rows it rejected, from details such as
-    "ratio 5.00 > 2.0", "similarity=0.2 < min 0.28" or "k00 at Hamming distance 3": one series
-    per reason and measured name."""
-    values: dict[str, array] = defaultdict(lambda: array("d"))
-    for reason, detail in _reasons_and_details(failures):
-        for name, value in MEASURED.findall(detail or ""):
-            values[f"rejected ({reason}): {name}"].append(float(value))
-        twin = TWIN.fullmatch(detail or "") if reason in DUPLICATE_REASONS else None
-        if twin:  # "k00 at Hamming distance 3"
-            values[f"rejected ({reason}): {twin['measure']}"].append(float(twin["value"]))
-    return dict(sorted(values.items()))
-
-
-def _reasons_and_details(failures: pa.Table) -> Iterator[tuple[str, str | None]]:
-    for batch in failures.select(["reason", "detail"]).to_batches(BATCH):
-        yield from zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True)
-
-
-def twin_id(detail: str) -> str:
-    """The kept sample a duplicate's failure detail names."""
-    twin = TWIN.fullmatch(detail)
-    return twin["id"] if twin else detail
-
-
-def duplicate_clusters(failures: pa.Table, limit: int = CLUSTERS) -> list[Cluster]:
-    """The largest groups of samples dropped as duplicates of the same kept sample."""
-    groups: dict[str, Cluster] = {}
-    duplicates = failures.filter(pc.is_in(failures.column("reason"), pa.array(DUPLICATE_REASONS)))
-    for batch in duplicates.select(["id", "reason", "detail"]).to_batches(BATCH):
-        for row in batch.to_pylist():
-            if row["detail"]:
-                twin = twin_id(row["detail"])
-                cluster = groups.setdefault(twin, Cluster(twin, [], 0))
-                cluster.size += 1
-                if len(cluster.members) < CLUSTER_SIZE:  # memory: a count per kept sample
-                    cluster.members.append((row["id"], row["reason"]))
-    return sorted(groups.values(), key=lambda c: (-c.size, c.kept))[:limit]
+        scores.extend(values)
+    return scores.series()
 
 
 def images_by_id(

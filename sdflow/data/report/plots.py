@@ -15,9 +15,15 @@ SIZE = (5.0, 3.2)  # inches: 400 x 256 px
 
 
 def histogram(
-    values: Sequence[float], title: str, xlabel: str, bins: int = 40, log_x: bool = False
+    values: Sequence[float] | np.ndarray,
+    title: str,
+    xlabel: str,
+    bins: int = 40,
+    log_x: bool = False,
+    count: int | None = None,
 ) -> bytes:
-    """A histogram of `values` with its count and median in the title, as PNG bytes."""
+    """A histogram of `values` with its count and median in the title, as PNG bytes. `count`: the
+    rows `values` were sampled from, when they are a sample (the title says so)."""
     from matplotlib.figure import Figure  # imported when drawing: the flow module loads faster
 
     data = np.asarray(values, dtype=np.float64)
@@ -31,7 +37,9 @@ def histogram(
     else:
         axes.hist(data, bins=bins, color="#3b75af")
     median = f", median {np.median(data):.4g}" if data.size else ""
-    axes.set_title(f"{title} (n={data.size}{median})", fontsize=10)
+    sampled = f", {data.size} sampled" if count is not None and count > data.size else ""
+    shown = data.size if count is None else count
+    axes.set_title(f"{title} (n={shown}{sampled}{median})", fontsize=10)
     axes.set_xlabel(xlabel)
     axes.set_ylabel("rows")
     buffer = io.BytesIO()
