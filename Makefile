@@ -62,6 +62,7 @@ bench: $(STAMP)
 	OMP_NUM_THREADS=1 $(BENCH) bench/train_step.py --vs-reference --repeats 5
 	$(BENCH) bench/data_scale.py --rows 2000 20000
 	$(BENCH) bench/flow_scale.py --rows 20000
+	$(BENCH) bench/bookkeeping.py --rows 1000000 10000000
 	$(BIN)/python bench/summary.py $(BENCH_RESULTS)
 
 clean:
