@@ -18,6 +18,7 @@ three methods of `JobSetApi`, which is how the tests replay recorded API respons
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -25,6 +26,7 @@ from typing import Any, Protocol
 
 from sdflow.config.distributed import KubernetesLauncher
 from sdflow.errors import UserError
+from sdflow.ops.deploy import K8S_TEMPLATE
 from sdflow.ops.launch import LaunchFailed, OutputLog
 from sdflow.ops.torchrun import ENDPOINT_ENV, NODE_ENV
 
@@ -77,6 +79,33 @@ def jobset_manifest(
             "ttlSecondsAfterFinished": KEEP_FINISHED_S,
         },
     }
+
+
+def inherit_pool_template(manifest: dict[str, Any], template: dict[str, Any]) -> dict[str, Any]:
+    """The JobSet's pods take the work pool's hardening: the pod and container securityContext of
+    its base job template (`sdflow deploy --pool-type kubernetes`), with the template's variable
+    defaults filled in, so the training pods run as unprivileged as the flow-run pod."""
+    defaults = {k: v.get("default") for k, v in template["variables"]["properties"].items()}
+    pool_pod = _fill(
+        template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"], defaults
+    )
+    pod = manifest["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+    if "securityContext" in pool_pod:
+        pod["securityContext"] = pool_pod["securityContext"]
+    if "securityContext" in pool_pod["containers"][0]:
+        pod["containers"][0]["securityContext"] = pool_pod["containers"][0]["securityContext"]
+    return manifest
+
+
+def _fill(value: Any, defaults: dict[str, Any]) -> Any:
+    """A Prefect job template value with each whole `{{ variable }}` replaced by its default."""
+    if isinstance(value, dict):
+        return {k: _fill(v, defaults) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fill(v, defaults) for v in value]
+    if isinstance(value, str) and value.startswith("{{") and value.endswith("}}"):
+        return defaults.get(value[2:-2].strip())
+    return value
 
 
 def container(cluster: KubernetesLauncher, name: str, cmd: Sequence[str]) -> dict[str, Any]:
@@ -162,7 +191,8 @@ def run_jobset(
 ) -> None:
     """Submit, watch, and on any way out but success or failure (a cancellation) delete."""
     api = KubeJobSetApi(cluster.namespace)
-    api.create(jobset_manifest(cluster, name, nodes, cmd, max_restarts))
+    manifest = jobset_manifest(cluster, name, nodes, cmd, max_restarts)
+    api.create(inherit_pool_template(manifest, json.loads(K8S_TEMPLATE.read_text())))
     log.info("Submitted JobSet %s/%s: %d pods", cluster.namespace, name, nodes)
     done = False
     try:

@@ -15,7 +15,8 @@ import pytest
 from fixtures.kube import deserialize, model_problems
 
 from sdflow.config.distributed import KubernetesLauncher, SlurmLauncher
-from sdflow.ops.kubernetes import jobset_manifest, watch_jobset
+from sdflow.ops.deploy import K8S_TEMPLATE
+from sdflow.ops.kubernetes import inherit_pool_template, jobset_manifest, watch_jobset
 from sdflow.ops.launch import LaunchFailed
 from sdflow.ops.slurm import sbatch_script, watch_job
 from sdflow.ops.torchrun import torchrun_command
@@ -191,3 +192,17 @@ def test_the_slurm_watcher_logs_the_output_and_ends_with_the_job(tmp_path):
     failed = iter(["RUNNING\n", "NODE_FAIL\n"])
     with pytest.raises(LaunchFailed, match="job state NODE_FAIL"):
         watch_job("4242", output, log, 0, run=lambda argv: next(failed), sleep=lambda s: None)
+
+
+def test_the_jobset_pods_inherit_the_work_pools_hardening():
+    """`sdflow deploy --pool-type kubernetes` creates the pool from this template; the training
+    pods get its pod and container securityContext, with the template's defaults filled in."""
+    pytest.importorskip("kubernetes")
+    template = json.loads(K8S_TEMPLATE.read_text())
+    manifest = inherit_pool_template(jobset_manifest(CLUSTER, NAME, 4, node_command()), template)
+    job = manifest["spec"]["replicatedJobs"][0]["template"]
+    assert model_problems(job, "V1JobTemplateSpec") == []
+    pod = deserialize(job, "V1JobTemplateSpec").spec.template.spec
+    assert (pod.security_context.run_as_non_root, pod.security_context.run_as_user) == (True, 1000)
+    container = pod.containers[0].security_context
+    assert (container.privileged, container.capabilities.drop) == (False, ["ALL"])
