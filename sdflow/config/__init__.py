@@ -22,6 +22,7 @@ from sdflow.config.data import (
     SemanticDedup,
     SourceConfig,
 )
+from sdflow.config.distributed import check_placement
 from sdflow.config.model import (
     AugmentConfig,
     AutoencoderConfig,
@@ -92,6 +93,9 @@ class RunConfig(Section):
             raise ValueError("train.mode 'lora' needs model.init 'pretrained': LoRA adapts a model")
         _check_text_encoder(self)
         _check_buckets(self)
+        launcher = self.runner.train_launcher
+        cluster = None if launcher == "local" else getattr(self.runner, launcher)
+        check_placement(self.train.nodes, launcher, cluster)
         if self.train.validate_every and self.eval.held_out_fraction == 0:
             raise ValueError(
                 f"train.validate_every is {self.train.validate_every} but eval.held_out_fraction "

@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, model_validator
 
 from sdflow.config.base import Section
+from sdflow.config.distributed import KubernetesLauncher, SlurmLauncher
 
 
 class RunnerConfig(Section):
@@ -37,6 +38,30 @@ class RunnerConfig(Section):
         "an unencrypted scheduler can run code on its workers",
     )
     result_storage: str | None = Field(None, description="Prefect result storage; default workdir")
+    train_launcher: Literal["local", "kubernetes", "slurm"] = Field(
+        "local",
+        description="where the train stage's torchrun nodes run: local (this host; train.nodes > 1 "
+        "are process groups over loopback), kubernetes (a JobSet, runner.kubernetes) or slurm "
+        "(an sbatch job, runner.slurm)",
+    )
+    rendezvous_port: int | None = Field(
+        None,
+        ge=1024,
+        le=65535,
+        description="local launcher: the c10d rendezvous port on 127.0.0.1; unset: a free one",
+    )
+    kubernetes: KubernetesLauncher | None = None
+    slurm: SlurmLauncher | None = None
+
+    @model_validator(mode="after")
+    def _launcher_settings(self) -> RunnerConfig:
+        launcher = self.train_launcher
+        if launcher != "local" and getattr(self, launcher) is None:
+            raise ValueError(
+                f"runner.train_launcher is {launcher!r} but runner.{launcher} is not set: it says "
+                "where the nodes run (see docs/multinode.md)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _dask_is_private(self) -> RunnerConfig:

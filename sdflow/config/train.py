@@ -7,6 +7,7 @@ from typing import Annotated, Literal, get_args
 from pydantic import Field, model_validator
 
 from sdflow.config.base import Precision, Section
+from sdflow.config.distributed import DistributedTraining
 
 LrSchedule = Literal[
     "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
@@ -14,7 +15,7 @@ LrSchedule = Literal[
 POLYNOMIAL_LR_END = 1e-7  # diffusers' get_scheduler decays `polynomial` to this lr
 
 
-class TrainConfig(Section):
+class TrainConfig(DistributedTraining):
     """UNet training: from scratch, full fine-tune, or LoRA."""
 
     mode: Literal["full", "lora"] = "full"
@@ -75,8 +76,8 @@ class TrainConfig(Section):
     log_every: int = Field(10, ge=1)
     processes: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         1,
-        description="1: train in the stage's process; more: `accelerate launch` that many "
-        "(one per GPU, or gloo on CPU); auto: one per visible GPU",
+        description="per node: 1 (and train.nodes 1) trains in the stage's process; more: "
+        "torchrun starts that many (one per GPU, or gloo on CPU); auto: one per visible GPU",
     )
     data_workers: int = Field(
         0, ge=0, le=64, description="DataLoader worker processes; 0 loads in the training process"

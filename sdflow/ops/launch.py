@@ -6,8 +6,8 @@ them at most once per `progress_every` seconds), and on every way out (success, 
 exception or cancellation in the caller) ends the whole group: SIGTERM, then SIGKILL after
 `grace_s`. A non-zero exit raises `LaunchFailed` with the last lines of output.
 
-`accelerate_command` builds `accelerate launch` for N processes on the GPUs, or on the CPU with the
-gloo backend. `torchrun` (inside accelerate) starts each worker in a session of its own, out of reach
+`supervise_groups` runs several such groups side by side (the nodes of the local launcher, see
+`sdflow.ops.torchrun`). torchrun starts each worker in a session of its own, out of reach
 of our group signal, so workers call `exit_with_supervisor()`: a watchdog thread that ends the worker
 when its launcher or the supervising process is gone (killed with SIGKILL, say), instead of training
 on as an orphan that writes into a directory a retry is using.
@@ -20,10 +20,10 @@ import contextlib
 import logging
 import os
 import re
+import selectors
 import shlex
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import deque
@@ -59,8 +59,10 @@ class OutputLog:
         progress_every: float = 10.0,
         tail: int = 40,
         on_line: Callable[[str], None] | None = None,
+        prefix: str = "",
     ):
         self.log, self.progress_every, self.on_line = log, progress_every, on_line
+        self.prefix = prefix
         self.tail: deque[str] = deque(maxlen=tail)
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._pending = ""
@@ -92,7 +94,7 @@ class OutputLog:
             if now - self._progress_at < self.progress_every:
                 return
             self._progress_at = now
-        self.log.info("%s", line)
+        self.log.info("%s%s", self.prefix, line)
 
 
 def supervise(
@@ -102,34 +104,83 @@ def supervise(
     progress_every: float = 10.0,
     grace_s: float = 10.0,
     on_line: Callable[[str], None] | None = None,
+    cwd: str | None = None,
 ) -> None:
     """Run `cmd` to completion in its own process group, logging its output; see the module doc."""
+    supervise_groups([cmd], log, [env], progress_every, grace_s, on_line, cwd)
+
+
+def supervise_groups(
+    cmds: Sequence[Sequence[str]],
+    log: logging.Logger,
+    envs: Sequence[dict[str, str] | None],
+    progress_every: float = 10.0,
+    grace_s: float = 10.0,
+    on_line: Callable[[str], None] | None = None,
+    cwd: str | None = None,
+) -> None:
+    """Several commands side by side (the nodes of the local launcher), each its own process group.
+
+    Group 0's lines are logged as they are (and go to `on_line`); group i's with `[node i]` before
+    them. All groups end together on every way out; the first non-zero exit raises `LaunchFailed`.
+    """
+    procs, outputs = [], []
+    try:
+        for i, (cmd, env) in enumerate(zip(cmds, envs, strict=True)):
+            procs.append(_start(cmd, env, cwd))
+            log.info("Started (pid %d): %s", procs[-1].pid, shlex.join(cmd))
+            prefix = f"[node {i}] " if i else ""
+            outputs.append(
+                OutputLog(log, progress_every, on_line=None if i else on_line, prefix=prefix)
+            )
+        _pump(procs, outputs)
+    finally:
+        for proc in procs:
+            stop_group(proc, grace_s)
+            proc.stdout.close()
+    failed = [
+        (cmd, proc.returncode, out)
+        for cmd, proc, out in zip(cmds, procs, outputs, strict=False)
+        if proc.returncode
+    ]
+    if failed:  # the first to fail: the others were ended because of it
+        cmd, code, output = min(failed, key=lambda f: f[1] < 0)
+        raise LaunchFailed(cmd, code, output.tail)
+
+
+def _start(cmd: Sequence[str], env: dict[str, str] | None, cwd: str | None) -> subprocess.Popen:
     child_env = {**(os.environ if env is None else env)}
     child_env.update({SUPERVISOR_ENV: str(os.getpid()), "PYTHONUNBUFFERED": "1"})
     if (device := child_visible_devices(child_env)) is not None:  # the GPU slot's one device
         child_env["CUDA_VISIBLE_DEVICES"] = device
-    output = OutputLog(log, progress_every, on_line=on_line)
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         list(cmd),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         env=child_env,
+        cwd=cwd,
         start_new_session=True,
     )
-    log.info("Started (pid %d): %s", proc.pid, shlex.join(cmd))
-    try:
-        # A blocking read: a signal handler that raises (Prefect's cancellation, Ctrl-C) gets
-        # through it, and the finally below still ends the group.
-        while chunk := os.read(proc.stdout.fileno(), 65536):
-            output.feed(chunk)
-        output.close()
-        returncode = proc.wait()
-    finally:
-        stop_group(proc, grace_s)
-        proc.stdout.close()
-    if returncode != 0:
-        raise LaunchFailed(cmd, returncode, output.tail)
+
+
+def _pump(procs: list[subprocess.Popen], outputs: list[OutputLog]) -> None:
+    """Read every group's output until all have closed it, or one group fails (the caller ends the
+    others: a node that died leaves the rest waiting for it). A blocking wait: a signal handler
+    that raises (Prefect's cancellation, Ctrl-C) gets through, and the caller's finally ends them."""
+    with selectors.DefaultSelector() as selector:
+        for proc, output in zip(procs, outputs, strict=True):
+            selector.register(proc.stdout, selectors.EVENT_READ, (proc, output))
+        while selector.get_map():
+            for key, _ in selector.select():
+                proc, output = key.data
+                if chunk := os.read(key.fileobj.fileno(), 65536):
+                    output.feed(chunk)
+                    continue
+                selector.unregister(key.fileobj)
+                output.close()
+                if proc.wait() != 0:
+                    return
 
 
 def stop_group(proc: subprocess.Popen, grace_s: float) -> None:
@@ -149,30 +200,6 @@ def _signal_group(pgid: int, sig: signal.Signals) -> bool:
     except ProcessLookupError:  # the group is empty: everything already exited
         return False
     return True
-
-
-def accelerate_command(
-    processes: int,
-    module: str,
-    args: Sequence[str],
-    gpu: bool,
-    mixed_precision: str = "no",
-    cpu_threads: int = 1,
-) -> tuple[list[str], dict[str, str]]:
-    """(`accelerate launch ...` argv, environment additions) for `processes` local workers.
-
-    `--multi_gpu` is what makes accelerate start N workers through torchrun; on a CPU host,
-    ACCELERATE_USE_CPU turns them into a gloo process group (`--cpu` alone starts one process).
-    The rendezvous address is loopback and its port a free one.
-    """
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
-    cmd += ["--num_processes", str(processes), "--num_machines", "1"]
-    cmd += ["--main_process_ip", "127.0.0.1", "--main_process_port", "0"]
-    cmd += ["--mixed_precision", mixed_precision, "--dynamo_backend", "no"]
-    env = {}
-    if not gpu:
-        env = {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": str(cpu_threads)}
-    return [*cmd, "-m", module, *args], env
 
 
 def exit_with_supervisor(poll_s: float = 1.0) -> None:

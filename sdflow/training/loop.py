@@ -57,6 +57,13 @@ from sdflow.training.memory import make_ema
 from sdflow.training.objective import diffusion_loss
 from sdflow.training.optimizers import check_optimizer, make_optimizer
 from sdflow.training.schedules import StepBatches, collate, log_bucket_plan, make_batches
+from sdflow.training.sharding import (
+    accelerator_options,
+    allow_cpu_fsdp,
+    full_state,
+    load_sharded_optimizer,
+    sharded,
+)
 from sdflow.training.speed import (
     apply_tf32,
     check_speed_options,
@@ -118,6 +125,7 @@ class Trainer:
     validation: ValidationState = field(default_factory=ValidationState)
     tf32: bool = False
     pending: list[tuple[int, Tensor, float]] = field(default_factory=list)  # losses not yet read
+    param_names: list[str] = field(default_factory=list)  # of `params`, in the optimizer's order
 
 
 def train_unet(
@@ -139,8 +147,14 @@ def train_unet(
         restore(trainer, found[1])
         log.info("Resuming training from the checkpoint of step %d", trainer.progress.step)
     resumed_from = trainer.progress.step
+    trainer.param_names = [n for n, p in trainer.unet.named_parameters() if p.requires_grad]
     if trainer.text_encoder is None:
         trainer.unet, trainer.optimizer = accelerator.prepare(trainer.unet, trainer.optimizer)
+        if sharded(config.train):  # fully_shard replaced the parameters by their DTensor shards
+            trainer.params = [p for p in trainer.unet.parameters() if p.requires_grad]
+            if found and "optimizer" in found[1]:
+                values = found[1]["optimizer"]
+                load_sharded_optimizer(trainer.unet, trainer.optimizer, values, trainer.param_names)
     else:  # prepared together: the same autocast, device and (several processes) DDP wrapping
         trainer.unet, trainer.text_encoder, trainer.optimizer = accelerator.prepare(
             trainer.unet, trainer.text_encoder, trainer.optimizer
@@ -302,6 +316,7 @@ def make_accelerator(train: TrainConfig, out_dir: Path) -> Accelerator:
         gradient_accumulation_steps=train.gradient_accumulation,
         log_with="tensorboard",
         project_config=project,
+        **accelerator_options(train),  # train.sharding: fsdp
     )
     try:
         accelerator = Accelerator(**options)
@@ -311,6 +326,7 @@ def make_accelerator(train: TrainConfig, out_dir: Path) -> Accelerator:
             raise
         AcceleratorState._reset_state()
         accelerator = Accelerator(**options)
+    allow_cpu_fsdp(accelerator, train)
     accelerator.init_trackers("train", config=tracker_config(train))
     return accelerator
 
@@ -324,15 +340,17 @@ def tracker_config(train: TrainConfig) -> dict[str, Any]:
 # ------------------------------------------------------------------------------- state, summary
 
 
-def state(trainer: Trainer, generators: Tensor) -> dict[str, Any]:
+def state(trainer: Trainer, generators: Tensor, full: tuple | None = None) -> dict[str, Any]:
     """Everything a resumed run needs; only the trained parameters (all, or LoRA's) are saved.
 
-    `generators` stacks every process's generator state (row = process index).
+    `generators` stacks every process's generator state (row = process index); `full` is the
+    gathered (weights, optimizer state) of a sharded run.
     """
     unet = trainer.accelerator.unwrap_model(trainer.unet)
+    model = {n: p for n, p in unet.named_parameters() if p.requires_grad} if full is None else None
     values = {
-        "model": {n: p for n, p in unet.named_parameters() if p.requires_grad},
-        "optimizer": trainer.optimizer.state_dict(),
+        "model": model if full is None else full[0],
+        "optimizer": trainer.optimizer.state_dict() if full is None else full[1],
         "lr_scheduler": trainer.lr_scheduler.state_dict(),
         "rng": {"generators": generators, "torch": torch.get_rng_state()},
         "progress": asdict(trainer.progress),
@@ -354,7 +372,9 @@ def restore(trainer: Trainer, values: dict[str, Any]) -> None:
     load_trained_weights(trainer.unet, values["model"])
     if trainer.text_encoder is not None:
         load_trained_weights(trainer.text_encoder, values[CHECKPOINT_GROUP], "text encoder")
-    if "optimizer" in values:  # after the scheduler set initial_lr
+    if sharded(trainer.train):  # the sharded optimizer takes it after `prepare`
+        pass
+    elif "optimizer" in values:  # after the scheduler set initial_lr
         trainer.optimizer.load_state_dict(values["optimizer"])
     else:  # a finished stage's checkpoint (train.keep_optimizer_state: false)
         log.info("The checkpoint holds no optimizer state: Adam's moments start from zero")
@@ -377,9 +397,12 @@ def save(trainer: Trainer, checkpoints: Path) -> None:
     accelerator = trainer.accelerator
     own = trainer.generator.get_state()[None].to(accelerator.device)
     generators = accelerator.gather(own).cpu()
+    full = None
+    if sharded(trainer.train):  # every rank takes part in gathering the shards
+        full = full_state(accelerator, trainer.unet, trainer.optimizer, trainer.param_names)
     if accelerator.is_main_process:
         step = trainer.progress.step
-        values = state(trainer, generators)
+        values = state(trainer, generators, full)
         save_checkpoint(checkpoints, step, values, keep=trainer.train.keep_checkpoints)
         if trainer.train.keep_best and trainer.validation.best_step is not None:
             mark_best(checkpoints, trainer.validation.best_step)  # again after a crash: idempotent

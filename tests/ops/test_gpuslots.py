@@ -50,7 +50,11 @@ def test_training_in_a_slot_refuses_more_processes_than_its_one_gpu(monkeypatch,
 
     monkeypatch.setattr(gpuslots, "_held", [0])
     monkeypatch.setattr(training, "gpu_count", lambda: 1)  # a GPU host, seen from inside the slot
-    with pytest.raises(UserError, match=r"train.processes is 2 \(2\) but its GPU slot gives"):
-        training.launch_command(TrainConfig(processes=2), 2, tmp_path / "spec.json")
-    command, _ = training.launch_command(TrainConfig(processes=1), 1, tmp_path / "spec.json")
-    assert command[command.index("--num_processes") + 1] == "1"
+    with pytest.raises(
+        UserError,
+        match=r"train.processes is 2 \(2\) on 1 local node\(s\), 2 workers, but its GPU slot gives",
+    ):
+        training.worker_env(TrainConfig(processes=2), 2)
+    with pytest.raises(UserError, match=r"on 2 local node\(s\), 2 workers, but its GPU slot"):
+        training.worker_env(TrainConfig(processes=1, nodes=2), 1)
+    assert training.worker_env(TrainConfig(processes=1), 1) == {}  # on the GPU: no gloo settings

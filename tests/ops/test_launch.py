@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,13 +13,20 @@ from pathlib import Path
 
 import pytest
 
+from sdflow.errors import UserError
 from sdflow.ops.launch import (
     ORPHANED_EXIT,
     SUPERVISOR_ENV,
     LaunchFailed,
     OutputLog,
-    accelerate_command,
     supervise,
+    supervise_groups,
+)
+from sdflow.ops.torchrun import (
+    check_shared_workdir,
+    local_node_envs,
+    loopback_port,
+    torchrun_command,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -145,14 +153,48 @@ def test_a_worker_exits_when_its_supervisor_is_gone():
         worker.stdout.close()
 
 
-def test_accelerate_command_on_a_cpu_host_uses_gloo_processes():
-    cmd, env = accelerate_command(
-        2, "sdflow.training.loop", ["spec.json"], gpu=False, cpu_threads=3
-    )
-    assert cmd[:4] == [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
-    assert cmd[cmd.index("--num_processes") + 1] == "2"
-    assert cmd[cmd.index("--main_process_ip") + 1] == "127.0.0.1"
-    assert cmd[-3:] == ["-m", "sdflow.training.loop", "spec.json"]
-    assert env == {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "3"}
-    _, gpu_env = accelerate_command(2, "sdflow.training.loop", ["spec.json"], gpu=True)
-    assert gpu_env == {}
+def test_the_torchrun_line_is_the_same_for_every_node_and_reads_its_endpoint_from_the_env():
+    cmd = torchrun_command(2, 3, "sdflow-run", 1, "sdflow.training.processes", ["spec.json"])
+    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert cmd[cmd.index("--nnodes") + 1] == "2" and cmd[cmd.index("--nproc-per-node") + 1] == "3"
+    assert cmd[cmd.index("--rdzv-backend") + 1] == "c10d" and "--rdzv-endpoint" not in cmd
+    assert cmd[-3:] == ["-m", "sdflow.training.processes", "spec.json"]
+    envs = local_node_envs(2, 29511, {"A": "1"})
+    assert envs == [
+        {"A": "1", "PET_RDZV_ENDPOINT": "127.0.0.1:29511", "SDFLOW_NODE": str(i)} for i in (0, 1)
+    ]
+
+
+def test_a_taken_rendezvous_port_is_a_user_error_before_any_start():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(UserError, match=f"runner.rendezvous_port {port} is in use"):
+            loopback_port(port)
+    assert loopback_port(None) > 0
+
+
+def test_a_node_that_cannot_see_the_workdir_of_node_0_stops_with_the_reason(tmp_path):
+    shared, other = tmp_path / "shared", tmp_path / "elsewhere"
+    (shared / "launch").mkdir(parents=True)
+    (shared / "launch" / "spec.json").write_text("{}")
+    check_shared_workdir(shared / "launch", shared / "launch" / "spec.json", 0)  # node 0 marks
+    check_shared_workdir(shared / "launch", shared / "launch" / "spec.json", 1, timeout_s=0.1)
+    assert sorted(p.name for p in (shared / "launch" / "nodes").iterdir()) == ["node-0", "node-1"]
+    with pytest.raises(UserError, match="node 1 .* cannot see the spec .* not shared"):
+        check_shared_workdir(other / "launch", other / "launch" / "spec.json", 1, timeout_s=0.1)
+    (other / "launch").mkdir(parents=True)  # a copy of the spec, but node 0 writes elsewhere
+    (other / "launch" / "spec.json").write_text("{}")
+    with pytest.raises(UserError, match="cannot see node 0's marker .* not shared"):
+        check_shared_workdir(other / "launch", other / "launch" / "spec.json", 1, timeout_s=0.1)
+
+
+def test_several_groups_log_side_by_side_and_one_failure_ends_them_all(log):
+    slow = [sys.executable, "-c", "import time; print('node 0 up', flush=True); time.sleep(60)"]
+    fail = [sys.executable, "-c", "import sys; print('node 1 fails'); sys.exit(4)"]
+    started = time.monotonic()
+    with pytest.raises(LaunchFailed, match="exited with status 4"):
+        supervise_groups([slow, fail], log, [None, None], grace_s=1)
+    assert time.monotonic() - started < 30  # node 0 did not sleep its 60 s
+    assert "[node 1] node 1 fails" in logged(log)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -12,72 +11,42 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 from diffusers import (
-    DDPMScheduler,
     EulerDiscreteScheduler,
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
 from fixtures.stages import crash_at_checkpoint
+from fixtures.training import (
+    build_components,
+    make_captions,
+    make_latents,
+    pretrained_config,
+    run_train,
+    scratch_config,
+)
 from peft import LoraConfig
-from PIL import Image, ImageDraw
+from PIL import Image
 from safetensors.torch import load_file
 
 from sdflow.errors import UserError
-from sdflow.models.components import build_text_encoder, build_unet, build_vae, train_tokenizer
-from sdflow.models.files import save_component, save_pipeline
-from sdflow.profiles import load_profile
+from sdflow.models.components import build_unet
+from sdflow.models.files import save_pipeline
 from sdflow.store.checkpoints import list_checkpoints, load_checkpoint, load_latest, step_name
 from sdflow.store.splits import is_held_out
-from sdflow.store.stageio import StageBuild, build_stage
-from sdflow.training.latent_data import (
-    EMPTY_PROMPT,
-    IMAGE_KEYS,
-    captions_path,
-    latent_shard_name,
-    pack_rows,
-    save_tensors,
-    write_latent_shard,
-)
 from sdflow.training.schedules import EpochOrder, StepBatches
 from tasks.train import train, train_key, train_lineage
 
 ROOT = Path(__file__).resolve().parents[2]
-CAPTIONS = ["a red circle", "a blue square", "a green triangle", "two red squares"]
-TINY = [
-    "train.max_steps=4",
-    "train.checkpoint_every=2",
-    "train.batch_size=4",
-    "train.log_every=1",
-]
-
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def components(tmp_path_factory) -> dict:
     """Tiny tokenizer, text encoder and VAE saved to disk, and a from-scratch pipeline dir."""
-    root = tmp_path_factory.mktemp("components")
-    model = load_profile("tiny-test").model
-    tokenizer = train_tokenizer(CAPTIONS * 4, model, root / "tokenizer")
-    text_encoder = build_text_encoder(model, len(tokenizer))
-    save_component(text_encoder, root / "text_encoder")
-    vae = build_vae(model)
-    vae.register_to_config(scaling_factor=0.5)
-    save_component(vae, root / "vae")
-    scheduler = DDPMScheduler(
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        clip_sample=False,
-        steps_offset=1,
-    )
-    save_pipeline(root / "base", build_unet(model), vae, text_encoder, tokenizer, scheduler)
-    return {"root": root, "tokenizer": tokenizer, "text_encoder": text_encoder}
+    return build_components(tmp_path_factory.mktemp("components"))
 
 
 @pytest.fixture(scope="module")
@@ -92,140 +61,6 @@ def v_base(components) -> Path:
         root / "v-base", base.unet, base.vae, base.text_encoder, base.tokenizer, scheduler
     )
     return root / "v-base"
-
-
-def make_latents(
-    workdir: Path,
-    components: dict,
-    rows: tuple[int, ...] = (7, 5),
-    tokens: bool = False,
-    held_out: int = 0,
-    buckets: bool = False,
-) -> dict:
-    """A latents-stage output: random latent distributions, real caption embeddings (or, `tokens`,
-    the captions' token ids, as for a trained text encoder), ids; and `held_out` rows more in
-    `validation/`, as the stage caches the held-out split. With `buckets` the rows take turns in
-    three buckets, 32x32, 32x16 and 16x32 px (latents 8x8, 4x8, 8x4)."""
-    generator = torch.Generator().manual_seed(0)
-    tokenizer, text_encoder = components["tokenizer"], components["text_encoder"]
-    key = "input_ids" if tokens else "text"
-
-    def embed(prompts: list[str]) -> torch.Tensor:
-        ids = tokenizer(prompts, padding="max_length", max_length=16, truncation=True)
-        if tokens:
-            return torch.tensor(ids.input_ids)
-        with torch.no_grad():
-            return text_encoder(torch.tensor(ids.input_ids))[0]
-
-    def work(build: StageBuild) -> dict:
-        names = []
-        for i, n in enumerate(rows):
-            shape = (n, 4, 8, 8)
-            tensors = {
-                "mean": torch.randn(shape, generator=generator),
-                "std": torch.rand(shape, generator=generator) * 0.1,
-                "mean_flip": torch.randn(shape, generator=generator),
-                "std_flip": torch.rand(shape, generator=generator) * 0.1,
-                key: embed([CAPTIONS[(i + j) % 4] for j in range(n)]),
-            }
-            if buckets:
-                tensors = bucketed(tensors, n, generator)
-            names.append(latent_shard_name(i))
-            write_latent_shard(build.path / names[-1], tensors, [f"s{i}-{j}" for j in range(n)])
-        save_tensors(build.path / EMPTY_PROMPT, {key: embed([""])[0]}, {})
-        for part in ("tokenizer", "text_encoder"):
-            (build.path / part).symlink_to(components["root"] / part)
-        files = {
-            "empty_prompt": EMPTY_PROMPT,
-            "tokenizer": "tokenizer",
-            "text_encoder": "text_encoder",
-        }
-        if held_out:
-            shape = (held_out, 4, 8, 8)
-            captions = [CAPTIONS[j % 4] for j in range(held_out)]
-            tensors = {
-                "mean": torch.randn(shape, generator=generator),
-                "std": torch.rand(shape, generator=generator) * 0.1,
-                "text": embed(captions),
-            }
-            if buckets:
-                tensors = bucketed(tensors, held_out, generator)
-            (build.path / "validation").mkdir()
-            shard = build.path / "validation" / latent_shard_name(0)
-            write_latent_shard(shard, tensors, [f"held-{j}" for j in range(held_out)])
-            captions_path(shard).write_text(json.dumps(captions))
-            files["validation"] = "validation"
-        return build.finish(
-            counts={"encoded": sum(rows)},
-            shards=names,
-            files=files,
-            info={"scaling_factor": 0.5, "rows_per_shard": list(rows)}
-            | ({"captions": "input_ids"} if tokens else {}),
-        )
-
-    name = "fixture-tokens" if tokens else "fixture"
-    return build_stage(workdir, "latents", name + ("-buckets" if buckets else ""), work)
-
-
-def bucketed(tensors: dict, n: int, generator: torch.Generator) -> dict:
-    """Re-lay square fixture rows out in buckets: row j in bucket j % 3 (cropped latents)."""
-    sizes = [(32, 32), (32, 16), (16, 32)]  # (width, height) px; latents are a quarter of it
-    rows = []
-    for j in range(n):
-        width, height = sizes[j % 3]
-        row = {k: v[j : j + 1] for k, v in tensors.items()}
-        row |= {k: row[k][..., : height // 4, : width // 4] for k in IMAGE_KEYS if k in row}
-        row |= {
-            "bucket": torch.tensor([[width, height]]),
-            "original_size": torch.tensor([[height * 2, width * 2]]),
-            "crop_top_left": torch.randint(0, 4, (1, 2), generator=generator),
-        }
-        rows.append(row)
-    return pack_rows(rows)
-
-
-def make_captions(workdir: Path, count: int = 12) -> dict:
-    """A caption-stage output (for `train.cache_latents: false`): 32 px PNG shapes, captions."""
-
-    def png(i: int) -> bytes:
-        image = Image.new("RGB", (32, 32), "black")
-        ImageDraw.Draw(image).rectangle((i, 4, i + 12, 20), fill=("red", "blue")[i % 2])
-        out = io.BytesIO()
-        image.save(out, format="PNG")
-        return out.getvalue()
-
-    def work(build: StageBuild) -> dict:
-        table = pa.table(
-            {
-                "id": [f"img-{i}" for i in range(count)],
-                "image": [png(i) for i in range(count)],
-                "caption": [CAPTIONS[i % 4] for i in range(count)],
-            }
-        )
-        return build.finish(counts={"kept": count}, shards=[build.write_shard(0, table)])
-
-    return build_stage(workdir, "caption", "fixture", work)
-
-
-def scratch_config(components: dict, *overrides: str):
-    vae = components["root"] / "vae"
-    return load_profile("tiny-test", [f"model.vae={vae}", *TINY, *overrides])
-
-
-def pretrained_config(components: dict, *overrides: str):
-    base = components["root"] / "base"
-    options = ["model.init=pretrained", f"model.pretrained={base}", *TINY, *overrides]
-    return load_profile("tiny-test", options)
-
-
-def run_train(
-    config, workdir: Path, components: dict, upstream_extra: dict | None = None, buckets=False
-):
-    tokens = config.train.text_encoder != "frozen"  # what the latents stage caches for it
-    latents = make_latents(workdir, components, tokens=tokens, buckets=buckets)
-    upstream = {"latents": latents, "autoencoder": None, "caption": None}
-    upstream.update(upstream_extra or {})
-    return train(config, upstream, str(workdir)), upstream
 
 
 def stage_path(workdir: Path, manifest: dict) -> Path:
