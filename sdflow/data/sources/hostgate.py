@@ -171,8 +171,11 @@ class HostGate:
             self._shrink()
             self.rounds += 1
             self.resume_at = now + min(MAX_PAUSE_S, self.backoff_s * 2 ** (self.rounds - 1))
-            if self.rounds >= GIVE_UP:
+            down = self.rounds >= GIVE_UP
+            if down:
                 self.down_until, self.rounds = now + DOWN_S, 0
+        if down:
+            self._wake(everyone=True)  # each waiter sees the host down and fails its row now
 
     def _shrink(self) -> None:
         self.ceiling = max(1, self.limit - max(1, self.limit // 4))
@@ -181,10 +184,12 @@ class HostGate:
         self.shrunk_at = time.monotonic()
         self.slow_start = False
 
-    def _wake(self) -> None:
-        """Wake as many waiters as there are free slots (each re-checks under the lock)."""
+    def _wake(self, everyone: bool = False) -> None:
+        """Wake as many waiters as there are free slots, or all of them (each re-checks under the
+        lock)."""
         with self.lock:
-            free, woken = self.limit - self.active, []
+            free = len(self.waiters) if everyone else self.limit - self.active
+            woken: list = []
             while self.waiters and len(woken) < free:
                 loop, future = self.waiters.popleft()
                 if not future.done() and not loop.is_closed():  # skip a cancelled row's entry

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
-from sdflow.data.sources.hostgate import BASE_WINDOW, GROWTH, HostGate, HostGates
+from sdflow.data.sources.hostgate import BASE_WINDOW, GIVE_UP, GROWTH, HostDown, HostGate, HostGates
 
 
 async def _rounds(gate: HostGate, seconds: list[float], rows: int) -> list[int]:
@@ -137,3 +137,21 @@ def test_a_cancelled_waiter_neither_takes_a_wake_up_nor_breaks_a_release():
     asyncio.run(shard_that_gives_up())
     asyncio.run(next_shard())
     assert gate.active == 0 and not gate.waiters
+
+
+def test_rows_waiting_when_the_host_goes_down_all_fail_at_once():
+    """Every waiter learns that the host is down (before: one was woken, the rest waited forever
+    once nothing was in flight, and a list with a refusing host never finished)."""
+    gate = HostGate(1, 0.001)
+
+    async def rows() -> list:
+        await gate.acquire()  # the one slot, held
+        waiters = [asyncio.create_task(gate.acquire()) for _ in range(5)]
+        await asyncio.sleep(0)
+        for _ in range(GIVE_UP):
+            gate.connect_failed()
+            await asyncio.sleep(0.02)  # past the pause (at most 8 ms here)
+        gate.release()
+        return await asyncio.wait_for(asyncio.gather(*waiters, return_exceptions=True), 5)
+
+    assert [type(r) for r in asyncio.run(rows())] == [HostDown] * 5
