@@ -116,12 +116,7 @@ class HostGate:
         """A connect succeeded after `seconds`."""
         with self.lock:
             self.rounds = 0
-            if seconds > STALL_S:
-                self._struggled(seconds)
-                return
-            grew = self._clean()
-        if grew:
-            self._wake()
+        self._learn(seconds, slow=seconds > STALL_S)
 
     def answered(self, seconds: float) -> None:
         """A request was answered (body read) `seconds` after it started."""
@@ -129,7 +124,13 @@ class HostGate:
             self.window_min, self.window = min(self.window_min, seconds), self.window + 1
             if self.window >= BASE_WINDOW or self.base == float("inf"):
                 self.base, self.window_min, self.window = self.window_min, float("inf"), 0
-            if seconds > SLOWER * self.base and seconds - self.base > SLOW_SLACK_S:
+            slow = seconds > SLOWER * self.base and seconds - self.base > SLOW_SLACK_S
+        self._learn(seconds, slow)
+
+    def _learn(self, seconds: float, slow: bool) -> None:
+        """A slow connect or answer shrinks the limit; a clean one may grow it."""
+        with self.lock:
+            if slow:
                 self._struggled(seconds)
                 return
             grew = self._clean()
