@@ -239,16 +239,17 @@ def _sweep(args: argparse.Namespace) -> int:
     _prepare_flow_logging()
     from flows.sweep import sweep
 
-    summary = sweep(
-        profile=str(args.profile),
-        grid=grid,
-        metric=args.metric,
-        overrides=list(args.overrides),
-        workdir=str(workdir),
-        random=args.random,
-        seed=args.seed,
-        parallel=args.parallel,
-    )
+    with _api():  # the background server, as for `sdflow run`
+        summary = sweep(
+            profile=str(args.profile),
+            grid=grid,
+            metric=args.metric,
+            overrides=list(args.overrides),
+            workdir=str(workdir),
+            random=args.random,
+            seed=args.seed,
+            parallel=args.parallel,
+        )
     logging.getLogger("prefect").setLevel(logging.WARNING)
     print(summary)
     return 0
