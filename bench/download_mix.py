@@ -152,6 +152,7 @@ def measure(args: argparse.Namespace, budget: str | None, ports, hosts, rows) ->
             if peer is not None:
                 theirs.append(peer)
             ours.append(run_sdflow(ours_args, path, tmp))
+            print(f"  {budget or 'defaults'}: sdflow {ours[-1]}, img2dataset {peer}", flush=True)
     rate = statistics.median(r["images_per_second"] for r in ours)
     peer_rate = statistics.median(r["images_per_second"] for r in theirs) if theirs else None
     return {
