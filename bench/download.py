@@ -148,8 +148,12 @@ def run_sdflow(args: argparse.Namespace, listing: Path, tmp: str) -> dict:
                 "concurrency": args.threads,
                 "shard_size": args.shard_size,
                 "retries": 0,
-                "per_host_connections": per_host(args),
-            },
+            }
+            | (
+                {}
+                if getattr(args, "default_cap", False)
+                else {"per_host_connections": per_host(args)}
+            ),
             "runner": {"max_workers": args.processes},
         }
     )

@@ -89,16 +89,17 @@ def pipeline(
         check_family_options(config)
     run = RunTracker(config, profile, workdir, only, refresh)
 
-    images = run.stage(stage_task("download"))
-    kept = run.stage(stage_task("filter"), download=images)
-    captioned = run.stage(stage_task("caption"), filter=kept)
-    vae = (
-        run.stage(stage_task("autoencoder"), caption=captioned)
-        if config.needs_autoencoder()
-        else None
-    )
-    latents = run.stage(stage_task("latents"), caption=captioned, autoencoder=vae)
-    model = run.stage(stage_task("train"), caption=captioned, autoencoder=vae, latents=latents)
-    run.stage(stage_task("evaluate"), train=model, caption=captioned)
+    images = run_stage(run, "download")
+    kept = run_stage(run, "filter", download=images)
+    captioned = run_stage(run, "caption", filter=kept)
+    vae = run_stage(run, "autoencoder", caption=captioned) if config.needs_autoencoder() else None
+    latents = run_stage(run, "latents", caption=captioned, autoencoder=vae)
+    model = run_stage(run, "train", caption=captioned, autoencoder=vae, latents=latents)
+    run_stage(run, "evaluate", train=model, caption=captioned)
 
     return run.finish()
+
+
+def run_stage(run: RunTracker, stage: str, **upstream):
+    """Run or look up `stage`; one --only leaves out entirely is not even imported."""
+    return run.stage(stage_task(stage), **upstream) if run.needed(stage) else run.skip(stage)

@@ -17,11 +17,12 @@ from typing import Any
 from prefect import Task, get_run_logger
 from prefect.runtime import flow_run
 
-from sdflow.config import RunConfig
+from sdflow.config import STAGES, RunConfig
 from sdflow.data.report import DATA_STAGES, build_report, publish_report
 from sdflow.errors import UserError
 from sdflow.ops import artifacts
 from sdflow.ops.orchestration import result_storage
+from sdflow.ops.phases import mark
 from sdflow.store.lease import RunLease
 from sdflow.store.stageio import (
     Manifest,
@@ -57,6 +58,7 @@ class RunTracker:
         self.summary: dict[str, Any] = {"profile": profile, "stages": {}}
         self.manifests: dict[str, Manifest] = {}  # the outputs this run produced or looked up
         self.failure: BaseException | None = None
+        mark("flow")
         self.run_dir = Path(self.workdir) / "runs" / run_id()
         self.summary["run_id"] = self.run_dir.name
         self.summary["started_at"] = datetime.now(timezone.utc).isoformat()
@@ -91,6 +93,18 @@ class RunTracker:
         manifest = state.result()
         cached = state.name == "Cached" or bool(manifest.get("reused"))
         return self._record(name, "completed", manifest, seconds, cached=cached)
+
+    def needed(self, name: str) -> bool:
+        """Whether stage `name` takes part: run, or looked up in the cache. With --only, a model
+        stage after the last chosen stage is neither (its module imports torch and diffusers,
+        seconds that would dwarf an all-cached data run); a data stage after it is looked up."""
+        if not self.only or name in self.only or name in DATA_STAGES:
+            return True
+        return any(s in self.only for s in STAGES[STAGES.index(name) + 1 :])
+
+    def skip(self, name: str) -> None:
+        """Record stage `name` as skipped without importing or looking it up (see `needed`)."""
+        return self._record(name, "skipped", None, 0.0, cached=False)
 
     def _missing(self, upstream: dict[str, Manifest | None]) -> bool:
         """An upstream stage that was part of this run but has no output (failed or not cached).
@@ -173,6 +187,7 @@ class RunTracker:
 
     def finish(self) -> str:
         """Write summary.json; raise if a stage failed (so the flow run is Failed and retryable)."""
+        mark("stages")
         try:
             return self._finish()
         finally:
@@ -184,12 +199,14 @@ class RunTracker:
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._dataset_report()
+            mark("report")
             write_json(self.run_dir / "summary.json", self.summary, sort_keys=False)  # DAG order
         except OSError as exc:  # a full or read-only disk: the stage's own error matters more
             if self.failure is None:
                 raise
             get_run_logger().warning("summary.json could not be written: %s", exc)
         _best_effort(artifacts.publish_summary, self.summary)
+        mark("summary")
         if isinstance(self.failure, UserError):
             raise self.failure
         if self.failure is not None:

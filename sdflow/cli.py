@@ -5,7 +5,7 @@
     sdflow profiles
     sdflow demo [--workdir DIR] [--finetune]
     sdflow deploy [--pool NAME] [--pool-type process|kubernetes] [--workdir DIR] [--gpus N]
-    sdflow server [--workdir DIR] [--port PORT]
+    sdflow server [--workdir DIR] [--port PORT] | --background | --status | --stop
     sdflow gc [--keep-runs N] [--dry-run] [--workdir DIR]
     sdflow sweep PROFILE --grid K=V1,V2 [--grid ...] [--metric M] [--random N] [--parallel N] [--set K=V]...
 
@@ -15,15 +15,18 @@ A user error (bad config, missing path, unwritable workdir) ends with one paragr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sdflow.errors import UserError
+from sdflow.ops.phases import mark
 
 if TYPE_CHECKING:
     from sdflow.config import RunConfig
@@ -108,6 +111,13 @@ def _parser() -> argparse.ArgumentParser:
     server = commands.add_parser("server", help="start a Prefect server and UI on 127.0.0.1")
     server.add_argument("--workdir", default=DEFAULT_WORKDIR, help="its SQLite database goes here")
     server.add_argument("--port", type=int, default=4200)
+    lifecycle = server.add_mutually_exclusive_group()
+    for flag, what in (
+        ("--background", "start (or find) this PREFECT_HOME's background server, the runs' own"),
+        ("--status", "say where this PREFECT_HOME's background server is, or that none runs"),
+        ("--stop", "stop this PREFECT_HOME's background server"),
+    ):
+        lifecycle.add_argument(flag, action="store_true", help=what)
     server.set_defaults(handler=_server)
 
     gc = commands.add_parser("gc", help="remove stage outputs no kept run needs, and debris")
@@ -145,6 +155,7 @@ def _stage_list(text: str) -> list[str]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    mark("cli")
     config = _validated(args.profile, args.overrides)
     workdir = _ready_workdir(args.workdir)
     _check_source(config)
@@ -166,18 +177,54 @@ def _run_flow(profile, overrides, workdir, only, refresh, config: RunConfig) -> 
     _prepare_flow_logging()
     from flows.pipeline import pipeline  # Prefect is imported only when a flow runs
 
+    mark("imported")
     # Result storage comes from the profile inside the flow (flows/tracking.py), so deployments and
     # `prefect flow-run retry` use the same cache records as this command.
-    run_dir = pipeline(
-        profile=str(profile),
-        overrides=list(overrides),
-        workdir=str(workdir),
-        only=only,
-        refresh=refresh,
-    )
+    with _api():
+        mark("api")
+        run_dir = pipeline(
+            profile=str(profile),
+            overrides=list(overrides),
+            workdir=str(workdir),
+            only=only,
+            refresh=refresh,
+        )
+    mark("returned")
     # The ephemeral API server logs its shutdown at exit; keep the run directory the last line.
     logging.getLogger("prefect").setLevel(logging.WARNING)
     return run_dir
+
+
+@contextlib.contextmanager
+def _api() -> Iterator[None]:
+    """The Prefect API of a flow run started here: the configured one (PREFECT_API_URL, a Prefect
+    profile, a test harness), else this PREFECT_HOME's background server, started if needed
+    (`sdflow.ops.background`). With SDFLOW_SERVER=temporary, Prefect's temporary server instead,
+    hardened like ours and given START_WAIT_S to start rather than Prefect's 20 s."""
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        get_current_settings,
+        temporary_settings,
+    )
+
+    from sdflow.ops import background
+    from sdflow.ops.server import hardened_env
+
+    if get_current_settings().api.url:
+        yield
+        return
+    if os.environ.get("SDFLOW_SERVER", "background") == "temporary":
+        # Prefect passes this environment on to the server process it starts. It has no UI, so
+        # the CORS origins of port 0 match no page; CSRF is on.
+        hardened = hardened_env(0)
+        os.environ.update({k: v for k, v in hardened.items() if k.startswith("PREFECT_SERVER_")})
+        wait = {PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: int(background.START_WAIT_S)}
+        with temporary_settings(updates=wait):
+            yield
+        return
+    with temporary_settings(updates={PREFECT_API_URL: background.ensure_server()}):
+        yield
 
 
 def _sweep(args: argparse.Namespace) -> int:
@@ -192,16 +239,17 @@ def _sweep(args: argparse.Namespace) -> int:
     _prepare_flow_logging()
     from flows.sweep import sweep
 
-    summary = sweep(
-        profile=str(args.profile),
-        grid=grid,
-        metric=args.metric,
-        overrides=list(args.overrides),
-        workdir=str(workdir),
-        random=args.random,
-        seed=args.seed,
-        parallel=args.parallel,
-    )
+    with _api():  # the background server, as for `sdflow run`
+        summary = sweep(
+            profile=str(args.profile),
+            grid=grid,
+            metric=args.metric,
+            overrides=list(args.overrides),
+            workdir=str(workdir),
+            random=args.random,
+            seed=args.seed,
+            parallel=args.parallel,
+        )
     logging.getLogger("prefect").setLevel(logging.WARNING)
     print(summary)
     return 0
@@ -285,9 +333,32 @@ def _deploy(args: argparse.Namespace) -> int:
 
 
 def _server(args: argparse.Namespace) -> int:
+    if args.background or args.status or args.stop:
+        return _background_server(args)
     from sdflow.ops.server import serve
 
     return serve(_ready_workdir(args.workdir), args.port)
+
+
+def _background_server(args: argparse.Namespace) -> int:
+    from sdflow.ops import background
+
+    home = background.prefect_home()
+    if args.stop:
+        state = background.stop_server(home)
+        print(f"stopped the server at {state['url']}" if state else f"no server runs for {home}")
+        return 0
+    if args.status:
+        state = background.read_state(home)
+        if state and background.healthy(state["url"]):
+            print(f"running: export PREFECT_API_URL={state['url']}  (pid {state['pid']})")
+            return 0
+        print(f"no background server runs for {home}")
+        return 1
+    url = background.ensure_server(home)
+    print(f"Prefect UI:  {url.removesuffix('/api')}")
+    print(f"runs and workers: export PREFECT_API_URL={url}")
+    return 0
 
 
 def _gc(args: argparse.Namespace) -> int:

@@ -86,8 +86,9 @@ class DownloadConfig(Section):
         16,
         ge=1,
         le=4096,
-        description="most requests in flight to one host, across all shards of this process; "
-        "halved while the host refuses or stalls connects",
+        description="requests in flight to one host (across all shards of this process) at the "
+        "start: the limit grows up to 8x for a host that answers fast while rows wait for it and "
+        "shrinks while the host refuses, stalls or slows (sdflow.data.sources.hostgate)",
     )
     connect_retries: int = Field(
         3, ge=0, le=20, description="tries again after a refused or timed-out connect, per row"

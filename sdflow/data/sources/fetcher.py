@@ -12,6 +12,7 @@ refused connect is tried again `download.connect_retries` times after the host's
 from __future__ import annotations
 
 import asyncio
+import time
 
 import aiohttp
 import yarl
@@ -35,6 +36,7 @@ from sdflow.data.sources.hostgate import HostDown, HostGates, shared_gates
 MAX_REDIRECTS = 5
 REDIRECT_CODES = {301, 302, 303, 307, 308}
 RETRY_CODES = {429, 500, 502, 503, 504}
+OVERLOADED = {"http_429", "http_503", "timeout"}  # the host asks for less: its gate shrinks
 
 
 class Retryable(Rejected):
@@ -102,8 +104,11 @@ class Fetcher:
                 await gate.acquire()
             except HostDown as exc:
                 raise Rejected("connection_error", f"{target.raw_host}: {exc}") from None
+            started = time.monotonic()
             try:
-                return await asyncio.wait_for(self._get(target), deadline)
+                body = await asyncio.wait_for(self._get(target), deadline)
+                gate.answered(time.monotonic() - started)  # the gate learns the host's pace
+                return body
             except asyncio.TimeoutError:
                 failure = Retryable("timeout", f"no complete answer within {deadline:g}s")
             except ConnectFailed as exc:  # the gate paused the host: that is the back-off
@@ -115,6 +120,8 @@ class Fetcher:
                 failure = exc
             finally:
                 gate.release()
+            if failure.reason in OVERLOADED:
+                gate.overloaded(time.monotonic() - started)
             if attempt >= self.settings.retries:
                 raise Rejected(failure.reason, failure.detail)
             await asyncio.sleep(self.settings.backoff_s * 2**attempt)

@@ -80,7 +80,8 @@ async def fetch_all(config: DownloadConfig, urls: list[str], gates: HostGates) -
 
 
 def test_cap_holds_across_shards_of_one_process():
-    """Two shards (threads, each its own event loop) share the host's cap of 4 connections."""
+    """Two shards (threads, each its own event loop) share the host's limit (starting at 4; the
+    fast host lets it grow, but the two shards together never exceed it)."""
     server = CountingServer(hold=0.05)
     gates = HostGates(4, 0.1)
     config = settings(per_host_connections=4)
@@ -97,7 +98,8 @@ def test_cap_holds_across_shards_of_one_process():
         thread.join()
     server.close()
     assert results == [BODY] * 40
-    assert 2 <= server.most_open <= 4  # 64 connections per shard were allowed without the gate
+    gate = gates.gate("127.0.0.1", server.port)
+    assert 2 <= server.most_open <= gate.peak < 40  # 64 per shard were allowed without the gate
 
 
 def test_small_backlog_host_completes_and_its_limit_shrinks():
