@@ -104,10 +104,12 @@ def test_dask_threads_and_a_plain_call_write_identical_stage_outputs(
 
 @pytest.mark.slow
 def test_worker_processes_report_to_the_ephemeral_api_of_a_plain_run(demo_folder, tmp_path):
-    """Without PREFECT_API_URL, `sdflow run` starts one temporary Prefect server: the shard tasks
-    in worker processes report to it instead of each starting (and keeping runs in) its own."""
+    """Without PREFECT_API_URL and with SDFLOW_SERVER=temporary, `sdflow run` starts one temporary
+    Prefect server: the shard tasks in worker processes report to it instead of each starting (and
+    keeping runs in) its own. (The default, a background server, is tests/ops/test_background.py's.)"""
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env |= {"PREFECT_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
+    env |= {"SDFLOW_SERVER": "temporary"}
     sets = [f"source.path={demo_folder}", "download.shard_size=120", "runner.max_workers=2"]
     command = [sys.executable, "-m", "sdflow.cli", "run", "tiny-test", "--only", "download"]
     command += ["--workdir", str(tmp_path / "work"), "--set", "runner.task_runner=processes"]
