@@ -148,7 +148,7 @@ def test_a_run_writes_the_report_and_a_report_failure_never_fails_it(report, tmp
     tracker.manifests = dict(manifests)
     tracker.summary["stages"] = {stage: {"status": "skipped"} for stage in manifests}
     tracker._dataset_report()  # --only train: the data stages are only looked up
-    assert not tracker.run_dir.exists() and not published
+    assert not (tracker.run_dir / "dataset-report.html").exists() and not published
     tracker.summary["stages"]["caption"]["status"] = "completed"
     tracker._dataset_report()
     html = tracker.run_dir / "dataset-report.html"
