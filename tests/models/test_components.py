@@ -38,21 +38,9 @@ def config():
 
 
 @pytest.fixture(scope="module")
-def pipeline_dir(config, tmp_path_factory) -> Path:
+def pipeline_dir(tiny_sd15) -> Path:
     """A complete tiny pipeline saved with save_pipeline: what a 'pretrained' model looks like."""
-    root = tmp_path_factory.mktemp("models")
-    tokenizer = models.train_tokenizer(CAPTIONS, config.model, root / "tokenizer")
-    trained_vae = {"path": "ae", "fingerprint": "f", "files": {"vae": "vae"}}
-    sources = models.component_sources(config, {"autoencoder": trained_vae}, str(root))
-    models.save_pipeline(
-        root / "pipeline",
-        unet=models.build_unet(config.model),
-        vae=models.build_vae(config.model),
-        text_encoder=models.build_text_encoder(config.model, len(tokenizer)),
-        tokenizer=tokenizer,
-        scheduler=models.noise_scheduler(config, sources),
-    )
-    return root / "pipeline"
+    return tiny_sd15
 
 
 def state(module: torch.nn.Module) -> dict[str, torch.Tensor]:

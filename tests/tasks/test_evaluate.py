@@ -20,6 +20,7 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
+from fixtures.pipelines import save_tiny_sd
 from PIL import Image, ImageDraw
 
 from sdflow.config import EvalConfig, RunConfig
@@ -27,11 +28,7 @@ from sdflow.errors import UserError
 from sdflow.evaluation import sampling
 from sdflow.evaluation.features import to_uint8
 from sdflow.models.components import (
-    build_text_encoder,
     build_unet,
-    build_vae,
-    save_pipeline,
-    train_tokenizer,
 )
 from sdflow.profiles import load_profile
 from sdflow.store.splits import is_held_out
@@ -95,20 +92,10 @@ def write_train_stage(
     + offset) from the baseline's, so trained and baseline samples differ as after training."""
     build = StageBuild(workdir, "train", key)
     build.path.mkdir(parents=True)
-    model = config.model
-    tokenizer = train_tokenizer(captions, model, workdir / "tokenizer")
-    unet = build_unet(model.model_copy(update={"seed": model.seed + offset}))
     scheduler = DDPMScheduler(
         beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False
     )
-    save_pipeline(
-        build.path / "pipeline",
-        unet,
-        build_vae(model),
-        build_text_encoder(model, len(tokenizer)),
-        tokenizer,
-        scheduler,
-    )
+    save_tiny_sd(build.path, captions, scheduler, unet_seed_offset=offset)
     return build.finish(counts={}, files={"pipeline": "pipeline"}, info={"mode": "full"})
 
 

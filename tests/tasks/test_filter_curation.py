@@ -16,11 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from fixtures.clip import pair_cosines
+from fixtures.filtering import fates, make_config, sample
 from fixtures.stages import crash_on_second_call, fresh_fingerprint, write_stage
 from PIL import Image, ImageDraw, ImageEnhance
 from pydantic import ValidationError
 from safetensors.numpy import save_file
-from test_filter import fates, make_config, sample
 from transformers import (
     CLIPModel,
     CLIPProcessor,

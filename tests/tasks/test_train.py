@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -12,84 +11,46 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 from diffusers import (
-    DDPMScheduler,
     EulerDiscreteScheduler,
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
-from fixtures.stages import crash_at_checkpoint
+from fixtures.stages import crash_at_checkpoint, make_captions
+from fixtures.training import (
+    make_latents,
+    pretrained_config,
+    run_train,
+    scratch_config,
+    stage_path,
+    unet_inputs,
+)
 from peft import LoraConfig
-from PIL import Image, ImageDraw
+from PIL import Image
 from safetensors.torch import load_file
 
 from sdflow.errors import UserError
 from sdflow.models.components import (
-    build_text_encoder,
     build_unet,
-    build_vae,
-    save_component,
     save_pipeline,
-    train_tokenizer,
 )
-from sdflow.profiles import load_profile
 from sdflow.store.checkpoints import list_checkpoints, load_checkpoint, load_latest, step_name
 from sdflow.store.splits import is_held_out
-from sdflow.store.stageio import StageBuild, build_stage
-from sdflow.training.latent_data import (
-    EMPTY_PROMPT,
-    IMAGE_KEYS,
-    captions_path,
-    latent_shard_name,
-    pack_rows,
-    save_tensors,
-    write_latent_shard,
-)
 from sdflow.training.schedules import EpochOrder, StepBatches
 from tasks.train import train, train_key, train_lineage
 
 ROOT = Path(__file__).resolve().parents[2]
-CAPTIONS = ["a red circle", "a blue square", "a green triangle", "two red squares"]
-TINY = [
-    "train.max_steps=4",
-    "train.checkpoint_every=2",
-    "train.batch_size=4",
-    "train.log_every=1",
-]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def components(tmp_path_factory) -> dict:
-    """Tiny tokenizer, text encoder and VAE saved to disk, and a from-scratch pipeline dir."""
-    root = tmp_path_factory.mktemp("components")
-    model = load_profile("tiny-test").model
-    tokenizer = train_tokenizer(CAPTIONS * 4, model, root / "tokenizer")
-    text_encoder = build_text_encoder(model, len(tokenizer))
-    save_component(text_encoder, root / "text_encoder")
-    vae = build_vae(model)
-    vae.register_to_config(scaling_factor=0.5)
-    save_component(vae, root / "vae")
-    scheduler = DDPMScheduler(
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        clip_sample=False,
-        steps_offset=1,
-    )
-    save_pipeline(root / "base", build_unet(model), vae, text_encoder, tokenizer, scheduler)
-    return {"root": root, "tokenizer": tokenizer, "text_encoder": text_encoder}
-
-
-@pytest.fixture(scope="module")
-def v_base(components) -> Path:
+def v_base(tiny_sd) -> Path:
     """The tiny base pipeline re-saved with its own inference scheduler: Euler, v-prediction."""
-    root = components["root"]
+    root = tiny_sd["root"]
     base = StableDiffusionPipeline.from_pretrained(root / "base", safety_checker=None)
     scheduler = EulerDiscreteScheduler.from_config(
         base.scheduler.config, prediction_type="v_prediction", timestep_spacing="trailing"
@@ -98,144 +59,6 @@ def v_base(components) -> Path:
         root / "v-base", base.unet, base.vae, base.text_encoder, base.tokenizer, scheduler
     )
     return root / "v-base"
-
-
-def make_latents(
-    workdir: Path,
-    components: dict,
-    rows: tuple[int, ...] = (7, 5),
-    tokens: bool = False,
-    held_out: int = 0,
-    buckets: bool = False,
-) -> dict:
-    """A latents-stage output: random latent distributions, real caption embeddings (or, `tokens`,
-    the captions' token ids, as for a trained text encoder), ids; and `held_out` rows more in
-    `validation/`, as the stage caches the held-out split. With `buckets` the rows take turns in
-    three buckets, 32x32, 32x16 and 16x32 px (latents 8x8, 4x8, 8x4)."""
-    generator = torch.Generator().manual_seed(0)
-    tokenizer, text_encoder = components["tokenizer"], components["text_encoder"]
-    key = "input_ids" if tokens else "text"
-
-    def embed(prompts: list[str]) -> torch.Tensor:
-        ids = tokenizer(prompts, padding="max_length", max_length=16, truncation=True)
-        if tokens:
-            return torch.tensor(ids.input_ids)
-        with torch.no_grad():
-            return text_encoder(torch.tensor(ids.input_ids))[0]
-
-    def work(build: StageBuild) -> dict:
-        names = []
-        for i, n in enumerate(rows):
-            shape = (n, 4, 8, 8)
-            tensors = {
-                "mean": torch.randn(shape, generator=generator),
-                "std": torch.rand(shape, generator=generator) * 0.1,
-                "mean_flip": torch.randn(shape, generator=generator),
-                "std_flip": torch.rand(shape, generator=generator) * 0.1,
-                key: embed([CAPTIONS[(i + j) % 4] for j in range(n)]),
-            }
-            if buckets:
-                tensors = bucketed(tensors, n, generator)
-            names.append(latent_shard_name(i))
-            write_latent_shard(build.path / names[-1], tensors, [f"s{i}-{j}" for j in range(n)])
-        save_tensors(build.path / EMPTY_PROMPT, {key: embed([""])[0]}, {})
-        for part in ("tokenizer", "text_encoder"):
-            (build.path / part).symlink_to(components["root"] / part)
-        files = {
-            "empty_prompt": EMPTY_PROMPT,
-            "tokenizer": "tokenizer",
-            "text_encoder": "text_encoder",
-        }
-        if held_out:
-            shape = (held_out, 4, 8, 8)
-            captions = [CAPTIONS[j % 4] for j in range(held_out)]
-            tensors = {
-                "mean": torch.randn(shape, generator=generator),
-                "std": torch.rand(shape, generator=generator) * 0.1,
-                "text": embed(captions),
-            }
-            if buckets:
-                tensors = bucketed(tensors, held_out, generator)
-            (build.path / "validation").mkdir()
-            shard = build.path / "validation" / latent_shard_name(0)
-            write_latent_shard(shard, tensors, [f"held-{j}" for j in range(held_out)])
-            captions_path(shard).write_text(json.dumps(captions))
-            files["validation"] = "validation"
-        return build.finish(
-            counts={"encoded": sum(rows)},
-            shards=names,
-            files=files,
-            info={"scaling_factor": 0.5, "rows_per_shard": list(rows)}
-            | ({"captions": "input_ids"} if tokens else {}),
-        )
-
-    name = "fixture-tokens" if tokens else "fixture"
-    return build_stage(workdir, "latents", name + ("-buckets" if buckets else ""), work)
-
-
-def bucketed(tensors: dict, n: int, generator: torch.Generator) -> dict:
-    """Re-lay square fixture rows out in buckets: row j in bucket j % 3 (cropped latents)."""
-    sizes = [(32, 32), (32, 16), (16, 32)]  # (width, height) px; latents are a quarter of it
-    rows = []
-    for j in range(n):
-        width, height = sizes[j % 3]
-        row = {k: v[j : j + 1] for k, v in tensors.items()}
-        row |= {k: row[k][..., : height // 4, : width // 4] for k in IMAGE_KEYS if k in row}
-        row |= {
-            "bucket": torch.tensor([[width, height]]),
-            "original_size": torch.tensor([[height * 2, width * 2]]),
-            "crop_top_left": torch.randint(0, 4, (1, 2), generator=generator),
-        }
-        rows.append(row)
-    return pack_rows(rows)
-
-
-def make_captions(workdir: Path, count: int = 12) -> dict:
-    """A caption-stage output (for `train.cache_latents: false`): 32 px PNG shapes, captions."""
-
-    def png(i: int) -> bytes:
-        image = Image.new("RGB", (32, 32), "black")
-        ImageDraw.Draw(image).rectangle((i, 4, i + 12, 20), fill=("red", "blue")[i % 2])
-        out = io.BytesIO()
-        image.save(out, format="PNG")
-        return out.getvalue()
-
-    def work(build: StageBuild) -> dict:
-        table = pa.table(
-            {
-                "id": [f"img-{i}" for i in range(count)],
-                "image": [png(i) for i in range(count)],
-                "caption": [CAPTIONS[i % 4] for i in range(count)],
-            }
-        )
-        return build.finish(counts={"kept": count}, shards=[build.write_shard(0, table)])
-
-    return build_stage(workdir, "caption", "fixture", work)
-
-
-def scratch_config(components: dict, *overrides: str):
-    vae = components["root"] / "vae"
-    return load_profile("tiny-test", [f"model.vae={vae}", *TINY, *overrides])
-
-
-def pretrained_config(components: dict, *overrides: str):
-    base = components["root"] / "base"
-    options = ["model.init=pretrained", f"model.pretrained={base}", *TINY, *overrides]
-    return load_profile("tiny-test", options)
-
-
-def run_train(
-    config, workdir: Path, components: dict, upstream_extra: dict | None = None, buckets=False
-):
-    tokens = config.train.text_encoder != "frozen"  # what the latents stage caches for it
-    latents = make_latents(workdir, components, tokens=tokens, buckets=buckets)
-    upstream = {"latents": latents, "autoencoder": None, "caption": None}
-    upstream.update(upstream_extra or {})
-    return train(config, upstream, str(workdir)), upstream
-
-
-def stage_path(workdir: Path, manifest: dict) -> Path:
-    return workdir / manifest["path"]
 
 
 def scheduler_config(pipeline: Path) -> dict:
@@ -297,9 +120,9 @@ def test_data_order_is_a_global_shuffle_not_shard_by_shard():
 # ------------------------------------------------------------------------------------- outputs
 
 
-def test_scratch_training_writes_a_pipeline_that_generates(tmp_path, components):
+def test_scratch_training_writes_a_pipeline_that_generates(tmp_path, tiny_sd):
     config = scratch_config(
-        components,
+        tiny_sd,
         "train.ema=true",
         "train.ema_decay=0.9",
         "train.snr_gamma=5.0",
@@ -309,7 +132,7 @@ def test_scratch_training_writes_a_pipeline_that_generates(tmp_path, components)
         "train.lr_scheduler=cosine",
         "train.warmup_steps=1",
     )
-    manifest, _ = run_train(config, tmp_path, components)
+    manifest, _ = run_train(config, tmp_path, tiny_sd)
     out = stage_path(tmp_path, manifest)
     every_weight = sum(p.numel() for p in build_unet(config.model).parameters())
     assert manifest["counts"] == {
@@ -345,25 +168,23 @@ def test_scratch_training_writes_a_pipeline_that_generates(tmp_path, components)
     assert image.shape == (32, 32, 3) and np.isfinite(image).all()
 
 
-def test_full_finetune_from_pretrained_changes_the_unet(tmp_path, components):
-    config = pretrained_config(
-        components, "train.prediction_type=v_prediction", "train.snr_gamma=5.0"
-    )
-    manifest, _ = run_train(config, tmp_path, components)
+def test_full_finetune_from_pretrained_changes_the_unet(tmp_path, tiny_sd):
+    config = pretrained_config(tiny_sd, "train.prediction_type=v_prediction", "train.snr_gamma=5.0")
+    manifest, _ = run_train(config, tmp_path, tiny_sd)
     out = stage_path(tmp_path, manifest)
     assert manifest["info"]["mode"] == "full"
-    assert manifest["info"]["base_model"] == str(components["root"] / "base")
+    assert manifest["info"]["base_model"] == str(tiny_sd["root"] / "base")
     pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline", safety_checker=None)
     assert pipe.scheduler.config.prediction_type == "v_prediction"
-    base = load_file(components["root"] / "base" / "unet" / "diffusion_pytorch_model.safetensors")
+    base = load_file(tiny_sd["root"] / "base" / "unet" / "diffusion_pytorch_model.safetensors")
     tuned = load_file(out / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
     assert base.keys() == tuned.keys()
     assert not torch.equal(base["conv_in.weight"], tuned["conv_in.weight"])
 
 
-def test_lora_weights_load_on_the_base_and_change_its_output(tmp_path, components):
-    config = pretrained_config(components, "train.mode=lora", "train.lr=0.01", "train.lora_rank=2")
-    manifest, _ = run_train(config, tmp_path, components)
+def test_lora_weights_load_on_the_base_and_change_its_output(tmp_path, tiny_sd):
+    config = pretrained_config(tiny_sd, "train.mode=lora", "train.lr=0.01", "train.lora_rank=2")
+    manifest, _ = run_train(config, tmp_path, tiny_sd)
     out = stage_path(tmp_path, manifest)
     assert manifest["info"]["mode"] == "lora"
     assert "pipeline" not in manifest["files"]
@@ -372,64 +193,63 @@ def test_lora_weights_load_on_the_base_and_change_its_output(tmp_path, component
     assert sum(v.numel() for v in lora.values()) == manifest["counts"]["trainable_params"]
     total = sum(v.numel() for v in build_unet(config.model).parameters())
     assert manifest["counts"]["trainable_params"] < total / 10
-    pipe = StableDiffusionPipeline.from_pretrained(components["root"] / "base", safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd["root"] / "base", safety_checker=None)
     before = generate(pipe)
     pipe.load_lora_weights(out / "lora")
     after = generate(pipe)
     assert np.abs(before - after).max() > 1e-4
 
 
-def test_training_without_the_cache_encodes_images_on_the_fly(tmp_path, components):
-    config = pretrained_config(components, "train.cache_latents=false")
+def test_training_without_the_cache_encodes_images_on_the_fly(tmp_path, tiny_sd):
+    config = pretrained_config(tiny_sd, "train.cache_latents=false")
     fraction = config.eval.held_out_fraction
     training = [i for i in range(12) if not is_held_out(f"img-{i}", fraction)]
     epoch = -(-len(training) // 4)  # batches of 4, the last one smaller
     config.train.max_steps = epoch
-    manifest, _ = run_train(config, tmp_path, components, {"caption": make_captions(tmp_path)})
+    manifest, _ = run_train(config, tmp_path, tiny_sd, {"caption": make_captions(tmp_path)})
     assert len(training) % 4 and manifest["counts"]["samples_seen"] == len(training)
     assert np.isfinite(manifest["info"]["final_loss"])
     assert (stage_path(tmp_path, manifest) / "pipeline" / "model_index.json").is_file()
 
 
-def test_key_ignores_bookkeeping_settings_but_not_training_ones(tmp_path, components):
-    upstream = {"latents": make_latents(tmp_path, components), "autoencoder": None, "caption": None}
-    key = train_key(scratch_config(components), upstream)
+def test_key_ignores_bookkeeping_settings_but_not_training_ones(tmp_path, tiny_sd):
+    upstream = {"latents": make_latents(tmp_path, tiny_sd), "autoencoder": None, "caption": None}
+    key = train_key(scratch_config(tiny_sd), upstream)
     bookkeeping = ["keep_checkpoints=5", "data_workers=2", "log_every=3", "checkpoint_every=3"]
-    same = scratch_config(components, *(f"train.{o}" for o in bookkeeping))
+    same = scratch_config(tiny_sd, *(f"train.{o}" for o in bookkeeping))
     assert train_key(same, upstream) == key
-    assert train_key(scratch_config(components, "train.lr=0.002"), upstream) != key
-    assert train_key(scratch_config(components, "model.seed=1"), upstream) != key
+    assert train_key(scratch_config(tiny_sd, "train.lr=0.002"), upstream) != key
+    assert train_key(scratch_config(tiny_sd, "model.seed=1"), upstream) != key
     # more steps: another output, of the same lineage while the lr schedule ignores the total
-    longer = scratch_config(components, "train.max_steps=8")
+    longer = scratch_config(tiny_sd, "train.max_steps=8")
     assert train_key(longer, upstream) != key
-    lineage = train_lineage(scratch_config(components), upstream)
+    lineage = train_lineage(scratch_config(tiny_sd), upstream)
     assert train_lineage(longer, upstream) == lineage
-    assert train_lineage(scratch_config(components, "train.lr=0.002"), upstream) != lineage
+    assert train_lineage(scratch_config(tiny_sd, "train.lr=0.002"), upstream) != lineage
     cosine = [
-        scratch_config(components, "train.lr_scheduler=cosine", f"train.max_steps={n}")
-        for n in (4, 8)
+        scratch_config(tiny_sd, "train.lr_scheduler=cosine", f"train.max_steps={n}") for n in (4, 8)
     ]
     assert train_lineage(cosine[0], upstream) != train_lineage(cosine[1], upstream)
 
 
 @pytest.mark.slow
-def test_raising_max_steps_continues_and_matches_a_straight_run(tmp_path, components, caplog):
+def test_raising_max_steps_continues_and_matches_a_straight_run(tmp_path, tiny_sd, caplog):
     extra = ["train.ema=true", "train.ema_decay=0.9", "train.caption_dropout=0.3"]
     extra += ["train.noise_offset=0.05", "train.checkpoint_every=10", "train.log_every=10"]
     # bitwise needs Adam's moments at step 30; by default a finished run drops them (disk)
     extra += ["train.keep_optimizer_state=true"]
     straight, _ = run_train(
-        scratch_config(components, "train.max_steps=60", *extra), tmp_path / "a", components
+        scratch_config(tiny_sd, "train.max_steps=60", *extra), tmp_path / "a", tiny_sd
     )
     workdir = tmp_path / "b"
     first, upstream = run_train(
-        scratch_config(components, "train.max_steps=30", *extra), workdir, components
+        scratch_config(tiny_sd, "train.max_steps=30", *extra), workdir, tiny_sd
     )
     first_dir = stage_path(workdir, first)
     before = {p: p.read_bytes() for p in (first_dir / "checkpoints").rglob("*") if p.is_file()}
     with caplog.at_level(logging.INFO, logger="sdflow.train"):
         longer = train(
-            scratch_config(components, "train.max_steps=60", *extra), upstream, str(workdir)
+            scratch_config(tiny_sd, "train.max_steps=60", *extra), upstream, str(workdir)
         )
     assert f"Continuing training from the finished run {first_dir.name} at step 30" in caplog.text
     assert "Resuming training from the checkpoint of step 30" in caplog.text
@@ -447,14 +267,14 @@ def test_raising_max_steps_continues_and_matches_a_straight_run(tmp_path, compon
     assert end_a["progress"]["history"] == end_b["progress"]["history"]  # losses and lrs
     # the 30-step output is untouched, and asking for 30 steps again is a cache hit
     assert {p: p.read_bytes() for p in before} == before
-    again = train(scratch_config(components, "train.max_steps=30", *extra), upstream, str(workdir))
+    again = train(scratch_config(tiny_sd, "train.max_steps=30", *extra), upstream, str(workdir))
     assert again["reused"] is True and again["path"] == first["path"]
 
 
-def test_lora_targets_that_match_nothing_are_a_user_error(tmp_path, components):
-    config = pretrained_config(components, "train.mode=lora", "train.lora_targets=[nope]")
+def test_lora_targets_that_match_nothing_are_a_user_error(tmp_path, tiny_sd):
+    config = pretrained_config(tiny_sd, "train.mode=lora", "train.lora_targets=[nope]")
     with pytest.raises(UserError, match="lora_targets"):
-        run_train(config, tmp_path, components)
+        run_train(config, tmp_path, tiny_sd)
 
 
 # ------------------------------------------------------------------- fine-tune defects (issue 8)
@@ -466,14 +286,14 @@ def recorded_lrs(out: Path, step: int) -> list[float]:
     return [lr for _, _, lr in state["progress"]["history"]]
 
 
-def test_constant_with_warmup_warms_up_in_a_real_run(tmp_path, components):
+def test_constant_with_warmup_warms_up_in_a_real_run(tmp_path, tiny_sd):
     config = scratch_config(
-        components,
+        tiny_sd,
         "train.lr_scheduler=constant_with_warmup",
         "train.warmup_steps=4",
         "train.max_steps=5",
     )
-    manifest, _ = run_train(config, tmp_path, components)
+    manifest, _ = run_train(config, tmp_path, tiny_sd)
     lrs = recorded_lrs(stage_path(tmp_path, manifest), 5)
     # steps 0, warmup/2 and warmup: 0, half the lr, the lr (tiny-test's lr is 1e-3)
     assert [lrs[0], lrs[2], lrs[4]] == pytest.approx([0.0, 0.5e-3, 1e-3])
@@ -489,17 +309,15 @@ def test_constant_with_warmup_warms_up_in_a_real_run(tmp_path, components):
         ),
     ],
 )
-def test_restarts_and_polynomial_schedules_in_a_real_run(tmp_path, components, schedule, expected):
-    config = scratch_config(components, *schedule, "train.warmup_steps=2", "train.max_steps=6")
-    manifest, _ = run_train(config, tmp_path, components)
+def test_restarts_and_polynomial_schedules_in_a_real_run(tmp_path, tiny_sd, schedule, expected):
+    config = scratch_config(tiny_sd, *schedule, "train.warmup_steps=2", "train.max_steps=6")
+    manifest, _ = run_train(config, tmp_path, tiny_sd)
     lrs = recorded_lrs(stage_path(tmp_path, manifest), 6)
     assert lrs[1] == pytest.approx(0.5e-3)  # warming up
     assert lrs[2:5] == pytest.approx(expected, rel=1e-6)
 
 
-def test_finetune_of_a_v_prediction_base_stays_v_prediction(
-    tmp_path, components, v_base, monkeypatch
-):
+def test_finetune_of_a_v_prediction_base_stays_v_prediction(tmp_path, tiny_sd, v_base, monkeypatch):
     import sdflow.training.loop as training
 
     used = []
@@ -510,9 +328,9 @@ def test_finetune_of_a_v_prediction_base_stays_v_prediction(
         return real_fit(trainer, source, scheduler, checkpoints)
 
     monkeypatch.setattr(training, "fit", spy)
-    config = pretrained_config(components, f"model.pretrained={v_base}", "train.max_steps=2")
+    config = pretrained_config(tiny_sd, f"model.pretrained={v_base}", "train.max_steps=2")
     assert config.train.prediction_type is None
-    manifest, _ = run_train(config, tmp_path, components)
+    manifest, _ = run_train(config, tmp_path, tiny_sd)
     assert used == ["v_prediction"]  # the loss trained v, as the base does
     assert manifest["info"]["prediction_type"] == "v_prediction"
     pipeline = stage_path(tmp_path, manifest) / "pipeline"
@@ -525,29 +343,21 @@ def test_finetune_of_a_v_prediction_base_stays_v_prediction(
 
 
 def test_an_explicit_prediction_type_retargets_the_base_and_says_so(
-    tmp_path, components, v_base, caplog
+    tmp_path, tiny_sd, v_base, caplog
 ):
     config = pretrained_config(
-        components,
+        tiny_sd,
         f"model.pretrained={v_base}",
         "train.max_steps=2",
         "train.prediction_type=epsilon",
     )
     with caplog.at_level(logging.WARNING, logger="sdflow.models.components"):
-        manifest, _ = run_train(config, tmp_path, components)
+        manifest, _ = run_train(config, tmp_path, tiny_sd)
     assert "train.prediction_type is 'epsilon'" in caplog.text and "'v_prediction'" in caplog.text
     info = manifest["info"]
     assert (info["prediction_type"], info["base_prediction_type"]) == ("epsilon", "v_prediction")
     saved = scheduler_config(stage_path(tmp_path, manifest) / "pipeline")
     assert (saved["_class_name"], saved["prediction_type"]) == ("EulerDiscreteScheduler", "epsilon")
-
-
-def unet_inputs(unet) -> tuple:
-    generator = torch.Generator().manual_seed(7)
-    size = unet.config.sample_size
-    sample = torch.randn((1, unet.config.in_channels, size, size), generator=generator)
-    text = torch.randn((1, 16, unet.config.cross_attention_dim), generator=generator)
-    return sample, torch.tensor([500]), text
 
 
 @pytest.mark.parametrize(
@@ -559,18 +369,18 @@ def unet_inputs(unet) -> tuple:
         ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in", "proj_out", "ff.net.2"],
     ],
 )
-def test_lora_alpha_survives_the_export(tmp_path, components, targets):
+def test_lora_alpha_survives_the_export(tmp_path, tiny_sd, targets):
     config = pretrained_config(
-        components,
+        tiny_sd,
         "train.mode=lora",
         "train.lr=0.01",
         "train.lora_rank=2",
         "train.lora_alpha=8",
         f"train.lora_targets={json.dumps(targets)}",
     )
-    manifest, _ = run_train(config, tmp_path, components)
+    manifest, _ = run_train(config, tmp_path, tiny_sd)
     out = stage_path(tmp_path, manifest)
-    base = components["root"] / "base"
+    base = tiny_sd["root"] / "base"
     # The training-time PEFT UNet, rebuilt by hand: base + adapter (r 2, alpha 8) + trained weights
     reference = UNet2DConditionModel.from_pretrained(base / "unet")
     reference.add_adapter(LoraConfig(r=2, lora_alpha=8, target_modules=targets))
@@ -588,7 +398,7 @@ def test_lora_alpha_survives_the_export(tmp_path, components, targets):
     torch.testing.assert_close(loaded, expected, atol=1e-5, rtol=1e-4)
 
 
-def test_skipped_fp16_steps_hold_the_lr_schedule_and_ema(tmp_path, components, monkeypatch):
+def test_skipped_fp16_steps_hold_the_lr_schedule_and_ema(tmp_path, tiny_sd, monkeypatch):
     import sdflow.training.loop as training
 
     real_accelerator, real_loss = training.make_accelerator, training.diffusion_loss
@@ -618,14 +428,14 @@ def test_skipped_fp16_steps_hold_the_lr_schedule_and_ema(tmp_path, components, m
     monkeypatch.setattr(training, "make_accelerator", with_grad_scaler)
     monkeypatch.setattr(training, "diffusion_loss", inf_gradients_on_step_2)
     config = scratch_config(
-        components,
+        tiny_sd,
         "train.lr_scheduler=linear",
         "train.warmup_steps=4",
         "train.max_steps=5",
         "train.checkpoint_every=1",
         "train.ema=true",
     )
-    manifest, _ = run_train(config, tmp_path, components)
+    manifest, _ = run_train(config, tmp_path, tiny_sd)
     out = stage_path(tmp_path, manifest)
     # the step after the skipped one trains with the skipped one's lr: the schedule waited
     assert recorded_lrs(out, 5) == pytest.approx([0.0, 0.25e-3, 0.5e-3, 0.5e-3, 0.75e-3])
@@ -638,13 +448,13 @@ def test_skipped_fp16_steps_hold_the_lr_schedule_and_ema(tmp_path, components, m
     assert manifest["info"]["skipped_steps"] == 1
 
 
-def test_the_kept_checkpoint_drops_the_optimizer_moments_unless_asked(tmp_path, components, caplog):
+def test_the_kept_checkpoint_drops_the_optimizer_moments_unless_asked(tmp_path, tiny_sd, caplog):
     from sdflow.training.loop import train_unet
 
     runs = {}
     for flag in ("false", "true"):
-        config = scratch_config(components, f"train.keep_optimizer_state={flag}", "train.ema=true")
-        manifest, upstream = run_train(config, tmp_path / flag, components)
+        config = scratch_config(tiny_sd, f"train.keep_optimizer_state={flag}", "train.ema=true")
+        manifest, upstream = run_train(config, tmp_path / flag, tiny_sd)
         runs[flag] = (stage_path(tmp_path / flag, manifest), manifest)
     (lean_dir, manifest), (full_dir, _) = runs["false"], runs["true"]
     lean, full = (d / "checkpoints" / step_name(4) for d in (lean_dir, full_dir))
@@ -661,7 +471,7 @@ def test_the_kept_checkpoint_drops_the_optimizer_moments_unless_asked(tmp_path, 
     assert moments <= saved < moments * 1.05  # plus tensor names and the JSON skeleton
     assert manifest["info"]["optimizer_state_kept"] is False
     # what is left is enough to train on: two more steps from the lean checkpoint
-    longer = scratch_config(components, "train.max_steps=6", "train.ema=true")
+    longer = scratch_config(tiny_sd, "train.max_steps=6", "train.ema=true")
     with caplog.at_level(logging.INFO, logger="sdflow.train"):
         summary = train_unet(longer, upstream, str(tmp_path / "true"), lean_dir)
     assert "holds no optimizer state" in caplog.text
@@ -694,10 +504,10 @@ train(RunConfig.model_validate(spec["config"]), spec["upstream"], spec["workdir"
 """
 
 
-def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, components, caplog):
+def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, tiny_sd, caplog):
     # on latents in three buckets (batches of one shape each, some smaller than train.batch_size)
     config = scratch_config(
-        components,
+        tiny_sd,
         "train.max_steps=8",
         "train.ema=true",
         "train.caption_dropout=0.3",
@@ -706,10 +516,10 @@ def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, co
         "train.warmup_steps=5",
         "train.gradient_accumulation=2",
     )
-    reference, _ = run_train(config, tmp_path / "straight", components, buckets=True)
+    reference, _ = run_train(config, tmp_path / "straight", tiny_sd, buckets=True)
 
     workdir = tmp_path / "killed"
-    latents = make_latents(workdir, components, buckets=True)
+    latents = make_latents(workdir, tiny_sd, buckets=True)
     upstream = {"latents": latents, "autoencoder": None, "caption": None}
     spec = tmp_path / "spec.json"
     spec.write_text(
@@ -757,17 +567,17 @@ def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, co
 
 @pytest.mark.parametrize("text_encoder", ["frozen", "lora"])
 def test_lora_run_interrupted_by_an_error_resumes_to_the_same_adapter(
-    tmp_path, components, monkeypatch, text_encoder
+    tmp_path, tiny_sd, monkeypatch, text_encoder
 ):
     config = pretrained_config(
-        components, "train.mode=lora", "train.ema=true", f"train.text_encoder={text_encoder}"
+        tiny_sd, "train.mode=lora", "train.ema=true", f"train.text_encoder={text_encoder}"
     )
-    reference, _ = run_train(config, tmp_path / "straight", components)
+    reference, _ = run_train(config, tmp_path / "straight", tiny_sd)
     undo = crash_at_checkpoint(monkeypatch, 4)
     with pytest.raises(OSError):
-        run_train(config, tmp_path / "crashed", components)
+        run_train(config, tmp_path / "crashed", tiny_sd)
     undo()
-    resumed, _ = run_train(config, tmp_path / "crashed", components)
+    resumed, _ = run_train(config, tmp_path / "crashed", tiny_sd)
     assert resumed["info"]["resumed_from_step"] == 2
     name = "lora/pytorch_lora_weights.safetensors"
     a = load_file(stage_path(tmp_path / "straight", reference) / name)
@@ -778,11 +588,11 @@ def test_lora_run_interrupted_by_an_error_resumes_to_the_same_adapter(
     assert reference["fingerprint"] == resumed["fingerprint"]
 
 
-def test_scoring_every_checkpoint_keeps_them(tmp_path, components):
+def test_scoring_every_checkpoint_keeps_them(tmp_path, tiny_sd):
     steps = ["train.max_steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=3"]
-    final, _ = run_train(scratch_config(components, *steps), tmp_path / "final", components)
+    final, _ = run_train(scratch_config(tiny_sd, *steps), tmp_path / "final", tiny_sd)
     every, _ = run_train(
-        scratch_config(components, *steps, "eval.checkpoints=all"), tmp_path / "all", components
+        scratch_config(tiny_sd, *steps, "eval.checkpoints=all"), tmp_path / "all", tiny_sd
     )
     assert list_checkpoints(stage_path(tmp_path / "final", final) / "checkpoints") == [6]
     assert list_checkpoints(stage_path(tmp_path / "all", every) / "checkpoints") == [2, 4, 6]
@@ -797,20 +607,20 @@ def unet_weights(workdir: Path, manifest: dict) -> dict[str, torch.Tensor]:
     )
 
 
-def test_two_data_workers_with_prefetch_train_bitwise_like_none(tmp_path, components):
+def test_two_data_workers_with_prefetch_train_bitwise_like_none(tmp_path, tiny_sd):
     """Worker processes (pinned memory asked for, ignored without CUDA; prefetch 3) load the same
     batches in the same order: the weights are bitwise those of loading in the training process."""
-    base = scratch_config(components, "train.caption_dropout=0.3", "train.tf32=true")
+    base = scratch_config(tiny_sd, "train.caption_dropout=0.3", "train.tf32=true")
     workers = scratch_config(
-        components,
+        tiny_sd,
         "train.caption_dropout=0.3",
         "train.tf32=true",
         "train.data_workers=2",
         "train.pin_memory=true",
         "train.prefetch_factor=3",
     )
-    plain, upstream = run_train(base, tmp_path / "plain", components)
-    loaded, _ = run_train(workers, tmp_path / "workers", components)
+    plain, upstream = run_train(base, tmp_path / "plain", tiny_sd)
+    loaded, _ = run_train(workers, tmp_path / "workers", tiny_sd)
     a, b = unet_weights(tmp_path / "plain", plain), unet_weights(tmp_path / "workers", loaded)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert plain["info"]["final_loss"] == loaded["info"]["final_loss"]
@@ -823,15 +633,13 @@ def test_two_data_workers_with_prefetch_train_bitwise_like_none(tmp_path, compon
     reason="inductor builds the UNet's C++ kernels for ~5 minutes on a cold 2-core CPU; "
     "set SDFLOW_TEST_COMPILE=1 to run it",
 )
-def test_compiled_unet_trains_and_exports_like_the_eager_one(tmp_path, components):
+def test_compiled_unet_trains_and_exports_like_the_eager_one(tmp_path, tiny_sd):
     """`train.compile` (inductor on the CPU) runs real steps: the first step's loss (same weights,
     same inputs) is the eager one's; names and weights stay exportable, two Adam steps of lr 1e-3
     (each moves a weight by at most about lr) apart at most."""
-    eager, _ = run_train(
-        scratch_config(components, "train.max_steps=2"), tmp_path / "e", components
-    )
-    config = scratch_config(components, "train.max_steps=2", "train.compile=true")
-    compiled, _ = run_train(config, tmp_path / "c", components)
+    eager, _ = run_train(scratch_config(tiny_sd, "train.max_steps=2"), tmp_path / "e", tiny_sd)
+    config = scratch_config(tiny_sd, "train.max_steps=2", "train.compile=true")
+    compiled, _ = run_train(config, tmp_path / "c", tiny_sd)
     a, b = unet_weights(tmp_path / "e", eager), unet_weights(tmp_path / "c", compiled)
     assert a.keys() == b.keys()
     assert all(torch.allclose(a[k], b[k], rtol=0, atol=4e-3) for k in a)

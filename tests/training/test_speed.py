@@ -5,9 +5,9 @@ path it must agree with: channels-last memory format, the attention processors, 
 from __future__ import annotations
 
 import pytest
-import test_training_options as options
 import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+from fixtures.training import ROWS, batch_of, sd_scheduler
 from pydantic import ValidationError
 
 from sdflow.config import TrainConfig
@@ -20,9 +20,12 @@ from sdflow.training.objective import diffusion_loss
 from sdflow.training.speed import apply_tf32, check_speed_options, fused_adamw, prepare_unet
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-latents, source = options.latents, options.source  # the hand-made latents fixture, shared
-ROWS, batch_of, sd_scheduler = options.ROWS, options.batch_of, options.sd_scheduler
 CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def source(ramp_source):
+    return ramp_source
 
 
 def tiny_unet() -> torch.nn.Module:

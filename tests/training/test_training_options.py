@@ -8,87 +8,31 @@ bf16 autocast on CPU, gradient checkpointing, and the TensorBoard scalars.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from diffusers import DDPMScheduler
+from fixtures.training import EMPTY_VALUE, ROWS, SCALE, all_rows, batch_of, sd_scheduler
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from sdflow.config import TrainConfig
 from sdflow.models.components import build_unet, component_sources
 from sdflow.models.trainable import build_trainable_unet
 from sdflow.profiles import load_profile
-from sdflow.store.stageio import StageBuild, build_stage
-from sdflow.training.latent_data import (
-    EMPTY_PROMPT,
-    latent_shard_name,
-    save_tensors,
-    write_latent_shard,
-)
 from sdflow.training.loop import make_accelerator, train_unet
 from sdflow.training.objective import diffusion_loss, draw_inputs, prediction_target, weighted_mse
-from sdflow.training.schedules import CachedBatches, collate
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-ROWS = 24
-SCALE = 0.5
-EMPTY_VALUE = 7.0  # the cached empty-prompt embedding is all 7s: no caption embedding is
 
-
-def sd_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
-    return DDPMScheduler(
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        clip_sample=False,
-        prediction_type=prediction_type,
-    )
+@pytest.fixture(scope="module")
+def latents(ramp_latents):
+    return ramp_latents
 
 
 @pytest.fixture(scope="module")
-def latents(tmp_path_factory) -> tuple[Path, dict]:
-    """A latents-stage output: row i has mean i, flipped mean -i, std 0.1, text embedding i/100."""
-    workdir = tmp_path_factory.mktemp("options")
-
-    def work(build: StageBuild) -> dict:
-        rows = torch.arange(ROWS, dtype=torch.float32)[:, None, None, None]
-        ones = torch.ones(ROWS, 4, 8, 8)
-        tensors = {
-            "mean": rows * ones,
-            "std": 0.1 * ones,
-            "mean_flip": -rows * ones,
-            "std_flip": 0.1 * ones,
-            "text": (rows[:, :, :, 0] / 100) * torch.ones(ROWS, 16, 32),
-        }
-        write_latent_shard(
-            build.path / latent_shard_name(0), tensors, [f"r{i}" for i in range(ROWS)]
-        )
-        save_tensors(build.path / EMPTY_PROMPT, {"text": torch.full((16, 32), EMPTY_VALUE)}, {})
-        return build.finish(
-            counts={"encoded": ROWS},
-            shards=[latent_shard_name(0)],
-            # named as the real stage names them; training from the cache never opens them
-            files={"empty_prompt": EMPTY_PROMPT, "text_encoder": "te", "tokenizer": "tok"},
-            info={"scaling_factor": SCALE, "rows_per_shard": [ROWS]},
-        )
-
-    return workdir, build_stage(workdir, "latents", "fixture", work)
-
-
-@pytest.fixture(scope="module")
-def source(latents) -> CachedBatches:
-    return CachedBatches(str(latents[0]), latents[1])
-
-
-def batch_of(source: CachedBatches, rows: list[int]) -> dict:
-    return collate([source.dataset[i] for i in rows])
-
-
-def all_rows(source: CachedBatches, repeat: int = 1) -> dict:
-    return batch_of(source, list(range(ROWS)) * repeat)
+def source(ramp_source):
+    return ramp_source
 
 
 def within_binomial(hits: int, n: int, p: float) -> bool:
