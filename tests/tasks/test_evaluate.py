@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -138,11 +137,7 @@ def test_evaluate_writes_samples_grid_and_metrics(upstream) -> None:
     label = "random-cnn (offline; not comparable to published FID)"
     for name in ("trained", "baseline"):
         scores = metrics[name]
-        assert math.isfinite(scores["fid"]) and scores["fid"] > 0  # noise is far from shapes
-        assert math.isfinite(scores["kid"])
-        for key in ("precision", "recall", "coverage"):
-            assert 0.0 <= scores[key] <= 1.0
-        assert scores["density"] >= 0.0
+        # the values themselves: tests/evaluation/test_metrics.py, against independent references
         for key in ("fid", "kid", "precision", "recall", "density", "coverage"):
             detail = scores["metrics"][key]
             assert detail["value"] == scores[key] and detail["reason"] is None
@@ -316,7 +311,7 @@ def test_clip_score_with_a_local_model(upstream, tmp_path) -> None:
     config = make_config(clip_model=str(tmp_path / "clip"), baseline=False)
     metrics = ev.evaluate(config, manifests, str(workdir))["info"]
     score = metrics["trained"]["clip_score"]
-    assert isinstance(score, float) and math.isfinite(score) and 0.0 <= score <= 100.0
+    assert isinstance(score, float)  # its value: test_metrics, against torchmetrics and CLIPModel
     clip = metrics["trained"]["metrics"]["clip_score"]
     assert clip["reason"] is None and clip["num_generated"] == 3 * 2 + 6
     rows = metrics["trained"]["clip_score_per_prompt"]
@@ -330,7 +325,7 @@ def test_clip_score_with_a_local_model(upstream, tmp_path) -> None:
             row["prompt"]
         ) + fid_captions.count(row["prompt"])
     cmmd = metrics["trained"]["metrics"]["cmmd"]
-    assert cmmd["reason"] is None and math.isfinite(cmmd["value"]) and cmmd["value"] >= 0
+    assert cmmd["reason"] is None and isinstance(cmmd["value"], float)
     assert (cmmd["num_generated"], cmmd["num_real"]) == (6, 6)
     assert cmmd["details"] == {"sigma": 10.0, "scale": 1000.0}
 

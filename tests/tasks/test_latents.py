@@ -103,7 +103,6 @@ def test_encodes_every_training_sample_once(setup):
     assert (info["latent_channels"], info["latent_size"]) == (4, 8)
     assert (info["text_seq_len"], info["text_dim"], info["flip"]) == (16, 32, True)
     assert info["scaling_factor"] == pytest.approx(0.18215)
-    assert info["images_per_second"] > 0
     assert info["buckets"] == {"32x32": counts["encoded"]}
 
 
@@ -297,7 +296,11 @@ def test_half_precision_without_flip(setup):
     row = CachedLatents(workdir, manifest)[0]
     assert row["mean_flip"] is None and row["std_flip"] is None
     assert row["mean"].dtype == row["text"].dtype == torch.float16
-    assert torch.isfinite(row["mean"]).all() and (row["std"] > 0).all()
+    # the same encodings as the float32 cache's, to bf16's precision
+    full = CachedLatents(workdir, setup[3])
+    (same,) = [full[i] for i in range(len(full)) if full[i]["id"] == row["id"]]
+    for key in ("mean", "std", "text"):
+        torch.testing.assert_close(row[key].float(), same[key], atol=0.05, rtol=0.05)
 
 
 def test_non_finite_encodings_become_failures(setup, monkeypatch):
