@@ -13,8 +13,14 @@ from pathlib import Path
 import pytest
 
 # the shared builders: the tiny CLIP (`clip_dir`), the tiny model families (`tiny_sd`, `tiny_sd15`,
-# `tiny_sd21`, `tiny_sdxl`) and the hand-made latents of the training tests (`ramp_latents`)
-pytest_plugins = ["fixtures.clip", "fixtures.pipelines", "fixtures.training"]
+# `tiny_sd21`, `tiny_sdxl`), the hand-made latents of the training tests (`ramp_latents`,
+# `ramp_source`) and the loopback image server (`http_server`)
+pytest_plugins = [
+    "fixtures.clip",
+    "fixtures.pipelines",
+    "fixtures.training",
+    "fixtures.image_server",
+]
 
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="sdflow-test-prefect-")
 os.environ.setdefault("DO_NOT_TRACK", "1")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from fixtures.clip import draw_shapes
+from fixtures.servers import base_url, loopback, running
 from PIL import Image
 
 from sdflow.errors import UserError
@@ -102,7 +103,6 @@ def test_inception_loads_weights_from_the_hub_cache(tmp_path, monkeypatch):
 def test_a_wrong_download_is_refused_and_not_kept(tmp_path, monkeypatch):
     """A local server hands out the wrong bytes: refused before they land in the hub cache."""
     import http.server
-    import threading
 
     class Wrong(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802
@@ -114,16 +114,13 @@ def test_a_wrong_download_is_refused_and_not_kept(tmp_path, monkeypatch):
         def log_message(self, *args):
             pass
 
-    server = http.server.HTTPServer(("127.0.0.1", 0), Wrong)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with running(loopback(Wrong)) as server:
         target = _hub_dir(monkeypatch, tmp_path / "hub")
-        url = f"http://127.0.0.1:{server.server_port}/{features.INCEPTION_FILE}"
-        monkeypatch.setattr(features, "INCEPTION_URL", url)
+        monkeypatch.setattr(
+            features, "INCEPTION_URL", f"{base_url(server)}/{features.INCEPTION_FILE}"
+        )
         with pytest.raises(UserError, match=hashlib.sha256(b"not these").hexdigest()):
             features.FeatureNet("inception")
-    finally:
-        server.shutdown()
     assert list(target.parent.iterdir()) == []  # neither the file nor a temp file
 
 

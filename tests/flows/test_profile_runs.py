@@ -12,10 +12,7 @@ way users use them: pipelines reload with diffusers and generate; caption runs' 
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from fixtures.servers import serving_folder
 
 from sdflow.cli import main
 from sdflow.profiles import load_profile
@@ -47,11 +45,6 @@ CAPTION_ONLY = "download,filter,caption"  # what the caption profiles are run wi
 FP32 = ["train.mixed_precision=no"]  # fp16 autocast training needs a GPU
 
 
-class QuietFiles(SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-        pass
-
-
 @pytest.fixture(scope="module")
 def small_folder(tmp_path_factory) -> Path:
     from sdflow.data.sources.demo import make_demo_dataset
@@ -63,17 +56,15 @@ def small_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def url_list(small_folder: Path, tmp_path_factory) -> Iterator[Path]:
     """A LAION-style parquet list (url, caption) of the small folder, served on 127.0.0.1."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(QuietFiles, directory=small_folder))
-    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-    base = f"http://127.0.0.1:{server.server_address[1]}"
-    rows = [json.loads(line) for line in (small_folder / "metadata.jsonl").read_text().splitlines()]
-    table = pa.table({"url": [f"{base}/{r['file_name']}" for r in rows],
-                      "caption": [r["caption"] for r in rows]})  # fmt: skip
-    path = tmp_path_factory.mktemp("url-list") / "urls.parquet"
-    pq.write_table(table, path)
-    yield path
-    server.shutdown()
-    server.server_close()
+    with serving_folder(small_folder) as base:
+        rows = [
+            json.loads(line) for line in (small_folder / "metadata.jsonl").read_text().splitlines()
+        ]
+        table = pa.table({"url": [f"{base}/{r['file_name']}" for r in rows],
+                          "caption": [r["caption"] for r in rows]})  # fmt: skip
+        path = tmp_path_factory.mktemp("url-list") / "urls.parquet"
+        pq.write_table(table, path)
+        yield path
 
 
 def source_of(profile: str, folder: Path, urls: Path) -> list[str]:

@@ -32,9 +32,10 @@ def config():
 
 
 @pytest.fixture(scope="module")
-def pipeline_dir(tiny_sd15) -> Path:
-    """A complete tiny pipeline saved with save_pipeline: what a 'pretrained' model looks like."""
-    return tiny_sd15
+def pipeline_dir(tiny_sd) -> Path:
+    """A complete tiny pipeline saved with save_pipeline (DDPM): what a 'pretrained' model looks
+    like."""
+    return tiny_sd["root"] / "base"
 
 
 def state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -127,7 +128,7 @@ def test_load_component_names_the_config_key_of_a_missing_dir(config, pipeline_d
     with pytest.raises(UserError, match=f"model.pretrained points to {missing}/unet"):
         models.load_component(missing, "unet", UNet2DConditionModel, model)
     model = config.model.model_copy(update={"vae": str(pipeline_dir)})
-    with pytest.raises(UserError, match="model.vae points to .*/pipeline/no_such_vae"):
+    with pytest.raises(UserError, match=f"model.vae points to .*/{pipeline_dir.name}/no_such_vae"):
         models.load_component(str(pipeline_dir), "no_such_vae", AutoencoderKL, model)
 
 
@@ -164,7 +165,7 @@ def test_component_sources(config, pipeline_dir, tmp_path, monkeypatch):
     # a relative directory is made absolute: it means the same from any working directory
     monkeypatch.chdir(pipeline_dir.parent)
     relative = own_vae.model_copy(
-        update={"model": own_vae.model.model_copy(update={"vae": "./pipeline/vae"})}
+        update={"model": own_vae.model.model_copy(update={"vae": f"./{pipeline_dir.name}/vae"})}
     )
     src = models.component_sources(relative, {}, str(tmp_path))
     assert (src.vae, src.vae_subfolder) == (str(pipeline_dir / "vae"), None)

@@ -6,17 +6,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import torch
 from pydantic import ValidationError
 from tokenizers import pre_tokenizers
 from transformers import CLIPTokenizer
 
 from sdflow.config import ModelConfig
 from sdflow.errors import UserError
-from sdflow.models import components as models
+from sdflow.models.tokenizer import train_tokenizer
 from sdflow.profiles import load_profile
 
 CAPTIONS = [
@@ -33,26 +31,11 @@ def config():
     return load_profile("tiny-test")
 
 
-@pytest.fixture(scope="module")
-def pipeline_dir(tiny_sd15) -> Path:
-    """A complete tiny pipeline saved with save_pipeline: what a 'pretrained' model looks like."""
-    return tiny_sd15
-
-
-def state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in module.state_dict().items()}
-
-
-def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
 # ---------------------------------------------------------------------------------------- tokenizer
 
 
 def test_tokenizer_round_trips_captions(config, tmp_path):
-    models.train_tokenizer(CAPTIONS, config.model, tmp_path / "tok")
+    train_tokenizer(CAPTIONS, config.model, tmp_path / "tok")
     assert {"vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json"} <= {
         p.name for p in (tmp_path / "tok").iterdir()
     }
@@ -72,7 +55,7 @@ def test_tokenizer_round_trips_captions(config, tmp_path):
 
 
 def test_tokenizer_loads_from_vocab_and_merges_alone(config, tmp_path):
-    tokenizer = models.train_tokenizer(CAPTIONS, config.model, tmp_path / "tok")
+    tokenizer = train_tokenizer(CAPTIONS, config.model, tmp_path / "tok")
     os.remove(tmp_path / "tok" / "tokenizer.json")
     reloaded = CLIPTokenizer.from_pretrained(tmp_path / "tok")
     for caption in set(CAPTIONS):
@@ -81,11 +64,11 @@ def test_tokenizer_loads_from_vocab_and_merges_alone(config, tmp_path):
 
 def test_tokenizer_is_deterministic_across_processes(config, tmp_path):
     """Same captions, another process with another hash seed: byte-identical files."""
-    models.train_tokenizer(CAPTIONS, config.model, tmp_path / "here")
+    train_tokenizer(CAPTIONS, config.model, tmp_path / "here")
     script = (
-        "import sys; from pathlib import Path; from sdflow import models; "
+        "import sys; from pathlib import Path; from sdflow.models.tokenizer import train_tokenizer; "
         "from sdflow.profiles import load_profile; "
-        f"models.train_tokenizer({CAPTIONS!r}, load_profile('tiny-test').model, Path(sys.argv[1]))"
+        f"train_tokenizer({CAPTIONS!r}, load_profile('tiny-test').model, Path(sys.argv[1]))"
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     subprocess.run([sys.executable, "-c", script, str(tmp_path / "there")], check=True, env=env)
@@ -96,7 +79,7 @@ def test_tokenizer_is_deterministic_across_processes(config, tmp_path):
 @pytest.mark.parametrize("text", ["a purple circle", "ünïcödé ✓ 🙂", "a zebra near the café"])
 def test_tokenizer_spells_unseen_words_and_characters_in_bytes(config, tmp_path, text):
     """Nothing the captions never showed may become a special token (it used to be end-of-text)."""
-    models.train_tokenizer(CAPTIONS, config.model, tmp_path / "tok")
+    train_tokenizer(CAPTIONS, config.model, tmp_path / "tok")
     tokenizer = CLIPTokenizer.from_pretrained(tmp_path / "tok")
     ids = tokenizer(text, truncation=False).input_ids
     special = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id}
@@ -111,7 +94,7 @@ def test_tokenizer_spells_unseen_words_and_characters_in_bytes(config, tmp_path,
 
 def test_tokenizer_training_twice_gives_identical_files(config, tmp_path):
     for name in ("one", "two"):
-        models.train_tokenizer(CAPTIONS, config.model, tmp_path / name)
+        train_tokenizer(CAPTIONS, config.model, tmp_path / name)
     files = sorted(p.name for p in (tmp_path / "one").iterdir())
     assert files == sorted(p.name for p in (tmp_path / "two").iterdir())
     for name in files:
@@ -128,4 +111,4 @@ def test_tokenizer_vocab_size_must_leave_room_for_merges(config):
 
 def test_tokenizer_rejects_captions_without_words(config, tmp_path):
     with pytest.raises(UserError, match="no words"):
-        models.train_tokenizer(["", "   "], config.model, tmp_path / "tok")
+        train_tokenizer(["", "   "], config.model, tmp_path / "tok")
