@@ -12,12 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from diffusers import StableDiffusionPipeline
+from fixtures.pipelines import seeded_image
 
 from sdflow.cli import main
 
 DATA_STAGES = "download,filter,caption"
+PROMPT = "a red circle on a white background"
 
 
 def _run(workdir: Path, source: Path, *extra: str) -> dict:
@@ -30,14 +31,6 @@ def _run(workdir: Path, source: Path, *extra: str) -> dict:
     assert main([*args, *extra]) == 0
     (run_dir,) = set((workdir / "runs").glob("*")) - before
     return json.loads((run_dir / "summary.json").read_text())
-
-
-def seeded_image(pipe: StableDiffusionPipeline) -> np.ndarray:
-    """The pipeline's image of one prompt at seed 0 (2 steps, as floats)."""
-    pipe.set_progress_bar_config(disable=True)
-    generator = torch.Generator().manual_seed(0)
-    prompt = "a red circle on a white background"
-    return pipe(prompt, num_inference_steps=2, generator=generator, output_type="np").images[0]
 
 
 def _statuses(summary: dict) -> dict[str, tuple[str, bool]]:
@@ -71,7 +64,7 @@ def test_whole_dag_then_all_cached(prefect_server, source, tmp_path):
     evaluated = Path(first["stages"]["evaluate"]["output"], "metrics.json")
     assert metrics == json.loads(evaluated.read_text())  # summary.json reports the stage's scores
     assert metrics["trained"]["fid"] != metrics["baseline"]["fid"]
-    image = seeded_image(StableDiffusionPipeline.from_pretrained(first["model_dir"]))
+    image = seeded_image(StableDiffusionPipeline.from_pretrained(first["model_dir"]), PROMPT)
     assert image.shape == (32, 32, 3)
 
     second = _run(workdir, source)
@@ -90,7 +83,9 @@ def test_whole_dag_then_all_cached(prefect_server, source, tmp_path):
     assert Path(lora["model_dir"], "pytorch_lora_weights.safetensors").is_file()
     pipe = StableDiffusionPipeline.from_pretrained(base)
     pipe.load_lora_weights(lora["model_dir"])
-    assert not np.array_equal(seeded_image(pipe), image)  # the LoRA changes the base's output
+    assert not np.array_equal(
+        seeded_image(pipe, PROMPT), image
+    )  # the LoRA changes the base's output
     # the LoRA run's baseline is the first run's trained model, scored the same way again
     trained_fid = metrics["trained"]["fid"]
     assert lora["metrics"]["baseline"]["fid"] == pytest.approx(trained_fid, rel=1e-3)

@@ -19,8 +19,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from fixtures.pipelines import seeded_image
 from fixtures.servers import serving_folder
 
 from sdflow.cli import main
@@ -89,10 +89,7 @@ def run_profile(profile: str, workdir: Path, overrides: list[str], only: str = "
 
 def generate(pipe) -> np.ndarray:
     """A 32 px image at seed 0, as floats; fails unless it is finite and not one flat colour."""
-    pipe.set_progress_bar_config(disable=True)
-    generator = torch.Generator().manual_seed(0)
-    image = pipe("a red circle", height=32, width=32, num_inference_steps=2,
-                 generator=generator, output_type="np").images[0]  # fmt: skip
+    image = seeded_image(pipe)
     assert image.shape == (32, 32, 3)
     assert np.isfinite(image).all()
     assert np.ptp(image) > 1e-3, "a constant image"

@@ -17,14 +17,6 @@ from sdflow.errors import UserError
 from sdflow.models import components as models
 from sdflow.profiles import load_profile
 
-CAPTIONS = [
-    "a red square on a blue background",
-    "a green circle on a white background",
-    "two yellow triangles and a red circle",
-    "a small blue square",
-    "A BIG Green Triangle",
-] * 4
-
 
 @pytest.fixture(scope="module")
 def config():

@@ -18,6 +18,7 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
+from fixtures.pipelines import seeded_image
 from fixtures.stages import crash_at_checkpoint, make_captions
 from fixtures.training import (
     make_latents,
@@ -74,16 +75,7 @@ def sample_25_steps(pipeline: Path) -> np.ndarray:
 
 
 def generate(pipe: StableDiffusionPipeline) -> np.ndarray:
-    out = pipe(
-        "a red circle",
-        height=32,
-        width=32,
-        num_inference_steps=2,
-        guidance_scale=2.0,
-        generator=torch.Generator().manual_seed(0),
-        output_type="np",
-    )
-    return out.images[0]
+    return seeded_image(pipe, guidance_scale=2.0)
 
 
 # ---------------------------------------------------------------------------------- data order

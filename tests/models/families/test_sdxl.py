@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
+from fixtures.pipelines import seeded_image
 from fixtures.stages import GRID, caption_stage, crash_at_checkpoint, downloaded_rows, samples
 from safetensors.torch import load_file
 
@@ -134,16 +135,7 @@ def workdir_with(latents_workdir: Path, workdir: Path) -> str:
 
 
 def generate(pipe: StableDiffusionXLPipeline):
-    pipe.set_progress_bar_config(disable=True)
-    out = pipe(
-        "a red square",
-        height=32,
-        width=32,
-        num_inference_steps=2,
-        generator=torch.Generator().manual_seed(0),
-        output_type="np",
-    )
-    return out.images[0]
+    return seeded_image(pipe, "a red square")
 
 
 def test_lora_with_ema_min_snr_v_prediction_resumes_exactly_and_loads(
