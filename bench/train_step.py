@@ -40,7 +40,8 @@ from reference_loop import reference_step_ends  # bench/, beside this script
 from results import comparison, save
 
 from sdflow.data.sources.demo import make_demo_dataset
-from sdflow.models.components import build_text_encoder, build_unet, build_vae, save_pipeline
+from sdflow.models.components import build_text_encoder, build_unet, build_vae
+from sdflow.models.files import save_pipeline
 from sdflow.models.tokenizer import train_tokenizer
 from sdflow.profiles import load_profile
 from sdflow.training import loop as training

@@ -37,7 +37,8 @@ from sdflow.config import AugmentConfig, AutoencoderConfig, RunConfig
 from sdflow.data.imaging import encode_image
 from sdflow.data.sources.demo import unseen_samples
 from sdflow.errors import UserError
-from sdflow.models.components import build_vae, image_to_tensor, save_component
+from sdflow.models.components import build_vae, image_to_tensor
+from sdflow.models.files import save_component
 from sdflow.ops.gpuslots import torch_device
 from sdflow.ops.orchestration import stage_task
 from sdflow.store.checkpoints import load_latest, prune_checkpoints, save_checkpoint

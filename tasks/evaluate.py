@@ -32,41 +32,32 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Iterator
-from itertools import islice
-from pathlib import Path
 from typing import Any
-
-import torch
-from PIL import Image
 
 from sdflow.config import RunConfig
 from sdflow.errors import UserError
 from sdflow.evaluation.curves import draw_metric_curve
-from sdflow.evaluation.features import decode_image, feature_label, feature_note
-from sdflow.evaluation.grids import Block, render_grid, save_png
+from sdflow.evaluation.grids import save_png
+from sdflow.evaluation.held_out import add_real_images, held_out_prompts
+from sdflow.evaluation.results import draw_grid, score_model, summarise
 from sdflow.evaluation.sampling import (
-    SEED_STRIDE,
     base_source,
-    fid_sample_jobs,
-    generate,
     load_baseline,
     load_checkpoint_pipeline,
     load_trained,
     scored_model,
 )
 from sdflow.evaluation.scoring import METRICS, Scorer
-from sdflow.models.components import component_sources, weights_hash
+from sdflow.models.components import component_sources
+from sdflow.models.files import weights_hash
 from sdflow.ops.orchestration import stage_task
 from sdflow.store.checkpoints import list_checkpoints, step_name
 from sdflow.store.fingerprint import code_version, hash_tree
-from sdflow.store.splits import is_held_out
 from sdflow.store.stageio import (
     Manifest,
     StageBuild,
     build_stage,
     output_dir,
-    read_shards,
     stage_key,
     write_atomic,
     write_json,
@@ -119,7 +110,7 @@ def _build(build: StageBuild, config: RunConfig, upstream: dict, workdir: str) -
             build, config, upstream, workdir, scorer, prompts, pool
         )
     names = {name: describe_model(name, config, train) for name in results}
-    save_png(_draw_grid(build.path, prompts, names, config), build.path / "grid.png")
+    save_png(draw_grid(build.path, prompts, names, config), build.path / "grid.png")
     metrics = summarise(results, names, prompts, scorer.num_real, config)
     # which of the train stage's models "trained" is: its directory there, and its step
     metrics["trained_model"] = {
@@ -228,64 +219,6 @@ def score_checkpoints(build, config, train, workdir, scorer, prompts, pool) -> t
 # ------------------------------------------------------------------------------- prompts and reals
 
 
-def held_out_prompts(workdir: str, caption: Manifest, config: RunConfig) -> tuple[list, list]:
-    """(pool, prompts): the first `eval.fid_samples` held-out captions in shard order (FID's
-    prompts, matching its real images), and `eval.num_prompts` of them, distinct ones first."""
-    ev = config.eval
-    pool: list[str] = []
-    distinct: dict[str, None] = {}
-    repeats: list[str] = []
-    for text in _held_out_captions(workdir, caption, ev.held_out_fraction):
-        if len(pool) < ev.fid_samples:
-            pool.append(text)
-        if text in distinct:
-            if len(repeats) < ev.num_prompts:
-                repeats.append(text)
-        elif len(distinct) < ev.num_prompts:
-            distinct[text] = None
-        if len(pool) >= ev.fid_samples and len(distinct) >= ev.num_prompts:
-            break
-    if not pool:
-        raise UserError(
-            f"No held-out samples to evaluate on: eval.held_out_fraction is "
-            f"{ev.held_out_fraction}. Raise it (e.g. 0.05) or add data; held-out images are the "
-            "real images FID compares against, and their captions the prompts."
-        )
-    return pool, (list(distinct) + repeats)[: ev.num_prompts]
-
-
-def _held_out_captions(workdir: str, caption: Manifest, fraction: float) -> Iterator[str]:
-    for table in read_shards(workdir, caption, columns=["id", "caption"]):
-        ids, texts = table["id"].to_pylist(), table["caption"].to_pylist()
-        for sample_id, text in zip(ids, texts, strict=True):
-            if is_held_out(sample_id, fraction):
-                yield text or ""
-
-
-def add_real_images(scorer: Scorer, workdir: str, caption: Manifest, config: RunConfig) -> int:
-    """Up to `eval.fid_samples` held-out images as the real set, batch by batch."""
-    ev = config.eval
-    images = islice(_held_out_images(workdir, caption, config), ev.fid_samples)
-    while batch := list(islice(images, ev.batch_size)):
-        scorer.add_real(torch.stack(batch))
-    if scorer.num_real < 2:
-        raise UserError(
-            f"FID needs at least 2 held-out real images, found {scorer.num_real}. Raise "
-            "eval.held_out_fraction or add data."
-        )
-    return scorer.num_real
-
-
-def _held_out_images(workdir: str, caption: Manifest, config: RunConfig) -> Iterator[torch.Tensor]:
-    fraction, resolution = config.eval.held_out_fraction, config.download.resolution
-    for table in read_shards(workdir, caption, columns=["id", "image"]):
-        for sample_id, data in zip(
-            table["id"].to_pylist(), table["image"].to_pylist(), strict=True
-        ):
-            if is_held_out(sample_id, fraction):
-                yield decode_image(data, resolution)
-
-
 # ---------------------------------------------------------------------------------------- models
 
 
@@ -321,87 +254,4 @@ def _score_once(build, name, load, prompts, pool, scorer, config) -> dict[str, A
     return scores
 
 
-def score_model(pipe, sample_dir: Path, prompts, pool, scorer: Scorer, config) -> dict[str, Any]:
-    """Save the grid samples, then every metric: the grid images count for CLIP score only, the
-    FID set (`pool`: the held-out captions it cycles through) for every metric."""
-    ev = config.eval
-    model = scorer.start()
-    sample_dir.mkdir(parents=True, exist_ok=True)
-    grid_jobs = [
-        (p, ev.seed + i * SEED_STRIDE + j, f"p{i:03d}-{j}.png")
-        for i, p in enumerate(prompts)
-        for j in range(ev.images_per_prompt)
-    ]
-    for batch, images in generate(pipe, grid_jobs, config):
-        for (_, _, file), image in zip(batch, images, strict=True):
-            save_png(Image.fromarray(image.permute(1, 2, 0).numpy()), sample_dir / file)
-        model.add(images, [prompt for prompt, _, _ in batch], for_distribution=False)
-    for batch, images in generate(pipe, fid_sample_jobs(pool, ev.fid_samples, ev.seed), config):
-        model.add(images, [prompt for prompt, _, _ in batch], for_distribution=True)
-    del pipe  # free the GPU before the next model loads
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    scores = model.result(prompts)  # the per-prompt table: the evaluation (grid) prompts
-    log.info(
-        "evaluate: %s FID %.3f, KID %s, precision %s, recall %s, CLIP score %s",
-        sample_dir.name, scores["fid"], scores["kid"], scores["precision"], scores["recall"],
-        scores["clip_score"],
-    )  # fmt: skip
-    return scores
-
-
 # ------------------------------------------------------------------------------- grid and summary
-
-
-def _draw_grid(path: Path, prompts, names: dict[str, str], config: RunConfig) -> Image.Image:
-    """Baseline block left (before), trained block right (after), read back from the samples."""
-    ev = config.eval
-    blocks = []
-    for name in ("baseline", "trained"):
-        if name in names:
-            rows = [
-                [
-                    _open(path / "samples" / name / f"p{i:03d}-{j}.png")
-                    for j in range(ev.images_per_prompt)
-                ]
-                for i in range(len(prompts))
-            ]
-            blocks.append(Block(name, rows))  # full names are in the title
-    settings = (
-        f"sdflow evaluate: {ev.scheduler}, {ev.num_inference_steps} steps, guidance "
-        f"{ev.guidance_scale}, seed {ev.seed}, {config.download.resolution} px"
-    )
-    return render_grid(prompts, blocks, [settings, *names.values()])
-
-
-def _open(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
-
-
-def summarise(results, names, prompts, num_real: int, config: RunConfig) -> dict[str, Any]:
-    """metrics.json: each model's scores, how they were measured, and whether training helped."""
-    ev = config.eval
-    trained, baseline = results["trained"], results.get("baseline")
-    metrics: dict[str, Any] = {
-        "trained": {**trained, "name": names["trained"]},
-        "baseline": {**baseline, "name": names["baseline"]} if baseline else None,
-        "fid_feature_extractor": feature_label(ev.fid_features),
-        "fid_note": feature_note(ev.fid_features),
-        "comparable_to_published": ev.fid_features == "inception",
-        "num_generated": ev.fid_samples,
-        "num_real": num_real,
-        "prompts": prompts,
-        "images_per_prompt": ev.images_per_prompt,
-        "guidance_scale": ev.guidance_scale,
-        "num_inference_steps": ev.num_inference_steps,
-        "scheduler": ev.scheduler,
-        "resolution": config.download.resolution,
-        "seed": ev.seed,
-    }
-    if baseline:
-        metrics["training_helped"] = trained["fid"] < baseline["fid"]
-    else:
-        metrics["training_helped"] = None
-        metrics["training_helped_reason"] = "eval.baseline is false: nothing to compare with"
-    return metrics

@@ -27,44 +27,37 @@ are cached): swapping an encoder, the resolution or the buckets re-encodes, neve
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import time
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 import torch
 from diffusers import AutoencoderKL
-from PIL import Image
 from safetensors import safe_open
-from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from sdflow.config import RunConfig
-from sdflow.data.buckets import Bucket, bucket_name, bucket_pixels, bucket_set, nearest_bucket
+from sdflow.data.buckets import Bucket, bucket_name, bucket_set
 from sdflow.errors import UserError
 from sdflow.models.components import (
     absolute_source,
     build_text_encoder,
     component_sources,
-    encode_images,
     load_component,
-    save_component,
     train_tokenizer,
-    weights_hash,
 )
-from sdflow.models.families import Family, TextEncoders, family_of
+from sdflow.models.families import TextEncoders, family_of
+from sdflow.models.files import save_component, weights_hash
 from sdflow.ops.artifacts import report_progress
 from sdflow.ops.gpuslots import torch_device
 from sdflow.ops.orchestration import stage_task
 from sdflow.store.fingerprint import code_version
-from sdflow.store.reuse import Outcome, record_rows, row_keys, shared_memo
+from sdflow.store.reuse import record_rows, row_keys, shared_memo
 from sdflow.store.splits import is_held_out
 from sdflow.store.stageio import (
     FAILURES,
@@ -78,6 +71,7 @@ from sdflow.store.stageio import (
     stage_key,
     write_json,
 )
+from sdflow.training import encoding
 from sdflow.training.latent_data import (
     EMPTY_PROMPT,
     ShardRows,
@@ -88,7 +82,6 @@ from sdflow.training.latent_data import (
     save_tensors,
     write_latent_shard,
 )
-from sdflow.training.schedules import same_shape
 
 log = logging.getLogger(__name__)
 # per-shard counts and seconds, so a resumed build reports the same numbers; under logs/, which
@@ -98,8 +91,6 @@ TEXT_PARTS = ("tokenizer", "text_encoder")  # a scratch run's, trained and saved
 VALIDATION = "validation/"  # the held-out split's latents shards, for the train stage's validation
 # what a row's tensors are computed from (its reuse key); the original size feeds `original_size`
 ROW_COLUMNS = ("id", "image", "caption", "orig_width", "orig_height")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _encoder_identity(config: RunConfig, upstream: dict[str, Manifest | None]) -> dict[str, Any]:
@@ -165,17 +156,6 @@ cache_latents_task = stage_task("latents", latents_key)(cache_latents)
 # ------------------------------------------------------------------------------------------ build
 
 
-@dataclass
-class Encoders:
-    """The frozen models that turn a sample into its cached row."""
-
-    vae: AutoencoderKL
-    text: TextEncoders
-    family: Family
-    device: torch.device
-    buckets: list[Bucket]  # the bucket set (one square bucket with `latents.buckets: none`)
-
-
 def _build(
     build: StageBuild, config: RunConfig, upstream: dict[str, Manifest | None], workdir: str
 ) -> Manifest:
@@ -233,7 +213,7 @@ class _TableReader:
 
 def _load_encoders(
     build: StageBuild, config: RunConfig, upstream: dict[str, Manifest | None], workdir: str
-) -> Encoders:
+) -> encoding.Encoders:
     model = config.model
     family = family_of(config)
     family.check(config)
@@ -250,7 +230,7 @@ def _load_encoders(
     if config.latents.channels_last:
         vae.to(memory_format=torch.channels_last)
     buckets = bucket_set(config.latents, config.download.resolution)
-    return Encoders(vae, text, family, device, buckets)
+    return encoding.Encoders(vae, text, family, device, buckets)
 
 
 def _scratch_text(
@@ -278,25 +258,13 @@ def _training_captions(workdir: str, caption: Manifest, fraction: float) -> Iter
                 yield text or ""
 
 
-def _save_empty_prompt(build: StageBuild, config: RunConfig, encoders: Encoders) -> str:
+def _save_empty_prompt(build: StageBuild, config: RunConfig, encoders: encoding.Encoders) -> str:
     if not build.has(EMPTY_PROMPT):
-        empty = {k: v[0] for k, v in _encode_captions(config, encoders, [""]).items()}
+        empty = {k: v[0] for k, v in encoding.encode_captions(config, encoders, [""]).items()}
         save_tensors(
-            build.path / EMPTY_PROMPT, {k: _stored(v, config) for k, v in empty.items()}, {}
+            build.path / EMPTY_PROMPT, {k: encoding.stored(v, config) for k, v in empty.items()}, {}
         )
     return EMPTY_PROMPT
-
-
-def _encode_captions(
-    config: RunConfig, encoders: Encoders, captions: list[str]
-) -> dict[str, Tensor]:
-    """The family's cached conditioning ({"text": embeddings [B, L, D]}, SDXL also "pooled"), or
-    {"input_ids": [B, L]} when the run trains the encoder."""
-    if caption_key(config.train) == "input_ids":
-        return {"input_ids": encoders.family.tokenize(encoders.text, captions)}
-    with torch.no_grad():
-        encoded = encoders.family.encode_prompts(encoders.text, captions)
-    return {key: value.float() for key, value in encoded.items()}
 
 
 # ----------------------------------------------------------------------------------------- encode
@@ -305,7 +273,7 @@ def _encode_captions(
 def _encode_shard(
     build: StageBuild,
     config: RunConfig,
-    encoders: Encoders,
+    encoders: encoding.Encoders,
     samples: list[dict],
     name: str,
     salt: str,
@@ -319,7 +287,9 @@ def _encode_shard(
     keys = row_keys([{k: s.get(k) for k in ROW_COLUMNS} for s in samples], salt)
     memo = shared_memo(build.workdir, "latents", build.key)
     outcomes, encoded = memo.outcomes(
-        keys, lambda todo: _encode_rows(config, encoders, [samples[i] for i in todo]), ShardRows
+        keys,
+        lambda todo: encoding.encode_rows(config, encoders, [samples[i] for i in todo]),
+        ShardRows,
     )
     kept = [o.row for o in outcomes if o.kept]
     ids = [row["id"] for row in kept]
@@ -331,7 +301,7 @@ def _encode_shard(
     build.write_table(f"{FAILURES}/{failures_name}", failures_table(failures))
     stats = {
         "encoded": len(ids),
-        "buckets": dict(Counter(_bucket_of(row, encoders.buckets) for row in kept)),
+        "buckets": dict(Counter(encoding.bucket_of(row, encoders.buckets) for row in kept)),
         "failed_by_reason": dict(Counter(f["reason"] for f in failures)),
         "seconds": time.monotonic() - started,
     }
@@ -348,143 +318,13 @@ def _encode_shard(
     return encoded
 
 
-def _encode_rows(config: RunConfig, encoders: Encoders, samples: list[dict]) -> list[Outcome]:
-    """Each sample's outcome, in order: its stored tensors (one row each), or its failure."""
-    results: dict[str, Outcome] = {}
-    size = config.latents.batch_size
-    for batch in (samples[a : a + size] for a in range(0, len(samples), size)):
-        kept, failed = _encode_batch(config, encoders, batch)
-        for row in kept:
-            stored = {k: v if k == "id" else _stored(v, config) for k, v in row.items()}
-            results[row["id"]] = Outcome(True, stored)
-        results |= {failure["id"]: Outcome(False, failure) for failure in failed}
-    return [results[s["id"]] for s in samples]
-
-
-def _bucket_of(row: dict[str, Any], buckets: list[Bucket]) -> str:
-    """A row's bucket name (the one bucket when there are no others)."""
-    bucket = tuple(row["bucket"][0].tolist()) if "bucket" in row else buckets[0]
-    return bucket_name(bucket)
-
-
-def _encode_batch(
-    config: RunConfig, encoders: Encoders, batch: list[dict]
-) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
-    """Decode, encode and check one batch: (kept rows {id, tensor name: one-row tensor},
-    failure rows). Images of one bucket are encoded together."""
-    kept, pixels, failures = [], [], []
-    for sample in batch:
-        try:
-            image, row = _crop_to_bucket(sample, encoders.buckets)
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            failures.append(_failure(sample, "undecodable_image", exc))
-            continue
-        kept.append(row)
-        pixels.append(image)
-    if not kept:
-        return [], failures
-    for members in same_shape(pixels):
-        with torch.no_grad():
-            views = _encode_pixels(config, encoders, torch.stack([pixels[i] for i in members]))
-        for j, i in enumerate(members):
-            kept[i] |= {key: value[j : j + 1] for key, value in views.items()}
-    texts = _encode_captions(config, encoders, [sample.pop("caption") for sample in kept])
-    for i, row in enumerate(kept):
-        row |= {key: value[i : i + 1] for key, value in texts.items()}
-    finite = [
-        all(t.isfinite().all() for t in row.values() if isinstance(t, Tensor)) for row in kept
-    ]
-    samples = {s["id"]: s for s in batch}
-    failures += [
-        _failure(samples[row["id"]], "non_finite_latent", "NaN or inf in the encoding")
-        for row, ok in zip(kept, finite, strict=True)
-        if not ok
-    ]
-    return [row for row, ok in zip(kept, finite, strict=True) if ok], failures
-
-
-def _crop_to_bucket(sample: dict, buckets: list[Bucket]) -> tuple[Tensor, dict[str, Any]]:
-    """The sample's pixels at its bucket, and its row so far: id, caption, `original_size`
-    [1, 2] (height, width before the download resized it), `crop_top_left` [1, 2] (top, left of the
-    crop in the image resized to cover the bucket) and, with buckets, `bucket` [1, 2] (width,
-    height)."""
-    with Image.open(io.BytesIO(sample["image"])) as image:
-        width, height = image.size
-    original = (sample.get("orig_height") or height, sample.get("orig_width") or width)
-    bucket = nearest_bucket(width, height, buckets)
-    pixels, top_left = bucket_pixels(sample["image"], bucket)
-    row = {
-        "id": sample["id"],
-        "caption": sample["caption"] or "",
-        "original_size": torch.tensor([original], dtype=torch.int64),
-        "crop_top_left": torch.tensor([top_left], dtype=torch.int64),
-    }
-    if len(buckets) > 1:
-        row["bucket"] = torch.tensor([bucket], dtype=torch.int64)
-    return pixels, row
-
-
-def _encode_pixels(config: RunConfig, encoders: Encoders, pixels: Tensor) -> dict[str, Tensor]:
-    """Latent mean/std (and of the flipped image) under the configured autocast.
-
-    A half-precision VAE can overflow to NaN (a known SDXL fp16 VAE problem): such a batch is
-    encoded again in float32 before any row is given up.
-    """
-    precision = vae_precision(config, encoders)
-    out = _encode_views(config, encoders, pixels, precision)
-    if precision is not None and not all(t.isfinite().all() for t in out.values()):
-        out = _encode_views(config, encoders, pixels, None)
-    return out
-
-
-def vae_precision(config: RunConfig, encoders: Encoders) -> torch.dtype | None:
-    """`latents.mixed_precision`'s autocast dtype, but float32 (None) for fp16 when the family
-    honours the VAE's `force_upcast` flag and the VAE sets it (SDXL's VAE overflows in fp16;
-    an fp16-safe replacement VAE, `model.vae`, clears the flag)."""
-    precision = AUTOCAST.get(config.latents.mixed_precision)
-    upcast = encoders.family.upcast_vae and getattr(encoders.vae.config, "force_upcast", False)
-    return None if precision is torch.float16 and upcast else precision
-
-
-def _encode_views(
-    config: RunConfig, encoders: Encoders, pixels: Tensor, precision: torch.dtype | None
-) -> dict[str, Tensor]:
-    device = encoders.device
-    layout = torch.channels_last if config.latents.channels_last else torch.contiguous_format
-    autocast = torch.autocast(device.type, dtype=precision) if precision else nullcontext()
-    with autocast:
-        mean, std = encode_images(encoders.vae, pixels.to(device, memory_format=layout))
-        out = {"mean": mean.float(), "std": std.float()}
-        if config.latents.flip:
-            flipped = torch.flip(pixels, dims=[-1]).to(device, memory_format=layout)
-            mean, std = encode_images(encoders.vae, flipped)
-            out |= {"mean_flip": mean.float(), "std_flip": std.float()}
-    return out
-
-
-def _stored(tensor: Tensor, config: RunConfig) -> Tensor:
-    """Floats in `latents.dtype`; token ids as they are."""
-    if not tensor.is_floating_point():
-        return tensor.detach().cpu()
-    return tensor.detach().to("cpu", DTYPES[config.latents.dtype])
-
-
-def _failure(sample: dict, reason: str, detail: object) -> dict[str, str]:
-    return {
-        "id": sample["id"],
-        "source": sample.get("source") or "",
-        "reason": reason,
-        "detail": str(detail)[:300],
-    }
-
-
 # ----------------------------------------------------------------------------------------- finish
 
 
 def _finish(
     build: StageBuild,
     config: RunConfig,
-    encoders: Encoders,
+    encoders: encoding.Encoders,
     shards: list[str],
     counts: dict[str, int],
     files: dict[str, str],

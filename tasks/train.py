@@ -36,27 +36,26 @@ from PIL import Image, ImageDraw
 from transformers import CLIPTextModel
 
 from sdflow.config import RunConfig
-from sdflow.models.components import (
-    ComponentSources,
-    atomic_dir,
-    base_scheduler_config,
-    canonical_safetensors,
-    component_sources,
-    hub_commit,
-    inference_scheduler,
-    load_component,
-    noise_scheduler,
-    weights_hash,
-)
+from sdflow.models.components import ComponentSources, component_sources, load_component
 from sdflow.models.families import family_of
+from sdflow.models.files import canonical_safetensors, hub_commit, weights_hash
+from sdflow.models.schedulers import base_scheduler_config, inference_scheduler, noise_scheduler
 from sdflow.models.trainable import trained_text_encoder, trained_unet
 from sdflow.ops.orchestration import stage_task
 from sdflow.store.checkpoints import load_checkpoint, prune_checkpoints, save_checkpoint, step_name
 from sdflow.store.fingerprint import code_version
-from sdflow.store.stageio import Manifest, StageBuild, build_stage, stage_key, write_atomic
+from sdflow.store.stageio import (
+    Manifest,
+    StageBuild,
+    atomic_dir,
+    build_stage,
+    stage_key,
+    write_atomic,
+)
 from sdflow.training.continuation import continue_from_predecessor
-from sdflow.training.loop import CHECKPOINTS, LOGS, TrainSummary, resolve_processes, run_training
+from sdflow.training.loop import CHECKPOINTS, LOGS, TrainSummary
 from sdflow.training.memory import check_memory_options
+from sdflow.training.processes import resolve_processes, run_training
 from sdflow.training.schedules import bucket_plan
 
 LOSS_CURVE = "loss.png"

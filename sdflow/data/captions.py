@@ -175,7 +175,8 @@ def tokenizer_identity(config: RunConfig) -> str | None:
     if config.caption.max_tokens is None:
         return None
     if config.model.init == "pretrained":
-        from sdflow.models.components import absolute_source, weights_hash
+        from sdflow.models.components import absolute_source
+        from sdflow.models.files import weights_hash
 
         source = absolute_source(config.model.pretrained)
         return weights_hash(source, "tokenizer", config.model.revision)

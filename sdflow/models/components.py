@@ -9,23 +9,16 @@ from __future__ import annotations
 
 import inspect
 import io
-import json
 import logging
 import re
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import diffusers
 import numpy as np
 import torch
 from diffusers import (
     AutoencoderKL,
-    DDIMScheduler,
-    DDPMScheduler,
-    SchedulerMixin,
-    StableDiffusionPipeline,
     UNet2DConditionModel,
 )
 from diffusers.models.modeling_utils import ModelMixin
@@ -38,8 +31,7 @@ from sdflow.config import ModelConfig, RunConfig
 from sdflow.errors import UserError
 from sdflow.models.hub import resolve_commit
 from sdflow.models.tokenizer import train_tokenizer  # noqa: F401  (re-exported: models is the one entry point)
-from sdflow.store.fingerprint import hash_weights
-from sdflow.store.stageio import Manifest, atomic_dir, output_dir, write_atomic
+from sdflow.store.stageio import Manifest, output_dir
 
 WEIGHTS = (ModelMixin, PreTrainedModel)  # classes with weight files (variants, dtypes)
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -241,68 +233,6 @@ def component_sources(
     return ComponentSources(vae, vae_sub, text, None, tok, None, None, None, None)
 
 
-def base_scheduler_config(config: RunConfig, sources: ComponentSources) -> dict[str, Any] | None:
-    """The pretrained model's own `scheduler/scheduler_config.json` (with `_class_name`), or None."""
-    if not sources.scheduler:
-        return None
-    # loading it first checks the source, with errors that name the config key
-    load_component(sources.scheduler, "scheduler", DDPMScheduler, config.model)
-    kwargs = {"subfolder": "scheduler"}
-    if is_hub_name(sources.scheduler) and config.model.revision:
-        kwargs["revision"] = config.model.revision
-    return dict(DDPMScheduler.load_config(sources.scheduler, **kwargs))
-
-
-def prediction_type(config: RunConfig, base: dict[str, Any] | None) -> str:
-    """`train.prediction_type`, or unset: the base scheduler's own (epsilon from scratch)."""
-    inherited = (base or {}).get("prediction_type") or "epsilon"
-    chosen = config.train.prediction_type or inherited
-    if base is not None and chosen != inherited:
-        log.warning(
-            "train.prediction_type is %r but the base model %s predicts %r: the fine-tune is "
-            "re-targeted to %r (recorded in the train manifest).",
-            chosen,
-            config.model.pretrained,
-            inherited,
-            chosen,
-        )
-    return chosen
-
-
-def noise_scheduler(config: RunConfig, sources: ComponentSources) -> DDPMScheduler:
-    """The training noise schedule: the pretrained model's own, or SD's scaled-linear default."""
-    base = base_scheduler_config(config, sources)
-    prediction = prediction_type(config, base)
-    if base is not None:
-        return DDPMScheduler.from_config(base, prediction_type=prediction)
-    return DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        prediction_type=prediction,
-        clip_sample=False,  # SD v1 scheduler settings: latents are not clipped to [-1, 1]
-        steps_offset=1,
-    )
-
-
-def inference_scheduler(config: RunConfig, sources: ComponentSources, trained: DDPMScheduler):
-    """The exported pipeline's sampler: the base model's own scheduler class and config, or (from
-    scratch) DDIM on the training noise schedule; both with the prediction type `trained` used."""
-    base = base_scheduler_config(config, sources)
-    prediction = trained.config.prediction_type
-    if base is None:
-        # SD's own DDIM settings: the final step does not assume alpha_0 = 1
-        return DDIMScheduler.from_config(trained.config, set_alpha_to_one=False)
-    cls = getattr(diffusers, base["_class_name"], None)
-    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
-        raise UserError(
-            f"model.pretrained {config.model.pretrained}: its scheduler class "
-            f"{base['_class_name']!r} is not a diffusers scheduler."
-        )
-    return cls.from_config(base, prediction_type=prediction)
-
-
 # ------------------------------------------------------------------------------------ encode, save
 
 
@@ -350,116 +280,4 @@ def image_to_tensor(data: bytes, resolution: int) -> Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous() / 127.5 - 1.0
 
 
-def save_component(component: Any, out_dir: Path) -> None:
-    """save_pretrained into `out_dir` atomically, as safetensors."""
-    with atomic_dir(out_dir) as tmp:
-        if isinstance(component, (ModelMixin, PreTrainedModel)):
-            component.save_pretrained(tmp, safe_serialization=True)
-        else:
-            component.save_pretrained(tmp)
-        drop_load_paths(tmp)
-
-
-def save_pipeline(out_dir: Path, unet, vae, text_encoder, tokenizer, scheduler) -> None:
-    """A complete diffusers pipeline dir, loadable by `StableDiffusionPipeline.from_pretrained`."""
-    pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    save_pipeline_dir(out_dir, pipeline)
-
-
-def save_pipeline_dir(out_dir: Path, pipeline: Any) -> None:
-    """`pipeline.save_pretrained` into `out_dir` atomically, as safetensors, without load paths."""
-    with atomic_dir(out_dir) as tmp:
-        pipeline.save_pretrained(tmp, safe_serialization=True)
-        drop_load_paths(tmp)
-
-
-def canonical_safetensors(path: Path) -> None:
-    """Rewrite a safetensors file's header with sorted keys (the tensor data is untouched).
-
-    safetensors writes `__metadata__` in hash order, and a LoRA file's adapter config lists its
-    target modules in set order: two saves of the same adapter differ in bytes, and so would the
-    stage fingerprint. Sorted, the same weights and config are always the same file.
-    """
-    raw = path.read_bytes()
-    size = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8 : 8 + size])
-    metadata = header.get("__metadata__") or {}
-    for name, value in metadata.items():
-        metadata[name] = _sorted_json(value)
-    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the data section stays 8-byte aligned
-    write_atomic(path, len(text).to_bytes(8, "little") + text + raw[8 + size :])
-
-
-def _sorted_json(value: str) -> str:
-    """A JSON text (an adapter config) with sorted keys and its module lists sorted; else as is."""
-    try:
-        parsed = json.loads(value)
-    except ValueError:
-        return value
-    if not isinstance(parsed, dict):
-        return value
-    for name, item in parsed.items():
-        if name.endswith(("target_modules", "exclude_modules")) and isinstance(item, list):
-            parsed[name] = sorted(item)
-    return json.dumps(parsed, sort_keys=True, indent=2)
-
-
-def drop_load_paths(directory: Path) -> None:
-    """Remove `_name_or_path` (where a component was loaded from) from saved diffusers configs.
-
-    It names a local directory, often another stage's output: a saved model that records it differs
-    between two workdirs, and the stage fingerprint would cover a path instead of the content.
-    """
-    for config in Path(directory).rglob("config.json"):
-        values = json.loads(config.read_text())
-        if isinstance(values, dict) and "_name_or_path" in values:
-            del values["_name_or_path"]
-            config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
-
-
 # ------------------------------------------------------------------------------------ fingerprints
-
-
-def hub_commit(model: ModelConfig) -> str | None:
-    """The commit `model.pretrained` resolves to, when it is a hub name (recorded in manifests)."""
-    if model.pretrained and is_hub_name(model.pretrained):
-        return resolve_commit(model.pretrained, model.revision)
-    return None
-
-
-def weights_hash(source: str, subfolder: str | None, revision: str | None = None) -> str:
-    """Content hash of a local model directory; `hub:<name>@<commit>` for a hub name (the commit
-    `revision` resolves to now: a new upstream commit is a new key)."""
-    if is_hub_name(source):
-        commit = resolve_commit(source, revision)
-        return f"hub:{source}@{commit}" + (f"/{subfolder}" if subfolder else "")
-    path = Path(source).expanduser() / (subfolder or "")
-    if not path.is_dir():
-        raise UserError(f"Model directory {path} does not exist.")
-    return _hash_weights_cached(str(path.resolve()), _stat_signature(path))
-
-
-def _stat_signature(path: Path) -> tuple:
-    """Cheap (name, size, mtime) listing: re-hashing gigabytes happens only when a file changed."""
-    files = sorted(p for p in path.rglob("*") if p.is_file())
-    return tuple((p.relative_to(path).as_posix(), *_size_mtime(p)) for p in files)
-
-
-def _size_mtime(path: Path) -> tuple[int, int]:
-    stat = path.stat()
-    return stat.st_size, stat.st_mtime_ns
-
-
-@lru_cache(maxsize=64)
-def _hash_weights_cached(path: str, signature: tuple) -> str:
-    return hash_weights(path)

@@ -1,10 +1,8 @@
 """The UNet training loop: from scratch, full fine-tune or LoRA, with exact resume.
 
 `train_unet(config, upstream, workdir, out_dir)` is a plain function with no Prefect inside. The train
-stage calls `run_training`, which runs it in-process for `train.processes: 1`, and otherwise under
-`accelerate launch -m sdflow.training.loop spec.json` (one process per GPU, or gloo processes on a CPU),
-supervised by `sdflow.ops.launch`: the workers' output streams into the `sdflow.train` log, and a failure
-or cancellation ends them all. `train.batch_size` is per process; process r reads the r-th slice of
+stage calls `sdflow.training.processes.run_training`, which runs it in this process or in
+`train.processes` accelerate processes. `train.batch_size` is per process; process r reads the r-th slice of
 each global batch, and DDP averages the gradients, so N processes x B/N see the same samples per step
 as one process x B. Only rank 0 writes checkpoints and the summary.
 
@@ -27,12 +25,7 @@ Memory options: `train.optimizer: adamw8bit` (bitsandbytes, CUDA only) and `trai
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import re
-import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,12 +41,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from sdflow.config import RunConfig, TrainConfig
-from sdflow.errors import UserError, as_user_error
-from sdflow.models.components import (
-    component_sources,
-)
-from sdflow.models.components import noise_scheduler as make_noise_scheduler
+from sdflow.models.components import component_sources
 from sdflow.models.families import family_of
+from sdflow.models.schedulers import noise_scheduler as make_noise_scheduler
 from sdflow.models.trainable import (
     CHECKPOINT_GROUP,
     build_trainable_text_encoder,
@@ -61,10 +51,8 @@ from sdflow.models.trainable import (
     load_trained_weights,
 )
 from sdflow.ops.artifacts import report_progress
-from sdflow.ops.gpuslots import gpu_count, held_device
-from sdflow.ops.launch import LaunchFailed, accelerate_command, exit_with_supervisor, supervise
 from sdflow.store.checkpoints import load_latest, mark_best, save_checkpoint
-from sdflow.store.stageio import Manifest, write_json
+from sdflow.store.stageio import Manifest
 from sdflow.training.memory import check_memory_options, make_ema, make_optimizer
 from sdflow.training.objective import diffusion_loss
 from sdflow.training.schedules import StepBatches, collate, log_bucket_plan, make_batches
@@ -81,7 +69,6 @@ from sdflow.training.validation import ValidationState, Validator, validation_in
 CHECKPOINTS = "checkpoints"
 LOGS = "logs"
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-STEP_LINE = re.compile(r"step (\d+)/(\d+) loss")
 
 log = logging.getLogger("sdflow.train")
 
@@ -422,95 +409,3 @@ def validation_summary(trainer: Trainer) -> dict[str, Any] | None:
         return None
     grid = trainer.validator.newest_grid(trainer.validation)
     return validation_info(trainer.validation, trainer.train.validate_every, grid)
-
-
-# ------------------------------------------------------------------------------- several processes
-
-
-def resolve_processes(train: TrainConfig) -> int:
-    """`train.processes` as a number: "auto" is one process per visible GPU (one without a GPU)."""
-    if train.processes == "auto":
-        return max(1, torch.cuda.device_count())
-    return train.processes
-
-
-def run_training(
-    config: RunConfig, upstream: dict[str, Manifest | None], workdir: str, out_dir: str | Path
-) -> TrainSummary:
-    """`train_unet` in this process, or in `train.processes` processes under `accelerate launch`."""
-    processes = resolve_processes(config.train)
-    if processes == 1:
-        return train_unet(config, upstream, workdir, out_dir)
-    with tempfile.TemporaryDirectory(prefix="sdflow-train-") as tmp:
-        spec = {
-            "config": config.model_dump(mode="json"),
-            "upstream": upstream,
-            "workdir": str(workdir),
-            "out_dir": str(out_dir),
-            "summary": str(Path(tmp) / "summary.json"),
-            "error": str(Path(tmp) / "error.json"),
-        }
-        write_json(Path(tmp) / "spec.json", spec)
-        cmd, env = launch_command(config.train, processes, Path(tmp) / "spec.json")
-        try:
-            supervise(cmd, log, env={**os.environ, **env}, on_line=report_steps)
-        except LaunchFailed:
-            error = Path(spec["error"])
-            if error.is_file():  # a worker met a user mistake: say so, and do not retry
-                raise UserError(json.loads(error.read_text())["user_error"]) from None
-            raise
-        return TrainSummary(**json.loads(Path(spec["summary"]).read_text()))
-
-
-def report_steps(line: str) -> None:
-    """Progress in the UI from the workers' `step N/M` log lines (they cannot reach the API)."""
-    if match := STEP_LINE.match(line):
-        report_progress("train", int(match[1]), int(match[2]), "steps")
-
-
-def launch_command(train: TrainConfig, processes: int, spec: Path) -> tuple[list[str], dict]:
-    """`accelerate launch` of this module: one process per GPU, or gloo processes on a CPU host."""
-    gpus = gpu_count()  # 1 while the stage holds a GPU slot (a deployment's gpu-<i> limit)
-    if gpus and processes > gpus:
-        have = "its GPU slot gives the stage" if held_device() is not None else "this host has"
-        raise UserError(
-            f"train.processes is {processes} ({train.processes!r}) but {have} {gpus} GPU(s): "
-            f"use at most {gpus}. A deployment with GPU slots trains on one GPU per stage; "
-            "`sdflow run` without slots may use every GPU of the host."
-        )
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return accelerate_command(
-        processes,
-        "sdflow.training.loop",  # this module, also when it runs as __main__
-        [str(spec)],
-        gpu=gpus > 0,
-        mixed_precision=train.mixed_precision,
-        cpu_threads=max(1, (cpus or 1) // processes),
-    )
-
-
-def main(argv: list[str] | None = None) -> None:
-    """A worker of `accelerate launch -m sdflow.training.loop spec.json` (see `run_training`)."""
-    args = sys.argv[1:] if argv is None else argv
-    spec = json.loads(Path(args[0]).read_text())
-    exit_with_supervisor()
-    rank = int(os.environ.get("RANK", "0"))
-    # The supervisor logs what rank 0 says; other ranks only speak up about problems.
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format="%(message)s" if rank == 0 else f"[rank {rank}] %(levelname)s %(message)s",
-    )
-    config = RunConfig.model_validate(spec["config"])
-    try:
-        summary = train_unet(config, spec["upstream"], spec["workdir"], spec["out_dir"])
-    except Exception as exc:  # a user mistake, or out of memory / disk full: no retry will help
-        deterministic = as_user_error(exc, "train")
-        if deterministic is not None and spec.get("error"):
-            write_json(spec["error"], {"user_error": str(deterministic)})
-        raise
-    if rank == 0 and spec.get("summary"):
-        write_json(spec["summary"], asdict(summary))
-
-
-if __name__ == "__main__":
-    main()

@@ -33,8 +33,9 @@ from torch import Tensor
 from sdflow.config import RunConfig
 from sdflow.errors import UserError
 from sdflow.evaluation.grids import Block, render_grid, save_png
-from sdflow.models.components import ComponentSources, inference_scheduler, load_component
+from sdflow.models.components import ComponentSources, load_component
 from sdflow.models.families import family_of
+from sdflow.models.schedulers import inference_scheduler
 from sdflow.store.stageio import Manifest
 from sdflow.training.latent_data import held_out_latents, read_shard_captions
 from sdflow.training.objective import added_kwargs, prediction_target, weighted_mse

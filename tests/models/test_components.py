@@ -15,6 +15,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from sdflow.errors import UserError
 from sdflow.models import components as models
+from sdflow.models import files, schedulers
 from sdflow.profiles import load_profile
 
 
@@ -167,7 +168,7 @@ def test_noise_scheduler_overrides_prediction_type(config, pipeline_dir):
     train = config.train.model_copy(update={"prediction_type": "v_prediction"})
     model = config.model.model_copy(update={"init": "pretrained", "pretrained": str(pipeline_dir)})
     run = config.model_copy(update={"train": train, "model": model})
-    scheduler = models.noise_scheduler(run, models.component_sources(run, {}, "."))
+    scheduler = schedulers.noise_scheduler(run, models.component_sources(run, {}, "."))
     assert scheduler.config.prediction_type == "v_prediction"
     assert scheduler.config.beta_schedule == "scaled_linear"
     assert scheduler.config.num_train_timesteps == 1000
@@ -180,9 +181,9 @@ def test_prediction_type_unset_is_the_base_models_and_a_strange_scheduler_is_nam
     run = config.model_copy(update={"model": model})
     sources = models.component_sources(run, {}, ".")
     assert run.train.prediction_type is None
-    trained = models.noise_scheduler(run, sources)
+    trained = schedulers.noise_scheduler(run, sources)
     assert trained.config.prediction_type == "epsilon"  # what pipeline_dir's scheduler says
-    exported = models.inference_scheduler(run, sources, trained)
+    exported = schedulers.inference_scheduler(run, sources, trained)
     assert type(exported).__name__ == "DDPMScheduler"  # the base's own class, kept
     broken = tmp_path / "broken"
     (broken / "scheduler").mkdir(parents=True)
@@ -190,7 +191,9 @@ def test_prediction_type_unset_is_the_base_models_and_a_strange_scheduler_is_nam
     saved["_class_name"] = "AutoencoderKL"
     (broken / "scheduler" / "scheduler_config.json").write_text(json.dumps(saved))
     with pytest.raises(UserError, match="'AutoencoderKL' is not a diffusers scheduler"):
-        models.inference_scheduler(run, models.ComponentSources(*[None] * 8, str(broken)), trained)
+        schedulers.inference_scheduler(
+            run, models.ComponentSources(*[None] * 8, str(broken)), trained
+        )
 
 
 def test_image_to_tensor_crops_and_scales():
@@ -214,16 +217,16 @@ def test_weights_hash_follows_content(pipeline_dir, tmp_path):
 
     copy = tmp_path / "copy"
     shutil.copytree(pipeline_dir, copy)
-    before = models.weights_hash(str(copy), "vae")
-    assert before == models.weights_hash(str(pipeline_dir), "vae")
+    before = files.weights_hash(str(copy), "vae")
+    assert before == files.weights_hash(str(pipeline_dir), "vae")
     config = json.loads((copy / "vae" / "config.json").read_text())
     config["scaling_factor"] = 0.5
     (copy / "vae" / "config.json").write_text(json.dumps(config))
-    assert models.weights_hash(str(copy), "vae") != before
+    assert files.weights_hash(str(copy), "vae") != before
     commit = "c" * 40  # hub names: see tests/test_hub.py
-    assert models.weights_hash("org/model", "vae", commit) == f"hub:org/model@{commit}/vae"
+    assert files.weights_hash("org/model", "vae", commit) == f"hub:org/model@{commit}/vae"
     with pytest.raises(UserError, match="does not exist"):
-        models.weights_hash(str(tmp_path / "nowhere"), None)
+        files.weights_hash(str(tmp_path / "nowhere"), None)
 
 
 def test_saved_components_do_not_record_where_they_were_loaded_from(pipeline_dir, tmp_path):
@@ -237,7 +240,7 @@ def test_saved_components_do_not_record_where_they_were_loaded_from(pipeline_dir
     for source in (pipeline_dir, elsewhere):  # the same weights in two workdirs
         vae = AutoencoderKL.from_pretrained(source / "vae")
         out = tmp_path / f"out-{len(saved)}"
-        models.save_component(vae, out)
+        files.save_component(vae, out)
         saved.append((out / "config.json").read_bytes())
     assert saved[0] == saved[1]
     assert "_name_or_path" not in json.loads(saved[0])
@@ -254,7 +257,7 @@ def test_canonical_safetensors_orders_the_header_and_keeps_the_tensors(tmp_path)
         values = {"format": "pt", "adapter": json.dumps(config)}
         path = tmp_path / f"{order[0]}.safetensors"
         save_file(tensors, path, metadata={k: values[k] for k in order})
-        models.canonical_safetensors(path)
+        files.canonical_safetensors(path)
         files.append(path.read_bytes())
     assert files[0] == files[1]
     loaded = load_file(tmp_path / "format.safetensors")

@@ -7,7 +7,7 @@ from huggingface_hub import constants
 
 from sdflow.errors import UserError
 from sdflow.models import hub
-from sdflow.models.components import weights_hash
+from sdflow.models.files import weights_hash
 
 A, B = "a" * 40, "b" * 40
 
@@ -57,7 +57,7 @@ def test_an_unresolvable_revision_offline_is_a_clear_error(hub_cache):
 
 def test_the_resolved_commit_is_what_a_run_records(hub_cache):
     from sdflow.config import ModelConfig
-    from sdflow.models.components import hub_commit
+    from sdflow.models.files import hub_commit
 
     cache_download(hub_cache, "org/tiny-sd", "main", A)
     assert hub_commit(ModelConfig(init="pretrained", pretrained="org/tiny-sd")) == A

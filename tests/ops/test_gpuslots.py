@@ -56,7 +56,7 @@ def test_a_slot_holder_uses_one_gpu_of_those_it_sees(monkeypatch, visible):
 def test_training_in_a_slot_refuses_more_processes_than_its_one_gpu(monkeypatch, tmp_path):
     from sdflow.config import TrainConfig
     from sdflow.errors import UserError
-    from sdflow.training import loop as training
+    from sdflow.training import processes as training
 
     monkeypatch.setattr(gpuslots, "_held", [0])
     monkeypatch.setattr(training, "gpu_count", lambda: 1)  # a GPU host, seen from inside the slot

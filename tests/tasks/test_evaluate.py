@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 
 from sdflow.config import EvalConfig, RunConfig
 from sdflow.errors import UserError
-from sdflow.evaluation import sampling
+from sdflow.evaluation import results, sampling
 from sdflow.evaluation.features import to_uint8
 from sdflow.models.components import (
     build_unet,
@@ -357,7 +357,7 @@ def test_no_held_out_samples_is_a_user_error(upstream) -> None:
 def test_rerun_after_a_crash_keeps_the_finished_model(upstream, monkeypatch) -> None:
     workdir, manifests = upstream
     config = make_config(num_prompts=2, images_per_prompt=1)
-    real_score = ev.score_model
+    real_score = results.score_model
     calls: list[str] = []
 
     def crash_once_on_baseline(pipe, sample_dir, *args):

@@ -27,11 +27,12 @@ from fixtures.stages import (
 from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
-import tasks.latents as latents_stage
 from sdflow.models import components as models
+from sdflow.models import files
 from sdflow.profiles import load_profile
 from sdflow.store.splits import is_held_out
 from sdflow.store.stageio import output_dir, read_failures, stage_dir
+from sdflow.training import encoding
 from sdflow.training.latent_data import (
     CachedLatents,
     held_out_latents,
@@ -179,7 +180,7 @@ def test_vae_directory_weights_decide_the_key(setup, tmp_path):
     workdir, config, upstream, _ = setup
     for seed in (0, 1):
         vae = models.build_vae(config.model.model_copy(update={"seed": seed}))
-        models.save_component(vae, tmp_path / f"vae{seed}")
+        files.save_component(vae, tmp_path / f"vae{seed}")
     keys = []
     for seed in (0, 1):
         own = config.model_copy(deep=True)
@@ -210,7 +211,7 @@ def test_pretrained_encoders_come_from_the_pipeline(setup, tmp_path, tiny_sd15):
     text = CLIPTextModel.from_pretrained(tmp_path / "sd" / "text_encoder")
     with torch.no_grad():
         text.final_layer_norm.bias.add_(1.0)
-    models.save_component(text, tmp_path / "sd" / "text_encoder")
+    files.save_component(text, tmp_path / "sd" / "text_encoder")
     assert latents_key(pretrained, caption_only) != manifest["key"]
 
 
@@ -367,13 +368,13 @@ def test_a_grown_dataset_encodes_only_its_new_and_edited_images(
     }  # an edited image
     grown = {"caption": caption_stage(workdir, rows), "autoencoder": None}
     encoded: list[str] = []
-    real = latents_stage._encode_batch
+    real = encoding.encode_batch
 
     def counting(config, encoders, batch):
         encoded.extend(sample["id"] for sample in batch)
         return real(config, encoders, batch)
 
-    monkeypatch.setattr(latents_stage, "_encode_batch", counting)
+    monkeypatch.setattr(encoding, "encode_batch", counting)
     second = cache_latents(pretrained, grown, str(workdir))
     assert sorted(encoded) == ["s003", "s024", "s025"] and second["info"]["rows_computed"] == 3
     assert second["counts"]["encoded"] == first["counts"]["encoded"] + 2
@@ -414,13 +415,13 @@ def test_channels_last_encodes_the_same_latents(setup, monkeypatch):
     latents as the default layout (within float tolerance)."""
     workdir, config, upstream, manifest = setup
     layouts: list[bool] = []
-    encode = latents_stage.encode_images
+    encode = encoding.encode_images
 
     def spy(vae, pixels):
         layouts.append(pixels.is_contiguous(memory_format=torch.channels_last))
         return encode(vae, pixels)
 
-    monkeypatch.setattr(latents_stage, "encode_images", spy)
+    monkeypatch.setattr(encoding, "encode_images", spy)
     last = config.model_copy(deep=True)
     last.latents.channels_last = True
     other = cache_latents(last, upstream, str(workdir))

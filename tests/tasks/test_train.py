@@ -33,10 +33,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from sdflow.errors import UserError
-from sdflow.models.components import (
-    build_unet,
-    save_pipeline,
-)
+from sdflow.models.components import build_unet
+from sdflow.models.files import save_pipeline
 from sdflow.store.checkpoints import list_checkpoints, load_checkpoint, load_latest, step_name
 from sdflow.store.splits import is_held_out
 from tasks.train import train, train_key, train_lineage

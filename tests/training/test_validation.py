@@ -24,7 +24,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import sdflow.training.memory as memory
 from sdflow.errors import UserError
-from sdflow.models.components import build_unet, component_sources, noise_scheduler
+from sdflow.models.components import build_unet, component_sources
+from sdflow.models.schedulers import noise_scheduler
 from sdflow.profiles import ConfigError, load_profile
 from sdflow.store.checkpoints import list_checkpoints, load_checkpoint, step_name
 from sdflow.training.validation import ValidationState, Validator, spread_timesteps

@@ -54,7 +54,7 @@ def captioner_identity(cfg: CaptionConfig) -> dict[str, str]:
     """
     if cfg.backend == "keep":
         return {}
-    from sdflow.models.components import weights_hash
+    from sdflow.models.files import weights_hash
 
     identity = {"model": weights_hash(cfg.model, None, cfg.revision)}
     if cfg.backend == "clip-interrogator":

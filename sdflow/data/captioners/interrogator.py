@@ -33,7 +33,7 @@ from sdflow.config import CaptionConfig
 from sdflow.data.captioners import INSTALL_EXTRA, select_device
 from sdflow.data.captioners.blip import BlipCaptioner
 from sdflow.errors import UserError
-from sdflow.models.components import weights_hash
+from sdflow.models.files import weights_hash
 from sdflow.store.fingerprint import hash_tree
 
 TERM_FILES = ("artists.txt", "flavors.txt", "mediums.txt", "movements.txt", "negative.txt")

@@ -33,7 +33,8 @@ def classifier_filters(cfg: FilterConfig) -> list[BatchCheck]:
 def classifier_identity(spec: ClassifierFilter) -> str:
     """What names the model's weights (a content hash, or the hub commit); refuses a label the
     model does not have, before any work."""
-    from sdflow.models.components import absolute_source, weights_hash
+    from sdflow.models.components import absolute_source
+    from sdflow.models.files import weights_hash
 
     source = absolute_source(spec.model)
     identity = weights_hash(source, None)

@@ -67,7 +67,8 @@ def clip_identity(cfg: FilterConfig) -> dict[str, str]:
     stage that needs neither."""
     if not clip_needed(cfg):
         return {}
-    from sdflow.models.components import absolute_source, weights_hash
+    from sdflow.models.components import absolute_source
+    from sdflow.models.files import weights_hash
 
     found = {"clip_weights": weights_hash(absolute_source(cfg.clip_model), None)}
     if cfg.aesthetic:

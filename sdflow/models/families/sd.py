@@ -15,8 +15,9 @@ from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from sdflow.config import RunConfig
-from sdflow.models.components import encode_prompts, load_component, save_pipeline, tokenize_prompts
+from sdflow.models.components import encode_prompts, load_component, tokenize_prompts
 from sdflow.models.families import TextEncoders
+from sdflow.models.files import save_pipeline
 
 
 class StableDiffusion:

@@ -28,8 +28,9 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from sdflow.config import RunConfig
 from sdflow.errors import UserError
-from sdflow.models.components import load_component, save_pipeline_dir, tokenize_prompts
+from sdflow.models.components import load_component, tokenize_prompts
 from sdflow.models.families import TextEncoders
+from sdflow.models.files import save_pipeline_dir
 
 ENCODERS = (("tokenizer", "text_encoder", CLIPTextModel),
             ("tokenizer_2", "text_encoder_2", CLIPTextModelWithProjection))  # fmt: skip

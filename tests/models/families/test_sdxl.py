@@ -18,9 +18,10 @@ from flows.pipeline import check_family_options
 from sdflow.errors import UserError
 from sdflow.models.families import family_of
 from sdflow.profiles import load_profile
+from sdflow.training.encoding import Encoders, vae_precision
 from sdflow.training.latent_data import CachedLatents, load_empty_prompts
 from sdflow.training.schedules import collate
-from tasks.latents import Encoders, cache_latents, vae_precision
+from tasks.latents import cache_latents
 from tasks.train import train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
