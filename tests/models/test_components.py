@@ -252,14 +252,14 @@ def test_canonical_safetensors_orders_the_header_and_keeps_the_tensors(tmp_path)
 
     tensors = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.ones(5, dtype=torch.float16)}
     config = {"r": 4, "target_modules": ["to_v", "to_q", "to_k"], "lora_alpha": 8}
-    files = []
+    written = []
     for order in (["format", "adapter"], ["adapter", "format"]):  # metadata in either order
         values = {"format": "pt", "adapter": json.dumps(config)}
         path = tmp_path / f"{order[0]}.safetensors"
         save_file(tensors, path, metadata={k: values[k] for k in order})
         files.canonical_safetensors(path)
-        files.append(path.read_bytes())
-    assert files[0] == files[1]
+        written.append(path.read_bytes())
+    assert written[0] == written[1]
     loaded = load_file(tmp_path / "format.safetensors")
     assert all(
         torch.equal(loaded[k], tensors[k]) and loaded[k].dtype == tensors[k].dtype for k in tensors

@@ -295,7 +295,7 @@ def test_clip_score_with_a_local_model(upstream, tmp_path) -> None:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
     workdir, manifests = upstream
-    tokenizer = CLIPTokenizer.from_pretrained(workdir / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(workdir / manifests["train"]["path"] / "tokenizer")
     text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                 vocab_size=len(tokenizer), max_position_embeddings=16, bos_token_id=0,
                 eos_token_id=1, pad_token_id=1)  # fmt: skip
