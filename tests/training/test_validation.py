@@ -371,10 +371,11 @@ def test_lora_run_validates_and_exports_the_best_adapter_beside_the_last(
         assert values(exported[name]) == values(state["model"])
     assert values(exported["lora"]) != values(exported["final-lora"])
     # each loads on the base with diffusers, and the two change the base's output differently
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd["root"] / "base")
     outputs = []
     for name in (None, "lora", "final-lora"):
-        pipe = StableDiffusionPipeline.from_pretrained(tiny_sd["root"] / "base")
         if name:
+            pipe.unload_lora_weights()
             pipe.load_lora_weights(out / name)
         with torch.no_grad():
             outputs.append(pipe.unet(*unet_inputs(pipe.unet)).sample)
