@@ -64,8 +64,8 @@ def encode_rows(config: RunConfig, encoders: Encoders, samples: list[dict]) -> l
     for batch in (samples[a : a + size] for a in range(0, len(samples), size)):
         kept, failed = encode_batch(config, encoders, batch)
         for row in kept:
-            stored = {k: v if k == "id" else stored(v, config) for k, v in row.items()}
-            results[row["id"]] = Outcome(True, stored)
+            tensors = {k: v if k == "id" else stored(v, config) for k, v in row.items()}
+            results[row["id"]] = Outcome(True, tensors)
         results |= {failure["id"]: Outcome(False, failure) for failure in failed}
     return [results[s["id"]] for s in samples]
 
