@@ -228,7 +228,7 @@ def test_explicit_prompts_no_baseline_and_few_real_images(upstream) -> None:
 
 
 def test_fid_prompts_cycle_the_held_out_captions_with_distinct_seeds() -> None:
-    jobs = ev.fid_sample_jobs(["a", "b", "c"], 7, seed=5)
+    jobs = sampling.fid_sample_jobs(["a", "b", "c"], 7, seed=5)
     assert [p for p, _, _ in jobs] == ["a", "b", "c", "a", "b", "c", "a"]
     assert [s for _, s, _ in jobs] == [5, 1005, 2005, 6, 1006, 2006, 7]
 
@@ -239,7 +239,7 @@ def test_every_scheduler_samples(upstream) -> None:
         config = make_config(scheduler=name)
         pipe = ev.load_trained(config, manifests["train"], str(workdir))
         assert isinstance(pipe.scheduler, cls)
-        [(batch, images)] = list(ev.generate(pipe, [("a red circle", 0, None)], config))
+        [(batch, images)] = list(sampling.generate(pipe, [("a red circle", 0, None)], config))
         assert images.shape == (1, 3, 32, 32) and images.dtype == torch.uint8
     assert sampling.SCHEDULERS["euler"] is EulerDiscreteScheduler
 
@@ -262,7 +262,7 @@ def test_an_exported_v_prediction_sampler_keeps_its_prediction_type(upstream) ->
     assert isinstance(loaded.scheduler, EulerDiscreteScheduler)
     assert loaded.scheduler.config.prediction_type == "v_prediction"
     assert loaded.scheduler.config.beta_start == 0.00085
-    [(_, images)] = list(ev.generate(loaded, [("a red circle", 0, None)], config))
+    [(_, images)] = list(sampling.generate(loaded, [("a red circle", 0, None)], config))
     assert images.shape == (1, 3, 32, 32)
 
 
