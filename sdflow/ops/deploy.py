@@ -23,7 +23,7 @@ from pathlib import Path
 
 from sdflow.errors import UserError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository: sdflow/ops/deploy.py
 PREFECT_FILE = ROOT / "deployments" / "prefect.yaml"
 K8S_TEMPLATE = ROOT / "deployments" / "k8s-job-template.json"
 K8S_CODE_DIR = "/opt/sdflow"  # where the image keeps the checkout (see the job template)
