@@ -12,10 +12,17 @@ from pathlib import Path
 
 import pytest
 
+# the shared builders: the tiny CLIP (`clip_dir`), the tiny model families (`tiny_sd`, `tiny_sd15`,
+# `tiny_sd21`, `tiny_sdxl`; with SD's own block layout `sd15_layout`, `sd21_layout`, `sdxl_layout`),
+# the hand-made latents of the training tests (`ramp_latents`, `ramp_source`), the loopback image
+# server (`http_server`) and a fake hub cache
 pytest_plugins = [
-    "fixtures.clip",  # the tiny CLIP (`clip_dir`)
-    "fixtures.sd_layout",  # tiny pipelines with SD's own block layout
-    "fixtures.hub",  # a fake hub cache
+    "fixtures.clip",
+    "fixtures.pipelines",
+    "fixtures.sd_layout",
+    "fixtures.training",
+    "fixtures.image_server",
+    "fixtures.hub",
 ]
 
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="sdflow-test-prefect-")
@@ -81,112 +88,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-TINY_SDXL_CAPTIONS = [
-    "a red circle on a white background",
-    "a blue square on a black background",
-    "a green triangle on a grey background",
-    "two yellow squares",
-]
-
-
-@pytest.fixture(scope="session")
-def tiny_sdxl(tmp_path_factory) -> Path:
-    """A tiny `StableDiffusionXLPipeline` built from config (seeded) and saved: what a pretrained
-    SDXL looks like. UNet with `addition_embed_type: text_time`, `text_encoder` (CLIPTextModel) and
-    `text_encoder_2` (CLIPTextModelWithProjection), tokenizers trained on a few captions (no
-    download), the tiny-test VAE (32 px images, 8 px latents) and SDXL's Euler scheduler."""
-    import torch
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from sdflow.models.components import build_vae, train_tokenizer
-    from sdflow.profiles import load_profile
-
-    root = tmp_path_factory.mktemp("tiny-sdxl")
-    model = load_profile("tiny-test").model
-    tokenizer = train_tokenizer(TINY_SDXL_CAPTIONS * 4, model, root / "tokenizer")
-    text = dict(vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=1, pad_token_id=1,
-                hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-                max_position_embeddings=model.max_token_length, projection_dim=32)  # fmt: skip
-    time_dim = 8
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        unet = UNet2DConditionModel(
-            sample_size=8,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            attention_head_dim=(2, 4),
-            use_linear_projection=True,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=time_dim,
-            projection_class_embeddings_input_dim=6 * time_dim + text["projection_dim"],
-            cross_attention_dim=2 * text["hidden_size"],  # both encoders' states, concatenated
-            norm_num_groups=8,
-        )
-        encoder = CLIPTextModel(CLIPTextConfig(**text))
-        encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text))
-    scheduler = EulerDiscreteScheduler(
-        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1
-    )
-    pipe = StableDiffusionXLPipeline(
-        vae=build_vae(model), text_encoder=encoder, text_encoder_2=encoder_2, tokenizer=tokenizer,
-        tokenizer_2=tokenizer, unet=unet, scheduler=scheduler, add_watermarker=False,
-    )  # fmt: skip
-    pipe.save_pretrained(root / "pipeline")
-    return root / "pipeline"
-
-
-def save_tiny_sd(root: Path, v_prediction: bool) -> Path:
-    """A tiny `StableDiffusionPipeline` from the tiny-test components (seeded), saved: what a
-    pretrained SD 1.5 (PNDM, epsilon) or, with `v_prediction`, SD 2.1 (DDIM predicting v, a gelu
-    text encoder) looks like."""
-    import torch
-    from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTextModel
-
-    from sdflow.models.components import build_text_encoder, build_unet, build_vae, train_tokenizer
-    from sdflow.profiles import load_profile
-
-    model = load_profile("tiny-test").model
-    tokenizer = train_tokenizer(TINY_SDXL_CAPTIONS * 4, model, root / "tokenizer")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        unet, vae = build_unet(model), build_vae(model)
-        encoder = build_text_encoder(model, len(tokenizer))
-        if v_prediction:
-            encoder.config.hidden_act = "gelu"  # SD 2.x's OpenCLIP text tower
-            encoder = CLIPTextModel(encoder.config)
-    betas = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    if v_prediction:
-        scheduler = DDIMScheduler(
-            **betas,
-            prediction_type="v_prediction",
-            clip_sample=False,
-            set_alpha_to_one=False,
-            steps_offset=1,
-        )
-    else:
-        scheduler = PNDMScheduler(**betas, skip_prk_steps=True, steps_offset=1)
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
-    pipe.save_pretrained(root / "pipeline")
-    return root / "pipeline"
-
-
-@pytest.fixture(scope="session")
-def tiny_sd15(tmp_path_factory) -> Path:
-    return save_tiny_sd(tmp_path_factory.mktemp("tiny-sd15"), v_prediction=False)
-
-
-@pytest.fixture(scope="session")
-def tiny_sd21(tmp_path_factory) -> Path:
-    return save_tiny_sd(tmp_path_factory.mktemp("tiny-sd21"), v_prediction=True)
 
 
 # Tiny random caption models saved like pretrained ones (tests/captioners, tests/flows).

@@ -20,6 +20,8 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from sdflow.ops.deploy import ROOT, set_gpu_limit
 
 pytestmark = pytest.mark.slow
+# the devices the probe runs see (whatever this host has): slot i is the i-th of them
+VISIBLE = "5,7"
 
 # One flow run: a data stage and a GPU stage (`stage`) submitted together; the GPU stage launches a
 # child process (as training does) and holds its slot until the test creates `release`.
@@ -83,9 +85,10 @@ def _two_runs(served: Any, tmp_path: Path, stage: str, both_hold: bool) -> list[
     (B holds a slot too, or B's data stage is done). Returns both results, A first."""
     outs = [tmp_path / "a.json", tmp_path / "b.json"]
     command = [sys.executable, "-c", PROBE]
-    runs = [subprocess.Popen([*command, str(outs[0]), stage], env=served.env, cwd=ROOT)]
+    env = {**served.env, "CUDA_VISIBLE_DEVICES": VISIBLE}
+    runs = [subprocess.Popen([*command, str(outs[0]), stage], env=env, cwd=ROOT)]
     _wait_for(tmp_path / "a.json.holding", runs)
-    runs.append(subprocess.Popen([*command, str(outs[1]), stage], env=served.env, cwd=ROOT))
+    runs.append(subprocess.Popen([*command, str(outs[1]), stage], env=env, cwd=ROOT))
     _wait_for(tmp_path / ("b.json.holding" if both_hold else "b.json.data-done"), runs)
     time.sleep(0 if both_hold else 2.0)  # B's GPU stage was submitted with its data stage
     (tmp_path / "release").touch()
@@ -115,7 +118,7 @@ def test_one_slot_the_second_gpu_stage_waits_and_its_data_stage_goes_ahead(bare_
     assert b["gpu"]["start"] >= a["gpu"]["end"]  # never two holders of the one GPU at once
     assert b["data"]["end"] < a["gpu"]["end"]  # B's data stage did not wait for the GPU
     assert a["gpu"]["device"] == b["gpu"]["device"] == 0
-    assert a["gpu"]["child_cvd"] == b["gpu"]["child_cvd"] == ["0"]
+    assert a["gpu"]["child_cvd"] == b["gpu"]["child_cvd"] == ["5"]  # the one slot: device 5 only
 
     first, second = (_states(bare_server, r["flow_run"], "train") for r in (a, b))
     # B's GPU task was submitted while A held the slot, and only ran once A's had completed.
@@ -137,7 +140,7 @@ def test_two_slots_bind_two_devices(bare_server, tmp_path):
     a, b = _two_runs(bare_server, tmp_path, "train", both_hold=True)
     assert b["gpu"]["start"] < a["gpu"]["end"]  # both held a GPU at the same time
     assert {a["gpu"]["device"], b["gpu"]["device"]} == {0, 1}
-    assert sorted(a["gpu"]["child_cvd"] + b["gpu"]["child_cvd"]) == ["0", "1"]
+    assert sorted(a["gpu"]["child_cvd"] + b["gpu"]["child_cvd"]) == ["5", "7"]
     limits = bare_server.api("POST", "/v2/concurrency_limits/filter", json={})
     assert sorted(x["name"] for x in limits if x["name"].startswith("gpu-")) == ["gpu-0", "gpu-1"]
     _set_slots(bare_server, 1)  # a smaller deploy removes the extra device limit

@@ -10,12 +10,15 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from diffusers import StableDiffusionPipeline
+from fixtures.pipelines import seeded_image
 
 from sdflow.cli import main
 
 DATA_STAGES = "download,filter,caption"
+PROMPT = "a red circle on a white background"
 
 
 def _run(workdir: Path, source: Path, *extra: str) -> dict:
@@ -61,11 +64,8 @@ def test_whole_dag_then_all_cached(prefect_server, source, tmp_path):
     evaluated = Path(first["stages"]["evaluate"]["output"], "metrics.json")
     assert metrics == json.loads(evaluated.read_text())  # summary.json reports the stage's scores
     assert metrics["trained"]["fid"] != metrics["baseline"]["fid"]
-    pipe = StableDiffusionPipeline.from_pretrained(first["model_dir"])
-    image = pipe(
-        "a red circle on a white background", num_inference_steps=2, output_type="np"
-    ).images
-    assert image.shape == (1, 32, 32, 3)
+    image = seeded_image(StableDiffusionPipeline.from_pretrained(first["model_dir"]), PROMPT)
+    assert image.shape == (32, 32, 3)
 
     second = _run(workdir, source)
     assert all(cached for _, cached in _statuses(second).values()), second["stages"]
@@ -83,6 +83,9 @@ def test_whole_dag_then_all_cached(prefect_server, source, tmp_path):
     assert Path(lora["model_dir"], "pytorch_lora_weights.safetensors").is_file()
     pipe = StableDiffusionPipeline.from_pretrained(base)
     pipe.load_lora_weights(lora["model_dir"])
+    assert not np.array_equal(
+        seeded_image(pipe, PROMPT), image
+    )  # the LoRA changes the base's output
     # the LoRA run's baseline is the first run's trained model, scored the same way again
     trained_fid = metrics["trained"]["fid"]
     assert lora["metrics"]["baseline"]["fid"] == pytest.approx(trained_fid, rel=1e-3)

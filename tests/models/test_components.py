@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,23 +11,12 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
-from pydantic import ValidationError
-from tokenizers import pre_tokenizers
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from sdflow.config import ModelConfig
 from sdflow.errors import UserError
 from sdflow.models import components as models
 from sdflow.models import files, schedulers
 from sdflow.profiles import load_profile
-
-CAPTIONS = [
-    "a red square on a blue background",
-    "a green circle on a white background",
-    "two yellow triangles and a red circle",
-    "a small blue square",
-    "A BIG Green Triangle",
-] * 4
 
 
 @pytest.fixture(scope="module")
@@ -39,21 +25,10 @@ def config():
 
 
 @pytest.fixture(scope="module")
-def pipeline_dir(config, tmp_path_factory) -> Path:
-    """A complete tiny pipeline saved with save_pipeline: what a 'pretrained' model looks like."""
-    root = tmp_path_factory.mktemp("models")
-    tokenizer = models.train_tokenizer(CAPTIONS, config.model, root / "tokenizer")
-    trained_vae = {"path": "ae", "fingerprint": "f", "files": {"vae": "vae"}}
-    sources = models.component_sources(config, {"autoencoder": trained_vae}, str(root))
-    files.save_pipeline(
-        root / "pipeline",
-        unet=models.build_unet(config.model),
-        vae=models.build_vae(config.model),
-        text_encoder=models.build_text_encoder(config.model, len(tokenizer)),
-        tokenizer=tokenizer,
-        scheduler=schedulers.noise_scheduler(config, sources),
-    )
-    return root / "pipeline"
+def pipeline_dir(tiny_sd) -> Path:
+    """A complete tiny pipeline saved with save_pipeline (DDPM): what a 'pretrained' model looks
+    like."""
+    return tiny_sd["root"] / "base"
 
 
 def state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -63,89 +38,6 @@ def state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
-# ---------------------------------------------------------------------------------------- tokenizer
-
-
-def test_tokenizer_round_trips_captions(config, tmp_path):
-    models.train_tokenizer(CAPTIONS, config.model, tmp_path / "tok")
-    assert {"vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json"} <= {
-        p.name for p in (tmp_path / "tok").iterdir()
-    }
-    tokenizer = CLIPTokenizer.from_pretrained(tmp_path / "tok")
-    assert tokenizer.model_max_length == config.model.max_token_length
-    assert (tokenizer.bos_token, tokenizer.eos_token) == ("<|startoftext|>", "<|endoftext|>")
-    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (0, 1, 1)
-    assert len(tokenizer) <= config.model.tokenizer_vocab_size
-    for caption in set(CAPTIONS):
-        ids = tokenizer(caption).input_ids
-        assert ids[0] == 0 and ids[-1] == 1
-        assert tokenizer.decode(ids, skip_special_tokens=True) == caption.lower()
-    # merges were learned: frequent words are single tokens, not letters
-    assert len(tokenizer("background").input_ids) == 3
-    padded = tokenizer(["a red square " * 20], padding="max_length", truncation=True).input_ids
-    assert len(padded[0]) == config.model.max_token_length
-
-
-def test_tokenizer_loads_from_vocab_and_merges_alone(config, tmp_path):
-    tokenizer = models.train_tokenizer(CAPTIONS, config.model, tmp_path / "tok")
-    os.remove(tmp_path / "tok" / "tokenizer.json")
-    reloaded = CLIPTokenizer.from_pretrained(tmp_path / "tok")
-    for caption in set(CAPTIONS):
-        assert reloaded(caption).input_ids == tokenizer(caption).input_ids
-
-
-def test_tokenizer_is_deterministic_across_processes(config, tmp_path):
-    """Same captions, another process with another hash seed: byte-identical files."""
-    models.train_tokenizer(CAPTIONS, config.model, tmp_path / "here")
-    script = (
-        "import sys; from pathlib import Path; from sdflow.models.tokenizer import train_tokenizer; "
-        "from sdflow.profiles import load_profile; "
-        f"train_tokenizer({CAPTIONS!r}, load_profile('tiny-test').model, Path(sys.argv[1]))"
-    )
-    env = {**os.environ, "PYTHONHASHSEED": "12345"}
-    subprocess.run([sys.executable, "-c", script, str(tmp_path / "there")], check=True, env=env)
-    for name in ("vocab.json", "merges.txt"):
-        assert (tmp_path / "here" / name).read_bytes() == (tmp_path / "there" / name).read_bytes()
-
-
-@pytest.mark.parametrize("text", ["a purple circle", "ünïcödé ✓ 🙂", "a zebra near the café"])
-def test_tokenizer_spells_unseen_words_and_characters_in_bytes(config, tmp_path, text):
-    """Nothing the captions never showed may become a special token (it used to be end-of-text)."""
-    models.train_tokenizer(CAPTIONS, config.model, tmp_path / "tok")
-    tokenizer = CLIPTokenizer.from_pretrained(tmp_path / "tok")
-    ids = tokenizer(text, truncation=False).input_ids
-    special = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id}
-    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
-    assert not special & set(ids[1:-1]), tokenizer.convert_ids_to_tokens(ids)
-    assert tokenizer.decode(ids, skip_special_tokens=True) == text.lower()
-    # every one of the 256 bytes has a token of its own and a word-final one
-    vocab = tokenizer.get_vocab()
-    byte_symbols = pre_tokenizers.ByteLevel.alphabet()
-    assert all(s in vocab and s + "</w>" in vocab for s in byte_symbols)
-
-
-def test_tokenizer_training_twice_gives_identical_files(config, tmp_path):
-    for name in ("one", "two"):
-        models.train_tokenizer(CAPTIONS, config.model, tmp_path / name)
-    files = sorted(p.name for p in (tmp_path / "one").iterdir())
-    assert files == sorted(p.name for p in (tmp_path / "two").iterdir())
-    for name in files:
-        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
-
-
-def test_tokenizer_vocab_size_must_leave_room_for_merges(config):
-    assert ModelConfig().tokenizer_vocab_size > 2 + 2 * 256  # the default learns merges
-    with pytest.raises(ValidationError, match="tokenizer_vocab_size"):
-        ModelConfig(tokenizer_vocab_size=2 + 2 * 256)
-    for name in ("tiny-test", "tiny-cpu", "scratch-small"):
-        assert load_profile(name).model.tokenizer_vocab_size > 2 + 2 * 256
-
-
-def test_tokenizer_rejects_captions_without_words(config, tmp_path):
-    with pytest.raises(UserError, match="no words"):
-        models.train_tokenizer(["", "   "], config.model, tmp_path / "tok")
 
 
 # ------------------------------------------------------------------------------------------ scratch
@@ -229,7 +121,7 @@ def test_load_component_names_the_config_key_of_a_missing_dir(config, pipeline_d
     with pytest.raises(UserError, match=f"model.pretrained points to {missing}/unet"):
         models.load_component(missing, "unet", UNet2DConditionModel, model)
     model = config.model.model_copy(update={"vae": str(pipeline_dir)})
-    with pytest.raises(UserError, match="model.vae points to .*/pipeline/no_such_vae"):
+    with pytest.raises(UserError, match=f"model.vae points to .*/{pipeline_dir.name}/no_such_vae"):
         models.load_component(str(pipeline_dir), "no_such_vae", AutoencoderKL, model)
 
 
@@ -266,7 +158,7 @@ def test_component_sources(config, pipeline_dir, tmp_path, monkeypatch):
     # a relative directory is made absolute: it means the same from any working directory
     monkeypatch.chdir(pipeline_dir.parent)
     relative = own_vae.model_copy(
-        update={"model": own_vae.model.model_copy(update={"vae": "./pipeline/vae"})}
+        update={"model": own_vae.model.model_copy(update={"vae": f"./{pipeline_dir.name}/vae"})}
     )
     src = models.component_sources(relative, {}, str(tmp_path))
     assert (src.vae, src.vae_subfolder) == (str(pipeline_dir / "vae"), None)
@@ -358,18 +250,16 @@ def test_canonical_safetensors_orders_the_header_and_keeps_the_tensors(tmp_path)
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from sdflow.models.files import canonical_safetensors
-
     tensors = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.ones(5, dtype=torch.float16)}
     config = {"r": 4, "target_modules": ["to_v", "to_q", "to_k"], "lora_alpha": 8}
-    files = []
+    written = []
     for order in (["format", "adapter"], ["adapter", "format"]):  # metadata in either order
         values = {"format": "pt", "adapter": json.dumps(config)}
         path = tmp_path / f"{order[0]}.safetensors"
         save_file(tensors, path, metadata={k: values[k] for k in order})
-        canonical_safetensors(path)
-        files.append(path.read_bytes())
-    assert files[0] == files[1]
+        files.canonical_safetensors(path)
+        written.append(path.read_bytes())
+    assert written[0] == written[1]
     loaded = load_file(tmp_path / "format.safetensors")
     assert all(
         torch.equal(loaded[k], tensors[k]) and loaded[k].dtype == tensors[k].dtype for k in tensors

@@ -40,7 +40,17 @@ def test_a_slot_is_the_nth_device_this_process_sees(monkeypatch):
     monkeypatch.setattr(gpuslots, "_held", [1])
     assert gpuslots.child_visible_devices({}) == "1"
     assert gpuslots.child_visible_devices({"CUDA_VISIBLE_DEVICES": "4,6"}) == "6"
-    assert gpuslots.gpu_count() <= 1
+
+
+@pytest.mark.parametrize("visible", [0, 1, 4])
+def test_a_slot_holder_uses_one_gpu_of_those_it_sees(monkeypatch, visible):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)  # a host with `visible` GPUs
+    monkeypatch.setattr(gpuslots, "_held", [])
+    assert gpuslots.gpu_count() == visible  # no slot: every visible GPU
+    monkeypatch.setattr(gpuslots, "_held", [0])
+    assert gpuslots.gpu_count() == min(visible, 1)  # in a slot: its one GPU (none on a CPU host)
 
 
 def test_training_in_a_slot_refuses_more_processes_than_its_one_gpu(monkeypatch, tmp_path):

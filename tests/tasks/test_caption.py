@@ -108,7 +108,7 @@ def test_keep_cleans_captions_and_applies_prefix_suffix(tmp_path: Path, filtered
     }
     counts = manifest["counts"]
     assert counts["input"] == 6 and counts["kept"] == 3 and counts["failed"] == 3
-    assert counts["templated"] == 0 and manifest["info"]["images_per_second"] > 0
+    assert counts["templated"] == 0
     schema = next(read_shards(tmp_path, manifest)).schema
     assert schema.names == [*SCHEMA.names[:8], "source_caption", *SCHEMA.names[8:]]
 

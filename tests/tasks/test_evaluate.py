@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -20,14 +19,16 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
+from fixtures.pipelines import save_tiny_sd
 from PIL import Image, ImageDraw
 
 from sdflow.config import EvalConfig, RunConfig
 from sdflow.errors import UserError
 from sdflow.evaluation import results, sampling
 from sdflow.evaluation.features import to_uint8
-from sdflow.models.components import build_text_encoder, build_unet, build_vae, train_tokenizer
-from sdflow.models.files import save_pipeline
+from sdflow.models.components import (
+    build_unet,
+)
 from sdflow.profiles import load_profile
 from sdflow.store.splits import is_held_out
 from sdflow.store.stageio import Manifest, StageBuild, failures_table, output_dir
@@ -90,20 +91,10 @@ def write_train_stage(
     + offset) from the baseline's, so trained and baseline samples differ as after training."""
     build = StageBuild(workdir, "train", key)
     build.path.mkdir(parents=True)
-    model = config.model
-    tokenizer = train_tokenizer(captions, model, workdir / "tokenizer")
-    unet = build_unet(model.model_copy(update={"seed": model.seed + offset}))
     scheduler = DDPMScheduler(
         beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False
     )
-    save_pipeline(
-        build.path / "pipeline",
-        unet,
-        build_vae(model),
-        build_text_encoder(model, len(tokenizer)),
-        tokenizer,
-        scheduler,
-    )
+    save_tiny_sd(build.path, captions, scheduler, unet_seed_offset=offset)
     return build.finish(counts={}, files={"pipeline": "pipeline"}, info={"mode": "full"})
 
 
@@ -146,11 +137,7 @@ def test_evaluate_writes_samples_grid_and_metrics(upstream) -> None:
     label = "random-cnn (offline; not comparable to published FID)"
     for name in ("trained", "baseline"):
         scores = metrics[name]
-        assert math.isfinite(scores["fid"]) and scores["fid"] > 0  # noise is far from shapes
-        assert math.isfinite(scores["kid"])
-        for key in ("precision", "recall", "coverage"):
-            assert 0.0 <= scores[key] <= 1.0
-        assert scores["density"] >= 0.0
+        # the values themselves: tests/evaluation/test_metrics.py, against independent references
         for key in ("fid", "kid", "precision", "recall", "density", "coverage"):
             detail = scores["metrics"][key]
             assert detail["value"] == scores[key] and detail["reason"] is None
@@ -308,7 +295,7 @@ def test_clip_score_with_a_local_model(upstream, tmp_path) -> None:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
     workdir, manifests = upstream
-    tokenizer = CLIPTokenizer.from_pretrained(workdir / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(workdir / manifests["train"]["path"] / "tokenizer")
     text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                 vocab_size=len(tokenizer), max_position_embeddings=16, bos_token_id=0,
                 eos_token_id=1, pad_token_id=1)  # fmt: skip
@@ -324,7 +311,7 @@ def test_clip_score_with_a_local_model(upstream, tmp_path) -> None:
     config = make_config(clip_model=str(tmp_path / "clip"), baseline=False)
     metrics = ev.evaluate(config, manifests, str(workdir))["info"]
     score = metrics["trained"]["clip_score"]
-    assert isinstance(score, float) and math.isfinite(score) and 0.0 <= score <= 100.0
+    assert isinstance(score, float)  # its value: test_metrics, against torchmetrics and CLIPModel
     clip = metrics["trained"]["metrics"]["clip_score"]
     assert clip["reason"] is None and clip["num_generated"] == 3 * 2 + 6
     rows = metrics["trained"]["clip_score_per_prompt"]
@@ -338,7 +325,7 @@ def test_clip_score_with_a_local_model(upstream, tmp_path) -> None:
             row["prompt"]
         ) + fid_captions.count(row["prompt"])
     cmmd = metrics["trained"]["metrics"]["cmmd"]
-    assert cmmd["reason"] is None and math.isfinite(cmmd["value"]) and cmmd["value"] >= 0
+    assert cmmd["reason"] is None and isinstance(cmmd["value"], float)
     assert (cmmd["num_generated"], cmmd["num_real"]) == (6, 6)
     assert cmmd["details"] == {"sigma": 10.0, "scale": 1000.0}
 

@@ -2,45 +2,21 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 from pathlib import Path
 
 import pytest
+from fixtures.filtering import fates, make_config, png, sample
 from fixtures.stages import crash_on_second_call, fresh_fingerprint, write_stage
 from PIL import Image
 
 import tasks.filter as filter_stage
-from sdflow.config import CaptionConfig, FilterConfig, RunConfig
-from sdflow.data.captions import caption_problem, captions_supplied
 from sdflow.data.sources import SAMPLE_SCHEMA
 from sdflow.errors import UserError
 from sdflow.store.stageio import Manifest, read_failures, read_shards, shard_paths
 from tasks.filter import check_decodes, filter_key, filter_samples
 
 SCHEMA = SAMPLE_SCHEMA  # the download / filter / caption shard schema
-GOOD = "a red circle on a white background"
-
-
-def png(color: tuple[int, int, int], size: int = 32) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (size, size), color).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def sample(sid: str, color: tuple, caption: str | None = GOOD, orig=(64, 64), data=None) -> dict:
-    """One download row; `content_hash` is of the (pretend) original bytes: equal colour, equal hash."""
-    return {
-        "id": sid,
-        "image": png(color) if data is None else data,
-        "width": 32,
-        "height": 32,
-        "orig_width": orig[0],
-        "orig_height": orig[1],
-        "content_hash": hashlib.sha256(repr(color).encode()).hexdigest(),
-        "caption": caption,
-        "source": f"/data/{sid}.png",
-    }
 
 
 RED, GREEN, BLUE, YELLOW, GREY, PINK = (
@@ -84,24 +60,6 @@ FATES = {
     "s10": "kept",
     "s11": "kept",
 }
-
-
-def make_config(**caption) -> RunConfig:
-    rules = {"min_caption_words": 2, "min_caption_chars": 5, "max_caption_chars": 60}
-    return RunConfig(
-        source={"kind": "folder", "path": "unused"},
-        filter={"min_size": 16, **rules},
-        caption=caption,
-    )
-
-
-def fates(workdir: Path, manifest: Manifest) -> dict[str, str]:
-    kept = {
-        sid: "kept" for t in read_shards(workdir, manifest) for sid in t.column("id").to_pylist()
-    }
-    failed = read_failures(workdir, manifest).to_pylist()
-    assert not kept.keys() & {f["id"] for f in failed}
-    return {**kept, **{f["id"]: f["reason"] for f in failed}}
 
 
 @pytest.fixture
@@ -221,34 +179,6 @@ def test_nothing_left_is_a_user_error(tmp_path: Path, download: Manifest) -> Non
     config.filter.min_size = 5000
     with pytest.raises(UserError, match="kept none of the 12 .*too_small: 11, decode_error: 1"):
         filter_samples(config, {"download": download}, str(tmp_path))
-
-
-@pytest.mark.parametrize(
-    ("text", "reason"),
-    [
-        (None, "missing_caption"),
-        ("", "missing_caption"),
-        ("  \n\t ", "missing_caption"),
-        ("cat", "caption_too_short"),  # 1 word < 2
-        ("a b", "caption_too_short"),  # 3 chars < 5
-        ("  a    cat  ", None),  # whitespace collapses: 2 words, 5 chars
-        ("x" * 30 + " " + "y" * 29, None),  # exactly 60 chars
-        ("x" * 30 + " " + "y" * 30, "caption_too_long"),
-    ],
-)
-def test_caption_problem(text: str | None, reason: str | None) -> None:
-    cfg = FilterConfig(min_caption_words=2, min_caption_chars=5, max_caption_chars=60)
-    assert caption_problem(text, cfg) == reason
-
-
-def test_captions_are_optional_without_minimums() -> None:
-    cfg = FilterConfig(min_caption_words=0, min_caption_chars=0)
-    assert caption_problem(None, cfg) is None and caption_problem("x", cfg) is None
-
-
-def test_captions_supplied_only_by_template_or_generative_backends() -> None:
-    assert not captions_supplied(CaptionConfig())
-    assert captions_supplied(CaptionConfig(on_missing="template"))
 
 
 def noise_png() -> bytes:

@@ -3,27 +3,19 @@ latents stage into non-square latents, then a short train on them."""
 
 from __future__ import annotations
 
-import io
 import logging
 
 import torch
-from PIL import Image
+from fixtures.stages import GRID, autoencoder_stage, caption_stage, downloaded_rows
 from safetensors.torch import load_file
-from test_latents import autoencoder_stage, caption_stage
 
-from sdflow.data.imaging import ImageSpec, process_image
-from sdflow.data.sources import SourceRow
 from sdflow.profiles import load_profile
 from sdflow.store.stageio import output_dir
 from sdflow.training.latent_data import CachedLatents
-from tasks.download import sample
 from tasks.latents import cache_latents, latents_key
 from tasks.train import train
 
-# the source images (width, height): square, 2:1, 1:2 and 4:3; three of each
-ORIGINALS = {"square": (96, 96), "wide": (128, 64), "tall": (64, 128), "four_three": (96, 72)}
-# buckets of at most 32**2 px in steps of 8 with sides 16..48: 48x16, 40x24, 32x32, 24x40, 16x48
-GRID = "latents.buckets={resolution: 32, step: 8, min_side: 16, max_side: 48}"
+# The rows of fixtures.stages.downloaded_rows: ORIGINALS, three of each, through GRID.
 # Worked out by hand. Download (max_area, 32**2 px): 96x96 -> 32x32, 128x64 -> 45x22 (scale
 # sqrt(1024 / 8192) = 0.354, floored), 64x128 -> 22x45, 96x72 -> 36x27 (scale 0.385). Nearest bucket
 # by |log ratio|: 45/22 = 2.05 -> 40x24 (1.67; 48x16 is 3.0), 36/27 = 1.33 -> 40x24 (0.22 from it,
@@ -35,29 +27,6 @@ EXPECTED = {  # kind: (bucket, original (height, width), crop (top, left))
     "tall": ("24x40", [128, 64], [4, 0]),
     "four_three": ("40x24", [72, 96], [3, 0]),
 }
-
-
-def source_png(size: tuple[int, int], seed: int) -> bytes:
-    """Random pixels: every crop of them encodes differently."""
-    pixels = torch.randint(
-        0, 256, (size[1], size[0], 3), generator=torch.Generator().manual_seed(seed)
-    )
-    buffer = io.BytesIO()
-    Image.fromarray(pixels.to(torch.uint8).numpy()).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def downloaded_rows() -> list[dict]:
-    """Caption-stage rows as the download stage writes them with resize_mode max_area."""
-    spec = ImageSpec(resolution=32, resize_mode="max_area")
-    rows = []
-    for i in range(12):
-        kind = list(ORIGINALS)[i % 4]
-        encoded = process_image(source_png(ORIGINALS[kind], i), spec)
-        caption = f"a {kind} picture"
-        source = SourceRow(index=i, id=f"{kind}-{i:02d}", caption=caption, source=f"folder/{i}.png")
-        rows.append(sample(source, encoded) | {"source_caption": caption})
-    return rows
 
 
 def test_mixed_aspect_folder_caches_non_square_latents_and_trains(

@@ -18,14 +18,15 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
-from fixtures.stages import crash_at_checkpoint
+from fixtures.pipelines import seeded_image
+from fixtures.stages import crash_at_checkpoint, make_captions
 from fixtures.training import (
-    build_components,
-    make_captions,
     make_latents,
     pretrained_config,
     run_train,
     scratch_config,
+    stage_path,
+    unet_inputs,
 )
 from peft import LoraConfig
 from PIL import Image
@@ -36,23 +37,18 @@ from sdflow.models.components import build_unet
 from sdflow.models.files import save_pipeline
 from sdflow.store.checkpoints import list_checkpoints, load_checkpoint, load_latest, step_name
 from sdflow.store.splits import is_held_out
-from sdflow.training.schedules import EpochOrder, StepBatches
 from tasks.train import train, train_key, train_lineage
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def components(tmp_path_factory) -> dict:
-    """Tiny tokenizer, text encoder and VAE saved to disk, and a from-scratch pipeline dir."""
-    return build_components(tmp_path_factory.mktemp("components"))
-
-
-@pytest.fixture(scope="module")
-def v_base(components) -> Path:
+def v_base(tiny_sd) -> Path:
     """The tiny base pipeline re-saved with its own inference scheduler: Euler, v-prediction."""
-    root = components["root"]
+    root = tiny_sd["root"]
     base = StableDiffusionPipeline.from_pretrained(root / "base", safety_checker=None)
     scheduler = EulerDiscreteScheduler.from_config(
         base.scheduler.config, prediction_type="v_prediction", timestep_spacing="trailing"
@@ -61,10 +57,6 @@ def v_base(components) -> Path:
         root / "v-base", base.unet, base.vae, base.text_encoder, base.tokenizer, scheduler
     )
     return root / "v-base"
-
-
-def stage_path(workdir: Path, manifest: dict) -> Path:
-    return workdir / manifest["path"]
 
 
 def scheduler_config(pipeline: Path) -> dict:
@@ -81,54 +73,18 @@ def sample_25_steps(pipeline: Path) -> np.ndarray:
 
 
 def generate(pipe: StableDiffusionPipeline) -> np.ndarray:
-    out = pipe(
-        "a red circle",
-        height=32,
-        width=32,
-        num_inference_steps=2,
-        guidance_scale=2.0,
-        generator=torch.Generator().manual_seed(0),
-        output_type="np",
-    )
-    return out.images[0]
+    return seeded_image(pipe, guidance_scale=2.0)
 
 
 # ---------------------------------------------------------------------------------- data order
 
 
-def test_data_order_depends_on_step_only_and_covers_each_epoch():
-    buckets = ["@16x8"] * 7 + ["@8x16"] * 5  # 7 and 5 samples, batches of 4: 2 + 2 per epoch
-    order = EpochOrder(buckets, 4, seed=3)
-    batches = list(StepBatches(order, start=0, stop=12))
-    resumed = list(StepBatches(EpochOrder(buckets, 4, seed=3), start=5, stop=12))
-    assert resumed == batches[5:]
-    for epoch in range(3):  # every sample once per epoch, every batch from one bucket
-        part = batches[epoch * 4 : epoch * 4 + 4]
-        assert sorted(i for b in part for i in b) == list(range(12))
-        assert all(len({buckets[i] for i in b}) == 1 for b in part)
-        assert sorted(len(b) for b in part) == [1, 3, 4, 4]  # nothing dropped
-    assert batches[:4] != batches[4:8]  # a fresh order each epoch
-    assert list(StepBatches(EpochOrder(buckets, 4, seed=4), 0, 4)) != batches[:4]
-    assert order.summary()["8x16"] == {"samples": 5, "batches": 2, "smaller_batch": 1}
-    # two processes read alternate batches of the one stream
-    ranks = [list(StepBatches(order, 0, 2, world=2, rank=r)) for r in (0, 1)]
-    assert [ranks[0][0], ranks[1][0], ranks[0][1], ranks[1][1]] == batches[:4]
-
-
-def test_data_order_is_a_global_shuffle_not_shard_by_shard():
-    # rows 0-6 and 7-11 were two shards; an order walking one shard at a time mixes them in at most
-    # one batch per epoch (where it crosses over)
-    order = EpochOrder([""] * 12, 4, seed=0)
-    mixed = [b for e in range(10) for b in order.batches(e) if min(b) < 7 <= max(b)]
-    assert len(mixed) > 10
-
-
 # ------------------------------------------------------------------------------------- outputs
 
 
-def test_scratch_training_writes_a_pipeline_that_generates(tmp_path, components):
+def test_scratch_training_writes_a_pipeline_that_generates(tmp_path, tiny_sd):
     config = scratch_config(
-        components,
+        tiny_sd,
         "train.ema=true",
         "train.ema_decay=0.9",
         "train.snr_gamma=5.0",
@@ -138,7 +94,7 @@ def test_scratch_training_writes_a_pipeline_that_generates(tmp_path, components)
         "train.lr_scheduler=cosine",
         "train.warmup_steps=1",
     )
-    manifest, _ = run_train(config, tmp_path, components)
+    manifest, _ = run_train(config, tmp_path, tiny_sd)
     out = stage_path(tmp_path, manifest)
     every_weight = sum(p.numel() for p in build_unet(config.model).parameters())
     assert manifest["counts"] == {
@@ -147,7 +103,6 @@ def test_scratch_training_writes_a_pipeline_that_generates(tmp_path, components)
         "trainable_params": every_weight,  # from scratch, the whole UNet trains
     }
     assert manifest["info"]["mode"] == "scratch"
-    assert np.isfinite(manifest["info"]["final_loss"])
     assert list_checkpoints(out / "checkpoints") == [4]  # only the last one is kept
     with Image.open(out / manifest["files"]["loss_curve"]) as curve:
         assert curve.format == "PNG" and curve.size == (640, 360)
@@ -155,6 +110,8 @@ def test_scratch_training_writes_a_pipeline_that_generates(tmp_path, components)
     assert list((out / "logs").rglob("events.out.tfevents.*"))
     # The pipeline holds the EMA weights, not the raw trained ones.
     _, state = load_checkpoint(out / "checkpoints" / "step-000004")
+    # the final loss is the last step's (log_every 1), as the checkpoint recorded it
+    assert manifest["info"]["final_loss"] == state["progress"]["history"][-1][1]
     saved = load_file(out / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
     name = "conv_in.weight"
     index = list(state["model"]).index(name)
@@ -174,25 +131,23 @@ def test_scratch_training_writes_a_pipeline_that_generates(tmp_path, components)
     assert image.shape == (32, 32, 3) and np.isfinite(image).all()
 
 
-def test_full_finetune_from_pretrained_changes_the_unet(tmp_path, components):
-    config = pretrained_config(
-        components, "train.prediction_type=v_prediction", "train.snr_gamma=5.0"
-    )
-    manifest, _ = run_train(config, tmp_path, components)
+def test_full_finetune_from_pretrained_changes_the_unet(tmp_path, tiny_sd):
+    config = pretrained_config(tiny_sd, "train.prediction_type=v_prediction", "train.snr_gamma=5.0")
+    manifest, _ = run_train(config, tmp_path, tiny_sd)
     out = stage_path(tmp_path, manifest)
     assert manifest["info"]["mode"] == "full"
-    assert manifest["info"]["base_model"] == str(components["root"] / "base")
+    assert manifest["info"]["base_model"] == str(tiny_sd["root"] / "base")
     pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline", safety_checker=None)
     assert pipe.scheduler.config.prediction_type == "v_prediction"
-    base = load_file(components["root"] / "base" / "unet" / "diffusion_pytorch_model.safetensors")
+    base = load_file(tiny_sd["root"] / "base" / "unet" / "diffusion_pytorch_model.safetensors")
     tuned = load_file(out / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
     assert base.keys() == tuned.keys()
     assert not torch.equal(base["conv_in.weight"], tuned["conv_in.weight"])
 
 
-def test_lora_weights_load_on_the_base_and_change_its_output(tmp_path, components):
-    config = pretrained_config(components, "train.mode=lora", "train.lr=0.01", "train.lora_rank=2")
-    manifest, _ = run_train(config, tmp_path, components)
+def test_lora_weights_load_on_the_base_and_change_its_output(tmp_path, tiny_sd):
+    config = pretrained_config(tiny_sd, "train.mode=lora", "train.lr=0.01", "train.lora_rank=2")
+    manifest, _ = run_train(config, tmp_path, tiny_sd)
     out = stage_path(tmp_path, manifest)
     assert manifest["info"]["mode"] == "lora"
     assert "pipeline" not in manifest["files"]
@@ -201,64 +156,64 @@ def test_lora_weights_load_on_the_base_and_change_its_output(tmp_path, component
     assert sum(v.numel() for v in lora.values()) == manifest["counts"]["trainable_params"]
     total = sum(v.numel() for v in build_unet(config.model).parameters())
     assert manifest["counts"]["trainable_params"] < total / 10
-    pipe = StableDiffusionPipeline.from_pretrained(components["root"] / "base", safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd["root"] / "base", safety_checker=None)
     before = generate(pipe)
     pipe.load_lora_weights(out / "lora")
     after = generate(pipe)
     assert np.abs(before - after).max() > 1e-4
 
 
-def test_training_without_the_cache_encodes_images_on_the_fly(tmp_path, components):
-    config = pretrained_config(components, "train.cache_latents=false")
+def test_training_without_the_cache_encodes_images_on_the_fly(tmp_path, tiny_sd):
+    config = pretrained_config(tiny_sd, "train.cache_latents=false")
     fraction = config.eval.held_out_fraction
     training = [i for i in range(12) if not is_held_out(f"img-{i}", fraction)]
     epoch = -(-len(training) // 4)  # batches of 4, the last one smaller
     config.train.max_steps = epoch
-    manifest, _ = run_train(config, tmp_path, components, {"caption": make_captions(tmp_path)})
+    manifest, _ = run_train(config, tmp_path, tiny_sd, {"caption": make_captions(tmp_path)})
     assert len(training) % 4 and manifest["counts"]["samples_seen"] == len(training)
-    assert np.isfinite(manifest["info"]["final_loss"])
+    _, state = load_checkpoint(stage_path(tmp_path, manifest) / "checkpoints" / step_name(epoch))
+    assert manifest["info"]["final_loss"] == state["progress"]["history"][-1][1]  # log_every 1
     assert (stage_path(tmp_path, manifest) / "pipeline" / "model_index.json").is_file()
 
 
-def test_key_ignores_bookkeeping_settings_but_not_training_ones(tmp_path, components):
-    upstream = {"latents": make_latents(tmp_path, components), "autoencoder": None, "caption": None}
-    key = train_key(scratch_config(components), upstream)
+def test_key_ignores_bookkeeping_settings_but_not_training_ones(tmp_path, tiny_sd):
+    upstream = {"latents": make_latents(tmp_path, tiny_sd), "autoencoder": None, "caption": None}
+    key = train_key(scratch_config(tiny_sd), upstream)
     bookkeeping = ["keep_checkpoints=5", "data_workers=2", "log_every=3", "checkpoint_every=3"]
-    same = scratch_config(components, *(f"train.{o}" for o in bookkeeping))
+    same = scratch_config(tiny_sd, *(f"train.{o}" for o in bookkeeping))
     assert train_key(same, upstream) == key
-    assert train_key(scratch_config(components, "train.lr=0.002"), upstream) != key
-    assert train_key(scratch_config(components, "model.seed=1"), upstream) != key
+    assert train_key(scratch_config(tiny_sd, "train.lr=0.002"), upstream) != key
+    assert train_key(scratch_config(tiny_sd, "model.seed=1"), upstream) != key
     # more steps: another output, of the same lineage while the lr schedule ignores the total
-    longer = scratch_config(components, "train.max_steps=8")
+    longer = scratch_config(tiny_sd, "train.max_steps=8")
     assert train_key(longer, upstream) != key
-    lineage = train_lineage(scratch_config(components), upstream)
+    lineage = train_lineage(scratch_config(tiny_sd), upstream)
     assert train_lineage(longer, upstream) == lineage
-    assert train_lineage(scratch_config(components, "train.lr=0.002"), upstream) != lineage
+    assert train_lineage(scratch_config(tiny_sd, "train.lr=0.002"), upstream) != lineage
     cosine = [
-        scratch_config(components, "train.lr_scheduler=cosine", f"train.max_steps={n}")
-        for n in (4, 8)
+        scratch_config(tiny_sd, "train.lr_scheduler=cosine", f"train.max_steps={n}") for n in (4, 8)
     ]
     assert train_lineage(cosine[0], upstream) != train_lineage(cosine[1], upstream)
 
 
 @pytest.mark.slow
-def test_raising_max_steps_continues_and_matches_a_straight_run(tmp_path, components, caplog):
+def test_raising_max_steps_continues_and_matches_a_straight_run(tmp_path, tiny_sd, caplog):
     extra = ["train.ema=true", "train.ema_decay=0.9", "train.caption_dropout=0.3"]
     extra += ["train.noise_offset=0.05", "train.checkpoint_every=10", "train.log_every=10"]
     # bitwise needs Adam's moments at step 30; by default a finished run drops them (disk)
     extra += ["train.keep_optimizer_state=true"]
     straight, _ = run_train(
-        scratch_config(components, "train.max_steps=60", *extra), tmp_path / "a", components
+        scratch_config(tiny_sd, "train.max_steps=60", *extra), tmp_path / "a", tiny_sd
     )
     workdir = tmp_path / "b"
     first, upstream = run_train(
-        scratch_config(components, "train.max_steps=30", *extra), workdir, components
+        scratch_config(tiny_sd, "train.max_steps=30", *extra), workdir, tiny_sd
     )
     first_dir = stage_path(workdir, first)
     before = {p: p.read_bytes() for p in (first_dir / "checkpoints").rglob("*") if p.is_file()}
     with caplog.at_level(logging.INFO, logger="sdflow.train"):
         longer = train(
-            scratch_config(components, "train.max_steps=60", *extra), upstream, str(workdir)
+            scratch_config(tiny_sd, "train.max_steps=60", *extra), upstream, str(workdir)
         )
     assert f"Continuing training from the finished run {first_dir.name} at step 30" in caplog.text
     assert "Resuming training from the checkpoint of step 30" in caplog.text
@@ -276,14 +231,14 @@ def test_raising_max_steps_continues_and_matches_a_straight_run(tmp_path, compon
     assert end_a["progress"]["history"] == end_b["progress"]["history"]  # losses and lrs
     # the 30-step output is untouched, and asking for 30 steps again is a cache hit
     assert {p: p.read_bytes() for p in before} == before
-    again = train(scratch_config(components, "train.max_steps=30", *extra), upstream, str(workdir))
+    again = train(scratch_config(tiny_sd, "train.max_steps=30", *extra), upstream, str(workdir))
     assert again["reused"] is True and again["path"] == first["path"]
 
 
-def test_lora_targets_that_match_nothing_are_a_user_error(tmp_path, components):
-    config = pretrained_config(components, "train.mode=lora", "train.lora_targets=[nope]")
+def test_lora_targets_that_match_nothing_are_a_user_error(tmp_path, tiny_sd):
+    config = pretrained_config(tiny_sd, "train.mode=lora", "train.lora_targets=[nope]")
     with pytest.raises(UserError, match="lora_targets"):
-        run_train(config, tmp_path, components)
+        run_train(config, tmp_path, tiny_sd)
 
 
 # ------------------------------------------------------------------- fine-tune defects (issue 8)
@@ -295,14 +250,14 @@ def recorded_lrs(out: Path, step: int) -> list[float]:
     return [lr for _, _, lr in state["progress"]["history"]]
 
 
-def test_constant_with_warmup_warms_up_in_a_real_run(tmp_path, components):
+def test_constant_with_warmup_warms_up_in_a_real_run(tmp_path, tiny_sd):
     config = scratch_config(
-        components,
+        tiny_sd,
         "train.lr_scheduler=constant_with_warmup",
         "train.warmup_steps=4",
         "train.max_steps=5",
     )
-    manifest, _ = run_train(config, tmp_path, components)
+    manifest, _ = run_train(config, tmp_path, tiny_sd)
     lrs = recorded_lrs(stage_path(tmp_path, manifest), 5)
     # steps 0, warmup/2 and warmup: 0, half the lr, the lr (tiny-test's lr is 1e-3)
     assert [lrs[0], lrs[2], lrs[4]] == pytest.approx([0.0, 0.5e-3, 1e-3])
@@ -318,17 +273,15 @@ def test_constant_with_warmup_warms_up_in_a_real_run(tmp_path, components):
         ),
     ],
 )
-def test_restarts_and_polynomial_schedules_in_a_real_run(tmp_path, components, schedule, expected):
-    config = scratch_config(components, *schedule, "train.warmup_steps=2", "train.max_steps=6")
-    manifest, _ = run_train(config, tmp_path, components)
+def test_restarts_and_polynomial_schedules_in_a_real_run(tmp_path, tiny_sd, schedule, expected):
+    config = scratch_config(tiny_sd, *schedule, "train.warmup_steps=2", "train.max_steps=6")
+    manifest, _ = run_train(config, tmp_path, tiny_sd)
     lrs = recorded_lrs(stage_path(tmp_path, manifest), 6)
     assert lrs[1] == pytest.approx(0.5e-3)  # warming up
     assert lrs[2:5] == pytest.approx(expected, rel=1e-6)
 
 
-def test_finetune_of_a_v_prediction_base_stays_v_prediction(
-    tmp_path, components, v_base, monkeypatch
-):
+def test_finetune_of_a_v_prediction_base_stays_v_prediction(tmp_path, tiny_sd, v_base, monkeypatch):
     import sdflow.training.loop as training
 
     used = []
@@ -339,9 +292,9 @@ def test_finetune_of_a_v_prediction_base_stays_v_prediction(
         return real_fit(trainer, source, scheduler, checkpoints)
 
     monkeypatch.setattr(training, "fit", spy)
-    config = pretrained_config(components, f"model.pretrained={v_base}", "train.max_steps=2")
+    config = pretrained_config(tiny_sd, f"model.pretrained={v_base}", "train.max_steps=2")
     assert config.train.prediction_type is None
-    manifest, _ = run_train(config, tmp_path, components)
+    manifest, _ = run_train(config, tmp_path, tiny_sd)
     assert used == ["v_prediction"]  # the loss trained v, as the base does
     assert manifest["info"]["prediction_type"] == "v_prediction"
     pipeline = stage_path(tmp_path, manifest) / "pipeline"
@@ -354,29 +307,21 @@ def test_finetune_of_a_v_prediction_base_stays_v_prediction(
 
 
 def test_an_explicit_prediction_type_retargets_the_base_and_says_so(
-    tmp_path, components, v_base, caplog
+    tmp_path, tiny_sd, v_base, caplog
 ):
     config = pretrained_config(
-        components,
+        tiny_sd,
         f"model.pretrained={v_base}",
         "train.max_steps=2",
         "train.prediction_type=epsilon",
     )
     with caplog.at_level(logging.WARNING, logger="sdflow.models.components"):
-        manifest, _ = run_train(config, tmp_path, components)
+        manifest, _ = run_train(config, tmp_path, tiny_sd)
     assert "train.prediction_type is 'epsilon'" in caplog.text and "'v_prediction'" in caplog.text
     info = manifest["info"]
     assert (info["prediction_type"], info["base_prediction_type"]) == ("epsilon", "v_prediction")
     saved = scheduler_config(stage_path(tmp_path, manifest) / "pipeline")
     assert (saved["_class_name"], saved["prediction_type"]) == ("EulerDiscreteScheduler", "epsilon")
-
-
-def unet_inputs(unet) -> tuple:
-    generator = torch.Generator().manual_seed(7)
-    size = unet.config.sample_size
-    sample = torch.randn((1, unet.config.in_channels, size, size), generator=generator)
-    text = torch.randn((1, 16, unet.config.cross_attention_dim), generator=generator)
-    return sample, torch.tensor([500]), text
 
 
 @pytest.mark.parametrize(
@@ -388,18 +333,18 @@ def unet_inputs(unet) -> tuple:
         ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in", "proj_out", "ff.net.2"],
     ],
 )
-def test_lora_alpha_survives_the_export(tmp_path, components, targets):
+def test_lora_alpha_survives_the_export(tmp_path, tiny_sd, targets):
     config = pretrained_config(
-        components,
+        tiny_sd,
         "train.mode=lora",
         "train.lr=0.01",
         "train.lora_rank=2",
         "train.lora_alpha=8",
         f"train.lora_targets={json.dumps(targets)}",
     )
-    manifest, _ = run_train(config, tmp_path, components)
+    manifest, _ = run_train(config, tmp_path, tiny_sd)
     out = stage_path(tmp_path, manifest)
-    base = components["root"] / "base"
+    base = tiny_sd["root"] / "base"
     # The training-time PEFT UNet, rebuilt by hand: base + adapter (r 2, alpha 8) + trained weights
     reference = UNet2DConditionModel.from_pretrained(base / "unet")
     reference.add_adapter(LoraConfig(r=2, lora_alpha=8, target_modules=targets))
@@ -417,7 +362,7 @@ def test_lora_alpha_survives_the_export(tmp_path, components, targets):
     torch.testing.assert_close(loaded, expected, atol=1e-5, rtol=1e-4)
 
 
-def test_skipped_fp16_steps_hold_the_lr_schedule_and_ema(tmp_path, components, monkeypatch):
+def test_skipped_fp16_steps_hold_the_lr_schedule_and_ema(tmp_path, tiny_sd, monkeypatch):
     import sdflow.training.loop as training
 
     real_accelerator, real_loss = training.make_accelerator, training.diffusion_loss
@@ -447,14 +392,14 @@ def test_skipped_fp16_steps_hold_the_lr_schedule_and_ema(tmp_path, components, m
     monkeypatch.setattr(training, "make_accelerator", with_grad_scaler)
     monkeypatch.setattr(training, "diffusion_loss", inf_gradients_on_step_2)
     config = scratch_config(
-        components,
+        tiny_sd,
         "train.lr_scheduler=linear",
         "train.warmup_steps=4",
         "train.max_steps=5",
         "train.checkpoint_every=1",
         "train.ema=true",
     )
-    manifest, _ = run_train(config, tmp_path, components)
+    manifest, _ = run_train(config, tmp_path, tiny_sd)
     out = stage_path(tmp_path, manifest)
     # the step after the skipped one trains with the skipped one's lr: the schedule waited
     assert recorded_lrs(out, 5) == pytest.approx([0.0, 0.25e-3, 0.5e-3, 0.5e-3, 0.75e-3])
@@ -467,13 +412,13 @@ def test_skipped_fp16_steps_hold_the_lr_schedule_and_ema(tmp_path, components, m
     assert manifest["info"]["skipped_steps"] == 1
 
 
-def test_the_kept_checkpoint_drops_the_optimizer_moments_unless_asked(tmp_path, components, caplog):
+def test_the_kept_checkpoint_drops_the_optimizer_moments_unless_asked(tmp_path, tiny_sd, caplog):
     from sdflow.training.loop import train_unet
 
     runs = {}
     for flag in ("false", "true"):
-        config = scratch_config(components, f"train.keep_optimizer_state={flag}", "train.ema=true")
-        manifest, upstream = run_train(config, tmp_path / flag, components)
+        config = scratch_config(tiny_sd, f"train.keep_optimizer_state={flag}", "train.ema=true")
+        manifest, upstream = run_train(config, tmp_path / flag, tiny_sd)
         runs[flag] = (stage_path(tmp_path / flag, manifest), manifest)
     (lean_dir, manifest), (full_dir, _) = runs["false"], runs["true"]
     lean, full = (d / "checkpoints" / step_name(4) for d in (lean_dir, full_dir))
@@ -490,7 +435,7 @@ def test_the_kept_checkpoint_drops_the_optimizer_moments_unless_asked(tmp_path, 
     assert moments <= saved < moments * 1.05  # plus tensor names and the JSON skeleton
     assert manifest["info"]["optimizer_state_kept"] is False
     # what is left is enough to train on: two more steps from the lean checkpoint
-    longer = scratch_config(components, "train.max_steps=6", "train.ema=true")
+    longer = scratch_config(tiny_sd, "train.max_steps=6", "train.ema=true")
     with caplog.at_level(logging.INFO, logger="sdflow.train"):
         summary = train_unet(longer, upstream, str(tmp_path / "true"), lean_dir)
     assert "holds no optimizer state" in caplog.text
@@ -523,10 +468,10 @@ train(RunConfig.model_validate(spec["config"]), spec["upstream"], spec["workdir"
 """
 
 
-def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, components, caplog):
+def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, tiny_sd, caplog):
     # on latents in three buckets (batches of one shape each, some smaller than train.batch_size)
     config = scratch_config(
-        components,
+        tiny_sd,
         "train.max_steps=8",
         "train.ema=true",
         "train.caption_dropout=0.3",
@@ -535,10 +480,10 @@ def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, co
         "train.warmup_steps=5",
         "train.gradient_accumulation=2",
     )
-    reference, _ = run_train(config, tmp_path / "straight", components, buckets=True)
+    reference, _ = run_train(config, tmp_path / "straight", tiny_sd, buckets=True)
 
     workdir = tmp_path / "killed"
-    latents = make_latents(workdir, components, buckets=True)
+    latents = make_latents(workdir, tiny_sd, buckets=True)
     upstream = {"latents": latents, "autoencoder": None, "caption": None}
     spec = tmp_path / "spec.json"
     spec.write_text(
@@ -586,17 +531,17 @@ def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, co
 
 @pytest.mark.parametrize("text_encoder", ["frozen", "lora"])
 def test_lora_run_interrupted_by_an_error_resumes_to_the_same_adapter(
-    tmp_path, components, monkeypatch, text_encoder
+    tmp_path, tiny_sd, monkeypatch, text_encoder
 ):
     config = pretrained_config(
-        components, "train.mode=lora", "train.ema=true", f"train.text_encoder={text_encoder}"
+        tiny_sd, "train.mode=lora", "train.ema=true", f"train.text_encoder={text_encoder}"
     )
-    reference, _ = run_train(config, tmp_path / "straight", components)
+    reference, _ = run_train(config, tmp_path / "straight", tiny_sd)
     undo = crash_at_checkpoint(monkeypatch, 4)
     with pytest.raises(OSError):
-        run_train(config, tmp_path / "crashed", components)
+        run_train(config, tmp_path / "crashed", tiny_sd)
     undo()
-    resumed, _ = run_train(config, tmp_path / "crashed", components)
+    resumed, _ = run_train(config, tmp_path / "crashed", tiny_sd)
     assert resumed["info"]["resumed_from_step"] == 2
     name = "lora/pytorch_lora_weights.safetensors"
     a = load_file(stage_path(tmp_path / "straight", reference) / name)
@@ -607,11 +552,11 @@ def test_lora_run_interrupted_by_an_error_resumes_to_the_same_adapter(
     assert reference["fingerprint"] == resumed["fingerprint"]
 
 
-def test_scoring_every_checkpoint_keeps_them(tmp_path, components):
+def test_scoring_every_checkpoint_keeps_them(tmp_path, tiny_sd):
     steps = ["train.max_steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=3"]
-    final, _ = run_train(scratch_config(components, *steps), tmp_path / "final", components)
+    final, _ = run_train(scratch_config(tiny_sd, *steps), tmp_path / "final", tiny_sd)
     every, _ = run_train(
-        scratch_config(components, *steps, "eval.checkpoints=all"), tmp_path / "all", components
+        scratch_config(tiny_sd, *steps, "eval.checkpoints=all"), tmp_path / "all", tiny_sd
     )
     assert list_checkpoints(stage_path(tmp_path / "final", final) / "checkpoints") == [6]
     assert list_checkpoints(stage_path(tmp_path / "all", every) / "checkpoints") == [2, 4, 6]
@@ -626,20 +571,20 @@ def unet_weights(workdir: Path, manifest: dict) -> dict[str, torch.Tensor]:
     )
 
 
-def test_two_data_workers_with_prefetch_train_bitwise_like_none(tmp_path, components):
+def test_two_data_workers_with_prefetch_train_bitwise_like_none(tmp_path, tiny_sd):
     """Worker processes (pinned memory asked for, ignored without CUDA; prefetch 3) load the same
     batches in the same order: the weights are bitwise those of loading in the training process."""
-    base = scratch_config(components, "train.caption_dropout=0.3", "train.tf32=true")
+    base = scratch_config(tiny_sd, "train.caption_dropout=0.3", "train.tf32=true")
     workers = scratch_config(
-        components,
+        tiny_sd,
         "train.caption_dropout=0.3",
         "train.tf32=true",
         "train.data_workers=2",
         "train.pin_memory=true",
         "train.prefetch_factor=3",
     )
-    plain, upstream = run_train(base, tmp_path / "plain", components)
-    loaded, _ = run_train(workers, tmp_path / "workers", components)
+    plain, upstream = run_train(base, tmp_path / "plain", tiny_sd)
+    loaded, _ = run_train(workers, tmp_path / "workers", tiny_sd)
     a, b = unet_weights(tmp_path / "plain", plain), unet_weights(tmp_path / "workers", loaded)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert plain["info"]["final_loss"] == loaded["info"]["final_loss"]
@@ -652,15 +597,13 @@ def test_two_data_workers_with_prefetch_train_bitwise_like_none(tmp_path, compon
     reason="inductor builds the UNet's C++ kernels for ~5 minutes on a cold 2-core CPU; "
     "set SDFLOW_TEST_COMPILE=1 to run it",
 )
-def test_compiled_unet_trains_and_exports_like_the_eager_one(tmp_path, components):
+def test_compiled_unet_trains_and_exports_like_the_eager_one(tmp_path, tiny_sd):
     """`train.compile` (inductor on the CPU) runs real steps: the first step's loss (same weights,
     same inputs) is the eager one's; names and weights stay exportable, two Adam steps of lr 1e-3
     (each moves a weight by at most about lr) apart at most."""
-    eager, _ = run_train(
-        scratch_config(components, "train.max_steps=2"), tmp_path / "e", components
-    )
-    config = scratch_config(components, "train.max_steps=2", "train.compile=true")
-    compiled, _ = run_train(config, tmp_path / "c", components)
+    eager, _ = run_train(scratch_config(tiny_sd, "train.max_steps=2"), tmp_path / "e", tiny_sd)
+    config = scratch_config(tiny_sd, "train.max_steps=2", "train.compile=true")
+    compiled, _ = run_train(config, tmp_path / "c", tiny_sd)
     a, b = unet_weights(tmp_path / "e", eager), unet_weights(tmp_path / "c", compiled)
     assert a.keys() == b.keys()
     assert all(torch.allclose(a[k], b[k], rtol=0, atol=4e-3) for k in a)

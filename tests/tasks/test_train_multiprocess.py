@@ -1,6 +1,6 @@
 """Train stage with `train.processes: 2` on the CPU (gloo): supervised workers, cancel, resume.
 
-The fixtures (tiny components on disk, a latents-stage output) are the ones of test_train.py.
+The fixtures (the tiny SD on disk, a latents-stage output) are the shared ones of fixtures/.
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_train import (  # noqa: F401
-    components,
+from fixtures.training import (
     make_latents,
     pretrained_config,
     run_train,
@@ -72,15 +71,15 @@ def cancel_when(condition, timeout_s: float = 240) -> threading.Thread:
 @pytest.mark.slow
 def test_two_processes_train_resume_after_cancel_and_match_one_process(
     tmp_path,
-    components,  # noqa: F811
+    tiny_sd,  # noqa: F811
     caplog,
 ):
-    single = scratch_config(components, *RUN, "train.batch_size=8")
-    double = scratch_config(components, *RUN, "train.batch_size=4", "train.processes=2")
-    reference, _ = run_train(single, tmp_path / "one", components)
+    single = scratch_config(tiny_sd, *RUN, "train.batch_size=8")
+    double = scratch_config(tiny_sd, *RUN, "train.batch_size=4", "train.processes=2")
+    reference, _ = run_train(single, tmp_path / "one", tiny_sd)
 
     workdir = tmp_path / "two"
-    upstream = {"latents": make_latents(workdir, components), "autoencoder": None, "caption": None}
+    upstream = {"latents": make_latents(workdir, tiny_sd), "autoencoder": None, "caption": None}
     partial = workdir / "stages" / "train" / f".{train_key(double, upstream)}.partial"
     checkpoints = partial / "checkpoints"
 
@@ -131,10 +130,10 @@ def test_two_processes_train_resume_after_cancel_and_match_one_process(
 
 
 @pytest.mark.slow
-def test_a_user_error_in_a_worker_stays_a_user_error(tmp_path, components):  # noqa: F811
+def test_a_user_error_in_a_worker_stays_a_user_error(tmp_path, tiny_sd):  # noqa: F811
     config = pretrained_config(
-        components, "train.processes=2", "train.mode=lora", "train.lora_targets=[nope]"
+        tiny_sd, "train.processes=2", "train.mode=lora", "train.lora_targets=[nope]"
     )
     with pytest.raises(UserError, match="lora_targets"):
-        run_train(config, tmp_path, components)
+        run_train(config, tmp_path, tiny_sd)
     assert workers_of_this_process() == []

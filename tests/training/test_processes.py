@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures.training import build_components, make_latents, scratch_config
+from fixtures.training import make_latents, scratch_config
 
 from sdflow.ops.launch import SUPERVISOR_ENV, LaunchFailed
 from sdflow.ops.torchrun import NODE_ENV
@@ -33,10 +33,8 @@ RUN = [f"train.max_steps={STEPS}", "train.checkpoint_every=2", "train.batch_size
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("multinode")
-    components = build_components(root / "components")
-    return {"root": root, "components": components}
+def setup(tmp_path_factory, tiny_sd) -> dict:
+    return {"root": tmp_path_factory.mktemp("multinode"), "components": tiny_sd}
 
 
 def train_in(setup: dict, name: str, *overrides: str, out: Path | None = None):

@@ -5,9 +5,9 @@ path it must agree with: channels-last memory format, the attention processors, 
 from __future__ import annotations
 
 import pytest
-import test_training_options as options
 import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+from fixtures.training import ROWS, batch_of, sd_scheduler
 from pydantic import ValidationError
 
 from sdflow.config import TrainConfig
@@ -20,8 +20,6 @@ from sdflow.training.optimizers import make_optimizer
 from sdflow.training.speed import apply_tf32, check_speed_options, fused_adamw, prepare_unet
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-latents, source = options.latents, options.source  # the hand-made latents fixture, shared
-ROWS, batch_of, sd_scheduler = options.ROWS, options.batch_of, options.sd_scheduler
 CPU = torch.device("cpu")
 
 
@@ -30,22 +28,22 @@ def tiny_unet() -> torch.nn.Module:
     return build_unet(model)
 
 
-def loss_and_grads(unet, source, train: TrainConfig) -> tuple[float, list[torch.Tensor]]:
+def loss_and_grads(unet, ramp_source, train: TrainConfig) -> tuple[float, list[torch.Tensor]]:
     generator = torch.Generator().manual_seed(0)
-    batch = batch_of(source, list(range(8)))
-    loss = diffusion_loss(unet, sd_scheduler(), source, batch, generator, train, CPU)
+    batch = batch_of(ramp_source, list(range(8)))
+    loss = diffusion_loss(unet, sd_scheduler(), ramp_source, batch, generator, train, CPU)
     loss.backward()
     return float(loss.detach()), [p.grad.clone() for p in unet.parameters()]
 
 
-def test_channels_last_keeps_the_loss_and_the_gradients(source):
+def test_channels_last_keeps_the_loss_and_the_gradients(ramp_source):
     plain, last = TrainConfig(), TrainConfig(channels_last=True)
     reference = tiny_unet()
     unet = prepare_unet(tiny_unet(), last)
     conv = unet.conv_in.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
-    loss_a, grads_a = loss_and_grads(reference, source, plain)
-    loss_b, grads_b = loss_and_grads(unet, source, last)
+    loss_a, grads_a = loss_and_grads(reference, ramp_source, plain)
+    loss_b, grads_b = loss_and_grads(unet, ramp_source, last)
     assert loss_b == pytest.approx(loss_a, rel=1e-5)
     for a, b in zip(grads_a, grads_b, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
@@ -66,7 +64,7 @@ def test_sdpa_and_eager_attention_give_the_same_output():
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_fused_adamw_is_the_default_on_this_cpu_and_matches_foreach_adamw(source):
+def test_fused_adamw_is_the_default_on_this_cpu_and_matches_foreach_adamw(ramp_source):
     results = []
     for setting in (False, None):  # foreach, then unset: fused where torch has the kernel
         train = TrainConfig(fused_adamw=setting, lr=1e-3)
@@ -76,7 +74,7 @@ def test_fused_adamw_is_the_default_on_this_cpu_and_matches_foreach_adamw(source
         assert optimizer.defaults["fused"] is (None if setting is False else True)
         assert optimizer.defaults["foreach"] is (True if setting is False else None)
         for _ in range(3):
-            loss_and_grads(unet, source, train)
+            loss_and_grads(unet, ramp_source, train)
             optimizer.step()
             optimizer.zero_grad()
         results.append([p.detach().clone() for p in unet.parameters()])
@@ -121,8 +119,8 @@ def test_bad_speed_settings_fail_validation(values, message):
         TrainConfig(**values)
 
 
-def test_cached_rows_read_through_kept_slices_match_the_file(source):
-    dataset = source.dataset
+def test_cached_rows_read_through_kept_slices_match_the_file(ramp_source):
+    dataset = ramp_source.dataset
     rows = [dataset[i] for i in (3, 0, ROWS - 1, 3)]
     assert len(dataset._open) == 1  # one shard opened once, its slices kept
     for index, row in zip((3, 0, ROWS - 1, 3), rows, strict=True):

@@ -1,17 +1,13 @@
 """Training the text encoder (`train.text_encoder: lora | full`): the refused combinations, what the
 exported model's prompt embeddings are, and the cache a trained encoder needs."""
 
-# ruff: noqa: F401, F811  (the `components` fixture is imported from test_train)
 from __future__ import annotations
 
 import pytest
 import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
-from peft import LoraConfig, inject_adapter_in_model
-from safetensors.torch import load_file
-from test_train import (  # components: test_train's tiny pipeline fixture, used as is
-    CAPTIONS,
-    components,
+from fixtures.pipelines import CAPTIONS
+from fixtures.training import (
     make_latents,
     pretrained_config,
     run_train,
@@ -19,6 +15,8 @@ from test_train import (  # components: test_train's tiny pipeline fixture, used
     stage_path,
     unet_inputs,
 )
+from peft import LoraConfig, inject_adapter_in_model
+from safetensors.torch import load_file
 from transformers import CLIPTextModel
 
 from sdflow.errors import UserError
@@ -39,9 +37,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
         (["train.text_encoder=lora"], "model.init is 'scratch'"),
     ],
 )
-def test_a_scratch_run_refuses_to_train_its_text_encoder(components, overrides, named):
+def test_a_scratch_run_refuses_to_train_its_text_encoder(tiny_sd, overrides, named):
     with pytest.raises(ConfigError, match=named) as error:
-        scratch_config(components, *overrides)
+        scratch_config(tiny_sd, *overrides)
     assert "train.text_encoder is" in str(error.value) and "allowed with scratch: 'frozen'" in str(
         error.value
     )
@@ -55,15 +53,15 @@ def test_a_scratch_run_refuses_to_train_its_text_encoder(components, overrides, 
         (["train.text_encoder=full", "train.cache_latents=false"], "cache_latents"),
     ],
 )
-def test_the_text_encoder_follows_the_unet_mode_and_needs_the_cache(components, overrides, allowed):
+def test_the_text_encoder_follows_the_unet_mode_and_needs_the_cache(tiny_sd, overrides, allowed):
     with pytest.raises(ConfigError, match="train.text_encoder is") as error:
-        pretrained_config(components, *overrides)
+        pretrained_config(tiny_sd, *overrides)
     assert allowed in str(error.value)
 
 
-def test_a_trained_encoder_refuses_a_cache_of_embeddings(tmp_path, components):
-    config = pretrained_config(components, "train.text_encoder=full")
-    upstream = {"latents": make_latents(tmp_path, components), "autoencoder": None, "caption": None}
+def test_a_trained_encoder_refuses_a_cache_of_embeddings(tmp_path, tiny_sd):
+    config = pretrained_config(tiny_sd, "train.text_encoder=full")
+    upstream = {"latents": make_latents(tmp_path, tiny_sd), "autoencoder": None, "caption": None}
     with pytest.raises(UserError, match="train.text_encoder"):
         train(config, upstream, str(tmp_path))
 
@@ -74,10 +72,10 @@ def prompt_embeddings(pipe: StableDiffusionPipeline) -> torch.Tensor:
     return embeds
 
 
-def rebuilt_encoder(components: dict, mode: str, trained: dict) -> CLIPTextModel:
+def rebuilt_encoder(tiny_sd: dict, mode: str, trained: dict) -> CLIPTextModel:
     """The trained encoder rebuilt by hand: the base's, its adapter (r 2, alpha 8) for lora, and
     the checkpoint's trained weights."""
-    encoder = CLIPTextModel.from_pretrained(components["root"] / "base" / "text_encoder")
+    encoder = CLIPTextModel.from_pretrained(tiny_sd["root"] / "base" / "text_encoder")
     if mode == "lora":
         lora = LoraConfig(r=2, lora_alpha=8, target_modules=TEXT_TARGETS)
         inject_adapter_in_model(lora, encoder, adapter_name="default")
@@ -91,10 +89,10 @@ def rebuilt_encoder(components: dict, mode: str, trained: dict) -> CLIPTextModel
 
 
 @pytest.mark.parametrize("mode", ["frozen", "full", "lora"])
-def test_the_exported_text_encoder_is_the_trained_one(tmp_path, components, mode):
+def test_the_exported_text_encoder_is_the_trained_one(tmp_path, tiny_sd, mode):
     unet_mode = "lora" if mode == "lora" else "full"
     config = pretrained_config(
-        components,
+        tiny_sd,
         f"train.mode={unet_mode}",
         f"train.text_encoder={mode}",
         "train.lr=0.01",
@@ -103,11 +101,11 @@ def test_the_exported_text_encoder_is_the_trained_one(tmp_path, components, mode
         "train.lora_alpha=8",
         "train.keep_optimizer_state=true",
     )
-    manifest, _ = run_train(config, tmp_path, components)
+    manifest, _ = run_train(config, tmp_path, tiny_sd)
     out = stage_path(tmp_path, manifest)
     assert manifest["info"]["text_encoder"] == mode
     _, state = load_checkpoint(out / "checkpoints" / step_name(4))
-    base = StableDiffusionPipeline.from_pretrained(components["root"] / "base", safety_checker=None)
+    base = StableDiffusionPipeline.from_pretrained(tiny_sd["root"] / "base", safety_checker=None)
     before = prompt_embeddings(base)
     if mode == "lora":
         pipe = base
@@ -127,7 +125,7 @@ def test_the_exported_text_encoder_is_the_trained_one(tmp_path, components, mode
         assert torch.equal(after, before)
         assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [0.01]
         return
-    encoder = rebuilt_encoder(components, mode, state["text_encoder"])
+    encoder = rebuilt_encoder(tiny_sd, mode, state["text_encoder"])
     ids = base.tokenizer(PROMPT, padding="max_length", max_length=16, truncation=True)
     with torch.no_grad():
         expected = encoder(torch.tensor([ids.input_ids]))[0]
@@ -139,7 +137,7 @@ def test_the_exported_text_encoder_is_the_trained_one(tmp_path, components, mode
     assert len(groups[1]["params"]) == len(state["text_encoder"])
 
 
-def test_the_text_encoder_runs_under_the_unets_autocast(tmp_path, components, monkeypatch):
+def test_the_text_encoder_runs_under_the_unets_autocast(tmp_path, tiny_sd, monkeypatch):
     import sdflow.training.loop as training
 
     seen: list[torch.dtype] = []
@@ -153,26 +151,26 @@ def test_the_text_encoder_runs_under_the_unets_autocast(tmp_path, components, mo
 
     monkeypatch.setattr(training, "build_trainable_text_encoder", with_hook)
     config = pretrained_config(
-        components, "train.text_encoder=full", "train.mixed_precision=bf16", "train.max_steps=2"
+        tiny_sd, "train.text_encoder=full", "train.mixed_precision=bf16", "train.max_steps=2"
     )
-    manifest, _ = run_train(config, tmp_path, components)
+    manifest, _ = run_train(config, tmp_path, tiny_sd)
     assert manifest["counts"]["steps"] == 2
     # the training steps ran it in bf16 (fp32 weights); the export rebuilt it once more, in fp32
     assert seen[:2] == [torch.bfloat16, torch.bfloat16] and seen[2:] == []
 
 
-def test_caption_dropout_swaps_in_the_empty_prompts_token_ids(tmp_path, components):
+def test_caption_dropout_swaps_in_the_empty_prompts_token_ids(tmp_path, tiny_sd):
     from sdflow.config import TrainConfig
     from sdflow.training.objective import draw_inputs
     from sdflow.training.schedules import CachedBatches, collate
 
-    manifest = make_latents(tmp_path, components, tokens=True)
+    manifest = make_latents(tmp_path, tiny_sd, tokens=True)
     source = CachedBatches(str(tmp_path), manifest, "input_ids")
     batch = collate([source.dataset[i] for i in range(len(source.dataset))])
     scheduler = DDPMScheduler()
     train = TrainConfig(caption_dropout=0.5)
     inputs = draw_inputs(scheduler, source, batch, torch.Generator().manual_seed(1), train)
-    tokenizer = components["tokenizer"]
+    tokenizer = tiny_sd["tokenizer"]
 
     def ids(caption: str) -> list[int]:
         return tokenizer(caption, padding="max_length", max_length=16).input_ids

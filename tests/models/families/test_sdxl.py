@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
-from fixtures.stages import crash_at_checkpoint
+from fixtures.pipelines import seeded_image
+from fixtures.stages import GRID, caption_stage, crash_at_checkpoint, downloaded_rows, samples
 from safetensors.torch import load_file
-from test_latents import caption_stage, samples
 
+import sdflow.models.families.sdxl as sdxl
 from flows.pipeline import check_family_options
 from sdflow.errors import UserError
 from sdflow.models.families import family_of
-from sdflow.models.families.sdxl import batch_time_ids
 from sdflow.profiles import load_profile
 from sdflow.training.encoding import Encoders, vae_precision
 from sdflow.training.latent_data import CachedLatents, load_empty_prompts
@@ -74,7 +74,7 @@ def test_cached_text_pooled_and_time_ids_equal_the_pipelines(sdxl_latents, refer
     expected = reference._get_add_time_ids(
         (32, 32), (0, 0), (32, 32), torch.float32, text_encoder_projection_dim=32
     )
-    ids = batch_time_ids(batch, (8, 8), manifest["info"])
+    ids = sdxl.batch_time_ids(batch, (8, 8), manifest["info"])
     assert torch.equal(ids, expected.expand(3, 6))
 
 
@@ -86,7 +86,7 @@ def test_time_ids_of_a_cropped_non_square_sample(sdxl_latents, reference):
         "original_size": torch.tensor([[300, 500], [48, 64]]),
         "crop_top_left": torch.tensor([[0, 70], [6, 0]]),
     }
-    ids = batch_time_ids(batch, (6, 8), manifest["info"])
+    ids = sdxl.batch_time_ids(batch, (6, 8), manifest["info"])
     for i, (size, crop) in enumerate((((300, 500), (0, 70)), ((48, 64), (6, 0)))):
         expected = reference._get_add_time_ids(
             size, crop, (24, 32), torch.float32, text_encoder_projection_dim=32
@@ -136,16 +136,7 @@ def workdir_with(latents_workdir: Path, workdir: Path) -> str:
 
 
 def generate(pipe: StableDiffusionXLPipeline):
-    pipe.set_progress_bar_config(disable=True)
-    out = pipe(
-        "a red square",
-        height=32,
-        width=32,
-        num_inference_steps=2,
-        generator=torch.Generator().manual_seed(0),
-        output_type="np",
-    )
-    return out.images[0]
+    return seeded_image(pipe, "a red square")
 
 
 def test_lora_with_ema_min_snr_v_prediction_resumes_exactly_and_loads(
@@ -221,3 +212,37 @@ def test_both_text_encoders_train_and_export(tiny_sdxl, reference, tmp_path, cho
     assert not torch.allclose(text[..., 32:], base_text[..., 32:])
     assert not torch.allclose(pooled, base_pooled)
     assert generate(pipe).shape == (32, 32, 3)
+
+
+def test_lora_trains_on_non_square_buckets_with_their_size_conditioning(
+    tiny_sdxl, reference, tmp_path, monkeypatch
+):
+    """Mixed-aspect rows (square, 2:1, 1:2, 4:3 originals) cached in buckets and trained: batches
+    of non-square latents reach the UNet, each row conditioned on its own original size, crop and
+    bucket size exactly as diffusers' SDXL pipeline computes them."""
+    config = sdxl_config(tiny_sdxl, *TRAIN, "train.mode=lora", "download.resize_mode=max_area",
+                         GRID, "eval.held_out_fraction=0")  # fmt: skip
+    upstream = {"caption": caption_stage(tmp_path, downloaded_rows()), "autoencoder": None}
+    latents = cache_latents(config, upstream, str(tmp_path))
+    assert latents["info"]["buckets"]["40x24"] == 6 and latents["info"]["buckets"]["24x40"] == 3
+    real, seen = sdxl.batch_time_ids, []
+
+    def recorded(rows, latent_hw, info):
+        ids = real(rows, latent_hw, info)
+        seen.append((latent_hw, rows["original_size"].clone(), rows["crop_top_left"].clone(), ids))
+        return ids
+
+    monkeypatch.setattr(sdxl, "batch_time_ids", recorded)
+    manifest = train(config, {**upstream, "latents": latents}, str(tmp_path))
+    assert manifest["counts"]["steps"] == 4
+    assert {hw for hw, *_ in seen} >= {(6, 10), (10, 6)}  # 40x24 and 24x40 px: non-square
+    for (height, width), originals, crops, ids in seen:
+        for original, crop, row_ids in zip(originals, crops, ids, strict=True):
+            expected = reference._get_add_time_ids(
+                tuple(original.tolist()), tuple(crop.tolist()), (height * 4, width * 4),
+                torch.float32, text_encoder_projection_dim=32,
+            )  # fmt: skip
+            assert torch.equal(row_ids[None], expected)
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    pipe.load_lora_weights(str(tmp_path / manifest["path"] / "lora"))
+    assert not np.array_equal(generate(pipe), generate(reference))  # the adapter took effect

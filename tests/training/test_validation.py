@@ -8,13 +8,19 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import test_train
 import torch
+from diffusers import StableDiffusionPipeline
 from fixtures.stages import crash_at_checkpoint
+from fixtures.training import (
+    make_latents,
+    pretrained_config,
+    scratch_config,
+    stage_path,
+    unet_inputs,
+)
 from PIL import Image
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_train import make_latents, scratch_config, stage_path
 
 import sdflow.training.memory as memory
 import sdflow.training.optimizers as optimizers
@@ -28,7 +34,6 @@ from tasks.evaluate import describe_model
 from tasks.train import train, train_key, train_lineage
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-components = test_train.components  # the tiny tokenizer, text encoder, VAE and base pipeline
 UNET = "unet/diffusion_pytorch_model.safetensors"
 # a from-scratch UNet on 2 training rows for many steps: it memorises them and the held-out loss
 # turns up after about 100 steps (lr 3e-3), while the training loss keeps falling
@@ -43,8 +48,8 @@ OVERFIT = [
 ]
 
 
-def upstream_with_held_out(workdir: Path, components: dict, rows=(2,), held_out: int = 16):
-    latents = make_latents(workdir, components, rows=rows, held_out=held_out)
+def upstream_with_held_out(workdir: Path, tiny_sd: dict, rows=(2,), held_out: int = 16):
+    latents = make_latents(workdir, tiny_sd, rows=rows, held_out=held_out)
     return {"latents": latents, "autoencoder": None, "caption": None}
 
 
@@ -89,9 +94,9 @@ def test_timesteps_are_spread_evenly_over_the_schedule():
     assert spread_timesteps(1, 1000).tolist() == [500]
 
 
-def test_the_validation_loss_is_deterministic_and_is_the_held_out_mse(tmp_path, components):
-    config = scratch_config(components, "train.validate_every=1", "train.validation_samples=6")
-    upstream = upstream_with_held_out(tmp_path, components, held_out=10)
+def test_the_validation_loss_is_deterministic_and_is_the_held_out_mse(tmp_path, tiny_sd):
+    config = scratch_config(tiny_sd, "train.validate_every=1", "train.validation_samples=6")
+    upstream = upstream_with_held_out(tmp_path, tiny_sd, held_out=10)
     unet = build_unet(config.model).eval()
     first = validator(config, upstream, tmp_path, tmp_path).loss(unet, accelerator())
     again = validator(config, upstream, tmp_path, tmp_path).loss(unet, accelerator())
@@ -109,9 +114,9 @@ def test_the_validation_loss_is_deterministic_and_is_the_held_out_mse(tmp_path, 
     assert validator(config, upstream, tmp_path, tmp_path).loss(unet, accelerator()) != first
 
 
-def test_the_validation_loss_covers_held_out_rows_of_several_buckets(tmp_path, components):
-    config = scratch_config(components, "train.validate_every=1", "train.validation_samples=6")
-    latents = make_latents(tmp_path, components, held_out=6, buckets=True)
+def test_the_validation_loss_covers_held_out_rows_of_several_buckets(tmp_path, tiny_sd):
+    config = scratch_config(tiny_sd, "train.validate_every=1", "train.validation_samples=6")
+    latents = make_latents(tmp_path, tiny_sd, held_out=6, buckets=True)
     upstream = {"latents": latents, "autoencoder": None, "caption": None}
     unet = build_unet(config.model).eval()
     loss = validator(config, upstream, tmp_path, tmp_path).loss(unet, accelerator())
@@ -129,11 +134,11 @@ def test_the_validation_loss_covers_held_out_rows_of_several_buckets(tmp_path, c
 
 
 @pytest.mark.slow
-def test_overfitting_run_exports_the_minimum_and_stops_early(tmp_path, components):
+def test_overfitting_run_exports_the_minimum_and_stops_early(tmp_path, tiny_sd):
     config = scratch_config(
-        components, *OVERFIT, "train.keep_best=true", "train.early_stop_patience=3"
+        tiny_sd, *OVERFIT, "train.keep_best=true", "train.early_stop_patience=3"
     )
-    upstream = upstream_with_held_out(tmp_path, components)
+    upstream = upstream_with_held_out(tmp_path, tiny_sd)
     manifest = train(config, upstream, str(tmp_path))
     out = stage_path(tmp_path, manifest)
     validation = manifest["info"]["validation"]
@@ -186,10 +191,10 @@ def test_overfitting_run_exports_the_minimum_and_stops_early(tmp_path, component
 
 
 def test_a_resumed_run_validates_and_exports_as_an_uninterrupted_one(
-    tmp_path, components, monkeypatch
+    tmp_path, tiny_sd, monkeypatch
 ):
     config = scratch_config(
-        components,
+        tiny_sd,
         "train.max_steps=24",
         "train.validate_every=4",
         "train.checkpoint_every=8",
@@ -198,12 +203,10 @@ def test_a_resumed_run_validates_and_exports_as_an_uninterrupted_one(
         "train.ema_decay=0.9",
         "train.validation_images=0",
     )
-    reference = train(
-        config, upstream_with_held_out(tmp_path / "a", components), str(tmp_path / "a")
-    )
+    reference = train(config, upstream_with_held_out(tmp_path / "a", tiny_sd), str(tmp_path / "a"))
     undo = crash_at_checkpoint(monkeypatch, 16)
     workdir = tmp_path / "b"
-    upstream = upstream_with_held_out(workdir, components)
+    upstream = upstream_with_held_out(workdir, tiny_sd)
     with pytest.raises(OSError):
         train(config, upstream, str(workdir))
     partial = next((workdir / "stages" / "train").glob(".*.partial"))
@@ -244,17 +247,17 @@ def test_validation_settings_that_cannot_work_are_refused(options, message):
         load_profile("tiny-test", options)
 
 
-def test_validation_settings_are_in_the_key_but_not_the_lineage(tmp_path, components):
-    upstream = upstream_with_held_out(tmp_path, components)
-    plain = scratch_config(components)
-    validated = scratch_config(components, "train.validate_every=2", "train.keep_best=true")
+def test_validation_settings_are_in_the_key_but_not_the_lineage(tmp_path, tiny_sd):
+    upstream = upstream_with_held_out(tmp_path, tiny_sd)
+    plain = scratch_config(tiny_sd)
+    validated = scratch_config(tiny_sd, "train.validate_every=2", "train.keep_best=true")
     assert train_lineage(validated, upstream) == train_lineage(plain, upstream)
     assert train_key(validated, upstream) != train_key(plain, upstream)
 
 
-def test_no_held_out_rows_is_a_user_error_before_training(tmp_path, components):
-    config = scratch_config(components, "train.validate_every=2")
-    upstream = {"latents": make_latents(tmp_path, components), "autoencoder": None, "caption": None}
+def test_no_held_out_rows_is_a_user_error_before_training(tmp_path, tiny_sd):
+    config = scratch_config(tiny_sd, "train.validate_every=2")
+    upstream = {"latents": make_latents(tmp_path, tiny_sd), "autoencoder": None, "caption": None}
     with pytest.raises(UserError, match="cached no held-out samples"):
         train(config, upstream, str(tmp_path))
     assert not list((tmp_path / "stages" / "train").rglob("step-*"))
@@ -263,10 +266,10 @@ def test_no_held_out_rows_is_a_user_error_before_training(tmp_path, components):
 # ------------------------------------------------------------------------------- memory options
 
 
-def test_adamw8bit_without_cuda_is_refused_before_any_work(tmp_path, components, monkeypatch):
+def test_adamw8bit_without_cuda_is_refused_before_any_work(tmp_path, tiny_sd, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    config = scratch_config(components, "train.optimizer=adamw8bit")
-    upstream = {"latents": make_latents(tmp_path, components), "autoencoder": None, "caption": None}
+    config = scratch_config(tiny_sd, "train.optimizer=adamw8bit")
+    upstream = {"latents": make_latents(tmp_path, tiny_sd), "autoencoder": None, "caption": None}
     with pytest.raises(UserError, match="train.optimizer is 'adamw8bit'.*needs a CUDA GPU"):
         train(config, upstream, str(tmp_path))
     assert not list((tmp_path / "stages" / "train").rglob("step-*"))
@@ -279,13 +282,13 @@ def test_adamw8bit_without_cuda_is_refused_before_any_work(tmp_path, components,
         optimizers.check_optimizer(config.train)
 
 
-def test_ema_on_cpu_gives_the_same_ema(tmp_path, components):
+def test_ema_on_cpu_gives_the_same_ema(tmp_path, tiny_sd):
     runs = {}
     for flag in ("false", "true"):
         config = scratch_config(
-            components, "train.ema=true", "train.ema_decay=0.9", f"train.ema_on_cpu={flag}"
+            tiny_sd, "train.ema=true", "train.ema_decay=0.9", f"train.ema_on_cpu={flag}"
         )
-        upstream = {"latents": make_latents(tmp_path / flag, components), "autoencoder": None}
+        upstream = {"latents": make_latents(tmp_path / flag, tiny_sd), "autoencoder": None}
         upstream["caption"] = None
         manifest = train(config, upstream, str(tmp_path / flag))
         _, state = load_checkpoint(
@@ -319,10 +322,10 @@ def test_cpu_ema_averages_device_weights_on_the_cpu():
 
 
 def test_lora_run_validates_and_exports_the_best_adapter_beside_the_last(
-    tmp_path, components, caplog
+    tmp_path, tiny_sd, caplog, monkeypatch
 ):
-    config = test_train.pretrained_config(
-        components,
+    config = pretrained_config(
+        tiny_sd,
         "train.mode=lora",
         "train.lr=0.01",
         "train.max_steps=6",
@@ -331,7 +334,16 @@ def test_lora_run_validates_and_exports_the_best_adapter_beside_the_last(
         "train.validation_images=2",
         "train.validation_inference_steps=1",
     )
-    upstream = upstream_with_held_out(tmp_path, components, rows=(4,))
+    # A few LoRA steps only lower the held-out loss; from the second validation on it reads 1 more
+    # than measured, so the best step (2) is not the last (6) and both adapters are exported.
+    real, validations = Validator.loss, []
+
+    def turning_up(self, unet, accelerator) -> float:
+        validations.append(1)
+        return real(self, unet, accelerator) + (1.0 if len(validations) > 1 else 0.0)
+
+    monkeypatch.setattr(Validator, "loss", turning_up)
+    upstream = upstream_with_held_out(tmp_path, tiny_sd, rows=(4,))
     with caplog.at_level(logging.INFO, logger="sdflow.train"):
         manifest = train(config, upstream, str(tmp_path))
     out = stage_path(tmp_path, manifest)
@@ -345,30 +357,45 @@ def test_lora_run_validates_and_exports_the_best_adapter_beside_the_last(
     assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in logged] == [
         (s, v) for s, v in validation["curve"]
     ]
-    best = validation["best_step"]
-    assert manifest["files"]["lora"] == "lora"
-    assert manifest["files"]["final_lora"] == ("lora" if best == 6 else "final-lora")
-    saved = load_file(out / "lora" / "pytorch_lora_weights.safetensors")
-    _, state = load_checkpoint(out / "checkpoints" / step_name(best))
+    assert validation["best_step"] == 2
+    assert (manifest["files"]["lora"], manifest["files"]["final_lora"]) == ("lora", "final-lora")
+    assert list_checkpoints(out / "checkpoints") == [2, 6]  # the best kept beside the last
 
-    # the best step's adapter (under diffusers' names: compared by the tensors' values)
+    # lora/ is step 2's adapter, final-lora/ step 6's (under diffusers' names: compared by values)
     def values(tensors) -> list:
         return sorted((tuple(t.shape), float(t.double().sum())) for t in tensors.values())
 
-    assert values(saved) == values(state["model"])
+    exported = {}
+    for name, step in (("lora", 2), ("final-lora", 6)):
+        exported[name] = load_file(out / name / "pytorch_lora_weights.safetensors")
+        _, state = load_checkpoint(out / "checkpoints" / step_name(step))
+        assert values(exported[name]) == values(state["model"])
+    assert values(exported["lora"]) != values(exported["final-lora"])
+    # each loads on the base with diffusers, and the two change the base's output differently
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd["root"] / "base")
+    outputs = []
+    for name in (None, "lora", "final-lora"):
+        if name:
+            pipe.unload_lora_weights()
+            pipe.load_lora_weights(out / name)
+        with torch.no_grad():
+            outputs.append(pipe.unet(*unet_inputs(pipe.unet)).sample)
+    base, best, last = outputs
+    assert not torch.equal(best, base) and not torch.equal(last, base)
+    assert not torch.equal(best, last)
     with Image.open(out / manifest["files"]["validation_grid"]) as grid:
         assert grid.width > 2 * 96  # two prompts side by side
 
 
-def test_validating_changes_no_weight(tmp_path, components):
+def test_validating_changes_no_weight(tmp_path, tiny_sd):
     """Validation draws from neither the training generator nor the global RNG (the lineage
     leaves it out): the same run with and without it ends with the same weights, bitwise."""
     extra = ["train.max_steps=6", "train.caption_dropout=0.3", "train.noise_offset=0.05"]
     ends = []
     for name, options in (("plain", []), ("validated", ["train.validate_every=2"])):
-        config = scratch_config(components, *extra, *options)
+        config = scratch_config(tiny_sd, *extra, *options)
         manifest = train(
-            config, upstream_with_held_out(tmp_path / name, components), str(tmp_path / name)
+            config, upstream_with_held_out(tmp_path / name, tiny_sd), str(tmp_path / name)
         )
         ends.append(load_file(stage_path(tmp_path / name, manifest) / "pipeline" / UNET))
         assert ("validation" in manifest["info"]) is bool(options)
