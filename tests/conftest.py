@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["fixtures.clip"]  # the shared tiny CLIP (`clip_dir`)
+pytest_plugins = ["fixtures.clip", "fixtures.sd3", "fixtures.flux"]  # tiny CLIP, SD3, Flux
 
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="sdflow-test-prefect-")
 os.environ.setdefault("DO_NOT_TRACK", "1")

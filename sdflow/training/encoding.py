@@ -61,11 +61,14 @@ def encode_rows(config: RunConfig, encoders: Encoders, samples: list[dict]) -> l
     """Each sample's outcome, in order: its stored tensors (one row each), or its failure."""
     results: dict[str, Outcome] = {}
     size = config.latents.batch_size
+    dtypes = {"text": encoders.family.text_cache_dtype(config)}
     for batch in (samples[a : a + size] for a in range(0, len(samples), size)):
         kept, failed = encode_batch(config, encoders, batch)
         for row in kept:
-            stored = {k: v if k == "id" else stored(v, config) for k, v in row.items()}
-            results[row["id"]] = Outcome(True, stored)
+            kept_row = {
+                k: v if k == "id" else stored(v, config, dtypes.get(k)) for k, v in row.items()
+            }
+            results[row["id"]] = Outcome(True, kept_row)
         results |= {failure["id"]: Outcome(False, failure) for failure in failed}
     return [results[s["id"]] for s in samples]
 
@@ -171,11 +174,12 @@ def encode_views(
     return out
 
 
-def stored(tensor: Tensor, config: RunConfig) -> Tensor:
-    """Floats in `latents.dtype`; token ids as they are."""
+def stored(tensor: Tensor, config: RunConfig, dtype: torch.dtype | None = None) -> Tensor:
+    """Floats in `dtype` (the family's choice for its caption states: `text_cache_dtype`) or
+    `latents.dtype`; token ids as they are."""
     if not tensor.is_floating_point():
         return tensor.detach().cpu()
-    return tensor.detach().to("cpu", DTYPES[config.latents.dtype])
+    return tensor.detach().to("cpu", dtype or DTYPES[config.latents.dtype])
 
 
 def failure(sample: dict, reason: str, detail: object) -> dict[str, str]:

@@ -31,6 +31,7 @@ class TextEncoders:
 
     tokenizers: list[Any]
     encoders: list[Any]
+    sequence_length: int | None = None  # T5 tokens per caption (sd3, flux)
 
 
 class Family(Protocol):
@@ -40,6 +41,9 @@ class Family(Protocol):
     pipeline_class: type
     text_parts: tuple[str, ...]  # the pipeline's text subfolders (tokenizers and encoders)
     upcast_vae: bool  # fp16 latents encoding runs in float32 when the VAE sets `force_upcast`
+    objective: str  # "ddpm" (sdflow.training.objective) or "flow" (sdflow.training.flow_objective)
+    denoiser_part: str  # the pipeline's denoiser subfolder: unet or transformer
+    denoiser_class: type  # its diffusers class
 
     def check(self, config: RunConfig) -> None:
         """Refuse, with a UserError, settings this family does not support."""
@@ -76,14 +80,27 @@ class Family(Protocol):
     def load_kwargs(self) -> dict[str, Any]:
         """Extra keyword arguments of `pipeline_class.from_pretrained`."""
 
+    def text_cache_dtype(self, config: RunConfig) -> Any:
+        """The dtype of the cached caption states; None: `latents.dtype`."""
 
-PIPELINE_FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
+
+PIPELINE_FAMILIES = {
+    "StableDiffusionPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
+}
 
 
 def get_family(name: str) -> Family:
-    from sdflow.models.families import sd, sdxl
+    from sdflow.models.families import flux, sd, sd3, sdxl
 
-    families: dict[str, Family] = {"sd": sd.FAMILY, "sdxl": sdxl.FAMILY}
+    families: dict[str, Family] = {
+        "sd": sd.FAMILY,
+        "sdxl": sdxl.FAMILY,
+        "sd3": sd3.FAMILY,
+        "flux": flux.FAMILY,
+    }
     return families[name]
 
 

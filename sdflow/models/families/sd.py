@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -25,6 +25,9 @@ class StableDiffusion:
     pipeline_class = StableDiffusionPipeline
     text_parts = ("tokenizer", "text_encoder")
     upcast_vae = False  # encode latents in float32 when the VAE config says force_upcast
+    objective = "ddpm"  # sdflow.training.objective
+    denoiser_part = "unet"
+    denoiser_class = UNet2DConditionModel
 
     def check(self, config: RunConfig) -> None:
         """Every sdflow option applies to SD."""
@@ -71,6 +74,9 @@ class StableDiffusion:
 
     def save_pipeline(self, out_dir: Path, unet, vae, text: TextEncoders, scheduler) -> None:
         save_pipeline(out_dir, unet, vae, text.encoders[0], text.tokenizers[0], scheduler)
+
+    def text_cache_dtype(self, config: RunConfig) -> Any:
+        return None  # latents.dtype
 
     def load_kwargs(self) -> dict[str, Any]:
         return {"safety_checker": None, "requires_safety_checker": False}

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionXLPipeline
+from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 from torch import Tensor, nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -79,6 +79,9 @@ class StableDiffusionXL:
     pipeline_class = StableDiffusionXLPipeline
     text_parts = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
     upcast_vae = True  # encode latents in float32 when the VAE config says force_upcast
+    objective = "ddpm"  # sdflow.training.objective
+    denoiser_part = "unet"
+    denoiser_class = UNet2DConditionModel
 
     def check(self, config: RunConfig) -> None:
         if not config.train.cache_latents:
@@ -147,6 +150,9 @@ class StableDiffusionXL:
 
     def save_pipeline(self, out_dir: Path, unet, vae, text: TextEncoders, scheduler) -> None:
         save_pipeline_dir(out_dir, self.pipeline(unet, vae, text, scheduler))
+
+    def text_cache_dtype(self, config: RunConfig) -> Any:
+        return None  # latents.dtype
 
     def load_kwargs(self) -> dict[str, Any]:
         return {}

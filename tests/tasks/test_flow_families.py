@@ -1,0 +1,99 @@
+"""SD3 and Flux through the latents stage on the tiny pipelines (`tiny_sd3`, `tiny_flux`): the family
+comes from model_index.json, the cached caption states equal the pipelines' own `encode_prompt`
+(empty prompt included), T5's length is the configured one, bad settings are refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import FluxPipeline, StableDiffusion3Pipeline
+from test_latents import caption_stage, samples
+
+from sdflow.errors import UserError
+from sdflow.models.families import family_of
+from sdflow.profiles import load_profile
+from sdflow.training.latent_data import CachedLatents, load_empty_prompts
+from tasks.latents import cache_latents
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+LENGTH = 24  # model.max_sequence_length of these runs (the pipelines' defaults are 256 and 512)
+
+
+def flow_config(pipeline: Path, *overrides: str):
+    options = ["model.init=pretrained", f"model.pretrained={pipeline}", *overrides]
+    return load_profile("tiny-test", options)
+
+
+def cached(pipeline: Path, workdir: Path, *overrides: str):
+    config = flow_config(pipeline, f"model.max_sequence_length={LENGTH}", "eval.held_out_fraction=0.25",
+                         "latents.shard_size=8", *overrides)  # fmt: skip
+    upstream = {"caption": caption_stage(workdir, samples(8)), "autoencoder": None}
+    return workdir, config, upstream, cache_latents(config, upstream, str(workdir))
+
+
+@pytest.fixture(scope="module")
+def sd3_latents(tiny_sd3, tmp_path_factory):
+    return cached(tiny_sd3, tmp_path_factory.mktemp("sd3-work"))
+
+
+@pytest.fixture(scope="module")
+def flux_latents(tiny_flux, tmp_path_factory):
+    return cached(tiny_flux, tmp_path_factory.mktemp("flux-work"), "train.mixed_precision=bf16")
+
+
+def test_families_come_from_model_index(tiny_sd3, tiny_flux):
+    assert family_of(flow_config(tiny_sd3)).name == "sd3"
+    assert family_of(flow_config(tiny_flux)).name == "flux"
+    with pytest.raises(UserError, match="model.family is 'sd3' but .* is a 'flux' pipeline"):
+        family_of(flow_config(tiny_flux, "model.family=sd3"))
+
+
+def rows_and_captions(latents):
+    workdir, _, _, manifest = latents
+    data = CachedLatents(workdir, manifest)
+    captions = {s["id"]: s["caption"] for s in samples(8)}
+    return [(data[i], captions[data[i]["id"]]) for i in range(3)], load_empty_prompts(
+        workdir, manifest
+    )
+
+
+def test_sd3_cache_equals_the_pipelines_encode_prompt(sd3_latents, tiny_sd3):
+    reference = StableDiffusion3Pipeline.from_pretrained(tiny_sd3)
+    rows, empty = rows_and_captions(sd3_latents)
+    for row, caption in [*rows, ({"text": empty["text"], "pooled": empty["pooled"]}, "")]:
+        text, _, pooled, _ = reference.encode_prompt(
+            caption, caption, caption, device="cpu", do_classifier_free_guidance=False,
+            max_sequence_length=LENGTH,
+        )  # fmt: skip
+        assert row["text"].shape == (16 + LENGTH, 48)  # 16 CLIP tokens padded to T5 width, T5 ones
+        torch.testing.assert_close(row["text"], text[0])
+        torch.testing.assert_close(row["pooled"], pooled[0])
+    assert sd3_latents[3]["info"]["shift_factor"] == pytest.approx(0.0609)
+
+
+def test_flux_cache_equals_the_pipelines_encode_prompt_in_bf16(flux_latents, tiny_flux):
+    reference = FluxPipeline.from_pretrained(tiny_flux)
+    rows, empty = rows_and_captions(flux_latents)
+    for row, caption in [*rows, ({"text": empty["text"], "pooled": empty["pooled"]}, "")]:
+        text, pooled, _ = reference.encode_prompt(
+            caption, caption, device="cpu", max_sequence_length=LENGTH
+        )
+        assert row["text"].dtype == torch.bfloat16  # T5's states in the training precision
+        torch.testing.assert_close(row["text"], text[0].to(torch.bfloat16))  # bf16 tolerance
+        torch.testing.assert_close(row["pooled"], pooled[0])
+
+
+def test_bad_flow_settings_are_refused_before_any_work(tiny_sd3, tiny_flux, tmp_path):
+    upstream = {"caption": caption_stage(tmp_path, samples(4)), "autoencoder": None}
+    cases = [
+        # the tiny T5 tokenizer takes at most 64 tokens (T5-XXL's, 512)
+        (tiny_flux, "model.max_sequence_length=65", "model.max_sequence_length is 65 but the T5"),
+        (tiny_sd3, "train.snr_gamma=5.0", "train.snr_gamma is 5.0 but the model is StableDiff"),
+        (tiny_flux, "train.prediction_type=v_prediction", "predicts the flow"),
+    ]
+    for pipeline, option, message in cases:
+        with pytest.raises(UserError, match=message):
+            cache_latents(flow_config(pipeline, option), upstream, str(tmp_path))
+    assert not list((tmp_path / "stages").glob("latents/*/MANIFEST.json"))  # nothing finished
