@@ -30,7 +30,7 @@ from sdflow.config.model import (
     ModelConfig,
 )
 from sdflow.config.runner import RunnerConfig
-from sdflow.config.train import EvalConfig, TrainConfig
+from sdflow.config.train import EvalConfig, FlowConfig, TrainConfig
 
 __all__ = [
     "STAGES",
@@ -55,6 +55,7 @@ __all__ = [
     "Section",
     "SemanticDedup",
     "SourceConfig",
+    "FlowConfig",
     "TrainConfig",
 ]
 

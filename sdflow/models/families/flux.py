@@ -74,6 +74,29 @@ class Flux(FlowFamily):
     def added_conditioning(self, rows, pooled, latent_hw, info) -> dict[str, Tensor]:
         return {"pooled_projections": pooled}
 
+    def predict(
+        self, model, noisy: Tensor, timesteps: Tensor, text: Tensor, added, train
+    ) -> Tensor:
+        """The transformer's flow prediction on packed latents, as FluxPipeline calls it: image
+        ids, zero text ids, timestep / 1000, and `train.guidance_scale` for a guidance-distilled
+        base."""
+        size, device = noisy.shape[0], noisy.device
+        hw = (noisy.shape[-2], noisy.shape[-1])
+        guidance = None
+        if getattr(model, "module", model).config.guidance_embeds:
+            guidance = torch.full((size,), train.guidance_scale, device=device)
+        out = model(
+            hidden_states=pack_latents(noisy),
+            timestep=timesteps / 1000,
+            guidance=guidance,
+            pooled_projections=added["pooled_projections"],
+            encoder_hidden_states=text,
+            txt_ids=torch.zeros(text.shape[1], 3, device=device, dtype=noisy.dtype),
+            img_ids=image_ids(hw).to(device, noisy.dtype),
+            return_dict=False,
+        )[0]
+        return unpack_latents(out, hw)
+
     def pipeline(self, unet, vae, text: TextEncoders | None, scheduler) -> FluxPipeline:
         tokenizers = text.tokenizers if text else [None] * 2
         encoders = text.encoders if text else [None] * 2

@@ -65,6 +65,18 @@ class StableDiffusion3(FlowFamily):
     def added_conditioning(self, rows, pooled, latent_hw, info) -> dict[str, Tensor]:
         return {"pooled_projections": pooled}
 
+    def predict(
+        self, model, noisy: Tensor, timesteps: Tensor, text: Tensor, added, train
+    ) -> Tensor:
+        """The transformer's flow prediction, called as StableDiffusion3Pipeline calls it."""
+        return model(
+            hidden_states=noisy,
+            timestep=timesteps,
+            encoder_hidden_states=text,
+            pooled_projections=added["pooled_projections"],
+            return_dict=False,
+        )[0]
+
     def pipeline(self, unet, vae, text: TextEncoders | None, scheduler) -> StableDiffusion3Pipeline:
         tokenizers = text.tokenizers if text else [None] * 3
         encoders = text.encoders if text else [None] * 3
