@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from typing import Any
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -39,6 +40,14 @@ def noise_scheduler(
         return base
     return FlowMatchEulerDiscreteScheduler.from_config(
         base.config, shift=shift, use_dynamic_shifting=False
+    )
+
+
+def inference_scheduler(config: RunConfig, sources: ComponentSources, trained) -> Any:
+    """The export's sampler: the base's own FlowMatchEuler scheduler and config, unshifted by
+    `train.flow.shift` (the pipeline sets its sigmas per resolution itself)."""
+    return load_component(
+        sources.scheduler, "scheduler", FlowMatchEulerDiscreteScheduler, config.model
     )
 
 

@@ -74,8 +74,9 @@ def prediction_target(scheduler, latents: Tensor, noise: Tensor, timesteps: Tens
 
 
 def diffusion_loss(
-    unet, scheduler, source, batch, generator, train: TrainConfig, device, text_encoder=None
-) -> Tensor:
+    unet, scheduler, source, batch, generator, train: TrainConfig, device, text_encoder=None,
+    family=None,
+) -> Tensor:  # fmt: skip
     """The diffusion training step written out; every random draw comes from `generator`, in order.
 
     `text_encoder` (when it trains) turns the drawn token ids into the UNet's conditioning."""
@@ -116,3 +117,13 @@ def weighted_mse(pred, target, scheduler, timesteps, snr_gamma: float | None) ->
         weights = clipped / snr
     per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
     return (per_sample * weights).mean()
+
+
+def loss_at(
+    unet, scheduler, latents, noise, timesteps, text, added, train: TrainConfig, family=None
+):
+    """The loss of given inputs (validation's fixed held-out ones), as a step computes it."""
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    target = prediction_target(scheduler, latents, noise, timesteps)
+    pred = unet(noisy, timesteps, text, **added_kwargs(added, latents.device)).sample
+    return weighted_mse(pred.float(), target.float(), scheduler, timesteps, train.snr_gamma)

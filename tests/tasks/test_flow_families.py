@@ -6,9 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
+from fixtures.stages import crash_at_checkpoint
 from test_latents import caption_stage, samples
 
 from sdflow.errors import UserError
@@ -16,6 +18,7 @@ from sdflow.models.families import family_of
 from sdflow.profiles import load_profile
 from sdflow.training.latent_data import CachedLatents, load_empty_prompts
 from tasks.latents import cache_latents
+from tasks.train import train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 LENGTH = 24  # model.max_sequence_length of these runs (the pipelines' defaults are 256 and 512)
@@ -97,3 +100,68 @@ def test_bad_flow_settings_are_refused_before_any_work(tiny_sd3, tiny_flux, tmp_
         with pytest.raises(UserError, match=message):
             cache_latents(flow_config(pipeline, option), upstream, str(tmp_path))
     assert not list((tmp_path / "stages").glob("latents/*/MANIFEST.json"))  # nothing finished
+
+
+# ------------------------------------------------------------------------------------------ train
+
+TRAIN = ["train.max_steps=4", "train.checkpoint_every=2", "train.batch_size=3", "train.log_every=1"]
+TRANSFORMER_LORA = "train.lora_targets=[to_q,to_k,to_v,to_out.0,add_q_proj,ff.net.2]"
+
+
+def workdir_with(latents_workdir: Path, workdir: Path) -> str:
+    """A fresh workdir that sees the fixture's latents stage (stage paths are workdir-relative)."""
+    (workdir / "stages").mkdir(parents=True)
+    (workdir / "stages" / "latents").symlink_to(latents_workdir / "stages" / "latents")
+    return str(workdir)
+
+
+def generate(pipe, **kwargs):
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a red square", height=32, width=32, num_inference_steps=2, output_type="np",
+               generator=torch.Generator().manual_seed(0), max_sequence_length=LENGTH, **kwargs)  # fmt: skip
+    return out.images[0]
+
+
+def test_sd3_lora_with_ema_resumes_exactly_and_loads(sd3_latents, tiny_sd3, tmp_path, monkeypatch):
+    root, _, _, latents = sd3_latents
+    options = ["train.mode=lora", "train.ema=true", "train.lr=0.05", "train.caption_dropout=0.3",
+               "train.flow.weighting=cosmap", "train.gradient_checkpointing=true", TRANSFORMER_LORA,
+               f"model.max_sequence_length={LENGTH}", "train.lora_alpha=8"]  # fmt: skip
+    config = flow_config(tiny_sd3, *TRAIN, *options)
+    upstream = {"latents": latents, "autoencoder": None, "caption": None}
+    straight = train(config, upstream, workdir_with(root, tmp_path / "straight"))
+    undo = crash_at_checkpoint(monkeypatch, 4)
+    with pytest.raises(OSError):
+        train(config, upstream, workdir_with(root, tmp_path / "crashed"))
+    undo()
+    resumed = train(config, upstream, str(tmp_path / "crashed"))
+    assert resumed["info"]["resumed_from_step"] == 2
+    assert resumed["fingerprint"] == straight["fingerprint"]  # the same adapter, bitwise
+    assert resumed["info"]["prediction_type"] == "flow"
+
+    base = generate(StableDiffusion3Pipeline.from_pretrained(tiny_sd3))
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3)
+    pipe.load_lora_weights(str(tmp_path / "straight" / straight["path"] / "lora"))
+    assert not np.allclose(generate(pipe), base, atol=1e-3)  # the adapter took effect
+    assert any("ff.net.2" in n for n, _ in pipe.transformer.named_parameters() if "lora" in n)
+
+
+def test_flux_full_finetune_with_validation_exports_a_pipeline(flux_latents, tiny_flux, tmp_path):
+    root, _, _, latents = flux_latents
+    options = ["train.ema=true", "train.ema_decay=0.5", "train.validate_every=2",
+               "train.validation_images=1", "train.validation_inference_steps=2",
+               "train.guidance_scale=3.5", "train.mixed_precision=bf16",
+               f"model.max_sequence_length={LENGTH}", "train.lr=0.01"]  # fmt: skip
+    config = flow_config(tiny_flux, *TRAIN, *options, "eval.held_out_fraction=0.25")
+    upstream = {"latents": latents, "autoencoder": None, "caption": None}
+    manifest = train(config, upstream, workdir_with(root, tmp_path))
+    out = tmp_path / manifest["path"]
+    validation = manifest["info"]["validation"]
+    assert len(validation["curve"]) == 2 and (out / validation["grid"]).is_file()
+    pipe = FluxPipeline.from_pretrained(out / "pipeline")
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert pipe.scheduler.config.use_dynamic_shifting  # the base's own, as it was
+    reference = FluxPipeline.from_pretrained(tiny_flux)
+    assert not np.allclose(
+        generate(pipe, guidance_scale=3.5), generate(reference, guidance_scale=3.5), atol=1e-3
+    )
