@@ -17,6 +17,7 @@ from sdflow.errors import UserError
 from sdflow.models.families import family_of
 from sdflow.profiles import load_profile
 from sdflow.training.latent_data import CachedLatents, load_empty_prompts
+from tasks.evaluate import evaluate
 from tasks.latents import cache_latents
 from tasks.train import train
 
@@ -111,7 +112,8 @@ TRANSFORMER_LORA = "train.lora_targets=[to_q,to_k,to_v,to_out.0,add_q_proj,ff.ne
 def workdir_with(latents_workdir: Path, workdir: Path) -> str:
     """A fresh workdir that sees the fixture's latents stage (stage paths are workdir-relative)."""
     (workdir / "stages").mkdir(parents=True)
-    (workdir / "stages" / "latents").symlink_to(latents_workdir / "stages" / "latents")
+    for stage in ("latents", "caption"):
+        (workdir / "stages" / stage).symlink_to(latents_workdir / "stages" / stage)
     return str(workdir)
 
 
@@ -147,7 +149,8 @@ def test_sd3_lora_with_ema_resumes_exactly_and_loads(sd3_latents, tiny_sd3, tmp_
 
 
 def test_flux_full_finetune_with_validation_exports_a_pipeline(flux_latents, tiny_flux, tmp_path):
-    root, _, _, latents = flux_latents
+    root, _, stages, latents = flux_latents
+    caption = stages["caption"]
     options = ["train.ema=true", "train.ema_decay=0.5", "train.validate_every=2",
                "train.validation_images=1", "train.validation_inference_steps=2",
                "train.guidance_scale=3.5", "train.mixed_precision=bf16",
@@ -162,6 +165,9 @@ def test_flux_full_finetune_with_validation_exports_a_pipeline(flux_latents, tin
     assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
     assert pipe.scheduler.config.use_dynamic_shifting  # the base's own, as it was
     reference = FluxPipeline.from_pretrained(tiny_flux)
+    evaluated = evaluate(config, {**upstream, "train": manifest, "caption": caption}, str(tmp_path))
+    scores = evaluated["info"]
+    assert scores["trained"]["fid"] != scores["baseline"]["fid"]  # sampled, and not the base
     assert not np.allclose(
         generate(pipe, guidance_scale=3.5), generate(reference, guidance_scale=3.5), atol=1e-3
     )
