@@ -29,6 +29,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # module of 5 minutes last).
 LONGEST_FIRST = [
     "tests/flows/test_profile_runs.py",
+    "tests/flows/test_profile_runs_flow.py",
     "tests/flows/test_finetune_learns.py",
     "tests/flows/test_sweep.py",
     "tests/flows/test_pipeline.py",
