@@ -232,6 +232,7 @@ def _load_encoders(
     if config.latents.channels_last:
         vae.to(memory_format=torch.channels_last)
     buckets = bucket_set(config.latents, config.download.resolution)
+    encoding.check_patching(config, buckets, vae, family)
     return encoding.Encoders(vae, text, family, device, buckets)
 
 

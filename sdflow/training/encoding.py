@@ -22,6 +22,7 @@ from torch import Tensor
 
 from sdflow.config import RunConfig
 from sdflow.data.buckets import Bucket, bucket_name, bucket_pixels, nearest_bucket
+from sdflow.errors import UserError
 from sdflow.models.components import encode_images
 from sdflow.models.families import Family, TextEncoders
 from sdflow.store.reuse import Outcome
@@ -43,6 +44,22 @@ class Encoders:
     family: Family
     device: torch.device
     buckets: list[Bucket]  # the bucket set (one square bucket with `latents.buckets: none`)
+
+
+def check_patching(config: RunConfig, buckets: list[Bucket], vae: AutoencoderKL, family) -> None:
+    """Every bucket's latent sides must be multiples of what the denoiser patches (`sd3`: its
+    2x2 patches, `flux`: its 2x2 packing; 1 for a UNet): refused before any encoding."""
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    multiple = scale * family.latent_multiple
+    bad = [b for b in buckets if b[0] % multiple or b[1] % multiple]
+    if bad:
+        key = "download.resolution" if config.latents.buckets == "none" else "latents.buckets"
+        raise UserError(
+            f"{key} gives image sizes {bad[:3]} that the {family.name} denoiser cannot patch: "
+            f"both sides must be multiples of {multiple} px (the VAE's {scale} x the "
+            f"{family.latent_multiple}x{family.latent_multiple} patches); use a step or "
+            f"resolution that is a multiple of {multiple}."
+        )
 
 
 def encode_captions(

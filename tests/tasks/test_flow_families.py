@@ -96,6 +96,12 @@ def test_bad_flow_settings_are_refused_before_any_work(tiny_sd3, tiny_flux, tmp_
         (tiny_flux, "model.max_sequence_length=65", "model.max_sequence_length is 65 but the T5"),
         (tiny_sd3, "train.snr_gamma=5.0", "train.snr_gamma is 5.0 but the model is StableDiff"),
         (tiny_flux, "train.prediction_type=v_prediction", "predicts the flow"),
+        # 4 px latent steps: a 36 px side is 9 latents, which 2x2 patches cannot cover
+        (
+            tiny_sd3,
+            "download.resolution=36",
+            r"download.resolution gives image sizes \[\(36, 36\)\] that",
+        ),
     ]
     for pipeline, option, message in cases:
         with pytest.raises(UserError, match=message):
@@ -148,7 +154,9 @@ def test_sd3_lora_with_ema_resumes_exactly_and_loads(sd3_latents, tiny_sd3, tmp_
     assert any("ff.net.2" in n for n, _ in pipe.transformer.named_parameters() if "lora" in n)
 
 
-def test_flux_full_finetune_with_validation_exports_a_pipeline(flux_latents, tiny_flux, tmp_path):
+def test_flux_full_finetune_with_validation_resumes_exactly_and_exports_a_pipeline(
+    flux_latents, tiny_flux, tmp_path, monkeypatch
+):
     root, _, stages, latents = flux_latents
     caption = stages["caption"]
     options = ["train.ema=true", "train.ema_decay=0.5", "train.validate_every=2",
@@ -158,6 +166,13 @@ def test_flux_full_finetune_with_validation_exports_a_pipeline(flux_latents, tin
     config = flow_config(tiny_flux, *TRAIN, *options, "eval.held_out_fraction=0.25")
     upstream = {"latents": latents, "autoencoder": None, "caption": None}
     manifest = train(config, upstream, workdir_with(root, tmp_path))
+    undo = crash_at_checkpoint(monkeypatch, 4)
+    with pytest.raises(OSError):
+        train(config, upstream, workdir_with(root, tmp_path / "crashed"))
+    undo()
+    resumed = train(config, upstream, str(tmp_path / "crashed"))
+    assert resumed["info"]["resumed_from_step"] == 2
+    assert resumed["fingerprint"] == manifest["fingerprint"]  # the same weights, bitwise
     out = tmp_path / manifest["path"]
     validation = manifest["info"]["validation"]
     assert len(validation["curve"]) == 2 and (out / validation["grid"]).is_file()

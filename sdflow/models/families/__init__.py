@@ -44,6 +44,7 @@ class Family(Protocol):
     objective: str  # "ddpm" (sdflow.training.objective) or "flow" (sdflow.training.flow_objective)
     denoiser_part: str  # the pipeline's denoiser subfolder: unet or transformer
     denoiser_class: type  # its diffusers class
+    latent_multiple: int  # latent sides must be multiples of this (the transformers' patches: 2)
 
     def check(self, config: RunConfig) -> None:
         """Refuse, with a UserError, settings this family does not support."""

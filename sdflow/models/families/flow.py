@@ -36,6 +36,7 @@ class FlowFamily:
     upcast_vae = False  # the 16-channel VAEs of SD3 and Flux encode in the configured precision
     objective = "flow"
     denoiser_part = "transformer"
+    latent_multiple = 2  # SD3's 2x2 patches, Flux's 2x2 packing
     denoiser_class: type
 
     def check(self, config: RunConfig) -> None:
@@ -61,6 +62,11 @@ class FlowFamily:
                 f"train.text_encoder is {train.text_encoder!r} but the model is {label}: training "
                 "its text encoders is not supported yet; allowed: 'frozen' (cached states)."
             )
+        if train.attention != "default":
+            raise UserError(
+                f"train.attention is {train.attention!r} but the model is {label}: its joint "
+                "attention has its own processors; allowed: 'default'."
+            )
         if train.noise_offset:
             raise UserError(
                 f"train.noise_offset is {train.noise_offset} but the model is {label}: offset "
@@ -71,9 +77,12 @@ class FlowFamily:
         return self.pipeline_class.__name__
 
     def sequence_length(self, config: RunConfig, tokenizer: Any) -> int:
-        """`model.max_sequence_length` (or the pipeline's default), checked against T5's limit."""
-        chosen = config.model.max_sequence_length or self.default_sequence_length
+        """`model.max_sequence_length`, checked against T5's limit; unset: the pipeline's default
+        (at most that limit)."""
         limit = min(PIPELINE_LIMIT, int(getattr(tokenizer, "model_max_length", PIPELINE_LIMIT)))
+        chosen = config.model.max_sequence_length
+        if chosen is None:
+            return min(self.default_sequence_length, limit)
         if chosen > limit:
             raise UserError(
                 f"model.max_sequence_length is {chosen} but the T5 tokenizer of "

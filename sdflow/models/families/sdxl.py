@@ -81,6 +81,7 @@ class StableDiffusionXL:
     upcast_vae = True  # encode latents in float32 when the VAE config says force_upcast
     objective = "ddpm"  # sdflow.training.objective
     denoiser_part = "unet"
+    latent_multiple = 1  # latent sides the UNet accepts (it pads odd ones)
     denoiser_class = UNet2DConditionModel
 
     def check(self, config: RunConfig) -> None:
