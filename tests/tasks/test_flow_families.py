@@ -123,6 +123,17 @@ def workdir_with(latents_workdir: Path, workdir: Path) -> str:
     return str(workdir)
 
 
+def crashed_and_resumed(config, upstream, root: Path, workdir: Path, monkeypatch) -> dict:
+    """The train stage killed at its step-4 checkpoint write, then run again: resumes at step 2."""
+    undo = crash_at_checkpoint(monkeypatch, 4)
+    with pytest.raises(OSError):
+        train(config, upstream, workdir_with(root, workdir))
+    undo()
+    resumed = train(config, upstream, str(workdir))
+    assert resumed["info"]["resumed_from_step"] == 2
+    return resumed
+
+
 def generate(pipe, **kwargs):
     pipe.set_progress_bar_config(disable=True)
     out = pipe("a red square", height=32, width=32, num_inference_steps=2, output_type="np",
@@ -138,12 +149,7 @@ def test_sd3_lora_with_ema_resumes_exactly_and_loads(sd3_latents, tiny_sd3, tmp_
     config = flow_config(tiny_sd3, *TRAIN, *options)
     upstream = {"latents": latents, "autoencoder": None, "caption": None}
     straight = train(config, upstream, workdir_with(root, tmp_path / "straight"))
-    undo = crash_at_checkpoint(monkeypatch, 4)
-    with pytest.raises(OSError):
-        train(config, upstream, workdir_with(root, tmp_path / "crashed"))
-    undo()
-    resumed = train(config, upstream, str(tmp_path / "crashed"))
-    assert resumed["info"]["resumed_from_step"] == 2
+    resumed = crashed_and_resumed(config, upstream, root, tmp_path / "crashed", monkeypatch)
     assert resumed["fingerprint"] == straight["fingerprint"]  # the same adapter, bitwise
     assert resumed["info"]["prediction_type"] == "flow"
 
@@ -166,12 +172,7 @@ def test_flux_full_finetune_with_validation_resumes_exactly_and_exports_a_pipeli
     config = flow_config(tiny_flux, *TRAIN, *options, "eval.held_out_fraction=0.25")
     upstream = {"latents": latents, "autoencoder": None, "caption": None}
     manifest = train(config, upstream, workdir_with(root, tmp_path))
-    undo = crash_at_checkpoint(monkeypatch, 4)
-    with pytest.raises(OSError):
-        train(config, upstream, workdir_with(root, tmp_path / "crashed"))
-    undo()
-    resumed = train(config, upstream, str(tmp_path / "crashed"))
-    assert resumed["info"]["resumed_from_step"] == 2
+    resumed = crashed_and_resumed(config, upstream, root, tmp_path / "crashed", monkeypatch)
     assert resumed["fingerprint"] == manifest["fingerprint"]  # the same weights, bitwise
     out = tmp_path / manifest["path"]
     validation = manifest["info"]["validation"]

@@ -85,6 +85,16 @@ class Family(Protocol):
         """The dtype of the cached caption states; None: `latents.dtype`."""
 
 
+def pooled_prompt_kwargs(embeddings: dict[str, Tensor], empty: dict[str, Tensor]) -> dict:
+    """A pipeline call's prompt and empty-prompt states with their pooled projections (SDXL, SD3)."""
+    return {
+        "prompt_embeds": embeddings["text"],
+        "pooled_prompt_embeds": embeddings["pooled"],
+        "negative_prompt_embeds": empty["text"],
+        "negative_pooled_prompt_embeds": empty["pooled"],
+    }
+
+
 PIPELINE_FAMILIES = {
     "StableDiffusionPipeline": "sd",
     "StableDiffusionXLPipeline": "sdxl",

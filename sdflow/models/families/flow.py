@@ -20,7 +20,7 @@ from transformers import T5EncoderModel, T5TokenizerFast
 from sdflow.config import RunConfig
 from sdflow.errors import UserError
 from sdflow.models.components import load_component
-from sdflow.models.families import TextEncoders
+from sdflow.models.families import TextEncoders, pooled_prompt_kwargs
 
 PIPELINE_LIMIT = 512  # StableDiffusion3Pipeline and FluxPipeline refuse longer T5 sequences
 
@@ -108,13 +108,17 @@ class FlowFamily:
     def text_modules(self, trainable: Any) -> list[Any]:
         return []
 
+    def pipeline(self, unet, vae, text: TextEncoders | None, scheduler) -> Any:
+        """The pipeline of these components; without `text` its tokenizers and encoders are None
+        (prompts are given as embeddings)."""
+        tokenizers = text.tokenizers if text else [None] * (len(self.text_parts) // 2)
+        encoders = text.encoders if text else [None] * (len(self.text_parts) // 2)
+        parts = dict(zip(self.text_parts[0::2], tokenizers, strict=True))
+        parts |= dict(zip(self.text_parts[1::2], encoders, strict=True))
+        return self.pipeline_class(transformer=unet, scheduler=scheduler, vae=vae, **parts)
+
     def prompt_kwargs(self, embeddings: dict[str, Tensor], empty: dict[str, Tensor]) -> dict:
-        return {
-            "prompt_embeds": embeddings["text"],
-            "pooled_prompt_embeds": embeddings["pooled"],
-            "negative_prompt_embeds": empty["text"],
-            "negative_pooled_prompt_embeds": empty["pooled"],
-        }
+        return pooled_prompt_kwargs(embeddings, empty)
 
     def save_pipeline(self, out_dir: Path, unet, vae, text: TextEncoders, scheduler) -> None:
         from sdflow.models.files import save_pipeline_dir

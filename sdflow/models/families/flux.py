@@ -97,19 +97,6 @@ class Flux(FlowFamily):
         )[0]
         return unpack_latents(out, hw)
 
-    def pipeline(self, unet, vae, text: TextEncoders | None, scheduler) -> FluxPipeline:
-        tokenizers = text.tokenizers if text else [None] * 2
-        encoders = text.encoders if text else [None] * 2
-        return FluxPipeline(
-            transformer=unet,
-            scheduler=scheduler,
-            vae=vae,
-            text_encoder=encoders[0],
-            tokenizer=tokenizers[0],
-            text_encoder_2=encoders[1],
-            tokenizer_2=tokenizers[1],
-        )
-
     def prompt_kwargs(self, embeddings: dict[str, Tensor], empty: dict[str, Tensor]) -> dict:
         # FluxPipeline runs true CFG only with true_cfg_scale > 1; the dev bases use `guidance`
         return {"prompt_embeds": embeddings["text"], "pooled_prompt_embeds": embeddings["pooled"]}

@@ -77,20 +77,5 @@ class StableDiffusion3(FlowFamily):
             return_dict=False,
         )[0]
 
-    def pipeline(self, unet, vae, text: TextEncoders | None, scheduler) -> StableDiffusion3Pipeline:
-        tokenizers = text.tokenizers if text else [None] * 3
-        encoders = text.encoders if text else [None] * 3
-        return StableDiffusion3Pipeline(
-            transformer=unet,
-            scheduler=scheduler,
-            vae=vae,
-            text_encoder=encoders[0],
-            tokenizer=tokenizers[0],
-            text_encoder_2=encoders[1],
-            tokenizer_2=tokenizers[1],
-            text_encoder_3=encoders[2],
-            tokenizer_3=tokenizers[2],
-        )
-
 
 FAMILY = StableDiffusion3()

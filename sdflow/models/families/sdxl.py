@@ -29,7 +29,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 from sdflow.config import RunConfig
 from sdflow.errors import UserError
 from sdflow.models.components import load_component, tokenize_prompts
-from sdflow.models.families import TextEncoders
+from sdflow.models.families import TextEncoders, pooled_prompt_kwargs
 from sdflow.models.files import save_pipeline_dir
 
 ENCODERS = (("tokenizer", "text_encoder", CLIPTextModel),
@@ -142,12 +142,7 @@ class StableDiffusionXL:
         )
 
     def prompt_kwargs(self, embeddings: dict[str, Tensor], empty: dict[str, Tensor]) -> dict:
-        return {
-            "prompt_embeds": embeddings["text"],
-            "pooled_prompt_embeds": embeddings["pooled"],
-            "negative_prompt_embeds": empty["text"],
-            "negative_pooled_prompt_embeds": empty["pooled"],
-        }
+        return pooled_prompt_kwargs(embeddings, empty)
 
     def save_pipeline(self, out_dir: Path, unet, vae, text: TextEncoders, scheduler) -> None:
         save_pipeline_dir(out_dir, self.pipeline(unet, vae, text, scheduler))
