@@ -76,3 +76,25 @@ def test_flow_lora_profile_runs(prefect_server, small_folder, tmp_path, request,
     pipe = cls.from_pretrained(pipeline)
     pipe.load_lora_weights(summary["model_dir"])
     assert not np.allclose(generate(pipe), base, atol=1e-3)
+
+
+def test_a_sweep_over_an_sd3_flow_setting(prefect_server, small_folder, tiny_sd3, tmp_path):
+    """`sdflow sweep` over `train.flow.weighting` on the SD 3.5 profile: one latents stage shared,
+    two trained LoRAs that differ, each scored."""
+    args = ["sweep", "sd35-medium-lora-24gb", "--workdir", str(tmp_path),
+            "--grid", "train.flow.weighting=none,cosmap", "--metric", "fid"]  # fmt: skip
+    for item in [f"source.path={small_folder}", f"model.pretrained={tiny_sd3}", *SIZES]:
+        args += ["--set", item]
+    assert main(args) == 0
+    (path,) = (tmp_path / "sweeps").glob("*/summary.json")
+    settings = json.loads(path.read_text())["settings"]
+    assert [s["setting"] for s in settings] == [
+        {"train.flow.weighting": "none"},
+        {"train.flow.weighting": "cosmap"},
+    ]
+    assert all(s["status"] == "completed" and s["metrics"]["fid"] is not None for s in settings)
+    assert len({s["outputs"]["latents"] for s in settings}) == 1
+    weights = [
+        (Path(s["model_dir"]) / "pytorch_lora_weights.safetensors").read_bytes() for s in settings
+    ]
+    assert weights[0] != weights[1]  # the weighting reached the loss
