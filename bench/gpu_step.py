@@ -137,6 +137,7 @@ class RandomLatents:
     """Latent-shaped inputs with the interface of sdflow's cached-latent batch source."""
 
     scaling_factor = 0.18215
+    shift_factor = 0.0  # SD's VAE has none
 
     def __init__(self, channels: int, size: int, text_dim: int, pooled_dim: int | None = None):
         self.shape = (channels, size, size)

@@ -107,6 +107,9 @@ def test_bad_flow_settings_are_refused_before_any_work(tiny_sd3, tiny_flux, tmp_
         with pytest.raises(UserError, match=message):
             cache_latents(flow_config(pipeline, option), upstream, str(tmp_path))
     assert not list((tmp_path / "stages").glob("latents/*/MANIFEST.json"))  # nothing finished
+    sd = load_profile("tiny-test", ["train.flow.weighting=cosmap"])  # a DDPM family: a mismatch
+    with pytest.raises(UserError, match="train.flow.weighting is set but the model is Stable Diff"):
+        family_of(sd).check(sd)
 
 
 # ------------------------------------------------------------------------------------------ train

@@ -85,6 +85,27 @@ class Family(Protocol):
         """The dtype of the cached caption states; None: `latents.dtype`."""
 
 
+def refuse_flow_options(config: RunConfig, label: str) -> None:
+    """The DDPM families (sd, sdxl) have no flow settings: a set one is a mismatch, not ignored."""
+    train = config.train
+    changed = sorted(train.flow.model_fields_set)
+    if changed:
+        raise UserError(
+            f"train.flow.{changed[0]} is set but the model is {label}, trained by DDPM: the flow "
+            "settings apply to the sd3 and flux families; remove them (or use snr_gamma)."
+        )
+    if train.guidance_scale != 1.0:
+        raise UserError(
+            f"train.guidance_scale is {train.guidance_scale} but the model is {label}: it is "
+            "Flux's guidance-embedding input; remove it."
+        )
+    if config.model.max_sequence_length is not None:
+        raise UserError(
+            f"model.max_sequence_length is {config.model.max_sequence_length} but the model is "
+            f"{label}, which has no T5 encoder; its CLIP length is model.max_token_length."
+        )
+
+
 def pooled_prompt_kwargs(embeddings: dict[str, Tensor], empty: dict[str, Tensor]) -> dict:
     """A pipeline call's prompt and empty-prompt states with their pooled projections (SDXL, SD3)."""
     return {

@@ -16,7 +16,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from sdflow.config import RunConfig
 from sdflow.models.components import encode_prompts, load_component, tokenize_prompts
-from sdflow.models.families import TextEncoders
+from sdflow.models.families import TextEncoders, refuse_flow_options
 from sdflow.models.files import save_pipeline
 
 
@@ -31,7 +31,8 @@ class StableDiffusion:
     denoiser_class = UNet2DConditionModel
 
     def check(self, config: RunConfig) -> None:
-        """Every sdflow option applies to SD."""
+        """Every sdflow option applies to SD, but the flow families' ones."""
+        refuse_flow_options(config, "Stable Diffusion")
 
     def load_text(self, sources: Any, config: RunConfig, dtype: Any = None) -> TextEncoders:
         model = config.model

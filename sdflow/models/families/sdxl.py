@@ -29,7 +29,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 from sdflow.config import RunConfig
 from sdflow.errors import UserError
 from sdflow.models.components import load_component, tokenize_prompts
-from sdflow.models.families import TextEncoders, pooled_prompt_kwargs
+from sdflow.models.families import TextEncoders, pooled_prompt_kwargs, refuse_flow_options
 from sdflow.models.files import save_pipeline_dir
 
 ENCODERS = (("tokenizer", "text_encoder", CLIPTextModel),
@@ -85,6 +85,7 @@ class StableDiffusionXL:
     denoiser_class = UNet2DConditionModel
 
     def check(self, config: RunConfig) -> None:
+        refuse_flow_options(config, "SDXL")
         if not config.train.cache_latents:
             raise UserError(
                 "train.cache_latents is false but the model is SDXL: its pooled embedding and size "
