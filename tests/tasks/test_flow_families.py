@@ -13,6 +13,7 @@ from diffusers import FluxPipeline, StableDiffusion3Pipeline
 from fixtures.stages import crash_at_checkpoint
 from test_latents import caption_stage, samples
 
+from sdflow.config import RunConfig
 from sdflow.errors import UserError
 from sdflow.models.families import family_of
 from sdflow.profiles import load_profile
@@ -110,6 +111,8 @@ def test_bad_flow_settings_are_refused_before_any_work(tiny_sd3, tiny_flux, tmp_
     sd = load_profile("tiny-test", ["train.flow.weighting=cosmap"])  # a DDPM family: a mismatch
     with pytest.raises(UserError, match="train.flow.weighting is set but the model is Stable Diff"):
         family_of(sd).check(sd)
+    plain = RunConfig.model_validate_json(load_profile("tiny-test").model_dump_json())
+    family_of(plain).check(plain)  # read back (a worker process's config): defaults are no mismatch
 
 
 # ------------------------------------------------------------------------------------------ train

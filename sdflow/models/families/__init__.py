@@ -88,7 +88,10 @@ class Family(Protocol):
 def refuse_flow_options(config: RunConfig, label: str) -> None:
     """The DDPM families (sd, sdxl) have no flow settings: a set one is a mismatch, not ignored."""
     train = config.train
-    changed = sorted(train.flow.model_fields_set)
+    default = type(train.flow)()  # compared by value: a config read back from JSON sets them all
+    changed = sorted(
+        k for k in type(train.flow).model_fields if getattr(train.flow, k) != getattr(default, k)
+    )
     if changed:
         raise UserError(
             f"train.flow.{changed[0]} is set but the model is {label}, trained by DDPM: the flow "
