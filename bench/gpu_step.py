@@ -32,7 +32,7 @@ from types import SimpleNamespace
 import torch
 from diffusers import DDPMScheduler
 
-from sdflow.models.trainable import build_trainable_unet
+from sdflow.models.trainable import build_trainable_denoiser
 from sdflow.profiles import load_profile
 from sdflow.training.loop import WEIGHT_DTYPES, make_accelerator
 from sdflow.training.memory import make_ema
@@ -82,6 +82,46 @@ SDXL_UNET = dict(  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
     projection_class_embeddings_input_dim=2816,  # 6 time ids x 256 + the 1280-d pooled embedding
 )
 TEXT_LENGTH = 77
+# The flow families' transformers (their transformer/config.json), counted by --build-only.
+SD35_MEDIUM = dict(  # stabilityai/stable-diffusion-3.5-medium: MMDiT-X, dual attention in 0..12
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+    attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+    caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
+    qk_norm="rms_norm", dual_attention_layers=tuple(range(13)),
+)  # fmt: skip
+SD35_LARGE = dict(  # stabilityai/stable-diffusion-3.5-large
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38,
+    attention_head_dim=64, num_attention_heads=38, joint_attention_dim=4096,
+    caption_projection_dim=2432, pooled_projection_dim=2048, pos_embed_max_size=192,
+    qk_norm="rms_norm",
+)  # fmt: skip
+FLUX_DEV = dict(  # black-forest-labs/FLUX.1-dev
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+    guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+)  # fmt: skip
+TRANSFORMERS = {  # a name in model.pretrained -> (diffusers class, config)
+    "flux.1": ("FluxTransformer2DModel", FLUX_DEV),
+    "stable-diffusion-3.5-large": ("SD3Transformer2DModel", SD35_LARGE),
+    "stable-diffusion-3.5-medium": ("SD3Transformer2DModel", SD35_MEDIUM),
+}
+
+
+def transformer_config(config) -> tuple[str, dict] | None:
+    """The flow profile's transformer (class name, config), or None for a UNet profile."""
+    name = (config.model.pretrained or "").lower()
+    return next((found for key, found in TRANSFORMERS.items() if key in name), None)
+
+
+def transformer_weights(class_name: str, architecture: dict) -> dict[str, int]:
+    """The transformer's parameters and the weights its checkpoint holds (parameters and
+    persistent buffers: SD3's positional embedding), built on the meta device."""
+    import diffusers
+
+    with torch.device("meta"):  # buffers too: SD3's positional embedding is 0.2B values
+        model = getattr(diffusers, class_name)(**architecture)
+    parameters = sum(p.numel() for p in model.parameters())
+    return {"params": parameters, "weights": sum(t.numel() for t in model.state_dict().values())}
 
 
 def unet_config(config) -> dict:
@@ -98,6 +138,7 @@ class RandomLatents:
     """Latent-shaped inputs with the interface of sdflow's cached-latent batch source."""
 
     scaling_factor = 0.18215
+    shift_factor = 0.0  # SD's VAE has none
 
     def __init__(self, channels: int, size: int, text_dim: int, pooled_dim: int | None = None):
         self.shape = (channels, size, size)
@@ -150,6 +191,13 @@ def parameter_count(architecture: dict) -> int:
 
 def main() -> None:
     args = _arguments()
+    flow = transformer_config(load_profile(args.profile, args.overrides))
+    if args.build_only and flow is not None:
+        counts = transformer_weights(*flow)
+        print(json.dumps({"profile": args.profile, "transformer": flow[0], **counts}))
+        return
+    if flow is not None:
+        raise SystemExit(f"{args.profile}: the timed step is UNet-only; use --build-only")
     if args.build_only:
         architecture = unet_config(load_profile(args.profile, args.overrides))
         print(json.dumps({"profile": args.profile, "unet_params": parameter_count(architecture)}))
@@ -217,7 +265,7 @@ def measure(config, args) -> dict:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    unet = prepare_unet(build_trainable_unet(config, SimpleNamespace(unet=None), dtype), train)
+    unet = prepare_unet(build_trainable_denoiser(config, SimpleNamespace(unet=None), dtype), train)
     compile_unet(unet, train)
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = make_optimizer(train, params, fused_adamw(train, accelerator.device))

@@ -121,6 +121,8 @@ def latents_settings(config: RunConfig, upstream: dict[str, Manifest | None]) ->
     }
     if caption_key(config.train) == "input_ids":  # embeddings: the key stays as it was
         settings["captions"] = "input_ids"
+    if config.model.max_sequence_length is not None:  # T5's length (sd3, flux)
+        settings["max_sequence_length"] = config.model.max_sequence_length
     if config.latents.buckets != "none":
         settings["bucket_set"] = bucket_set(config.latents, config.download.resolution)
     return settings
@@ -230,6 +232,7 @@ def _load_encoders(
     if config.latents.channels_last:
         vae.to(memory_format=torch.channels_last)
     buckets = bucket_set(config.latents, config.download.resolution)
+    encoding.check_patching(config, buckets, vae, family)
     return encoding.Encoders(vae, text, family, device, buckets)
 
 
@@ -261,11 +264,9 @@ def _training_captions(workdir: str, caption: Manifest, fraction: float) -> Iter
 def _save_empty_prompt(build: StageBuild, config: RunConfig, encoders: encoding.Encoders) -> str:
     if not build.has(EMPTY_PROMPT):
         empty = {k: v[0] for k, v in encoding.encode_captions(config, encoders, [""]).items()}
-        save_tensors(
-            build.path / EMPTY_PROMPT,
-            {k: encoding.to_stored(v, config) for k, v in empty.items()},
-            {},
-        )
+        dtypes = {"text": encoders.family.text_cache_dtype(config)}
+        tensors = {k: encoding.to_stored(v, config, dtypes.get(k)) for k, v in empty.items()}
+        save_tensors(build.path / EMPTY_PROMPT, tensors, {})
     return EMPTY_PROMPT
 
 

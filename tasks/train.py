@@ -48,7 +48,7 @@ from sdflow.models.files import canonical_safetensors, hub_commit, weights_hash
 from sdflow.models.formats.card import CardFacts, base_license, write_card
 from sdflow.models.formats.exports import write_exports
 from sdflow.models.formats.single_file_base import file_hash
-from sdflow.models.schedulers import base_scheduler_config, inference_scheduler, noise_scheduler
+from sdflow.models.schedulers import base_scheduler_config
 from sdflow.models.trainable import trained_text_encoder, trained_unet
 from sdflow.ops.orchestration import stage_task
 from sdflow.store.checkpoints import load_checkpoint, prune_checkpoints, save_checkpoint, step_name
@@ -63,6 +63,7 @@ from sdflow.store.stageio import (
 )
 from sdflow.training.continuation import continue_from_predecessor
 from sdflow.training.loop import CHECKPOINTS, LOGS, TrainSummary
+from sdflow.training.objectives import objective_of
 from sdflow.training.optimizers import check_optimizer
 from sdflow.training.processes import resolve_processes, run_training
 from sdflow.training.schedules import bucket_plan
@@ -116,8 +117,9 @@ def train_lineage(config: RunConfig, upstream: dict[str, Manifest | None]) -> st
     train["processes"] = resolve_processes(config.train)
     # model.config is unset once a single-file base is its folder (named by the file's hash)
     settings: dict[str, Any] = {"train": train, "model": model.model_dump(exclude={"config"})}
-    if model.init == "pretrained":  # the UNet and scheduler weights come from here
-        settings["unet"] = weights_hash(model.pretrained, "unet", model.revision)
+    if model.init == "pretrained":  # the denoiser and scheduler weights come from here
+        part = family_of(config).denoiser_part  # unet, or the transformer (sd3, flux)
+        settings["unet"] = weights_hash(model.pretrained, part, model.revision)
         settings["scheduler"] = weights_hash(model.pretrained, "scheduler", model.revision)
     inputs = [upstream.get("latents"), upstream.get("autoencoder")]
     if not config.train.cache_latents:  # images and captions are read from the caption stage
@@ -162,7 +164,7 @@ def _build(
     keep = config.train.keep_checkpoints if config.eval.checkpoints == "all" else 1
     prune_checkpoints(checkpoints, keep=keep)
     sources = component_sources(config, upstream, workdir)
-    scheduler = noise_scheduler(config, sources)
+    scheduler = objective_of(family_of(config)).noise_scheduler(config, sources)
     output = _export_models(config, sources, scheduler, build.path, summary)
     validation = summary.validation or {}
     curve = validation.get("curve")
@@ -237,7 +239,7 @@ def _save_full(
     text = family.load_text(sources, config)
     if text_encoder is not None:  # the trained encoder(s) replace the base's
         text.encoders = family.text_modules(text_encoder)
-    scheduler = inference_scheduler(config, sources, trained)
+    scheduler = objective_of(family).inference_scheduler(config, sources, trained)
     family.save_pipeline(out_dir, unet, vae, text, scheduler)
     return out_dir.name
 
@@ -255,19 +257,20 @@ def _save_lora(
     the attention layers change names, and `load_lora_weights` then dropped them beside the
     PEFT-named keys of other `train.lora_targets` (proj_in, ff.net.2, ...).
     """
+    family = family_of(config)
+    denoiser = family.denoiser_part  # unet, or the transformer of sd3 and flux
     if not in_diffusers_format(config.train):  # LoKr, LoHa: PEFT's format (sdflow.models.adapters)
-        modules = {"unet": unet}
+        modules = {denoiser: unet}
         if text_encoder is not None:
             names = ("text_encoder", "text_encoder_2")
-            modules |= dict(zip(names, family_of(config).text_modules(text_encoder), strict=False))
+            modules |= dict(zip(names, family.text_modules(text_encoder), strict=False))
         with atomic_dir(out_dir) as tmp:
             save_peft_adapters(Path(tmp), modules)
         return out_dir.name
     parts: dict[str, Any] = {
-        "unet_lora_layers": get_peft_model_state_dict(unet),
-        "unet_lora_adapter_metadata": unet.peft_config["default"].to_dict(),
+        f"{denoiser}_lora_layers": get_peft_model_state_dict(unet),
+        f"{denoiser}_lora_adapter_metadata": unet.peft_config["default"].to_dict(),
     }
-    family = family_of(config)
     encoders = family.text_modules(text_encoder) if text_encoder is not None else []
     for name, encoder in zip(("text_encoder", "text_encoder_2"), encoders, strict=False):
         layers = get_peft_model_state_dict(encoder)
@@ -337,7 +340,7 @@ def _info(
         "final_loss": summary.final_loss,
         "mode": mode,
         "text_encoder": config.train.text_encoder,
-        "prediction_type": scheduler.config.prediction_type,
+        "prediction_type": scheduler.config.get("prediction_type", "flow"),  # flow: sd3, flux
         "base_prediction_type": base.get("prediction_type", "epsilon") if base else None,
         "skipped_steps": summary.skipped_steps,
         "optimizer_state_kept": config.train.keep_optimizer_state,

@@ -15,7 +15,7 @@ import pytest
 # the shared builders: the tiny CLIP (`clip_dir`), the tiny model families (`tiny_sd`, `tiny_sd15`,
 # `tiny_sd21`, `tiny_sdxl`; with SD's own block layout `sd15_layout`, `sd21_layout`, `sdxl_layout`),
 # the hand-made latents of the training tests (`ramp_latents`, `ramp_source`), the loopback image
-# server (`http_server`) and a fake hub cache
+# server (`http_server`), a fake hub cache and the flow families (`tiny_sd3`, `tiny_flux`)
 pytest_plugins = [
     "fixtures.clip",
     "fixtures.pipelines",
@@ -23,6 +23,8 @@ pytest_plugins = [
     "fixtures.training",
     "fixtures.image_server",
     "fixtures.hub",
+    "fixtures.sd3",
+    "fixtures.flux",
 ]
 
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="sdflow-test-prefect-")
@@ -40,10 +42,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # module of 5 minutes last).
 LONGEST_FIRST = [
     "tests/flows/test_profile_runs.py",
+    "tests/flows/test_profile_runs_flow.py",
     "tests/flows/test_finetune_learns.py",
     "tests/flows/test_sweep.py",
     "tests/flows/test_pipeline.py",
     "tests/flows/test_chaos.py",
+    "tests/flows/test_profile_runs_multinode.py",
+    "tests/training/test_processes.py",
     "tests/flows/test_server.py",
     "tests/flows/test_dask.py",
 ]

@@ -31,7 +31,7 @@ from sdflow.config.model import (
     ModelConfig,
 )
 from sdflow.config.runner import RunnerConfig
-from sdflow.config.train import EvalConfig, TrainConfig
+from sdflow.config.train import EvalConfig, FlowConfig, TrainConfig
 
 __all__ = [
     "STAGES",
@@ -56,6 +56,7 @@ __all__ = [
     "Section",
     "SemanticDedup",
     "SourceConfig",
+    "FlowConfig",
     "TrainConfig",
 ]
 

@@ -15,7 +15,7 @@ class ModelConfig(Section):
     """Which model components are trained or fine-tuned."""
 
     init: Literal["scratch", "pretrained"] = "scratch"
-    family: Literal["sd", "sdxl"] | None = Field(
+    family: Literal["sd", "sdxl", "sd3", "flux"] | None = Field(
         None,
         description="model family (sdflow.models.families): unset: from the pipeline's model_index.json "
         "(pretrained), sd from scratch; set with pretrained, it must match the pipeline",
@@ -55,6 +55,13 @@ class ModelConfig(Section):
         "tokens, the 256 bytes and their word-final forms, the rest for learned merges",
     )
     max_token_length: int = Field(77, ge=4, le=512, description="tokenizer model_max_length")
+    max_sequence_length: int | None = Field(
+        None,
+        ge=1,
+        le=512,
+        description="T5 tokens per caption (sd3, flux): unset: the pipeline's default (SD3 256, "
+        "Flux 512); at most the T5 tokenizer's model_max_length",
+    )
     seed: int = Field(0, description="seed of the random initialisation")
 
     @field_validator("tokenizer_vocab_size")
@@ -82,10 +89,10 @@ class ModelConfig(Section):
                 f"model.config is {self.config!r} but model.pretrained is not a single file: "
                 "model.config describes a .safetensors checkpoint; unset it for a folder"
             )
-        if self.init == "scratch" and self.family == "sdxl":
+        if self.init == "scratch" and self.family in ("sdxl", "sd3", "flux"):
             raise ValueError(
-                "model.family is 'sdxl' but model.init is 'scratch': SDXL is fine-tuned from a "
-                "pretrained pipeline (model.init: pretrained); allowed from scratch: 'sd'"
+                f"model.family is {self.family!r} but model.init is 'scratch': it is fine-tuned "
+                "from a pretrained pipeline (model.init: pretrained); allowed from scratch: 'sd'"
             )
         return self
 

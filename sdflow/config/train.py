@@ -15,6 +15,25 @@ LrSchedule = Literal[
 POLYNOMIAL_LR_END = 1e-7  # diffusers' get_scheduler decays `polynomial` to this lr
 
 
+class FlowConfig(Section):
+    """Rectified-flow training (the sd3 and flux families): how sigmas are drawn and weighted."""
+
+    timesteps: Literal["uniform", "logit_normal", "mode"] = Field(
+        "logit_normal",
+        description="density of u in [0, 1] (timestep index u x 1000): uniform, logit_normal "
+        "(sigmoid of a normal draw; Esser et al. 2024) or mode (heavier mid-range, mode_scale)",
+    )
+    logit_mean: float = Field(0.0, description="mean of logit_normal's normal draw")
+    logit_std: float = Field(1.0, gt=0, description="std of logit_normal's normal draw")
+    mode_scale: float = Field(1.29, description="scale of the mode density")
+    weighting: Literal["none", "sigma_sqrt", "cosmap"] = Field(
+        "none", description="loss weight per sample: none, sigma_sqrt (sigma^-2) or cosmap"
+    )
+    shift: float | None = Field(
+        None, gt=0, description="sigma shift of the schedule; unset: the base scheduler's own"
+    )
+
+
 class TrainConfig(DistributedTraining):
     """UNet training: from scratch, full fine-tune, or LoRA."""
 
@@ -50,6 +69,12 @@ class TrainConfig(DistributedTraining):
         "scratch; set to something else than the base's only to re-target it (logged, recorded)",
     )
     caption_dropout: float = Field(0.0, ge=0, le=1)
+    flow: FlowConfig = Field(
+        default_factory=FlowConfig, description="rectified-flow settings (sd3, flux families)"
+    )
+    guidance_scale: float = Field(
+        1.0, ge=0, description="Flux's guidance embedding input during training (flux only)"
+    )
     use_flipped: bool = Field(True, description="sample flipped latents when cached")
     cache_latents: bool = Field(True, description="false: encode with VAE/text encoder every step")
     lora_rank: int = Field(4, ge=1)

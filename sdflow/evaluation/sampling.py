@@ -132,8 +132,9 @@ def load_base(config: RunConfig, train: Manifest) -> Pipeline:
 
 def _prepare(pipe: Pipeline, config: RunConfig) -> Pipeline:
     """Eval scheduler, device and precision, no progress bars."""
-    scheduler = SCHEDULERS[config.eval.scheduler]
-    pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
+    if family_of(config).objective == "ddpm":  # sd3 and flux keep their FlowMatchEuler sampler
+        scheduler = SCHEDULERS[config.eval.scheduler]
+        pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     device = torch_device()
     return pipe.to(device, pipeline_dtype(config.train.mixed_precision, device))
@@ -155,11 +156,12 @@ def load_checkpoint_pipeline(
 
     model = config.model
     base = absolute_source(base_source(config, train)) if model.init == "pretrained" else None
-    sources = ComponentSources("", None, None, None, None, None, base, base and "unet", None)
+    part = family_of(config).denoiser_part  # unet, or the transformer (sd3, flux)
+    sources = ComponentSources("", None, None, None, None, None, base, base and part, None)
     unet = trained_unet(config, sources, checkpoint)
     lora = "lora" in train["files"]
     pipe = load_base(config, train) if lora else load_trained(config, train, workdir)
-    pipe.unet = unet.to(pipe.device, pipe.dtype)
+    setattr(pipe, part, unet.to(pipe.device, pipe.dtype))
     return pipe
 
 
@@ -185,5 +187,12 @@ def generate(pipe, jobs: Sequence[tuple], config: RunConfig) -> Iterator[tuple[l
                 height=size,
                 width=size,
                 output_type="np",
+                **sequence_kwargs(config),
             )
         yield batch, to_uint8(np.asarray(out.images))
+
+
+def sequence_kwargs(config: RunConfig) -> dict[str, Any]:
+    """T5's caption length of the run (sd3, flux), so samples see what training saw."""
+    length = config.model.max_sequence_length
+    return {} if length is None else {"max_sequence_length": length}

@@ -37,7 +37,7 @@ from sdflow.errors import UserError
 DIFFUSERS_FORMAT = ("lora", "dora")  # the types diffusers' load_lora_weights reads
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
-PIPELINE_PARTS = ("unet", "text_encoder", "text_encoder_2")
+PIPELINE_PARTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 PEFT_PREFIX = "base_model.model."  # the key prefix `PeftModel.save_pretrained` writes
 
 

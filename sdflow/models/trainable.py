@@ -30,32 +30,34 @@ TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 CHECKPOINT_GROUP = "text_encoder"
 
 
-def build_trainable_unet(
+def build_trainable_denoiser(
     config: RunConfig, sources: ComponentSources, weight_dtype: torch.dtype = torch.float32
-) -> UNet2DConditionModel:
-    """The UNet with exactly the trained parameters requiring grad (all, or only LoRA's)."""
+) -> torch.nn.Module:
+    """The family's denoiser (UNet, or SD3's / Flux's transformer) with exactly the trained
+    parameters requiring grad (all, or only LoRA's)."""
     train = config.train
     if sources.unet is None:
-        unet = build_unet(config.model)
+        model = build_unet(config.model)
     else:
-        unet = load_component(
-            sources.unet, sources.unet_subfolder, UNet2DConditionModel, config.model
+        family = family_of(config)
+        model = load_component(
+            sources.unet, family.denoiser_part, family.denoiser_class, config.model
         )
     if train.mode == "lora":
-        unet.requires_grad_(False)
-        unet.to(dtype=weight_dtype)  # frozen weights in the compute dtype; LoRA weights stay fp32
+        model.requires_grad_(False)
+        model.to(dtype=weight_dtype)  # frozen weights in the compute dtype; LoRA weights stay fp32
         if train.init_lora:  # an existing adapter file: its rank, alpha and weights
             from sdflow.models.formats.kohya import load_unet_adapter
 
             pipeline_class = family_of(config).pipeline_class
             text = train.text_encoder == "lora"
-            load_unet_adapter(Path(train.init_lora), pipeline_class, unet, text)
+            load_unet_adapter(Path(train.init_lora), pipeline_class, model, text)
         else:
-            add_lora(unet, train)
-        cast_training_params(unet, dtype=torch.float32)
+            add_lora(model, train)
+        cast_training_params(model, dtype=torch.float32)
     if train.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    return unet
+        model.enable_gradient_checkpointing()
+    return model
 
 
 def add_lora(unet: UNet2DConditionModel, train: TrainConfig) -> None:
@@ -66,8 +68,8 @@ def add_lora(unet: UNet2DConditionModel, train: TrainConfig) -> None:
             unet.add_adapter(lora)
         except ValueError as exc:
             raise UserError(
-                f"train.lora_targets {train.lora_targets} matched no UNet layer ({exc}). Use "
-                "attention projection names such as to_q, to_k, to_v, to_out.0."
+                f"train.lora_targets {train.lora_targets} matched no layer of the denoiser "
+                f"({exc}). Use attention projection names such as to_q, to_k, to_v, to_out.0."
             ) from None
 
 
@@ -129,7 +131,7 @@ def load_trained_weights(
 
 def trained_unet(config: RunConfig, sources: ComponentSources, checkpoint: Path):
     """The final UNet (fp32, CPU) from a checkpoint directory, with EMA weights when `train.ema`."""
-    unet = build_trainable_unet(config, sources)
+    unet = build_trainable_denoiser(config, sources)
     _, values = load_checkpoint(checkpoint)
     load_trained_weights(unet, values["model"])
     if config.train.ema:

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from sdflow.config import RunConfig
 from sdflow.data.buckets import Bucket, bucket_name, bucket_pixels, nearest_bucket
+from sdflow.errors import UserError
 from sdflow.models.components import encode_images
 from sdflow.models.families import Family, TextEncoders
 from sdflow.store.reuse import Outcome
@@ -45,6 +46,22 @@ class Encoders:
     buckets: list[Bucket]  # the bucket set (one square bucket with `latents.buckets: none`)
 
 
+def check_patching(config: RunConfig, buckets: list[Bucket], vae: AutoencoderKL, family) -> None:
+    """Every bucket's latent sides must be multiples of what the denoiser patches (`sd3`: its
+    2x2 patches, `flux`: its 2x2 packing; 1 for a UNet): refused before any encoding."""
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    multiple = scale * family.latent_multiple
+    bad = [b for b in buckets if b[0] % multiple or b[1] % multiple]
+    if bad:
+        key = "download.resolution" if config.latents.buckets == "none" else "latents.buckets"
+        raise UserError(
+            f"{key} gives image sizes {bad[:3]} that the {family.name} denoiser cannot patch: "
+            f"both sides must be multiples of {multiple} px (the VAE's {scale} x the "
+            f"{family.latent_multiple}x{family.latent_multiple} patches); use a step or "
+            f"resolution that is a multiple of {multiple}."
+        )
+
+
 def encode_captions(
     config: RunConfig, encoders: Encoders, captions: list[str]
 ) -> dict[str, Tensor]:
@@ -61,11 +78,14 @@ def encode_rows(config: RunConfig, encoders: Encoders, samples: list[dict]) -> l
     """Each sample's outcome, in order: its stored tensors (one row each), or its failure."""
     results: dict[str, Outcome] = {}
     size = config.latents.batch_size
+    dtypes = {"text": encoders.family.text_cache_dtype(config)}
     for batch in (samples[a : a + size] for a in range(0, len(samples), size)):
         kept, failed = encode_batch(config, encoders, batch)
         for row in kept:
-            stored = {k: v if k == "id" else to_stored(v, config) for k, v in row.items()}
-            results[row["id"]] = Outcome(True, stored)
+            kept_row = {
+                k: v if k == "id" else to_stored(v, config, dtypes.get(k)) for k, v in row.items()
+            }
+            results[row["id"]] = Outcome(True, kept_row)
         results |= {failure["id"]: Outcome(False, failure) for failure in failed}
     return [results[s["id"]] for s in samples]
 
@@ -171,11 +191,12 @@ def encode_views(
     return out
 
 
-def to_stored(tensor: Tensor, config: RunConfig) -> Tensor:
-    """Floats in `latents.dtype`; token ids as they are."""
+def to_stored(tensor: Tensor, config: RunConfig, dtype: torch.dtype | None = None) -> Tensor:
+    """Floats in `dtype` (the family's choice for its caption states: `text_cache_dtype`) or
+    `latents.dtype`; token ids as they are."""
     if not tensor.is_floating_point():
         return tensor.detach().cpu()
-    return tensor.detach().to("cpu", DTYPES[config.latents.dtype])
+    return tensor.detach().to("cpu", dtype or DTYPES[config.latents.dtype])
 
 
 def failure_row(sample: dict, reason: str, detail: object) -> dict[str, str]:

@@ -43,18 +43,17 @@ from torch.utils.data import DataLoader
 from sdflow.config import RunConfig, TrainConfig
 from sdflow.models.components import component_sources
 from sdflow.models.families import family_of
-from sdflow.models.schedulers import noise_scheduler as make_noise_scheduler
 from sdflow.models.trainable import (
     CHECKPOINT_GROUP,
+    build_trainable_denoiser,
     build_trainable_text_encoder,
-    build_trainable_unet,
     load_trained_weights,
 )
 from sdflow.ops.artifacts import report_progress
 from sdflow.store.checkpoints import load_latest, mark_best, save_checkpoint
 from sdflow.store.stageio import Manifest
 from sdflow.training.memory import make_ema
-from sdflow.training.objective import diffusion_loss
+from sdflow.training.objectives import Objective, objective_of
 from sdflow.training.optimizers import check_optimizer, make_optimizer
 from sdflow.training.schedules import StepBatches, collate, log_bucket_plan, make_batches
 from sdflow.training.sharding import (
@@ -112,7 +111,7 @@ class Trainer:
 
     accelerator: Accelerator
     train: TrainConfig
-    unet: torch.nn.Module
+    unet: torch.nn.Module  # the family's denoiser: a UNet (sd, sdxl) or a transformer (sd3, flux)
     params: list[torch.nn.Parameter]  # the trained ones: all, or only LoRA's
     optimizer: torch.optim.Optimizer
     lr_scheduler: Any
@@ -126,6 +125,8 @@ class Trainer:
     tf32: bool = False
     pending: list[tuple[int, Tensor, float]] = field(default_factory=list)  # losses not yet read
     param_names: list[str] = field(default_factory=list)  # of `params`, in the optimizer's order
+    family: Any = None  # the run's model family (sdflow.models.families)
+    objective: Objective | None = None  # its training objective (DDPM or rectified flow)
 
 
 def train_unet(
@@ -136,10 +137,11 @@ def train_unet(
     check_optimizer(config.train)
     accelerator = make_accelerator(config.train, out_dir)
     check_speed_options(config.train, accelerator.device)
-    family_of(config).check(config)
+    family = family_of(config)
+    family.check(config)
     sources = component_sources(config, upstream, workdir)
     trainer = make_trainer(accelerator, config, sources)
-    scheduler = make_noise_scheduler(config, sources)
+    scheduler = trainer.objective.noise_scheduler(config, sources)
     if config.train.validate_every:
         trainer.validator = Validator(config, upstream, workdir, sources, scheduler, out_dir)
     found = load_latest(out_dir / CHECKPOINTS)
@@ -173,7 +175,7 @@ def train_unet(
 def make_trainer(accelerator: Accelerator, config: RunConfig, sources) -> Trainer:
     train = config.train
     weight_dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
-    unet = prepare_unet(build_trainable_unet(config, sources, weight_dtype), train)
+    unet = prepare_unet(build_trainable_denoiser(config, sources, weight_dtype), train)
     params = [p for p in unet.parameters() if p.requires_grad]
     text_encoder = build_trainable_text_encoder(config, sources, weight_dtype)
     text_params = trained_parameters(text_encoder)
@@ -203,6 +205,8 @@ def make_trainer(accelerator: Accelerator, config: RunConfig, sources) -> Traine
         Progress(),
         text_encoder,
         text_params,
+        family=family_of(config),
+        objective=objective_of(family_of(config)),
     )
 
 
@@ -276,7 +280,7 @@ def run_step(trainer: Trainer, source, scheduler, batches) -> Tensor:
     for _ in range(train.gradient_accumulation):
         batch = next(batches)
         with accelerator.accumulate(*models):
-            loss = diffusion_loss(
+            loss = trainer.objective.loss(
                 trainer.unet,
                 scheduler,
                 source,
@@ -285,6 +289,7 @@ def run_step(trainer: Trainer, source, scheduler, batches) -> Tensor:
                 train,
                 accelerator.device,
                 text_encoder=text_encoder,
+                family=trainer.family,
             )
             accelerator.backward(loss)  # divides by gradient_accumulation
             if accelerator.sync_gradients:

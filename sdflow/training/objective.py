@@ -35,23 +35,31 @@ class StepInputs:
     added: dict[str, Tensor] | None = None  # the UNet's added_cond_kwargs (SDXL), None for SD
 
 
-def draw_inputs(scheduler, source, batch, generator, train: TrainConfig) -> StepInputs:
-    """Every random draw of a step, from `generator`, in this order (exact resume depends on it)."""
+def draw_inputs(
+    scheduler, source, batch, generator, train: TrainConfig, draw_timesteps=None
+) -> StepInputs:
+    """Every random draw of a step, from `generator`, in this order (exact resume depends on it).
+
+    `draw_timesteps(size, generator)` draws the timesteps (default: uniform DDPM timesteps); the
+    flow-matching objective draws indices into its sigmas there."""
     size = len(batch["id"])
     flip = (torch.rand(size, generator=generator) < 0.5) & train.use_flipped
     drop = torch.rand(size, generator=generator) < train.caption_dropout
     mean, std = source.latent_dist(batch, flip)
     # A fresh sample from the VAE's latent distribution each step, as if the image were re-encoded.
     sample = torch.randn(mean.shape, generator=generator)
-    latents = (mean.float() + std.float() * sample) * source.scaling_factor
+    latents = (mean.float() + std.float() * sample - source.shift_factor) * source.scaling_factor
     noise = torch.randn(latents.shape, generator=generator)
     if train.noise_offset:
         # Offset noise lets the model change an image's mean brightness:
         # https://www.crosslabs.org/blog/diffusion-with-offset-noise
         offset = torch.randn((size, latents.shape[1], 1, 1), generator=generator)
         noise = noise + train.noise_offset * offset
-    steps = scheduler.config.num_train_timesteps
-    timesteps = torch.randint(0, steps, (size,), generator=generator)
+    if draw_timesteps is None:
+        steps = scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, steps, (size,), generator=generator)
+    else:
+        timesteps = draw_timesteps(size, generator)
     dropped = drop.view(-1, *[1] * source.empty_prompt.dim())
     text = torch.where(dropped, source.empty_prompt, source.text(batch).cpu())
     added = source.added_conditioning(batch, drop)  # nothing random: SD's draws are unchanged
@@ -66,8 +74,9 @@ def prediction_target(scheduler, latents: Tensor, noise: Tensor, timesteps: Tens
 
 
 def diffusion_loss(
-    unet, scheduler, source, batch, generator, train: TrainConfig, device, text_encoder=None
-) -> Tensor:
+    unet, scheduler, source, batch, generator, train: TrainConfig, device, text_encoder=None,
+    family=None,
+) -> Tensor:  # fmt: skip
     """The diffusion training step written out; every random draw comes from `generator`, in order.
 
     `text_encoder` (when it trains) turns the drawn token ids into the UNet's conditioning."""
@@ -108,3 +117,13 @@ def weighted_mse(pred, target, scheduler, timesteps, snr_gamma: float | None) ->
         weights = clipped / snr
     per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
     return (per_sample * weights).mean()
+
+
+def loss_at(
+    unet, scheduler, latents, noise, timesteps, text, added, train: TrainConfig, family=None
+):
+    """The loss of given inputs (validation's fixed held-out ones), as a step computes it."""
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    target = prediction_target(scheduler, latents, noise, timesteps)
+    pred = unet(noisy, timesteps, text, **added_kwargs(added, latents.device)).sample
+    return weighted_mse(pred.float(), target.float(), scheduler, timesteps, train.snr_gamma)

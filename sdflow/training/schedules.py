@@ -169,6 +169,7 @@ class CachedBatches:
         self.empty_pooled = empty["pooled"].float() if "pooled" in empty else None
         self.info = manifest["info"]
         self.scaling_factor = float(self.info["scaling_factor"])
+        self.shift_factor = float(self.info.get("shift_factor") or 0.0)  # SD3, Flux: the VAE's
 
     def order(self, seed: int, batch_size: int) -> EpochOrder:
         return EpochOrder(self.dataset.buckets(), batch_size, seed)
@@ -222,6 +223,7 @@ class EncodedBatches:
         )
         self.text_encoder.to(device).requires_grad_(False).eval()
         self.scaling_factor = float(self.vae.config.scaling_factor)
+        self.shift_factor = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
         self.empty_prompt = self.text({"caption": [""]})[0]
 
     def order(self, seed: int, batch_size: int) -> EpochOrder:

@@ -35,10 +35,9 @@ from sdflow.errors import UserError
 from sdflow.evaluation.grids import Block, render_grid, save_png
 from sdflow.models.components import ComponentSources, load_component
 from sdflow.models.families import family_of
-from sdflow.models.schedulers import inference_scheduler
 from sdflow.store.stageio import Manifest
 from sdflow.training.latent_data import held_out_latents, read_shard_captions
-from sdflow.training.objective import added_kwargs, prediction_target, weighted_mse
+from sdflow.training.objectives import objective_of
 from sdflow.training.schedules import added_conditioning, collate, same_shape
 
 GRIDS = "logs/validation"  # under the train stage's directory
@@ -102,13 +101,14 @@ def held_out_inputs(
         )
     rows = [data[i] for i in range(min(count, len(data)))]
     scale = float(latents["info"]["scaling_factor"])
+    shift = float(latents["info"].get("shift_factor") or 0.0)  # SD3's and Flux's VAEs
     generator = torch.Generator().manual_seed(seed)
     spread = spread_timesteps(len(rows), train_timesteps)
     held = HeldOut([], [], [], [], [c for p in data.paths for c in read_shard_captions(p)])
     held.captions = held.captions[: len(rows)]
     for members in same_shape([row["mean"] for row in rows]):  # one group without buckets
         group = collate([rows[i] for i in members])
-        held.latents.append(group["mean"].float() * scale)
+        held.latents.append((group["mean"].float() - shift) * scale)
         held.noise.append(torch.randn(group["mean"].shape, generator=generator))
         held.timesteps.append(spread[members])
         held.text.append(group["text"].float())
@@ -142,6 +142,7 @@ class Validator:
         )
         self.sources = sources
         self.family = family_of(config)
+        self.objective = objective_of(self.family)
         self.vae: AutoencoderKL | None = None
         self.embeddings = self._embed(self.prompts) if self.prompts else None
 
@@ -164,15 +165,13 @@ class Validator:
                 part = slice(a, a + train.batch_size)
                 latents, noise = group_latents[part].to(device), group_noise[part].to(device)
                 timesteps = group_timesteps[part].to(device)
-                noisy = self.scheduler.add_noise(latents, noise, timesteps)
-                target = prediction_target(self.scheduler, latents, noise, timesteps)
-                added = group_added and {key: value[part] for key, value in group_added.items()}
+                added = group_added and {k: v[part].to(device) for k, v in group_added.items()}
+                text = group_text[part].to(device)
                 with accelerator.autocast():
-                    text = group_text[part].to(device)
-                    pred = unet(noisy, timesteps, text, **added_kwargs(added, device)).sample
-                loss = weighted_mse(
-                    pred.float(), target.float(), self.scheduler, timesteps, train.snr_gamma
-                )
+                    loss = self.objective.loss_at(
+                        unet, self.scheduler, latents, noise, timesteps, text, added, train,
+                        self.family,
+                    )  # fmt: skip
                 total += float(loss) * len(latents)
         return total / count
 
@@ -184,7 +183,7 @@ class Validator:
             self.vae = load_component(
                 sources.vae, sources.vae_subfolder, AutoencoderKL, config.model
             )
-        scheduler = inference_scheduler(config, sources, self.scheduler)
+        scheduler = self.objective.inference_scheduler(config, sources, self.scheduler)
         vae = self.vae.to(accelerator.device).eval()
         pipe = self.family.pipeline(unet, vae, None, scheduler)
         pipe.set_progress_bar_config(disable=True)

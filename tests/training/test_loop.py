@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from sdflow.config import TrainConfig
 from sdflow.models.components import build_unet, component_sources
-from sdflow.models.trainable import build_trainable_unet
+from sdflow.models.trainable import build_trainable_denoiser
 from sdflow.profiles import load_profile
 from sdflow.training.loop import make_accelerator, train_unet
 from sdflow.training.objective import diffusion_loss
@@ -66,7 +66,7 @@ def test_gradient_checkpointing_recomputes_blocks_and_keeps_the_loss(tmp_path, r
             [f"model.vae={tmp_path}", f"train.gradient_checkpointing={str(enabled).lower()}"],
         )
         sources = component_sources(config, {}, str(tmp_path))
-        unet = build_trainable_unet(config, sources).train()
+        unet = build_trainable_denoiser(config, sources).train()
         assert unet.is_gradient_checkpointing == enabled
         count: list[int] = []
         conv = unet.down_blocks[0].resnets[0].conv1

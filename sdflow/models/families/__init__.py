@@ -31,6 +31,7 @@ class TextEncoders:
 
     tokenizers: list[Any]
     encoders: list[Any]
+    sequence_length: int | None = None  # T5 tokens per caption (sd3, flux)
 
 
 class Family(Protocol):
@@ -40,6 +41,10 @@ class Family(Protocol):
     pipeline_class: type
     text_parts: tuple[str, ...]  # the pipeline's text subfolders (tokenizers and encoders)
     upcast_vae: bool  # fp16 latents encoding runs in float32 when the VAE sets `force_upcast`
+    objective: str  # "ddpm" (sdflow.training.objective) or "flow" (sdflow.training.flow_objective)
+    denoiser_part: str  # the pipeline's denoiser subfolder: unet or transformer
+    denoiser_class: type  # its diffusers class
+    latent_multiple: int  # latent sides must be multiples of this (the transformers' patches: 2)
 
     def check(self, config: RunConfig) -> None:
         """Refuse, with a UserError, settings this family does not support."""
@@ -76,14 +81,61 @@ class Family(Protocol):
     def load_kwargs(self) -> dict[str, Any]:
         """Extra keyword arguments of `pipeline_class.from_pretrained`."""
 
+    def text_cache_dtype(self, config: RunConfig) -> Any:
+        """The dtype of the cached caption states; None: `latents.dtype`."""
 
-PIPELINE_FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
+
+def refuse_flow_options(config: RunConfig, label: str) -> None:
+    """The DDPM families (sd, sdxl) have no flow settings: a set one is a mismatch, not ignored."""
+    train = config.train
+    default = type(train.flow)()  # compared by value: a config read back from JSON sets them all
+    changed = sorted(
+        k for k in type(train.flow).model_fields if getattr(train.flow, k) != getattr(default, k)
+    )
+    if changed:
+        raise UserError(
+            f"train.flow.{changed[0]} is set but the model is {label}, trained by DDPM: the flow "
+            "settings apply to the sd3 and flux families; remove them (or use snr_gamma)."
+        )
+    if train.guidance_scale != 1.0:
+        raise UserError(
+            f"train.guidance_scale is {train.guidance_scale} but the model is {label}: it is "
+            "Flux's guidance-embedding input; remove it."
+        )
+    if config.model.max_sequence_length is not None:
+        raise UserError(
+            f"model.max_sequence_length is {config.model.max_sequence_length} but the model is "
+            f"{label}, which has no T5 encoder; its CLIP length is model.max_token_length."
+        )
+
+
+def pooled_prompt_kwargs(embeddings: dict[str, Tensor], empty: dict[str, Tensor]) -> dict:
+    """A pipeline call's prompt and empty-prompt states with their pooled projections (SDXL, SD3)."""
+    return {
+        "prompt_embeds": embeddings["text"],
+        "pooled_prompt_embeds": embeddings["pooled"],
+        "negative_prompt_embeds": empty["text"],
+        "negative_pooled_prompt_embeds": empty["pooled"],
+    }
+
+
+PIPELINE_FAMILIES = {
+    "StableDiffusionPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
+}
 
 
 def get_family(name: str) -> Family:
-    from sdflow.models.families import sd, sdxl
+    from sdflow.models.families import flux, sd, sd3, sdxl
 
-    families: dict[str, Family] = {"sd": sd.FAMILY, "sdxl": sdxl.FAMILY}
+    families: dict[str, Family] = {
+        "sd": sd.FAMILY,
+        "sdxl": sdxl.FAMILY,
+        "sd3": sd3.FAMILY,
+        "flux": flux.FAMILY,
+    }
     return families[name]
 
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from sdflow.config import RunConfig
 from sdflow.models.components import encode_prompts, load_component, tokenize_prompts
-from sdflow.models.families import TextEncoders
+from sdflow.models.families import TextEncoders, refuse_flow_options
 from sdflow.models.files import save_pipeline
 from sdflow.models.formats.single_file import Layout
 
@@ -26,6 +26,10 @@ class StableDiffusion:
     pipeline_class = StableDiffusionPipeline
     text_parts = ("tokenizer", "text_encoder")
     upcast_vae = False  # encode latents in float32 when the VAE config says force_upcast
+    objective = "ddpm"  # sdflow.training.objective
+    denoiser_part = "unet"
+    latent_multiple = 1  # latent sides the UNet accepts (it pads odd ones)
+    denoiser_class = UNet2DConditionModel
     export_formats = ("diffusers", "single_file", "kohya")
     single_file_marker = "cond_stage_model."  # the text encoder's prefix in a single file
     kohya_text = ("lora_te",)  # kohya's names of the text encoders' adapters
@@ -39,7 +43,8 @@ class StableDiffusion:
         return Layout(text_prefix, "stable-diffusion-v1", "diffusers", ldm_yaml=True)
 
     def check(self, config: RunConfig) -> None:
-        """Every sdflow option applies to SD."""
+        """Every sdflow option applies to SD, but the flow families' ones."""
+        refuse_flow_options(config, "Stable Diffusion")
 
     def load_text(self, sources: Any, config: RunConfig, dtype: Any = None) -> TextEncoders:
         model = config.model
@@ -83,6 +88,9 @@ class StableDiffusion:
 
     def save_pipeline(self, out_dir: Path, unet, vae, text: TextEncoders, scheduler) -> None:
         save_pipeline(out_dir, unet, vae, text.encoders[0], text.tokenizers[0], scheduler)
+
+    def text_cache_dtype(self, config: RunConfig) -> Any:
+        return None  # latents.dtype
 
     def load_kwargs(self) -> dict[str, Any]:
         return {"safety_checker": None, "requires_safety_checker": False}

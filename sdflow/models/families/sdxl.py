@@ -22,14 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionXLPipeline
+from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 from torch import Tensor, nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from sdflow.config import RunConfig
 from sdflow.errors import UserError
 from sdflow.models.components import load_component, tokenize_prompts
-from sdflow.models.families import TextEncoders
+from sdflow.models.families import TextEncoders, pooled_prompt_kwargs, refuse_flow_options
 from sdflow.models.files import save_pipeline_dir
 from sdflow.models.formats.single_file import Layout
 
@@ -80,6 +80,10 @@ class StableDiffusionXL:
     pipeline_class = StableDiffusionXLPipeline
     text_parts = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
     upcast_vae = True  # encode latents in float32 when the VAE config says force_upcast
+    objective = "ddpm"  # sdflow.training.objective
+    denoiser_part = "unet"
+    latent_multiple = 1  # latent sides the UNet accepts (it pads odd ones)
+    denoiser_class = UNet2DConditionModel
     export_formats = ("diffusers", "single_file", "kohya")
     single_file_marker = "conditioner.embedders."  # the text encoders' prefix in a single file
     kohya_text = ("lora_te1", "lora_te2")  # kohya's names of the text encoders' adapters
@@ -93,6 +97,7 @@ class StableDiffusionXL:
                       "https://github.com/Stability-AI/generative-models", ldm_yaml=False)  # fmt: skip
 
     def check(self, config: RunConfig) -> None:
+        refuse_flow_options(config, "SDXL")
         if not config.train.cache_latents:
             raise UserError(
                 "train.cache_latents is false but the model is SDXL: its pooled embedding and size "
@@ -150,15 +155,13 @@ class StableDiffusionXL:
         )
 
     def prompt_kwargs(self, embeddings: dict[str, Tensor], empty: dict[str, Tensor]) -> dict:
-        return {
-            "prompt_embeds": embeddings["text"],
-            "pooled_prompt_embeds": embeddings["pooled"],
-            "negative_prompt_embeds": empty["text"],
-            "negative_pooled_prompt_embeds": empty["pooled"],
-        }
+        return pooled_prompt_kwargs(embeddings, empty)
 
     def save_pipeline(self, out_dir: Path, unet, vae, text: TextEncoders, scheduler) -> None:
         save_pipeline_dir(out_dir, self.pipeline(unet, vae, text, scheduler))
+
+    def text_cache_dtype(self, config: RunConfig) -> Any:
+        return None  # latents.dtype
 
     def load_kwargs(self) -> dict[str, Any]:
         return {}
