@@ -49,10 +49,10 @@ from sdflow.models.components import (
     build_text_encoder,
     component_sources,
     load_component,
-    train_tokenizer,
 )
 from sdflow.models.families import TextEncoders, family_of
 from sdflow.models.files import save_component, weights_hash
+from sdflow.models.tokenizer import train_tokenizer
 from sdflow.ops.artifacts import report_progress
 from sdflow.ops.gpuslots import torch_device
 from sdflow.ops.orchestration import stage_task

@@ -131,7 +131,7 @@ def test_finetune_demo_prompts_fit_the_demo_tokenizer_uncut(tmp_path):
     from itertools import product
 
     from sdflow.data.sources.demo import BACKGROUNDS, COLORS, FINETUNE_EXTRAS, SHAPES, demo_caption
-    from sdflow.models.components import train_tokenizer
+    from sdflow.models.tokenizer import train_tokenizer
 
     demo = load_profile("tiny-cpu")
     captions = [demo_caption(c, s, b) for s, c, b in product(SHAPES, COLORS, BACKGROUNDS)]

@@ -30,7 +30,6 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, PreTraine
 from sdflow.config import ModelConfig, RunConfig
 from sdflow.errors import UserError
 from sdflow.models.hub import pinned
-from sdflow.models.tokenizer import train_tokenizer  # noqa: F401  (re-exported: models is the one entry point)
 from sdflow.store.stageio import Manifest, output_dir
 
 WEIGHTS = (ModelMixin, PreTrainedModel)  # classes with weight files (variants, dtypes)
