@@ -10,6 +10,7 @@ DDP splits trained bitwise alike.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -18,7 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/fixtures
 
-from fixtures.training import build_components, make_latents, scratch_config  # noqa: E402
+from fixtures.pipelines import build_tiny_sd  # noqa: E402
+from fixtures.training import make_latents, scratch_config  # noqa: E402
 
 from sdflow.store.checkpoints import load_checkpoint  # noqa: E402
 from sdflow.training.processes import run_training  # noqa: E402
@@ -50,7 +52,7 @@ def timed_run(root: Path, components: dict, overrides: list[str]) -> tuple[float
 
 def main(root: Path) -> None:
     torch.set_num_threads(1)
-    components = build_components(root / "components")
+    components = build_tiny_sd(root / "components")
     weights = {}
     for i, (name, overrides) in enumerate(RUNS.items()):
         wall, loop, weights[name] = timed_run(root / f"run{i}", components, overrides)
@@ -66,4 +68,6 @@ def main(root: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("workdir", type=Path, help="a scratch directory for the runs")
+    main(parser.parse_args().workdir)

@@ -173,12 +173,21 @@ def key_problem(key: str, model: type | None = None) -> str | None:
     kinds: list[object] = [model]
     walked = []
     for name in key.split("."):
+        if any(_free_keys(kind) for kind in kinds):
+            return None  # a dict's own keys may hold dots (node labels such as nvidia.com/gpu)
         kinds = [inner for kind in kinds for inner in _field_types(kind, name)]
         if not kinds:
             where = ".".join(walked) or "the config"
             return f"{where} has no key {name!r}"
         walked.append(name)
     return None
+
+
+def _free_keys(kind: object) -> bool:
+    """Whether `kind` is a mapping whose keys are the user's (not schema fields)."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType, typing.Annotated):
+        return any(_free_keys(arg) for arg in typing.get_args(kind))
+    return typing.get_origin(kind) is dict or kind is dict
 
 
 def _field_types(kind: object, name: str) -> list[object]:
