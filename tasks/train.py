@@ -25,17 +25,16 @@ run of its lineage (`sdflow.training.continuation`) instead of from step 0.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
 from diffusers import AutoencoderKL, DDPMScheduler
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft.utils import get_peft_model_state_dict
-from PIL import Image, ImageDraw
 from transformers import CLIPTextModel
 
 from sdflow.config import RunConfig
+from sdflow.evaluation.curves import draw_loss_curve
 from sdflow.models.adapters import in_diffusers_format, save_peft_adapters
 from sdflow.models.components import (
     ComponentSources,
@@ -70,7 +69,6 @@ from sdflow.training.schedules import bucket_plan
 
 LOSS_CURVE = "loss.png"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name diffusers' save_lora_weights gives
-VALIDATION_COLOUR = "#e07b00"
 # Settings that change no weight of the steps done: editing them never retrains. `max_steps` only
 # says how many steps there are; it enters the key beside the lineage (see `train_lineage`).
 NOT_IN_KEY = {
@@ -359,66 +357,3 @@ def _buckets(config: RunConfig, upstream: dict[str, Manifest | None]) -> dict[st
     latents = upstream.get("latents") if config.train.cache_latents else None
     counts = (latents or {}).get("info", {}).get("buckets")
     return {"buckets": bucket_plan(counts, config.train.batch_size)} if counts else {}
-
-
-# ------------------------------------------------------------------------------------ loss curve
-
-
-def draw_loss_curve(
-    history: list[list[float]],
-    size: tuple[int, int] = (640, 360),
-    validation: list[list[float]] | None = None,
-) -> bytes:
-    """PNG of the loss per step (grey) and its moving average (blue), with labelled axes; and the
-    held-out validation loss (orange, one dot per validation) when given."""
-    width, height = size
-    left, right, top, bottom = 64, 16, 28, 40
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    title = "training loss" + (" (blue), validation loss (orange)" if validation else "")
-    draw.text((left, 8), title, fill="black")
-    box = (left, top, width - right, height - bottom)
-    draw.rectangle(box, outline="black")
-    steps = [h[0] for h in history]
-    losses = [h[1] for h in history]
-    validation = validation or []
-    if losses:
-        low = min(losses + [v for _, v in validation])
-        high = max(losses + [v for _, v in validation])
-        span = (high - low) or 1.0
-        first, last = steps[0], steps[-1]
-
-        def point(step: float, loss: float) -> tuple[float, float]:
-            x = box[0] + (box[2] - box[0]) * ((step - first) / ((last - first) or 1))
-            y = box[3] - (box[3] - box[1]) * ((loss - low) / span)
-            return x, y
-
-        draw.line([point(s, v) for s, v in zip(steps, losses, strict=True)], fill="#b0b0b0")
-        smooth = _moving_average(losses, max(1, len(losses) // 20))
-        draw.line(
-            [point(s, v) for s, v in zip(steps, smooth, strict=True)], fill="#1f5fbf", width=2
-        )
-        if validation:
-            dots = [point(s, v) for s, v in validation]
-            if len(dots) > 1:
-                draw.line(dots, fill=VALIDATION_COLOUR, width=2)
-            for x, y in dots:
-                draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=VALIDATION_COLOUR)
-        draw.text((4, box[1]), f"{high:.4g}", fill="black")
-        draw.text((4, box[3] - 10), f"{low:.4g}", fill="black")
-        draw.text((box[0], box[3] + 6), str(int(first)), fill="black")
-        draw.text((box[2] - 40, box[3] + 6), str(int(last)), fill="black")
-    draw.text(((box[0] + box[2]) // 2 - 12, height - 16), "step", fill="black")
-    out = io.BytesIO()
-    image.save(out, format="PNG")
-    return out.getvalue()
-
-
-def _moving_average(values: list[float], window: int) -> list[float]:
-    out, total = [], 0.0
-    for i, value in enumerate(values):
-        total += value
-        if i >= window:
-            total -= values[i - window]
-        out.append(total / min(i + 1, window))
-    return out

@@ -1,4 +1,7 @@
-"""The metric-vs-step curve of `eval.checkpoints: all`: one small panel per metric, as a PNG."""
+"""Curves as PNGs, drawn with matplotlib (Agg): the train stage's loss curve (`loss.png`: the loss per
+step, its moving average, the held-out validation loss) and the evaluate stage's metric-vs-step
+panels for `eval.checkpoints: all`. The PNGs carry no timestamp or version metadata, so the same
+values always give the same bytes (stage fingerprints cover these files)."""
 
 from __future__ import annotations
 
@@ -6,52 +9,65 @@ import io
 from collections.abc import Sequence
 from typing import Any
 
-from PIL import Image, ImageDraw
+import numpy as np
 
 CURVE_METRICS = ("fid", "kid", "precision", "recall", "coverage", "clip_score")
-PANEL = (320, 180)
-MARGIN = (56, 12, 24, 28)  # left, right, top, bottom
+LINE, RAW, VALIDATION = "#1f5fbf", "#b0b0b0", "#e07b00"
+DPI = 100
+
+
+def draw_loss_curve(
+    history: Sequence[Sequence[float]], validation: Sequence[Sequence[float]] | None = None
+) -> bytes:
+    """The loss per step (grey) and its moving average (blue); the validation loss (orange, a dot
+    per validation) when given. `history` rows are [step, loss, ...]."""
+    from matplotlib.figure import Figure  # imported when drawing: the modules load faster
+
+    figure = Figure(figsize=(6.4, 3.6), dpi=DPI, layout="constrained")
+    axes = figure.add_subplot()
+    steps = [row[0] for row in history]
+    losses = [row[1] for row in history]
+    axes.plot(steps, losses, color=RAW, linewidth=1, label="loss")
+    window = max(1, len(losses) // 20)
+    axes.plot(steps, moving_average(losses, window), color=LINE, linewidth=2,
+              label=f"moving average ({window} steps)")  # fmt: skip
+    if validation:
+        axes.plot(*zip(*[(s, v) for s, v in validation], strict=True), color=VALIDATION,
+                  marker="o", linewidth=2, label="validation loss")  # fmt: skip
+    axes.set(xlabel="step", ylabel="loss", title="training loss")
+    axes.legend(fontsize=8)
+    return _png(figure)
 
 
 def draw_metric_curve(rows: Sequence[dict[str, Any]]) -> bytes:
-    """PNG: each metric with at least one value, over the checkpoint steps, two panels a row."""
+    """Each metric with at least one value over the checkpoint steps, two panels a row."""
+    from matplotlib.figure import Figure
+
     names = [m for m in CURVE_METRICS if any(r.get(m) is not None for r in rows)]
-    cols = 2
-    height = PANEL[1] * max(1, (len(names) + cols - 1) // cols)
-    image = Image.new("RGB", (PANEL[0] * cols, height), "white")
-    draw = ImageDraw.Draw(image)
+    panel_rows = max(1, (len(names) + 1) // 2)
+    figure = Figure(figsize=(6.4, 1.8 * panel_rows), dpi=DPI, layout="constrained")
     if not names:
-        draw.text((10, 10), "no checkpoint scores", fill="black")
+        figure.text(0.05, 0.5, "no checkpoint scores")
     for index, name in enumerate(names):
-        origin = ((index % cols) * PANEL[0], (index // cols) * PANEL[1])
-        points = [(r["step"], r[name]) for r in rows if r.get(name) is not None]
-        _panel(draw, origin, name, points)
+        axes = figure.add_subplot(panel_rows, 2, index + 1)
+        points = sorted((r["step"], r[name]) for r in rows if r.get(name) is not None)
+        axes.plot(*zip(*points, strict=True), color=LINE, marker="o", linewidth=2)
+        axes.set_title(f"{name} by step", fontsize=9)
+        axes.tick_params(labelsize=7)
+    return _png(figure)
+
+
+def moving_average(values: Sequence[float], window: int) -> list[float]:
+    """The mean of each value and the `window - 1` before it (fewer at the start)."""
+    sums = np.cumsum(np.asarray(values, dtype=np.float64))
+    out = []
+    for i in range(len(values)):
+        start = i - window
+        out.append((sums[i] - (sums[start] if start >= 0 else 0.0)) / min(i + 1, window))
+    return out
+
+
+def _png(figure) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    figure.savefig(buffer, format="png", metadata={"Software": None})
     return buffer.getvalue()
-
-
-def _panel(draw: ImageDraw.ImageDraw, origin: tuple[int, int], name: str, points: list) -> None:
-    left, right, top, bottom = MARGIN
-    x0, y0 = origin
-    box = (x0 + left, y0 + top, x0 + PANEL[0] - right, y0 + PANEL[1] - bottom)
-    draw.rectangle(box, outline="black")
-    draw.text((box[0], y0 + 6), f"{name} by step", fill="black")
-    steps, values = [p[0] for p in points], [p[1] for p in points]
-    low, high = min(values), max(values)
-    first, last = min(steps), max(steps)
-
-    def xy(step: float, value: float) -> tuple[float, float]:
-        x = box[0] + (box[2] - box[0]) * ((step - first) / ((last - first) or 1))
-        y = box[3] - (box[3] - box[1]) * ((value - low) / ((high - low) or 1))
-        return x, y
-
-    coords = [xy(s, v) for s, v in sorted(points)]
-    if len(coords) > 1:
-        draw.line(coords, fill="#1f5fbf", width=2)
-    for x, y in coords:
-        draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill="#1f5fbf")
-    draw.text((x0 + 4, box[1]), f"{high:.4g}", fill="black")
-    draw.text((x0 + 4, box[3] - 10), f"{low:.4g}", fill="black")
-    draw.text((box[0], box[3] + 4), str(int(first)), fill="black")
-    draw.text((box[2] - 40, box[3] + 4), str(int(last)), fill="black")
