@@ -15,13 +15,11 @@ A user error (bad config, missing path, unwritable workdir) ends with one paragr
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -180,7 +178,9 @@ def _run_flow(profile, overrides, workdir, only, refresh, config: RunConfig) -> 
     mark("imported")
     # Result storage comes from the profile inside the flow (flows/tracking.py), so deployments and
     # `prefect flow-run retry` use the same cache records as this command.
-    with _api():
+    from sdflow.ops.background import flow_api
+
+    with flow_api():
         mark("api")
         run_dir = pipeline(
             profile=str(profile),
@@ -195,38 +195,6 @@ def _run_flow(profile, overrides, workdir, only, refresh, config: RunConfig) -> 
     return run_dir
 
 
-@contextlib.contextmanager
-def _api() -> Iterator[None]:
-    """The Prefect API of a flow run started here: the configured one (PREFECT_API_URL, a Prefect
-    profile, a test harness), else this PREFECT_HOME's background server, started if needed
-    (`sdflow.ops.background`). With SDFLOW_SERVER=temporary, Prefect's temporary server instead,
-    hardened like ours and given START_WAIT_S to start rather than Prefect's 20 s."""
-    from prefect.settings import (
-        PREFECT_API_URL,
-        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
-        get_current_settings,
-        temporary_settings,
-    )
-
-    from sdflow.ops import background
-    from sdflow.ops.server import hardened_env
-
-    if get_current_settings().api.url:
-        yield
-        return
-    if os.environ.get("SDFLOW_SERVER", "background") == "temporary":
-        # Prefect passes this environment on to the server process it starts. It has no UI, so
-        # the CORS origins of port 0 match no page; CSRF is on.
-        hardened = hardened_env(0)
-        os.environ.update({k: v for k, v in hardened.items() if k.startswith("PREFECT_SERVER_")})
-        wait = {PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: int(background.START_WAIT_S)}
-        with temporary_settings(updates=wait):
-            yield
-        return
-    with temporary_settings(updates={PREFECT_API_URL: background.ensure_server()}):
-        yield
-
-
 def _sweep(args: argparse.Namespace) -> int:
     from sdflow.ops import sweeps
 
@@ -238,8 +206,9 @@ def _sweep(args: argparse.Namespace) -> int:
     _check_source(_validated(args.profile, args.overrides))
     _prepare_flow_logging()
     from flows.sweep import sweep
+    from sdflow.ops.background import flow_api
 
-    with _api():  # the background server, as for `sdflow run`
+    with flow_api():  # the background server, as for `sdflow run`
         summary = sweep(
             profile=str(args.profile),
             grid=grid,

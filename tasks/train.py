@@ -61,11 +61,12 @@ from sdflow.store.stageio import (
     write_atomic,
 )
 from sdflow.training.continuation import continue_from_predecessor
-from sdflow.training.loop import CHECKPOINTS, LOGS, TrainSummary
+from sdflow.training.loop import CHECKPOINTS, LOGS
 from sdflow.training.objectives import objective_of
 from sdflow.training.optimizers import check_optimizer
 from sdflow.training.processes import resolve_processes, run_training
 from sdflow.training.schedules import bucket_plan
+from sdflow.training.trainer import TrainSummary
 
 LOSS_CURVE = "loss.png"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name diffusers' save_lora_weights gives

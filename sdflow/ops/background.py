@@ -182,3 +182,32 @@ def _terminate(pid: int) -> None:
             os.killpg(pid, signal.SIGKILL)
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)  # started by this process: reap it
+
+
+@contextlib.contextmanager
+def flow_api() -> Iterator[None]:
+    """The Prefect API of a flow run started here: the configured one (PREFECT_API_URL, a Prefect
+    profile, a test harness), else this PREFECT_HOME's background server, started if needed
+    (`sdflow.ops.background`). With SDFLOW_SERVER=temporary, Prefect's temporary server instead,
+    hardened like ours and given START_WAIT_S to start rather than Prefect's 20 s."""
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        get_current_settings,
+        temporary_settings,
+    )
+
+    if get_current_settings().api.url:
+        yield
+        return
+    if os.environ.get("SDFLOW_SERVER", "background") == "temporary":
+        # Prefect passes this environment on to the server process it starts. It has no UI, so
+        # the CORS origins of port 0 match no page; CSRF is on.
+        hardened = hardened_env(0)
+        os.environ.update({k: v for k, v in hardened.items() if k.startswith("PREFECT_SERVER_")})
+        wait = {PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: int(START_WAIT_S)}
+        with temporary_settings(updates=wait):
+            yield
+        return
+    with temporary_settings(updates={PREFECT_API_URL: ensure_server()}):
+        yield

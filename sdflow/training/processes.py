@@ -34,7 +34,8 @@ from sdflow.ops.torchrun import (
     torchrun_command,
 )
 from sdflow.store.stageio import Manifest, write_json
-from sdflow.training.loop import TrainSummary, train_unet
+from sdflow.training.loop import train_unet
+from sdflow.training.trainer import TrainSummary
 
 MODULE = "sdflow.training.processes"  # the workers' entry: this module, also as __main__
 LAUNCHES = ".sdflow-launch"  # in the workdir: each launch's spec, node markers, summary

@@ -104,7 +104,7 @@ def test_cli_status_and_stop(home, server, monkeypatch, capsys):
 def test_the_temporary_server_is_hardened_and_given_time(monkeypatch):
     from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
 
-    from sdflow.cli import _api
+    from sdflow.ops.background import flow_api
 
     for key in (
         "PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED",
@@ -112,7 +112,7 @@ def test_the_temporary_server_is_hardened_and_given_time(monkeypatch):
     ):
         monkeypatch.delenv(key, raising=False)  # restored (removed) after the test
     monkeypatch.setenv("SDFLOW_SERVER", "temporary")
-    with _api():
+    with flow_api():
         assert os.environ["PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED"] == "true"
         assert os.environ["PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS"] != "*"
         assert PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value() >= 600

@@ -382,13 +382,15 @@ def test_skipped_fp16_steps_hold_the_lr_schedule_and_ema(tmp_path, tiny_sd, monk
         return loss
 
     weights = {}
-    real_save = training.save_checkpoint
+    import sdflow.training.trainer as trainer
+
+    real_save = trainer.save_checkpoint
 
     def keep_weights(root, step, state, keep):
         weights[step] = {k: v.detach().clone() for k, v in state["model"].items()}
         return real_save(root, step, state, keep)
 
-    monkeypatch.setattr(training, "save_checkpoint", keep_weights)
+    monkeypatch.setattr(trainer, "save_checkpoint", keep_weights)
     monkeypatch.setattr(training, "make_accelerator", with_grad_scaler)
     monkeypatch.setattr(training, "diffusion_loss", inf_gradients_on_step_2)
     config = scratch_config(
@@ -448,7 +450,7 @@ KILL_SCRIPT = """
 import json, os, signal, sys, torch
 torch.set_num_threads(1)
 sys.path.insert(0, {root!r})
-import sdflow.training.loop as training
+import sdflow.training.trainer as training
 from sdflow.config import RunConfig
 from sdflow.errors import UserError
 from tasks.train import train, train_key, train_lineage
