@@ -187,7 +187,12 @@ def _free_keys(kind: object) -> bool:
     """Whether `kind` is a mapping whose keys are the user's (not schema fields)."""
     if typing.get_origin(kind) in (typing.Union, types.UnionType, typing.Annotated):
         return any(_free_keys(arg) for arg in typing.get_args(kind))
-    return typing.get_origin(kind) is dict or kind is dict
+    if kind is dict:
+        return True
+    if typing.get_origin(kind) is not dict:
+        return False
+    args = typing.get_args(kind)  # a dict of settings (a model per key) keeps checking its fields
+    return not args or getattr(args[1], "model_fields", None) is None
 
 
 def _field_types(kind: object, name: str) -> list[object]:

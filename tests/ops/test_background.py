@@ -102,7 +102,11 @@ def test_cli_status_and_stop(home, server, monkeypatch, capsys):
 
 
 def test_the_temporary_server_is_hardened_and_given_time(monkeypatch):
-    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        temporary_settings,
+    )
 
     from sdflow.ops.background import flow_api
 
@@ -112,7 +116,8 @@ def test_the_temporary_server_is_hardened_and_given_time(monkeypatch):
     ):
         monkeypatch.delenv(key, raising=False)  # restored (removed) after the test
     monkeypatch.setenv("SDFLOW_SERVER", "temporary")
-    with flow_api():
+    # no API configured (a test harness of this session may have set one): the temporary server
+    with temporary_settings(restore_defaults={PREFECT_API_URL}), flow_api():
         assert os.environ["PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED"] == "true"
         assert os.environ["PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS"] != "*"
         assert PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value() >= 600

@@ -363,9 +363,13 @@ def test_lora_alpha_survives_the_export(tmp_path, tiny_sd, targets):
 
 
 def test_skipped_fp16_steps_hold_the_lr_schedule_and_ema(tmp_path, tiny_sd, monkeypatch):
-    import sdflow.training.loop as training
+    import dataclasses
 
-    real_accelerator, real_loss = training.make_accelerator, training.diffusion_loss
+    import sdflow.training.loop as training
+    from sdflow.training import objectives
+
+    ddpm = objectives.OBJECTIVES["ddpm"]
+    real_accelerator, real_loss = training.make_accelerator, ddpm.loss
     calls = []
 
     def with_grad_scaler(train, out_dir):
@@ -392,7 +396,8 @@ def test_skipped_fp16_steps_hold_the_lr_schedule_and_ema(tmp_path, tiny_sd, monk
 
     monkeypatch.setattr(trainer, "save_checkpoint", keep_weights)
     monkeypatch.setattr(training, "make_accelerator", with_grad_scaler)
-    monkeypatch.setattr(training, "diffusion_loss", inf_gradients_on_step_2)
+    with_inf = dataclasses.replace(ddpm, loss=inf_gradients_on_step_2)
+    monkeypatch.setitem(objectives.OBJECTIVES, "ddpm", with_inf)
     config = scratch_config(
         tiny_sd,
         "train.lr_scheduler=linear",
