@@ -50,6 +50,9 @@ BENCH := SDFLOW_BENCH_RESULTS=$(BENCH_RESULTS) $(BIN)/python
 
 bench: $(STAMP)
 	$(BIN)/pip install --quiet -e ".[bench]"
+	# img2dataset pulls the Python 3.6 `dataclasses` backport, which shadows the standard library in
+	# some child processes (pydantic then fails to import): it is never needed on Python >= 3.7
+	$(BIN)/pip uninstall --quiet -y dataclasses 2>/dev/null || true
 	rm -rf $(BENCH_RESULTS)
 	$(BENCH) bench/startup.py
 	$(BENCH) bench/download.py --images 5000 --repeats 3 --image-cache $(BENCH_RESULTS)/images
