@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import io
-import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +33,6 @@ from sdflow.store.stageio import Manifest, output_dir
 
 WEIGHTS = (ModelMixin, PreTrainedModel)  # classes with weight files (variants, dtypes)
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-log = logging.getLogger("sdflow.models.components")
 
 
 # ---------------------------------------------------------------------------------------- scratch

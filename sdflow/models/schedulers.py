@@ -14,7 +14,7 @@ from sdflow.config import RunConfig
 from sdflow.errors import UserError
 from sdflow.models.components import ComponentSources, load_component, load_revision
 
-log = logging.getLogger("sdflow.models.components")
+log = logging.getLogger("sdflow.models.schedulers")
 
 
 def base_scheduler_config(config: RunConfig, sources: ComponentSources) -> dict[str, Any] | None:

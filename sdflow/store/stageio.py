@@ -236,8 +236,9 @@ def lock_path(final: Path) -> Path:
 
 
 @contextmanager
-def _stage_lock(final: Path) -> Iterator[None]:
-    """One builder per stage key at a time, across processes on this host."""
+def stage_lock(final: Path) -> Iterator[None]:
+    """One builder per stage key at a time, across processes on this host (also held by the reuse
+    index's builder, `sdflow.store.rowindex`)."""
     final.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path(final), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -245,9 +246,6 @@ def _stage_lock(final: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-stage_lock = _stage_lock  # also held by the reuse index's builder (`sdflow.store.rowindex`)
 
 
 @contextmanager
@@ -281,7 +279,7 @@ def build_stage(
     existing = load_manifest(final)
     if existing is not None:
         return {**existing, "reused": True}
-    with _stage_lock(final):
+    with stage_lock(final):
         existing = load_manifest(final)
         if existing is not None:
             return {**existing, "reused": True}

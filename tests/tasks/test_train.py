@@ -315,7 +315,7 @@ def test_an_explicit_prediction_type_retargets_the_base_and_says_so(
         "train.max_steps=2",
         "train.prediction_type=epsilon",
     )
-    with caplog.at_level(logging.WARNING, logger="sdflow.models.components"):
+    with caplog.at_level(logging.WARNING, logger="sdflow.models.schedulers"):
         manifest, _ = run_train(config, tmp_path, tiny_sd)
     assert "train.prediction_type is 'epsilon'" in caplog.text and "'v_prediction'" in caplog.text
     info = manifest["info"]
@@ -366,6 +366,7 @@ def test_skipped_fp16_steps_hold_the_lr_schedule_and_ema(tmp_path, tiny_sd, monk
     import dataclasses
 
     import sdflow.training.loop as training
+    import sdflow.training.trainer as trainer
     from sdflow.training import objectives
 
     ddpm = objectives.OBJECTIVES["ddpm"]
@@ -386,8 +387,6 @@ def test_skipped_fp16_steps_hold_the_lr_schedule_and_ema(tmp_path, tiny_sd, monk
         return loss
 
     weights = {}
-    import sdflow.training.trainer as trainer
-
     real_save = trainer.save_checkpoint
 
     def keep_weights(root, step, state, keep):
