@@ -1,6 +1,7 @@
 """Training throughput: sdflow's loop against diffusers' reference script, and cached vs on the fly.
 
     python bench/train_step.py --vs-reference [--steps 60] [--repeats 3] [--ema] [--cprofile]
+        [--reference-script PATH/train_text_to_image.py]
     python bench/train_step.py [--profile tiny-cpu] [--steps 60] [--images 600]
 
 `--vs-reference` builds a tiny pretrained pipeline (the tiny-test architectures, saved with
@@ -8,7 +9,14 @@
 alternates sdflow's train loop (`train_unet`, cached latents, 32 px, batch 16) with
 `bench/reference_loop.py` (a minimal equivalent of diffusers'
 `examples/text_to_image/train_text_to_image.py`, which encodes every batch with the VAE and text
-encoder) for `--repeats` rounds and prints the median steps/s of each and their ratio. sdflow's
+encoder) for `--repeats` rounds and prints the median steps/s of each and their ratio. With
+`--reference-script` the peer is diffusers' own script, given by path (a diffusers checkout's
+`examples/text_to_image/train_text_to_image.py`; never copied here), run unmodified in a child
+process by `bench/step_timer.py` on the same pipeline folder and images, with the script's own
+options set to the same work (32 px, batch 16, the profile's lr, constant, no checkpoints); both
+sides are then timed by the same `StepTimer` (step ends at the optimizer step; seconds inside the
+UNet's forward and `Accelerator.backward`), which also gives each side's share of the step
+outside the UNet's forward and backward. sdflow's
 figures are steady rates of the whole loop (data, step, logging, progress, checkpoints) from the
 end of step `--warmup` to the end of the last step, so one-off costs (first allocations, a
 `train.compile` build) stay out of both. `--cprofile` prints the top entries of a cProfile of one
@@ -30,6 +38,8 @@ import cProfile
 import json
 import pstats
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,6 +48,7 @@ from unittest import mock
 from diffusers import DDPMScheduler
 from reference_loop import reference_step_ends  # bench/, beside this script
 from results import comparison, save
+from step_timer import StepTimer
 
 from sdflow.data.sources.demo import make_demo_dataset
 from sdflow.models.components import build_text_encoder, build_unet, build_vae
@@ -123,6 +134,67 @@ def sdflow_loop(config, upstream, workdir: Path, run: int, warmup: int, profile:
     return steady_rate(ends, warmup)
 
 
+def timed_sdflow(config, upstream, workdir: Path, run: int) -> StepTimer:
+    """sdflow's loop under the same `StepTimer` as the reference script."""
+    timer = StepTimer()
+    upstream = {k: upstream[k] for k in ("caption", "autoencoder", "latents")}
+    with timer.patches():
+        training.train_unet(config, upstream, str(workdir), workdir / f"sdflow-run-{run}")
+    return timer
+
+
+def timed_script(
+    script: Path, pipeline: Path, data: Path, out: Path, args, seed: int, lr: float
+) -> StepTimer:
+    """diffusers' train_text_to_image.py, unmodified, in a child process under `StepTimer`."""
+    options = {
+        "pretrained_model_name_or_path": pipeline, "train_data_dir": data,
+        "image_column": "image", "caption_column": "caption", "resolution": 32,
+        "train_batch_size": 16, "max_train_steps": args.steps, "learning_rate": lr,
+        "lr_scheduler": "constant", "lr_warmup_steps": 0, "output_dir": out, "seed": seed,
+        "dataloader_num_workers": 0, "checkpointing_steps": 10**9, "report_to": "tensorboard",
+    }  # fmt: skip
+    flags = [f"--{k}={v}" for k, v in options.items()] + ["--center_crop", "--random_flip"]
+    flags += ["--use_ema"] if args.ema else []
+    times = out.with_suffix(".json")
+    timer_script = Path(__file__).with_name("step_timer.py")
+    command = [sys.executable, str(timer_script), str(times), str(script), *flags]
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    return StepTimer(**json.loads(times.read_text()))
+
+
+def versus_script(args, config, upstream, workdir: Path, pipeline: Path, data: Path) -> dict:
+    """Alternate sdflow and the real script `--repeats` times; medians of the steady rates."""
+    ours, theirs = [], []
+    for run in range(args.repeats):
+        ours.append(timed_sdflow(config, upstream, workdir, run).summary(args.warmup))
+        script = timed_script(
+            args.reference_script, pipeline, data, workdir / f"script-{run}", args, run,
+            config.train.lr,
+        )  # fmt: skip
+        theirs.append(script.summary(args.warmup))
+    median = {
+        side: {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+        for side, runs in (("sdflow", ours), ("script", theirs))
+    }
+    ratio = median["sdflow"]["steps_per_second"] / median["script"]["steps_per_second"]
+    for side, values in median.items():
+        shares = ", ".join(f"{k} {v:.1%}" for k, v in values.items() if k.endswith("share"))
+        print(f"{side}: {values['steps_per_second']:.2f} steps/s; {shares}")
+    print(f"-> {ratio:.2f}x (medians of {args.repeats} alternated rounds)")
+    extra = ", EMA" if args.ema else ""
+    row = comparison(
+        f"train step vs the real train_text_to_image.py, 32 px, batch 16{extra}, "
+        f"median of {args.repeats}", "steps/s", round(median["sdflow"]["steps_per_second"], 2),
+        "train_text_to_image.py", round(median["script"]["steps_per_second"], 2), goal=1.0,
+    )  # fmt: skip
+    result = {"bench": "train_step vs diffusers' script", "steps": args.steps, "ema": args.ema,
+              "rounds": {"sdflow": ours, "script": theirs}, "median": median,
+              "ratio": round(ratio, 3)}  # fmt: skip
+    save("train-step-script" + ("-ema" if args.ema else ""), "train_step", [row], result)
+    return result
+
+
 def versus_reference(args) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="sdflow-bench-ref-"))
     data = make_demo_dataset(workdir / "demo-data", count=args.images, size=32)
@@ -138,6 +210,8 @@ def versus_reference(args) -> dict:
         *args.overrides,
     ]
     config, upstream = prepare(workdir, "tiny-test", data, overrides)
+    if args.reference_script:
+        return versus_script(args, config, upstream, workdir, pipeline, data)
     ours, theirs = [], []
     for run in range(args.repeats):
         profile = args.cprofile and run == 0
@@ -184,6 +258,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of the rate")
     parser.add_argument("--ema", action="store_true", help="--vs-reference: EMA on in both")
     parser.add_argument("--cprofile", action="store_true", help="--vs-reference: profile sdflow")
+    parser.add_argument(
+        "--reference-script",
+        type=Path,
+        help="--vs-reference: diffusers' examples/text_to_image/train_text_to_image.py (a path)",
+    )
     args = parser.parse_args()
     if args.vs_reference:
         print(json.dumps(versus_reference(args)))
