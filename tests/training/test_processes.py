@@ -103,7 +103,7 @@ class NodeKiller(logging.Handler):
                 os.kill(pid, signal.SIGKILL)
 
 
-def test_a_killed_worker_restarts_elastically_and_a_lost_node_fails_the_stage_whose_retry_ends_on_the_same_weights(
+def test_a_killed_worker_restarts_in_place_and_a_lost_nodes_retry_ends_on_the_same_weights(
     setup, reference, caplog
 ):
     workdir = setup["root"] / "killed"
