@@ -7,8 +7,8 @@ Trains the tests' tiny UNet on 12 cached latents for 20 steps at global batch 4:
 process, on 1 node x 2 torchrun processes, on 2 local nodes x 1, on 2 x 1 with `max_restarts: 1`
 whose node-1 worker is SIGKILLed after the checkpoint of step 10, and with FSDP on 1 x 2. Prints
 each run's wall time, loop time and, for torchrun runs, node 0's phases as its log shows them
-(agent start, the c10d rendezvous, worker start to the first step; with LOGLEVEL=INFO the agents
-log their rendezvous); FSDP's largest weight difference from DDP; and whether the DDP splits, the
+(agent start, the c10d rendezvous, worker start to its first batch; LOGLEVEL=INFO makes the
+agents log their rendezvous); FSDP's largest weight difference from DDP; and whether the DDP splits, the
 restarted run included, trained bitwise alike.
 """
 
@@ -50,9 +50,9 @@ RUNS = {
 }
 # node 0's log lines that end each phase (the supervisor logs node 0's lines without a prefix)
 PHASES = {
-    "agent start": re.compile(r"^\S+ .*attempts to join the next round"),
-    "rendezvous": re.compile(r"^\S+ .*has joined round \d+ of the rendezvous"),
-    "worker start to step 1": re.compile(r"^step 1/"),
+    "agent start": re.compile(r"\[default\] Rendezvous'ing worker group"),
+    "rendezvous": re.compile(r"\[default\] Rendezvous complete for workers"),
+    "worker start to training": re.compile(r"^buckets: "),
 }
 
 
