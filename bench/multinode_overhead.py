@@ -6,10 +6,11 @@
 Trains the tests' tiny UNet on 12 cached latents for 20 steps at global batch 4: in the stage's
 process, on 1 node x 2 torchrun processes, on 2 local nodes x 1, on 2 x 1 with `max_restarts: 1`
 whose node-1 worker is SIGKILLed after the checkpoint of step 10, and with FSDP on 1 x 2. Prints
-each run's wall time, loop time and, for torchrun runs, node 0's phases as its log shows them
-(agent start, the c10d rendezvous, worker start to its first batch; LOGLEVEL=INFO makes the
-agents log their rendezvous); FSDP's largest weight difference from DDP; and whether the DDP splits, the
-restarted run included, trained bitwise alike.
+each run's wall time and loop time; for torchrun runs, node 0's phases as its log shows them
+(agent start, the c10d rendezvous, worker start to its first batch; LOGLEVEL=INFO makes the agents
+log their rendezvous) and the restart's time from the kill to the resumed loop; FSDP's largest
+weight difference from DDP; and whether the DDP splits, the restarted run included, trained
+bitwise alike.
 """
 
 from __future__ import annotations
