@@ -103,6 +103,7 @@ class NodeKiller(logging.Handler):
                 os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.timeout(600)  # restarts used to hang here (docs/multinode.md, "Elastic restarts")
 def test_a_killed_worker_restarts_in_place_and_a_lost_nodes_retry_ends_on_the_same_weights(
     setup, reference, caplog
 ):
