@@ -38,8 +38,9 @@ class DistributedTraining(Section):
         0,
         ge=0,
         le=100,
-        description="torchrun --max-restarts: when a worker or node dies, restart all workers "
-        "that many times; they resume from the newest checkpoint",
+        description="torchrun --max-restarts: when a worker dies, its node restarts the worker "
+        "group in the same launch at most that many times, from the newest checkpoint (a node "
+        "lost whole fails the launch on the local launcher; the stage's retry resumes)",
     )
 
     @model_validator(mode="after")

@@ -28,7 +28,7 @@ from sdflow.config.distributed import KubernetesLauncher
 from sdflow.errors import UserError
 from sdflow.ops.deploy import K8S_TEMPLATE
 from sdflow.ops.launch import LaunchFailed, OutputLog
-from sdflow.ops.torchrun import ENDPOINT_ENV, NODE_ENV
+from sdflow.ops.torchrun import AGENT_ENV, ENDPOINT_ENV, NODE_ENV
 
 GROUP, VERSION, PLURAL = "jobset.x-k8s.io", "v1alpha2", "jobsets"
 REPLICATED_JOB = "node"
@@ -123,6 +123,7 @@ def container(cluster: KubernetesLauncher, name: str, cmd: Sequence[str]) -> dic
             {"name": NODE_ENV, "valueFrom": index},
             {"name": "PET_NODE_RANK", "valueFrom": index},
             {"name": "PYTHONUNBUFFERED", "value": "1"},
+            *({"name": key, "value": value} for key, value in AGENT_ENV.items()),
         ],
         "ports": [{"containerPort": cluster.rendezvous_port, "name": "rendezvous"}],
         "resources": {

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from sdflow.config.distributed import SlurmLauncher
 from sdflow.ops.launch import LaunchFailed, OutputLog
-from sdflow.ops.torchrun import ENDPOINT_ENV, NODE_ENV
+from sdflow.ops.torchrun import AGENT_ENV, ENDPOINT_ENV, NODE_ENV
 
 DONE = {"COMPLETED"}
 FAILED = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL"}
@@ -53,6 +53,7 @@ def sbatch_script(
         *slurm.setup,
         'head_node="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)"',
         f'export {ENDPOINT_ENV}="$head_node:{slurm.rendezvous_port}" PYTHONUNBUFFERED=1',
+        "export " + " ".join(f"{key}={shlex.quote(value)}" for key, value in AGENT_ENV.items()),
         f"srun --kill-on-bad-exit=1 bash -c {shlex.quote(node)} sdflow-node \\",
         f"  {shlex.join(cmd)}",
     ]

@@ -12,6 +12,16 @@ endpoint serves the rendezvous store (torchrun's c10d backend: a node whose addr
 hosts it, the others connect). With `local`, every node is 127.0.0.1: the first to bind the port
 hosts it and the others connect.
 
+Every launcher also sets `AGENT_ENV` in the agents' environment, for elastic restarts
+(`--max-restarts`). By default torchrun's c10d rendezvous hands its workers one TCP store, served
+by the first round's rank-0 agent and kept for every later round (torch's `DynamicRendezvousHandler`
+caches its `_bootstrap_store_info`), and the workers use it without a per-round prefix (torch's
+`_create_c10d_store`: "We create a new TCPStore for every retry"). After a restart the new workers
+then find the previous round's keys still there: gloo (or NCCL) reads a dead worker's address,
+fails with "connectFullMesh failed ... Connection refused", and that burns another restart (or the
+job). `TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1` gives every round a fresh store: the rank-0 agent
+picks a free port and its worker of rank 0 serves it (docs/multinode.md, "Elastic restarts").
+
 A workdir that is not shared between nodes fails before training: each node's first worker
 writes a marker in the launch directory, and a node that cannot see node 0's marker (or the spec
 the stage wrote) within `SHARED_TIMEOUT_S` stops with that reason (`check_shared_workdir`).
@@ -30,6 +40,7 @@ from sdflow.errors import UserError
 ENDPOINT_ENV = "PET_RDZV_ENDPOINT"  # torchrun's --rdzv-endpoint, from the environment
 NODE_ENV = "SDFLOW_NODE"  # the launcher's index of a node (its pod index, its Slurm node id)
 SHARED_TIMEOUT_S = 60.0  # a shared filesystem may show another host's file a little late
+AGENT_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # a fresh store every round: module doc
 USER_ERROR_PREFIX = "sdflow user error: "  # a worker's line the supervisor turns into a UserError
 
 
@@ -72,7 +83,8 @@ def loopback_port(configured: int | None) -> int:
 
 def local_node_envs(nodes: int, port: int, env: dict[str, str]) -> list[dict[str, str]]:
     """Each local node's environment: the loopback endpoint and the node's index."""
-    return [{**env, ENDPOINT_ENV: f"127.0.0.1:{port}", NODE_ENV: str(i)} for i in range(nodes)]
+    endpoint = {ENDPOINT_ENV: f"127.0.0.1:{port}"}
+    return [{**env, **AGENT_ENV, **endpoint, NODE_ENV: str(i)} for i in range(nodes)]
 
 
 def check_shared_workdir(

@@ -134,7 +134,7 @@ def worker_env(train: TrainConfig, processes: int) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """A worker of `accelerate launch -m sdflow.training.processes spec.json` (see `run_training`)."""
+    """A worker of `torchrun ... -m sdflow.training.processes spec.json` (see `run_training`)."""
     args = sys.argv[1:] if argv is None else argv
     exit_with_supervisor()
     rank = int(os.environ.get("RANK", "0"))
@@ -152,7 +152,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     config = RunConfig.model_validate(spec["config"])
     if restarts := int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")):
-        log.warning("elastic restart %d: resuming from the newest checkpoint", restarts)
+        log.warning(
+            "elastic restart %d of this node: resuming from the newest checkpoint", restarts
+        )
     try:
         summary = train_unet(config, spec["upstream"], spec["workdir"], spec["out_dir"])
     except Exception as exc:  # a user mistake, or out of memory / disk full: no retry will help

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from fixtures.kube import rendered_pool_job
 from prefect.flows import load_flow_from_entrypoint
 from prefect.utilities.callables import parameter_schema
 
@@ -66,18 +67,8 @@ def test_kubernetes_template_requests_a_gpu_and_mounts_the_work_volume():
     assert placeholders <= set(variables)  # every {{ name }} in the manifest has a variable
 
 
-def _rendered_job(values: dict) -> dict:
-    """The Job manifest a Kubernetes worker renders: the variables' defaults, then `values`."""
-    from prefect.utilities.templating import apply_values
-
-    template = json.loads(K8S_TEMPLATE.read_text())
-    props = template["variables"]["properties"]
-    defaults = {name: var["default"] for name, var in props.items() if "default" in var}
-    return apply_values(template["job_configuration"], {**defaults, **values})["job_manifest"]
-
-
 def test_kubernetes_job_runs_unprivileged_from_a_pinned_image():
-    pod = _rendered_job({})["spec"]["template"]["spec"]
+    pod = rendered_pool_job({})["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] == 1000  # an int, as Kubernetes requires
     assert pod["securityContext"]["fsGroup"] == 1000
@@ -86,7 +77,7 @@ def test_kubernetes_job_runs_unprivileged_from_a_pinned_image():
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     assert container["image"] == "registry.example/sdflow@sha256:<digest>"
     pinned = "ghcr.io/me/sdflow@sha256:" + "ab" * 32
-    pod = _rendered_job({"image": pinned, "run_as_user": 4242})["spec"]["template"]["spec"]
+    pod = rendered_pool_job({"image": pinned, "run_as_user": 4242})["spec"]["template"]["spec"]
     assert pod["containers"][0]["image"] == pinned
     assert pod["securityContext"]["runAsUser"] == pod["securityContext"]["runAsGroup"] == 4242
 

@@ -160,8 +160,10 @@ def test_the_torchrun_line_is_the_same_for_every_node_and_reads_its_endpoint_fro
     assert cmd[cmd.index("--rdzv-backend") + 1] == "c10d" and "--rdzv-endpoint" not in cmd
     assert cmd[-3:] == ["-m", "sdflow.training.processes", "spec.json"]
     envs = local_node_envs(2, 29511, {"A": "1"})
+    fresh_store = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # see sdflow.ops.torchrun
     assert envs == [
-        {"A": "1", "PET_RDZV_ENDPOINT": "127.0.0.1:29511", "SDFLOW_NODE": str(i)} for i in (0, 1)
+        {"A": "1", **fresh_store, "PET_RDZV_ENDPOINT": "127.0.0.1:29511", "SDFLOW_NODE": str(i)}
+        for i in (0, 1)
     ]
 
 
