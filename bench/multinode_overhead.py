@@ -1,7 +1,7 @@
 """What launching through torchrun, its rendezvous, an elastic restart and FSDP cost on this CPU
 (docs/multinode.md).
 
-    PYTHONPATH=. nice -n 19 python bench/multinode_overhead.py /tmp/mn-bench
+    PYTHONPATH=. nice -n 19 python bench/multinode_overhead.py /tmp/mn-bench [--four-processes]
 
 Trains the tests' tiny UNet on 12 cached latents for 20 steps at global batch 4: in the stage's
 process, on 1 node x 2 torchrun processes, on 2 local nodes x 1, on 2 x 1 with `max_restarts: 1`
@@ -10,7 +10,8 @@ each run's wall time and loop time; for torchrun runs, node 0's phases as its lo
 (agent start, the c10d rendezvous, worker start to its first batch; LOGLEVEL=INFO makes the agents
 log their rendezvous) and the restart's time from the kill to the resumed loop; FSDP's largest
 weight difference from DDP; and whether the DDP splits, the restarted run included, trained
-bitwise alike.
+bitwise alike. `--four-processes` runs 1 node x 4 and 2 nodes x 2 instead (global batch 4, one
+sample per process) and says whether they trained bitwise alike (too slow for `make test`).
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ RUNS = {
         "train.batch_size=2",
         "train.sharding=fsdp",
     ],
+}
+FOUR = {
+    "torchrun 1 node x 4 (DDP)": ["train.processes=4", "train.batch_size=1"],
+    "torchrun 2 nodes x 2 (DDP)": ["train.nodes=2", "train.processes=2", "train.batch_size=1"],
 }
 # node 0's log lines that end each phase (the supervisor logs node 0's lines without a prefix)
 PHASES = {
@@ -118,19 +123,23 @@ def timed_run(root: Path, components: dict, overrides: list[str], kill: bool):
     return wall, summary.samples_seen / summary.samples_per_second, timeline.phases(), weights
 
 
-def main(root: Path) -> None:
+def main(root: Path, four: bool) -> None:
     torch.set_num_threads(1)
     os.environ["LOGLEVEL"] = "INFO"  # torchrun's agents log their rendezvous
     logging.getLogger("sdflow.train").setLevel(logging.INFO)
     components = build_tiny_sd(root / "components")
     weights = {}
-    for i, (name, overrides) in enumerate(RUNS.items()):
+    for i, (name, overrides) in enumerate((FOUR if four else RUNS).items()):
         kill = "killed" in name
         wall, loop, phases, weights[name] = timed_run(root / f"run{i}", components, overrides, kill)
         print(
             f"{name}: wall {wall:.1f} s, training {loop:.2f} s ({loop / STEPS * 1e3:.0f} ms/step)"
         )
         print(f"    node 0: {phases}" if phases else "", flush=True)
+    if four:
+        one, two = weights.values()
+        print(f"2 nodes x 2 == 1 node x 4 bitwise: {all(torch.equal(one[k], two[k]) for k in one)}")
+        return
     ddp, fsdp = weights["torchrun 1 node x 2 (DDP)"], weights["torchrun 1 node x 2 (FSDP)"]
     diff = max((ddp[k] - fsdp[k]).abs().max().item() for k in ddp)
     largest = max(v.abs().max().item() for v in ddp.values())
@@ -143,4 +152,6 @@ def main(root: Path) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("workdir", type=Path, help="a scratch directory for the runs")
-    main(parser.parse_args().workdir)
+    parser.add_argument("--four-processes", action="store_true", help="1 x 4 against 2 x 2")
+    args = parser.parse_args()
+    main(args.workdir, args.four_processes)
