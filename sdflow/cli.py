@@ -234,7 +234,10 @@ def _sweep(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     config = _validated(args.profile, args.overrides)
     _check_source(config)
+    from sdflow.models.formats.preflight import check_model_files
     from sdflow.ops.environment import describe_environment
+
+    check_model_files(config)  # a train.init_lora that does not fit the base, as `run` refuses it
 
     print(config.model_dump_json(indent=2))
     for line in describe_environment(config):

@@ -84,8 +84,8 @@ def evaluation_section(metrics: dict[str, Any]) -> list[str]:
               + "; higher for the others."]  # fmt: skip
     lines += ["", *[f"- {name}: not computed: {reason}" for name, reason in notes.items()]]
     lines += ["", *_how(metrics, trained, baseline)]
-    lines += ["", f"![evaluation grid: the base model (left) and the trained model (right), "
-                  f"the same prompts and seeds]({EVALUATION_GRID})", ""]  # fmt: skip
+    shown = "the base model (left) and the trained model (right)" if baseline else "the model"
+    lines += ["", f"![evaluation grid: {shown}, the same prompts and seeds]({EVALUATION_GRID})", ""]
     return lines
 
 

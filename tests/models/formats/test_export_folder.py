@@ -16,8 +16,9 @@ from PIL import Image
 
 from sdflow.cli import main
 from sdflow.models.formats.card import EVALUATION_PENDING
+from sdflow.models.formats.export_folder import export_folder
 from sdflow.profiles import load_profile
-from sdflow.store.stageio import output_dir
+from sdflow.store.stageio import StageBuild, output_dir
 from tasks.evaluate import evaluate
 from tasks.train import train
 
@@ -121,3 +122,33 @@ def test_without_an_evaluation_the_train_card_goes_and_a_full_folder_is_refused(
     assert "has files" in capsys.readouterr().err
     assert main(["export", str(tmp_path), str(tmp_path / "other")]) == 2
     assert "is not a run directory" in capsys.readouterr().err
+
+
+def test_the_evaluated_model_and_its_own_exports_are_exported(tmp_path):
+    """With `train.keep_best`, a train output holds two models; the one the evaluate stage scored
+    (`final-lora/`) goes, with its own kohya file, under the evaluate stage's card."""
+    workdir = tmp_path / "work"
+    files = {"lora": "lora", "kohya_lora": "lora-kohya.safetensors",
+             "final_lora": "final-lora", "final_kohya_lora": "final-lora-kohya.safetensors"}  # fmt: skip
+    build = StageBuild(workdir, "train", "keep-best")
+    for model in ("lora", "final-lora"):
+        (build.path / model).mkdir(parents=True)
+        (build.path / model / "pytorch_lora_weights.safetensors").write_bytes(model.encode())
+        (build.path / model / "README.md").write_text(f"card of {model}")
+        (build.path / f"{model}-kohya.safetensors").write_bytes(f"kohya {model}".encode())
+    trained = build.finish(counts={}, files=files)
+    build = StageBuild(workdir, "evaluate", "scored-final")
+    (build.path / "card").mkdir(parents=True)
+    (build.path / "card" / "README.md").write_text("final card")
+    info = {"trained_model": {"choice": "final", "path": "final-lora", "step": 3}}
+    evaluated = build.finish(counts={}, files={"card": "card"}, info=info)
+    stages = {n: {"output": str(output_dir(workdir, m))} for n, m in
+              (("train", trained), ("evaluate", evaluated))}  # fmt: skip
+    (tmp_path / "summary.json").write_text(json.dumps({"stages": stages}))
+    dest = tmp_path / "dest"
+    export_folder(tmp_path / "summary.json", dest)
+    assert sorted(p.name for p in dest.iterdir()) == [
+        "README.md", "final-lora-kohya.safetensors", "pytorch_lora_weights.safetensors"
+    ]  # fmt: skip
+    assert (dest / "pytorch_lora_weights.safetensors").read_bytes() == b"final-lora"
+    assert (dest / "README.md").read_text() == "final card"
