@@ -40,7 +40,7 @@ def export_folder(run: Path, dest: Path, link: bool = False) -> list[str]:
         if evaluate and "card" in evaluate["files"]
         else None
     )
-    if dest.exists() and any(dest.iterdir()):
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise UserError(f"{dest} exists and has files: give a new (or empty) folder to export to.")
     with atomic_dir(dest) as tmp:
         _place(train_dir / train["files"][model], tmp, link, skip=card is not None)
