@@ -21,6 +21,7 @@ import importlib
 from prefect import Task, flow
 
 from flows.tracking import RunTracker
+from sdflow.models.formats.preflight import check_model_files
 from sdflow.ops.results import PLAIN_JSON
 from sdflow.profiles import load_profile
 
@@ -83,7 +84,9 @@ def pipeline(
     refresh: list[str] | None = None,
 ) -> str:
     """download → filter → caption → (autoencoder) → latents → train → evaluate; returns the run dir."""
-    config = single_file_base(load_profile(profile, overrides or []), workdir)
+    config = load_profile(profile, overrides or [])
+    check_model_files(config, only)  # a LoRA that does not fit the base: before any work
+    config = single_file_base(config, workdir)
     if not only or "train" in only:  # e.g. 8-bit AdamW on a host without CUDA: before any stage
         check_optimizer_options(config.train)
         check_family_options(config)

@@ -7,6 +7,7 @@
     sdflow deploy [--pool NAME] [--pool-type process|kubernetes] [--workdir DIR] [--gpus N]
     sdflow server [--workdir DIR] [--port PORT] | --background | --status | --stop
     sdflow gc [--keep-runs N] [--dry-run] [--workdir DIR]
+    sdflow export RUN DEST [--link]
     sdflow sweep PROFILE --grid K=V1,V2 [--grid ...] [--metric M] [--random N] [--parallel N] [--set K=V]...
 
 A user error (bad config, missing path, unwritable workdir) ends with one paragraph and exit code 2.
@@ -125,6 +126,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     gc.add_argument("--dry-run", action="store_true", help="only say what would be freed")
     gc.set_defaults(handler=_gc)
+
+    export = commands.add_parser("export", help="one folder to upload: a run's model and card")
+    export.add_argument("run", help="the run directory, runs/<id> (`sdflow run` prints it last)")
+    export.add_argument("dest", help="a new folder: the model, its exports, the evaluated card")
+    export.add_argument("--link", action="store_true", help="hard-link the weights, not copy")
+    export.set_defaults(handler=_export)
     return parser
 
 
@@ -227,7 +234,10 @@ def _sweep(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     config = _validated(args.profile, args.overrides)
     _check_source(config)
+    from sdflow.models.formats.preflight import check_model_files
     from sdflow.ops.environment import describe_environment
+
+    check_model_files(config)  # a train.init_lora that does not fit the base, as `run` refuses it
 
     print(config.model_dump_json(indent=2))
     for line in describe_environment(config):
@@ -335,6 +345,14 @@ def _gc(args: argparse.Namespace) -> int:
 
     workdir = Path(args.workdir).resolve()
     for line in collect_garbage(workdir, args.keep_runs, args.dry_run).lines(workdir):
+        print(line)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from sdflow.models.formats.export_folder import export_folder
+
+    for line in export_folder(Path(args.run).resolve(), Path(args.dest).resolve(), args.link):
         print(line)
     return 0
 

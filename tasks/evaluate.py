@@ -50,6 +50,7 @@ from sdflow.evaluation.sampling import (
 from sdflow.evaluation.scoring import METRICS, Scorer
 from sdflow.models.components import component_sources
 from sdflow.models.files import weights_hash
+from sdflow.models.formats.evaluation_card import write_evaluation_card
 from sdflow.ops.orchestration import stage_task
 from sdflow.store.checkpoints import list_checkpoints, step_name
 from sdflow.store.fingerprint import code_version, hash_tree
@@ -125,6 +126,10 @@ def _build(build: StageBuild, config: RunConfig, upstream: dict, workdir: str) -
         write_atomic(build.path / METRIC_CURVE, draw_metric_curve(rows))
         files["metric_curve"] = METRIC_CURVE
     write_json(build.path / "metrics.json", metrics)
+    # the final card: the scored model's train card with the metrics and the grid (`sdflow export`)
+    model_dir = output_dir(workdir, train) / train["files"][chosen]
+    if write_evaluation_card(model_dir, metrics, build.path / "card", build.path / "grid.png"):
+        files["card"] = "card"
     counts = {"prompts": len(prompts), "generated": ev.fid_samples, "real": scorer.num_real}
     return build.finish(counts=counts, files=files, info=metrics)
 

@@ -45,7 +45,7 @@ from sdflow.models.components import (
 from sdflow.models.families import family_of
 from sdflow.models.files import canonical_safetensors, hub_commit, weights_hash
 from sdflow.models.formats.card import CardFacts, base_license, write_card
-from sdflow.models.formats.exports import write_exports
+from sdflow.models.formats.exports import EXPORT_FILES, write_exports
 from sdflow.models.formats.single_file_base import file_hash
 from sdflow.models.schedulers import base_scheduler_config
 from sdflow.models.trainable import trained_text_encoder, trained_unet
@@ -95,7 +95,6 @@ VALIDATION_KEYS = {
 }
 # What is written, not how: out of the lineage; in the key when an export beyond diffusers is asked.
 EXPORT_KEYS = {"export_formats", "export_dtype"}
-EXPORT_FILES = ("single_file", "single_file_config", "kohya_lora")  # the manifest's export names
 # lr schedules whose value at step t does not depend on the total number of steps: a longer run of
 # these repeats the shorter one's steps exactly, so it can continue from it.
 STEP_FREE_SCHEDULES = {"constant", "constant_with_warmup"}

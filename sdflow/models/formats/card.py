@@ -18,6 +18,12 @@ from huggingface_hub import ModelCard, ModelCardData
 from sdflow.store.stageio import write_atomic
 
 CARD = "README.md"
+# the train stage's card says where the evaluation is; the evaluate stage's card puts it there
+EVALUATION_PENDING = (
+    "Evaluation against the base model: in the card of `sdflow export` (the evaluate stage's "
+    "`card/`), written after the evaluate stage."
+)
+BESIDE = "(beside this folder)"  # the exports, in the train stage; `sdflow export` puts them in it
 FAMILY_TAGS = {"sd": ["stable-diffusion"], "sdxl": ["stable-diffusion-xl"]}
 
 
@@ -68,7 +74,7 @@ def _body(facts: CardFacts) -> str:
         lines += [f"| {int(step)} | {loss:.5g} |" for step, loss in facts.validation]
     for caption, image in facts.images.items():
         lines += ["", f"![{caption}]({image.name})"]
-    lines += ["", "Metrics against the base model: the evaluate stage's `metrics.json`.", ""]
+    lines += ["", EVALUATION_PENDING, ""]
     return "\n".join(lines + _usage(facts)) + "\n"
 
 
@@ -82,12 +88,12 @@ def _usage(facts: CardFacts) -> list[str]:
     lines = ["## Use", "", "```python", f"from diffusers import {cls}", "", *load,
              'image = pipe("a prompt").images[0]', "```", ""]  # fmt: skip
     if single := facts.exports.get("single_file"):
-        lines += [f"ComfyUI / A1111 / Forge: `{single}` (beside this folder) goes into "
+        lines += [f"ComfyUI / A1111 / Forge: `{single}` {BESIDE} goes into "
                   "`ComfyUI/models/checkpoints/` or `stable-diffusion-webui/models/Stable-diffusion/`"
                   + (f" with `{facts.exports['single_file_config']}` beside it" if
                      "single_file_config" in facts.exports else "") + ".", ""]  # fmt: skip
     if kohya := facts.exports.get("kohya_lora"):
-        lines += [f"ComfyUI / A1111 / Forge: `{kohya}` (beside this folder) goes into "
+        lines += [f"ComfyUI / A1111 / Forge: `{kohya}` {BESIDE} goes into "
                   "`ComfyUI/models/loras/` or `stable-diffusion-webui/models/Lora/`.", ""]  # fmt: skip
     return lines
 

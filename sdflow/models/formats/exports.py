@@ -15,6 +15,8 @@ from sdflow.errors import UserError
 from sdflow.models.formats.kohya import export_kohya
 from sdflow.models.formats.single_file import export_single_file
 
+EXPORT_FILES = ("single_file", "single_file_config", "kohya_lora")  # the manifest's export names
+
 
 def write_exports(
     formats: list[str], family: Any, model_dir: Path, dtype: str, unet=None, encoders=()

@@ -78,12 +78,18 @@ def export_kohya(path: Path, unet, encoders: list[Any], family: Any, dtype: str)
 # ------------------------------------------------------------------------------------- import
 
 
-def read_adapter(path: Path, pipeline_class: type) -> tuple[dict, Any, Any]:
-    """(state dict in diffusers names, kohya alphas or None, metadata) of a LoRA file."""
+def read_adapter(
+    path: Path, pipeline_class: type, unet_config: Any = None, state: dict | None = None
+) -> tuple[dict, Any, Any]:
+    """(state dict in diffusers names, kohya alphas or None, metadata) of a LoRA file, read by
+    diffusers as `load_lora_weights` reads it (with the UNet's config, which maps the SGM block
+    names of SDXL kohya files); `state`: the file's tensors already read (the preflight's)."""
     if not path.is_file():
         raise UserError(f"train.init_lora {path} is not a file.")
+    kwargs = {"unet_config": unet_config} if unet_config is not None else {}
     try:
-        return pipeline_class.lora_state_dict(str(path), return_lora_metadata=True)
+        source = str(path) if state is None else state
+        return pipeline_class.lora_state_dict(source, return_lora_metadata=True, **kwargs)
     except (ValueError, KeyError, OSError) as exc:
         raise UserError(
             f"train.init_lora {path} is not a LoRA file diffusers can read ({exc}); give a "
@@ -95,14 +101,8 @@ def load_unet_adapter(path: Path, pipeline_class: type, unet, text_trained: bool
     """Inject the UNet adapter of a LoRA file (diffusers or kohya format) into `unet` as adapter
     `default`, its rank and alpha from the file; refuse a file that fits none of its modules, and
     one with text-encoder adapters a run with frozen text encoders would silently drop."""
-    state, alphas, metadata = read_adapter(path, pipeline_class)
-    text = sorted({k.split(".")[0] for k in state if k.startswith(TEXT_PARTS)})
-    if text and not text_trained:
-        raise UserError(
-            f"train.init_lora {path} also adapts the text encoder(s) ({', '.join(text)}), but "
-            "train.text_encoder is not 'lora', so those adapters would be dropped: set "
-            "train.text_encoder: lora to train them too, or give a UNet-only adapter."
-        )
+    state, alphas, metadata = read_adapter(path, pipeline_class, unet.config)
+    check_parts(path, state, text_trained)
     _load(path, "unet", lambda: pipeline_class.load_lora_into_unet(
         state, alphas, unet, adapter_name="default", metadata=metadata), unet, state)  # fmt: skip
     _mark_trainable(unet)
@@ -126,32 +126,46 @@ def _mark_trainable(module) -> None:
         param.requires_grad_("lora_" in name)
 
 
+def check_parts(path: Path, state: dict, text_trained: bool) -> None:
+    """Refuse an adapter file without a UNet adapter, and one with text-encoder adapters that a
+    run with frozen text encoders would silently drop."""
+    if not any(k.startswith("unet.") for k in state):
+        found = sorted({k.split(".")[0] for k in state})
+        raise UserError(
+            f"train.init_lora {path} has no UNet adapter (found parts: {found}); give a LoRA "
+            "trained for this model family (kohya lora_unet_* or diffusers unet.* keys)."
+        )
+    text = sorted({k.split(".")[0] for k in state if k.startswith(TEXT_PARTS)})
+    if text and not text_trained:
+        raise UserError(
+            f"train.init_lora {path} also adapts the text encoder(s) ({', '.join(text)}), but "
+            "train.text_encoder is not 'lora', so those adapters would be dropped: set "
+            "train.text_encoder: lora to train them too, or give a UNet-only adapter."
+        )
+
+
 def _load(path: Path, part: str, load, module, state: dict) -> None:
     expected = [k for k in state if k.startswith(f"{part}.")]
     if not expected:
-        if part == "unet":
-            found = sorted({k.split(".")[0] for k in state})
-            raise UserError(
-                f"train.init_lora {path} has no UNet adapter (found parts: {found}); give a LoRA "
-                "trained for this model family (kohya lora_unet_* or diffusers unet.* keys)."
-            )
         return
     try:
         load()
     except (ValueError, RuntimeError) as exc:  # no such module; a module of another shape
-        raise UserError(_mismatch(path, part, expected, str(exc).splitlines()[0])) from None
+        detail = f"fails to load ({str(exc).splitlines()[0]}; e.g. {expected[0]!r})"
+        raise UserError(mismatch(path, part, detail)) from None
     loaded = (
         len(get_peft_model_state_dict(module))
         if "default" in getattr(module, "peft_config", {})
         else 0
     )
     if loaded < len(expected):
-        raise UserError(_mismatch(path, part, expected, f"{loaded} of {len(expected)} loaded"))
+        detail = f"loads {loaded} of {len(expected)} weights (e.g. {expected[0]!r})"
+        raise UserError(mismatch(path, part, detail))
 
 
-def _mismatch(path: Path, part: str, expected: list[str], detail: str) -> str:
+def mismatch(path: Path, part: str, detail: str, base: str = "the base model") -> str:
     return (
-        f"train.init_lora {path}: its {part} adapter does not fit the base model's {part} "
-        f"({detail}; e.g. {expected[0]!r}). Was it trained for another base or family? Use a LoRA "
-        "of this base, or change model.pretrained."
+        f"train.init_lora {path} does not fit {base}: its {part} adapter {detail}. Was it "
+        "trained for another base or family? Use a LoRA trained on this base, or set "
+        "model.pretrained to the base it was trained on."
     )

@@ -105,9 +105,23 @@ def resolve_single_file_base(config: Any, workdir: str) -> Any:
     """The run's config with a single-file `model.pretrained` replaced by its diffusers folder:
     converted once per file content into `<workdir>/bases/<sha256>/`, so every stage reads a
     folder and every stage key holds the file's content hash (the folder is named by it)."""
-    from sdflow.models.families import get_family, pipeline_family
+    from sdflow.models.families import get_family
 
     model = config.model
+    path = Path(model.pretrained).expanduser().resolve()
+    found = check_single_file_base(model)
+    out = Path(workdir).expanduser().resolve() / "bases" / file_hash(path)
+    if not (out / "model_index.json").is_file():
+        single_file_to_folder(path, model.config, get_family(found).pipeline_class, out)
+    folder = model.model_copy(update={"pretrained": str(out), "config": None})
+    return config.model_copy(update={"model": folder})
+
+
+def check_single_file_base(model: Any) -> str:
+    """The family of a single-file `model.pretrained`, from its key names only; it must be the
+    family of the `model.config` folder that describes it."""
+    from sdflow.models.families import pipeline_family
+
     path = Path(model.pretrained).expanduser().resolve()
     found = detect_family(path, checkpoint_keys(path))
     described = pipeline_family(model.config)
@@ -116,8 +130,4 @@ def resolve_single_file_base(config: Any, workdir: str) -> Any:
             f"model.pretrained {path} is a {found!r} checkpoint but model.config {model.config} "
             f"describes a {described!r} pipeline: name a {found!r} diffusers folder as model.config."
         )
-    out = Path(workdir).expanduser().resolve() / "bases" / file_hash(path)
-    if not (out / "model_index.json").is_file():
-        single_file_to_folder(path, model.config, get_family(found).pipeline_class, out)
-    folder = model.model_copy(update={"pretrained": str(out), "config": None})
-    return config.model_copy(update={"model": folder})
+    return found

@@ -113,7 +113,9 @@ def test_an_adapter_file_read_back_reproduces_its_outputs(fmt, case, adapters):
 def test_a_lora_of_another_base_is_refused(adapters, sd15_layout):
     _, _, kohya = adapters["sdxl"]
     unet = load_copy(sd15_layout).unet
-    with pytest.raises(UserError, match=r"kohya.safetensors: its unet adapter does not fit"):
+    with pytest.raises(
+        UserError, match=r"kohya.safetensors does not fit the base model: its unet adapter"
+    ):
         load_unet_adapter(kohya, StableDiffusionPipeline, unet, text_trained=True)
     with pytest.raises(UserError, match=r"also adapts the text encoder.*text_encoder: lora"):
         load_unet_adapter(kohya, StableDiffusionXLPipeline, unet, text_trained=False)
