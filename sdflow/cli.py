@@ -367,8 +367,13 @@ def _ready_workdir(path: str) -> Path:
 
 
 def _check_source(config: RunConfig) -> None:
-    """Fail before any work when a local source is missing (hub names are checked when loaded)."""
+    """Fail before any work when a local source is missing (hub names are checked when loaded);
+    with `subsets`, each subset's."""
+    for subset in config.subsets or []:
+        _check_source(config.model_copy(update={"source": subset.source, "subsets": None}))
     source = config.source
+    if source is None:
+        return
     path = Path(source.path)
     if source.kind in ("folder", "urls") and not path.exists():
         hint = " Build the demo dataset with `sdflow demo`." if "demo-data" in source.path else ""
