@@ -144,7 +144,7 @@ class RunTracker:
     def _record(self, name, status, manifest, seconds, cached, error=None) -> Manifest | None:
         entry: dict[str, Any] = {"status": status, "cached": cached, "seconds": round(seconds, 3)}
         if manifest is not None:
-            self.manifests[name] = manifest
+            self.manifests[JOINS.get(name, name)] = manifest  # the report reads the join as caption
             entry["output"] = str(output_dir(self.workdir, manifest))
             entry["counts"] = manifest.get("counts", {})
             if name == "latents" and manifest.get("info", {}).get("buckets"):
@@ -240,7 +240,7 @@ class RunTracker:
         the run (ran or came from the cache; not when --only left them all out). It never fails
         the run."""
         stages = self.summary["stages"]
-        if not any(stages.get(s, {}).get("status") == "completed" for s in DATA_STAGES):
+        if not any(stages.get(s, {}).get("status") == "completed" for s in (*DATA_STAGES, *JOINS)):
             return
         try:
             html = build_report(self.workdir, self.manifests, self.run_dir)

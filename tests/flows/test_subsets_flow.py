@@ -76,6 +76,7 @@ def test_two_subsets_end_to_end_and_an_edit_rebuilds_one(
     data = [f"{stage}[{name}]" for name in ("few", "many") for stage in DATA]
     assert list(first["stages"]) == [*data, "subsets", "latents", "train", "evaluate"]
     assert not any(entry["cached"] for entry in first["stages"].values())
+    assert "| captioned | caption | 20 |" in report_of(first)  # the joined set, as its caption
 
     # the report against the cache itself: training images per subset from the latent ids
     latents = first["stages"]["latents"]
@@ -103,6 +104,12 @@ def test_two_subsets_end_to_end_and_an_edit_rebuilds_one(
     assert manifest["info"]["rows_computed"] == stages["caption[many]"]["counts"]["kept"]
     captions = json.loads((Path(stages["subsets"]["output"]) / "MANIFEST.json").read_text())
     assert len(shard_paths(workdir, captions)) == 2  # one caption shard per subset
+    assert "sks (10)" in report_of(second)  # the edited subset's 10 captions start with it
+
+
+def report_of(summary: dict) -> str:
+    """The dataset report's markdown summary (funnel, most frequent caption words)."""
+    return (Path(summary["dataset_report"]).parent / "dataset-report" / "summary.md").read_text()
 
 
 DATA = ("download", "filter", "caption")
