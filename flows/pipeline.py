@@ -21,6 +21,7 @@ import importlib
 from prefect import Task, flow
 
 from flows.tracking import RunTracker
+from sdflow.config import RunConfig
 from sdflow.config.subsets import subset_view
 from sdflow.ops.results import PLAIN_JSON
 from sdflow.profiles import load_profile
@@ -110,7 +111,7 @@ def run_stage(run: RunTracker, stage: str, **upstream):
     return run.stage(stage_task(stage), **upstream) if run.needed(stage) else run.skip(stage)
 
 
-def run_subsets(run: RunTracker, config):
+def run_subsets(run: RunTracker, config: RunConfig):
     """download[NAME] → filter[NAME] → caption[NAME] per subset (its own source and caption
     settings), then the subsets stage joins their captioned samples (`tasks.subsets`)."""
     captions = {}

@@ -162,7 +162,6 @@ def _build(
     lineage = train_lineage(config, upstream)
     origin = continue_from_predecessor(build.path, checkpoints, lineage, config.train.max_steps)
     summary = run_training(config, upstream, workdir, build.path)
-    processes = resolve_processes(config.train)
     # The last one stays, for inspection or training on, and the best one (BEST), if marked;
     # `eval.checkpoints: all` scores every one `train.keep_checkpoints` kept, so they stay too.
     keep = config.train.keep_checkpoints if config.eval.checkpoints == "all" else 1
@@ -178,6 +177,7 @@ def _build(
     write_cards(config, upstream, build.path, output, summary)
     if not config.train.keep_optimizer_state:
         drop_optimizer_state(checkpoints, summary.steps, keep)
+    world = resolve_processes(config.train) * config.train.nodes  # every process's batches
     return build.finish(
         counts={
             "steps": summary.steps,
@@ -188,7 +188,7 @@ def _build(
         info={
             **_info(config, sources, summary, scheduler),
             **_buckets(config, upstream),
-            **subset_report(config, upstream.get("latents"), workdir, summary.steps, processes),
+            **subset_report(config, upstream.get("latents"), workdir, summary.steps, world),
             "lineage": lineage,
             "continued_from": origin,
             **({"validation": summary.validation} if summary.validation else {}),

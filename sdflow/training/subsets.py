@@ -133,10 +133,10 @@ def seen_per_subset(
 
 
 def subset_report(
-    config, latents: Manifest | None, workdir: str, steps: int, processes: int
+    config, latents: Manifest | None, workdir: str, steps: int, world: int
 ) -> dict[str, dict]:
-    """Per subset: training images, repeats or weight, samples seen in `steps` optimizer steps
-    (the train manifest's `info.subsets`); {} without `subsets`."""
+    """Per subset: training images, repeats or weight, samples seen in `steps` optimizer steps of
+    `world` processes (the train manifest's `info.subsets`); {} without `subsets`."""
     plan, train = subset_plan(config), config.train
     if plan is None or latents is None:
         return {}
@@ -144,7 +144,7 @@ def subset_report(
     ids = cached_ids(dataset)
     members = subset_of(ids, plan.names)
     order = order_of(dataset.buckets(), ids, train.batch_size, train.seed, plan)
-    batches = steps * train.gradient_accumulation * processes
+    batches = steps * train.gradient_accumulation * world
     seen = seen_per_subset(order, members, batches, len(plan.names))
     report = {}
     for s, (name, share) in enumerate(plan.settings().items()):
