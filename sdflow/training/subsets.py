@@ -15,6 +15,8 @@ run draws the same batches (`sdflow.training.schedules`):
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from collections.abc import Sequence
 
 import torch
@@ -25,6 +27,7 @@ from sdflow.store.stageio import Manifest
 from sdflow.training.latent_data import CachedLatents, read_shard_ids
 from sdflow.training.schedules import EpochOrder, bucket_plan
 
+log = logging.getLogger(__name__)
 SEPARATOR = "/"  # `NAME/ID`, as tasks.subsets writes it
 BLOCK = 4096  # batches whose subsets one seeded draw decides (weights)
 
@@ -98,9 +101,10 @@ def order_of(
 ) -> EpochOrder | WeightedOrder:
     """The training order of samples with these buckets and ids under `plan`."""
     members = subset_of(ids, plan.names)
-    empty = [plan.names[s] for s in range(len(plan.names)) if s not in set(members)]
     if plan.weights is None:
         return EpochOrder(buckets, batch_size, seed, [plan.repeats[m] for m in members])
+    present = set(members)
+    empty = [name for s, name in enumerate(plan.names) if s not in present]
     if empty:
         raise UserError(
             f"Subset(s) {empty} have no training samples (all filtered out or held out), so "
@@ -117,8 +121,12 @@ def cached_ids(dataset: CachedLatents) -> list[str]:
 def subset_order(
     dataset: CachedLatents, batch_size: int, seed: int, plan: SubsetPlan
 ) -> EpochOrder | WeightedOrder:
-    """The order `CachedBatches.order` uses with `subsets`."""
-    return order_of(dataset.buckets(), cached_ids(dataset), batch_size, seed, plan)
+    """The order `CachedBatches.order` uses with `subsets` (logged: images and share of each)."""
+    ids = cached_ids(dataset)
+    images = Counter(subset_of(ids, plan.names))
+    shares = plan.settings().items()
+    log.info("subsets: %s", {n: {"images": images[i], **v} for i, (n, v) in enumerate(shares)})
+    return order_of(dataset.buckets(), ids, batch_size, seed, plan)
 
 
 def seen_per_subset(
