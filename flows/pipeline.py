@@ -21,6 +21,8 @@ import importlib
 from prefect import Task, flow
 
 from flows.tracking import RunTracker
+from sdflow.config import RunConfig
+from sdflow.config.subsets import subset_view
 from sdflow.models.formats.preflight import check_model_files
 from sdflow.ops.results import PLAIN_JSON
 from sdflow.profiles import load_profile
@@ -30,6 +32,7 @@ STAGE_TASKS = {
     "download": ("tasks.download", "download_task"),
     "filter": ("tasks.filter", "filter_task"),
     "caption": ("tasks.caption", "caption_task"),
+    "subsets": ("tasks.subsets", "join_subsets_task"),
     "autoencoder": ("tasks.autoencoder", "train_autoencoder_task"),
     "latents": ("tasks.latents", "cache_latents_task"),
     "train": ("tasks.train", "train_task"),
@@ -92,9 +95,12 @@ def pipeline(
         check_family_options(config)
     run = RunTracker(config, profile, workdir, only, refresh)
 
-    images = run_stage(run, "download")
-    kept = run_stage(run, "filter", download=images)
-    captioned = run_stage(run, "caption", filter=kept)
+    if config.subsets:  # each subset's data stages on their own keys, then one training set
+        captioned = run_subsets(run, config)
+    else:
+        images = run_stage(run, "download")
+        kept = run_stage(run, "filter", download=images)
+        captioned = run_stage(run, "caption", filter=kept)
     vae = run_stage(run, "autoencoder", caption=captioned) if config.needs_autoencoder() else None
     latents = run_stage(run, "latents", caption=captioned, autoencoder=vae)
     model = run_stage(run, "train", caption=captioned, autoencoder=vae, latents=latents)
@@ -106,3 +112,15 @@ def pipeline(
 def run_stage(run: RunTracker, stage: str, **upstream):
     """Run or look up `stage`; one --only leaves out entirely is not even imported."""
     return run.stage(stage_task(stage), **upstream) if run.needed(stage) else run.skip(stage)
+
+
+def run_subsets(run: RunTracker, config: RunConfig):
+    """download[NAME] → filter[NAME] → caption[NAME] per subset (its own source and caption
+    settings), then the subsets stage joins their captioned samples (`tasks.subsets`)."""
+    captions = {}
+    for subset in config.subsets:
+        view, name = subset_view(config, subset), subset.name
+        images = run.stage(stage_task("download"), view, name)
+        kept = run.stage(stage_task("filter"), view, name, download=images)
+        captions[f"caption[{name}]"] = run.stage(stage_task("caption"), view, name, filter=kept)
+    return run_stage(run, "subsets", **captions)

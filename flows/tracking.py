@@ -34,6 +34,9 @@ from sdflow.store.stageio import (
 )
 
 EXPORT_NAMES = ("single_file", "single_file_config", "kohya_lora")
+# The subsets stage joins the subsets' caption outputs (`tasks.subsets`): --only and --refresh
+# `caption` select it, and a stage reading `caption` upstream reads its output.
+JOINS = {"subsets": "caption"}
 
 
 class StageFailed(Exception):
@@ -69,66 +72,85 @@ class RunTracker:
         for name in ("sdflow", "tasks"):  # stage progress reaches the run's log (worker runs too)
             logging.getLogger(name).setLevel(logging.INFO)
 
-    def stage(self, task: Task, **upstream: Manifest | None) -> Manifest | None:
-        """Run (or look up) one stage; returns its manifest, or None when it is unavailable."""
+    def stage(
+        self,
+        task: Task,
+        config: RunConfig | None = None,
+        label: str | None = None,
+        **upstream: Manifest | None,
+    ) -> Manifest | None:
+        """Run (or look up) one stage; returns its manifest, or None when it is unavailable.
+
+        With `label` (a subset's name) the stage runs on `config` (that subset's view of the
+        profile) and is shown as `stage[label]`; --only and --refresh name the stage alone."""
         name = task.name
-        if self.failure is not None or self._missing(upstream):
-            return self._record(name, "skipped", None, 0.0, cached=False)
-        key_fn = task.cache_policy.key_fn
-        if self.only and name not in self.only:
-            return self._look_up(name, key_fn(self.config, upstream))
-        refresh = name in self.refresh
+        shown = f"{name}[{label}]" if label else name
+        config = config or self.config
+        if self.failure is not None or self._missing(upstream, label):
+            return self._record(shown, "skipped", None, 0.0, cached=False)
+        key_fn, selected = task.cache_policy.key_fn, JOINS.get(name, name)
+        if self.only and selected not in self.only:
+            return self._look_up(name, key_fn(config, upstream), shown)
+        refresh = selected in self.refresh
         if refresh:
-            discard_stage(self.workdir, name, key_fn(self.config, upstream))
-        task = task.with_options(result_storage=self.storage, refresh_cache=refresh or None)
+            discard_stage(self.workdir, name, key_fn(config, upstream))
+        named = {"task_run_name": shown} if label else {}
+        task = task.with_options(
+            result_storage=self.storage, refresh_cache=refresh or None, **named
+        )
         started = time.monotonic()
-        state = task(self.config, upstream, self.workdir, return_state=True)
+        state = task(config, upstream, self.workdir, return_state=True)
         seconds = time.monotonic() - started
         if not state.is_completed():
             self.failure = _exception_of(state)
-            get_run_logger().error(_failure_paragraph(name, self.failure))
+            get_run_logger().error(_failure_paragraph(shown, self.failure))
             return self._record(
-                name, "failed", None, seconds, cached=False, error=str(self.failure)
+                shown, "failed", None, seconds, cached=False, error=str(self.failure)
             )
         manifest = state.result()
         cached = state.name == "Cached" or bool(manifest.get("reused"))
-        return self._record(name, "completed", manifest, seconds, cached=cached)
+        return self._record(shown, "completed", manifest, seconds, cached=cached)
 
     def needed(self, name: str) -> bool:
         """Whether stage `name` takes part: run, or looked up in the cache. With --only, a model
         stage after the last chosen stage is neither (its module imports torch and diffusers,
         seconds that would dwarf an all-cached data run); a data stage after it is looked up."""
-        if not self.only or name in self.only or name in DATA_STAGES:
-            return True
+        if not self.only or name in self.only or name in DATA_STAGES or name not in STAGES:
+            return True  # (not in STAGES: the subsets stage, a data stage too)
         return any(s in self.only for s in STAGES[STAGES.index(name) + 1 :])
 
     def skip(self, name: str) -> None:
         """Record stage `name` as skipped without importing or looking it up (see `needed`)."""
         return self._record(name, "skipped", None, 0.0, cached=False)
 
-    def _missing(self, upstream: dict[str, Manifest | None]) -> bool:
-        """An upstream stage that was part of this run but has no output (failed or not cached).
+    def _missing(self, upstream: dict[str, Manifest | None], label: str | None = None) -> bool:
+        """An upstream stage that was part of this run but has no output (failed or not cached);
+        a subset's stage (`label`) looks at that subset's upstream stages.
 
         An upstream that was never part of the run (no autoencoder with a pretrained VAE) is fine.
         """
-        return any(m is None and n in self.summary["stages"] for n, m in upstream.items())
+        ran = {*self.summary["stages"], *(JOINS[n] for n in self.summary["stages"] if n in JOINS)}
+        names = {n: f"{n}[{label}]" if label else n for n in upstream}
+        return any(m is None and names[n] in ran for n, m in upstream.items())
 
-    def _look_up(self, name: str, key: str) -> Manifest | None:
+    def _look_up(self, name: str, key: str, shown: str | None = None) -> Manifest | None:
         """A stage left out by --only: use its cached output if there is one."""
         started = time.monotonic()
         manifest = load_manifest(stage_dir(self.workdir, name, key))
         return self._record(
-            name, "skipped", manifest, time.monotonic() - started, cached=bool(manifest)
+            shown or name, "skipped", manifest, time.monotonic() - started, cached=bool(manifest)
         )
 
     def _record(self, name, status, manifest, seconds, cached, error=None) -> Manifest | None:
         entry: dict[str, Any] = {"status": status, "cached": cached, "seconds": round(seconds, 3)}
         if manifest is not None:
-            self.manifests[name] = manifest
+            self.manifests[JOINS.get(name, name)] = manifest  # the report reads the join as caption
             entry["output"] = str(output_dir(self.workdir, manifest))
             entry["counts"] = manifest.get("counts", {})
             if name == "latents" and manifest.get("info", {}).get("buckets"):
                 entry["buckets"] = manifest["info"]["buckets"]  # samples per bucket
+            if name == "train" and manifest.get("info", {}).get("subsets"):
+                entry["subsets"] = manifest["info"]["subsets"]  # images, repeats, samples seen
             self._note_products(name, manifest)
         if error:
             entry["error"] = error
@@ -218,7 +240,7 @@ class RunTracker:
         the run (ran or came from the cache; not when --only left them all out). It never fails
         the run."""
         stages = self.summary["stages"]
-        if not any(stages.get(s, {}).get("status") == "completed" for s in DATA_STAGES):
+        if not any(stages.get(s, {}).get("status") == "completed" for s in (*DATA_STAGES, *JOINS)):
             return
         try:
             html = build_report(self.workdir, self.manifests, self.run_dir)

@@ -28,7 +28,7 @@ from sdflow.errors import UserError
 from sdflow.ops.phases import mark
 
 if TYPE_CHECKING:
-    from sdflow.config import RunConfig
+    from sdflow.config import RunConfig, SourceConfig
 
 DEMO_PROFILE, FINETUNE_PROFILE = "tiny-cpu", "tiny-cpu-finetune"
 
@@ -385,17 +385,24 @@ def _ready_workdir(path: str) -> Path:
 
 
 def _check_source(config: RunConfig) -> None:
-    """Fail before any work when a local source is missing (hub names are checked when loaded)."""
-    source = config.source
+    """Fail before any work when a local source is missing (hub names are checked when loaded);
+    with `subsets`, each subset's."""
+    if config.source is not None:
+        _check_one_source(config.source, "source")
+    for subset in config.subsets or []:
+        _check_one_source(subset.source, f"subsets[{subset.name}].source")
+
+
+def _check_one_source(source: SourceConfig, key: str) -> None:
     path = Path(source.path)
     if source.kind in ("folder", "urls") and not path.exists():
         hint = " Build the demo dataset with `sdflow demo`." if "demo-data" in source.path else ""
         raise UserError(
-            f"source.path {source.path!r} does not exist (source.kind is {source.kind!r}).{hint}"
+            f"{key}.path {source.path!r} does not exist ({key}.kind is {source.kind!r}).{hint}"
         )
     if source.kind == "urls" and not path.is_file():
         raise UserError(
-            f"source.path {source.path!r} must be a URL-list file (csv, jsonl, parquet)."
+            f"{key}.path {source.path!r} must be a URL-list file (csv, jsonl, parquet)."
         )
     if source.kind == "webdataset":
         from sdflow.data.sources.webdataset import shard_paths

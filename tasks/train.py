@@ -34,6 +34,7 @@ from peft.utils import get_peft_model_state_dict
 from transformers import CLIPTextModel
 
 from sdflow.config import RunConfig
+from sdflow.config.subsets import subset_plan
 from sdflow.evaluation.curves import draw_loss_curve
 from sdflow.models.adapters import in_diffusers_format, save_peft_adapters
 from sdflow.models.components import (
@@ -66,6 +67,7 @@ from sdflow.training.objectives import objective_of
 from sdflow.training.optimizers import check_optimizer
 from sdflow.training.processes import resolve_processes, run_training
 from sdflow.training.schedules import bucket_plan
+from sdflow.training.subsets import subset_report
 from sdflow.training.trainer import TrainSummary
 
 LOSS_CURVE = "loss.png"
@@ -119,6 +121,8 @@ def train_lineage(config: RunConfig, upstream: dict[str, Manifest | None]) -> st
         part = family_of(config).denoiser_part  # unet, or the transformer (sd3, flux)
         settings["unet"] = weights_hash(model.pretrained, part, model.revision)
         settings["scheduler"] = weights_hash(model.pretrained, "scheduler", model.revision)
+    if config.subsets:  # repeats or weights shape the order; keys of one-source runs stay
+        settings["subsets"] = subset_plan(config).settings()
     inputs = [upstream.get("latents"), upstream.get("autoencoder")]
     if not config.train.cache_latents:  # images and captions are read from the caption stage
         settings["encode"] = [config.download.resolution, config.eval.held_out_fraction]
@@ -172,6 +176,7 @@ def _build(
     write_cards(config, upstream, build.path, output, summary)
     if not config.train.keep_optimizer_state:
         drop_optimizer_state(checkpoints, summary.steps, keep)
+    world = resolve_processes(config.train) * config.train.nodes  # every process's batches
     return build.finish(
         counts={
             "steps": summary.steps,
@@ -182,6 +187,7 @@ def _build(
         info={
             **_info(config, sources, summary, scheduler),
             **_buckets(config, upstream),
+            **subset_report(config, upstream.get("latents"), workdir, summary.steps, world),
             "lineage": lineage,
             "continued_from": origin,
             **({"validation": summary.validation} if summary.validation else {}),

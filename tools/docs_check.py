@@ -121,12 +121,12 @@ def section_problem(section: str, value: object) -> str | None:
     """A YAML block's section must validate as that section (values, bounds; keys reported apart)."""
     if not section:
         return str(value)
-    from pydantic import ValidationError
+    from pydantic import TypeAdapter, ValidationError
 
     from sdflow.config import RunConfig
 
-    try:
-        RunConfig.model_fields[section].annotation.model_validate(value)
+    try:  # a TypeAdapter: `source` is optional (a profile may give `subsets` instead)
+        TypeAdapter(RunConfig.model_fields[section].annotation).validate_python(value)
     except ValidationError as error:
         wrong = [e for e in error.errors() if e["type"] != "extra_forbidden"]
         if wrong:

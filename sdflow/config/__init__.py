@@ -31,6 +31,7 @@ from sdflow.config.model import (
     ModelConfig,
 )
 from sdflow.config.runner import RunnerConfig
+from sdflow.config.subsets import SubsetConfig, check_subsets
 from sdflow.config.train import EvalConfig, FlowConfig, TrainConfig
 
 __all__ = [
@@ -56,6 +57,7 @@ __all__ = [
     "Section",
     "SemanticDedup",
     "SourceConfig",
+    "SubsetConfig",
     "FlowConfig",
     "TrainConfig",
 ]
@@ -75,7 +77,10 @@ class RunConfig(Section):
     """A whole run: one section per pipeline stage plus how to run it."""
 
     description: str = Field("", description="one line shown by `sdflow profiles`")
-    source: SourceConfig
+    source: SourceConfig | None = Field(None, description="where the samples come from")
+    subsets: list[SubsetConfig] | None = Field(
+        None, description="several sources instead of `source`, each with repeats or a weight"
+    )
     download: DownloadConfig = Field(default_factory=DownloadConfig)
     filter: FilterConfig = Field(default_factory=FilterConfig)
     caption: CaptionConfig = Field(default_factory=CaptionConfig)
@@ -88,6 +93,7 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _combinations(self) -> RunConfig:
+        check_subsets(self.subsets, self.source, self.train.cache_latents)
         if self.runner.task_runner == "dask" and not self.runner.dask_address:
             raise ValueError("runner.task_runner is 'dask' but runner.dask_address is not set")
         if self.train.mode == "lora" and self.model.init == "scratch":

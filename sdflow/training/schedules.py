@@ -26,6 +26,7 @@ from torch.utils.data import Sampler
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from sdflow.config import RunConfig
+from sdflow.config.subsets import subset_plan
 from sdflow.errors import UserError
 from sdflow.models.components import ComponentSources, encode_images, encode_prompts, load_component
 from sdflow.models.families import get_family
@@ -41,12 +42,20 @@ from sdflow.training.latent_data import (
 class EpochOrder:
     """The batches of every epoch: epoch e's are a pure function of (seed, e); one bucket each."""
 
-    def __init__(self, buckets: Sequence[str], batch_size: int, seed: int):
+    def __init__(
+        self,
+        buckets: Sequence[str],
+        batch_size: int,
+        seed: int,
+        repeats: Sequence[int] | None = None,
+    ):
         if not buckets:
             raise ValueError("no training samples")
         self.names = sorted(set(buckets))
         number = {name: i for i, name in enumerate(self.names)}
-        self.bucket_of = torch.tensor([number[b] for b in buckets], dtype=torch.int64)
+        # `repeats[i]` copies of sample i per epoch (`subsets`' repeats): entries of the permutation
+        self.rows = repeated_rows(len(buckets), repeats)
+        self.bucket_of = torch.tensor([number[b] for b in buckets], dtype=torch.int64)[self.rows]
         self.counts = torch.bincount(self.bucket_of, minlength=len(self.names)).tolist()
         self.batch_size = batch_size
         self.per_epoch = sum(-(-n // batch_size) for n in self.counts)
@@ -64,7 +73,7 @@ class EpochOrder:
             order = torch.randperm(len(self.bucket_of), generator=generator)
             size, batches = self.batch_size, []
             for bucket in range(len(self.names)):
-                rows = order[self.bucket_of[order] == bucket].tolist()
+                rows = self.rows[order[self.bucket_of[order] == bucket]].tolist()
                 batches += [rows[a : a + size] for a in range(0, len(rows), size)]
             shuffled = torch.randperm(len(batches), generator=generator).tolist()
             self._epoch = (epoch, [batches[i] for i in shuffled])
@@ -75,6 +84,12 @@ class EpochOrder:
             {n.lstrip("@") or "square": c for n, c in zip(self.names, self.counts, strict=True)},
             self.batch_size,
         )
+
+
+def repeated_rows(count: int, repeats: Sequence[int] | None) -> Tensor:
+    """Row indices 0 .. count - 1, each `repeats[i]` times (once each without repeats)."""
+    rows = torch.arange(count)
+    return rows if repeats is None else torch.repeat_interleave(rows, torch.tensor(repeats))
 
 
 def bucket_plan(counts: dict[str, int], batch_size: int) -> dict[str, dict[str, int]]:
@@ -153,8 +168,9 @@ class CachedBatches:
     """Latent distributions and text embeddings cached by the latents stage (the fast path), or
     with `captions="input_ids"` (a trained text encoder) the captions' token ids."""
 
-    def __init__(self, workdir: str, manifest: Manifest, captions: str = "text"):
+    def __init__(self, workdir: str, manifest: Manifest, captions: str = "text", plan=None):
         self.dataset = CachedLatents(workdir, manifest)
+        self.plan = plan  # `subsets`: repeats or weights per subset (sdflow.training.subsets)
         if len(self.dataset) == 0:
             raise UserError("The latents stage cached no training samples: nothing to train on.")
         cached = manifest["info"].get("captions", "text")
@@ -172,6 +188,10 @@ class CachedBatches:
         self.shift_factor = float(self.info.get("shift_factor") or 0.0)  # SD3, Flux: the VAE's
 
     def order(self, seed: int, batch_size: int) -> EpochOrder:
+        if self.plan is not None:
+            from sdflow.training.subsets import subset_order  # it imports this module
+
+            return subset_order(self.dataset, batch_size, seed, self.plan)
         return EpochOrder(self.dataset.buckets(), batch_size, seed)
 
     def latent_dist(self, batch: dict[str, Any], flip: Tensor) -> tuple[Tensor, Tensor]:
@@ -254,7 +274,8 @@ def make_batches(
 ) -> CachedBatches | EncodedBatches:
     """The cached latents, or (`train.cache_latents: false`) the caption stage's images."""
     if config.train.cache_latents:
-        return CachedBatches(workdir, upstream["latents"], caption_key(config.train))
+        plan = subset_plan(config)
+        return CachedBatches(workdir, upstream["latents"], caption_key(config.train), plan)
     if not upstream.get("caption"):
         raise UserError("train.cache_latents is false but there is no caption stage output.")
     return EncodedBatches(config, upstream["caption"], workdir, sources, device, dtype)
