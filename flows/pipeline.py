@@ -30,6 +30,7 @@ STAGE_TASKS = {
     "filter": ("tasks.filter", "filter_task"),
     "caption": ("tasks.caption", "caption_task"),
     "autoencoder": ("tasks.autoencoder", "train_autoencoder_task"),
+    "class_images": ("tasks.class_images", "class_images_task"),
     "latents": ("tasks.latents", "cache_latents_task"),
     "train": ("tasks.train", "train_task"),
     "evaluate": ("tasks.evaluate", "evaluate_task"),
@@ -82,7 +83,8 @@ def pipeline(
     only: list[str] | None = None,
     refresh: list[str] | None = None,
 ) -> str:
-    """download → filter → caption → (autoencoder) → latents → train → evaluate; returns the run dir."""
+    """download → filter → caption → (autoencoder) → (class_images) → latents → train →
+    evaluate; returns the run dir."""
     config = single_file_base(load_profile(profile, overrides or []), workdir)
     if not only or "train" in only:  # e.g. 8-bit AdamW on a host without CUDA: before any stage
         check_optimizer_options(config.train)
@@ -93,8 +95,10 @@ def pipeline(
     kept = run_stage(run, "filter", download=images)
     captioned = run_stage(run, "caption", filter=kept)
     vae = run_stage(run, "autoencoder", caption=captioned) if config.needs_autoencoder() else None
+    prior = run_stage(run, "class_images") if config.train.prior_preservation else None
     latents = run_stage(run, "latents", caption=captioned, autoencoder=vae)
-    model = run_stage(run, "train", caption=captioned, autoencoder=vae, latents=latents)
+    upstream = {"caption": captioned, "autoencoder": vae, "latents": latents}
+    model = run_stage(run, "train", **upstream, class_images=prior)
     run_stage(run, "evaluate", train=model, caption=captioned)
 
     return run.finish()
