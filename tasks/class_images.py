@@ -7,7 +7,9 @@ weights (and `model.vae`), the class prompt, the number of images and the genera
 `class_images_dir`, plus how they are encoded; never the instance data. So every run with the same
 base and class prompt (another subject, other instance images, other training settings) reuses
 the same output. Generation is resumable per image: a killed build keeps `images/` and generates
-only the missing ones next time.
+only the missing ones next time. An output encoded otherwise (another `latents` section, or a
+trained text encoder's token ids) copies the images of an earlier output generated alike
+(`info.generation`) instead of generating them again.
 
 Output: `images/class-XXXXX.png` (generated ones), `latents-XXXXX.safetensors` (the class rows in
 the latents stage's format: latent distribution, class-prompt embedding or token ids) and
@@ -22,10 +24,12 @@ from sdflow.store.fingerprint import code_version
 from sdflow.store.stageio import Manifest, StageBuild, build_stage, stage_key
 from sdflow.training.class_images import (
     IMAGES,
+    copy_earlier_images,
     encode_class_images,
     encoding_settings,
     folder_images,
     generate_class_images,
+    generation_key,
     generation_settings,
     image_name,
     prior_of,
@@ -53,12 +57,14 @@ class_images_task = stage_task("class_images", class_images_key)(make_class_imag
 def _build(build: StageBuild, config: RunConfig) -> Manifest:
     prior = prior_of(config)
     if prior.class_images_dir:
-        paths, generated = folder_images(prior), 0
+        paths, generated, copied = folder_images(prior), 0, 0
     else:
+        copied = copy_earlier_images(config, build.workdir, build.path)
         generated = generate_class_images(config, build.path)
         paths = [build.path / image_name(i) for i in range(prior.num_class_images)]
     shards, rows, info = encode_class_images(config, build.path, read_images(paths))
-    info |= {"rows_per_shard": rows, "generated_now": generated}
+    info |= {"rows_per_shard": rows, "generated_now": generated, "copied": copied}
+    info["generation"] = generation_key(config) if not prior.class_images_dir else None
     files = {"empty_prompt": EMPTY_PROMPT}
     if not prior.class_images_dir:
         files["images"] = IMAGES

@@ -36,7 +36,7 @@ from sdflow.models.components import component_sources, load_component
 from sdflow.models.families import family_of
 from sdflow.models.files import weights_hash
 from sdflow.ops.gpuslots import torch_device
-from sdflow.store.stageio import write_atomic
+from sdflow.store.stageio import load_manifest, stage_key, write_atomic
 from sdflow.training import encoding
 from sdflow.training.latent_data import (
     EMPTY_PROMPT,
@@ -120,6 +120,27 @@ def folder_identity(prior: PriorPreservation) -> list[list[str]]:
 
 def image_name(index: int) -> str:
     return f"{IMAGES}/class-{index:05d}.png"
+
+
+def generation_key(config: RunConfig) -> str:
+    """The fingerprint of `generation_settings`: outputs with equal ones hold equal images."""
+    return stage_key("class_images/generation", generation_settings(config))
+
+
+def copy_earlier_images(config: RunConfig, workdir: Path, out: Path) -> int:
+    """Copy into `out` the images of an earlier output generated alike (encoded otherwise: another
+    `latents` section, say); returns how many were copied."""
+    key, count = generation_key(config), prior_of(config).num_class_images
+    for earlier in sorted((workdir / "stages" / "class_images").iterdir()):
+        manifest = load_manifest(earlier) if not earlier.name.startswith(".") else None
+        if not manifest or manifest.get("info", {}).get("generation") != key:
+            continue
+        todo = [i for i in range(count) if not (out / image_name(i)).exists()]
+        (out / IMAGES).mkdir(parents=True, exist_ok=True)
+        for index in todo:
+            write_atomic(out / image_name(index), (earlier / image_name(index)).read_bytes())
+        return len(todo)
+    return 0
 
 
 def generate_class_images(

@@ -42,6 +42,14 @@ def test_a_second_run_with_the_same_base_and_prompt_reuses_the_images(generated,
     assert calls == [] and again["reused"] and again["fingerprint"] == first["fingerprint"]
     other_prompt = prior_config(config.model.pretrained, "a photo of a cat", 3)
     assert class_images_key(other_prompt, {}) != class_images_key(config, other_data)
+    # encoded otherwise (no flipped latents): a new output, the same images copied, not generated
+    unflipped = prior_config(config.model.pretrained, PROMPT, 3, "latents.flip=false")
+    copied = make_class_images(unflipped, {}, str(workdir))
+    assert calls == [] and copied["info"]["copied"] == 3 and copied["key"] != first["key"]
+    images = [output_dir(workdir, m) / "images" for m in (first, copied)]
+    assert [p.read_bytes() for p in sorted(images[0].iterdir())] == [
+        p.read_bytes() for p in sorted(images[1].iterdir())
+    ]
 
 
 def test_a_killed_build_resumes_per_image(generated, tmp_path, monkeypatch):
