@@ -34,6 +34,7 @@ STAGE_TASKS = {
     "caption": ("tasks.caption", "caption_task"),
     "subsets": ("tasks.subsets", "join_subsets_task"),
     "autoencoder": ("tasks.autoencoder", "train_autoencoder_task"),
+    "class_images": ("tasks.class_images", "class_images_task"),
     "latents": ("tasks.latents", "cache_latents_task"),
     "train": ("tasks.train", "train_task"),
     "evaluate": ("tasks.evaluate", "evaluate_task"),
@@ -86,7 +87,8 @@ def pipeline(
     only: list[str] | None = None,
     refresh: list[str] | None = None,
 ) -> str:
-    """download → filter → caption → (autoencoder) → latents → train → evaluate; returns the run dir."""
+    """download → filter → caption → (autoencoder) → (class_images) → latents → train →
+    evaluate; returns the run dir."""
     config = load_profile(profile, overrides or [])
     check_model_files(config, only)  # a LoRA that does not fit the base: before any work
     config = single_file_base(config, workdir)
@@ -102,8 +104,10 @@ def pipeline(
         kept = run_stage(run, "filter", download=images)
         captioned = run_stage(run, "caption", filter=kept)
     vae = run_stage(run, "autoencoder", caption=captioned) if config.needs_autoencoder() else None
+    prior = run_stage(run, "class_images") if config.train.prior_preservation else None
     latents = run_stage(run, "latents", caption=captioned, autoencoder=vae)
-    model = run_stage(run, "train", caption=captioned, autoencoder=vae, latents=latents)
+    upstream = {"caption": captioned, "autoencoder": vae, "latents": latents}
+    model = run_stage(run, "train", **upstream, class_images=prior)
     run_stage(run, "evaluate", train=model, caption=captioned)
 
     return run.finish()

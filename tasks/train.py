@@ -109,6 +109,8 @@ def train_lineage(config: RunConfig, upstream: dict[str, Manifest | None]) -> st
     model = config.model
     train = config.train.model_dump(exclude=NOT_IN_KEY | VALIDATION_KEYS | EXPORT_KEYS)
     train.pop("init_lora")  # unset: the keys of earlier runs stay what they were
+    if train.get("prior_preservation") is None:  # likewise
+        train.pop("prior_preservation", None)
     if config.train.init_lora:  # the adapter's content, not where it lies
         train["init_lora"] = file_hash(Path(config.train.init_lora).expanduser())
     if config.train.lr_scheduler not in STEP_FREE_SCHEDULES:  # e.g. cosine: lr(t) needs the total
@@ -124,6 +126,8 @@ def train_lineage(config: RunConfig, upstream: dict[str, Manifest | None]) -> st
     if config.subsets:  # repeats or weights shape the order; keys of one-source runs stay
         settings["subsets"] = subset_plan(config).settings()
     inputs = [upstream.get("latents"), upstream.get("autoencoder")]
+    if upstream.get("class_images"):  # train.prior_preservation: the class rows
+        inputs.append(upstream["class_images"])
     if not config.train.cache_latents:  # images and captions are read from the caption stage
         settings["encode"] = [config.download.resolution, config.eval.held_out_fraction]
         inputs.append(upstream.get("caption"))

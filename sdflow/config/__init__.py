@@ -30,6 +30,7 @@ from sdflow.config.model import (
     LatentsConfig,
     ModelConfig,
 )
+from sdflow.config.prior import PriorPreservation, check_prior_preservation
 from sdflow.config.runner import RunnerConfig
 from sdflow.config.subsets import SubsetConfig, check_subsets
 from sdflow.config.train import EvalConfig, FlowConfig, TrainConfig
@@ -52,6 +53,7 @@ __all__ = [
     "LatentsConfig",
     "ModelConfig",
     "Precision",
+    "PriorPreservation",
     "RunConfig",
     "RunnerConfig",
     "Section",
@@ -67,6 +69,7 @@ STAGES: tuple[str, ...] = (
     "filter",
     "caption",
     "autoencoder",
+    "class_images",
     "latents",
     "train",
     "evaluate",
@@ -99,6 +102,7 @@ class RunConfig(Section):
         if self.train.mode == "lora" and self.model.init == "scratch":
             raise ValueError("train.mode 'lora' needs model.init 'pretrained': LoRA adapts a model")
         _check_text_encoder(self)
+        check_prior_preservation(self.train.prior_preservation, self.model.init)
         _check_buckets(self)
         launcher = self.runner.train_launcher
         cluster = None if launcher == "local" else getattr(self.runner, launcher)

@@ -73,6 +73,21 @@ class CaptionConfig(Section):
     template: str = Field("a photo", min_length=1, description="caption for `on_missing: template`")
     prefix: str = Field("", description="prepended verbatim, separator included, e.g. 'sks, '")
     suffix: str = Field("", description="appended verbatim, separator included, e.g. ', 4k'")
+    instance_prompt: str | None = Field(
+        None,
+        min_length=1,
+        description="DreamBooth's instance prompt: the caption of every image, source captions "
+        "unused (sets without captions), e.g. 'a photo of {trigger} dog'; needs backend keep",
+    )
+    trigger: str | None = Field(
+        None, min_length=1, description="the subject's identifier, e.g. 'sks': fills {trigger}"
+    )
+    caption_template: str | None = Field(
+        None,
+        min_length=1,
+        description="each row's own caption rewritten as this, e.g. '{trigger}, {caption}' "
+        "(placeholders {trigger} and {caption}), before prefix and suffix",
+    )
     separator: str = Field(", ", description="between source and generated caption (append)")
     boilerplate: list[str] = Field(
         default_factory=lambda: list(BOILERPLATE),
@@ -118,6 +133,7 @@ class CaptionConfig(Section):
                 re.compile(pattern)
             except re.error as exc:
                 raise ValueError(f"boilerplate pattern {pattern!r} is not a regex: {exc}") from None
+        check_instance_captions(self)
         missing = [m for m in EXTRA_MODULES.get(self.backend, ()) if find_spec(m) is None]
         if missing:
             raise ValueError(
@@ -125,3 +141,45 @@ class CaptionConfig(Section):
                 f"({', '.join(missing)} not installed): pip install -e '.[caption]'"
             )
         return self
+
+
+def check_instance_captions(cfg: CaptionConfig) -> None:
+    """`instance_prompt`, `caption_template` and `trigger` fit together (DreamBooth captions)."""
+    if cfg.instance_prompt and cfg.caption_template:
+        raise ValueError(
+            "caption.instance_prompt and caption.caption_template are both set: the instance "
+            "prompt replaces every caption, the template rewrites each row's own; set one"
+        )
+    if cfg.instance_prompt and cfg.backend != "keep":
+        raise ValueError(
+            f"caption.instance_prompt is set but caption.backend is {cfg.backend!r}: the instance "
+            "prompt replaces every caption, so a captioner would run for nothing; use backend keep"
+        )
+    if cfg.caption_template and "{caption}" not in cfg.caption_template:
+        raise ValueError(
+            f"caption.caption_template {cfg.caption_template!r} has no {{caption}}: it rewrites "
+            "each row's caption; for one caption for every image use caption.instance_prompt"
+        )
+    for key in ("instance_prompt", "caption_template"):
+        text = getattr(cfg, key)
+        if text is None:
+            continue
+        try:
+            text.format(trigger=cfg.trigger or "", caption="")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(
+                f"caption.{key} {text!r} is not a template with only {{trigger}} and "
+                f"{{caption}} placeholders ({exc!r}); write literal braces as {{{{ and }}}}"
+            ) from None
+        if "{trigger}" in text and not cfg.trigger:
+            raise ValueError(
+                f"caption.{key} {text!r} uses {{trigger}} but caption.trigger is unset"
+            )
+    uses = [
+        k for k in ("instance_prompt", "caption_template") if "{trigger}" in (getattr(cfg, k) or "")
+    ]
+    if cfg.trigger and not uses:
+        raise ValueError(
+            f"caption.trigger is {cfg.trigger!r} but neither caption.instance_prompt nor "
+            "caption.caption_template has a {trigger} placeholder to put it in"
+        )

@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from sdflow.config.base import Precision, Section
 from sdflow.config.distributed import DistributedTraining
+from sdflow.config.prior import PriorPreservation
 
 LrSchedule = Literal[
     "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
@@ -194,6 +195,9 @@ class TrainConfig(DistributedTraining):
         None,
         description="a LoRA file (diffusers or kohya format) the run starts from instead of a "
         "fresh adapter; its rank and alpha come from the file (mode lora)",
+    )
+    prior_preservation: PriorPreservation | None = Field(
+        None, description="DreamBooth class images and prior loss (docs/dreambooth.md); unset: off"
     )
 
     @model_validator(mode="after")

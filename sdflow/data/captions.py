@@ -60,7 +60,8 @@ def describe_caption(text: str | None) -> str:
 
 def captions_supplied(cfg: CaptionConfig) -> bool:
     """True when the caption stage fills or replaces unusable captions: the filter keeps them."""
-    return cfg.on_missing == "template" or cfg.backend not in SOURCE_BACKENDS
+    supplied = cfg.on_missing == "template" or cfg.backend not in SOURCE_BACKENDS
+    return supplied or cfg.instance_prompt is not None
 
 
 @lru_cache(maxsize=16)
@@ -97,6 +98,8 @@ def combine_captions(existing: str | None, generated: str | None, cfg: CaptionCo
     `existing` is the usable source caption ("" when captions are optional and it is empty),
     `generated` the cleaned backend caption or None.
     """
+    if cfg.instance_prompt:  # DreamBooth: one caption for every image
+        return cfg.instance_prompt.format(trigger=cfg.trigger or "")
     if cfg.policy == "append":
         text = cfg.separator.join(t for t in (existing, generated) if t)
     elif cfg.policy == "all":
@@ -107,7 +110,10 @@ def combine_captions(existing: str | None, generated: str | None, cfg: CaptionCo
 
 
 def training_caption(text: str, cfg: CaptionConfig) -> str:
-    """The caption the model is trained on: prefix and suffix applied verbatim."""
+    """The caption the model is trained on: `caption_template` (with the trigger), then prefix and
+    suffix applied verbatim."""
+    if cfg.caption_template:
+        text = cfg.caption_template.format(trigger=cfg.trigger or "", caption=text)
     return f"{cfg.prefix}{text}{cfg.suffix}"
 
 

@@ -38,7 +38,7 @@ from sdflow.store.stageio import Manifest, load_manifest, stage_dir
 # (`sdflow.ops.gpuslots`); caption holds a device slot too when a captioning model runs. Without the
 # limits (plain `sdflow run`) neither does anything.
 GPU_TAG = "gpu"
-GPU_STAGES = frozenset({"autoencoder", "latents", "train", "evaluate"})
+GPU_STAGES = frozenset({"autoencoder", "class_images", "latents", "train", "evaluate"})
 # Prefect storage blocks that `runner.result_storage: <type>/<name>` may name (object storage).
 STORAGE_BLOCK_TYPES = (
     "s3-bucket",

@@ -51,6 +51,7 @@ from sdflow.store.stageio import Manifest
 from sdflow.training.memory import make_ema
 from sdflow.training.objectives import objective_of
 from sdflow.training.optimizers import check_optimizer, make_optimizer
+from sdflow.training.prior import prior_batches, with_prior_loss
 from sdflow.training.schedules import StepBatches, collate, log_bucket_plan, make_batches
 from sdflow.training.sharding import (
     accelerator_options,
@@ -114,6 +115,8 @@ def train_unet(
     compile_unet(accelerator.unwrap_model(trainer.unet), config.train)
     dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
     source = make_batches(config, upstream, workdir, sources, accelerator.device, dtype)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    trainer.prior = prior_batches(config, upstream, workdir, world, rank)  # DreamBooth class rows
     fit(trainer, source, scheduler, out_dir / CHECKPOINTS)
     accelerator.end_training()
     return summarize(trainer, resumed_from)
@@ -224,7 +227,7 @@ def run_step(trainer: Trainer, source, scheduler, batches) -> Tensor:
     total = torch.zeros((), device=accelerator.device)
     text_encoder = trainer.text_encoder
     models = [trainer.unet] if text_encoder is None else [trainer.unet, text_encoder]
-    for _ in range(train.gradient_accumulation):
+    for micro in range(train.gradient_accumulation):
         batch = next(batches)
         with accelerator.accumulate(*models):
             loss = trainer.objective.loss(
@@ -238,6 +241,8 @@ def run_step(trainer: Trainer, source, scheduler, batches) -> Tensor:
                 text_encoder=text_encoder,
                 family=trainer.family,
             )
+            micro_index = trainer.progress.step * train.gradient_accumulation + micro
+            loss = with_prior_loss(trainer, scheduler, loss, micro_index)  # prior preservation
             accelerator.backward(loss)  # divides by gradient_accumulation
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(

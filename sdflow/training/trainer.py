@@ -73,6 +73,7 @@ class Trainer:
     param_names: list[str] = field(default_factory=list)  # of `params`, in the optimizer's order
     family: Any = None  # the run's model family (sdflow.models.families)
     objective: Objective | None = None  # its training objective (DDPM or rectified flow)
+    prior: Any = None  # DreamBooth's class rows (`sdflow.training.prior.PriorBatches`) or None
 
 
 def state(trainer: Trainer, generators: Tensor, full: tuple | None = None) -> dict[str, Any]:

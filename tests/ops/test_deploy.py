@@ -127,7 +127,7 @@ def test_gpu_stages_carry_the_gpu_tag():
     for stage in STAGES:
         task = stage_task(stage, key)(lambda config, upstream, workdir: {})
         assert ("gpu" in task.tags) == (stage in GPU_STAGES)
-    assert {"autoencoder", "latents", "train", "evaluate"} == GPU_STAGES
+    assert {"autoencoder", "class_images", "latents", "train", "evaluate"} == GPU_STAGES
 
 
 @pytest.mark.parametrize("command", [["deploy", "--help"], ["server", "--help"]])
