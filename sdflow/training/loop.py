@@ -122,7 +122,7 @@ def train_unet(
 def make_trainer(accelerator: Accelerator, config: RunConfig, sources) -> Trainer:
     train = config.train
     weight_dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
-    unet = prepare_unet(build_trainable_denoiser(config, sources, weight_dtype), train)
+    unet = prepare_unet(build_trainable_denoiser(config, sources, weight_dtype, True), train)
     params = [p for p in unet.parameters() if p.requires_grad]
     text_encoder = build_trainable_text_encoder(config, sources, weight_dtype)
     text_params = trained_parameters(text_encoder)
