@@ -63,6 +63,8 @@ def build_trainable_denoiser(
         else:
             add_lora(model, train)
         cast_training_params(model, dtype=torch.float32)
+    elif train.master_weights == "bfloat16":  # no float32 copy (sdflow.training.master_weights)
+        model.to(dtype=torch.bfloat16)
     if train.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return model
