@@ -17,6 +17,7 @@ step count kept in the optimizer's state), so a resumed run rounds exactly as an
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import MethodType
 
 import torch
 from torch import Tensor
@@ -38,7 +39,12 @@ def step_in_float32(optimizer: torch.optim.Optimizer, seed: int) -> None:
     """Make `optimizer.step()` update its bfloat16 tensors in float32, one at a time, and round
     them back stochastically (float32 tensors step as before)."""
     step = optimizer.step
-    optimizer.step = lambda closure=None: _step_each(optimizer, step, seed)  # type: ignore[method-assign]
+
+    def step_each(self: torch.optim.Optimizer, closure=None) -> None:
+        _step_each(self, step, seed)
+
+    # a bound method, as the lr scheduler's step tracking (`step.__func__`) expects
+    optimizer.step = MethodType(step_each, optimizer)  # type: ignore[method-assign]
     _keep_float32_state(optimizer)
 
 
