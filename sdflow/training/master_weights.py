@@ -22,7 +22,7 @@ from types import MethodType
 import torch
 from torch import Tensor
 
-STEP_KEY = "bf16_step"  # this module's step count per tensor, in the optimizer's (checkpointed) state
+STEP_KEY = "bf16_step"  # each tensor's step count, in the optimizer's (checkpointed) state
 
 
 def stochastic_round(values: Tensor, generator: torch.Generator) -> Tensor:

@@ -39,8 +39,9 @@ def small_folder(tmp_path_factory) -> Path:
     return make_demo_dataset(root, count=12, seed=0, size=32)
 
 
-# what only a CUDA host runs, swapped for what this CPU runs (the fp16 -> fp32 of the UNet profiles)
-CPU_STAND_INS = {"flux-dev-lora-24gb": ["model.quantize=int8"]}  # nf4 (bitsandbytes) -> torchao int8
+# what only a CUDA host runs, swapped for what this CPU runs (as the UNet profiles' fp16 -> fp32):
+# nf4 (bitsandbytes) -> torchao's int8
+CPU_STAND_INS = {"flux-dev-lora-24gb": ["model.quantize=int8"]}
 
 
 def run(profile: str, pipeline: Path, folder: Path, workdir: Path) -> dict:

@@ -83,5 +83,6 @@ def test_what_cannot_run_is_refused_before_any_work(tiny_flux, tiny_sd15, monkey
     with pytest.raises(UserError, match="model.quantize is 'int8' but the model is a 'sd'"):
         check_quantize(config(tiny_sd15, "int8"))
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
-    with pytest.raises(UserError, match=r"torchao is not installed: pip install -e '.\[quantize\]'"):
+    missing = r"torchao is not installed: pip install -e '.\[quantize\]'"
+    with pytest.raises(UserError, match=missing):
         check_quantize(config(tiny_flux, "fp8"))
