@@ -1,4 +1,4 @@
-"""`model.quantize` on the tiny Flux transformer: torchao's int8 and float8 bases on this CPU carry
+"""`model.quantize` on the tiny Flux and SD3 transformers: torchao's int8 and float8 bases on this CPU carry
 a LoRA whose output delta is the one the same adapter makes on the full-precision base, within the
 error the format implies; what this host cannot run is refused before any work."""
 
@@ -29,8 +29,14 @@ def config(pipeline, quantize: str, *more: str):
     return load_profile("tiny-test", options)
 
 
-def inputs() -> dict:
+def inputs(family: str) -> dict:
     g = torch.Generator().manual_seed(2)
+    if family == "sd3":  # the tiny SD3: 16 latent channels, T5 width 48, pooled 32
+        return dict(
+            hidden_states=torch.randn(2, 16, 8, 8, generator=g), timestep=torch.tensor([300.0, 800.0]),
+            encoder_hidden_states=torch.randn(2, 10, 48, generator=g),
+            pooled_projections=torch.randn(2, 32, generator=g), return_dict=False,
+        )  # fmt: skip
     return dict(
         hidden_states=torch.randn(2, 16, 64, generator=g), timestep=torch.tensor([0.3, 0.8]),
         guidance=torch.ones(2), pooled_projections=torch.randn(2, 16, generator=g),
@@ -40,33 +46,38 @@ def inputs() -> dict:
 
 
 @torch.no_grad()
-def base_and_delta(model, adapter: dict, quantized: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def base_and_delta(model, adapter: dict, quantized: bool, family: str) -> tuple[torch.Tensor, ...]:
     """The base's output and what the adapter adds to it, in the training precision (bf16
     autocast on the quantized base, float32 on the full one)."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=quantized):
         model.disable_adapters()
-        base = model(**inputs())[0].float()
+        base = model(**inputs(family))[0].float()
         model.enable_adapters()
         model.load_state_dict(adapter, strict=False)
-        return base, model(**inputs())[0].float() - base
+        return base, model(**inputs(family))[0].float() - base
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize("quantize", ["int8", "fp8"])
-def test_an_adapter_on_a_quantized_base_adds_what_it_adds_on_the_full_base(tiny_flux, quantize):
-    sources = SimpleNamespace(unet=str(tiny_flux))
-    full = build_trainable_denoiser(config(tiny_flux, quantize), sources, torch.float32)
-    quant = build_trainable_denoiser(config(tiny_flux, quantize), sources, torch.bfloat16, True)
+@pytest.mark.parametrize(
+    ("family", "quantize"), [("flux", "int8"), ("flux", "fp8"), ("sd3", "int8")]
+)
+def test_an_adapter_on_a_quantized_base_adds_what_it_adds_on_the_full_base(
+    request, family, quantize
+):
+    pipeline = request.getfixturevalue(f"tiny_{family}")
+    sources = SimpleNamespace(unet=str(pipeline))
+    full = build_trainable_denoiser(config(pipeline, quantize), sources, torch.float32)
+    quant = build_trainable_denoiser(config(pipeline, quantize), sources, torch.bfloat16, True)
     assert type(full.transformer_blocks[0].attn.to_q.base_layer.weight) is torch.nn.Parameter
     assert type(quant.transformer_blocks[0].attn.to_q).__name__ == "TorchaoLoraLinear"
     g = torch.Generator().manual_seed(1)  # a trained-looking adapter (a fresh one's B is zero)
     adapter = {n: torch.randn(p.shape, generator=g) * 0.2
                for n, p in full.named_parameters() if p.requires_grad}  # fmt: skip
-    full_base, full_delta = base_and_delta(full, adapter, False)
-    quant_base, quant_delta = base_and_delta(quant, adapter, True)
+    full_base, full_delta = base_and_delta(full, adapter, False, family)
+    quant_base, quant_delta = base_and_delta(quant, adapter, True, family)
     assert relative(quant_base, full_base) > BF16_ERROR / 4  # the base really is quantized
     assert full_delta.norm() > 0.3 * full_base.norm()  # a delta well above the noise
     tolerance = 2 * (WEIGHT_ERROR[quantize] + BF16_ERROR)  # both errors, through two blocks
