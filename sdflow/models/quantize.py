@@ -60,6 +60,14 @@ def check_quantize(config: RunConfig, cuda: bool | None = None) -> None:
         )
 
 
+def quantize_backend(choice: str) -> dict[str, str | None]:
+    """The package that quantizes `choice` and its major.minor version (for the stage keys)."""
+    from sdflow.store.fingerprint import library_version
+
+    package = PACKAGES[choice][0]
+    return {package: library_version(package)}
+
+
 def denoiser_quantization(config: RunConfig, dtype: torch.dtype) -> Any | None:
     """diffusers' quantization config of the frozen transformer; None: unquantized."""
     import diffusers
