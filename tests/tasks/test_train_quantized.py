@@ -1,6 +1,6 @@
 """A LoRA trained on the tiny Flux with its transformer quantized (`model.quantize: int8`, torchao on
-this CPU) and T5 quantized while caching (`model.quantize_text_encoder`): the train stage resumes
-bitwise after a crash, and its exported adapter loads onto the unquantized base with diffusers'
+this CPU) and T5 quantized while caching (`model.quantize_text_encoder`): the train stage validates
+on the quantized base, resumes bitwise after a crash, and its exported adapter loads onto the unquantized base with diffusers'
 `load_lora_weights` and changes its images."""
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ OPTIONS = [
     f"model.max_sequence_length={LENGTH}", "eval.held_out_fraction=0.25", "latents.shard_size=8",
     "train.mode=lora", "train.mixed_precision=bf16", "train.gradient_checkpointing=true",
     "train.lora_targets=[to_q,to_k,to_v,to_out.0,proj_mlp]", "train.lr=0.05",
-    "train.max_steps=4", "train.checkpoint_every=2", "train.batch_size=3",
+    "train.max_steps=4", "train.checkpoint_every=2", "train.batch_size=3", "train.validate_every=2",
+    "train.validation_images=1", "train.validation_inference_steps=2",
 ]  # fmt: skip
 
 
@@ -53,6 +54,7 @@ def test_a_lora_on_an_int8_flux_resumes_bitwise_and_loads_on_the_full_base(
     shutil.move(tmp_path / "stages" / "train", tmp_path / "resumed")  # the same run, uninterrupted
     straight = train(config, upstream, workdir)
     assert straight["fingerprint"] == resumed["fingerprint"]  # the same adapter, bitwise
+    assert len(straight["info"]["validation"]["curve"]) == 2  # validated on the quantized base
 
     def generate(pipe):
         pipe.set_progress_bar_config(disable=True)
