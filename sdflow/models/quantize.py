@@ -37,14 +37,6 @@ def check_quantize(config: RunConfig, cuda: bool | None = None) -> None:
     choice = config.model.quantize
     if choice == "none":
         return
-    from sdflow.models.families import family_of
-
-    family = family_of(config)
-    if family.objective != "flow":
-        raise UserError(
-            f"model.quantize is {choice!r} but the model is a {family.name!r} pipeline: quantized "
-            "bases are supported for the sd3 and flux transformers; use model.quantize 'none'."
-        )
     package, extra = PACKAGES[choice]
     cuda = torch.cuda.is_available() if cuda is None else cuda
     if choice == "nf4" and not cuda:
@@ -57,6 +49,14 @@ def check_quantize(config: RunConfig, cuda: bool | None = None) -> None:
         raise UserError(
             f"model.quantize is {choice!r} but {package} is not installed: "
             f"pip install -e '.[{extra}]' (or pip install {package}), or set model.quantize 'none'."
+        )
+    from sdflow.models.families import family_of
+
+    family = family_of(config)
+    if family.objective != "flow":
+        raise UserError(
+            f"model.quantize is {choice!r} but the model is a {family.name!r} pipeline: quantized "
+            "bases are supported for the sd3 and flux transformers; use model.quantize 'none'."
         )
 
 
