@@ -235,13 +235,14 @@ class TrainConfig(DistributedTraining):
         if self.master_weights == "float32":
             return self
         wrong = {"mode": (self.mode, "full"), "mixed_precision": (self.mixed_precision, "bf16"),
-                 "ema": (self.ema, False)}  # fmt: skip
+                 "ema": (self.ema, False), "sharding": (self.sharding, "none")}  # fmt: skip
         for key, (value, allowed) in wrong.items():
             if value != allowed:
                 raise ValueError(
                     f"train.master_weights is 'bfloat16' but train.{key} is {value!r}: bfloat16 "
                     f"master weights are for full fine-tunes in bf16 without EMA (whose average "
-                    f"would lose the small updates bf16 cannot hold); allowed: {key} {allowed!r}"
+                    f"would lose the small updates bf16 cannot hold), unsharded (FSDP has its own "
+                    f"precision policy); allowed: {key} {allowed!r}"
                 )
         return self
 

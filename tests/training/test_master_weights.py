@@ -74,7 +74,7 @@ def test_small_updates_accumulate_and_a_resumed_run_rounds_identically():
 @pytest.mark.parametrize(
     ("setting", "key"),
     [("train.mode=lora", "mode"), ("train.mixed_precision=no", "mixed_precision"),
-     ("train.ema=true", "ema")],
+     ("train.ema=true", "ema"), ("train.sharding=fsdp", "sharding")],
 )  # fmt: skip
 def test_bf16_master_weights_need_a_bf16_full_finetune_without_ema(setting, key):
     options = ["train.master_weights=bfloat16", "train.mixed_precision=bf16", "train.mode=full",
