@@ -17,7 +17,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e ".[dev,dask,caption,kubernetes]"
+	$(BIN)/pip install --quiet -e ".[dev,dask,caption,kubernetes,quantize]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -6,6 +6,7 @@
     python bench/gpu_step.py --profile sdxl-lora-24gb        # SDXL UNet, LoRA, 1024 px
     python bench/gpu_step.py --profile sdxl-finetune-80gb    # SDXL UNet, full + EMA, 1024 px
     python bench/gpu_step.py --profile sdxl-lora-24gb --build-only   # parameter count, no step
+    python bench/gpu_step.py --profile flux-dev-lora-24gb --build-only   # + training-state memory
 
 Builds the UNet of the profile's base model FROM CONFIG with random weights (no download: the SD 1.5,
 SD 2.1 and SDXL base architectures are written out below; SDXL's takes random pooled embeddings and
@@ -191,10 +192,14 @@ def parameter_count(architecture: dict) -> int:
 
 def main() -> None:
     args = _arguments()
-    flow = transformer_config(load_profile(args.profile, args.overrides))
+    config = load_profile(args.profile, args.overrides)
+    flow = transformer_config(config)
     if args.build_only and flow is not None:
+        from flow_memory import build, state_bytes  # bench/, beside this script
+
         counts = transformer_weights(*flow)
-        print(json.dumps({"profile": args.profile, "transformer": flow[0], **counts}))
+        memory = state_bytes(config, build(*flow, config))
+        print(json.dumps({"profile": args.profile, "transformer": flow[0], **counts, **memory}))
         return
     if flow is not None:
         raise SystemExit(f"{args.profile}: the timed step is UNet-only; use --build-only")

@@ -57,6 +57,10 @@ def check_family_options(config) -> None:
         from sdflow.models.families import family_of
 
         family_of(config).check(config)
+    if config.model.quantize != "none":  # e.g. nf4 without CUDA, torchao not installed
+        from sdflow.models.quantize import check_quantize
+
+        check_quantize(config)
 
 
 def single_file_base(config, workdir: str):

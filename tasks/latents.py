@@ -123,6 +123,8 @@ def latents_settings(config: RunConfig, upstream: dict[str, Manifest | None]) ->
         settings["captions"] = "input_ids"
     if config.model.max_sequence_length is not None:  # T5's length (sd3, flux)
         settings["max_sequence_length"] = config.model.max_sequence_length
+    if config.model.quantize_text_encoder:  # T5's states from quantized weights
+        settings["text_quantize"] = config.model.quantize
     if config.latents.buckets != "none":
         settings["bucket_set"] = bucket_set(config.latents, config.download.resolution)
     return settings

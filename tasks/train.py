@@ -48,6 +48,7 @@ from sdflow.models.files import canonical_safetensors, hub_commit, weights_hash
 from sdflow.models.formats.card import CardFacts, base_license, write_card
 from sdflow.models.formats.exports import EXPORT_FILES, write_exports
 from sdflow.models.formats.single_file_base import file_hash
+from sdflow.models.quantize import check_quantize, quantize_backend
 from sdflow.models.schedulers import base_scheduler_config
 from sdflow.models.trainable import trained_text_encoder, trained_unet
 from sdflow.ops.orchestration import stage_task
@@ -125,6 +126,8 @@ def train_lineage(config: RunConfig, upstream: dict[str, Manifest | None]) -> st
         settings["scheduler"] = weights_hash(model.pretrained, "scheduler", model.revision)
     if config.subsets:  # repeats or weights shape the order; keys of one-source runs stay
         settings["subsets"] = subset_plan(config).settings()
+    if model.quantize != "none":  # the quantized base's values come from its backend's version
+        settings["quantize"] = quantize_backend(model.quantize)
     inputs = [upstream.get("latents"), upstream.get("autoencoder")]
     if upstream.get("class_images"):  # train.prior_preservation: the class rows
         inputs.append(upstream["class_images"])
@@ -161,6 +164,7 @@ def _build(
     build: StageBuild, config: RunConfig, upstream: dict[str, Manifest | None], workdir: str
 ) -> Manifest:
     check_optimizer(config.train)  # before anything is written
+    check_quantize(config)
     checkpoints = build.path / CHECKPOINTS
     lineage = train_lineage(config, upstream)
     origin = continue_from_predecessor(build.path, checkpoints, lineage, config.train.max_steps)

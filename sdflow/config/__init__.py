@@ -103,6 +103,7 @@ class RunConfig(Section):
             raise ValueError("train.mode 'lora' needs model.init 'pretrained': LoRA adapts a model")
         _check_text_encoder(self)
         check_prior_preservation(self.train.prior_preservation, self.model.init)
+        _check_quantize(self)
         _check_buckets(self)
         launcher = self.runner.train_launcher
         cluster = None if launcher == "local" else getattr(self.runner, launcher)
@@ -149,6 +150,17 @@ def _check_text_encoder(config: RunConfig) -> None:
             f"train.text_encoder is {choice!r} but train.cache_latents is false: a trained text "
             "encoder reads the token ids the latents stage caches; allowed with cache_latents "
             "false: 'frozen'"
+        )
+
+
+def _check_quantize(config: RunConfig) -> None:
+    """A quantized base stays frozen: only a LoRA trains on top of it."""
+    quantize = config.model.quantize
+    if quantize != "none" and config.train.mode != "lora":
+        raise ValueError(
+            f"model.quantize is {quantize!r} but train.mode is {config.train.mode!r}: quantized "
+            "weights cannot be trained, only an adapter on top of them; use train.mode 'lora' "
+            "or model.quantize 'none' (see profile flux-dev-finetune-80gb for a full fine-tune)"
         )
 
 

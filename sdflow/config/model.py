@@ -62,6 +62,17 @@ class ModelConfig(Section):
         description="T5 tokens per caption (sd3, flux): unset: the pipeline's default (SD3 256, "
         "Flux 512); at most the T5 tokenizer's model_max_length",
     )
+    quantize: Literal["none", "int8", "nf4", "fp8"] = Field(
+        "none",
+        description="LoRA runs (sd3, flux): the frozen transformer's weights in 8 bits (int8), 4 "
+        "bits (nf4: bitsandbytes, CUDA only) or float8 (fp8), through diffusers' quantization "
+        "backends (sdflow.models.quantize); the adapter trains in train.mixed_precision on top",
+    )
+    quantize_text_encoder: bool = Field(
+        False,
+        description="with model.quantize: T5 too is loaded quantized while the latents stage "
+        "caches its states",
+    )
     seed: int = Field(0, description="seed of the random initialisation")
 
     @field_validator("tokenizer_vocab_size")
@@ -88,6 +99,11 @@ class ModelConfig(Section):
             raise ValueError(
                 f"model.config is {self.config!r} but model.pretrained is not a single file: "
                 "model.config describes a .safetensors checkpoint; unset it for a folder"
+            )
+        if self.quantize_text_encoder and self.quantize == "none":
+            raise ValueError(
+                "model.quantize_text_encoder is true but model.quantize is 'none': set "
+                "model.quantize (int8, nf4, fp8) to the precision T5 is loaded in"
             )
         if self.init == "scratch" and self.family in ("sdxl", "sd3", "flux"):
             raise ValueError(

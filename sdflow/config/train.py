@@ -171,6 +171,13 @@ class TrainConfig(DistributedTraining):
     prodigy_d_coef: float = Field(
         1.0, gt=0, description="prodigy: scale of its step-size estimate (lower: more cautious)"
     )
+    master_weights: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="full fine-tunes: the trained weights as kept between steps: float32 (mixed "
+        "precision's master copy) or bfloat16 (no float32 copy: weights and gradients in bf16, "
+        "each tensor stepped in float32 and rounded back stochastically; needs mixed_precision "
+        "bf16, no EMA; sdflow.training.master_weights)",
+    )
     ema_on_cpu: bool = Field(
         False, description="keep the EMA weights in CPU memory (saves GPU memory, costs copies)"
     )
@@ -225,6 +232,22 @@ class TrainConfig(DistributedTraining):
                 "init_lora read and write plain LoRA layers; use lora_type 'lora' (a "
                 f"{lora_type} run is exported in its own format, see docs/training.md)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _bf16_master_weights(self) -> TrainConfig:
+        if self.master_weights == "float32":
+            return self
+        wrong = {"mode": (self.mode, "full"), "mixed_precision": (self.mixed_precision, "bf16"),
+                 "ema": (self.ema, False), "sharding": (self.sharding, "none")}  # fmt: skip
+        for key, (value, allowed) in wrong.items():
+            if value != allowed:
+                raise ValueError(
+                    f"train.master_weights is 'bfloat16' but train.{key} is {value!r}: bfloat16 "
+                    f"master weights are for full fine-tunes in bf16 without EMA (whose average "
+                    f"would lose the small updates bf16 cannot hold), unsharded (FSDP has its own "
+                    f"precision policy); allowed: {key} {allowed!r}"
+                )
         return self
 
     @model_validator(mode="after")

@@ -140,8 +140,10 @@ def load_component(
     cls: Any,
     model: ModelConfig,
     dtype: torch.dtype | None = None,
+    quantization: Any = None,
 ) -> Any:
     """`cls.from_pretrained` from a local dir or a hub name; errors name the config key.
+    `quantization`: a diffusers / transformers quantization config (`sdflow.models.quantize`).
 
     Weights load from safetensors only, unless `model.allow_pickle_weights` (a pickle runs code
     when it is loaded): a local directory holding only pickled weights is refused before anything
@@ -155,6 +157,8 @@ def load_component(
         kwargs["use_safetensors"] = _use_safetensors(source, subfolder, model)
     if dtype is not None:
         kwargs["torch_dtype" if issubclass(cls, ModelMixin) else "dtype"] = dtype
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
     if is_hub_name(source):
         try:
             return cls.from_pretrained(source, **kwargs)

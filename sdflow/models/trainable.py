@@ -22,6 +22,7 @@ from sdflow.errors import UserError
 from sdflow.models.adapters import adapter_config
 from sdflow.models.components import ComponentSources, build_unet, load_component
 from sdflow.models.families import family_of
+from sdflow.models.quantize import denoiser_quantization
 from sdflow.store.checkpoints import load_checkpoint
 
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -31,21 +32,28 @@ CHECKPOINT_GROUP = "text_encoder"
 
 
 def build_trainable_denoiser(
-    config: RunConfig, sources: ComponentSources, weight_dtype: torch.dtype = torch.float32
+    config: RunConfig,
+    sources: ComponentSources,
+    weight_dtype: torch.dtype = torch.float32,
+    quantize: bool = False,
 ) -> torch.nn.Module:
     """The family's denoiser (UNet, or SD3's / Flux's transformer) with exactly the trained
-    parameters requiring grad (all, or only LoRA's)."""
+    parameters requiring grad (all, or only LoRA's). `quantize`: the frozen base as
+    `model.quantize` says (training); else unquantized (export, evaluation)."""
     train = config.train
+    quantization = denoiser_quantization(config, weight_dtype) if quantize else None
     if sources.unet is None:
         model = build_unet(config.model)
     else:
         family = family_of(config)
         model = load_component(
-            sources.unet, family.denoiser_part, family.denoiser_class, config.model
-        )
+            sources.unet, family.denoiser_part, family.denoiser_class, config.model,
+            weight_dtype if quantization else None, quantization,
+        )  # fmt: skip
     if train.mode == "lora":
         model.requires_grad_(False)
-        model.to(dtype=weight_dtype)  # frozen weights in the compute dtype; LoRA weights stay fp32
+        if quantization is None:  # frozen weights in the compute dtype; LoRA weights stay fp32
+            model.to(dtype=weight_dtype)
         if train.init_lora:  # an existing adapter file: its rank, alpha and weights
             from sdflow.models.formats.kohya import load_unet_adapter
 
@@ -55,6 +63,8 @@ def build_trainable_denoiser(
         else:
             add_lora(model, train)
         cast_training_params(model, dtype=torch.float32)
+    elif train.master_weights == "bfloat16":  # no float32 copy (sdflow.training.master_weights)
+        model.to(dtype=torch.bfloat16)
     if train.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return model

@@ -48,6 +48,7 @@ from sdflow.models.trainable import (
 from sdflow.ops.artifacts import report_progress
 from sdflow.store.checkpoints import load_latest
 from sdflow.store.stageio import Manifest
+from sdflow.training.master_weights import step_in_float32
 from sdflow.training.memory import make_ema
 from sdflow.training.objectives import objective_of
 from sdflow.training.optimizers import check_optimizer, make_optimizer
@@ -125,7 +126,7 @@ def train_unet(
 def make_trainer(accelerator: Accelerator, config: RunConfig, sources) -> Trainer:
     train = config.train
     weight_dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
-    unet = prepare_unet(build_trainable_denoiser(config, sources, weight_dtype), train)
+    unet = prepare_unet(build_trainable_denoiser(config, sources, weight_dtype, True), train)
     params = [p for p in unet.parameters() if p.requires_grad]
     text_encoder = build_trainable_text_encoder(config, sources, weight_dtype)
     text_params = trained_parameters(text_encoder)
@@ -133,6 +134,8 @@ def make_trainer(accelerator: Accelerator, config: RunConfig, sources) -> Traine
     # accelerate, so the lr schedule and EMA would not wait for the next real update.
     fused = fused_adamw(train, accelerator.device) and accelerator.scaler is None
     optimizer = make_optimizer(train, param_groups(train, params, text_params), fused)
+    if train.master_weights == "bfloat16":
+        step_in_float32(optimizer, train.seed)
     lr_scheduler = get_scheduler(
         train.lr_scheduler,
         optimizer,

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
+from safetensors.torch import load_file
 
 from sdflow.cli import main
 from sdflow.profiles import load_profile
@@ -38,9 +39,15 @@ def small_folder(tmp_path_factory) -> Path:
     return make_demo_dataset(root, count=12, seed=0, size=32)
 
 
+# what only a CUDA host runs, swapped for what this CPU runs (as the UNet profiles' fp16 -> fp32):
+# nf4 (bitsandbytes) -> torchao's int8
+CPU_STAND_INS = {"flux-dev-lora-24gb": ["model.quantize=int8"]}
+
+
 def run(profile: str, pipeline: Path, folder: Path, workdir: Path) -> dict:
     args = ["run", profile, "--workdir", str(workdir)]
-    for item in [f"source.path={folder}", f"model.pretrained={pipeline}", *SIZES]:
+    sized = [f"source.path={folder}", f"model.pretrained={pipeline}", *SIZES]
+    for item in [*sized, *CPU_STAND_INS.get(profile, [])]:
         args += ["--set", item]
     assert main(args) == 0
     (run_dir,) = (workdir / "runs").glob("*")
@@ -63,6 +70,7 @@ def generate(pipe) -> np.ndarray:
         ("sd35-medium-lora-24gb", "sd3"),
         ("sd35-large-lora-48gb", "sd3"),
         ("flux-dev-lora-48gb", "flux"),
+        ("flux-dev-lora-24gb", "flux"),
     ],
 )
 def test_flow_lora_profile_runs(prefect_server, small_folder, tmp_path, request, profile, family):
@@ -76,6 +84,19 @@ def test_flow_lora_profile_runs(prefect_server, small_folder, tmp_path, request,
     pipe = cls.from_pretrained(pipeline)
     pipe.load_lora_weights(summary["model_dir"])
     assert not np.allclose(generate(pipe), base, atol=1e-3)
+
+
+def test_flux_dev_finetune_80gb(prefect_server, small_folder, tiny_flux, tmp_path):
+    """A full fine-tune in bf16 master weights with Adafactor: the checkpoint's weights are bf16
+    (no float32 copy); the exported pipeline loads with FluxPipeline and its images differ from
+    the base's."""
+    train = load_profile("flux-dev-finetune-80gb").train
+    assert (train.mode, train.master_weights, train.optimizer) == ("full", "bfloat16", "adafactor")
+    summary = run("flux-dev-finetune-80gb", tiny_flux, small_folder, tmp_path / "work")
+    (checkpoint,) = Path(summary["model_dir"]).parent.glob("checkpoints/step-*/model.safetensors")
+    assert {v.dtype for v in load_file(checkpoint).values()} == {torch.bfloat16}
+    tuned = generate(FluxPipeline.from_pretrained(summary["model_dir"]))
+    assert not np.allclose(tuned, generate(FluxPipeline.from_pretrained(tiny_flux)), atol=1e-3)
 
 
 def test_a_sweep_over_an_sd3_flow_setting(prefect_server, small_folder, tiny_sd3, tmp_path):

@@ -21,6 +21,7 @@ from sdflow.config import RunConfig
 from sdflow.errors import UserError
 from sdflow.models.components import load_component
 from sdflow.models.families import TextEncoders, pooled_prompt_kwargs
+from sdflow.models.quantize import text_quantization
 
 PIPELINE_LIMIT = 512  # StableDiffusion3Pipeline and FluxPipeline refuse longer T5 sequences
 
@@ -96,8 +97,9 @@ class FlowFamily:
     def load_t5(self, sources: Any, config: RunConfig, dtype: Any) -> tuple[Any, Any]:
         tokenizer_part, encoder_part = self.t5_part
         tokenizer = load_component(sources.tokenizer, tokenizer_part, T5TokenizerFast, config.model)
+        quantization = text_quantization(config, dtype)  # model.quantize_text_encoder
         encoder = load_component(
-            sources.text_encoder, encoder_part, T5EncoderModel, config.model, dtype
+            sources.text_encoder, encoder_part, T5EncoderModel, config.model, dtype, quantization
         )
         return tokenizer, encoder.requires_grad_(False).eval()
 
