@@ -4,7 +4,6 @@ the training order (kohya's `num_repeats`, or a sampling weight)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -63,24 +62,12 @@ class SubsetConfig(Section):
                 "allowed: one of them (repeats: how often each image appears per epoch; weight: "
                 "a sampling share)"
             )
-        check_local_path(self.source, f"subsets[{self.name}].source.path")
         return self
 
     def caption_section(self, caption: CaptionConfig) -> CaptionConfig:
         """The profile's caption section with this subset's settings over it."""
         changes = self.caption.model_dump(exclude_none=True)
         return caption.model_validate({**caption.model_dump(), **changes}) if changes else caption
-
-
-def check_local_path(source: SourceConfig, key: str) -> None:
-    """A folder or URL-list source must exist (hub names and tar patterns are checked later)."""
-    path = Path(source.path).expanduser()
-    if source.kind in ("folder", "urls") and not path.exists():
-        raise ValueError(
-            f"{key} = {source.path!r} does not exist; allowed: an existing "
-            f"{'folder' if source.kind == 'folder' else 'URL-list file'} (source.kind "
-            f"{source.kind!r})"
-        )
 
 
 def check_subsets(subsets: list[SubsetConfig] | None, source: Any, cache_latents: bool) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from sdflow.cli import main
 from sdflow.config.subsets import subset_plan, subset_view
 from sdflow.profiles import ConfigError, load_profile
 from tasks.caption import caption_key
@@ -36,10 +37,6 @@ def two(tmp_path) -> tuple[Path, Path]:
             r"duplicate name\(s\) \['a'\]; allowed: unique names",
         ),
         (
-            ["{name: a, source: {path: A}}", "{name: b, source: {path: MISSING}}"],
-            r"subsets\[b\].source.path = '.*missing' does not exist; allowed: an existing folder",
-        ),
-        (
             ["{name: a, source: {path: A}, repeats: 2, weight: 1}"],
             r"subset 'a' sets repeats \(2\) and weight \(1.0\); allowed: one of them",
         ),
@@ -54,9 +51,18 @@ def two(tmp_path) -> tuple[Path, Path]:
 def test_bad_subsets_fail_with_key_value_and_what_is_allowed(two, items, message):
     a, b = two
     items = [i.replace("A}", f"{a}}}").replace("B}", f"{b}}}") for i in items]
-    items = [i.replace("MISSING}", f"{a.parent / 'missing'}}}") for i in items]
     with pytest.raises(ConfigError, match=message):
         load_profile("tiny-test", subsets(*items))
+
+
+def test_a_missing_subset_folder_stops_the_run_before_any_work(two, tmp_path, capsys):
+    """Like `source.path`, checked when a run starts (a profile names its data before it exists)."""
+    missing = tmp_path / "missing"
+    items = [f"{{name: a, source: {{path: {two[0]}}}}}", f"{{name: b, source: {{path: {missing}}}}}"]
+    sets = [x for item in subsets(*items) for x in ("--set", item)]
+    assert main(["run", "tiny-test", "--workdir", str(tmp_path / "work"), *sets]) == 2
+    assert f"subsets[b].source.path '{missing}' does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "work" / "stages").exists()
 
 
 def test_source_and_subsets_together_or_neither_are_refused(two):
