@@ -93,6 +93,11 @@ VALIDATION = "validation/"  # the held-out split's latents shards, for the train
 ROW_COLUMNS = ("id", "image", "caption", "orig_width", "orig_height")
 
 
+def row_columns(config: RunConfig) -> tuple[str, ...]:
+    """ROW_COLUMNS, and with `train.masked_loss` the download stage's `mask` (PNG bytes)."""
+    return (*ROW_COLUMNS, "mask") if config.train.masked_loss else ROW_COLUMNS
+
+
 def _encoder_identity(config: RunConfig, upstream: dict[str, Manifest | None]) -> dict[str, Any]:
     """What decides the encoders' outputs: weights hashes, or the scratch config they are built from."""
     model = config.model
@@ -121,6 +126,9 @@ def latents_settings(config: RunConfig, upstream: dict[str, Manifest | None]) ->
     }
     if caption_key(config.train) == "input_ids":  # embeddings: the key stays as it was
         settings["captions"] = "input_ids"
+    for key in ("caption_shuffle", "masked_loss"):  # captions beside the shards; masks in them
+        if getattr(config.train, key):
+            settings[key] = True
     if config.model.max_sequence_length is not None:  # T5's length (sd3, flux)
         settings["max_sequence_length"] = config.model.max_sequence_length
     if config.latents.buckets != "none":
@@ -176,7 +184,7 @@ def _build(
         ids = pq.read_table(path, columns=["id"]).column("id").to_pylist()
         held = [is_held_out(i, config.eval.held_out_fraction) for i in ids]
         inputs, held_count = inputs + len(ids), held_count + sum(held)
-        reader = _TableReader(path)
+        reader = _TableReader(path, row_columns(config))
         splits = ((_rows(held, False), shards, ""), (_rows(held, True), held_out, VALIDATION))
         for rows, names, folder in splits:
             size = config.latents.shard_size
@@ -203,13 +211,13 @@ def _rows(held: list[bool], value: bool) -> list[int]:
 class _TableReader:
     """A caption shard's rows, read only when a latents shard of it is still missing."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, columns: tuple[str, ...]):
+        self.path, self.columns = path, columns
         self.table = None
 
     def rows(self, rows: list[int]) -> list[dict]:
         if self.table is None:
-            self.table = pq.read_table(self.path, columns=[*ROW_COLUMNS, "source"])
+            self.table = pq.read_table(self.path, columns=[*self.columns, "source"])
         return self.table.take(rows).to_pylist()
 
 
@@ -287,7 +295,7 @@ def _encode_shard(
     """
     started = time.monotonic()
     captions = {s["id"]: s["caption"] or "" for s in samples}
-    keys = row_keys([{k: s.get(k) for k in ROW_COLUMNS} for s in samples], salt)
+    keys = row_keys([{k: s.get(k) for k in row_columns(config)} for s in samples], salt)
     memo = shared_memo(build.workdir, "latents", build.key)
     outcomes, encoded = memo.outcomes(
         keys,
@@ -311,8 +319,8 @@ def _encode_shard(
     (build.path / STATS / name).parent.mkdir(parents=True, exist_ok=True)
     write_json(build.path / STATS / f"{name}.json", stats)
     tensors = pack_rows([{k: v for k, v in row.items() if k != "id"} for row in kept])
-    if name.startswith(VALIDATION):
-        (build.path / VALIDATION).mkdir(exist_ok=True)
+    if name.startswith(VALIDATION) or config.train.caption_shuffle:  # shuffled at every step
+        (build.path / name).parent.mkdir(exist_ok=True)
         write_json(captions_path(build.path / name), [captions[i] for i in ids])
     write_latent_shard(build.path / name, tensors, ids)
     log.info(

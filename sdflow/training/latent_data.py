@@ -41,7 +41,8 @@ from sdflow.models.components import image_to_tensor
 from sdflow.store.splits import is_held_out
 from sdflow.store.stageio import Manifest, output_dir, publish, shard_paths
 
-IMAGE_KEYS = ("mean", "std", "mean_flip", "std_flip")  # stored per bucket when bucketed
+# stored per bucket when bucketed; `mask` [N, 1, h, w]: train.masked_loss's loss weights
+IMAGE_KEYS = ("mean", "std", "mean_flip", "std_flip", "mask")
 # `pooled`: SDXL's pooled text projection [N, P]
 ROW_KEYS = ("text", "input_ids", "pooled", "original_size", "crop_top_left")
 LATENT_KEYS = (*IMAGE_KEYS, *ROW_KEYS)
