@@ -84,7 +84,8 @@ class ShuffledCaptions:
     def __init__(self, source: Any, family: Family, text: TextEncoders, key: str):
         self.source = source
         self.dataset = CaptionedRows(source.dataset)
-        self.family, self.text, self.key = family, text, key
+        # not `text`: that is the source's method, reached through __getattr__
+        self.family, self.encoders, self.key = family, text, key
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["source"], name)
@@ -92,8 +93,8 @@ class ShuffledCaptions:
     @torch.no_grad()
     def encode_captions(self, captions: list[str]) -> dict[str, Tensor]:
         if self.key == "input_ids":  # the trained encoder runs on them in the step
-            return {"input_ids": self.family.tokenize(self.text, captions)}
-        encoded = self.family.encode_prompts(self.text, captions)
+            return {"input_ids": self.family.tokenize(self.encoders, captions)}
+        encoded = self.family.encode_prompts(self.encoders, captions)
         return {key: value.float().cpu() for key, value in encoded.items()}
 
 
