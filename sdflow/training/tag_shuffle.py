@@ -77,25 +77,33 @@ class CaptionedRows(Dataset):
         return self.dataset.buckets()
 
 
+class CaptionEncoder:
+    """Captions -> what the latents cache holds for them: the family's embeddings (`text`, and
+    `pooled` where the family has one) from its frozen encoders, or `input_ids` (`key`) for a
+    text encoder that trains (it runs on them in the step)."""
+
+    def __init__(self, family: Family, text: TextEncoders, key: str):
+        self.family, self.text, self.key = family, text, key
+
+    @torch.no_grad()
+    def __call__(self, captions: list[str]) -> dict[str, Tensor]:
+        if self.key == "input_ids":
+            return {"input_ids": self.family.tokenize(self.text, captions)}
+        encoded = self.family.encode_prompts(self.text, captions)
+        return {key: value.float().cpu() for key, value in encoded.items()}
+
+
 class ShuffledCaptions:
     """A cached batch source whose rows carry their captions and whose `encode_captions` encodes
     a step's shuffled captions as the latents stage would have cached them."""
 
-    def __init__(self, source: Any, family: Family, text: TextEncoders, key: str):
+    def __init__(self, source: Any, encode_captions: CaptionEncoder):
         self.source = source
         self.dataset = CaptionedRows(source.dataset)
-        # not `text`: that is the source's method, reached through __getattr__
-        self.family, self.encoders, self.key = family, text, key
+        self.encode_captions = encode_captions
 
-    def __getattr__(self, name: str) -> Any:
+    def __getattr__(self, name: str) -> Any:  # everything else is the cached source's
         return getattr(self.__dict__["source"], name)
-
-    @torch.no_grad()
-    def encode_captions(self, captions: list[str]) -> dict[str, Tensor]:
-        if self.key == "input_ids":  # the trained encoder runs on them in the step
-            return {"input_ids": self.family.tokenize(self.encoders, captions)}
-        encoded = self.family.encode_prompts(self.encoders, captions)
-        return {key: value.float().cpu() for key, value in encoded.items()}
 
 
 def with_caption_shuffle(config: RunConfig, source: Any, sources: Any, device, dtype) -> Any:
@@ -106,4 +114,4 @@ def with_caption_shuffle(config: RunConfig, source: Any, sources: Any, device, d
     text = family.load_text(sources, config, dtype)
     for encoder in text.encoders:
         encoder.requires_grad_(False).eval().to(device)
-    return ShuffledCaptions(source, family, text, caption_key(config.train))
+    return ShuffledCaptions(source, CaptionEncoder(family, text, caption_key(config.train)))
