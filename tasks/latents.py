@@ -12,6 +12,9 @@ dropout. With `latents.mixed_precision: fp16` an SDXL VAE whose config sets `for
 in float32 (an fp16-safe `model.vae` without the flag encodes in fp16).
 A run that trains the text encoder (`train.text_encoder` lora or full) caches the captions' token ids
 `input_ids` instead (and the empty caption's), since its embeddings change at every step.
+With `train.caption_shuffle` every training shard keeps its captions beside it
+(`captions-XXXXX.json`) for the per-step shuffle; with `train.masked_loss` every row caches its
+mask (`mask`, cropped with its image, at latent size). See docs/tags-and-masks.md.
 For scratch models the tokenizer is trained here on the training captions and the (frozen, seeded)
 text encoder is built here; both are saved beside the shards for the train and evaluate stages.
 
@@ -291,7 +294,8 @@ def _encode_shard(
 ) -> int:
     """Encode one shard's samples, reusing the rows an earlier build encoded (`sdflow.store.reuse`);
     the record, failures and stats first, the shard last (its existence = done). Returns how many
-    rows were encoded now. A held-out shard (under validation/) keeps its captions too.
+    rows were encoded now. A held-out shard (under validation/), and every shard with
+    `train.caption_shuffle`, keeps its captions too.
     """
     started = time.monotonic()
     captions = {s["id"]: s["caption"] or "" for s in samples}
