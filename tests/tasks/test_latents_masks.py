@@ -3,17 +3,25 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
 import pyarrow as pa
+import torch
 from fixtures.masks import TAGS, masked_folder, reference_mask
 from fixtures.stages import GRID, autoencoder_stage, caption_stage
+from fixtures.training import sd_scheduler
 from PIL import Image
+from transformers import CLIPTextModel, CLIPTokenizer
 
+from sdflow.models.components import component_sources
 from sdflow.profiles import load_profile
 from sdflow.store.stageio import output_dir, read_shards
 from sdflow.training.latent_data import CachedLatents, captions_path
+from sdflow.training.objective import draw_inputs
+from sdflow.training.schedules import CachedBatches, collate
+from sdflow.training.tag_shuffle import with_caption_shuffle
 from tasks.download import download
 from tasks.latents import cache_latents
 
@@ -75,3 +83,29 @@ def test_masks_are_cropped_with_their_image_and_cached_beside_its_latent(tmp_pat
     # the training shards keep their captions (for the per-step shuffle), in row order
     shard = output_dir(workdir, latents) / latents["shards"][0]
     assert json.loads(captions_path(shard).read_text()) == [TAGS] * len(cached)
+
+    # the train stage's batch source on this cache: captions shuffled and encoded by the run's
+    # (scratch) text encoder at each step, the masks in the loss
+    sources = component_sources(config, {**upstream, "latents": latents}, workdir)
+    source = with_caption_shuffle(
+        config, CachedBatches(workdir, latents), sources, torch.device("cpu"), torch.float32
+    )
+    square = [i for i in range(len(cached)) if cached[i]["id"] != "half.png"]  # one bucket
+    batch = collate([source.dataset[i] for i in square])
+    assert batch["mask"] is not None
+    generator = torch.Generator().manual_seed(0)
+    inputs = draw_inputs(sd_scheduler(), source, batch, generator, config.train)
+    tokenizer = CLIPTokenizer.from_pretrained(output_dir(workdir, latents) / "tokenizer")
+    encoder = CLIPTextModel.from_pretrained(output_dir(workdir, latents) / "text_encoder")
+    head, *tail = TAGS.split(", ")
+    orders = [", ".join([head, *order]) for order in itertools.permutations(tail)]
+    with torch.no_grad():
+        ids = tokenizer(orders, padding="max_length", max_length=16, truncation=True)
+        candidates = encoder(torch.tensor(ids.input_ids))[0]
+    drawn = [
+        [i for i, c in enumerate(candidates) if torch.allclose(row, c, atol=1e-5)]
+        for row in inputs.text
+    ]
+    assert all(len(found) == 1 for found in drawn)  # each row: one order of its tags, encoded
+    assert any(found != [0] for found in drawn)  # and not only the caption's own order
+    assert inputs.mask.shape == (len(square), 1, *inputs.latents.shape[-2:])
