@@ -253,11 +253,9 @@ def rows_salt(config: RunConfig) -> str:
 
 def sample_schema(config: RunConfig) -> pa.Schema:
     """The shards' schema: SAMPLE_SCHEMA, with `train.masked_loss` the masks' `mask` column."""
-    return (
-        SAMPLE_SCHEMA.append(pa.field("mask", pa.binary()))
-        if config.train.masked_loss
-        else (SAMPLE_SCHEMA)
-    )
+    if not config.train.masked_loss:
+        return SAMPLE_SCHEMA
+    return SAMPLE_SCHEMA.append(pa.field("mask", pa.binary()))
 
 
 def _key_fields(row: SourceRow, duplicate: bool, max_bytes: int) -> dict[str, Any] | None:
