@@ -3,8 +3,10 @@
     python bench/tag_shuffle.py [--profile tiny-test] [--images 200] [--steps 40] [--shuffles 8]
 
 Builds the demo images with tag-style captions (each caption's words as comma-separated tags),
-runs the data stages and the latents stage twice (caption_shuffle off, on), then trains `--steps`
-steps from each cache and reports the steady steps/s of the loop (as `bench/train_step.py`).
+runs the data stages and the latents stage twice (caption_shuffle off, on), then times training
+steps (draws, caption encoding, UNet forward and backward, AdamW) from each cache in one process,
+`--steps` of each in turn for `--repeats` rounds (interleaved, so a busy machine slows both alike),
+and reports the median steps/s of each (one torch thread).
 
 sdflow's way (the captions kept beside the shards, the frozen text encoder run on the
 shuffled caption at every step) costs the encoder's forward pass per step and a few bytes of JSON
@@ -18,14 +20,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
+import time
 from pathlib import Path
 
+import torch
+from diffusers import DDPMScheduler
 from safetensors import safe_open
-from train_step import prepare, sdflow_loop  # bench/, beside this script
+from train_step import prepare  # bench/, beside this script
 
 from sdflow.data.sources.demo import make_demo_dataset
+from sdflow.models.components import build_unet, component_sources
 from sdflow.store.stageio import output_dir
+from sdflow.training.objective import diffusion_loss
+from sdflow.training.schedules import CachedBatches, collate
+from sdflow.training.tag_shuffle import with_caption_shuffle
 from tasks.latents import cache_latents
 
 
@@ -56,37 +66,63 @@ def cache_bytes(workdir: Path, manifest: dict) -> dict[str, float]:
     }
 
 
+def step_rates(runs: dict, workdir: Path, args) -> dict[str, float]:
+    """Median steps/s of each run's training step (one thread), the runs' rounds interleaved."""
+    torch.set_num_threads(1)
+    sources, unets, optimizers, generator = {}, {}, {}, torch.Generator().manual_seed(0)
+    for name, (config, upstream) in runs.items():
+        cached = CachedBatches(str(workdir), upstream["latents"])
+        parts = component_sources(config, upstream, str(workdir))
+        sources[name] = with_caption_shuffle(config, cached, parts, torch.device("cpu"), None)
+        unets[name] = build_unet(config.model).train()
+        optimizers[name] = torch.optim.AdamW(unets[name].parameters(), lr=1e-4)
+    scheduler = DDPMScheduler()
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(args.repeats):
+        for name, (config, _) in runs.items():
+            source = sources[name]
+            order = source.order(0, 16)
+            started = time.perf_counter()
+            for step in range(args.steps):
+                batch = collate([source.dataset[i] for i in order.batch(step)])
+                loss = diffusion_loss(
+                    unets[name], scheduler, source, batch, generator, config.train, "cpu"
+                )
+                loss.backward()
+                optimizers[name].step()
+                optimizers[name].zero_grad()
+            rates[name].append(args.steps / (time.perf_counter() - started))
+    return {name: statistics.median(values) for name, values in rates.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--profile", default="tiny-test")
     parser.add_argument("--images", type=int, default=200)
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=20, help="steps per round and run")
     parser.add_argument("--shuffles", type=int, default=8, help="N of the alternative")
-    parser.add_argument("--warmup", type=int, default=5, help="steps left out of the rate")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds of --steps each")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="sdflow-bench-tags-"))
     data = make_demo_dataset(workdir / "demo-data", count=args.images, size=32)
     tag_captions(data)
-    steps = [f"train.max_steps={args.steps}", f"train.checkpoint_every={args.steps}"]
-    plain, upstream = prepare(workdir, args.profile, data, ["train.batch_size=16", *steps])
+    plain, upstream = prepare(workdir, args.profile, data, ["train.batch_size=16"])
     shuffled = plain.model_copy(deep=True)
     shuffled.train.caption_shuffle = True
     inputs = {"caption": upstream["caption"], "autoencoder": upstream["autoencoder"]}
     shuffled_up = {**inputs, "latents": cache_latents(shuffled, inputs, str(workdir))}
     sizes = cache_bytes(workdir, upstream["latents"])
     shuffled_sizes = cache_bytes(workdir, shuffled_up["latents"])
-    rates = {
-        name: sdflow_loop(config, ups, workdir, run, args.warmup, False)
-        for run, (name, config, ups) in enumerate(
-            [("plain", plain, upstream), ("shuffle", shuffled, shuffled_up)]
-        )
-    }
+    rates = step_rates(
+        {"plain": (plain, upstream), "shuffle": (shuffled, shuffled_up)}, workdir, args
+    )
     extra = (args.shuffles - 1) * sizes["text_bytes_per_row"]
     result = {
         "profile": args.profile,
         "images": args.images,
         "steps": args.steps,
         "batch_size": 16,
+        "repeats": args.repeats,
         "plain_steps_per_second": round(rates["plain"], 2),
         "shuffle_steps_per_second": round(rates["shuffle"], 2),
         "step_time_ratio": round(rates["plain"] / rates["shuffle"], 2),
