@@ -31,8 +31,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sdflow.config import RunConfig
-from sdflow.data import imaging, netguard, sources
+from sdflow.data import imaging, masks, netguard, sources
 from sdflow.data.imaging import ImageSpec, Rejected, process_image
+from sdflow.data.masks import process_masked
 from sdflow.data.sources import (
     SAMPLE_SCHEMA,
     SourceRow,
@@ -71,6 +72,7 @@ INPUT_SCHEMA = pa.schema(
         ("length", pa.int64()),
         ("metadata", pa.string()),
         ("duplicate", pa.bool_()),
+        ("mask", pa.string()),
     ]
 )
 HINTS = {
@@ -91,6 +93,7 @@ _SOURCE_MODULES = (
     urls,
     webdataset,
     imaging,
+    masks,
     netguard,
 )  # their code is part of code_version
 # Failures a later build fetches again instead of reusing: they may pass tomorrow.
@@ -104,6 +107,8 @@ def download_key(config: RunConfig, upstream: dict[str, Manifest | None]) -> str
         "download": config.download.model_dump(exclude=SPEED_ONLY),
         "content": sources.fingerprint(config.source),
     }
+    if config.train.masked_loss:  # the shards carry each image's mask
+        settings["masked_loss"] = True
     return stageio.stage_key(STAGE, settings, [], code_version(__name__))
 
 
@@ -233,7 +238,7 @@ def download_shard(job: ShardJob) -> dict[str, Any]:
         outcomes, fetched = memo.outcomes(
             keys, lambda todo: run_async(lambda: run.some([rows[i] for i in todo], duplicates))
         )
-    kept = write_outcomes(job.build, job.index, keys, outcomes, SAMPLE_SCHEMA)
+    kept = write_outcomes(job.build, job.index, keys, outcomes, sample_schema(job.config))
     counts = {"rows": len(rows), "kept": kept.num_rows, "fetched": fetched}
     return {**counts, "span": span_since(started)}
 
@@ -241,20 +246,32 @@ def download_shard(job: ShardJob) -> dict[str, Any]:
 def rows_salt(config: RunConfig) -> str:
     """What a download row's key holds besides the row: the settings that shape it, the code."""
     settings = config.download.model_dump(exclude=SPEED_ONLY)
+    if config.train.masked_loss:
+        settings["masked_loss"] = True
     return stageio.stage_key(STAGE, settings, [], code_version(__name__))
+
+
+def sample_schema(config: RunConfig) -> pa.Schema:
+    """The shards' schema: SAMPLE_SCHEMA, with `train.masked_loss` the masks' `mask` column."""
+    if not config.train.masked_loss:
+        return SAMPLE_SCHEMA
+    return SAMPLE_SCHEMA.append(pa.field("mask", pa.binary()))
 
 
 def _key_fields(row: SourceRow, duplicate: bool, max_bytes: int) -> dict[str, Any] | None:
     """What decides a row's result: its URL, or the bytes of its image (a local file is read and
     hashed; one that cannot be read has no key, so its failure is never reused)."""
     content: bytes | str | None = row.data
-    if content is None and row.path:
-        span = None if row.offset is None else (row.offset, row.length or 0)
-        try:
+    try:
+        if content is None and row.path:
+            span = None if row.offset is None else (row.offset, row.length or 0)
             content = sha256(sources.read_inside(row.path, row.root, max_bytes, span)).hexdigest()
-        except Rejected:
-            return None
+        mask = row.mask and sha256(sources.read_inside(row.mask, row.root, max_bytes)).hexdigest()
+    except Rejected:
+        return None
     fields = {"id": row.id, "caption": row.caption, "source": row.source, "url": row.url}
+    if mask:  # an edited mask is fetched again
+        fields["mask"] = mask
     return {**fields, "content": content, "metadata": row.metadata, "duplicate": duplicate}
 
 
@@ -278,6 +295,7 @@ class ShardRun:
     ):
         self.build, self.pool, self.workers = build, pool, workers
         self.settings, self.source = config.download, config.source
+        self.masked = config.train.masked_loss
         self.spec = ImageSpec(
             self.settings.resolution,
             self.settings.resize_mode,
@@ -315,19 +333,23 @@ class ShardRun:
                 raise Rejected("missing_id", f"no {self.source.id_column!r} value")
             if duplicate:
                 raise Rejected("duplicate_id", f"{row.id!r} appeared in an earlier row")
-            encoded = await self._encoded(row)
+            encoded, mask = await self._encoded(row)
         except Rejected as exc:
             failure = {"reason": exc.reason, "detail": netguard.redact_text(exc.detail)[:500]}
             result = (False, {"id": row.id or row_id(row.index), "source": row.source, **failure})
         else:
-            result = (True, sample(row, encoded))
+            result = (True, sample(row, encoded) | ({"mask": mask} if self.masked else {}))
         return result
 
-    async def _encoded(self, row: SourceRow) -> imaging.Encoded:
+    async def _encoded(self, row: SourceRow) -> tuple[imaging.Encoded, bytes | None]:
+        """The processed image and, with `train.masked_loss`, its processed mask (or None)."""
         if self.fetcher is not None:
             data = await self.fetcher.fetch(row.url)
-            return await self.pool.run(process_image, data, self.spec)
-        return await self.pool.run(load_and_process, row, self.spec, self.settings.max_bytes)
+            if self.masked:
+                return await self.pool.run(process_masked, data, None, self.spec)
+            return await self.pool.run(process_image, data, self.spec), None
+        limit = self.settings.max_bytes
+        return await self.pool.run(load_and_process, row, self.spec, limit, self.masked)
 
 
 def sample(row: SourceRow, encoded: imaging.Encoded) -> dict:
@@ -345,8 +367,11 @@ def sample(row: SourceRow, encoded: imaging.Encoded) -> dict:
     }
 
 
-def load_and_process(row: SourceRow, spec: ImageSpec, max_bytes: int) -> imaging.Encoded:
-    """A local row (folder file, dataset bytes or path) read and processed in a worker thread."""
+def load_and_process(
+    row: SourceRow, spec: ImageSpec, max_bytes: int, masked: bool = False
+) -> tuple[imaging.Encoded, bytes | None]:
+    """A local row (folder file, dataset bytes or path) read and processed in a worker thread;
+    with `masked`, also its mask (`sdflow.data.masks`)."""
     data = row.data
     if data is None:
         if not row.path:
@@ -355,7 +380,19 @@ def load_and_process(row: SourceRow, spec: ImageSpec, max_bytes: int) -> imaging
         data = sources.read_inside(row.path, row.root, max_bytes, span)
     elif len(data) > max_bytes:
         raise Rejected("too_large", f"{len(data)} bytes > download.max_bytes {max_bytes}")
-    return process_image(data, spec)
+    if not masked:
+        return process_image(data, spec), None
+    return process_masked(data, read_mask_file(row, max_bytes), spec)
+
+
+def read_mask_file(row: SourceRow, max_bytes: int) -> bytes | None:
+    """The bytes of the row's mask file (None: it has none); `undecodable_mask` if unreadable."""
+    if row.mask is None:
+        return None
+    try:
+        return sources.read_inside(row.mask, row.root, max_bytes)
+    except Rejected as exc:
+        raise Rejected("undecodable_mask", f"{exc.reason}: {exc.detail}") from None
 
 
 def count_outputs(path: Path, names: list[str]) -> dict[str, Any]:

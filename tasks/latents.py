@@ -12,6 +12,9 @@ dropout. With `latents.mixed_precision: fp16` an SDXL VAE whose config sets `for
 in float32 (an fp16-safe `model.vae` without the flag encodes in fp16).
 A run that trains the text encoder (`train.text_encoder` lora or full) caches the captions' token ids
 `input_ids` instead (and the empty caption's), since its embeddings change at every step.
+With `train.caption_shuffle` every training shard keeps its captions beside it
+(`captions-XXXXX.json`) for the per-step shuffle; with `train.masked_loss` every row caches its
+mask (`mask`, cropped with its image, at latent size). See docs/tags-and-masks.md.
 For scratch models the tokenizer is trained here on the training captions and the (frozen, seeded)
 text encoder is built here; both are saved beside the shards for the train and evaluate stages.
 
@@ -93,6 +96,11 @@ VALIDATION = "validation/"  # the held-out split's latents shards, for the train
 ROW_COLUMNS = ("id", "image", "caption", "orig_width", "orig_height")
 
 
+def row_columns(config: RunConfig) -> tuple[str, ...]:
+    """ROW_COLUMNS, and with `train.masked_loss` the download stage's `mask` (PNG bytes)."""
+    return (*ROW_COLUMNS, "mask") if config.train.masked_loss else ROW_COLUMNS
+
+
 def _encoder_identity(config: RunConfig, upstream: dict[str, Manifest | None]) -> dict[str, Any]:
     """What decides the encoders' outputs: weights hashes, or the scratch config they are built from."""
     model = config.model
@@ -121,6 +129,9 @@ def latents_settings(config: RunConfig, upstream: dict[str, Manifest | None]) ->
     }
     if caption_key(config.train) == "input_ids":  # embeddings: the key stays as it was
         settings["captions"] = "input_ids"
+    for key in ("caption_shuffle", "masked_loss"):  # captions beside the shards; masks in them
+        if getattr(config.train, key):
+            settings[key] = True
     if config.model.max_sequence_length is not None:  # T5's length (sd3, flux)
         settings["max_sequence_length"] = config.model.max_sequence_length
     if config.model.quantize_text_encoder:  # T5's states from quantized weights
@@ -178,7 +189,7 @@ def _build(
         ids = pq.read_table(path, columns=["id"]).column("id").to_pylist()
         held = [is_held_out(i, config.eval.held_out_fraction) for i in ids]
         inputs, held_count = inputs + len(ids), held_count + sum(held)
-        reader = _TableReader(path)
+        reader = _TableReader(path, row_columns(config))
         splits = ((_rows(held, False), shards, ""), (_rows(held, True), held_out, VALIDATION))
         for rows, names, folder in splits:
             size = config.latents.shard_size
@@ -205,13 +216,13 @@ def _rows(held: list[bool], value: bool) -> list[int]:
 class _TableReader:
     """A caption shard's rows, read only when a latents shard of it is still missing."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, columns: tuple[str, ...]):
+        self.path, self.columns = path, columns
         self.table = None
 
     def rows(self, rows: list[int]) -> list[dict]:
         if self.table is None:
-            self.table = pq.read_table(self.path, columns=[*ROW_COLUMNS, "source"])
+            self.table = pq.read_table(self.path, columns=[*self.columns, "source"])
         return self.table.take(rows).to_pylist()
 
 
@@ -285,11 +296,12 @@ def _encode_shard(
 ) -> int:
     """Encode one shard's samples, reusing the rows an earlier build encoded (`sdflow.store.reuse`);
     the record, failures and stats first, the shard last (its existence = done). Returns how many
-    rows were encoded now. A held-out shard (under validation/) keeps its captions too.
+    rows were encoded now. A held-out shard (under validation/), and every shard with
+    `train.caption_shuffle`, keeps its captions too.
     """
     started = time.monotonic()
     captions = {s["id"]: s["caption"] or "" for s in samples}
-    keys = row_keys([{k: s.get(k) for k in ROW_COLUMNS} for s in samples], salt)
+    keys = row_keys([{k: s.get(k) for k in row_columns(config)} for s in samples], salt)
     memo = shared_memo(build.workdir, "latents", build.key)
     outcomes, encoded = memo.outcomes(
         keys,
@@ -313,8 +325,8 @@ def _encode_shard(
     (build.path / STATS / name).parent.mkdir(parents=True, exist_ok=True)
     write_json(build.path / STATS / f"{name}.json", stats)
     tensors = pack_rows([{k: v for k, v in row.items() if k != "id"} for row in kept])
-    if name.startswith(VALIDATION):
-        (build.path / VALIDATION).mkdir(exist_ok=True)
+    if name.startswith(VALIDATION) or config.train.caption_shuffle:  # shuffled at every step
+        (build.path / name).parent.mkdir(exist_ok=True)
         write_json(captions_path(build.path / name), [captions[i] for i in ids])
     write_latent_shard(build.path / name, tensors, ids)
     log.info(

@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 from sdflow.config.base import Precision, Section
 from sdflow.config.distributed import DistributedTraining
 from sdflow.config.prior import PriorPreservation
+from sdflow.config.tags import TagsAndMasks
 
 LrSchedule = Literal[
     "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
@@ -35,7 +36,7 @@ class FlowConfig(Section):
     )
 
 
-class TrainConfig(DistributedTraining):
+class TrainConfig(DistributedTraining, TagsAndMasks):
     """UNet training: from scratch, full fine-tune, or LoRA."""
 
     mode: Literal["full", "lora"] = "full"

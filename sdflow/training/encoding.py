@@ -27,6 +27,7 @@ from sdflow.models.components import encode_images
 from sdflow.models.families import Family, TextEncoders
 from sdflow.store.reuse import Outcome
 from sdflow.training.latent_data import caption_key
+from sdflow.training.masks import MaskError, bucket_mask, latent_mask
 from sdflow.training.schedules import same_shape
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -106,7 +107,8 @@ def encode_batch(
         try:
             image, row = crop_to_bucket(sample, encoders.buckets)
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            failures.append(failure_row(sample, "undecodable_image", exc))
+            reason = "bad_mask" if isinstance(exc, MaskError) else "undecodable_image"
+            failures.append(failure_row(sample, reason, exc))
             continue
         kept.append(row)
         pixels.append(image)
@@ -117,6 +119,10 @@ def encode_batch(
             views = encode_pixels(config, encoders, torch.stack([pixels[i] for i in members]))
         for j, i in enumerate(members):
             kept[i] |= {key: value[j : j + 1] for key, value in views.items()}
+    scale = 2 ** (len(encoders.vae.config.block_out_channels) - 1)
+    for row in kept:
+        if "mask" in row:  # train.masked_loss: at latent size, beside the latent
+            row["mask"] = latent_mask(row["mask"], scale)
     texts = encode_captions(config, encoders, [sample.pop("caption") for sample in kept])
     for i, row in enumerate(kept):
         row |= {key: value[i : i + 1] for key, value in texts.items()}
@@ -150,6 +156,8 @@ def crop_to_bucket(sample: dict, buckets: list[Bucket]) -> tuple[Tensor, dict[st
     }
     if len(buckets) > 1:
         row["bucket"] = torch.tensor([bucket], dtype=torch.int64)
+    if "mask" in sample:  # train.masked_loss: the mask cropped exactly as its image
+        row["mask"] = bucket_mask(sample["mask"], (width, height), bucket)
     return pixels, row
 
 

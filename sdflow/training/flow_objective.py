@@ -24,6 +24,7 @@ from torch import Tensor
 
 from sdflow.config import FlowConfig, RunConfig, TrainConfig
 from sdflow.models.components import ComponentSources, load_component
+from sdflow.training.masks import per_sample_mse
 from sdflow.training.objective import draw_inputs
 from sdflow.training.speed import memory_format
 
@@ -73,15 +74,18 @@ def loss_weights(weighting: str, sigmas: Tensor) -> Tensor:
     return torch.ones_like(sigmas)
 
 
-def loss_at(model, scheduler, latents, noise, indices, text, added, train: TrainConfig, family):
-    """The weighted flow-matching loss of given inputs (the step's, or validation's fixed ones)."""
+def loss_at(
+    model, scheduler, latents, noise, indices, text, added, train: TrainConfig, family, mask=None
+):
+    """The weighted flow-matching loss of given inputs (the step's, or validation's fixed ones);
+    `mask` [B, 1, h, w]: per-element loss weights (`sdflow.training.masks`)."""
     sigmas = scheduler.sigmas[indices.cpu()].to(latents.device, torch.float32)
     timesteps = scheduler.timesteps[indices.cpu()].to(latents.device)
     expanded = sigmas.view(-1, *[1] * (latents.dim() - 1))
     noisy = (1 - expanded) * latents + expanded * noise
     noisy = noisy.to(memory_format=memory_format(train))
     pred = family.predict(model, noisy, timesteps, text, added, train)
-    per_sample = ((pred.float() - (noise - latents).float()) ** 2).flatten(1).mean(dim=1)
+    per_sample = per_sample_mse(pred.float(), (noise - latents).float(), mask)
     return (loss_weights(train.flow.weighting, sigmas) * per_sample).mean()
 
 
@@ -96,5 +100,5 @@ def flow_loss(
     added = {key: value.to(device) for key, value in (inputs.added or {}).items()}
     return loss_at(
         model, scheduler, inputs.latents.to(device), inputs.noise.to(device),
-        inputs.timesteps, inputs.text.to(device), added, train, family,
+        inputs.timesteps, inputs.text.to(device), added, train, family, inputs.mask,
     )  # fmt: skip

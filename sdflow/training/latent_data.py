@@ -8,7 +8,10 @@ text projection); with the N sample ids in the metadata (`ids`, a JSON
 list) in row order. Ids travel with every row, so a latent is never paired with another sample's
 caption however the rows are shuffled. Every row also has `original_size` [N, 2] (height, width of
 the source image before the download resized it) and `crop_top_left` [N, 2] (top, left of the crop
-in the image resized to cover its bucket), int64, for SDXL's size and crop conditioning.
+in the image resized to cover its bucket), int64, for SDXL's size and crop conditioning. With
+`train.masked_loss` every row has `mask` [N, 1, h, w] (its loss weights at latent size, an image
+tensor like `mean`), and with `train.caption_shuffle` the training shards keep their captions
+beside them (`captions-XXXXX.json`, as held-out shards do; see `sdflow.training.tag_shuffle`).
 
 With aspect-ratio buckets (`latents.buckets`) a shard's rows have several shapes: `bucket` [N, 2]
 (width, height in pixels, int64) names each row's bucket, and the image tensors are stored per
@@ -41,7 +44,8 @@ from sdflow.models.components import image_to_tensor
 from sdflow.store.splits import is_held_out
 from sdflow.store.stageio import Manifest, output_dir, publish, shard_paths
 
-IMAGE_KEYS = ("mean", "std", "mean_flip", "std_flip")  # stored per bucket when bucketed
+# stored per bucket when bucketed; `mask` [N, 1, h, w]: train.masked_loss's loss weights
+IMAGE_KEYS = ("mean", "std", "mean_flip", "std_flip", "mask")
 # `pooled`: SDXL's pooled text projection [N, P]
 ROW_KEYS = ("text", "input_ids", "pooled", "original_size", "crop_top_left")
 LATENT_KEYS = (*IMAGE_KEYS, *ROW_KEYS)

@@ -67,6 +67,7 @@ from sdflow.training.speed import (
     fused_adamw,
     prepare_unet,
 )
+from sdflow.training.tag_shuffle import with_caption_shuffle
 from sdflow.training.text_training import param_groups, trained_parameters
 from sdflow.training.trainer import Progress, Trainer, TrainSummary, restore, save, summarize
 from sdflow.training.validation import Validator
@@ -116,6 +117,7 @@ def train_unet(
     compile_unet(accelerator.unwrap_model(trainer.unet), config.train)
     dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
     source = make_batches(config, upstream, workdir, sources, accelerator.device, dtype)
+    source = with_caption_shuffle(config, source, sources, accelerator.device, dtype)
     world, rank = accelerator.num_processes, accelerator.process_index
     trainer.prior = prior_batches(config, upstream, workdir, world, rank)  # DreamBooth class rows
     fit(trainer, source, scheduler, out_dir / CHECKPOINTS)

@@ -18,7 +18,9 @@ from diffusers.training_utils import compute_snr
 from torch import Tensor
 
 from sdflow.config import TrainConfig
+from sdflow.training.masks import loss_mask, per_sample_mse
 from sdflow.training.speed import memory_format
+from sdflow.training.tag_shuffle import shuffle_captions
 
 
 @dataclass
@@ -33,6 +35,7 @@ class StepInputs:
     text: Tensor  # [B, L, D] caption embeddings, or [B, L] token ids when the text encoder
     # trains (the empty prompt's where dropped)
     added: dict[str, Tensor] | None = None  # the UNet's added_cond_kwargs (SDXL), None for SD
+    mask: Tensor | None = None  # [B, 1, h, w] loss weights (train.masked_loss), None: all count
 
 
 def draw_inputs(
@@ -60,10 +63,11 @@ def draw_inputs(
         timesteps = torch.randint(0, steps, (size,), generator=generator)
     else:
         timesteps = draw_timesteps(size, generator)
+    batch = shuffle_captions(source, batch, generator, train)  # draws only with caption_shuffle
     dropped = drop.view(-1, *[1] * source.empty_prompt.dim())
     text = torch.where(dropped, source.empty_prompt, source.text(batch).cpu())
     added = source.added_conditioning(batch, drop)  # nothing random: SD's draws are unchanged
-    return StepInputs(flip, drop, latents, noise, timesteps, text, added)
+    return StepInputs(flip, drop, latents, noise, timesteps, text, added, loss_mask(batch, flip))
 
 
 def prediction_target(scheduler, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
@@ -93,7 +97,9 @@ def diffusion_loss(
         if added is not None:  # SDXL: the trained encoder's pooled projection, not a cached one
             added = {**added, "text_embeds": encoded[1]}
     pred = unet(noisy, timesteps, text, **added_kwargs(added, device)).sample
-    return weighted_mse(pred.float(), target.float(), scheduler, timesteps, train.snr_gamma)
+    return weighted_mse(
+        pred.float(), target.float(), scheduler, timesteps, train.snr_gamma, inputs.mask
+    )
 
 
 def added_kwargs(added: dict[str, Tensor] | None, device) -> dict[str, Any]:
@@ -103,10 +109,13 @@ def added_kwargs(added: dict[str, Tensor] | None, device) -> dict[str, Any]:
     return {"added_cond_kwargs": {key: value.to(device) for key, value in added.items()}}
 
 
-def weighted_mse(pred, target, scheduler, timesteps, snr_gamma: float | None) -> Tensor:
-    """MSE, optionally with min-SNR-gamma weights (Hang et al. 2023, arXiv 2303.09556)."""
-    if snr_gamma is None:
+def weighted_mse(pred, target, scheduler, timesteps, snr_gamma: float | None, mask=None) -> Tensor:
+    """MSE, optionally with min-SNR-gamma weights (Hang et al. 2023, arXiv 2303.09556) and per
+    element by a loss mask (`sdflow.training.masks`)."""
+    if snr_gamma is None and mask is None:
         return F.mse_loss(pred, target)
+    if snr_gamma is None:
+        return per_sample_mse(pred, target, mask).mean()
     snr = compute_snr(scheduler, timesteps)
     clipped = torch.clamp(snr, max=snr_gamma)
     # The paper's weight min(snr, gamma) is for predicting x0; predicting eps divides by snr, and
@@ -115,8 +124,7 @@ def weighted_mse(pred, target, scheduler, timesteps, snr_gamma: float | None) ->
         weights = clipped / (snr + 1)
     else:
         weights = clipped / snr
-    per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
-    return (per_sample * weights).mean()
+    return (per_sample_mse(pred, target, mask) * weights).mean()
 
 
 def loss_at(

@@ -80,6 +80,7 @@ class SourceRow:
     offset: int | None = None  # with `length`: the image is that span of `path` (a tar member)
     length: int | None = None
     metadata: str | None = None  # JSON object of source metadata fields, carried to the shards
+    mask: str | None = None  # path of the image's loss mask (folder: NAME.mask.png), inside root
 
 
 @dataclass

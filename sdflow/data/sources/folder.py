@@ -7,6 +7,8 @@ their relative POSIX path, which is also their stable id (unless `source.id_colu
 file's directory, plus a caption field). A missing caption is not an error here: the caption stays
 null and the filter / caption stages decide. The fingerprint hashes every image, sidecar and
 metadata file's content, so an image edited under the same name changes the stage key.
+A file named `<stem>.mask.png` is never an image: it is the loss mask of the image `<stem>.*`
+beside it (`train.masked_loss`, docs/tags-and-masks.md), hashed with it.
 
 Only regular files inside the folder are read: an image that is a FIFO, device or socket, or a
 symlink leading out of the folder, stays a row that fails with `not_a_regular_file` /
@@ -36,6 +38,7 @@ from sdflow.errors import UserError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 METADATA = "metadata.jsonl"
 READ_SUFFIXES = (*IMAGE_SUFFIXES, ".txt")
+MASK_SUFFIX = ".mask.png"  # NAME.mask.png: the loss mask of the image NAME.*
 
 
 @dataclass
@@ -45,6 +48,7 @@ class Layout:
     root: Path
     images: list[str] = field(default_factory=list)
     sidecars: dict[str, str] = field(default_factory=dict)  # image -> its .txt
+    masks: dict[str, str] = field(default_factory=dict)  # image -> its .mask.png
     metadata: list[str] = field(default_factory=list)
     refused: dict[str, str] = field(default_factory=dict)  # image -> why it is never read
 
@@ -55,6 +59,7 @@ def scan(source: SourceConfig) -> Layout:
         raise UserError(f"Image folder {root} (source.path) does not exist or is not a directory.")
     layout = Layout(root)
     texts: set[str] = set()
+    masks: set[str] = set()
     for directory, dirs, files in os.walk(root):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         rel_dir = PurePosixPath(Path(directory).relative_to(root).as_posix())
@@ -64,7 +69,10 @@ def scan(source: SourceConfig) -> Layout:
             if name.startswith(".") or not (lower.endswith(READ_SUFFIXES) or name == METADATA):
                 continue
             unsafe = unsafe_reason(root, root / rel)
-            if lower.endswith(IMAGE_SUFFIXES):
+            if lower.endswith(MASK_SUFFIX):
+                if not unsafe:
+                    masks.add(rel)
+            elif lower.endswith(IMAGE_SUFFIXES):
                 layout.images.append(rel)
                 if unsafe:
                     layout.refused[rel] = unsafe
@@ -85,13 +93,16 @@ def scan(source: SourceConfig) -> Layout:
         sidecar = PurePosixPath(image).with_suffix(".txt").as_posix()
         if sidecar in texts:
             layout.sidecars[image] = sidecar
+        mask = PurePosixPath(image).with_suffix(MASK_SUFFIX).as_posix()
+        if mask in masks:
+            layout.masks[image] = mask
     return layout
 
 
 def fingerprint(source: SourceConfig) -> str:
     layout = scan(source)
     readable = [image for image in layout.images if image not in layout.refused]
-    files = sorted({*readable, *layout.sidecars.values(), *layout.metadata})
+    files = sorted({*readable, *layout.sidecars.values(), *layout.masks.values(), *layout.metadata})
     refused = "".join(f"{rel}\0{why}\n" for rel, why in sorted(layout.refused.items()))
     return hash_files(layout.root, files) + (f":{hash_text(refused)}" if refused else "")
 
@@ -113,9 +124,11 @@ def iter_rows(source: SourceConfig, layout: Layout) -> Iterator[SourceRow]:
         sample_id = rel if source.id_column is None else record.get("id")
         path = layout.root / rel
         root = str(layout.root)
+        mask = str(layout.root / layout.masks[rel]) if rel in layout.masks else None
         yield SourceRow(
-            index, sample_id, clean_caption(caption), str(path), path=str(path), root=root
-        )
+            index, sample_id, clean_caption(caption), str(path), path=str(path), root=root,
+            mask=mask,
+        )  # fmt: skip
 
 
 def read_metadata(source: SourceConfig, layout: Layout) -> dict[str, dict[str, str | None]]:
