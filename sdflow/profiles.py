@@ -78,21 +78,36 @@ def load_profile(name_or_path: str, overrides: list[str] = ()) -> RunConfig:
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:
-    """`train.lr=1e-5` sets data['train']['lr']; the value is parsed as YAML, typed by the schema."""
+    """`train.lr=1e-5` sets data['train']['lr']; the value is parsed as YAML, typed by the schema.
+    A number indexes a list: `subsets.0.source.path=./chars` sets the first subset's path."""
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise ValueError(f"override {item!r} must look like section.key=value")
     parts = key.strip().split(".")
     node = data
     for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ValueError(f"override {item!r}: {part!r} is not a section")
-        node = child
+        node = _child(node, part, item)
+    if isinstance(node, list):
+        raise ValueError(f"override {item!r}: {parts[-1]!r} replaces a list entry; set its keys")
     try:
         node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         node[parts[-1]] = raw
+
+
+def _child(node: dict | list, part: str, item: str) -> Any:
+    """The section (or list entry) `part` of `node`, a new section where a mapping lacks it."""
+    if isinstance(node, list):
+        if not part.isdigit() or int(part) >= len(node):
+            raise ValueError(
+                f"override {item!r}: {part!r} is not an index of a list of {len(node)} entries"
+            )
+        child = node[int(part)]
+    else:
+        child = node.setdefault(part, {})
+    if not isinstance(child, dict | list):
+        raise ValueError(f"override {item!r}: {part!r} is not a section")
+    return child
 
 
 def describe_errors(exc: ValidationError) -> list[str]:

@@ -149,3 +149,12 @@ def test_finetune_demo_prompts_fit_the_demo_tokenizer_uncut(tmp_path):
         assert tokenizer.decode(inner) == text, text
         assert not set(inner) & set(tokenizer.all_special_ids), text
     assert 16 < longest <= demo.model.max_token_length
+
+
+def test_an_override_indexes_a_list_of_subsets(tmp_path):
+    (tmp_path / "chars").mkdir()
+    config = load_profile("character-lora", [f"subsets.0.source.path={tmp_path / 'chars'}"])
+    assert config.subsets[0].source.path == str(tmp_path / "chars")
+    assert config.subsets[0].repeats == 10  # the entry's other keys stay
+    with pytest.raises(ConfigError, match="'1' is not an index of a list of 1 entries"):
+        load_profile("character-lora", ["subsets.1.repeats=2"])

@@ -243,6 +243,9 @@ def class_info(config: RunConfig, encoders: encoding.Encoders) -> dict[str, Any]
         "scaling_factor": vae.scaling_factor,
         "shift_factor": getattr(vae, "shift_factor", None),
         "class_prompt": prior_of(config).class_prompt,
+        # SDXL's time ids: the class images are generated square at this side, uncropped
+        "resolution": config.download.resolution,
+        "vae_scale_factor": 2 ** (len(vae.block_out_channels) - 1),
     }
     if caption_key(config.train) == "input_ids":
         info["captions"] = "input_ids"

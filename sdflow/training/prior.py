@@ -74,13 +74,15 @@ def with_prior_loss(trainer: Any, scheduler: Any, loss: Tensor, micro: int) -> T
     prior: PriorBatches | None = getattr(trainer, "prior", None)
     if prior is None:
         return loss
+    # the class prompt is one sentence, cached encoded: tag shuffling is for the instance captions
+    train = trainer.train.model_copy(update={"caption_shuffle": False, "keep_tokens": 0})
     prior_loss = trainer.objective.loss(
         trainer.unet,
         scheduler,
         prior.source,
         prior.batch(micro),
         trainer.generator,
-        trainer.train,
+        train,
         trainer.accelerator.device,
         text_encoder=trainer.text_encoder,
         family=trainer.family,
