@@ -58,7 +58,10 @@ def test_bad_subsets_fail_with_key_value_and_what_is_allowed(two, items, message
 def test_a_missing_subset_folder_stops_the_run_before_any_work(two, tmp_path, capsys):
     """Like `source.path`, checked when a run starts (a profile names its data before it exists)."""
     missing = tmp_path / "missing"
-    items = [f"{{name: a, source: {{path: {two[0]}}}}}", f"{{name: b, source: {{path: {missing}}}}}"]
+    items = [
+        f"{{name: a, source: {{path: {two[0]}}}}}",
+        f"{{name: b, source: {{path: {missing}}}}}",
+    ]
     sets = [x for item in subsets(*items) for x in ("--set", item)]
     assert main(["run", "tiny-test", "--workdir", str(tmp_path / "work"), *sets]) == 2
     assert f"subsets[b].source.path '{missing}' does not exist" in capsys.readouterr().err
