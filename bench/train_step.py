@@ -1,7 +1,7 @@
 """Training throughput: sdflow's loop against diffusers' reference script, and cached vs on the fly.
 
     python bench/train_step.py --vs-reference [--steps 60] [--repeats 3] [--ema] [--cprofile]
-        [--reference-script PATH/train_text_to_image.py]
+        [--reference-script PATH/train_text_to_image.py] [--threads N]
     python bench/train_step.py [--profile tiny-cpu] [--steps 60] [--images 600]
 
 `--vs-reference` builds a tiny pretrained pipeline (the tiny-test architectures, saved with
@@ -16,7 +16,10 @@ process by `bench/step_timer.py` on the same pipeline folder and images, with th
 options set to the same work (32 px, batch 16, the profile's lr, constant, no checkpoints); both
 sides are then timed by the same `StepTimer` (step ends at the optimizer step; seconds inside the
 UNet's forward and `Accelerator.backward`), which also gives each side's share of the step
-outside the UNet's forward and backward. sdflow's
+outside the UNet's forward and backward. `--threads N` sets torch's threads on both sides (the
+script's through OMP_NUM_THREADS): on a machine with other work running, two threads per side
+spend much of a step waiting for each other (the script measured 1.2 steps/s with 2 threads and
+10.6 with 1, under one other busy process on 2 cores), so compare like with like. sdflow's
 figures are steady rates of the whole loop (data, step, logging, progress, checkpoints) from the
 end of step `--warmup` to the end of the last step, so one-off costs (first allocations, a
 `train.compile` build) stay out of both. `--cprofile` prints the top entries of a cProfile of one
@@ -36,6 +39,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
+import os
 import pstats
 import statistics
 import subprocess
@@ -45,6 +49,7 @@ import time
 from pathlib import Path
 from unittest import mock
 
+import torch
 from diffusers import DDPMScheduler
 from reference_loop import reference_step_ends  # bench/, beside this script
 from results import comparison, save
@@ -159,7 +164,8 @@ def timed_script(
     times = out.with_suffix(".json")
     timer_script = Path(__file__).with_name("step_timer.py")
     command = [sys.executable, str(timer_script), str(times), str(script), *flags]
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=env)
     return StepTimer(**json.loads(times.read_text()))
 
 
@@ -189,6 +195,7 @@ def versus_script(args, config, upstream, workdir: Path, pipeline: Path, data: P
         "train_text_to_image.py", round(median["script"]["steps_per_second"], 2), goal=1.0,
     )  # fmt: skip
     result = {"bench": "train_step vs diffusers' script", "steps": args.steps, "ema": args.ema,
+              "threads": args.threads or torch.get_num_threads(),
               "rounds": {"sdflow": ours, "script": theirs}, "median": median,
               "ratio": round(ratio, 3)}  # fmt: skip
     save("train-step-script" + ("-ema" if args.ema else ""), "train_step", [row], result)
@@ -196,6 +203,8 @@ def versus_script(args, config, upstream, workdir: Path, pipeline: Path, data: P
 
 
 def versus_reference(args) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     workdir = Path(tempfile.mkdtemp(prefix="sdflow-bench-ref-"))
     data = make_demo_dataset(workdir / "demo-data", count=args.images, size=32)
     pipeline = tiny_pipeline(data, workdir)
@@ -258,6 +267,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of the rate")
     parser.add_argument("--ema", action="store_true", help="--vs-reference: EMA on in both")
     parser.add_argument("--cprofile", action="store_true", help="--vs-reference: profile sdflow")
+    parser.add_argument("--threads", type=int, help="torch threads on both sides")
     parser.add_argument(
         "--reference-script",
         type=Path,
