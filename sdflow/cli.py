@@ -387,10 +387,27 @@ def _ready_workdir(path: str) -> Path:
 def _check_source(config: RunConfig) -> None:
     """Fail before any work when a local source is missing (hub names are checked when loaded);
     with `subsets`, each subset's."""
-    if config.source is not None:
-        _check_one_source(config.source, "source")
-    for subset in config.subsets or []:
-        _check_one_source(subset.source, f"subsets[{subset.name}].source")
+    sources = [("source", config.source)] if config.source is not None else []
+    sources += [(f"subsets[{s.name}].source", s.source) for s in config.subsets or []]
+    for key, source in sources:
+        _check_one_source(source, key)
+        if config.train.masked_loss and source.kind == "folder":
+            _check_mask_sizes(source, key)
+
+
+def _check_mask_sizes(source: SourceConfig, key: str) -> None:
+    """`train.masked_loss`: every NAME.mask.png of a folder has its image's size (headers only)."""
+    from sdflow.data.masks import mask_size_mismatches
+    from sdflow.data.sources.folder import scan
+
+    layout = scan(source)
+    pairs = [(layout.root / image, layout.root / mask) for image, mask in layout.masks.items()]
+    if wrong := mask_size_mismatches(pairs):
+        raise UserError(
+            f"train.masked_loss: {len(wrong)} mask file(s) in {key}.path {source.path!r} are not "
+            f"the size of their image ({'; '.join(wrong[:3])}{'; ...' if len(wrong) > 3 else ''}). "
+            "A NAME.mask.png must have the size of its image NAME.*: resize or remove it."
+        )
 
 
 def _check_one_source(source: SourceConfig, key: str) -> None:

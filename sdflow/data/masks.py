@@ -8,9 +8,11 @@ the image's geometry (`imaging.resize_image`: the same box and size, bicubic); t
 decoded at full size for that (no JPEG draft decoding), so both start from the same pixel grid.
 Later stages crop it with its image (`sdflow.training.masks.bucket_mask`).
 
-A mask that cannot be decoded fails its image's row (`undecodable_mask`); a mask of another size
-than its image fails it too (`mask_size`, both sizes in the detail): the size is only known once
-both are read, and one bad mask among thousands should cost its image, not the run.
+A mask that cannot be decoded fails its image's row (`undecodable_mask`). A folder's mask files of
+another size than their image stop the run before any work (`mask_size_mismatches`, run by `sdflow
+run` / `sdflow check`: image headers only); where a size is only known once both are read (the
+alpha channel, a source not checked up front) such a mask fails its image's row (`mask_size`, both
+sizes in the detail).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 from dataclasses import replace
+from pathlib import Path
 
 from PIL import Image, ImageOps
 
@@ -53,6 +56,31 @@ def process_masked(
             f"mask {layer.width}x{layer.height} but image {image.width}x{image.height} (upright)",
         )
     return stored, encode_image(resize_image(layer, spec.resolution, spec.resize_mode), "png")
+
+
+UPRIGHT_SWAPS = {5, 6, 7, 8}  # EXIF orientations that turn the image by 90 degrees
+
+
+def upright_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image file as `ImageOps.exif_transpose` turns it, from its header."""
+    with Image.open(path) as image:
+        width, height = image.size
+        turned = image.getexif().get(0x0112) in UPRIGHT_SWAPS
+    return (height, width) if turned else (width, height)
+
+
+def mask_size_mismatches(pairs: list[tuple[Path, Path]]) -> list[str]:
+    """'image: mask WxH, image WxH' for each (image, mask file) pair whose upright sizes differ."""
+    found = []
+    for image, mask in pairs:
+        try:
+            sizes = upright_size(mask), upright_size(image)
+        except OSError:  # unreadable: the download stage fails that row with its reason
+            continue
+        if sizes[0] != sizes[1]:
+            (mw, mh), (iw, ih) = sizes
+            found.append(f"{image.name}: mask {mw}x{mh}, image {iw}x{ih}")
+    return found
 
 
 def read_mask(data: bytes) -> Image.Image:
