@@ -121,7 +121,7 @@ def write_shard(base: Path, caption: Path, shard: int, size: int, records_only: 
     kept = rows[~failed]
     images = pa.array([PNG] * len(kept), pa.binary())
     kept_ids = ids.filter(pa.array(~failed))
-    pq.write_table(pa.table({"id": kept_ids, "image": images}), base / name)
+    pq.write_table(pa.table({"id": kept_ids, "image": images}), base / name, compression="zstd")
     words = pa.array(WORDS)
     captioned = {
         "id": kept_ids,
@@ -378,11 +378,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return []
     if args.workdir:
         Path(args.workdir).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="sdflow-bookkeeping-", dir=args.workdir) as tmp:
+    tmp = Path(tempfile.mkdtemp(prefix="sdflow-bookkeeping-", dir=args.workdir))
+    try:
         results = []
         for rows in args.rows:
-            results.append(measure(rows, args, Path(tmp)))
+            results.append(measure(rows, args, tmp))
             print(json.dumps(results[-1]), flush=True)  # each row count's result as it comes
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
     print(table(results))
     save("bookkeeping", "bookkeeping", summary_rows(results), results)
     print(json.dumps(results))
