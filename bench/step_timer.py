@@ -32,6 +32,7 @@ class StepTimer:
     ends: list[float] = field(default_factory=list)
     forward: list[float] = field(default_factory=list)
     backward: list[float] = field(default_factory=list)
+    optimizer: list[float] = field(default_factory=list)
     _forward: float = 0.0
     _backward: float = 0.0
 
@@ -60,8 +61,10 @@ class StepTimer:
 
     def _step_end(self, function):
         def wrapper(*args, **kwargs):
+            started = time.perf_counter()
             result = function(*args, **kwargs)
             self.ends.append(time.perf_counter())
+            self.optimizer.append(self.ends[-1] - started)
             self.forward.append(self._forward)
             self.backward.append(self._backward)
             self._forward = self._backward = 0.0
@@ -70,18 +73,28 @@ class StepTimer:
         return wrapper
 
     def summary(self, warmup: int) -> dict[str, float]:
-        """Steady steps/s after step `warmup`, and the shares of the step in forward/backward."""
+        """Steady steps/s after step `warmup`; the shares of the step in the UNet's forward and
+        backward, in the optimizer's step, and in everything else (data, noise, clipping, lr
+        schedule, logging: the loop's own overhead)."""
         span = self.ends[-1] - self.ends[warmup - 1]
         forward, backward = sum(self.forward[warmup:]), sum(self.backward[warmup:])
+        optimizer = sum(self.optimizer[warmup:])
         return {
             "steps_per_second": (len(self.ends) - warmup) / span,
             "forward_share": forward / span,
             "backward_share": backward / span,
             "outside_share": 1 - (forward + backward) / span,
+            "optimizer_share": optimizer / span,
+            "loop_share": 1 - (forward + backward + optimizer) / span,
         }
 
     def as_json(self) -> dict[str, list[float]]:
-        return {"ends": self.ends, "forward": self.forward, "backward": self.backward}
+        return {
+            "ends": self.ends,
+            "forward": self.forward,
+            "backward": self.backward,
+            "optimizer": self.optimizer,
+        }
 
 
 def main() -> None:
