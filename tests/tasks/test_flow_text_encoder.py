@@ -102,8 +102,9 @@ def test_sd3_trains_both_clip_loras_resumes_bitwise_and_loads(tiny_sd3, tmp_path
     assert not np.allclose(generate(pipe), generate(base), atol=1e-3)
 
 
-def test_flux_trains_its_clip_lora_and_loads(tiny_flux, tmp_path):
-    _, _, _, manifest = trained_run(tiny_flux, tmp_path, "train.mixed_precision=bf16")
+def test_flux_trains_its_clip_lora_with_shuffled_captions_and_loads(tiny_flux, tmp_path):
+    options = ["train.mixed_precision=bf16", "train.caption_shuffle=true", "train.keep_tokens=1"]
+    _, _, _, manifest = trained_run(tiny_flux, tmp_path, *options)
     last = trained_text_weights(tmp_path, manifest, 4)
     assert last and all(n.startswith("encoders.0.") and "lora" in n for n in last)
     assert trained_away_from_zero(last)
