@@ -92,8 +92,10 @@ def build_trainable_text_encoder(
     if train.text_encoder == "frozen":
         return None
     family = family_of(config)
-    encoders = family.load_text(sources, config).encoders
-    for index, encoder in enumerate(encoders):
+    dtype = weight_dtype if train.text_encoder == "lora" else None  # SD3/Flux: T5's, frozen
+    encoders = family.load_text(sources, config, dtype).encoders
+    trained = getattr(family, "trained_text_count", len(encoders))  # sd3, flux: the CLIPs
+    for index, encoder in enumerate(encoders[:trained]):
         if train.text_encoder == "lora":
             encoder.requires_grad_(False)
             encoder.to(dtype=weight_dtype)  # frozen weights in the compute dtype; LoRA's stay fp32

@@ -27,6 +27,7 @@ from sdflow.models.components import ComponentSources, load_component
 from sdflow.training.masks import per_sample_mse
 from sdflow.training.objective import draw_inputs
 from sdflow.training.speed import memory_format
+from sdflow.training.text_training import encode_trained
 
 
 def noise_scheduler(
@@ -97,8 +98,9 @@ def flow_loss(
     steps = scheduler.config.num_train_timesteps
     draw = partial(draw_indices, train.flow, steps)
     inputs = draw_inputs(scheduler, source, batch, generator, train, draw_timesteps=draw)
-    added = {key: value.to(device) for key, value in (inputs.added or {}).items()}
+    added = {k: v.to(device) for k, v in (inputs.added or {}).items() if v is not None}
+    text, added = encode_trained(text_encoder, inputs.text.to(device), added)
     return loss_at(
         model, scheduler, inputs.latents.to(device), inputs.noise.to(device),
-        inputs.timesteps, inputs.text.to(device), added, train, family, inputs.mask,
+        inputs.timesteps, text, added, train, family, inputs.mask,
     )  # fmt: skip

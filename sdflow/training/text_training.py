@@ -10,6 +10,8 @@ same mixed-precision autocast), with gradients. `lora` adds a rank-`train.lora_r
 EMA averages the UNet only; the exported text encoder is the last step's. Gradient checkpointing
 (`train.gradient_checkpointing`) applies to the UNet only. SDXL trains both its encoders this way,
 as one module (`sdflow.models.families.sdxl.DualTextEncoder`), the second adapter seeded apart.
+SD3 and Flux train LoRA on their CLIP encoder(s) with T5 frozen, run every step
+(`sdflow.models.families.flow.FlowTextEncoder`; `encode_trained` in the flow objective).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from sdflow.config import TrainConfig
 
@@ -33,3 +36,12 @@ def param_groups(
         return unet_params
     text_lr = train.text_encoder_lr or train.lr
     return [{"params": unet_params, "lr": train.lr}, {"params": text_params, "lr": text_lr}]
+
+
+def encode_trained(text_encoder, ids: Tensor, added: dict[str, Tensor]) -> tuple[Tensor, dict]:
+    """The flow families' conditioning from the step's token ids with the trained encoders
+    (states, and `pooled_projections` replacing the cached pooled); unchanged when frozen."""
+    if text_encoder is None:
+        return ids, added
+    states, pooled = text_encoder(ids)
+    return states, {**added, "pooled_projections": pooled}

@@ -6,6 +6,12 @@ the DDPM families' options.
 T5 states are large (`max_sequence_length` x 4,096 values per caption for T5-XXL), so the latents
 stage stores a flow family's caption states in the training precision (`train.mixed_precision`:
 bf16 or fp16 halves them) rather than `latents.dtype`.
+
+`train.text_encoder: lora` trains a LoRA on the CLIP encoder(s) (SD3: both, Flux: its one), as
+diffusers' DreamBooth LoRA scripts do with `--train_text_encoder`; T5 stays frozen. The cache
+then holds each caption's token ids, the CLIP tokenizers' and T5's side by side (`input_ids`,
+[B, 77 (x2 for SD3) + L]); `FlowTextEncoder` splits them and computes at every step what
+`encode_prompts` caches (`conditioning`), the CLIPs with gradients, T5 without.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import T5EncoderModel, T5TokenizerFast
 
 from sdflow.config import RunConfig
@@ -60,10 +66,11 @@ class FlowFamily:
                 f"train.cache_latents is false but the model is {label}: its pooled and T5 states "
                 "come from the latents cache; allowed: true."
             )
-        if train.text_encoder != "frozen":
+        if train.text_encoder == "full":
             raise UserError(
-                f"train.text_encoder is {train.text_encoder!r} but the model is {label}: training "
-                "its text encoders is not supported yet; allowed: 'frozen' (cached states)."
+                f"train.text_encoder is 'full' but the model is {label}: fully training its "
+                "CLIP and T5 encoders is not supported; allowed: 'frozen' (cached states) or "
+                "'lora' (with train.mode: lora; LoRA on the CLIP encoders, T5 frozen)."
             )
         if train.attention != "default":
             raise UserError(
@@ -103,14 +110,43 @@ class FlowFamily:
         )
         return tokenizer, encoder.requires_grad_(False).eval()
 
+    @property
+    def trained_text_count(self) -> int:
+        """The leading text encoders `train.text_encoder: lora` trains: the CLIPs, not T5."""
+        return len(self.text_parts) // 2 - 1
+
+    def conditioning(self, clips: list[Any], t5: Tensor) -> dict[str, Tensor]:
+        """The cached `text` and `pooled` of the CLIPs' outputs and T5's states."""
+        raise NotImplementedError
+
+    def encode_prompts(self, text: TextEncoders, prompts: list[str]) -> dict[str, Tensor]:
+        count = self.trained_text_count
+        parts = zip(text.tokenizers[:count], text.encoders[:count], strict=True)
+        clips = [clip_outputs(tokenizer, encoder, prompts) for tokenizer, encoder in parts]
+        t5 = t5_states(text.tokenizers[-1], text.encoders[-1], prompts, text.sequence_length)
+        return self.conditioning(clips, t5)
+
     def tokenize(self, text: TextEncoders, prompts: list[str]) -> Tensor:
-        raise UserError(f"{self.label()} trains with frozen, cached text encoders only.")
+        """The CLIP tokenizers' ids and T5's, side by side ([B, 77 (x2) + L])."""
+        from sdflow.models.components import tokenize_prompts
 
-    def trainable_text(self, encoders: list[Any]) -> Any:
-        raise UserError(f"{self.label()} trains with frozen, cached text encoders only.")
+        count = self.trained_text_count
+        for tokenizer, encoder in zip(text.tokenizers[:count], text.encoders[:count], strict=True):
+            if tokenizer.model_max_length != encoder.config.max_position_embeddings:
+                raise UserError(
+                    f"The CLIP tokenizer of {self.label()} pads to {tokenizer.model_max_length} "
+                    f"tokens but its encoder takes {encoder.config.max_position_embeddings}: "
+                    "train.text_encoder: lora needs them equal; use 'frozen'."
+                )
+        clips = [tokenize_prompts(tokenizer, prompts) for tokenizer in text.tokenizers[:count]]
+        t5 = t5_ids(text.tokenizers[-1], prompts, text.sequence_length)
+        return torch.cat([*clips, t5], dim=1)
 
-    def text_modules(self, trainable: Any) -> list[Any]:
-        return []
+    def trainable_text(self, encoders: list[Any]) -> FlowTextEncoder:
+        return FlowTextEncoder(self, encoders[:-1], encoders[-1])
+
+    def text_modules(self, trainable: FlowTextEncoder) -> list[Any]:
+        return list(trainable.encoders)  # the trained CLIPs, in pipeline order (no T5)
 
     def pipeline(self, unet, vae, text: TextEncoders | None, scheduler) -> Any:
         """The pipeline of these components; without `text` its tokenizers and encoders are None
@@ -137,9 +173,36 @@ class FlowFamily:
         return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.train.mixed_precision)
 
 
-def t5_states(tokenizer: Any, encoder: Any, prompts: list[str], length: int) -> Tensor:
-    """T5's last hidden states [B, length, D], as both pipelines' `_get_t5_prompt_embeds`."""
-    ids = tokenizer(
+class FlowTextEncoder(nn.Module):
+    """The trained CLIP(s) and frozen T5 as one module: ids [B, 77 (x2) + L] (`tokenize`) ->
+    (`text`, `pooled`) as `encode_prompts` computes them; gradients reach the CLIPs only."""
+
+    def __init__(self, family: FlowFamily, clips: list[Any], t5: Any):
+        super().__init__()
+        self.family = family
+        self.encoders = nn.ModuleList(clips)
+        self.t5 = t5.requires_grad_(False).eval()
+
+    def forward(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        outputs, start = [], 0
+        for encoder in self.encoders:
+            length = encoder.config.max_position_embeddings
+            outputs.append(encoder(ids[:, start : start + length], output_hidden_states=True))
+            start += length
+        with torch.no_grad():
+            t5 = self.t5(ids[:, start:])[0]
+        encoded = self.family.conditioning(outputs, t5)
+        return encoded["text"], encoded["pooled"]
+
+    def train(self, mode: bool = True) -> FlowTextEncoder:
+        super().train(mode)
+        self.t5.eval()  # frozen: no dropout, as diffusers' scripts leave it
+        return self
+
+
+def t5_ids(tokenizer: Any, prompts: list[str], length: int) -> Tensor:
+    """T5's token ids [B, length], as both pipelines' `_get_t5_prompt_embeds` make them."""
+    return tokenizer(
         list(prompts),
         padding="max_length",
         max_length=length,
@@ -147,6 +210,11 @@ def t5_states(tokenizer: Any, encoder: Any, prompts: list[str], length: int) -> 
         add_special_tokens=True,
         return_tensors="pt",
     ).input_ids
+
+
+def t5_states(tokenizer: Any, encoder: Any, prompts: list[str], length: int) -> Tensor:
+    """T5's last hidden states [B, length, D], as both pipelines' `_get_t5_prompt_embeds`."""
+    ids = t5_ids(tokenizer, prompts, length)
     return encoder(ids.to(next(encoder.parameters()).device))[0]
 
 

@@ -20,7 +20,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from sdflow.config import RunConfig
 from sdflow.models.components import load_component
 from sdflow.models.families import TextEncoders
-from sdflow.models.families.flow import FlowFamily, clip_outputs, t5_states
+from sdflow.models.families.flow import FlowFamily
 
 
 def pack_latents(latents: Tensor) -> Tensor:
@@ -66,10 +66,8 @@ class Flux(FlowFamily):
             [tokenizer, t5_tokenizer], [clip.requires_grad_(False).eval(), t5], length
         )
 
-    def encode_prompts(self, text: TextEncoders, prompts: list[str]) -> dict[str, Tensor]:
-        pooled = clip_outputs(text.tokenizers[0], text.encoders[0], prompts).pooler_output
-        t5 = t5_states(text.tokenizers[1], text.encoders[1], prompts, text.sequence_length)
-        return {"text": t5, "pooled": pooled}
+    def conditioning(self, clips: list[Any], t5: Tensor) -> dict[str, Tensor]:
+        return {"text": t5, "pooled": clips[0].pooler_output}
 
     def added_conditioning(self, rows, pooled, latent_hw, info) -> dict[str, Tensor]:
         return {"pooled_projections": pooled}

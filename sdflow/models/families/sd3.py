@@ -20,7 +20,7 @@ from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 from sdflow.config import RunConfig
 from sdflow.models.components import load_component
 from sdflow.models.families import TextEncoders
-from sdflow.models.families.flow import FlowFamily, clip_outputs, t5_states
+from sdflow.models.families.flow import FlowFamily
 
 CLIPS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
 
@@ -48,13 +48,9 @@ class StableDiffusion3(FlowFamily):
         length = self.sequence_length(config, t5_tokenizer)
         return TextEncoders([*tokenizers, t5_tokenizer], [*encoders, t5], length)
 
-    def encode_prompts(self, text: TextEncoders, prompts: list[str]) -> dict[str, Tensor]:
-        states, pooled = [], []
-        for tokenizer, encoder in zip(text.tokenizers[:2], text.encoders[:2], strict=True):
-            out = clip_outputs(tokenizer, encoder, prompts)
-            pooled.append(out[0])
-            states.append(out.hidden_states[-2])
-        t5 = t5_states(text.tokenizers[2], text.encoders[2], prompts, text.sequence_length)
+    def conditioning(self, clips: list[Any], t5: Tensor) -> dict[str, Tensor]:
+        pooled = [out[0] for out in clips]
+        states = [out.hidden_states[-2] for out in clips]
         clip = torch.cat(states, dim=-1)
         clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return {
