@@ -51,6 +51,8 @@ ROW_KEYS = ("text", "input_ids", "pooled", "original_size", "crop_top_left")
 LATENT_KEYS = (*IMAGE_KEYS, *ROW_KEYS)
 EMPTY_PROMPT = "empty_prompt.safetensors"
 CACHED_TABLES = 8  # caption shards `CaptionedImages` keeps decoded in memory
+# a latents cache at most this large on disk is held in memory while training (per data worker)
+RESIDENT_BYTES = 512 * 2**20
 
 
 def caption_key(train: TrainConfig) -> str:
@@ -192,11 +194,21 @@ class CachedLatents(Dataset):
     row's image tensors have its bucket's shape.
 
     Shards are opened lazily (memory-mapped, a row is read on demand) and the most recently used
-    stay open with their tensors' slice handles, so a row is one read per tensor.
+    stay open with their tensors' slice handles, so a row is one read per tensor. A cache of at
+    most `resident_bytes` on disk (a fine-tune's few hundred images) is read whole into memory
+    instead, a shard at first use: a row is then indexing, not one file read per tensor (0.29 ms
+    of reads per row at 32 px, 4.6 ms of a batch of 16: `bench/train_step.py`).
     """
 
-    def __init__(self, workdir: str | Path, manifest: Manifest, open_shards: int = 32):
+    def __init__(
+        self,
+        workdir: str | Path,
+        manifest: Manifest,
+        open_shards: int = 32,
+        resident_bytes: int = RESIDENT_BYTES,
+    ):
         self.paths = shard_paths(workdir, manifest)
+        self.resident = sum(os.path.getsize(p) for p in self.paths) <= resident_bytes
         rows = manifest.get("info", {}).get("rows_per_shard")
         if rows is None or len(rows) != len(self.paths):
             rows = [len(read_shard_ids(p)) for p in self.paths]
@@ -238,12 +250,15 @@ class CachedLatents(Dataset):
             self._open.move_to_end(shard)
             return self._open[shard]
         handle = safe_open(str(self.paths[shard]), framework="pt")
-        slices = {key: handle.get_slice(key) for key in handle.keys()}  # noqa: SIM118
+        if self.resident:  # every tensor read now; the rows slice them in memory
+            slices = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        else:
+            slices = {key: handle.get_slice(key) for key in handle.keys()}  # noqa: SIM118
         ids = json.loads(handle.metadata()["ids"])
         buckets = handle.get_tensor("bucket") if "bucket" in slices else None
         entry = (slices, ids, bucket_positions(buckets, len(ids)))
         self._open[shard] = entry
-        while len(self._open) > self.open_shards:
+        while not self.resident and len(self._open) > self.open_shards:
             self._open.popitem(last=False)
         return entry
 

@@ -50,10 +50,13 @@ def latents_stage(workdir, sizes: list[int], flip: bool = True, rows_info: bool 
     return build_stage(workdir, "latents", f"fixture-{sizes}-{flip}-{rows_info}", work)
 
 
-@pytest.mark.parametrize("rows_info", [True, False])
-def test_cached_latents_index_across_shards(tmp_path, rows_info):
+@pytest.mark.parametrize(("rows_info", "resident_bytes"), [(True, 0), (False, 0), (True, 2**20)])
+def test_cached_latents_index_across_shards(tmp_path, rows_info, resident_bytes):
+    """Rows read per tensor from the files (0: no cache is small enough to hold), or sliced from
+    shards held in memory."""
     manifest = latents_stage(tmp_path, [3, 0, 5, 2], rows_info=rows_info)
-    data = CachedLatents(tmp_path, manifest, open_shards=1)
+    data = CachedLatents(tmp_path, manifest, open_shards=1, resident_bytes=resident_bytes)
+    assert data.resident == bool(resident_bytes)
     assert len(data) == 10
     assert data.starts == [0, 3, 3, 8, 10]
     for k in [9, 0, 4, 3, 8, 2]:  # random order, across shards, with a one-shard cache
