@@ -61,8 +61,12 @@ bench: $(STAMP)
 	$(BENCH) bench/download.py --images 5000 --repeats 3 --shard-processes --small-host --image-cache $(BENCH_RESULTS)/images
 	$(BENCH) bench/download.py --images 5000 --repeats 3 --per-host 16 --image-cache $(BENCH_RESULTS)/images
 	$(BENCH) bench/download.py --images 5000 --repeats 3 --per-host 16 --small-host --image-cache $(BENCH_RESULTS)/images
+	$(BENCH) bench/download_mix.py --images 2000 --repeats 3
 	$(BENCH) bench/image_format.py
 	OMP_NUM_THREADS=1 $(BENCH) bench/train_step.py --vs-reference --repeats 5
+	# with a diffusers checkout: REFERENCE_SCRIPT=.../examples/text_to_image/train_text_to_image.py
+	test -z "$(REFERENCE_SCRIPT)" || $(BENCH) bench/train_step.py --vs-reference --repeats 5 \
+		--steps 200 --warmup 10 --threads 1 --reference-script $(REFERENCE_SCRIPT)
 	$(BENCH) bench/data_scale.py --rows 2000 20000
 	$(BENCH) bench/flow_scale.py --rows 20000
 	$(BENCH) bench/bookkeeping.py --rows 1000000 10000000
