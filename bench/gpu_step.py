@@ -1,4 +1,4 @@
-"""Training-step throughput and peak GPU memory of a profile, on the real UNet architecture.
+"""Training-step throughput and peak GPU memory of a profile, on the real UNet or transformer.
 
     python bench/gpu_step.py --profile sd15-lora-12gb [--steps 20] [--batch-size N]
     python bench/gpu_step.py --profile sd15-finetune-24gb --memory-options
@@ -7,6 +7,7 @@
     python bench/gpu_step.py --profile sdxl-finetune-80gb    # SDXL UNet, full + EMA, 1024 px
     python bench/gpu_step.py --profile sdxl-lora-24gb --build-only   # parameter count, no step
     python bench/gpu_step.py --profile flux-dev-lora-24gb --build-only   # + training-state memory
+    python bench/gpu_step.py --profile sd35-medium-lora-24gb   # SD 3.5 / Flux: bench/flow_step.py
 
 Builds the UNet of the profile's base model FROM CONFIG with random weights (no download: the SD 1.5,
 SD 2.1 and SDXL base architectures are written out below; SDXL's takes random pooled embeddings and
@@ -202,7 +203,8 @@ def main() -> None:
         print(json.dumps({"profile": args.profile, "transformer": flow[0], **counts, **memory}))
         return
     if flow is not None:
-        raise SystemExit(f"{args.profile}: the timed step is UNet-only; use --build-only")
+        _print(measure_flow_profile(config, flow, args))
+        return
     if args.build_only:
         architecture = unet_config(load_profile(args.profile, args.overrides))
         print(json.dumps({"profile": args.profile, "unet_params": parameter_count(architecture)}))
@@ -221,6 +223,25 @@ def main() -> None:
         _print(result)
     if len(results) > 1 and not torch.cuda.is_available():
         print("(no CUDA: adamw8bit variants skipped, peak GPU memory not measured)")
+
+
+def measure_flow_profile(config, flow: tuple[str, dict], args) -> dict:
+    """Images/s and peak GPU memory of the flow profile's transformer (`bench/flow_step.py`)."""
+    from flow_step import measure_flow  # bench/, beside this script
+
+    class_name, architecture = flow
+    architecture = {**architecture, **args.transformer}  # --transformer: a smaller one on a CPU
+    accelerator = make_accelerator(config.train, _scratch_dir())
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    done = measure_flow(config, class_name, architecture, args, accelerator)
+    batch_size = args.batch_size or config.train.batch_size
+    resolution = args.resolution or config.download.resolution
+    result = _report(args, config, batch_size, resolution, done["params"], done["seconds"],
+                     done["loss"])  # fmt: skip
+    result |= {"transformer": class_name, "quantize_applied": False, "variant": "as configured"}
+    return result
 
 
 def memory_variants(cuda: bool) -> dict[str, list[str]]:
@@ -384,6 +405,10 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument(
         "--with-compile", action="store_true", help="--speed-options: torch.compile too (CPU)"
     )
+    parser.add_argument(
+        "--transformer", type=json.loads, default={}, metavar="JSON",
+        help='flow profiles: override the transformer config, e.g. \'{"num_layers": 1}\' on a CPU',
+    )  # fmt: skip
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="K=V",
         help="override the profile, e.g. --set train.mixed_precision=no on a CPU",
