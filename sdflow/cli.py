@@ -387,10 +387,13 @@ def _ready_workdir(path: str) -> Path:
 def _check_source(config: RunConfig) -> None:
     """Fail before any work when a local source is missing (hub names are checked when loaded);
     with `subsets`, each subset's."""
-    sources = [("source", config.source)] if config.source is not None else []
-    sources += [(f"subsets[{s.name}].source", s.source) for s in config.subsets or []]
-    for key, source in sources:
-        _check_one_source(source, key)
+    sources = [("source", config.source, "source")] if config.source is not None else []
+    sources += [
+        (f"subsets[{s.name}].source", s.source, f"subsets.{i}.source")
+        for i, s in enumerate(config.subsets or [])
+    ]
+    for key, source, setting in sources:
+        _check_one_source(source, key, setting)
         if config.train.masked_loss and source.kind == "folder":
             _check_mask_sizes(source, key)
 
@@ -410,10 +413,12 @@ def _check_mask_sizes(source: SourceConfig, key: str) -> None:
         )
 
 
-def _check_one_source(source: SourceConfig, key: str) -> None:
+def _check_one_source(source: SourceConfig, key: str, setting: str) -> None:
     path = Path(source.path)
     if source.kind in ("folder", "urls") and not path.exists():
-        hint = " Build the demo dataset with `sdflow demo`." if "demo-data" in source.path else ""
+        hint = f" Point it at your data: --set {setting}.path=PATH."
+        if "demo-data" in source.path:
+            hint = " Build the demo dataset with `sdflow demo`."
         raise UserError(
             f"{key}.path {source.path!r} does not exist ({key}.kind is {source.kind!r}).{hint}"
         )
