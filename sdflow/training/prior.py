@@ -25,7 +25,7 @@ from typing import Any
 
 from torch import Tensor
 
-from sdflow.config import RunConfig
+from sdflow.config import RunConfig, TrainConfig
 from sdflow.errors import UserError
 from sdflow.store.stageio import Manifest
 from sdflow.training.latent_data import caption_key
@@ -41,6 +41,7 @@ class PriorBatches:
     source: CachedBatches
     order: EpochOrder
     weight: float
+    train: TrainConfig  # the run's, tag shuffling off: the class prompt is one cached sentence
     world: int = 1
     rank: int = 0
 
@@ -65,7 +66,8 @@ def prior_batches(
         )
     source = CachedBatches(workdir, manifest, caption_key(config.train))
     order = source.order(config.train.seed + ORDER_SALT, config.train.batch_size)
-    return PriorBatches(source, order, prior.loss_weight, world, rank)
+    unshuffled = config.train.model_copy(update={"caption_shuffle": False, "keep_tokens": 0})
+    return PriorBatches(source, order, prior.loss_weight, unshuffled, world, rank)
 
 
 def with_prior_loss(trainer: Any, scheduler: Any, loss: Tensor, micro: int) -> Tensor:
@@ -74,15 +76,13 @@ def with_prior_loss(trainer: Any, scheduler: Any, loss: Tensor, micro: int) -> T
     prior: PriorBatches | None = getattr(trainer, "prior", None)
     if prior is None:
         return loss
-    # the class prompt is one sentence, cached encoded: tag shuffling is for the instance captions
-    train = trainer.train.model_copy(update={"caption_shuffle": False, "keep_tokens": 0})
     prior_loss = trainer.objective.loss(
         trainer.unet,
         scheduler,
         prior.source,
         prior.batch(micro),
         trainer.generator,
-        train,
+        prior.train,
         trainer.accelerator.device,
         text_encoder=trainer.text_encoder,
         family=trainer.family,
