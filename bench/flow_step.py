@@ -12,8 +12,6 @@ load; the step then holds the frozen base in the compute dtype) and `train.maste
 
 from __future__ import annotations
 
-import time
-
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -70,20 +68,16 @@ def build_transformer(class_name: str, architecture: dict, config, device, dtype
     return model
 
 
-def measure_flow(config, class_name: str, architecture: dict, args, accelerator) -> dict:
-    """Seconds of `args.steps` steps (after `args.warmup`) and the trained parameter count."""
+def flow_training_step(config, class_name: str, architecture: dict, args, accelerator, dtype):
+    """(one training step of the profile's transformer, returning its loss; the trained
+    parameters): `bench/gpu_step.py` times it as it times the UNet profiles' step."""
     train, device = config.train, accelerator.device
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
-        train.mixed_precision, torch.float32
-    )
     model = build_transformer(class_name, architecture, config, device, dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     model, optimizer = accelerator.prepare(model, make_optimizer(train, params, False))
     flux = class_name.startswith("Flux")
     family = get_family("flux" if flux else "sd3")
-    t5_tokens = config.model.max_sequence_length or (
-        512 if flux else 256
-    )  # the pipelines' defaults
+    t5_tokens = config.model.max_sequence_length or (512 if flux else 256)  # pipeline defaults
     tokens = t5_tokens + (0 if flux else CLIP_TOKENS)
     size = (args.resolution or config.download.resolution) // 8
     source = RandomFlowLatents(
@@ -102,16 +96,4 @@ def measure_flow(config, class_name: str, architecture: dict, args, accelerator)
         optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
 
-    for _ in range(args.warmup):
-        step()
-    synchronize()
-    started = time.perf_counter()
-    for _ in range(args.steps):
-        loss = step()
-    synchronize()
-    return {"seconds": time.perf_counter() - started, "params": params, "loss": loss}
-
-
-def synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    return step, params

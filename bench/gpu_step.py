@@ -227,7 +227,7 @@ def main() -> None:
 
 def measure_flow_profile(config, flow: tuple[str, dict], args) -> dict:
     """Images/s and peak GPU memory of the flow profile's transformer (`bench/flow_step.py`)."""
-    from flow_step import measure_flow  # bench/, beside this script
+    from flow_step import flow_training_step  # bench/, beside this script
 
     class_name, architecture = flow
     architecture = {**architecture, **args.transformer}  # --transformer: a smaller one on a CPU
@@ -235,11 +235,12 @@ def measure_flow_profile(config, flow: tuple[str, dict], args) -> dict:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    done = measure_flow(config, class_name, architecture, args, accelerator)
+    dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
+    step, params = flow_training_step(config, class_name, architecture, args, accelerator, dtype)
+    seconds, loss = timed(step, args)
     batch_size = args.batch_size or config.train.batch_size
     resolution = args.resolution or config.download.resolution
-    result = _report(args, config, batch_size, resolution, done["params"], done["seconds"],
-                     done["loss"])  # fmt: skip
+    result = _report(args, config, batch_size, resolution, params, seconds, loss)
     result |= {"transformer": class_name, "quantize_applied": False, "variant": "as configured"}
     return result
 
@@ -321,6 +322,14 @@ def measure(config, args) -> dict:
             ema.step(params)
         return float(loss)
 
+    seconds, loss = timed(step, args)
+    result = _report(args, config, batch_size, resolution, params, seconds, loss)
+    accelerator.free_memory()  # the next variant measures its own peak
+    return result
+
+
+def timed(step, args) -> tuple[float, float]:
+    """Seconds of `args.steps` calls of `step` after `args.warmup` untimed ones, and the last loss."""
     for _ in range(args.warmup):
         step()
     _sync()
@@ -328,10 +337,7 @@ def measure(config, args) -> dict:
     for _ in range(args.steps):
         loss = step()
     _sync()
-    seconds = time.perf_counter() - started
-    result = _report(args, config, batch_size, resolution, params, seconds, loss)
-    accelerator.free_memory()  # the next variant measures its own peak
-    return result
+    return time.perf_counter() - started, loss
 
 
 def _report(args, config, batch_size, resolution, params, seconds, loss) -> dict:
